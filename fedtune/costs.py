@@ -1,0 +1,140 @@
+"""Estimate a plan's cost before running it, so a planner can fit a device budget.
+
+FLOPs of a block are counted analytically from its token counts (the linear
+layers and the attention matmuls, which is what torch's FLOP counter counts);
+a trained block costs forward + input gradient + weight gradient (3x), a frozen
+block after the first trained one forward + input gradient (2x), a no-grad
+block its forward. Activation bytes per token and block are calibrated once
+per model by measuring saved tensors at batch 1 for each block mode. The
+accounting module measures the real numbers; tests check the estimates
+against them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .accounting import SavedBytesMeter, trainable_state_bytes
+from .engine import Plan, forward_plan, set_trainable
+from .model import FedViT
+
+
+@dataclass
+class Cost:
+    activation_bytes: int
+    trainable_state_bytes: int
+    train_flops_per_sample: float
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.activation_bytes + self.trainable_state_bytes
+
+
+class CostModel:
+    """Per-model cost estimates, calibrated by measurement on a batch of one."""
+
+    def __init__(self, model: FedViT, task: str | None = None):
+        self.model = model
+        self.task = model.check_task(task)
+        vit = model.vit
+        self.dim = vit.embed_dim
+        blk = vit.blocks[0]
+        self.attn_dim = blk.attn.attn_dim
+        self.hidden = getattr(blk.mlp, "fc1", None).out_features if hasattr(blk.mlp, "fc1") else 4 * self.dim
+        self.prefix = vit.num_prefix_tokens
+        self.num_patches = model.num_patches
+        self._per_token: dict[tuple[str, bool], list[float]] = {}
+        self._head_bytes = 0.0
+        self._state_cache: dict[tuple, int] = {}
+
+    # -- FLOPs
+    def block_flops(self, n_in: int, n_out: int) -> float:
+        d, a, h = self.dim, self.attn_dim, self.hidden
+        attn = 2 * n_in * d * 3 * a + 4 * n_in * n_in * a + 2 * n_in * a * d
+        mlp = 4 * n_out * d * h
+        return float(attn + mlp)
+
+    def _tokens(self, plan: Plan) -> list[tuple[int, int]]:
+        n = self.num_patches
+        out = []
+        extra = self.prefix + (1 if plan.fuse else 0)
+        fused = False
+        for k in plan.keep:
+            n_in = n + self.prefix + (1 if fused else 0)
+            if k is not None and k < n:
+                n = k
+                fused = fused or plan.fuse
+            out.append((n_in, n + (extra if fused else self.prefix)))
+        return out
+
+    def flops(self, plan: Plan) -> float:
+        total = 0.0
+        for i, (n_in, n_out) in enumerate(self._tokens(plan)):
+            mode = plan.block_mode(i)
+            f = self.block_flops(n_in, n_out)
+            if mode == "train":
+                mult = 2.0 if i == plan.first_grad else 3.0
+                if plan.lora:
+                    mult -= 1.0  # no weight gradients for the frozen base weights
+            elif mode == "grad":
+                mult = 2.0
+            else:
+                mult = 1.0
+            total += f * mult
+        return total
+
+    # -- activation bytes
+    def _calibrate(self, lora: bool) -> None:
+        model, depth = self.model, self.model.depth
+        was_training = model.training
+        model.train()
+        x = torch.zeros(1, model.vit.patch_embed.proj.in_channels, *model.vit.patch_embed.img_size)
+        n = self.num_patches + self.prefix
+        for mode in ("train", "grad"):
+            trained = frozenset(range(depth)) if mode == "train" else frozenset()
+            plan = Plan(depth=depth, trained=trained, lora=lora, train_embed=True)
+            set_trainable(model, plan, self.task)
+            meter = SavedBytesMeter(model)
+            with meter:
+                forward_plan(model, x, plan, self.task, scope=meter.scope)
+            self._per_token[(mode, lora)] = [meter.by_scope.get(f"block{i}", 0) / n for i in range(depth)]
+            self._head_bytes = float(meter.by_scope.get("head", 0))
+        model.train(was_training)
+
+    def per_token_bytes(self, mode: str, lora: bool) -> list[float]:
+        if (mode, lora) not in self._per_token:
+            self._calibrate(lora)
+        return self._per_token[(mode, lora)]
+
+    def activation_bytes(self, plan: Plan, batch_size: int) -> float:
+        total = 0.0
+        tokens = self._tokens(plan)
+        for i in range(plan.depth):
+            mode = plan.block_mode(i)
+            if mode == "nograd":
+                continue
+            per_token = self.per_token_bytes(mode, plan.lora)[i]
+            n_in, n_out = tokens[i]
+            total += per_token * (n_in + n_out) / 2
+        if plan.consolidate_at is not None:  # the stacked early outputs the merge weights need
+            total += plan.consolidate_at * (self.num_patches + self.prefix) * self.dim * 4
+        return (total + (self._head_bytes if plan.train_head else 0.0)) * batch_size
+
+    def state_bytes(self, plan: Plan) -> int:
+        key = (plan.trained, plan.lora, plan.train_head, plan.train_norm, plan.train_embed, plan.consolidate_at)
+        if key not in self._state_cache:
+            flags = {n: p.requires_grad for n, p in self.model.named_parameters()}
+            set_trainable(self.model, plan, self.task)
+            self._state_cache[key] = trainable_state_bytes(self.model)
+            for n, p in self.model.named_parameters():
+                p.requires_grad_(flags[n])
+        return self._state_cache[key]
+
+    def estimate(self, plan: Plan, batch_size: int) -> Cost:
+        return Cost(
+            activation_bytes=int(self.activation_bytes(plan, batch_size)),
+            trainable_state_bytes=self.state_bytes(plan),
+            train_flops_per_sample=self.flops(plan),
+        )

@@ -1,0 +1,306 @@
+"""The engine: one forward pass of a FedViT under a plan.
+
+A `Plan` says, for one step, which blocks train (fully or through LoRA
+adapters), how many patch tokens survive each block, and where SHERL's
+consolidation sits. Everything before the first trained block runs under
+`torch.no_grad()`, so it saves no activations; frozen blocks after it let
+gradients through but get none. Tokens are ranked by the class token's
+attention averaged over heads, computed as one extra attention row next to the
+fused (scaled_dot_product_attention) kernel, and dropped after the block's
+attention (before its MLP), as EViT and BSR do.
+
+`set_trainable` is the single owner of `requires_grad`; the update a client
+sends is derived from it (`trainable_names`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError, PlanError
+from .model import FedViT
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one training step does."""
+
+    depth: int  # blocks in the model
+    trained: frozenset[int] = frozenset()  # blocks whose weights (or LoRA adapters) train
+    keep: tuple[int | None, ...] = ()  # per block: patch tokens kept after it (None: all that arrive)
+    fuse: bool = False  # fuse dropped tokens into one token weighted by class-token attention
+    lora: bool = False  # trained blocks train LoRA adapters only
+    train_head: bool = True  # the task head trains
+    train_norm: bool = True  # the final norm trains
+    train_embed: bool = False  # patch/position embeddings and class token train
+    consolidate_at: int | None = None  # SHERL: blocks < this run without autograd and are consolidated
+    rank_tokens: bool = False  # compute class-token attention at every block (for statistics)
+
+    def __post_init__(self) -> None:
+        keep = tuple(self.keep) or (None,) * self.depth
+        object.__setattr__(self, "keep", keep)
+        object.__setattr__(self, "trained", frozenset(self.trained))
+        if len(keep) != self.depth:
+            raise PlanError(f"plan.keep has {len(keep)} entries for a model of depth {self.depth}")
+        bad = sorted(b for b in self.trained if not 0 <= b < self.depth)
+        if bad:
+            raise PlanError(f"trained block index {bad[0]} out of range for a model of depth {self.depth} (valid: 0..{self.depth - 1})")
+        for i, k in enumerate(keep):
+            if k is not None and k < 1:
+                raise PlanError(f"plan.keep[{i}] = {k}: at least one patch token must survive")
+        if self.consolidate_at is not None:
+            if not 1 <= self.consolidate_at < self.depth:
+                raise PlanError(f"consolidate_at {self.consolidate_at} must be in 1..{self.depth - 1}")
+            early = sorted(b for b in self.trained if b < self.consolidate_at)
+            if early:
+                raise PlanError(f"SHERL: block {early[0]} is before the consolidation point {self.consolidate_at} and cannot train")
+            if any(k is not None for k in keep[: self.consolidate_at]):
+                raise PlanError("SHERL: tokens cannot be dropped before the consolidation point")
+
+    @property
+    def first_grad(self) -> int:
+        """Index of the first block that needs autograd (depth: none; -1: the embeddings train)."""
+        if self.train_embed:
+            return -1
+        starts = list(self.trained)
+        if self.consolidate_at is not None:
+            starts.append(self.consolidate_at)
+        return min(starts) if starts else self.depth
+
+    def block_mode(self, block: int) -> str:
+        """'train', 'grad' (frozen, gradients pass through) or 'nograd'."""
+        if block in self.trained:
+            return "train"
+        return "grad" if block > self.first_grad else "nograd"
+
+    def tokens(self, num_patches: int) -> list[int]:
+        """Patch tokens leaving each block (without a fused token)."""
+        out, n = [], num_patches
+        for k in self.keep:
+            n = min(n, k) if k is not None else n
+            out.append(n)
+        return out
+
+
+@dataclass
+class Trace:
+    """What a forward pass observed (all detached)."""
+
+    cls_delta: torch.Tensor | None = None  # [depth] mean ||CLS_l - CLS_{l-1}||^2 over the batch
+    tokens_in: list[int] = field(default_factory=list)  # tokens entering each block (incl. class/fused)
+    kept_index: dict[int, torch.Tensor] = field(default_factory=dict)  # block -> kept patch indices [B, k]
+    cls_attn: dict[int, torch.Tensor] = field(default_factory=dict)  # block -> [B, n] attention (when ranked)
+
+
+def class_token_attention(attn: nn.Module, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Softmax attention of the class token over all tokens, averaged over heads: [B, N].
+
+    One extra row of attention beside the fused kernel: O(N) per head instead of O(N^2).
+    """
+    with torch.no_grad():
+        logits = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)  # [B, H, 1, N]
+        return logits.softmax(dim=-1).mean(dim=1)[:, 0]
+
+
+def _attention(attn: nn.Module, x: torch.Tensor, want_rank: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """timm Attention's computation, keeping q/k to rank tokens by the class token's attention."""
+    B, N, _ = x.shape
+    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    rank = class_token_attention(attn, q, k) if want_rank else None
+    out = attn.norm(out.transpose(1, 2).reshape(B, N, attn.attn_dim))
+    if gate is not None:
+        out = out * gate
+    return attn.proj_drop(attn.proj(out)), rank
+
+
+def drop_tokens(
+    x: torch.Tensor, cls_attn: torch.Tensor, keep: int, fuse: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the class token and the `keep` patch tokens with the highest class-token attention.
+
+    With `fuse`, the dropped tokens are merged into one token, their average
+    weighted by that attention (EViT). Returns the new tokens and kept indices.
+    """
+    B, N, C = x.shape
+    scores = cls_attn[:, 1:]
+    index = scores.topk(keep, dim=1, sorted=True).indices
+    kept = x[:, 1:].gather(1, index.unsqueeze(-1).expand(-1, -1, C))
+    parts = [x[:, :1], kept]
+    if fuse and keep < N - 1:
+        mask = torch.ones_like(scores).scatter_(1, index, 0.0)
+        weights = scores * mask
+        weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-12)
+        parts.append((weights.unsqueeze(-1) * x[:, 1:]).sum(dim=1, keepdim=True))
+    return torch.cat(parts, dim=1), index
+
+
+def block_forward(
+    block: nn.Module, x: torch.Tensor, keep: int | None, fuse: bool, want_rank: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """One timm Block, with optional token dropping between attention and MLP."""
+    drop = keep is not None and keep < x.shape[1] - 1
+    attn_out, cls_attn = _attention(block.attn, block.norm1(x), want_rank or drop)
+    x = x + block.drop_path1(block.ls1(attn_out))
+    index = None
+    if drop:
+        x, index = drop_tokens(x, cls_attn, keep, fuse)
+    x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+    return x, cls_attn, index
+
+
+ScopeFn = Callable[[str], contextlib.AbstractContextManager]
+
+
+def _no_scope(_: str) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
+
+
+def forward_plan(
+    model: FedViT,
+    images: torch.Tensor,
+    plan: Plan,
+    task: str | None = None,
+    trace: Trace | None = None,
+    scope: ScopeFn = _no_scope,
+    block_fn: Callable | None = None,
+) -> torch.Tensor:
+    """Logits of `task` for `images`, computed as `plan` says.
+
+    `scope(name)` wraps each stage (for per-block accounting); `block_fn`
+    replaces `block_forward` (the MoE ViT passes its task along).
+    """
+    vit = model.vit
+    task = model.check_task(task)
+    if plan.depth != model.depth:
+        raise PlanError(f"plan is for depth {plan.depth}, the model has {model.depth} blocks")
+    grad_on = torch.is_grad_enabled()
+    first = plan.first_grad
+    run_block = block_fn or (lambda blk, i, x, keep, fuse, rank: block_forward(blk, x, keep, fuse, rank))
+    want_rank = trace is not None and plan.rank_tokens
+
+    with torch.set_grad_enabled(grad_on and first < 0), scope("embed"):
+        x = vit.patch_embed(images)
+        x = vit._pos_embed(x)
+        x = vit.patch_drop(x)
+        x = vit.norm_pre(x)
+
+    early: list[torch.Tensor] = []
+    deltas = []
+    for i, blk in enumerate(vit.blocks):
+        if plan.consolidate_at is not None and i == plan.consolidate_at:
+            with torch.set_grad_enabled(grad_on), scope("consolidate"):
+                x = model.consolidator(early)
+            early = []
+        if trace is not None:
+            trace.tokens_in.append(x.shape[1])
+        prev_cls = x[:, 0].detach()
+        with torch.set_grad_enabled(grad_on and i >= first), scope(f"block{i}"):
+            x, cls_attn, index = run_block(blk, i, x, plan.keep[i], plan.fuse, want_rank)
+        if plan.consolidate_at is not None and i < plan.consolidate_at:
+            early.append(x)
+        if trace is not None:
+            deltas.append((x[:, 0].detach() - prev_cls).pow(2).sum(-1).mean())
+            if index is not None:
+                trace.kept_index[i] = index
+            if cls_attn is not None and want_rank:
+                trace.cls_attn[i] = cls_attn
+    if trace is not None:
+        trace.cls_delta = torch.stack(deltas).float().cpu()
+
+    with torch.set_grad_enabled(grad_on), scope("head"):
+        x = vit.norm(x)
+        feats = vit.forward_head(x, pre_logits=True)
+        return model.heads[task](feats)
+
+
+# --------------------------------------------------------------------------- trainability
+
+
+def _block_index(name: str) -> int | None:
+    parts = name.split(".")
+    if len(parts) > 2 and parts[0] == "vit" and parts[1] == "blocks":
+        return int(parts[2])
+    return None
+
+
+def is_lora_name(name: str) -> bool:
+    return "lora_" in name
+
+
+def param_groups(model: nn.Module) -> Iterator[tuple[str, str, nn.Parameter]]:
+    """(name, group, param) for every parameter; group is 'block{i}', 'head:<task>', 'norm', 'embed', 'consolidator', 'other'."""
+    for name, p in model.named_parameters():
+        b = _block_index(name)
+        if b is not None:
+            group = f"block{b}"
+        elif name.startswith("heads."):
+            group = "head:" + name.split(".")[1]
+        elif name.startswith(("vit.norm.", "vit.fc_norm.")):
+            group = "norm"
+        elif name.startswith(("vit.patch_embed", "vit.pos_embed", "vit.cls_token", "vit.reg_token", "vit.norm_pre")):
+            group = "embed"
+        elif name.startswith("consolidator"):
+            group = "consolidator"
+        else:
+            group = "other"
+        yield name, group, p
+
+
+def wants_grad(name: str, group: str, plan: Plan, task: str, has_lora: bool) -> bool:
+    """Whether parameter `name` trains under `plan` (the one rule; see set_trainable)."""
+    if group.startswith("block"):
+        if int(group[5:]) not in plan.trained:
+            return False
+        if plan.lora:
+            return is_lora_name(name)
+        return not is_lora_name(name) or not has_lora
+    if is_lora_name(name):
+        return False
+    if group.startswith("head:"):
+        return plan.train_head and group == f"head:{task}"
+    if group == "norm":
+        return plan.train_norm
+    if group == "embed":
+        return plan.train_embed
+    if group == "consolidator":
+        return plan.consolidate_at is not None
+    if group == "other":  # router/extra modules of subclasses train with the head
+        return plan.train_head
+    return False
+
+
+def set_trainable(model: FedViT, plan: Plan, task: str | None = None) -> list[str]:
+    """Set requires_grad on every parameter as `plan` says; return the trainable names."""
+    task = model.check_task(task)
+    has_lora = any(is_lora_name(n) for n, _ in model.named_parameters())
+    if plan.lora and not has_lora:
+        raise ConfigError("the plan trains LoRA adapters but the model has none (apply_lora first)")
+    names = []
+    for name, group, p in param_groups(model):
+        flag = wants_grad(name, group, plan, task, has_lora)
+        p.requires_grad_(flag)
+        if flag:
+            names.append(name)
+    return names
+
+
+def full_plan(depth: int, **kw) -> Plan:
+    return Plan(depth=depth, trained=frozenset(range(depth)), train_embed=True, **kw)
+
+
+def keep_count(ratio: float, n: int) -> int:
+    """Patch tokens kept for a keep ratio in (0, 1]: ceil(ratio * n), at least 1."""
+    if not 0.0 < ratio <= 1.0:
+        raise ConfigError(f"keep ratio {ratio} must be in (0, 1]")
+    return max(1, math.ceil(ratio * n - 1e-9))

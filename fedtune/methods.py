@@ -1,0 +1,368 @@
+"""Fine-tuning methods as planners on one engine.
+
+Each method turns its config, the model and a device profile into a `Plan`
+per step: `full` and `head` (baselines), `bsr` (fixed trained blocks, token
+dropping at fixed blocks), `alast` (a new plan every step from per-block
+importance) and `sherl` (no-grad early blocks, consolidation, tuned late
+blocks). LoRA combines with bsr, alast and sherl. A plan must fit the
+profile's memory and compute budgets; the planner says why when none does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .costs import Cost, CostModel
+from .engine import Plan, Trace, keep_count
+from .errors import ConfigError, PlanError
+from .lora import LORA_TARGETS, apply_lora, has_lora
+from .model import FedViT
+from .profiles import DeviceProfile, get_profile
+from .sherl import Consolidator
+
+METHOD_NAMES = ("full", "head", "bsr", "alast", "sherl")
+MiB = float(1 << 20)
+
+
+@dataclass
+class LoRAConfig:
+    enabled: bool = False  # train LoRA adapters instead of the trained blocks' weights
+    rank: int = 8  # adapter rank
+    alpha: float = 16.0  # scaling numerator (scale = alpha / rank)
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # qkv, proj, fc1, fc2
+
+    def validate(self, prefix: str = "") -> None:
+        if self.rank < 1:
+            raise ConfigError(f"{prefix}rank: must be >= 1, got {self.rank}")
+        bad = [t for t in self.targets if t not in LORA_TARGETS]
+        if bad:
+            raise ConfigError(f"{prefix}targets: unknown target {bad[0]!r}; choose from {', '.join(LORA_TARGETS)}")
+
+
+@dataclass
+class BSRConfig:
+    train_blocks: list[int] | None = None  # None: 3, 7, 11 (scaled to the depth)
+    drop_blocks: list[int] | None = None  # None: 3, 6, 9 (scaled to the depth)
+    keep_ratio: float = 0.5  # fraction of the arriving patch tokens kept at each drop block
+    fuse: bool = False  # fuse dropped tokens into one (EViT)
+
+
+@dataclass
+class ALaSTConfig:
+    k: int = 3  # blocks trained per step (the top-K budgets that fit the profile)
+    mean_budget: float = 0.35  # mean per-block token budget (fraction of patch tokens)
+    min_budget: float = 0.05  # lowest budget a block can get
+    rate: float = 0.1  # how fast budgets follow the importance (per step)
+    memory_fraction: float | None = 0.1  # cap: memory vs full fine-tuning's (None: the profile alone)
+    fuse: bool = False  # fuse dropped tokens into one
+
+
+@dataclass
+class SHERLConfig:
+    tuned_blocks: int = 2  # late blocks tuned after the consolidation point
+    keep_ratio: float = 1.0  # tokens kept at the consolidation point (1: no dropping)
+    tau: float = 0.1  # temperature of the anti-redundancy weighting
+
+
+@dataclass
+class MethodConfig:
+    name: str = "alast"  # full | head | bsr | alast | sherl
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    bsr: BSRConfig = field(default_factory=BSRConfig)
+    alast: ALaSTConfig = field(default_factory=ALaSTConfig)
+    sherl: SHERLConfig = field(default_factory=SHERLConfig)
+    fit_to_profile: bool = True  # bsr/sherl: drop trained blocks (earliest first) until the plan fits
+
+    def validate(self, prefix: str = "") -> None:
+        if self.name not in METHOD_NAMES:
+            raise ConfigError(f"{prefix}name: unknown method {self.name!r}; choose from {', '.join(METHOD_NAMES)}")
+        if self.lora.enabled and self.name in ("full", "head"):
+            raise ConfigError(f"{prefix}lora.enabled: LoRA combines with bsr, alast and sherl, not {self.name}")
+        for key, ratio in (("bsr.keep_ratio", self.bsr.keep_ratio), ("sherl.keep_ratio", self.sherl.keep_ratio)):
+            if not 0.0 < ratio <= 1.0:
+                raise ConfigError(f"{prefix}{key}: keep ratio must be in (0, 1], got {ratio}")
+        a = self.alast
+        if a.k < 0:
+            raise ConfigError(f"{prefix}alast.k: must be >= 0, got {a.k}")
+        if not 0.0 < a.min_budget <= a.mean_budget <= 1.0:
+            raise ConfigError(f"{prefix}alast.mean_budget/min_budget: need 0 < min_budget <= mean_budget <= 1, got {a.min_budget}, {a.mean_budget}")
+        if not 0.0 < a.rate <= 1.0:
+            raise ConfigError(f"{prefix}alast.rate: must be in (0, 1], got {a.rate}")
+        if a.memory_fraction is not None and not 0.0 < a.memory_fraction <= 1.0:
+            raise ConfigError(f"{prefix}alast.memory_fraction: must be in (0, 1], got {a.memory_fraction}")
+        if self.sherl.tuned_blocks < 1:
+            raise ConfigError(f"{prefix}sherl.tuned_blocks: must be >= 1, got {self.sherl.tuned_blocks}")
+
+
+def scaled_blocks(paper: list[int], depth: int) -> list[int]:
+    """Block indices given for a 12-block ViT, mapped onto `depth` blocks."""
+    if depth == 12:
+        return list(paper)
+    return sorted({min(depth - 1, round(b * (depth - 1) / 11)) for b in paper})
+
+
+def check_blocks(blocks: list[int], depth: int, key: str) -> list[int]:
+    for b in blocks:
+        if not 0 <= b < depth:
+            raise ConfigError(f"{key}: block index {b} out of range for a model of depth {depth} (valid: 0..{depth - 1})")
+    return sorted(set(blocks))
+
+
+def prepare_model(model: FedViT, cfg: MethodConfig) -> FedViT:
+    """Add what the method needs to the model (LoRA adapters, SHERL's consolidator), in place."""
+    if cfg.lora.enabled and not has_lora(model):
+        apply_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets)
+    if cfg.name == "sherl" and model.consolidator is None:
+        merge_at = sherl_merge_at(cfg, model.depth)
+        model.consolidator = Consolidator(merge_at, model.vit.embed_dim, cfg.sherl.tau)
+    return model
+
+
+def sherl_merge_at(cfg: MethodConfig, depth: int) -> int:
+    if cfg.sherl.tuned_blocks >= depth:
+        raise ConfigError(f"method.sherl.tuned_blocks: {cfg.sherl.tuned_blocks} must be less than the depth {depth}")
+    return depth - cfg.sherl.tuned_blocks
+
+
+def _mb(x: float) -> str:
+    return f"{x / MiB:.1f} MiB"
+
+
+class Method:
+    """Base planner: a fixed plan checked against the profile."""
+
+    name = "base"
+
+    def __init__(self, cfg: MethodConfig, model: FedViT, profile: DeviceProfile | str | None = None, batch_size: int = 64, task: str | None = None):
+        self.cfg = cfg
+        self.model = model
+        self.depth = model.depth
+        self.num_patches = model.num_patches
+        self.profile = get_profile(profile)
+        self.batch_size = batch_size
+        self.task = model.check_task(task)
+        self.costs = CostModel(model, self.task)
+        self._plan: Plan | None = None
+
+    # -- budgets
+    def memory_limit(self) -> float:
+        return float(self.profile.memory_bytes)
+
+    def flops_limit(self) -> float:
+        return float(self.profile.flops_per_sample)
+
+    def estimate(self, plan: Plan) -> Cost:
+        return self.costs.estimate(plan, self.batch_size)
+
+    def fits(self, plan: Plan) -> bool:
+        c = self.estimate(plan)
+        return c.memory_bytes <= self.memory_limit() and c.train_flops_per_sample <= self.flops_limit()
+
+    def why_not(self, plan: Plan) -> str:
+        c = self.estimate(plan)
+        parts = []
+        if c.memory_bytes > self.memory_limit():
+            parts.append(
+                f"needs {_mb(c.memory_bytes)} (activations {_mb(c.activation_bytes)} + trainable state "
+                f"{_mb(c.trainable_state_bytes)}) at batch {self.batch_size}, the {self.profile.name} profile allows {_mb(self.memory_limit())}"
+            )
+        if c.train_flops_per_sample > self.flops_limit():
+            parts.append(f"needs {c.train_flops_per_sample / 1e9:.2f} GFLOP per sample, the {self.profile.name} profile allows {self.flops_limit() / 1e9:.2f}")
+        return "; ".join(parts)
+
+    def base_plan(self) -> Plan:
+        raise NotImplementedError
+
+    def fit(self, plan: Plan) -> Plan:
+        """Return `plan`, or a smaller one that fits (fit_to_profile), or raise PlanError."""
+        original = plan
+        while not self.fits(plan):
+            if not self.cfg.fit_to_profile or self.name in ("full", "head") or not plan.trained:
+                raise PlanError(f"no {self.name} plan fits device profile {self.profile.name!r}: {self.why_not(plan)}"
+                                + ("" if plan is original else f" (even after reducing trained blocks to {sorted(plan.trained)})")
+                                + "; use a smaller batch, a stronger profile, or the alast method")
+            trained = sorted(plan.trained)[1:]
+            plan = Plan(**{**plan.__dict__, "trained": frozenset(trained)})
+        return plan
+
+    def plan(self) -> Plan:
+        if self._plan is None:
+            self._plan = self.fit(self.base_plan())
+        return self._plan
+
+    def observe(self, trace: Trace) -> None:
+        """Take what the last forward pass observed (adaptive methods use it)."""
+
+    @property
+    def importance(self) -> list[float] | None:
+        return None
+
+    def set_importance(self, importance: list[float]) -> None:
+        """Start from importance found elsewhere (the federation's)."""
+
+    def describe(self) -> dict:
+        p = self.plan()
+        return {"method": self.name, "trained": sorted(p.trained), "tokens": p.tokens(self.num_patches), "lora": p.lora, "profile": self.profile.name}
+
+
+class Full(Method):
+    name = "full"
+
+    def base_plan(self) -> Plan:
+        return Plan(depth=self.depth, trained=frozenset(range(self.depth)), train_embed=True)
+
+
+class Head(Method):
+    name = "head"
+
+    def base_plan(self) -> Plan:
+        return Plan(depth=self.depth, trained=frozenset(), train_norm=False)
+
+
+class BSR(Method):
+    name = "bsr"
+
+    def base_plan(self) -> Plan:
+        c = self.cfg.bsr
+        trained = check_blocks(c.train_blocks if c.train_blocks is not None else scaled_blocks([3, 7, 11], self.depth), self.depth, "method.bsr.train_blocks")
+        drops = check_blocks(c.drop_blocks if c.drop_blocks is not None else scaled_blocks([3, 6, 9], self.depth), self.depth, "method.bsr.drop_blocks")
+        keep: list[int | None] = [None] * self.depth
+        n = self.num_patches
+        for b in drops:
+            n = keep_count(c.keep_ratio, n)
+            keep[b] = n
+        return Plan(depth=self.depth, trained=frozenset(trained), keep=tuple(keep), fuse=c.fuse, lora=self.cfg.lora.enabled)
+
+
+class SHERL(Method):
+    name = "sherl"
+
+    def base_plan(self) -> Plan:
+        c = self.cfg.sherl
+        merge_at = sherl_merge_at(self.cfg, self.depth)
+        if self.model.consolidator is None:
+            raise ConfigError("the sherl method needs the model prepared with prepare_model()")
+        keep: list[int | None] = [None] * self.depth
+        if c.keep_ratio < 1.0:
+            keep[merge_at] = keep_count(c.keep_ratio, self.num_patches)
+        return Plan(depth=self.depth, trained=frozenset(range(merge_at, self.depth)), keep=tuple(keep), lora=self.cfg.lora.enabled, consolidate_at=merge_at)
+
+    def fit(self, plan: Plan) -> Plan:
+        if self.fits(plan):
+            return plan
+        raise PlanError(f"no sherl plan fits device profile {self.profile.name!r}: {self.why_not(plan)}; tune fewer late blocks (method.sherl.tuned_blocks) or use a smaller batch")
+
+
+class ALaST(Method):
+    """Adaptive layer selection: per-step budgets from class-token deltas, top-K blocks trained."""
+
+    name = "alast"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        c = self.cfg.alast
+        self.budgets = np.full(self.depth, c.mean_budget, dtype=np.float64)
+        self._importance: np.ndarray | None = None
+        self._mem_cap: float | None = None
+        self.steps = 0
+
+    def memory_limit(self) -> float:
+        limit = float(self.profile.memory_bytes)
+        frac = self.cfg.alast.memory_fraction
+        if frac is not None:
+            if self._mem_cap is None:
+                full = Plan(depth=self.depth, trained=frozenset(range(self.depth)), train_embed=True)
+                self._mem_cap = frac * self.costs.estimate(full, self.batch_size).memory_bytes
+            limit = min(limit, self._mem_cap)
+        return limit
+
+    def _keep(self, budgets: np.ndarray) -> tuple[int, ...]:
+        return tuple(keep_count(float(b), self.num_patches) for b in budgets)
+
+    def _select(self, keep: tuple[int, ...]) -> Plan:
+        c, lora = self.cfg.alast, self.cfg.lora.enabled
+        trained: list[int] = []
+        for b in np.argsort(-self.budgets, kind="stable"):
+            if len(trained) == c.k:
+                break
+            cand = Plan(depth=self.depth, trained=frozenset([*trained, int(b)]), keep=keep, fuse=c.fuse, lora=lora)
+            if self.fits(cand):
+                trained.append(int(b))
+        return Plan(depth=self.depth, trained=frozenset(trained), keep=keep, fuse=c.fuse, lora=lora)
+
+    def plan(self) -> Plan:
+        budgets = self.budgets.copy()
+        for _ in range(30):
+            plan = self._select(self._keep(budgets))
+            if self.fits(plan):
+                self._plan = plan
+                return plan
+            budgets = np.maximum(budgets * 0.8, 1.0 / self.num_patches)  # fewer tokens everywhere
+        raise PlanError(f"no alast plan fits device profile {self.profile.name!r}, not even the head alone with one token per block: {self.why_not(plan)}")
+
+    def observe(self, trace: Trace) -> None:
+        if trace.cls_delta is None:
+            return
+        delta = trace.cls_delta.double().numpy()
+        if not np.all(np.isfinite(delta)) or delta.sum() <= 0:
+            return
+        self._importance = delta if self._importance is None else 0.9 * self._importance + 0.1 * delta
+        self.budgets = self.follow(self.budgets, delta)
+        self.steps += 1
+
+    def follow(self, budgets: np.ndarray, delta: np.ndarray) -> np.ndarray:
+        """One budget update: move towards importance-proportional budgets with the configured mean."""
+        c = self.cfg.alast
+        target = self._normalize(delta / delta.mean() * c.mean_budget)
+        return self._normalize((1.0 - c.rate) * budgets + c.rate * target)
+
+    def _normalize(self, b: np.ndarray) -> np.ndarray:
+        c = self.cfg.alast
+        for _ in range(20):  # clip to [min, 1] and restore the mean
+            b = np.clip(b, c.min_budget, 1.0)
+            gap = c.mean_budget * len(b) - b.sum()
+            free = (b > c.min_budget) & (b < 1.0) if gap < 0 else b < 1.0
+            if abs(gap) < 1e-9 or not free.any():
+                break
+            b = b + gap * free / free.sum()
+        return np.clip(b, c.min_budget, 1.0)
+
+    @property
+    def importance(self) -> list[float] | None:
+        return None if self._importance is None else [float(v) for v in self._importance]
+
+    def set_importance(self, importance: list[float]) -> None:
+        imp = np.asarray(importance, dtype=np.float64)
+        if imp.shape != (self.depth,) or not np.all(np.isfinite(imp)) or imp.sum() <= 0:
+            return
+        self._importance = imp
+        c = self.cfg.alast
+        self.budgets = self._normalize(imp / imp.mean() * c.mean_budget)
+
+    def describe(self) -> dict:
+        d = super().describe()
+        d["budgets"] = [round(float(b), 3) for b in self.budgets]
+        return d
+
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Full, Head, BSR, ALaST, SHERL)}
+
+
+def make_method(cfg: MethodConfig, model: FedViT, profile: DeviceProfile | str | None = None, batch_size: int = 64, task: str | None = None) -> Method:
+    """The planner for `cfg.name`, for a model already passed through `prepare_model`."""
+    cfg.validate("method.")
+    if batch_size < 1:
+        raise ConfigError(f"train.batch_size: must be >= 1, got {batch_size}")
+    method = METHODS[cfg.name](cfg, model, profile, batch_size, task)
+    method.plan()  # fail early with a clear error when nothing fits
+    return method
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b) if b else 0
+
+
+__all__ = ["MethodConfig", "make_method", "prepare_model", "Method", "METHODS", "math"]

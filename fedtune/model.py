@@ -1,0 +1,250 @@
+"""Backbones: a timm ViT/DeiT with one classification head per task.
+
+`FedViT` keeps timm's contract (forward = features, then head) and composes a
+timm `VisionTransformer` (its own head removed) with an `nn.ModuleDict` of task
+heads. Weights come from the timm hub (users online) or a local safetensors /
+torch file; checkpoints are written as safetensors with the model config in
+their metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from .errors import CheckpointError, ConfigError
+from .typedconfig import from_dict, to_dict
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit_tiny_patch16_224"  # any timm ViT/DeiT name
+    img_size: int = 32  # input resolution (square)
+    patch_size: int = 4  # patch size; must divide img_size
+    in_chans: int = 3  # image channels
+    depth: int | None = None  # override the number of blocks (None: the timm default)
+    embed_dim: int | None = None  # override the width (None: the timm default)
+    num_heads: int | None = None  # override the attention heads (None: the timm default)
+    mlp_ratio: float | None = None  # override the MLP ratio
+    drop_path_rate: float = 0.0  # stochastic depth
+    pretrained: str | None = None  # None | "hub" (timm hub weights) | path to .safetensors/.pt
+    strict_pretrained: bool = False  # require every backbone key in the file
+
+    def validate(self, prefix: str = "") -> None:
+        if not any(s in self.name for s in ("vit", "deit")):
+            raise ConfigError(f"{prefix}name: {self.name!r} is not a ViT/DeiT model name")
+        if self.name not in timm.list_models():
+            close = [m for m in timm.list_models(self.name.split("_")[0] + "*")][:8]
+            raise ConfigError(
+                f"{prefix}name: unknown timm model {self.name!r}"
+                + (f"; similar names: {', '.join(close)}" if close else "")
+            )
+        if self.img_size < 1 or self.patch_size < 1:
+            raise ConfigError(f"{prefix}img_size/patch_size must be positive")
+        if self.img_size % self.patch_size:
+            raise ConfigError(
+                f"{prefix}patch_size: {self.patch_size} does not divide img_size {self.img_size}"
+            )
+        if self.in_chans not in (1, 3):
+            raise ConfigError(f"{prefix}in_chans: must be 1 or 3, got {self.in_chans}")
+        for key in ("depth", "embed_dim", "num_heads"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"{prefix}{key}: must be >= 1, got {value}")
+        if self.embed_dim and self.num_heads and self.embed_dim % self.num_heads:
+            raise ConfigError(f"{prefix}num_heads: {self.num_heads} does not divide embed_dim {self.embed_dim}")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ConfigError(f"{prefix}drop_path_rate: must be in [0, 1), got {self.drop_path_rate}")
+
+
+class FedViT(nn.Module):
+    """A timm ViT backbone plus one linear head per task (ModuleDict keyed by task)."""
+
+    def __init__(self, vit: nn.Module, num_classes: dict[str, int]):
+        super().__init__()
+        if not num_classes:
+            raise ConfigError("the model needs at least one task with its number of classes")
+        vit.reset_classifier(0)
+        self.vit = vit
+        self.heads = nn.ModuleDict({t: nn.Linear(vit.embed_dim, n) for t, n in num_classes.items()})
+        self.consolidator: nn.Module | None = None  # SHERL attaches one
+
+    @property
+    def depth(self) -> int:
+        return len(self.vit.blocks)
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.heads.keys())
+
+    @property
+    def num_patches(self) -> int:
+        return self.vit.patch_embed.num_patches
+
+    def check_task(self, task: str | None) -> str:
+        if task is None:
+            return self.tasks[0]
+        if task not in self.heads:
+            raise ConfigError(f"unknown task {task!r}; the model has tasks: {', '.join(self.tasks)}")
+        return task
+
+    def forward(self, x: torch.Tensor, task: str | None = None) -> torch.Tensor:
+        """Plain dense forward (every block, every token): timm's forward with the task's head."""
+        feats = self.vit.forward_head(self.vit.forward_features(x), pre_logits=True)
+        return self.heads[self.check_task(task)](feats)
+
+
+def _timm_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    kwargs: dict[str, Any] = dict(
+        img_size=cfg.img_size,
+        patch_size=cfg.patch_size,
+        in_chans=cfg.in_chans,
+        num_classes=0,
+        drop_path_rate=cfg.drop_path_rate,
+    )
+    for key in ("depth", "embed_dim", "num_heads", "mlp_ratio"):
+        if getattr(cfg, key) is not None:
+            kwargs[key] = getattr(cfg, key)
+    return kwargs
+
+
+def build_model(cfg: ModelConfig, num_classes: dict[str, int]) -> FedViT:
+    """Build the timm backbone named by `cfg` and attach task heads; load pretrained weights."""
+    cfg.validate("model.")
+    hub = cfg.pretrained == "hub"
+    try:
+        vit = timm.create_model(cfg.name, pretrained=hub, **_timm_kwargs(cfg))
+    except (RuntimeError, ValueError, TypeError, AssertionError) as exc:
+        raise ConfigError(f"model: timm could not build {cfg.name!r} with {_timm_kwargs(cfg)}: {exc}") from exc
+    model = FedViT(vit, num_classes)
+    if cfg.pretrained and not hub:
+        load_backbone(model, cfg.pretrained, strict=cfg.strict_pretrained)
+    return model
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def read_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a safetensors or torch weights file; any failure is a CheckpointError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    meta: dict[str, str] = {}
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            state = {}
+            with safe_open(str(path), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+                for key in f.keys():
+                    state[key] = f.get_tensor(key)
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+                obj = obj["state_dict"]
+            if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+                obj = obj["model"]
+            if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+                raise CheckpointError(f"{path}: not a state dict of tensors")
+            state = obj
+    except CheckpointError:
+        raise
+    except Exception as exc:  # safetensors/pickle raise many types on corrupt files
+        raise CheckpointError(f"corrupt or unreadable checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+    return state, meta
+
+
+def save_checkpoint(path: str | Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    """Write `state` as safetensors atomically (a temporary file renamed into place)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    flat_meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp), metadata=flat_meta)
+    tmp.replace(path)
+    return path
+
+
+def checkpoint_meta(meta: dict[str, str]) -> dict[str, Any]:
+    """Decode the JSON values written by `save_checkpoint`."""
+    out: dict[str, Any] = {}
+    for key, value in meta.items():
+        try:
+            out[key] = json.loads(value)
+        except (TypeError, ValueError):
+            out[key] = value
+    return out
+
+
+def _adapt_pos_embed(tensor: torch.Tensor, target: torch.Tensor, prefix_tokens: int) -> torch.Tensor:
+    """Resample a position embedding grid to the target's grid (for a different img/patch size)."""
+    from timm.layers import resample_abs_pos_embed
+
+    n_target = target.shape[1] - prefix_tokens
+    side = int(math.isqrt(n_target))
+    return resample_abs_pos_embed(tensor, new_size=(side, side), num_prefix_tokens=prefix_tokens)
+
+
+def load_backbone(model: FedViT, path: str | Path, strict: bool = False) -> list[str]:
+    """Load backbone weights (fedtune or plain timm key names) into `model.vit`.
+
+    Heads are not loaded (tasks differ between pretraining and fine-tuning).
+    A shape mismatch is an error naming the key; keys the file lacks are an
+    error too when `strict`. Returns the names of backbone keys not in the file.
+    """
+    state, _ = read_state(path)
+    own = model.vit.state_dict()
+    loaded: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        name = key[4:] if key.startswith("vit.") else key
+        if name.startswith(("head.", "heads.", "fc_norm.")) and name not in own:
+            continue
+        if name not in own:
+            continue
+        target = own[name]
+        if value.shape != target.shape:
+            if name == "pos_embed" and value.ndim == 3:
+                value = _adapt_pos_embed(value, target, model.vit.num_prefix_tokens)
+            else:
+                raise CheckpointError(
+                    f"{path}: shape mismatch for {name}: file has {tuple(value.shape)}, "
+                    f"model has {tuple(target.shape)} (was it made for another model/img_size/patch_size?)"
+                )
+        loaded[name] = value.to(target.dtype)
+    if not loaded:
+        raise CheckpointError(f"{path}: no key matches the model {type(model.vit).__name__}; is it a ViT checkpoint?")
+    missing = sorted(set(own) - set(loaded))
+    if strict and missing:
+        raise CheckpointError(f"{path}: missing backbone keys: {', '.join(missing[:5])}")
+    model.vit.load_state_dict(loaded, strict=False)
+    return missing
+
+
+def model_meta(cfg: ModelConfig, num_classes: dict[str, int], **extra: Any) -> dict[str, Any]:
+    return {"format": "fedtune", "model": to_dict(cfg), "num_classes": num_classes, **extra}
+
+
+def model_from_checkpoint(path: str | Path) -> tuple[FedViT, dict[str, Any]]:
+    """Rebuild a FedViT from a checkpoint written with `model_meta` metadata."""
+    state, raw = read_state(path)
+    meta = checkpoint_meta(raw)
+    if meta.get("format") != "fedtune" or "model" not in meta:
+        raise CheckpointError(f"{path}: not a fedtune checkpoint (no model config in its metadata)")
+    cfg = from_dict(ModelConfig, {**meta["model"], "pretrained": None})
+    model = build_model(cfg, meta["num_classes"])
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [m for m in missing if not m.startswith("consolidator")]:
+        raise CheckpointError(f"{path}: does not match its model config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model, meta
+

@@ -1,0 +1,204 @@
+"""The local trainer: data -> plan -> forward -> loss -> gradients on the planned blocks.
+
+Readable top to bottom: `train_step` asks the method for a plan, sets
+trainability from it (the only place requires_grad changes), runs the engine,
+steps the optimizer, lets the method observe what the forward pass saw, and
+returns the step's measured costs.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .accounting import SavedBytesMeter, StepStats, flop_counter_mode, trainable_params, trainable_state_bytes
+from .data import ImageSet
+from .engine import Plan, Trace, forward_plan, set_trainable
+from .errors import ConfigError
+from .methods import Method
+from .model import FedViT
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 3  # local epochs
+    batch_size: int = 64  # training batch size
+    lr: float = 5e-4  # AdamW peak learning rate
+    head_lr: float | None = None  # learning rate of the heads (None: lr)
+    weight_decay: float = 0.05  # AdamW weight decay
+    warmup_steps: int = 5  # linear warm-up steps
+    schedule: str = "cosine"  # cosine | constant
+    label_smoothing: float = 0.0  # cross-entropy label smoothing
+    flops_every: int = 10  # count FLOPs on the first step and every Nth step after
+    max_steps: int | None = None  # stop after this many steps (quick runs)
+    eval_batch_size: int = 256  # evaluation batch size
+    seed: int = 0  # seed for shuffling and initialisation
+
+    def validate(self, prefix: str = "") -> None:
+        if self.epochs < 0:
+            raise ConfigError(f"{prefix}epochs: must be >= 0, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ConfigError(f"{prefix}batch_size: must be >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise ConfigError(f"{prefix}lr: must be positive, got {self.lr}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ConfigError(f"{prefix}schedule: must be cosine or constant, got {self.schedule!r}")
+        if self.flops_every < 1:
+            raise ConfigError(f"{prefix}flops_every: must be >= 1, got {self.flops_every}")
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Learning-rate multiplier at `step` of `total` (a pure function)."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / (cfg.warmup_steps + 1)
+    if cfg.schedule == "constant" or total <= cfg.warmup_steps:
+        return 1.0
+    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass
+class TrainResult:
+    steps: list[StepStats] = field(default_factory=list)
+    update_counts: Counter = field(default_factory=Counter)  # parameter name -> steps that updated it
+    block_updates: list[int] = field(default_factory=list)  # per block: steps that trained it
+    num_examples: int = 0
+    loss: float = float("nan")
+    accuracy: float = float("nan")  # on the training batches, as seen during training
+
+    def summary(self) -> dict:
+        timed = [s.step_time_s for s in self.steps if s.train_flops is None] or [s.step_time_s for s in self.steps]
+        flops = [s.train_flops for s in self.steps if s.train_flops is not None]
+        return {
+            "steps": len(self.steps),
+            "step_time_s": float(np.median(timed)) if timed else 0.0,
+            "train_flops_per_step": float(np.mean(flops)) if flops else 0.0,
+            "activation_bytes": int(np.max([s.activation_bytes for s in self.steps])) if self.steps else 0,
+            "trainable_params": int(np.max([s.trainable_params for s in self.steps])) if self.steps else 0,
+            "trainable_state_bytes": int(np.max([s.trainable_state_bytes for s in self.steps])) if self.steps else 0,
+            "loss": self.loss,
+            "train_accuracy": self.accuracy,
+            "num_examples": self.num_examples,
+        }
+
+
+class Trainer:
+    """Fine-tunes `model` on one task under `method`'s plans."""
+
+    def __init__(self, model: FedViT, method: Method, cfg: TrainConfig, task: str | None = None):
+        cfg.validate("train.")
+        self.model = model
+        self.method = method
+        self.cfg = cfg
+        self.task = model.check_task(task)
+        head_lr = cfg.head_lr or cfg.lr
+        heads = [p for n, p in model.named_parameters() if n.startswith("heads.")]
+        rest = [p for n, p in model.named_parameters() if not n.startswith("heads.")]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": rest, "lr": cfg.lr}, {"params": heads, "lr": head_lr}], weight_decay=cfg.weight_decay
+        )
+        self._base_lrs = [cfg.lr, head_lr]
+        self.global_step = 0
+        self.total_steps = 0
+
+    def _set_lr(self) -> None:
+        mult = lr_at(self.global_step, self.total_steps, self.cfg)
+        for group, base in zip(self.optimizer.param_groups, self._base_lrs, strict=True):
+            group["lr"] = base * mult
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, count_flops: bool = False) -> tuple[StepStats, Plan, torch.Tensor]:
+        start = time.perf_counter()
+        model = self.model
+        model.train()
+        plan = self.method.plan()
+        set_trainable(model, plan, self.task)
+        self._set_lr()
+        self.optimizer.zero_grad(set_to_none=True)
+        trace = Trace()
+        meter = SavedBytesMeter(model)
+        counter = flop_counter_mode() if count_flops else None
+        if counter is not None:
+            counter.__enter__()
+        try:
+            with meter:
+                logits = forward_plan(model, images, plan, self.task, trace=trace)
+                loss = F.cross_entropy(logits, labels, label_smoothing=self.cfg.label_smoothing)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training loss is {loss.item()} at step {self.global_step}; lower train.lr")
+            loss.backward()
+        finally:
+            if counter is not None:
+                counter.__exit__(None, None, None)
+        self.optimizer.step()
+        self.method.observe(trace)
+        self.global_step += 1
+        stats = StepStats(
+            step_time_s=time.perf_counter() - start,
+            activation_bytes=meter.total,
+            train_flops=counter.get_total_flops() if counter is not None else None,
+            trainable_params=trainable_params(model),
+            trainable_state_bytes=trainable_state_bytes(model),
+            batch_size=int(images.shape[0]),
+            loss=float(loss.detach()),
+        )
+        return stats, plan, logits.detach()
+
+    def train(self, data: ImageSet, epochs: int | None = None, progress: Callable[[int, int, StepStats], None] | None = None) -> TrainResult:
+        """Train for `epochs` (default cfg.epochs) over `data`; returns measured per-step stats."""
+        epochs = self.cfg.epochs if epochs is None else epochs
+        steps_per_epoch = math.ceil(len(data) / self.cfg.batch_size)
+        planned = epochs * steps_per_epoch
+        if self.cfg.max_steps is not None:
+            planned = min(planned, self.cfg.max_steps)
+        self.total_steps = self.global_step + planned
+        result = TrainResult(block_updates=[0] * self.model.depth)
+        loader = data.loader(self.cfg.batch_size, shuffle=True, seed=self.cfg.seed, task=self.task)
+        correct, seen, loss_sum = 0, 0, 0.0
+        done = 0
+        for _ in range(epochs):
+            for images, labels in loader:
+                if done >= planned:
+                    break
+                count = done == 0 or done % self.cfg.flops_every == 0
+                stats, plan, logits = self.train_step(images, labels, count_flops=count)
+                for name, p in self.model.named_parameters():
+                    if p.requires_grad and p.grad is not None:
+                        result.update_counts[name] += 1
+                for b in plan.trained:
+                    result.block_updates[b] += 1
+                result.steps.append(stats)
+                correct += int((logits.argmax(-1) == labels).sum())
+                seen += len(labels)
+                loss_sum += stats.loss * len(labels)
+                done += 1
+                if progress is not None:
+                    progress(done, planned, stats)
+        result.num_examples = seen
+        result.loss = loss_sum / max(seen, 1)
+        result.accuracy = correct / max(seen, 1)
+        return result
+
+    @torch.no_grad()
+    def evaluate(self, data: ImageSet, task: str | None = None) -> dict[str, float]:
+        return evaluate(self.model, data, task or self.task, self.cfg.eval_batch_size)
+
+
+@torch.no_grad()
+def evaluate(model: FedViT, data: ImageSet, task: str | None = None, batch_size: int = 256) -> dict[str, float]:
+    """Accuracy and loss of the dense model (every block, every token) on `data`."""
+    task = model.check_task(task)
+    model.eval()
+    correct, total, loss = 0, 0, 0.0
+    for images, labels in data.loader(batch_size, shuffle=False, task=task):
+        logits = model(images, task)
+        loss += float(F.cross_entropy(logits, labels, reduction="sum"))
+        correct += int((logits.argmax(-1) == labels).sum())
+        total += len(labels)
+    return {"accuracy": correct / max(total, 1), "loss": loss / max(total, 1), "num_examples": total}

@@ -1,0 +1,1 @@
+"""fedtune moe package."""

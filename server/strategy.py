@@ -1,0 +1,441 @@
+"""SparseFedAvg: FedAvg over replies that carry only the parameters a client updated.
+
+Each client sends the parameters it trained this round (see ``fedtune.protocol``).
+The server averages every parameter over the clients that sent it, weighted by
+their number of examples or by how many local steps updated that parameter;
+parameters nobody sent keep their global value. When every client sends every
+parameter (and ``weighting="examples"``), the result equals Flower's FedAvg.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore import log
+
+from fedtune import protocol
+from fedtune.errors import CheckpointError, ConfigError
+
+WEIGHTINGS = ("examples", "updates")
+IMPORTANCE_EMA_RATE = 0.5  # weight of the new round's mean in the running importance
+_STATE_VERSION = 1
+
+
+class _Rejected(Exception):
+    """A reply failed validation; the message is the reason."""
+
+
+@dataclass
+class _Reply:
+    """A validated reply, decoded."""
+
+    node_id: int
+    arrays: dict[str, np.ndarray]  # personal keys already dropped
+    num_examples: float
+    update_counts: dict[str, float] | None
+    importance: list[float] | None
+    metrics: MetricRecord
+    nbytes: int  # raw tensor bytes of every array received
+
+
+class SparseFedAvg(FedAvg):
+    """FedAvg that aggregates each parameter over the clients that sent it.
+
+    Parameters
+    ----------
+    weighting
+        ``"examples"``: weight a reply by its num-examples. ``"updates"``: weight a
+        parameter by the sender's UPDATE_COUNTS for it (replies without
+        UPDATE_COUNTS fall back to num-examples).
+    personal_keys
+        Parameter-name prefixes (e.g. ``"head."``) never aggregated; a client that
+        sends them has them dropped, with a warning.
+    feed_importance
+        Send the running global block importance to clients in the train config
+        under ``protocol.IMPORTANCE``.
+    fedavg_kwargs
+        Passed to Flower's FedAvg (fraction_train, min_train_nodes, ...). The record
+        keys and the weighting key are fixed by ``fedtune.protocol``.
+
+    If no reply is accepted in a round, ``aggregate_train`` returns ``(None,
+    metrics)``: Flower's ``start()`` then keeps the current global arrays. With no
+    replies at all it returns ``(None, None)``, as FedAvg does.
+    """
+
+    def __init__(
+        self,
+        *,
+        weighting: str = "examples",
+        personal_keys: Sequence[str] = (),
+        feed_importance: bool = False,
+        **fedavg_kwargs: Any,
+    ) -> None:
+        if weighting not in WEIGHTINGS:
+            raise ConfigError(f"weighting: expected one of {WEIGHTINGS}, got {weighting!r}")
+        if isinstance(personal_keys, str):
+            raise ConfigError(
+                f"personal_keys: expected a sequence of name prefixes, got the string "
+                f"{personal_keys!r} (write [{personal_keys!r}])"
+            )
+        fixed = {
+            "weighted_by_key": protocol.NUM_EXAMPLES,
+            "arrayrecord_key": protocol.ARRAYS,
+            "configrecord_key": protocol.CONFIG,
+        }
+        for key, value in fixed.items():
+            if fedavg_kwargs.setdefault(key, value) != value:
+                raise ConfigError(f"{key}: fixed to {value!r} by fedtune.protocol")
+        super().__init__(**fedavg_kwargs)
+
+        self.weighting = weighting
+        self.personal_keys: tuple[str, ...] = tuple(personal_keys)
+        self.feed_importance = feed_importance
+
+        # The global arrays of the round being trained (set by configure_train).
+        self.current_arrays: ArrayRecord | None = None
+        # Running, exponentially averaged global block importance.
+        self.global_importance: list[float] | None = None
+        # Facts about the latest aggregate_train call.
+        self.last_rejections: list[tuple[int, str]] = []
+        self.last_client_metrics: list[dict[str, Any]] = []
+        # Counters across rounds, saved by state_dict().
+        self.last_round = 0
+        self.rounds_aggregated = 0
+        self.total_bytes_up = 0
+        self.total_accepted = 0
+        self.total_rejected = 0
+
+    def summary(self) -> None:
+        """Log the strategy's configuration."""
+        log(INFO, "\t├──> SparseFedAvg settings:")
+        log(INFO, "\t│\t├── Weighting: %s", self.weighting)
+        log(INFO, "\t│\t├── Personal keys: %s", list(self.personal_keys))
+        log(INFO, "\t│\t└── Feed importance: %s", self.feed_importance)
+        super().summary()
+
+    def is_personal(self, name: str) -> bool:
+        """Whether a parameter name is personal (never aggregated)."""
+        return name.startswith(self.personal_keys) if self.personal_keys else False
+
+    # ------------------------------------------------------------------ train
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Remember the global arrays, add the global importance, then FedAvg's."""
+        self.current_arrays = arrays
+        # A copy: FedAvg writes into the config it gets, and the caller reuses its own.
+        config = ConfigRecord(dict(config))
+        if self.feed_importance and self.global_importance is not None:
+            config[protocol.IMPORTANCE] = [float(v) for v in self.global_importance]
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self,
+        server_round: int,
+        replies: Iterable[Message],
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate the replies and average each parameter over its senders."""
+        if self.current_arrays is None:
+            raise RuntimeError(
+                "SparseFedAvg.aggregate_train called before configure_train: "
+                "the global arrays are unknown"
+            )
+        replies = list(replies)
+        self.last_rejections = []
+        self.last_client_metrics = []
+        if not replies:
+            return None, None
+
+        content_replies, error_replies = self._check_and_log_replies(
+            replies, is_train=True, validate=False
+        )
+        for msg in error_replies:
+            self._reject(
+                msg.metadata.src_node_id, f"error reply (code {msg.error.code}): {msg.error.reason}"
+            )
+
+        accepted: list[_Reply] = []
+        importance_len = len(self.global_importance) if self.global_importance is not None else None
+        for msg in content_replies:
+            node_id = msg.metadata.src_node_id
+            try:
+                reply = self._validate(msg, self.current_arrays, importance_len)
+            except _Rejected as err:
+                self._reject(node_id, str(err))
+                self._record_client_metrics(server_round, msg, accepted=False, reason=str(err))
+                continue
+            if reply.importance is not None and importance_len is None:
+                importance_len = len(reply.importance)
+            accepted.append(reply)
+            self._record_client_metrics(server_round, msg, accepted=True, reason=None)
+
+        bytes_up = sum(r.nbytes for r in accepted)
+        self.last_round = server_round
+        self.total_accepted += len(accepted)
+        self.total_rejected += len(self.last_rejections)
+        self.total_bytes_up += bytes_up
+
+        if accepted:
+            arrays: ArrayRecord | None = self._aggregate_arrays(self.current_arrays, accepted)
+            metrics = self.train_metrics_aggr_fn(
+                [_scalar_metrics(r.metrics) for r in accepted], self.weighted_by_key
+            )
+            self._update_importance(accepted)
+            self.rounds_aggregated += 1
+        else:
+            log(WARNING, "aggregate_train: no reply accepted, the global model is unchanged")
+            arrays, metrics = None, MetricRecord()
+
+        metrics[protocol.NUM_EXAMPLES] = round(sum(r.num_examples for r in accepted))
+        metrics[protocol.REPLIES_ACCEPTED] = len(accepted)
+        metrics[protocol.REPLIES_REJECTED] = len(self.last_rejections)
+        metrics[protocol.BYTES_UP] = bytes_up
+        if self.global_importance is not None:
+            metrics[protocol.IMPORTANCE] = list(self.global_importance)
+        return arrays, metrics
+
+    # ------------------------------------------------------------- validation
+
+    def _reject(self, node_id: int, reason: str) -> None:
+        log(WARNING, "aggregate_train: rejected reply from node %d: %s", node_id, reason)
+        self.last_rejections.append((node_id, reason))
+
+    def _validate(
+        self, msg: Message, global_arrays: ArrayRecord, importance_len: int | None
+    ) -> _Reply:
+        """Decode and check one reply against the global arrays; raise _Rejected."""
+        node_id = msg.metadata.src_node_id
+        content = msg.content
+
+        record = content.get(protocol.ARRAYS)
+        if not isinstance(record, ArrayRecord):
+            raise _Rejected(f"missing ArrayRecord {protocol.ARRAYS!r}")
+        metrics = content.get(protocol.METRICS)
+        if not isinstance(metrics, MetricRecord):
+            raise _Rejected(f"missing MetricRecord {protocol.METRICS!r}")
+
+        num_examples = metrics.get(protocol.NUM_EXAMPLES)
+        if num_examples is None:
+            raise _Rejected(f"missing {protocol.NUM_EXAMPLES!r} in {protocol.METRICS!r}")
+        if isinstance(num_examples, list) or not math.isfinite(num_examples):
+            raise _Rejected(f"{protocol.NUM_EXAMPLES!r} is not a finite number: {num_examples!r}")
+        if num_examples <= 0:
+            raise _Rejected(f"non-positive {protocol.NUM_EXAMPLES!r}: {num_examples!r}")
+
+        arrays: dict[str, np.ndarray] = {}
+        nbytes = 0
+        personal: list[str] = []
+        for name, array in record.items():
+            try:
+                value = array.numpy()
+            except (TypeError, ValueError) as err:
+                raise _Rejected(f"cannot decode parameter {name!r}: {err}") from err
+            nbytes += value.nbytes
+            if self.is_personal(name):
+                personal.append(name)
+                continue
+            reference = global_arrays.get(name)
+            if reference is None:
+                raise _Rejected(f"unknown parameter {name!r} (not in the global arrays)")
+            if tuple(value.shape) != tuple(reference.shape):
+                raise _Rejected(
+                    f"shape mismatch for {name!r}: got {tuple(value.shape)}, "
+                    f"expected {tuple(reference.shape)}"
+                )
+            if str(value.dtype) != reference.dtype:
+                raise _Rejected(
+                    f"dtype mismatch for {name!r}: got {value.dtype}, expected {reference.dtype}"
+                )
+            if np.issubdtype(value.dtype, np.inexact):
+                if np.isnan(value).any():
+                    raise _Rejected(f"NaN in parameter {name!r}")
+                if np.isinf(value).any():
+                    raise _Rejected(f"Inf in parameter {name!r}")
+            arrays[name] = value
+        if personal:
+            log(
+                WARNING,
+                "aggregate_train: node %d sent personal parameters, ignored: %s",
+                node_id,
+                personal,
+            )
+
+        return _Reply(
+            node_id=node_id,
+            arrays=arrays,
+            num_examples=float(num_examples),
+            update_counts=self._validate_update_counts(content, arrays),
+            importance=_validate_importance(metrics, importance_len),
+            metrics=metrics,
+            nbytes=nbytes,
+        )
+
+    def _validate_update_counts(
+        self, content: RecordDict, arrays: dict[str, np.ndarray]
+    ) -> dict[str, float] | None:
+        """The reply's per-parameter update counts, or None if it has none."""
+        if protocol.UPDATE_COUNTS not in content:
+            return None
+        record = content[protocol.UPDATE_COUNTS]
+        if not isinstance(record, MetricRecord):
+            raise _Rejected(f"{protocol.UPDATE_COUNTS!r} is not a MetricRecord")
+        counts: dict[str, float] = {}
+        for name, count in record.items():
+            if isinstance(count, list) or not math.isfinite(count) or count < 0:
+                raise _Rejected(
+                    f"{protocol.UPDATE_COUNTS!r} for {name!r} is not a count >= 0: {count!r}"
+                )
+            counts[name] = float(count)
+        if self.weighting == "updates":
+            missing = sorted(set(arrays) - set(counts))
+            if missing:
+                raise _Rejected(f"{protocol.UPDATE_COUNTS!r} lacks sent parameters {missing}")
+        return counts
+
+    def _record_client_metrics(
+        self, server_round: int, msg: Message, *, accepted: bool, reason: str | None
+    ) -> None:
+        metrics = msg.content.get(protocol.METRICS)
+        entry: dict[str, Any] = {
+            "round": server_round,
+            "node_id": msg.metadata.src_node_id,
+            "accepted": accepted,
+            "metrics": (
+                {k: (list(v) if isinstance(v, list) else v) for k, v in metrics.items()}
+                if isinstance(metrics, MetricRecord)
+                else {}
+            ),
+        }
+        if reason is not None:
+            entry["reason"] = reason
+        self.last_client_metrics.append(entry)
+
+    # ------------------------------------------------------------ aggregation
+
+    def _weight(self, reply: _Reply, name: str) -> float:
+        if self.weighting == "updates" and reply.update_counts is not None:
+            return reply.update_counts[name]
+        return reply.num_examples
+
+    def _aggregate_arrays(self, global_arrays: ArrayRecord, replies: list[_Reply]) -> ArrayRecord:
+        """A new ArrayRecord with every global key, in the global order."""
+        sums: dict[str, np.ndarray] = {}
+        weights: dict[str, float] = {}
+        for reply in replies:
+            for name, value in reply.arrays.items():
+                weight = self._weight(reply, name)
+                if weight == 0:
+                    continue
+                term = value.astype(np.promote_types(value.dtype, np.float64)) * weight
+                if name in sums:
+                    sums[name] += term
+                    weights[name] += weight
+                else:
+                    sums[name], weights[name] = term, weight
+
+        aggregated: dict[str, Array] = {}
+        for name, reference in global_arrays.items():
+            if name not in sums:
+                # Nobody updated it: keep the global value, bit for bit.
+                aggregated[name] = Array(
+                    dtype=reference.dtype,
+                    shape=tuple(reference.shape),
+                    stype=reference.stype,
+                    data=reference.data,
+                )
+                continue
+            mean = sums[name] / weights[name]
+            dtype = np.dtype(reference.dtype)
+            if not np.issubdtype(dtype, np.inexact):
+                mean = np.rint(mean)
+            aggregated[name] = Array(np.asarray(mean.astype(dtype)))
+        return ArrayRecord(aggregated)
+
+    def _update_importance(self, replies: list[_Reply]) -> None:
+        """Fold the examples-weighted mean importance of the round into the EMA."""
+        carriers = [r for r in replies if r.importance is not None]
+        if not carriers:
+            return
+        total = sum(r.num_examples for r in carriers)
+        mean = np.zeros(len(carriers[0].importance or []), dtype=np.float64)
+        for reply in carriers:
+            mean += np.asarray(reply.importance, dtype=np.float64) * (reply.num_examples / total)
+        if self.global_importance is None:
+            updated = mean
+        else:
+            previous = np.asarray(self.global_importance, dtype=np.float64)
+            updated = (1 - IMPORTANCE_EMA_RATE) * previous + IMPORTANCE_EMA_RATE * mean
+        self.global_importance = [float(v) for v in updated]
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """The strategy's own state (JSON-serializable), for server checkpoints."""
+        return {
+            "version": _STATE_VERSION,
+            "global_importance": (
+                None if self.global_importance is None else list(self.global_importance)
+            ),
+            "last_round": self.last_round,
+            "rounds_aggregated": self.rounds_aggregated,
+            "total_bytes_up": self.total_bytes_up,
+            "total_accepted": self.total_accepted,
+            "total_rejected": self.total_rejected,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the state written by state_dict()."""
+        expected = set(self.state_dict())
+        missing, unknown = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or unknown:
+            raise CheckpointError(f"strategy state: missing keys {missing}, unknown keys {unknown}")
+        if state["version"] != _STATE_VERSION:
+            raise CheckpointError(
+                f"strategy state: version {state['version']!r}, expected {_STATE_VERSION}"
+            )
+        importance = state["global_importance"]
+        if importance is not None and not (
+            isinstance(importance, list)
+            and all(isinstance(v, int | float) and math.isfinite(v) for v in importance)
+        ):
+            raise CheckpointError("strategy state: global_importance is not a list of numbers")
+        counters = [k for k in expected if k not in ("version", "global_importance")]
+        for key in counters:
+            if not isinstance(state[key], int) or isinstance(state[key], bool):
+                raise CheckpointError(f"strategy state: {key} is not an int: {state[key]!r}")
+        self.global_importance = None if importance is None else [float(v) for v in importance]
+        for key in counters:
+            setattr(self, key, state[key])
+
+
+def _scalar_metrics(metrics: MetricRecord) -> RecordDict:
+    """A RecordDict with only the reply's scalar metrics, for Flower's averaging.
+
+    Lists (importance, per-block counts) may differ in length between clients and
+    would break aggregate_metricrecords; they stay in last_client_metrics.
+    """
+    scalars = {k: v for k, v in metrics.items() if not isinstance(v, list)}
+    return RecordDict({protocol.METRICS: MetricRecord(scalars)})
+
+
+def _validate_importance(metrics: MetricRecord, expected_len: int | None) -> list[float] | None:
+    """The reply's importance vector, or None if it has none; raise _Rejected if bad."""
+    if protocol.IMPORTANCE not in metrics:
+        return None
+    value = metrics[protocol.IMPORTANCE]
+    if not isinstance(value, list) or not value:
+        raise _Rejected(f"{protocol.IMPORTANCE!r} is not a non-empty list: {value!r}")
+    if not all(math.isfinite(v) for v in value):
+        raise _Rejected(f"{protocol.IMPORTANCE!r} has non-finite values")
+    if expected_len is not None and len(value) != expected_len:
+        raise _Rejected(f"{protocol.IMPORTANCE!r} has {len(value)} blocks, expected {expected_len}")
+    return [float(v) for v in value]

@@ -1,0 +1,381 @@
+"""SparseFedAvg: aggregation checked against hand-computed numbers and Flower's FedAvg."""
+
+import json
+import logging
+from unittest.mock import Mock
+
+import numpy as np
+import pytest
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedtune import protocol
+from fedtune.errors import CheckpointError, ConfigError
+from server.strategy import SparseFedAvg
+
+F32 = np.float32
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower's runtime sets the process identity that every new Message is stamped
+    with; a bare test process has none, so set one for the duration of each test."""
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+
+
+def arrays(**named: list) -> ArrayRecord:
+    """An ArrayRecord of float32 arrays; keyword names use '__' for '.'."""
+    return ArrayRecord(
+        {k.replace("__", "."): Array(np.asarray(v, dtype=F32)) for k, v in named.items()}
+    )
+
+
+def global_arrays() -> ArrayRecord:
+    return arrays(a=[1.0, 2.0], b=[[0.0, 0.0], [0.0, 0.0]], c=[0.1], head__w=[5.0])
+
+
+def reply(
+    node_id: int,
+    params: ArrayRecord | None,
+    num_examples: int | float | None = 10,
+    counts: dict[str, int] | None = None,
+    **metrics,
+) -> Message:
+    """A train reply from node_id, built the way a ClientApp builds it."""
+    instruction = Message(RecordDict(), dst_node_id=node_id, message_type=MessageType.TRAIN)
+    content = RecordDict()
+    if params is not None:
+        content[protocol.ARRAYS] = params
+    if num_examples is not None:
+        metrics[protocol.NUM_EXAMPLES] = num_examples
+    content[protocol.METRICS] = MetricRecord(metrics)
+    if counts is not None:
+        content[protocol.UPDATE_COUNTS] = MetricRecord(counts)
+    return Message(content, reply_to=instruction)
+
+
+def error_reply(node_id: int) -> Message:
+    instruction = Message(RecordDict(), dst_node_id=node_id, message_type=MessageType.TRAIN)
+    return Message(Error(code=7, reason="ClientApp raised"), reply_to=instruction)
+
+
+def configured(strategy: SparseFedAvg, global_record: ArrayRecord, server_round: int = 1):
+    """Run configure_train on a mock grid; return the instruction messages."""
+    grid = Mock()
+    grid.get_node_ids.return_value = [1, 2, 3]
+    return list(strategy.configure_train(server_round, global_record, ConfigRecord(), grid))
+
+
+def as_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def test_full_replies_equal_flower_fedavg() -> None:
+    """Prepare: every client sends every parameter."""
+    rng = np.random.default_rng(0)
+    shapes = {"a": (3, 4), "b": (5,), "c": (2, 2, 2)}
+    global_record = ArrayRecord(
+        {k: Array(rng.uniform(0.5, 1.5, s).astype(F32)) for k, s in shapes.items()}
+    )
+    replies = [
+        reply(
+            node,
+            ArrayRecord(
+                {k: Array(rng.uniform(0.5, 1.5, s).astype(F32)) for k, s in shapes.items()}
+            ),
+            num_examples=n,
+            loss=loss,
+        )
+        for node, n, loss in [(1, 5, 0.5), (2, 10, 1.0), (3, 25, 2.0)]
+    ]
+    strategy = SparseFedAvg()
+    configured(strategy, global_record)
+
+    # Execute
+    ours, our_metrics = strategy.aggregate_train(1, replies)
+    theirs, their_metrics = FedAvg().aggregate_train(1, replies)
+
+    # Assert
+    assert list(ours.keys()) == list(global_record.keys())
+    for name in shapes:
+        np.testing.assert_allclose(ours[name].numpy(), theirs[name].numpy(), rtol=1e-6)
+        assert ours[name].numpy().dtype == F32
+    assert our_metrics["loss"] == pytest.approx(their_metrics["loss"], rel=1e-12)
+    assert our_metrics[protocol.REPLIES_ACCEPTED] == 3
+    assert our_metrics[protocol.REPLIES_REJECTED] == 0
+    assert our_metrics[protocol.NUM_EXAMPLES] == 40
+
+
+def test_partial_replies_weighted_by_examples() -> None:
+    # Prepare
+    global_record = global_arrays()
+    replies = [
+        reply(1, arrays(a=[3, 5], b=[[1, 2], [3, 4]]), num_examples=10),
+        reply(2, arrays(a=[7, 1]), num_examples=30),
+        reply(3, arrays(b=[[4, 8], [0, 1]]), num_examples=20),
+    ]
+    strategy = SparseFedAvg()
+    configured(strategy, global_record)
+
+    # Execute
+    result, metrics = strategy.aggregate_train(1, replies)
+
+    # Assert
+    out = as_numpy(result)
+    # a: (10*[3,5] + 30*[7,1]) / 40 = [240, 80] / 40
+    np.testing.assert_allclose(out["a"], [6.0, 2.0], rtol=1e-6)
+    # b: (10*[[1,2],[3,4]] + 20*[[4,8],[0,1]]) / 30 = [[90,180],[30,60]] / 30
+    np.testing.assert_allclose(out["b"], [[3.0, 6.0], [1.0, 2.0]], rtol=1e-6)
+    # Nobody sent c or head.w: bit-identical to the global values.
+    assert result["c"].data == global_record["c"].data
+    assert result["head.w"].data == global_record["head.w"].data
+    assert list(result.keys()) == ["a", "b", "c", "head.w"]
+    assert all(v.dtype == F32 for v in out.values())
+    # 2+4 + 2 + 4 float32 values received.
+    assert metrics[protocol.BYTES_UP] == 12 * 4
+    assert strategy.last_rejections == []
+    assert [m["node_id"] for m in strategy.last_client_metrics] == [1, 2, 3]
+
+
+def test_weighting_by_update_counts() -> None:
+    # Prepare
+    replies = [
+        reply(1, arrays(a=[3, 5], b=[[1, 2], [3, 4]]), num_examples=10, counts={"a": 3, "b": 1}),
+        reply(2, arrays(a=[7, 1]), num_examples=30, counts={"a": 1}),
+        reply(3, arrays(b=[[4, 8], [0, 1]]), num_examples=20, counts={"b": 3}),
+    ]
+    strategy = SparseFedAvg(weighting="updates")
+    configured(strategy, global_arrays())
+
+    # Execute
+    result, _ = strategy.aggregate_train(1, replies)
+
+    # Assert
+    out = as_numpy(result)
+    # a: (3*[3,5] + 1*[7,1]) / 4 = [16, 16] / 4
+    np.testing.assert_allclose(out["a"], [4.0, 4.0], rtol=1e-6)
+    # b: (1*[[1,2],[3,4]] + 3*[[4,8],[0,1]]) / 4 = [[13,26],[3,7]] / 4
+    np.testing.assert_allclose(out["b"], [[3.25, 6.5], [0.75, 1.75]], rtol=1e-6)
+
+
+def test_weighting_by_updates_falls_back_to_examples() -> None:
+    # Prepare: node 2 sends no update counts, so its weight is its num-examples.
+    replies = [
+        reply(1, arrays(a=[3, 5]), num_examples=100, counts={"a": 2}),
+        reply(2, arrays(a=[7, 1]), num_examples=6),
+    ]
+    strategy = SparseFedAvg(weighting="updates")
+    configured(strategy, global_arrays())
+
+    # Execute
+    result, _ = strategy.aggregate_train(1, replies)
+
+    # Assert: (2*[3,5] + 6*[7,1]) / 8 = [48, 16] / 8
+    np.testing.assert_allclose(result["a"].numpy(), [6.0, 2.0], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("make_bad", "reason"),
+    [
+        (lambda: reply(9, arrays(a=[np.nan, 1.0])), "NaN"),
+        (lambda: reply(9, arrays(a=[np.inf, 1.0])), "Inf"),
+        (lambda: reply(9, arrays(z=[1.0, 1.0])), "unknown parameter 'z'"),
+        (lambda: reply(9, arrays(a=[1.0, 1.0, 1.0])), "shape mismatch for 'a'"),
+        (
+            lambda: reply(9, ArrayRecord({"a": Array(np.asarray([1.0, 1.0], dtype=np.float64))})),
+            "dtype mismatch for 'a'",
+        ),
+        (lambda: reply(9, arrays(a=[1.0, 1.0]), num_examples=None), "missing 'num-examples'"),
+        (lambda: reply(9, arrays(a=[1.0, 1.0]), num_examples=0), "non-positive 'num-examples'"),
+        (lambda: reply(9, None), "missing ArrayRecord 'arrays'"),
+        (lambda: error_reply(9), "error reply"),
+    ],
+    ids=[
+        "nan",
+        "inf",
+        "unknown-name",
+        "shape",
+        "dtype",
+        "no-num-examples",
+        "zero-examples",
+        "no-arrays",
+        "error-reply",
+    ],
+)
+def test_bad_reply_is_rejected_and_the_rest_aggregated(make_bad, reason: str) -> None:
+    # Prepare
+    good = reply(1, arrays(a=[3, 5]), num_examples=10)
+    strategy = SparseFedAvg()
+    configured(strategy, global_arrays())
+
+    # Execute
+    result, metrics = strategy.aggregate_train(1, [make_bad(), good])
+
+    # Assert
+    assert len(strategy.last_rejections) == 1
+    node_id, why = strategy.last_rejections[0]
+    assert node_id == 9
+    assert reason in why
+    np.testing.assert_array_equal(result["a"].numpy(), [3.0, 5.0])
+    assert metrics[protocol.REPLIES_ACCEPTED] == 1
+    assert metrics[protocol.REPLIES_REJECTED] == 1
+    assert metrics[protocol.NUM_EXAMPLES] == 10
+
+
+def test_rejection_is_logged_as_warning(caplog: pytest.LogCaptureFixture) -> None:
+    # Prepare
+    strategy = SparseFedAvg()
+    configured(strategy, global_arrays())
+
+    # Execute
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        strategy.aggregate_train(1, [reply(42, arrays(a=[np.nan, 0.0]))])
+
+    # Assert
+    assert any(
+        r.levelno == logging.WARNING and "node 42" in r.getMessage() and "NaN" in r.getMessage()
+        for r in caplog.records
+    )
+
+
+def test_all_rejected_returns_no_arrays() -> None:
+    # Prepare
+    strategy = SparseFedAvg()
+    configured(strategy, global_arrays())
+
+    # Execute
+    result, metrics = strategy.aggregate_train(
+        1, [reply(1, arrays(a=[np.nan, 0.0])), error_reply(2)]
+    )
+
+    # Assert: None means Flower's start() keeps the global arrays.
+    assert result is None
+    assert metrics[protocol.REPLIES_ACCEPTED] == 0
+    assert metrics[protocol.REPLIES_REJECTED] == 2
+    assert [n for n, _ in strategy.last_rejections] == [2, 1]
+
+
+def test_no_replies_returns_nothing() -> None:
+    strategy = SparseFedAvg()
+    configured(strategy, global_arrays())
+    assert strategy.aggregate_train(1, []) == (None, None)
+
+
+def test_personal_keys_are_not_aggregated() -> None:
+    # Prepare
+    global_record = global_arrays()
+    replies = [
+        reply(1, arrays(a=[3, 5], head__w=[99.0]), num_examples=10),
+        reply(2, arrays(a=[7, 1], head__w=[-99.0]), num_examples=30),
+    ]
+    strategy = SparseFedAvg(personal_keys=["head."])
+    configured(strategy, global_record)
+
+    # Execute
+    result, metrics = strategy.aggregate_train(1, replies)
+
+    # Assert
+    assert result["head.w"].data == global_record["head.w"].data
+    np.testing.assert_allclose(result["a"].numpy(), [6.0, 2.0], rtol=1e-6)
+    assert strategy.last_rejections == []
+    assert metrics[protocol.REPLIES_ACCEPTED] == 2
+
+
+def test_caller_records_are_not_mutated() -> None:
+    # Prepare
+    global_record = global_arrays()
+    before = {k: (v.dtype, v.shape, v.data) for k, v in global_record.items()}
+    config = ConfigRecord({"lr": 0.1})
+    strategy = SparseFedAvg(feed_importance=True)
+    strategy.global_importance = [0.5, 0.5]
+    grid = Mock()
+    grid.get_node_ids.return_value = [1, 2]
+
+    # Execute
+    messages = list(strategy.configure_train(1, global_record, config, grid))
+    result, _ = strategy.aggregate_train(1, [reply(1, arrays(a=[3, 5], b=[[1, 1], [1, 1]]))])
+
+    # Assert
+    assert {k: (v.dtype, v.shape, v.data) for k, v in global_record.items()} == before
+    assert result is not global_record
+    assert dict(config) == {"lr": 0.1}
+    sent = messages[0].content[protocol.CONFIG]
+    assert sent[protocol.SERVER_ROUND] == 1
+    assert sent[protocol.IMPORTANCE] == [0.5, 0.5]
+
+
+def test_global_importance_and_state_round_trip() -> None:
+    # Prepare
+    strategy = SparseFedAvg(feed_importance=True)
+    configured(strategy, global_arrays(), server_round=1)
+
+    # Execute: round 1, examples-weighted mean of the two vectors.
+    strategy.aggregate_train(
+        1,
+        [
+            reply(1, arrays(a=[3, 5]), num_examples=10, importance=[1.0, 0.0]),
+            reply(2, arrays(a=[7, 1]), num_examples=30, importance=[0.0, 1.0]),
+        ],
+    )
+    after_round_1 = strategy.global_importance
+    # Round 2: one client; EMA with rate 0.5. A wrong length is rejected.
+    configured(strategy, global_arrays(), server_round=2)
+    _, metrics = strategy.aggregate_train(
+        2,
+        [
+            reply(1, arrays(a=[3, 5]), num_examples=10, importance=[1.0, 1.0]),
+            reply(3, arrays(a=[3, 5]), num_examples=10, importance=[1.0, 1.0, 1.0]),
+        ],
+    )
+    messages = configured(strategy, global_arrays(), server_round=3)
+
+    # Assert
+    # round 1: (10*[1,0] + 30*[0,1]) / 40
+    assert after_round_1 == pytest.approx([0.25, 0.75])
+    # round 2: 0.5*[0.25,0.75] + 0.5*[1,1]
+    assert strategy.global_importance == pytest.approx([0.625, 0.875])
+    assert metrics[protocol.IMPORTANCE] == pytest.approx([0.625, 0.875])
+    assert strategy.last_rejections == [(3, "'importance' has 3 blocks, expected 2")]
+    assert messages[0].content[protocol.CONFIG][protocol.IMPORTANCE] == pytest.approx(
+        [0.625, 0.875]
+    )
+
+    # Execute: save and restore through JSON.
+    state = json.loads(json.dumps(strategy.state_dict()))
+    restored = SparseFedAvg()
+    restored.load_state_dict(state)
+
+    # Assert
+    assert restored.global_importance == strategy.global_importance
+    assert restored.state_dict() == strategy.state_dict()
+    assert state["last_round"] == 2
+    assert state["rounds_aggregated"] == 2
+    assert state["total_accepted"] == 3
+    assert state["total_rejected"] == 1
+
+
+def test_bad_state_and_config_are_clear_errors() -> None:
+    strategy = SparseFedAvg()
+    state = strategy.state_dict()
+    with pytest.raises(CheckpointError, match="unknown keys \\['extra'\\]"):
+        strategy.load_state_dict({**state, "extra": 1})
+    with pytest.raises(CheckpointError, match="last_round"):
+        strategy.load_state_dict({**state, "last_round": "two"})
+    with pytest.raises(ConfigError, match="weighting"):
+        SparseFedAvg(weighting="steps")
+    with pytest.raises(ConfigError, match="personal_keys"):
+        SparseFedAvg(personal_keys="head.")
+    with pytest.raises(ConfigError, match="arrayrecord_key"):
+        SparseFedAvg(arrayrecord_key="params")

@@ -59,7 +59,9 @@ _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as PIL's convert("L")
 
 @dataclass
 class DataConfig:
-    name: str = "digits"  # digits | shapes | torchvision:<ClassName> | imagefolder | hf:<name or path>
+    name: str = (
+        "digits"  # digits | shapes | torchvision:<ClassName> | imagefolder | hf:<name or path>
+    )
     root: str | None = None  # folder of torchvision / imagefolder files
     download: bool = False  # torchvision: allow downloading (needs internet)
     img_size: int = 32  # images are resized to img_size x img_size
@@ -106,7 +108,9 @@ class DataConfig:
         for key in ("max_train", "max_test"):
             value = getattr(self, key)
             if value is not None and value < 1:
-                raise ConfigError(f"{prefix}{key}: must be positive (or null for no cap), got {value}")
+                raise ConfigError(
+                    f"{prefix}{key}: must be positive (or null for no cap), got {value}"
+                )
         if self.num_samples < 2:
             raise ConfigError(f"{prefix}num_samples: must be at least 2, got {self.num_samples}")
         for key in ("seed", "shapes_seed_offset"):
@@ -114,7 +118,9 @@ class DataConfig:
                 raise ConfigError(f"{prefix}{key}: must be >= 0, got {getattr(self, key)}")
         if self.tasks is not None:
             if not self.tasks:
-                raise ConfigError(f"{prefix}tasks: must name at least one task (or be null for all)")
+                raise ConfigError(
+                    f"{prefix}tasks: must name at least one task (or be null for all)"
+                )
             if len(set(self.tasks)) != len(self.tasks):
                 raise ConfigError(f"{prefix}tasks: lists a task twice: {self.tasks}")
         if not self.hf_image_key:
@@ -340,6 +346,10 @@ def _split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndar
     if len(labels) < 2:
         raise ConfigError(f"cannot split {len(labels)} sample(s) into train and test")
     n_test = math.ceil(test_fraction * len(labels))
+    if n_test >= len(labels):
+        raise ConfigError(
+            f"data.test_fraction: {test_fraction} of {len(labels)} samples leaves none for training"
+        )
     n_classes = len(np.unique(labels))
     stratifiable = np.unique(labels, return_counts=True)[1].min() >= 2 and (
         n_classes <= n_test <= len(labels) - n_classes
@@ -491,7 +501,7 @@ def _open_torchvision(cfg: DataConfig, train: bool) -> Any:
         hint = (
             "the download failed; check the connection or point data.root at the files"
             if cfg.download
-            else "set data.download=true (needs internet) or point data.root at the files"
+            else "set data.download=true or point data.root at the files (downloading needs internet)"
         )
         raise ConfigError(
             f"data.root: cannot load torchvision:{name} from {cfg.root!r} ({exc}); {hint}"
@@ -515,7 +525,9 @@ def _torchvision_set(ds: Any, cfg: DataConfig, limit: int | None, stream: int) -
         y = np.asarray(targets)[index]
     else:
         items = [ds[int(i)] for i in index]
-        images = _stack_images([_item_to_array(x, cfg.channels) for x, _ in items], cfg.channels, cfg.img_size)
+        images = _stack_images(
+            [_item_to_array(x, cfg.channels) for x, _ in items], cfg.channels, cfg.img_size
+        )
         y = np.asarray([t for _, t in items])
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
         raise ConfigError(
@@ -524,7 +536,10 @@ def _torchvision_set(ds: Any, cfg: DataConfig, limit: int | None, stream: int) -
     classes = getattr(ds, "classes", None)
     names = [str(c) for c in classes] if classes else []
     return ImageSet(
-        images, _labels_to_tensors({"label": y}), {"label": len(names)}, {"label": names} if names else {}
+        images,
+        _labels_to_tensors({"label": y}),
+        {"label": len(names)},
+        {"label": names} if names else {},
     )
 
 
@@ -622,7 +637,12 @@ def _encode_labels(
     import datasets
 
     if isinstance(feature, datasets.ClassLabel):
-        return train.astype(np.int64), test.astype(np.int64), feature.num_classes, list(feature.names)
+        return (
+            train.astype(np.int64),
+            test.astype(np.int64),
+            feature.num_classes,
+            list(feature.names),
+        )
     values = np.concatenate([train, test])
     if np.issubdtype(values.dtype, np.integer) and (len(values) == 0 or values.min() >= 0):
         num = int(values.max()) + 1 if len(values) else 0

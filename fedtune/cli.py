@@ -1,0 +1,100 @@
+"""The `fedtune` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import FedtuneError
+from .typedconfig import apply_overrides, from_dict, read_yaml
+
+
+def _load(cls, path: str | None, overrides: list[str]):
+    data = read_yaml(path) if path else {}
+    return from_dict(cls, apply_overrides(data, overrides or []))
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import BenchConfig, quick, run_bench
+
+    cfg = _load(BenchConfig, args.config, args.set)
+    if args.methods:
+        cfg.methods = args.methods.split(",")
+    if args.seeds is not None:
+        cfg.seeds = list(range(args.seeds))
+    if args.epochs is not None:
+        cfg.train.epochs = args.epochs
+    if args.quick:
+        cfg = quick(cfg)
+    report = run_bench(cfg, Path(args.out), progress=not args.no_progress)
+    print((Path(args.out) / "bench.md").read_text())
+    print(f"wrote {Path(args.out) / 'bench.json'} ({report['wall_time_s']} s)")
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from .model import model_from_checkpoint
+    from .pretrain import PretrainConfig, cache_dir, pretrain, pretrain_accuracy
+
+    cfg = _load(PretrainConfig, args.config, args.set)
+    out = Path(args.out) if args.out else cache_dir() / "pretrained" / f"{cfg.key()}.safetensors"
+    if out.exists() and not args.force:
+        print(f"cached: {out} (use --force to train again)")
+    else:
+        pretrain(cfg, out, progress=not args.no_progress)
+    model, _ = model_from_checkpoint(out)
+    print(json.dumps({"checkpoint": str(out), "held_out_accuracy": pretrain_accuracy(model, cfg)}, indent=2))
+    return 0
+
+
+def cmd_profiles(args: argparse.Namespace) -> int:
+    from .profiles import PROFILES
+
+    print(f"{'name':12s} {'memory (MiB)':>13s} {'GFLOP/sample':>13s}  description")
+    for p in PROFILES.values():
+        flops = "unlimited" if p.flops_per_sample >= 1e14 else f"{p.flops_per_sample / 1e9:.2f}"
+        print(f"{p.name:12s} {p.memory_bytes / 2**20:13.0f} {flops:>13s}  {p.description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedtune", description="Federated, block-selective fine-tuning of ViTs on edge devices.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("bench", help="run the fine-tuning methods side by side; write bench.json and bench.md")
+    p.add_argument("--config", help="YAML bench config (default: the embedded default)")
+    p.add_argument("--out", default="runs/bench", help="output folder")
+    p.add_argument("--quick", action="store_true", help="a few steps per method (under a minute)")
+    p.add_argument("--methods", help="comma-separated methods, e.g. full,bsr,alast,alast+lora")
+    p.add_argument("--seeds", type=int, help="number of seeds (0..N-1)")
+    p.add_argument("--epochs", type=int, help="epochs per method")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("pretrain", help="pretrain the default backbone reproducibly (cached)")
+    p.add_argument("--config", help="YAML pretrain config")
+    p.add_argument("--out", help="checkpoint path (default: the cache)")
+    p.add_argument("--force", action="store_true", help="train again even if cached")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("profiles", help="list the device profiles")
+    p.set_defaults(func=cmd_profiles)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except FedtuneError as exc:
+        print(f"fedtune: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

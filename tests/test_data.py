@@ -1,0 +1,503 @@
+"""Tests for fedtune.data: the embedded sets, the loaders on local files, and partitioning."""
+
+from __future__ import annotations
+
+import struct
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fedtune.data import (
+    DataConfig,
+    DataSplit,
+    ImageSet,
+    load_data,
+    make_shapes,
+    partition_indices,
+)
+from fedtune.errors import ConfigError
+from fedtune.typedconfig import from_dict
+
+
+@pytest.fixture(scope="module")
+def digits() -> DataSplit:
+    return load_data(DataConfig())
+
+
+@pytest.fixture(scope="module")
+def shapes() -> DataSplit:
+    return load_data(DataConfig(name="shapes", num_samples=400))
+
+
+# --- digits -----------------------------------------------------------------------------------
+
+
+def test_digits_shapes_ranges_and_normalization(digits: DataSplit) -> None:
+    assert digits.name == "digits"
+    assert len(digits.train) + len(digits.test) == 1797
+    assert len(digits.test) == 360  # ceil(0.2 * 1797)
+    for part in (digits.train, digits.test):
+        assert part.images.dtype == torch.float32
+        assert part.images.shape[1:] == (3, 32, 32)
+        assert part.tasks == ["digit", "parity", "magnitude"]
+        assert part.num_classes == {"digit": 10, "parity": 2, "magnitude": 2}
+        assert all(y.dtype == torch.int64 for y in part.labels.values())
+    x = digits.train.images
+    # background 0 -> -1, full ink 16 -> close to +1; grey repeated to 3 channels
+    assert x.min().item() == -1.0 and 0.9 < x.max().item() <= 1.0
+    assert torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 0], x[:, 2])
+
+
+def test_digits_labels_consistent(digits: DataSplit) -> None:
+    for part in (digits.train, digits.test):
+        d = part.labels["digit"]
+        assert torch.equal(part.labels["parity"], d % 2)
+        assert torch.equal(part.labels["magnitude"], (d >= 5).long())
+        assert set(d.tolist()) == set(range(10))
+
+
+def test_digits_split_is_stratified(digits: DataSplit) -> None:
+    train = np.bincount(digits.train.labels["digit"].numpy(), minlength=10)
+    test = np.bincount(digits.test.labels["digit"].numpy(), minlength=10)
+    share = test / (train + test)
+    assert np.all(np.abs(share - 0.2) < 0.02)
+
+
+def test_digits_deterministic_and_seeded(digits: DataSplit) -> None:
+    again = load_data(DataConfig())
+    assert torch.equal(again.train.images, digits.train.images)
+    assert torch.equal(again.test.labels["digit"], digits.test.labels["digit"])
+    other = load_data(DataConfig(seed=1))
+    assert not torch.equal(other.test.images, digits.test.images)
+
+
+def test_digits_size_channels_tasks_and_caps() -> None:
+    split = load_data(
+        DataConfig(img_size=16, channels=1, tasks=["parity", "digit"], max_train=50, max_test=20)
+    )
+    assert split.train.images.shape == (50, 1, 16, 16)
+    assert split.test.images.shape == (20, 1, 16, 16)
+    assert split.train.tasks == ["parity", "digit"]
+    assert split.train.num_classes == {"parity": 2, "digit": 10}
+    again = load_data(
+        DataConfig(img_size=16, channels=1, tasks=["parity", "digit"], max_train=50, max_test=20)
+    )
+    assert torch.equal(again.train.images, split.train.images)
+
+
+def test_unknown_task_names_it_and_lists_available() -> None:
+    with pytest.raises(ConfigError, match=r"no task 'colour'.*digit, parity, magnitude"):
+        load_data(DataConfig(tasks=["digit", "colour"]))
+
+
+# --- shapes -----------------------------------------------------------------------------------
+
+
+def test_shapes_sizes_labels_and_determinism(shapes: DataSplit) -> None:
+    assert len(shapes.train) == 320 and len(shapes.test) == 80
+    assert shapes.train.tasks == ["shape", "colour", "count"]
+    assert shapes.train.num_classes == {"shape": 4, "colour": 6, "count": 4}
+    for task, k in shapes.train.num_classes.items():
+        y = torch.cat([shapes.train.labels[task], shapes.test.labels[task]])
+        assert set(y.tolist()) == set(range(k))
+    x = shapes.train.images
+    assert x.shape[1:] == (3, 32, 32) and x.min() >= -1 and x.max() <= 1
+    again = load_data(DataConfig(name="shapes", num_samples=400))
+    assert torch.equal(again.train.images, x)
+    assert torch.equal(again.test.labels["count"], shapes.test.labels["count"])
+
+
+def test_shapes_seed_offset_gives_other_images(shapes: DataSplit) -> None:
+    other = load_data(DataConfig(name="shapes", num_samples=400, shapes_seed_offset=1))
+    assert not torch.equal(other.train.images, shapes.train.images)
+    # no image of the offset set appears in the original set
+    a = shapes.train.images.flatten(1)
+    b = other.train.images.flatten(1)
+    assert torch.cdist(a[:50], b).min() > 1.0
+
+
+def test_shapes_count_brightness_and_colour() -> None:
+    split = load_data(DataConfig(name="shapes", num_samples=800, test_fraction=0.5))
+    x, count = split.train.images, split.train.labels["count"]
+    brightness = [x[count == c].mean().item() for c in range(4)]
+    assert brightness == sorted(brightness) and brightness[3] - brightness[0] > 0.1
+    # the brightest channel of red objects is red, of blue objects blue
+    colour = split.train.labels["colour"]
+    for c, channel in ((0, 0), (1, 1), (2, 2)):
+        per_channel = x[colour == c].amax(dim=(2, 3)).mean(0)
+        assert per_channel.argmax().item() == channel
+
+
+def test_make_shapes_count_is_exact() -> None:
+    from scipy import ndimage
+
+    images, labels = make_shapes(60, 32, seed=3)
+    for image, count in zip(images, labels["count"], strict=True):
+        mask = image.max(axis=2) > 128
+        assert ndimage.label(mask)[1] == count + 1
+
+
+def test_shapes_fast_and_grey() -> None:
+    start = time.perf_counter()
+    split = load_data(DataConfig(name="shapes", channels=1))
+    elapsed = time.perf_counter() - start
+    assert split.train.images.shape == (1600, 1, 32, 32)
+    assert elapsed < 4.0  # < 2 s on an idle machine; slack for loaded CI
+
+
+# --- ImageSet ---------------------------------------------------------------------------------
+
+
+def _small_set(n: int = 10) -> ImageSet:
+    images = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 3, 4, 4).clone()
+    labels = {"a": torch.arange(n) % 3, "b": torch.arange(n)}
+    return ImageSet(images, labels, {"a": 3, "b": n})
+
+
+def test_loader_batches_and_last_partial_batch() -> None:
+    s = _small_set(10)
+    loader = s.loader(batch_size=4, shuffle=False)
+    batches = list(loader)
+    assert len(loader) == 3 and [len(y) for _, y in batches] == [4, 4, 2]
+    x, y = batches[0]
+    assert x.shape == (4, 3, 4, 4) and y.dtype == torch.int64
+    assert torch.equal(torch.cat([y for _, y in batches]), s.labels["a"])
+    ys = torch.cat([y for _, y in s.loader(4, shuffle=False, task="b")])
+    assert torch.equal(ys, torch.arange(10))
+
+
+def test_loader_shuffle_seeded_and_epoch_dependent() -> None:
+    s = _small_set(50)
+
+    def epochs(seed: int) -> list[torch.Tensor]:
+        loader = s.loader(8, shuffle=True, seed=seed, task="b")
+        return [torch.cat([y for _, y in loader]) for _ in range(2)]
+
+    first, second = epochs(0)
+    assert sorted(first.tolist()) == list(range(50))  # every sample once per epoch
+    assert not torch.equal(first, second)  # a fresh order each epoch
+    again = epochs(0)
+    assert torch.equal(again[0], first) and torch.equal(again[1], second)
+    assert not torch.equal(epochs(1)[0], first)
+    # images travel with their labels
+    for x, y in s.loader(8, shuffle=True, task="b"):
+        assert torch.equal(x[:, 0, 0, 0].long(), y)
+
+
+def test_loader_bad_inputs() -> None:
+    s = _small_set()
+    with pytest.raises(ConfigError, match="no task 'c'.*a, b"):
+        s.loader(4, shuffle=False, task="c")
+    with pytest.raises(ConfigError, match="batch_size"):
+        s.loader(0, shuffle=False)
+
+
+@pytest.mark.parametrize(
+    "index", [[3, 1, 7], np.array([3, 1, 7]), torch.tensor([3, 1, 7]), (3, 1, 7)]
+)
+def test_subset(index) -> None:
+    s = _small_set()
+    sub = s.subset(index)
+    assert len(sub) == 3 and sub.tasks == ["a", "b"] and sub.num_classes == s.num_classes
+    assert torch.equal(sub.labels["b"], torch.tensor([3, 1, 7]))
+    assert torch.equal(sub.images[:, 0, 0, 0], torch.tensor([3.0, 1.0, 7.0]))
+    assert len(s.subset([])) == 0
+
+
+# --- imagefolder ------------------------------------------------------------------------------
+
+_RGB = {"blue": (0, 0, 255), "red": (255, 0, 0)}
+
+
+def _write_folder(folder: Path, per_class: int, size: int = 10) -> None:
+    for name, rgb in _RGB.items():
+        (folder / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (size + i, size), rgb).save(folder / name / f"{i}.png")
+
+
+def test_imagefolder_train_test(tmp_path: Path) -> None:
+    _write_folder(tmp_path / "train", 3)
+    _write_folder(tmp_path / "test", 2)
+    split = load_data(DataConfig(name="imagefolder", root=str(tmp_path), img_size=8))
+    assert len(split.train) == 6 and len(split.test) == 4
+    assert split.train.images.shape == (6, 3, 8, 8)
+    assert split.train.num_classes == {"label": 2}
+    assert split.train.class_names == {"label": ["blue", "red"]}
+    # class 0 is blue: channel 2 at +1, channel 0 at -1
+    blue = split.test.images[split.test.labels["label"] == 0]
+    assert torch.allclose(blue[:, 2], torch.ones(1)) and torch.allclose(blue[:, 0], -torch.ones(1))
+
+
+def test_imagefolder_single_folder_is_split(tmp_path: Path) -> None:
+    _write_folder(tmp_path, 5)
+    cfg = DataConfig(name="imagefolder", root=str(tmp_path), test_fraction=0.4, channels=1)
+    split = load_data(cfg)
+    assert len(split.train) == 6 and len(split.test) == 4
+    assert split.train.images.shape[1] == 1
+    assert sorted(split.test.labels["label"].tolist()) == [0, 0, 1, 1]  # stratified
+
+
+def test_imagefolder_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="data.root: data set 'imagefolder' needs data.root"):
+        load_data(DataConfig(name="imagefolder"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_data(DataConfig(name="imagefolder", root=str(tmp_path / "nowhere")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="data.root: .*class folder"):
+        load_data(DataConfig(name="imagefolder", root=str(tmp_path / "empty")))
+
+
+# --- Hugging Face -----------------------------------------------------------------------------
+
+
+def _hf_set(n: int):
+    import datasets
+
+    features = datasets.Features(
+        {
+            "img": datasets.Image(),
+            "label": datasets.ClassLabel(names=["dark", "bright"]),
+            "kind": datasets.Value("string"),
+        }
+    )
+    rows = {
+        "img": [Image.new("L", (6, 6), 255 * (i % 2)) for i in range(n)],
+        "label": [i % 2 for i in range(n)],
+        "kind": ["x" if i % 3 else "y" for i in range(n)],
+    }
+    return datasets.Dataset.from_dict(rows, features=features)
+
+
+def test_hf_save_to_disk_with_splits(tmp_path: Path) -> None:
+    import datasets
+
+    path = tmp_path / "hfset"
+    datasets.DatasetDict({"train": _hf_set(12), "test": _hf_set(6)}).save_to_disk(str(path))
+    cfg = DataConfig(
+        name=f"hf:{path}", hf_image_key="img", hf_label_keys=["label", "kind"], img_size=8
+    )
+    split = load_data(cfg)
+    assert len(split.train) == 12 and len(split.test) == 6
+    assert split.train.images.shape == (12, 3, 8, 8)
+    assert split.train.num_classes == {"label": 2, "kind": 2}
+    assert split.train.class_names["kind"] == ["x", "y"]
+    y = split.train.labels["label"]
+    assert torch.equal(y, torch.arange(12) % 2)
+    # bright images (label 1) are +1, dark ones -1
+    assert torch.all(split.train.images[y == 1] == 1) and torch.all(
+        split.train.images[y == 0] == -1
+    )
+    assert torch.equal(
+        split.train.labels["kind"], torch.tensor([1 if i % 3 == 0 else 0 for i in range(12)])
+    )
+
+
+def test_hf_single_dataset_is_split(tmp_path: Path) -> None:
+    path = tmp_path / "one"
+    _hf_set(20).save_to_disk(str(path))
+    split = load_data(DataConfig(name=f"hf:{path}", hf_image_key="img", tasks=["label"]))
+    assert len(split.train) == 16 and len(split.test) == 4
+    assert split.train.tasks == ["label"]
+
+
+def test_hf_parquet_folder_through_load_dataset(tmp_path: Path, monkeypatch) -> None:
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "pq" / "data"
+    folder.mkdir(parents=True)
+    _hf_set(10).to_parquet(str(folder / "train-00000-of-00001.parquet"))
+    split = load_data(DataConfig(name=f"hf:{tmp_path / 'pq'}", hf_image_key="img", max_train=5))
+    assert len(split.train) == 5 and len(split.test) == 2  # no test split: 20% of 10
+    assert split.train.num_classes == {"label": 2}
+
+
+def test_hf_errors(tmp_path: Path) -> None:
+    import datasets
+
+    path = tmp_path / "hfset"
+    _hf_set(10).save_to_disk(str(path))
+    with pytest.raises(ConfigError, match="hf_label_keys: no column 'digit'.*img, label, kind"):
+        load_data(DataConfig(name=f"hf:{path}", hf_image_key="img", hf_label_keys=["digit"]))
+    with pytest.raises(ConfigError, match="hf_image_key: no column 'image'"):
+        load_data(DataConfig(name=f"hf:{path}"))
+    dict_path = tmp_path / "hfdict"
+    datasets.DatasetDict({"train": _hf_set(4)}).save_to_disk(str(dict_path))
+    with pytest.raises(ConfigError, match="hf_train_split: no split 'fit'.*it has: train"):
+        load_data(DataConfig(name=f"hf:{dict_path}", hf_image_key="img", hf_train_split="fit"))
+    with pytest.raises(ConfigError, match="cannot load Hugging Face data set"):
+        load_data(DataConfig(name=f"hf:{tmp_path / 'missing'}"))
+
+
+# --- torchvision ------------------------------------------------------------------------------
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    magic = 0x0800 | array.ndim  # type 0x08 = unsigned byte
+    header = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def test_torchvision_mnist_from_local_idx_files(tmp_path: Path) -> None:
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 30), ("t10k", 10)):
+        labels = np.arange(n) % 10
+        images = (labels[:, None, None] * 25 + rng.integers(0, 5, (n, 28, 28))).astype(np.uint8)
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+    cfg = DataConfig(name="torchvision:MNIST", root=str(tmp_path), img_size=16, max_train=20)
+    split = load_data(cfg)
+    assert split.train.images.shape == (20, 3, 16, 16)
+    assert split.test.images.shape == (10, 3, 16, 16)
+    assert split.train.num_classes == {"label": 10}
+    assert torch.equal(split.test.labels["label"], torch.arange(10))
+    # brightness follows the label the images were written with
+    means = split.test.images.mean(dim=(1, 2, 3))
+    assert torch.all(means[1:] > means[:-1])
+
+
+def test_torchvision_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="data.download=true or point data.root"):
+        load_data(DataConfig(name="torchvision:MNIST", root=str(tmp_path)))
+    with pytest.raises(ConfigError, match="no data set 'NoSuchSet'"):
+        load_data(DataConfig(name="torchvision:NoSuchSet", root=str(tmp_path)))
+    with pytest.raises(ConfigError, match="data.root: .*needs data.root"):
+        load_data(DataConfig(name="torchvision:MNIST"))
+
+
+# --- config validation ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        ({"name": "cifar"}, r"data.name: unknown data set 'cifar'"),
+        ({"name": "digits:x"}, r"data.name: unknown data set"),
+        ({"name": "hf:"}, r"data.name: .*names no data set"),
+        ({"img_size": 2}, r"data.img_size: must be at least 4"),
+        ({"channels": 2}, r"data.channels: must be 1 or 3"),
+        ({"test_fraction": 1.0}, r"data.test_fraction"),
+        ({"test_fraction": 0}, r"data.test_fraction"),
+        ({"max_train": 0}, r"data.max_train: must be positive"),
+        ({"max_test": -1}, r"data.max_test: must be positive"),
+        ({"num_samples": 1}, r"data.num_samples"),
+        ({"seed": -1}, r"data.seed"),
+        ({"tasks": []}, r"data.tasks: must name at least one"),
+        ({"tasks": ["digit", "digit"]}, r"data.tasks: lists a task twice"),
+        ({"hf_label_keys": []}, r"data.hf_label_keys"),
+        ({"name": "imagefolder"}, r"data.root: .*needs data.root"),
+        ({"colour": 1}, r"unknown key data.colour"),
+    ],
+)
+def test_config_validation(data: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        from_dict(DataConfig, data, prefix="data.")
+
+
+def test_config_defaults_are_valid() -> None:
+    cfg = from_dict(DataConfig, {"name": "shapes", "tasks": ["count"]}, prefix="data.")
+    assert cfg.img_size == 32 and cfg.hf_label_keys == ["label"]
+
+
+# --- partitioning -----------------------------------------------------------------------------
+
+LABELS = np.repeat(np.arange(10), 60)  # 600 samples, 10 classes
+
+
+def _check_disjoint_cover(parts: list[np.ndarray], n: int) -> None:
+    joined = np.concatenate(parts)
+    assert all(p.dtype == np.int64 for p in parts)
+    assert len(joined) == n and np.array_equal(np.sort(joined), np.arange(n))
+
+
+def test_iid_partitions() -> None:
+    parts = partition_indices(LABELS, 7, "iid", seed=0)
+    _check_disjoint_cover(parts, len(LABELS))
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    same = partition_indices(LABELS, 7, "iid", seed=0)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, same, strict=True))
+    other = partition_indices(LABELS, 7, "iid", seed=1)
+    assert not all(
+        np.array_equal(np.sort(a), np.sort(b)) for a, b in zip(parts, other, strict=True)
+    )
+
+
+def _label_spread(parts: list[np.ndarray]) -> float:
+    """Largest total-variation distance between a partition's label distribution and the global one."""
+    hists = np.stack([np.bincount(LABELS[p], minlength=10) / len(p) for p in parts])
+    return float(np.abs(hists - 0.1).sum(axis=1).max() / 2)
+
+
+def test_dirichlet_partitions_are_non_iid_and_seeded() -> None:
+    parts = partition_indices(LABELS, 5, "dirichlet", alpha=0.1, seed=0, min_partition_size=10)
+    _check_disjoint_cover(parts, len(LABELS))
+    assert min(map(len, parts)) >= 10
+    iid = partition_indices(LABELS, 5, "iid", seed=0)
+    assert _label_spread(parts) > 0.4 > _label_spread(iid)
+    same = partition_indices(LABELS, 5, "dirichlet", alpha=0.1, seed=0, min_partition_size=10)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, same, strict=True))
+    other = partition_indices(LABELS, 5, "dirichlet", alpha=0.1, seed=1, min_partition_size=10)
+    assert not all(
+        np.array_equal(np.sort(a), np.sort(b)) for a, b in zip(parts, other, strict=True)
+    )
+
+
+@pytest.mark.filterwarnings("ignore:Classes.*will NOT be used")
+def test_pathological_classes_per_partition() -> None:
+    parts = partition_indices(LABELS, 10, "pathological", classes_per_partition=2, seed=0)
+    _check_disjoint_cover(parts, len(LABELS))  # deterministic: partition p has p and p+1
+    for p, part in enumerate(parts):
+        assert set(LABELS[part].tolist()) == {p, (p + 1) % 10}
+    other = partition_indices(LABELS, 10, "pathological", classes_per_partition=2, seed=1)
+    assert not all(
+        np.array_equal(np.sort(a), np.sort(b)) for a, b in zip(parts, other, strict=True)
+    )
+    rand = partition_indices(
+        LABELS, 4, "pathological", classes_per_partition=3, seed=0, class_assignment="random"
+    )
+    assert all(len(set(LABELS[p].tolist())) == 3 for p in rand)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"num_partitions": 3, "scheme": "zipf"}, "unknown partition scheme 'zipf'"),
+        ({"num_partitions": 0}, "num_partitions must be between 1"),
+        ({"num_partitions": 601}, r"num_partitions .*\(600\)"),
+        ({"num_partitions": 3, "scheme": "dirichlet", "alpha": 0}, "alpha must be > 0"),
+        (
+            {"num_partitions": 10, "scheme": "dirichlet", "min_partition_size": 61},
+            "min_partition_size=61 is impossible",
+        ),
+        (
+            {"num_partitions": 3, "scheme": "pathological", "classes_per_partition": 11},
+            r"classes_per_partition must be between 1 and the number of classes \(10\)",
+        ),
+        (
+            {"num_partitions": 3, "scheme": "pathological", "class_assignment": "greedy"},
+            "unknown class_assignment 'greedy'",
+        ),
+    ],
+)
+def test_partition_errors(kwargs: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        partition_indices(LABELS, **kwargs)
+
+
+def test_dirichlet_that_cannot_meet_min_size_is_a_clear_error() -> None:
+    # feasible in principle (10 x 55 <= 600) but near-impossible with a tiny alpha
+    with pytest.raises(ConfigError, match="could not give all 10 partitions .*raise alpha"):
+        partition_indices(LABELS, 10, "dirichlet", alpha=0.01, min_partition_size=55)
+
+
+def test_pathological_too_many_partitions_per_class() -> None:
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    with pytest.raises(ConfigError, match="pathological partitioning failed"):
+        partition_indices(labels, 6, "pathological", classes_per_partition=3)

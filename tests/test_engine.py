@@ -1,0 +1,124 @@
+"""Engine equivalence and behaviour: timm equality, frozen blocks, token ranking, no-grad prefix."""
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from fedtune.accounting import SavedBytesMeter, flop_counter_mode
+from fedtune.engine import Plan, Trace, class_token_attention, drop_tokens, forward_plan, full_plan, set_trainable
+from fedtune.errors import PlanError
+from fedtune.model import ModelConfig, build_model
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "deit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224"])
+def test_engine_forward_equals_timm(name):
+    cfg = ModelConfig(name=name, img_size=16, patch_size=4, depth=2)
+    torch.manual_seed(0)
+    model = build_model(cfg, {"digit": 7}).eval()
+    ref = timm.create_model(name, pretrained=False, img_size=16, patch_size=4, depth=2, num_classes=7).eval()
+    state = {k.removeprefix("vit."): v for k, v in model.state_dict().items() if k.startswith("vit.")}
+    state["head.weight"] = model.heads["digit"].weight
+    state["head.bias"] = model.heads["digit"].bias
+    ref.load_state_dict(state)
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        expected = ref(x)
+        got = forward_plan(model, x, full_plan(model.depth))
+    assert torch.equal(got, expected)
+    assert torch.isfinite(got).all()
+
+
+def test_frozen_block_bit_identical_after_step(tiny_model, images):
+    plan = Plan(depth=4, trained={2}, keep=(None, 8, None, None))
+    set_trainable(tiny_model, plan)
+    before = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
+    opt = torch.optim.AdamW(tiny_model.parameters(), lr=1e-2, weight_decay=0.1)
+    loss = F.cross_entropy(forward_plan(tiny_model, images, plan), torch.arange(6) % 10)
+    loss.backward()
+    opt.step()
+    changed = {n for n, p in tiny_model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed, "the trained block should change"
+    assert all(n.startswith(("vit.blocks.2.", "heads.digit", "vit.norm.")) for n in changed)
+    for n in before:
+        if n.startswith(("vit.blocks.0.", "vit.blocks.1.", "vit.blocks.3.", "vit.patch_embed", "vit.pos_embed", "vit.cls_token")):
+            assert torch.equal(dict(tiny_model.named_parameters())[n], before[n]), n
+
+
+def test_class_token_attention_matches_manual_attention(tiny_model, images):
+    blk = tiny_model.vit.blocks[0]
+    x = tiny_model.vit._pos_embed(tiny_model.vit.patch_embed(images))
+    h = blk.norm1(x)
+    B, N, _ = h.shape
+    qkv = blk.attn.qkv(h).reshape(B, N, 3, blk.attn.num_heads, blk.attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, _ = qkv.unbind(0)
+    full = ((q @ k.transpose(-2, -1)) * blk.attn.scale).softmax(-1)  # [B, H, N, N]
+    torch.testing.assert_close(class_token_attention(blk.attn, q, k), full[:, :, 0].mean(1))
+
+
+def test_dropped_tokens_are_the_lowest_attention_ones(tiny_model, images):
+    plan = Plan(depth=4, keep=(5, None, None, None), rank_tokens=True)
+    trace = Trace()
+    with torch.no_grad():
+        forward_plan(tiny_model, images, plan, trace=trace)
+    attn = trace.cls_attn[0][:, 1:]  # patch tokens
+    kept = trace.kept_index[0]
+    for b in range(images.shape[0]):
+        kept_scores = attn[b, kept[b]]
+        dropped = torch.ones(attn.shape[1], dtype=torch.bool)
+        dropped[kept[b]] = False
+        assert kept_scores.min() >= attn[b, dropped].max()
+    assert trace.tokens_in == [17, 6, 6, 6]
+
+
+def test_fused_token_is_attention_weighted_mean():
+    x = torch.arange(2 * 5 * 3, dtype=torch.float32).reshape(2, 5, 3)
+    attn = torch.tensor([[0.2, 0.4, 0.1, 0.2, 0.1], [0.2, 0.1, 0.1, 0.5, 0.1]])
+    out, index = drop_tokens(x, attn, keep=2, fuse=True)
+    assert out.shape == (2, 4, 3)
+    # sample 0 keeps patches 0 and 2 (scores .4, .2); drops 1 and 3 (scores .1, .1): equal weights
+    assert index[0].tolist() == [0, 2]
+    torch.testing.assert_close(out[0, -1], (x[0, 2] + x[0, 4]) / 2)
+
+
+def test_blocks_before_first_trained_save_no_activations(tiny_model, images):
+    plan = Plan(depth=4, trained={2})
+    set_trainable(tiny_model, plan)
+    meter = SavedBytesMeter(tiny_model)
+    with meter:
+        forward_plan(tiny_model, images, plan, scope=meter.scope).sum().backward()
+    assert meter.by_scope.get("embed", 0) == 0
+    assert meter.by_scope.get("block0", 0) == 0 and meter.by_scope.get("block1", 0) == 0
+    assert meter.by_scope["block2"] > 0 and meter.by_scope["block3"] > 0
+
+
+def test_flop_counter_counts_cpu_fused_attention():
+    q = torch.randn(2, 3, 17, 8, requires_grad=True)
+    with flop_counter_mode() as counter:
+        F.scaled_dot_product_attention(q, q, q).sum().backward()
+    assert counter.get_total_flops() > 0
+
+
+def test_full_training_flops_are_about_three_forwards(tiny_model, images):
+    plan = full_plan(4)
+    set_trainable(tiny_model, plan)
+    with flop_counter_mode() as fwd, torch.no_grad():
+        forward_plan(tiny_model, images, plan)
+    with flop_counter_mode() as train:
+        forward_plan(tiny_model, images, plan).sum().backward()
+    assert 2.6 < train.get_total_flops() / fwd.get_total_flops() < 3.1
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(trained={4}), "trained block index 4 out of range"),
+        (dict(trained={-1}), "out of range"),
+        (dict(keep=(0, None, None, None)), "at least one patch token"),
+        (dict(keep=(None, None)), "2 entries for a model of depth 4"),
+        (dict(consolidate_at=2, trained={1}), "before the consolidation point"),
+    ],
+)
+def test_bad_plans(kwargs, match):
+    with pytest.raises(PlanError, match=match):
+        Plan(depth=4, **kwargs)

@@ -1,0 +1,205 @@
+"""Methods, planners, device budgets, LoRA, SHERL, cost estimates and bad input."""
+
+import numpy as np
+import pytest
+import torch
+
+from fedtune.costs import CostModel
+from fedtune.data import ImageSet
+from fedtune.engine import Plan, forward_plan, set_trainable
+from fedtune.errors import CheckpointError, ConfigError, PlanError
+from fedtune.lora import merge_lora
+from fedtune.methods import MethodConfig, make_method, prepare_model
+from fedtune.model import ModelConfig, build_model, load_backbone, model_from_checkpoint, model_meta, save_checkpoint
+from fedtune.profiles import DeviceProfile, get_profile
+from fedtune.trainer import TrainConfig, Trainer
+from fedtune.typedconfig import from_dict
+
+from .conftest import TINY
+
+SPECS = ["full", "head", "bsr", "alast", "sherl", "alast+lora", "bsr+lora", "sherl+lora"]
+
+
+def method_cfg(spec: str, **extra) -> MethodConfig:
+    name = spec.removesuffix("+lora")
+    return from_dict(MethodConfig, {"name": name, "lora": {"enabled": spec.endswith("+lora"), "rank": 2}, **extra})
+
+
+def tiny_data(n=24, seed=0) -> ImageSet:
+    g = torch.Generator().manual_seed(seed)
+    return ImageSet(images=torch.randn(n, 3, 16, 16, generator=g), labels={"digit": torch.arange(n) % 10}, num_classes={"digit": 10})
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_every_method_trains_only_its_plan(spec, tiny_cfg):
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg, {"digit": 10})
+    cfg = method_cfg(spec)
+    prepare_model(model, cfg)
+    method = make_method(cfg, model, None, batch_size=8)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = Trainer(model, method, TrainConfig(epochs=1, batch_size=8, lr=1e-2, flops_every=1))
+    result = trainer.train(tiny_data())
+    assert len(result.steps) == 3
+    s = result.summary()
+    assert s["train_flops_per_step"] > 0 and s["activation_bytes"] > 0 and s["trainable_params"] > 0
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and changed <= set(result.update_counts), "only parameters the plans trained may change"
+    if spec.endswith("+lora"):
+        assert all("lora_" in n or n.startswith(("heads.", "vit.norm.", "consolidator")) for n in changed)
+    if spec == "head":
+        assert all(n.startswith("heads.") for n in changed)
+
+
+def test_bsr_paper_setting_on_12_blocks():
+    model = build_model(ModelConfig(**{**TINY, "depth": 12}), {"digit": 10})
+    method = make_method(MethodConfig(name="bsr"), model, None, 4)
+    plan = method.plan()
+    assert sorted(plan.trained) == [3, 7, 11]
+    assert plan.keep[3] == 8 and plan.keep[6] == 4 and plan.keep[9] == 2  # 16 patches, keep 0.5 thrice
+
+
+def test_alast_budgets_follow_importance_and_keep_their_mean(tiny_model):
+    cfg = from_dict(MethodConfig, {"name": "alast", "alast": {"k": 2, "mean_budget": 0.5, "rate": 0.5, "memory_fraction": None}})
+    method = make_method(cfg, tiny_model, None, 4)
+    delta = np.array([0.1, 0.1, 2.0, 4.0])
+    for _ in range(10):
+        method.budgets = method.follow(method.budgets, delta)
+    assert method.budgets[3] > method.budgets[2] > method.budgets[0]
+    assert method.budgets.mean() == pytest.approx(0.5, abs=1e-6)
+    plan = method.plan()
+    assert plan.trained == frozenset({2, 3})  # the top-K budgets
+    tokens = plan.tokens(tiny_model.num_patches)
+    assert tokens[0] < tiny_model.num_patches  # low-budget blocks keep fewer tokens
+
+
+def test_alast_fits_a_small_profile_by_training_later_blocks(tiny_model):
+    cm = CostModel(tiny_model)
+    full = cm.estimate(Plan(depth=4, trained=frozenset(range(4)), train_embed=True), 8)
+    profile = DeviceProfile("small", memory_bytes=int(full.memory_bytes * 0.25), flops_per_sample=1e12)
+    cfg = from_dict(MethodConfig, {"name": "alast", "alast": {"k": 4, "memory_fraction": None}})
+    method = make_method(cfg, tiny_model, profile, 8)
+    plan = method.plan()
+    assert cm.estimate(plan, 8).memory_bytes <= profile.memory_bytes
+    assert len(plan.trained) < 4
+
+
+def test_cost_estimates_track_measurements(tiny_model, images):
+    cm = CostModel(tiny_model)
+    from fedtune.accounting import SavedBytesMeter, flop_counter_mode
+
+    for plan in [Plan(depth=4, trained=frozenset(range(4)), train_embed=True), Plan(depth=4, trained={2, 3}, keep=(None, 6, None, 3))]:
+        set_trainable(tiny_model, plan)
+        meter = SavedBytesMeter(tiny_model)
+        with flop_counter_mode() as counter, meter:
+            forward_plan(tiny_model, images, plan).sum().backward()
+        est = cm.estimate(plan, images.shape[0])
+        assert est.train_flops_per_sample * images.shape[0] == pytest.approx(counter.get_total_flops(), rel=0.2)
+        assert est.activation_bytes == pytest.approx(meter.total, rel=0.35)
+
+
+def test_impossible_budget_is_a_clear_error(tiny_model):
+    with pytest.raises(PlanError, match="no full plan fits device profile 'mcu'"):
+        make_method(MethodConfig(name="full"), tiny_model, "mcu", batch_size=4096)
+    tiny = DeviceProfile("nothing", memory_bytes=16, flops_per_sample=1.0)
+    with pytest.raises(PlanError, match="no alast plan fits"):
+        make_method(MethodConfig(name="alast"), tiny_model, tiny, 8)
+    with pytest.raises(PlanError, match="GFLOP per sample"):
+        make_method(MethodConfig(name="head"), tiny_model, tiny, 8)
+
+
+def test_unknown_profile():
+    with pytest.raises(ConfigError, match="unknown device profile 'toaster'"):
+        get_profile("toaster")
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        ({"name": "magic"}, "unknown method 'magic'"),
+        ({"bsr": {"keep_ratio": 0.0}}, "keep_ratio: keep ratio must be in"),
+        ({"bsr": {"keep_ratio": 1.5}}, "keep_ratio"),
+        ({"sherl": {"keep_ratio": -0.1}}, "sherl.keep_ratio"),
+        ({"alast": {"rate": 0}}, "alast.rate"),
+        ({"bogus": 1}, "unknown key bogus"),
+        ({"lora": {"rank": "big"}}, "lora.rank: expected an integer"),
+        ({"name": "full", "lora": {"enabled": True}}, "LoRA combines with"),
+    ],
+)
+def test_bad_method_config(data, match):
+    with pytest.raises(ConfigError, match=match):
+        from_dict(MethodConfig, data)
+
+
+def test_trained_block_out_of_range(tiny_model):
+    cfg = from_dict(MethodConfig, {"name": "bsr", "bsr": {"train_blocks": [1, 9]}})
+    with pytest.raises(ConfigError, match="block index 9 out of range for a model of depth 4"):
+        make_method(cfg, tiny_model, None, 4)
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        ({"name": "vit_nonexistent_patch16_224"}, "unknown timm model 'vit_nonexistent_patch16_224'"),
+        ({"name": "resnet50"}, "not a ViT/DeiT model name"),
+        ({"img_size": 32, "patch_size": 5}, "patch_size: 5 does not divide img_size 32"),
+    ],
+)
+def test_bad_model_config(data, match):
+    with pytest.raises(ConfigError, match=match):
+        from_dict(ModelConfig, data)
+
+
+def test_checkpoint_round_trip_and_errors(tmp_path, tiny_cfg, tiny_model):
+    path = save_checkpoint(tmp_path / "m.safetensors", tiny_model.state_dict(), model_meta(tiny_cfg, {"digit": 10}))
+    again, meta = model_from_checkpoint(path)
+    for (n, a), (_, b) in zip(tiny_model.state_dict().items(), again.state_dict().items(), strict=True):
+        assert torch.equal(a, b), n
+    corrupt = tmp_path / "bad.safetensors"
+    corrupt.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="corrupt or unreadable checkpoint"):
+        model_from_checkpoint(corrupt)
+    other = build_model(ModelConfig(**{**TINY, "embed_dim": 48}), {"digit": 10})
+    with pytest.raises(CheckpointError, match="shape mismatch for .*model has"):
+        load_backbone(other, path)
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        load_backbone(other, tmp_path / "missing.pt")
+    torch.save({"w": torch.zeros(2)}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="no key matches"):
+        load_backbone(other, tmp_path / "foreign.pt")
+
+
+def test_backbone_loads_from_torch_file_and_resamples_pos_embed(tmp_path, tiny_model):
+    torch.save({k.removeprefix("vit."): v for k, v in tiny_model.state_dict().items()}, tmp_path / "w.pth")
+    bigger = build_model(ModelConfig(**{**TINY, "img_size": 32, "pretrained": str(tmp_path / "w.pth")}), {"digit": 10})
+    assert torch.equal(bigger.vit.blocks[0].attn.qkv.weight, tiny_model.vit.blocks[0].attn.qkv.weight)
+    assert bigger.vit.pos_embed.shape[1] == 65
+
+
+def test_lora_starts_equal_and_merges_exactly(tiny_model, images):
+    tiny_model.eval()
+    with torch.no_grad():
+        base = tiny_model(images)
+    prepare_model(tiny_model, method_cfg("alast+lora"))
+    with torch.no_grad():
+        assert torch.equal(tiny_model(images), base)
+        for n, p in tiny_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+        adapted = tiny_model(images)
+    merge_lora(tiny_model)
+    assert not any("lora_" in n for n, _ in tiny_model.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(tiny_model(images), adapted, rtol=1e-3, atol=1e-4)
+
+
+def test_sherl_untrained_consolidator_changes_nothing(tiny_model, images):
+    tiny_model.eval()
+    cfg = method_cfg("sherl")
+    prepare_model(tiny_model, cfg)
+    plan = make_method(cfg, tiny_model, None, 4).plan()
+    assert plan.consolidate_at == 2 and plan.trained == frozenset({2, 3})
+    with torch.no_grad():
+        torch.testing.assert_close(forward_plan(tiny_model, images, plan), tiny_model(images))
+    w = tiny_model.consolidator.weights([torch.randn(2, 5, 32) for _ in range(2)])
+    torch.testing.assert_close(w.sum(-1), torch.ones(2))

@@ -49,6 +49,21 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from simulations.run import DEFAULT_CONFIG, simulate
+
+    from .federated import load_run_config
+
+    path = args.config or DEFAULT_CONFIG
+    cfg = load_run_config(path, args.set)
+    out = Path(args.out or f"runs/{cfg.name}")
+    summary = simulate(cfg, out, resume=args.resume, progress=not args.no_progress, verbose=args.verbose)
+    keys = ("accuracy_global", "accuracy_personalized", "bytes_up_total", "bytes_up_full_fedavg", "bytes_up_ratio_vs_full_fedavg", "rounds", "wall_time_s", "peak_rss_bytes")
+    print(json.dumps({k: summary.get(k) for k in keys}, indent=2))
+    print(f"wrote {out / 'summary.json'}, {out / 'metrics.jsonl'}, {out / 'plots'} and {out / 'checkpoint.safetensors'}")
+    return 0
+
+
 def cmd_profiles(args: argparse.Namespace) -> int:
     from .profiles import PROFILES
 
@@ -81,6 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("simulate", help="run a federated simulation (Flower, one machine)")
+    p.add_argument("config", nargs="?", help="YAML run config (default: simulations/quickstart.yaml)")
+    p.add_argument("--out", help="output folder (default: runs/<name>)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last completed round")
+    p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("profiles", help="list the device profiles")
     p.set_defaults(func=cmd_profiles)

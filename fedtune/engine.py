@@ -174,11 +174,13 @@ def forward_plan(
     trace: Trace | None = None,
     scope: ScopeFn = _no_scope,
     block_fn: Callable | None = None,
+    features: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Logits of `task` for `images`, computed as `plan` says.
 
     `scope(name)` wraps each stage (for per-block accounting); `block_fn`
-    replaces `block_forward` (the MoE ViT passes its task along).
+    replaces `block_forward` (the MoE ViT passes its task along); the
+    pre-logit features are appended to `features` when it is given.
     """
     vit = model.vit
     task = model.check_task(task)
@@ -221,6 +223,8 @@ def forward_plan(
     with torch.set_grad_enabled(grad_on), scope("head"):
         x = vit.norm(x)
         feats = vit.forward_head(x, pre_logits=True)
+        if features is not None:
+            features.append(feats)
         return model.heads[task](feats)
 
 

@@ -58,6 +58,7 @@ class ALaSTConfig:
     rate: float = 0.1  # how fast budgets follow the importance (per step)
     memory_fraction: float | None = 0.1  # cap: memory vs full fine-tuning's (None: the profile alone)
     fuse: bool = False  # fuse dropped tokens into one
+    reselect: str = "step"  # step: new trained blocks every step | round: keep them until reset_selection()
 
 
 @dataclass
@@ -91,6 +92,8 @@ class MethodConfig:
             raise ConfigError(f"{prefix}alast.mean_budget/min_budget: need 0 < min_budget <= mean_budget <= 1, got {a.min_budget}, {a.mean_budget}")
         if not 0.0 < a.rate <= 1.0:
             raise ConfigError(f"{prefix}alast.rate: must be in (0, 1], got {a.rate}")
+        if a.reselect not in ("step", "round"):
+            raise ConfigError(f"{prefix}alast.reselect: must be 'step' or 'round', got {a.reselect!r}")
         if a.memory_fraction is not None and not 0.0 < a.memory_fraction <= 1.0:
             raise ConfigError(f"{prefix}alast.memory_fraction: must be in (0, 1], got {a.memory_fraction}")
         if self.sherl.tuned_blocks < 1:
@@ -267,7 +270,12 @@ class ALaST(Method):
         self.budgets = np.full(self.depth, c.mean_budget, dtype=np.float64)
         self._importance: np.ndarray | None = None
         self._mem_cap: float | None = None
+        self._fixed: frozenset[int] | None = None  # trained blocks kept for the round (reselect: round)
         self.steps = 0
+
+    def reset_selection(self) -> None:
+        """Choose the trained blocks afresh at the next plan (reselect: round)."""
+        self._fixed = None
 
     def memory_limit(self) -> float:
         limit = float(self.profile.memory_bytes)
@@ -284,6 +292,8 @@ class ALaST(Method):
 
     def _select(self, keep: tuple[int, ...]) -> Plan:
         c, lora = self.cfg.alast, self.cfg.lora.enabled
+        if self._fixed is not None:
+            return Plan(depth=self.depth, trained=self._fixed, keep=keep, fuse=c.fuse, lora=lora)
         trained: list[int] = []
         for b in np.argsort(-self.budgets, kind="stable"):
             if len(trained) == c.k:
@@ -299,6 +309,8 @@ class ALaST(Method):
             plan = self._select(self._keep(budgets))
             if self.fits(plan):
                 self._plan = plan
+                if self.cfg.alast.reselect == "round":
+                    self._fixed = plan.trained
                 return plan
             budgets = np.maximum(budgets * 0.8, 1.0 / self.num_patches)  # fewer tokens everywhere
         raise PlanError(f"no alast plan fits device profile {self.profile.name!r}, not even the head alone with one token per block: {self.why_not(plan)}")
@@ -333,6 +345,12 @@ class ALaST(Method):
     @property
     def importance(self) -> list[float] | None:
         return None if self._importance is None else [float(v) for v in self._importance]
+
+    def set_importance_estimate(self, importance: list[float]) -> None:
+        """Restore the running importance estimate (budgets are restored separately)."""
+        imp = np.asarray(importance, dtype=np.float64)
+        if imp.shape == (self.depth,) and np.all(np.isfinite(imp)):
+            self._importance = imp
 
     def set_importance(self, importance: list[float]) -> None:
         imp = np.asarray(importance, dtype=np.float64)

@@ -122,14 +122,18 @@ class Trainer:
         self._set_lr()
         self.optimizer.zero_grad(set_to_none=True)
         trace = Trace()
+        feats: list[torch.Tensor] = []
         meter = SavedBytesMeter(model)
         counter = flop_counter_mode() if count_flops else None
         if counter is not None:
             counter.__enter__()
         try:
             with meter:
-                logits = forward_plan(model, images, plan, self.task, trace=trace)
+                logits = forward_plan(model, images, plan, self.task, trace=trace, features=feats)
                 loss = F.cross_entropy(logits, labels, label_smoothing=self.cfg.label_smoothing)
+                extra = self.extra_loss(feats[0], labels)
+                if extra is not None:
+                    loss = loss + extra
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss is {loss.item()} at step {self.global_step}; lower train.lr")
             loss.backward()
@@ -149,6 +153,10 @@ class Trainer:
             loss=float(loss.detach()),
         )
         return stats, plan, logits.detach()
+
+    def extra_loss(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
+        """A loss term subclasses add on the pre-logit features (None: none)."""
+        return None
 
     def train(self, data: ImageSet, epochs: int | None = None, progress: Callable[[int, int, StepStats], None] | None = None) -> TrainResult:
         """Train for `epochs` (default cfg.epochs) over `data`; returns measured per-step stats."""

@@ -9,6 +9,8 @@ parameter (and ``weighting="examples"``), the result equals Flower's FedAvg.
 
 from __future__ import annotations
 
+import random
+
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -76,6 +78,8 @@ class SparseFedAvg(FedAvg):
         weighting: str = "examples",
         personal_keys: Sequence[str] = (),
         feed_importance: bool = False,
+        sample_seed: int | None = None,
+        round_offset: int = 0,
         **fedavg_kwargs: Any,
     ) -> None:
         if weighting not in WEIGHTINGS:
@@ -98,6 +102,10 @@ class SparseFedAvg(FedAvg):
         self.weighting = weighting
         self.personal_keys: tuple[str, ...] = tuple(personal_keys)
         self.feed_importance = feed_importance
+        # Seeded node sampling (reproducible runs) and the rounds done before a resume.
+        self.sample_seed = sample_seed
+        self.round_offset = round_offset
+        self.last_eval_metrics: list[dict[str, Any]] = []
 
         # The global arrays of the round being trained (set by configure_train).
         self.current_arrays: ArrayRecord | None = None
@@ -125,6 +133,30 @@ class SparseFedAvg(FedAvg):
         """Whether a parameter name is personal (never aggregated)."""
         return name.startswith(self.personal_keys) if self.personal_keys else False
 
+    def _seed_sampling(self, server_round: int, phase: int) -> None:
+        # FedAvg samples nodes with the global `random`; seed it per round so runs repeat.
+        if self.sample_seed is not None:
+            random.seed(self.sample_seed * 1_000_003 + server_round * 2 + phase)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """FedAvg's, with seeded sampling and the run's round number."""
+        server_round += self.round_offset
+        self._seed_sampling(server_round, 1)
+        return super().configure_evaluate(server_round, arrays, ConfigRecord(dict(config)), grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """FedAvg's, keeping each client's evaluation metrics in last_eval_metrics."""
+        replies = list(replies)
+        self.last_eval_metrics = []
+        for msg in replies:
+            if msg.has_error() or protocol.METRICS not in msg.content.metric_records:
+                continue
+            metrics = {k: v for k, v in msg.content.metric_records[protocol.METRICS].items()}
+            self.last_eval_metrics.append({"node_id": msg.metadata.src_node_id, "metrics": metrics})
+        return super().aggregate_evaluate(server_round + self.round_offset, replies)
+
     # ------------------------------------------------------------------ train
 
     def configure_train(
@@ -132,6 +164,8 @@ class SparseFedAvg(FedAvg):
     ) -> Iterable[Message]:
         """Remember the global arrays, add the global importance, then FedAvg's."""
         self.current_arrays = arrays
+        server_round += self.round_offset
+        self._seed_sampling(server_round, 0)
         # A copy: FedAvg writes into the config it gets, and the caller reuses its own.
         config = ConfigRecord(dict(config))
         if self.feed_importance and self.global_importance is not None:

@@ -1,0 +1,139 @@
+"""The Flower ClientApp: Messages in, fedtune.federated.ClientRuntime calls, Messages out.
+
+The run config comes from the app factory (simulations) or from the run
+config's `config` (a YAML path) and `overrides` (";"-separated key=value) in
+deployment. The node config gives `partition-id` and optionally `profile`
+(a device profile name) and `state-dir` (where personal state is kept on the
+device, so it survives a restart).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedtune import protocol
+from fedtune.errors import ConfigError
+from fedtune.federated import ClientRuntime, ClientState, RunConfig, load_run_config
+
+STATE_ARRAYS = "fedtune.personal"
+STATE_CONFIG = "fedtune.client"
+
+
+def run_config_from_context(context: Context) -> RunConfig:
+    path = context.run_config.get("config")
+    overrides = [o for o in str(context.run_config.get("overrides", "")).split(";") if o.strip()]
+    if path and not Path(str(path)).is_absolute() and not Path(str(path)).exists():
+        # relative to the app (the project root) when run through `flwr run`
+        path = Path(__file__).resolve().parent.parent / str(path)
+    return load_run_config(path or None, overrides)
+
+
+def arrays_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def numpy_to_arrays(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def _state_file(context: Context) -> Path | None:
+    state_dir = context.node_config.get("state-dir")
+    if not state_dir:
+        return None
+    return Path(str(state_dir)) / f"client-{context.node_config.get('partition-id', context.node_id)}.npz"
+
+
+def load_state(context: Context) -> ClientState:
+    """The client's personal state: from the context (same process) or the device's disk."""
+    if STATE_CONFIG in context.state.config_records:
+        cfg = context.state.config_records[STATE_CONFIG]
+        personal = arrays_to_numpy(context.state.array_records[STATE_ARRAYS]) if STATE_ARRAYS in context.state.array_records else {}
+        meta = json.loads(str(cfg["json"]))
+        return ClientState(personal=personal, **meta)
+    path = _state_file(context)
+    if path is not None and path.is_file():
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["__meta__"]))
+            personal = {k: z[k] for k in z.files if k != "__meta__"}
+        return ClientState(personal=personal, **meta)
+    return ClientState()
+
+
+def save_state(context: Context, state: ClientState) -> None:
+    meta = {"budgets": state.budgets, "importance": state.importance, "rounds": state.rounds}
+    context.state[STATE_ARRAYS] = numpy_to_arrays(state.personal)
+    context.state[STATE_CONFIG] = ConfigRecord({"json": json.dumps(meta)})
+    path = _state_file(context)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, __meta__=np.array(json.dumps(meta)), **state.personal)
+        os.replace(tmp, path)
+
+
+def _partition_id(context: Context) -> int:
+    if "partition-id" not in context.node_config:
+        raise ConfigError("node config has no partition-id (start the SuperNode with --node-config \"partition-id=0 num-partitions=N\")")
+    return int(context.node_config["partition-id"])
+
+
+def _metric_record(metrics: dict[str, Any]) -> MetricRecord:
+    clean: dict[str, Any] = {}
+    for k, v in metrics.items():
+        if isinstance(v, bool):
+            clean[k] = int(v)
+        elif isinstance(v, (int, float)):
+            clean[k] = v
+        elif isinstance(v, list) and all(isinstance(x, (int, float)) for x in v):
+            clean[k] = [float(x) for x in v] if any(isinstance(x, float) for x in v) else v
+    return MetricRecord(clean)
+
+
+def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
+    """A ClientApp for `cfg` (None: read the config from the Flower run config)."""
+    app = ClientApp()
+
+    def runtime(context: Context) -> ClientRuntime:
+        run_cfg = cfg if cfg is not None else run_config_from_context(context)
+        torch.set_num_threads(max(1, run_cfg.backend.torch_threads))
+        profile = context.node_config.get("profile")
+        return ClientRuntime(run_cfg, _partition_id(context), str(profile) if profile else None)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        rt = runtime(context)
+        global_arrays = arrays_to_numpy(msg.content.array_records[protocol.ARRAYS])
+        config = msg.content.config_records.get(protocol.CONFIG, ConfigRecord())
+        importance = config.get(protocol.IMPORTANCE)
+        server_round = int(config.get(protocol.SERVER_ROUND, 0))
+        update, counts, metrics, state = rt.fit(global_arrays, load_state(context), list(importance) if importance else None, server_round)
+        save_state(context, state)
+        metrics["bytes-received"] = int(msg.content.array_records[protocol.ARRAYS].count_bytes())
+        reply = RecordDict(
+            {
+                protocol.ARRAYS: numpy_to_arrays(update),
+                protocol.METRICS: _metric_record(metrics),
+                protocol.UPDATE_COUNTS: MetricRecord(counts),
+            }
+        )
+        return Message(content=reply, reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        rt = runtime(context)
+        global_arrays = arrays_to_numpy(msg.content.array_records[protocol.ARRAYS])
+        metrics = rt.evaluate(global_arrays, load_state(context))
+        return Message(content=RecordDict({protocol.METRICS: _metric_record(metrics)}), reply_to=msg)
+
+    return app
+
+
+app = make_client_app()

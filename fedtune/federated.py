@@ -1,0 +1,335 @@
+"""Federated runs without Flower: the run config and what one client does in a round.
+
+`RunConfig` is the YAML of a simulation or deployment. `ClientRuntime` is a
+client's side of a round in plain torch: load the global parameters, plan for
+its device profile, train on its partition, and return exactly the
+parameters it updated (minus personal ones) with its measured metrics. The
+Flower apps in clients/ and server/ only turn Messages into these calls.
+
+Personalization follows FedRoD: besides the global head (aggregated), every
+client trains a personal head of its own on the same features (detached), kept
+in the client's state and never sent. Parameters named in
+`federation.personal` also stay on the client.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import DataConfig, DataSplit, ImageSet, load_data, partition_indices
+from .engine import forward_plan
+from .errors import ConfigError
+from .methods import MethodConfig, make_method, prepare_model
+from .model import FedViT, ModelConfig, build_model
+from .profiles import PROFILES, get_profile
+from .trainer import TrainConfig, Trainer, evaluate
+from .typedconfig import apply_overrides, from_dict, read_yaml, to_dict
+
+
+@dataclass
+class PartitionConfig:
+    scheme: str = "dirichlet"  # iid | dirichlet | pathological
+    alpha: float = 0.5  # Dirichlet concentration (lower: more skewed)
+    classes_per_partition: int = 2  # pathological: classes per client
+    min_partition_size: int = 10  # Dirichlet: resample until every client has this many
+    local_test_fraction: float = 0.2  # share of each client's data kept for its local test
+
+    def validate(self, prefix: str = "") -> None:
+        if self.scheme not in ("iid", "dirichlet", "pathological"):
+            raise ConfigError(f"{prefix}scheme: unknown scheme {self.scheme!r}; choose iid, dirichlet or pathological")
+        if not 0.0 <= self.local_test_fraction < 1.0:
+            raise ConfigError(f"{prefix}local_test_fraction: must be in [0, 1), got {self.local_test_fraction}")
+
+
+@dataclass
+class FederationConfig:
+    num_clients: int = 8  # virtual clients (SuperNodes)
+    clients_per_round: int | None = None  # sampled per round (None: all)
+    eval_clients_per_round: int | None = None  # sampled for federated evaluation (None: as training)
+    rounds: int = 5  # federated rounds
+    send: str = "updated"  # updated: only what the client trained | all: full-model FedAvg
+    weighting: str = "examples"  # examples | updates
+    personal: list[str] = field(default_factory=list)  # parameter-name prefixes that never leave a client
+    personal_head: bool = True  # each client also trains its own head (never sent)
+    feed_importance: bool = True  # server sends the federation's block importance to clients
+    profiles: list[str] = field(default_factory=lambda: ["workstation"])  # device profiles, cycled over clients
+    checkpoint_every: int = 1  # rounds between server checkpoints
+    round_timeout_s: float = 3600.0  # how long the server waits for replies
+
+    def validate(self, prefix: str = "") -> None:
+        if self.num_clients < 1:
+            raise ConfigError(f"{prefix}num_clients: must be >= 1, got {self.num_clients}")
+        if self.clients_per_round is not None and not 1 <= self.clients_per_round <= self.num_clients:
+            raise ConfigError(f"{prefix}clients_per_round: must be in 1..num_clients ({self.num_clients}), got {self.clients_per_round}")
+        if self.rounds < 1:
+            raise ConfigError(f"{prefix}rounds: must be >= 1, got {self.rounds}")
+        if self.send not in ("updated", "all"):
+            raise ConfigError(f"{prefix}send: must be 'updated' or 'all', got {self.send!r}")
+        if self.weighting not in ("examples", "updates"):
+            raise ConfigError(f"{prefix}weighting: must be 'examples' or 'updates', got {self.weighting!r}")
+        for p in self.profiles:
+            if p not in PROFILES:
+                raise ConfigError(f"{prefix}profiles: unknown device profile {p!r}; known: {', '.join(PROFILES)}")
+        if not self.profiles:
+            raise ConfigError(f"{prefix}profiles: give at least one device profile")
+
+
+@dataclass
+class BackendConfig:
+    cpus_per_client: float = 1.0  # Ray resources per virtual client
+    torch_threads: int = 1  # torch threads inside each client
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"  # a label for the run
+    seed: int = 0  # seed for partitioning, initialisation and shuffling
+    task: str | None = None  # the task to learn (None: the data set's first)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(pretrained="default"))
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1, batch_size=32))
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(to_dict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+    def profile_of(self, partition_id: int) -> str:
+        return self.federation.profiles[partition_id % len(self.federation.profiles)]
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    data = read_yaml(path) if path else {}
+    cfg = from_dict(RunConfig, apply_overrides(data, overrides or []))
+    return cfg
+
+
+def resolve_model(cfg: ModelConfig) -> ModelConfig:
+    from .bench import resolve_pretrained
+
+    return resolve_pretrained(cfg)
+
+
+# --------------------------------------------------------------------------- data per client
+
+_DATA_CACHE: dict[str, tuple[DataSplit, list[np.ndarray]]] = {}
+
+
+def federated_data(cfg: RunConfig) -> tuple[DataSplit, list[np.ndarray]]:
+    """The data split and each client's train indices (cached per process)."""
+    key = json.dumps([to_dict(cfg.data), to_dict(cfg.partition), cfg.federation.num_clients, cfg.seed, cfg.task], sort_keys=True)
+    if key not in _DATA_CACHE:
+        split = load_data(cfg.data)
+        task = cfg.task or split.train.tasks[0]
+        if task not in split.train.tasks:
+            raise ConfigError(f"task: {task!r} is not in the data set; it has {', '.join(split.train.tasks)}")
+        p = cfg.partition
+        parts = partition_indices(
+            split.train.labels[task].numpy(), cfg.federation.num_clients, p.scheme, alpha=p.alpha,
+            classes_per_partition=p.classes_per_partition, seed=cfg.seed, min_partition_size=p.min_partition_size,
+        )
+        _DATA_CACHE.clear()
+        _DATA_CACHE[key] = (split, parts)
+    return _DATA_CACHE[key]
+
+
+def client_data(cfg: RunConfig, partition_id: int) -> tuple[ImageSet, ImageSet]:
+    """A client's local train and test sets (its partition, split by local_test_fraction)."""
+    split, parts = federated_data(cfg)
+    if not 0 <= partition_id < len(parts):
+        raise ConfigError(f"partition-id {partition_id} out of range: the run has {len(parts)} clients")
+    idx = parts[partition_id]
+    rng = np.random.default_rng(cfg.seed * 1_000_003 + partition_id)
+    idx = rng.permutation(idx)
+    n_test = int(round(len(idx) * cfg.partition.local_test_fraction))
+    n_test = min(n_test, max(len(idx) - 1, 0))
+    return split.train.subset(idx[n_test:]), split.train.subset(idx[:n_test])
+
+
+# --------------------------------------------------------------------------- models
+
+
+def global_model(cfg: RunConfig) -> FedViT:
+    """The model every participant starts from: pretrained backbone, method's extras, seeded heads."""
+    split, _ = federated_data(cfg)
+    task = cfg.task or split.train.tasks[0]
+    torch.manual_seed(cfg.seed)
+    model = build_model(resolve_model(cfg.model), {task: split.train.num_classes[task]})
+    prepare_model(model, cfg.method)
+    return model
+
+
+_MODEL_CACHE: dict[str, FedViT] = {}
+
+
+def shared_model(cfg: RunConfig) -> FedViT:
+    """One model per process, reused by every client this process plays (all its
+    parameters are overwritten from the global ones and the client's state each round)."""
+    key = cfg.key()
+    if key not in _MODEL_CACHE:
+        _MODEL_CACHE.clear()
+        _MODEL_CACHE[key] = global_model(cfg)
+    return _MODEL_CACHE[key]
+
+
+def state_to_numpy(model: nn.Module, names: list[str] | None = None) -> dict[str, np.ndarray]:
+    state = model.state_dict()
+    names = list(state) if names is None else names
+    return {n: state[n].detach().cpu().numpy() for n in names}
+
+
+def load_numpy_state(model: nn.Module, arrays: dict[str, np.ndarray], where: str = "global parameters") -> None:
+    """Copy arrays into the model's parameters/buffers; unknown names or wrong shapes are errors."""
+    state = model.state_dict()
+    for name, value in arrays.items():
+        if name not in state:
+            raise ConfigError(f"{where}: unknown parameter {name!r} (does the config match the model?)")
+        if tuple(value.shape) != tuple(state[name].shape):
+            raise ConfigError(f"{where}: {name} has shape {tuple(value.shape)}, the model expects {tuple(state[name].shape)}")
+    with torch.no_grad():
+        for name, value in arrays.items():
+            state[name].copy_(torch.as_tensor(np.asarray(value)))
+
+
+def is_personal(name: str, prefixes: list[str]) -> bool:
+    return any(name.startswith(p) for p in prefixes)
+
+
+# --------------------------------------------------------------------------- a client's round
+
+
+class PersonalHeadTrainer(Trainer):
+    """Trainer that also fits the client's personal head on the detached features (FedRoD)."""
+
+    def __init__(self, *args, personal_head: nn.Linear | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.personal_head = personal_head
+        if personal_head is not None:
+            self.optimizer.add_param_group({"params": list(personal_head.parameters()), "lr": self._base_lrs[1]})
+            self._base_lrs.append(self._base_lrs[1])
+
+    def extra_loss(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
+        if self.personal_head is None:
+            return None
+        return F.cross_entropy(self.personal_head(feats.detach()), labels)
+
+
+@dataclass
+class ClientState:
+    """What a client keeps between rounds (never sent)."""
+
+    personal: dict[str, np.ndarray] = field(default_factory=dict)  # personal parameters and the personal head
+    budgets: list[float] | None = None  # ALaST budgets
+    importance: list[float] | None = None  # ALaST importance estimate
+    rounds: int = 0
+
+
+class ClientRuntime:
+    """One client's model and data; `fit` and `evaluate` a round at a time."""
+
+    def __init__(self, cfg: RunConfig, partition_id: int, profile: str | None = None):
+        self.cfg = cfg
+        self.partition_id = partition_id
+        self.profile = get_profile(profile or cfg.profile_of(partition_id))
+        self.train_set, self.test_set = client_data(cfg, partition_id)
+        if len(self.train_set) == 0:
+            raise ConfigError(f"client {partition_id} has no training data")
+        self.model = shared_model(cfg)
+        self.task = self.model.tasks[0]
+        self.personal_head = nn.Linear(self.model.vit.embed_dim, self.model.heads[self.task].out_features) if cfg.federation.personal_head else None
+
+    def _load(self, global_arrays: dict[str, np.ndarray], state: ClientState) -> None:
+        load_numpy_state(self.model, global_arrays)
+        personal = {k: v for k, v in state.personal.items() if not k.startswith("personal_head.")}
+        if personal:
+            load_numpy_state(self.model, personal, "client state")
+        if self.personal_head is not None:
+            head = {k.removeprefix("personal_head."): v for k, v in state.personal.items() if k.startswith("personal_head.")}
+            if head:
+                self.personal_head.load_state_dict({k: torch.as_tensor(v) for k, v in head.items()})
+            else:  # start the personal head from the global one
+                self.personal_head.load_state_dict(self.model.heads[self.task].state_dict())
+
+    def fit(self, global_arrays: dict[str, np.ndarray], state: ClientState, importance: list[float] | None = None, server_round: int = 0) -> tuple[dict[str, np.ndarray], dict[str, int], dict[str, Any], ClientState]:
+        """Train one round; return (update, update counts, metrics, new state)."""
+        start = time.perf_counter()
+        self._load(global_arrays, state)
+        cfg = self.cfg
+        method = make_method(cfg.method, self.model, self.profile, cfg.train.batch_size, self.task)
+        if state.budgets is not None and hasattr(method, "budgets"):
+            method.budgets = np.asarray(state.budgets, dtype=np.float64)
+            if state.importance is not None:
+                method.set_importance_estimate(state.importance)
+        elif importance is not None:
+            method.set_importance(importance)
+        torch.manual_seed(cfg.seed * 7919 + self.partition_id * 31 + server_round)
+        tcfg = TrainConfig(**{**cfg.train.__dict__, "seed": cfg.seed * 7919 + self.partition_id * 31 + server_round})
+        trainer = PersonalHeadTrainer(self.model, method, tcfg, self.task, personal_head=self.personal_head)
+        result = trainer.train(self.train_set)
+        personal = cfg.federation.personal
+        if cfg.federation.send == "all":
+            names = [n for n in self.model.state_dict() if not is_personal(n, personal)]
+        else:
+            names = [n for n in result.update_counts if not is_personal(n, personal)]
+        update = state_to_numpy(self.model, names)
+        counts = {n: int(result.update_counts.get(n, 0)) for n in names}
+        summary = result.summary()
+        new_state = ClientState(
+            personal={**state_to_numpy(self.model, [n for n in self.model.state_dict() if is_personal(n, personal)]),
+                      **({f"personal_head.{k}": v.detach().numpy().copy() for k, v in self.personal_head.state_dict().items()} if self.personal_head is not None else {})},
+            budgets=[float(b) for b in method.budgets] if hasattr(method, "budgets") else None,
+            importance=method.importance,
+            rounds=state.rounds + 1,
+        )
+        metrics: dict[str, Any] = {
+            "num-examples": result.num_examples,
+            "train-loss": result.loss,
+            "train-accuracy": result.accuracy,
+            "steps": summary["steps"],
+            "flops-per-step": summary["train_flops_per_step"],
+            "activation-bytes": summary["activation_bytes"],
+            "trainable-params": summary["trainable_params"],
+            "step-time-s": summary["step_time_s"],
+            "time-s": time.perf_counter() - start,
+            "bytes-sent": int(sum(v.nbytes for v in update.values())),
+            "bytes-received": int(sum(v.nbytes for v in global_arrays.values())),
+            "block-updates": list(result.block_updates),
+            "partition-id": self.partition_id,
+            "profile": self.profile.name,
+        }
+        if method.importance is not None:
+            metrics["importance"] = [float(v) for v in method.importance]
+        return update, counts, metrics, new_state
+
+    @torch.no_grad()
+    def evaluate(self, global_arrays: dict[str, np.ndarray], state: ClientState) -> dict[str, Any]:
+        """Accuracy of the global model and of the personalized one on the client's local test set."""
+        self._load(global_arrays, state)
+        data = self.test_set if len(self.test_set) else self.train_set
+        glob = evaluate(self.model, data, self.task)
+        out = {"num-examples": glob["num_examples"], "accuracy-global": glob["accuracy"], "loss-global": glob["loss"], "partition-id": self.partition_id}
+        if self.personal_head is not None:
+            self.model.eval()
+            correct = 0
+            for images, labels in data.loader(256, shuffle=False, task=self.task):
+                feats = self.model.vit.forward_head(self.model.vit.forward_features(images), pre_logits=True)
+                correct += int((self.personal_head(feats).argmax(-1) == labels).sum())
+            out["accuracy-personal"] = correct / max(len(data), 1)
+        else:
+            out["accuracy-personal"] = glob["accuracy"]
+        return out
+
+
+__all__ = ["RunConfig", "ClientRuntime", "ClientState", "forward_plan"]

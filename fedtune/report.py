@@ -1,0 +1,113 @@
+"""Run outputs people can open: metrics.jsonl per round, summary.json, PNG plots."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def rss_bytes() -> tuple[int, int]:
+    """(this process's RSS, RSS of this process and all its descendants, e.g. Ray workers)."""
+    import psutil
+
+    me = psutil.Process()
+    total = me.memory_info().rss
+    for child in me.children(recursive=True):
+        try:
+            total += child.memory_info().rss
+        except psutil.Error:
+            pass
+    return me.memory_info().rss, total
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a crash: ignore it
+                continue
+    return out
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+
+
+def plot_run(rounds: list[dict[str, Any]], out: Path, depth: int) -> list[Path]:
+    """Accuracy per round, bytes per round against full FedAvg, and the trained-blocks heatmap."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    r = [x["round"] for x in rounds]
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(r, [100 * x["accuracy_global"] for x in rounds], marker="o", label="global (central test)")
+    pers = [(x["round"], x.get("accuracy_personalized")) for x in rounds if x.get("accuracy_personalized") is not None]
+    if pers:
+        ax.plot([p[0] for p in pers], [100 * p[1] for p in pers], marker="s", label="personalized (clients' local tests)")
+    ax.set_xlabel("round")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    paths.append(out / "accuracy.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    rr = [x for x in rounds if x["round"] > 0]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    w = 0.4
+    ax.bar(np.array([x["round"] for x in rr]) - w / 2, [x["bytes_up"] / 2**20 for x in rr], w, label="sent up (this run)")
+    ax.bar(np.array([x["round"] for x in rr]) + w / 2, [x["bytes_up_full_fedavg"] / 2**20 for x in rr], w, label="full-model FedAvg")
+    ax.set_xlabel("round")
+    ax.set_ylabel("MiB uploaded")
+    ax.legend()
+    fig.tight_layout()
+    paths.append(out / "bytes.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    rows, labels = [], []
+    for x in rr:
+        for c in sorted(x.get("clients", []), key=lambda c: c.get("partition_id", -1)):
+            updates = c.get("block_updates")
+            if updates:
+                steps = max(1, c.get("steps", 1))
+                rows.append([u / steps for u in updates])
+                labels.append(f"r{x['round']} c{c.get('partition_id')}")
+    if rows:
+        fig, ax = plt.subplots(figsize=(6, max(3, 0.18 * len(rows))))
+        im = ax.imshow(np.array(rows), aspect="auto", cmap="viridis", vmin=0, vmax=1)
+        ax.set_xticks(range(depth))
+        ax.set_xlabel("block")
+        ax.set_yticks(range(len(labels)))
+        ax.set_yticklabels(labels, fontsize=5)
+        ax.set_title("share of local steps that trained each block")
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        paths.append(out / "blocks.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    return paths

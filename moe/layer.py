@@ -1,0 +1,318 @@
+"""The MoE MLP: E experts (timm Mlps), top-k routing with a capacity, per-task routers.
+
+`MoEMlp.forward(x, task)` returns the output and an `MoEStats` (the
+load-balancing loss, with grad, and the routing counts): nothing is kept on
+the module between calls. Routing is computed once, in plain torch (`route`);
+a backend only dispatches tokens to experts and combines their outputs, so
+with the same weights and routing every backend gives the same output:
+
+- native: gather each expert's tokens, run it, scatter-add the gated outputs
+  (CPU and CUDA);
+- tutel: tutel's fast dispatch kernels (`tutel.moe.fast_encode` /
+  `fast_decode`) fed with our routing; used when `import tutel` works.
+
+Router and expert parameters are separate groups (`router_parameters`,
+`expert_parameters`), named `routers.<task>.weight` (or `router.weight` and
+`task_embed.<task>` for the shared router) and `experts.<e>.fc1.weight` ..., so
+the server can aggregate expert by expert and pruning can drop experts by index.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Mlp
+from torch import nn
+
+from fedtune.errors import ConfigError
+
+ROUTERS = ("per_task", "shared")
+BACKEND_NAMES = ("native", "tutel", "auto")
+
+
+@functools.cache
+def tutel_available() -> bool:
+    """Whether tutel (and its compiled kernels) can be imported."""
+    try:
+        import tutel.moe  # noqa: F401
+    except (ImportError, OSError):
+        return False
+    return True
+
+
+def resolve_backend(name: str, key: str = "backend") -> str:
+    """'auto' -> 'tutel' when importable, else 'native'; an unusable name is a ConfigError."""
+    if name not in BACKEND_NAMES:
+        raise ConfigError(f"{key}: unknown MoE backend {name!r}; choose from {', '.join(BACKEND_NAMES)}")
+    if name == "auto":
+        return "tutel" if tutel_available() else "native"
+    if name == "tutel" and not tutel_available():
+        raise ConfigError(f"{key}: 'tutel' is not importable here; install tutel or use 'native' (or 'auto')")
+    return name
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = 8  # experts per MoE block
+    top_k: int = 2  # experts each token is sent to
+    capacity_factor: float | None = 1.25  # training: capacity = ceil(f * tokens * top_k / E) per expert; None or <= 0: no limit
+    eval_capacity_factor: float | None = None  # the same at inference (None: no limit, so no prediction depends on the rest of the batch)
+    blocks: list[int] | None = None  # MoE blocks (None: every other block from 1: 1, 3, 5, ...)
+    router: str = "per_task"  # per_task: one router per task | shared: one router over [token, task embedding]
+    task_embed_dim: int = 16  # shared router: size of the task embedding
+    aux_loss_weight: float = 0.01  # weight of the load-balancing loss in the training loss
+    backend: str = "native"  # native | tutel | auto (tutel when importable, else native)
+
+    def validate(self, prefix: str = "") -> None:
+        if self.num_experts < 1:
+            raise ConfigError(f"{prefix}num_experts: must be >= 1, got {self.num_experts}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ConfigError(f"{prefix}top_k: must be in 1..num_experts ({self.num_experts}), got {self.top_k}")
+        if self.router not in ROUTERS:
+            raise ConfigError(f"{prefix}router: unknown router {self.router!r}; choose from {', '.join(ROUTERS)}")
+        if self.task_embed_dim < 1:
+            raise ConfigError(f"{prefix}task_embed_dim: must be >= 1, got {self.task_embed_dim}")
+        if self.aux_loss_weight < 0:
+            raise ConfigError(f"{prefix}aux_loss_weight: must be >= 0, got {self.aux_loss_weight}")
+        if self.blocks is not None and any(b < 0 for b in self.blocks):
+            raise ConfigError(f"{prefix}blocks: block indices must be >= 0, got {self.blocks}")
+        resolve_backend(self.backend, f"{prefix}backend")
+
+
+@dataclass
+class MoEStats:
+    """What one MoE layer's forward pass did (counts are detached)."""
+
+    aux_loss: torch.Tensor  # scalar load-balancing loss E * sum_e f_e * P_e (with grad through P)
+    expert_counts: torch.Tensor  # [E] long: token assignments routed to each expert (before capacity)
+    dropped: torch.Tensor  # [E] long: of those, the ones over the expert's capacity (not processed)
+
+    @property
+    def processed(self) -> torch.Tensor:
+        return self.expert_counts - self.dropped
+
+
+@dataclass
+class Routing:
+    """Every token's top-k experts, gates and slots; the same for every backend."""
+
+    indices: torch.Tensor  # [T, k] long: chosen experts, best first
+    gates: torch.Tensor  # [T, k] float: softmax over the chosen logits (= full softmax renormalised over the top-k)
+    locations: torch.Tensor  # [T, k] long: the assignment's slot in its expert's buffer
+    kept: torch.Tensor  # [T, k] bool: location < capacity
+    capacity: int | None  # slots per expert (None: no limit)
+    num_experts: int
+
+
+def capacity(factor: float | None, tokens: int, top_k: int, num_experts: int) -> int | None:
+    """Slots per expert: ceil(factor * tokens * top_k / num_experts); None (no limit) for a factor None or <= 0."""
+    if factor is None or factor <= 0:
+        return None
+    return max(1, math.ceil(factor * tokens * top_k / num_experts))
+
+
+def route(logits: torch.Tensor, top_k: int, cap: int | None) -> tuple[Routing, MoEStats]:
+    """Top-k routing of [T, E] router logits with a per-expert capacity, and its statistics.
+
+    Slots are given in a fixed order: every token's first choice (in token
+    order) before any token's second choice, and so on (GShard, tutel), so the
+    assignments over capacity are the low-priority ones and the result is
+    deterministic.
+    """
+    logits = logits.float()
+    T, E = logits.shape
+    top_logits, indices = logits.topk(top_k, dim=-1)
+    gates = top_logits.softmax(dim=-1)
+    onehot = F.one_hot(indices.t().reshape(-1), E)  # [k*T, E], rank-major
+    slot = onehot.cumsum(dim=0) - 1
+    locations = (slot * onehot).sum(dim=-1).view(top_k, T).t()
+    kept = locations < cap if cap is not None else torch.ones_like(locations, dtype=torch.bool)
+
+    counts = onehot.sum(dim=0)
+    fraction = counts.float() / (T * top_k)  # f_e: share of the assignments
+    mean_prob = logits.softmax(dim=-1).mean(dim=0)  # P_e: mean router probability
+    aux = E * (fraction * mean_prob).sum()
+    dropped = counts - torch.bincount(indices[kept], minlength=E)
+    routing = Routing(indices, gates, locations, kept, cap, E)
+    return routing, MoEStats(aux, counts.detach(), dropped.detach())
+
+
+# --------------------------------------------------------------------------- backends
+
+
+def native_combine(x: torch.Tensor, experts: nn.ModuleList, r: Routing) -> torch.Tensor:
+    """sum_k gate_k * expert_k(x) per token, in plain torch: gather, run each expert, scatter-add."""
+    T, k = r.indices.shape
+    token = torch.arange(T, device=x.device).unsqueeze(1).expand(T, k)[r.kept]
+    expert = r.indices[r.kept]
+    gate = r.gates[r.kept]
+    order = torch.argsort(expert, stable=True)
+    token, gate = token[order], gate[order]
+    sizes = torch.bincount(expert, minlength=r.num_experts).tolist()
+    out = x.new_zeros(x.shape)
+    for e, (t, g) in enumerate(zip(token.split(sizes), gate.split(sizes), strict=True)):
+        if t.numel():
+            y = experts[e](x[t]) * g.unsqueeze(-1)
+            out.index_add_(0, t, y.to(out.dtype))
+    return out
+
+
+def tutel_combine(x: torch.Tensor, experts: nn.ModuleList, r: Routing) -> torch.Tensor:
+    """The same as `native_combine`, with tutel's fast dispatch kernels.
+
+    tutel's "critical data" is (E, [indices per rank], [locations per rank],
+    [gates per rank], capacity); its kernels skip an assignment whose location
+    is >= capacity, which is how ours marks the dropped ones.
+    """
+    from tutel import moe as tutel_moe
+
+    k = r.indices.shape[1]
+    cap = r.capacity if r.capacity is not None else int(r.locations.max()) + 1
+    critical = (
+        r.num_experts,
+        [r.indices[:, j].to(torch.int32).contiguous() for j in range(k)],
+        [r.locations[:, j].to(torch.int32).contiguous() for j in range(k)],
+        [r.gates[:, j].contiguous() for j in range(k)],
+        cap,
+    )
+    dispatched = tutel_moe.fast_encode(x.contiguous(), critical)  # [E, cap, D]
+    y = torch.stack([experts[e](dispatched[e]) for e in range(r.num_experts)])
+    return tutel_moe.fast_decode(y, critical).view(x.shape)
+
+
+Combine = Callable[[torch.Tensor, nn.ModuleList, Routing], torch.Tensor]
+BACKENDS: dict[str, Combine] = {"native": native_combine, "tutel": tutel_combine}
+
+
+# --------------------------------------------------------------------------- the layer
+
+
+class MoEMlp(nn.Module):
+    """An MLP of `len(experts)` experts with top-k routing, one router per task (or one shared)."""
+
+    def __init__(
+        self,
+        experts: Sequence[nn.Module],
+        dim: int,
+        tasks: Sequence[str],
+        cfg: MoEConfig,
+        capacity_experts: int | None = None,
+    ):
+        super().__init__()
+        num_experts = len(experts)
+        if not tasks:
+            raise ConfigError("an MoE layer needs at least one task")
+        if not 1 <= cfg.top_k <= num_experts:
+            raise ConfigError(f"moe.top_k: must be in 1..num_experts ({num_experts}), got {cfg.top_k}")
+        if cfg.router not in ROUTERS:
+            raise ConfigError(f"moe.router: unknown router {cfg.router!r}; choose from {', '.join(ROUTERS)}")
+        self.experts = nn.ModuleList(experts)
+        self.num_experts = num_experts
+        self.expert_ids = list(range(num_experts))  # each expert's index in the layer it was pruned from
+        self.top_k = cfg.top_k
+        self.capacity_factor = cfg.capacity_factor
+        self.eval_capacity_factor = cfg.eval_capacity_factor
+        # The expert count the capacity formula divides by: a pruned layer keeps its
+        # parent's, so it drops exactly the same assignments.
+        self.capacity_experts = capacity_experts or num_experts
+        self.backend = resolve_backend(cfg.backend, "moe.backend")
+        self.router_kind = cfg.router
+        if cfg.router == "per_task":
+            self.routers = nn.ModuleDict({t: nn.Linear(dim, num_experts, bias=False) for t in tasks})
+        else:
+            self.router = nn.Linear(dim + cfg.task_embed_dim, num_experts, bias=False)
+            self.task_embed = nn.ParameterDict({t: nn.Parameter(torch.randn(cfg.task_embed_dim)) for t in tasks})
+
+    @classmethod
+    def upcycle(cls, mlp: nn.Module, dim: int, tasks: Sequence[str], cfg: MoEConfig) -> MoEMlp:
+        """An MoE layer whose experts all start as copies of the dense `mlp` (sparse upcycling)."""
+        return cls([copy.deepcopy(mlp) for _ in range(cfg.num_experts)], dim, tasks, cfg)
+
+    @classmethod
+    def fresh(cls, dim: int, hidden: int, tasks: Sequence[str], cfg: MoEConfig) -> MoEMlp:
+        """An MoE layer of newly initialised timm Mlps."""
+        return cls([Mlp(dim, hidden) for _ in range(cfg.num_experts)], dim, tasks, cfg)
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.routers if self.router_kind == "per_task" else self.task_embed)
+
+    def check_task(self, task: str | None) -> str:
+        if task is None:
+            raise ConfigError(
+                "an MoE MLP routes per task: call it as mlp(x, task) (MoEViT.forward / moe.vit.moe_forward do)"
+            )
+        if task not in self.tasks:
+            raise ConfigError(f"unknown task {task!r} for this MoE layer; it has routers for: {', '.join(self.tasks)}")
+        return task
+
+    def router_logits(self, x: torch.Tensor, task: str) -> torch.Tensor:
+        """[T, E] router logits for tokens x [T, D]."""
+        if self.router_kind == "per_task":
+            return self.routers[task](x)
+        emb = self.task_embed[task].to(x.dtype).expand(x.shape[0], -1)
+        return self.router(torch.cat([x, emb], dim=-1))
+
+    def forward(self, x: torch.Tensor, task: str | None = None) -> tuple[torch.Tensor, MoEStats]:
+        """x [..., D] -> (output [..., D], routing statistics) for `task`'s router."""
+        task = self.check_task(task)
+        flat = x.reshape(-1, x.shape[-1])
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        cap = capacity(factor, flat.shape[0], self.top_k, self.capacity_experts)
+        routing, stats = route(self.router_logits(flat, task), self.top_k, cap)
+        out = BACKENDS[self.backend](flat, self.experts, routing)
+        return out.view(x.shape), stats
+
+    def router_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """(name, parameter) of the router(s) and task embeddings."""
+        return ((n, p) for n, p in self.named_parameters() if not n.startswith("experts."))
+
+    def expert_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """(name, parameter) of the experts (`experts.<e>.…`)."""
+        return ((n, p) for n, p in self.named_parameters() if n.startswith("experts."))
+
+    def keep(self, task: str, experts: Sequence[int]) -> MoEMlp:
+        """A copy with only `task`'s router and the given experts (router rows sliced to match).
+
+        Softmax-then-renormalise over the top-k depends on the top-k logits
+        only, so as long as every token's top-k experts are kept the copy
+        routes and gates exactly as the original.
+        """
+        task = self.check_task(task)
+        ids = sorted(set(experts))
+        if not ids or ids[0] < 0 or ids[-1] >= self.num_experts:
+            raise ConfigError(f"expert ids {list(experts)} out of range for {self.num_experts} experts")
+        if len(ids) < self.top_k:
+            raise ConfigError(f"keeping {len(ids)} expert(s), fewer than top_k {self.top_k}")
+        out = copy.deepcopy(self)
+        out.experts = nn.ModuleList(out.experts[e] for e in ids)
+        out.num_experts = len(ids)
+        out.expert_ids = [self.expert_ids[e] for e in ids]
+        router = out.routers[task] if self.router_kind == "per_task" else out.router
+        rows = torch.tensor(ids, device=router.weight.device)
+        router.weight = nn.Parameter(router.weight.detach()[rows].clone())
+        router.out_features = len(ids)
+        if self.router_kind == "per_task":
+            out.routers = nn.ModuleDict({task: router})
+        else:
+            out.task_embed = nn.ParameterDict({task: out.task_embed[task]})
+        return out
+
+    def extra_repr(self) -> str:
+        return (
+            f"experts={self.num_experts}, top_k={self.top_k}, capacity_factor={self.capacity_factor}, "
+            f"router={self.router_kind}, backend={self.backend}"
+        )
+
+
+def total_aux_loss(stats: Sequence[MoEStats], weight: float) -> torch.Tensor | None:
+    """weight * the sum of the layers' load-balancing losses (None when there are none)."""
+    if not stats:
+        return None
+    return weight * torch.stack([s.aux_loss for s in stats]).sum()

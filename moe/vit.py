@@ -1,0 +1,159 @@
+"""The MoE ViT: a FedViT whose chosen blocks carry an MoE MLP, upcycled from a dense ViT.
+
+Built by composition: timm's VisionTransformer is kept and `vit.blocks[i].mlp`
+is replaced by an `MoEMlp` whose experts start as copies of that block's MLP
+(sparse upcycling), so parameter names stay FedViT's
+(`vit.blocks.<i>.mlp.experts.<e>.fc1.weight`, `vit.blocks.<i>.mlp.routers.<task>.weight`).
+
+The engine runs it unchanged: `moe_forward` calls `fedtune.engine.forward_plan`
+with a block function that hands each MoE MLP the task and collects its
+routing statistics, which come back explicitly next to the logits.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from fedtune.engine import Plan, ScopeFn, Trace, _no_scope, block_forward, forward_plan, full_plan
+from fedtune.errors import ConfigError
+from fedtune.methods import check_blocks
+from fedtune.model import FedViT, ModelConfig, build_model
+
+from .layer import MoEConfig, MoEMlp, MoEStats, total_aux_loss
+
+BlockFn = Callable[..., tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]
+
+
+def moe_block_indices(cfg: MoEConfig, depth: int) -> list[int]:
+    """The MoE blocks of a `depth`-block ViT: cfg.blocks, or every other block from 1."""
+    blocks = cfg.blocks if cfg.blocks is not None else list(range(1, depth, 2))
+    blocks = check_blocks(blocks, depth, "moe.blocks")
+    if not blocks:
+        raise ConfigError(f"moe.blocks: no MoE block in a model of depth {depth}; name at least one block")
+    return blocks
+
+
+class _RoutedBlock:
+    """A view of a timm Block whose `mlp(x)` routes with `task` and records its statistics.
+
+    `engine.block_forward` reads the block's norm1/attn/ls1/drop_path1/norm2/
+    mlp/ls2/drop_path2; only `mlp` differs, so the engine's block code runs as is.
+    """
+
+    def __init__(self, block: nn.Module, task: str, sink: list[MoEStats] | None):
+        self._block, self._task, self._sink = block, task, sink
+
+    def __getattr__(self, name: str):
+        return getattr(self._block, name)
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        out, stats = self._block.mlp(x, self._task)
+        if self._sink is not None:
+            self._sink.append(stats)
+        return out
+
+
+class MoEViT(FedViT):
+    """A FedViT with MoE MLPs in `moe.blocks`, upcycled from the MLPs `vit` has."""
+
+    def __init__(self, vit: nn.Module, num_classes: dict[str, int], moe: MoEConfig):
+        super().__init__(vit, num_classes)
+        moe.validate("moe.")
+        self.moe_cfg = moe
+        self.moe_blocks = moe_block_indices(moe, self.depth)
+        for b in self.moe_blocks:
+            blk = vit.blocks[b]
+            blk.mlp = MoEMlp.upcycle(blk.mlp, vit.embed_dim, self.tasks, moe)
+
+    @property
+    def moe_layers(self) -> dict[int, MoEMlp]:
+        return {b: self.vit.blocks[b].mlp for b in self.moe_blocks}
+
+    def block_fn(self, task: str | None, stats: list[MoEStats] | None = None) -> BlockFn:
+        """The engine's per-block function for `task`; each MoE layer's statistics are appended to `stats`."""
+        task = self.check_task(task)
+
+        def run(blk: nn.Module, i: int, x: torch.Tensor, keep: int | None, fuse: bool, want_rank: bool):
+            if isinstance(blk.mlp, MoEMlp):
+                blk = _RoutedBlock(blk, task, stats)
+            return block_forward(blk, x, keep, fuse, want_rank)
+
+        return run
+
+    def forward(self, x: torch.Tensor, task: str | None = None) -> torch.Tensor:
+        """Dense-style forward (every block, every token) with `task`'s routers and head."""
+        return moe_forward(self, x, full_plan(self.depth), task)[0]
+
+    def named_router_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """(full name, parameter) of every router and task embedding."""
+        for b, layer in self.moe_layers.items():
+            for n, p in layer.router_parameters():
+                yield f"vit.blocks.{b}.mlp.{n}", p
+
+    def named_expert_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """(full name, parameter) of every expert."""
+        for b, layer in self.moe_layers.items():
+            for n, p in layer.expert_parameters():
+                yield f"vit.blocks.{b}.mlp.{n}", p
+
+    def expert_ids(self) -> dict[int, list[int]]:
+        """Per MoE block, the original index of each expert it has (all of them until pruned)."""
+        return {b: list(layer.expert_ids) for b, layer in self.moe_layers.items()}
+
+
+def build_moe_vit(
+    model_cfg: ModelConfig | None,
+    moe_cfg: MoEConfig,
+    num_classes: dict[str, int],
+    dense: FedViT | None = None,
+) -> MoEViT:
+    """An MoE ViT upcycled from `dense` (copied, not changed), or from the dense model `model_cfg` builds.
+
+    Heads of tasks that `dense` has with the same number of classes are copied too.
+    """
+    moe_cfg.validate("moe.")
+    if dense is None:
+        if model_cfg is None:
+            raise ConfigError("build_moe_vit needs a model config or a dense model to upcycle")
+        dense = build_model(model_cfg, num_classes)
+    model = MoEViT(copy.deepcopy(dense.vit), num_classes, moe_cfg)
+    for task, head in model.heads.items():
+        if task in dense.heads and dense.heads[task].weight.shape == head.weight.shape:
+            head.load_state_dict(dense.heads[task].state_dict())
+    return model
+
+
+def moe_forward(
+    model: MoEViT,
+    images: torch.Tensor,
+    plan: Plan,
+    task: str | None = None,
+    trace: Trace | None = None,
+    scope: ScopeFn | None = None,
+    features: list[torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, list[MoEStats]]:
+    """`forward_plan` for an MoE ViT: logits and one MoEStats per MoE block (in `model.moe_blocks` order)."""
+    if not isinstance(model, MoEViT):
+        raise ConfigError(f"moe_forward needs an MoEViT, got {type(model).__name__}")
+    stats: list[MoEStats] = []
+    logits = forward_plan(
+        model,
+        images,
+        plan,
+        task,
+        trace=trace,
+        scope=scope or _no_scope,
+        block_fn=model.block_fn(task, stats),
+        features=features,
+    )
+    return logits, stats
+
+
+def moe_aux_loss(model: MoEViT, stats: Sequence[MoEStats], plan: Plan | None = None) -> torch.Tensor | None:
+    """aux_loss_weight * the load-balancing losses of the MoE blocks that train under `plan` (all without one)."""
+    chosen = [s for b, s in zip(model.moe_blocks, stats, strict=True) if plan is None or b in plan.trained]
+    return total_aux_loss(chosen, model.moe_cfg.aux_loss_weight)

@@ -1,0 +1,228 @@
+"""The server side of a run: the global model, the strategy, per-round records and checkpoints.
+
+After every round (Flower's evaluate_fn hook) it evaluates the global model on
+the central test set, appends the round to metrics.jsonl (per client: what it
+trained, sent and measured), and checkpoints the global state with the
+strategy's state, so a killed run resumes from its last completed round.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
+from flwr.serverapp import Grid
+from flwr.supercore import log
+
+from fedtune.errors import CheckpointError, ConfigError
+from fedtune.federated import RunConfig, federated_data, global_model, load_numpy_state, state_to_numpy
+from fedtune.model import checkpoint_meta, model_meta, read_state, save_checkpoint
+from fedtune.report import append_jsonl, plot_run, read_jsonl, rss_bytes, write_json
+from fedtune.trainer import evaluate
+from fedtune.typedconfig import to_dict
+
+from .strategy import SparseFedAvg
+
+CHECKPOINT = "checkpoint.safetensors"
+
+
+def numpy_to_arrays(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+class ServerRunner:
+    def __init__(self, cfg: RunConfig, out: Path, resume: bool = False, progress: bool = True):
+        self.cfg = cfg
+        self.out = Path(out)
+        self.resume = resume
+        self.progress = progress
+        self.model = global_model(cfg)
+        self.task = self.model.tasks[0]
+        self.split, _ = federated_data(cfg)
+        self.rounds: list[dict[str, Any]] = []
+        self.done_rounds = 0
+        self.bar = None
+        self.started = time.time()
+        self.full_bytes = int(sum(v.numel() * v.element_size() for v in self.model.state_dict().values()))
+
+    # -- checkpoints
+    def _checkpoint_path(self) -> Path:
+        return self.out / CHECKPOINT
+
+    def save_checkpoint(self, arrays: ArrayRecord, strategy: SparseFedAvg, server_round: int) -> None:
+        state = {k: torch.from_numpy(np.array(v.numpy())) for k, v in arrays.items()}
+        meta = model_meta(self.cfg.model, {self.task: int(self.model.heads[self.task].out_features)},
+                          run=to_dict(self.cfg), round=server_round, strategy=strategy.state_dict(), method=self.cfg.method.name)
+        save_checkpoint(self._checkpoint_path(), state, meta)
+
+    def load_checkpoint(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        path = self._checkpoint_path()
+        if not path.is_file():
+            raise CheckpointError(f"--resume: no checkpoint at {path}")
+        state, raw = read_state(path)
+        meta = checkpoint_meta(raw)
+        if "round" not in meta or "strategy" not in meta:
+            raise CheckpointError(f"{path}: not a server checkpoint (no round/strategy in its metadata)")
+        if meta.get("run", {}).get("model") != to_dict(self.cfg.model) or meta.get("method") != self.cfg.method.name:
+            raise CheckpointError(f"{path}: was written by a run with another model or method; resume with the same config")
+        arrays = {k: v.numpy() for k, v in state.items()}
+        load_numpy_state(self.model, arrays, f"checkpoint {path}")
+        return arrays, meta
+
+    # -- the run
+    def make_strategy(self, round_offset: int) -> SparseFedAvg:
+        f = self.cfg.federation
+        per_round = f.clients_per_round or f.num_clients
+        per_eval = f.eval_clients_per_round or per_round
+        return SparseFedAvg(
+            weighting=f.weighting,
+            personal_keys=f.personal,
+            feed_importance=f.feed_importance,
+            sample_seed=self.cfg.seed,
+            round_offset=round_offset,
+            fraction_train=per_round / f.num_clients,
+            min_train_nodes=per_round,
+            fraction_evaluate=per_eval / f.num_clients,
+            min_evaluate_nodes=per_eval,
+            min_available_nodes=f.num_clients,
+        )
+
+    def run(self, grid: Grid) -> dict[str, Any]:
+        self.out.mkdir(parents=True, exist_ok=True)
+        metrics_path = self.out / "metrics.jsonl"
+        f = self.cfg.federation
+        if self.resume:
+            arrays_np, meta = self.load_checkpoint()
+            self.done_rounds = int(meta["round"])
+            self.rounds = [r for r in read_jsonl(metrics_path) if r.get("round", 0) <= self.done_rounds]
+            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in self.rounds))
+            strategy = self.make_strategy(self.done_rounds)
+            strategy.load_state_dict(meta["strategy"])
+            log(30, "resuming %s from round %d of %d", self.out, self.done_rounds, f.rounds)
+        else:
+            if metrics_path.exists() or self._checkpoint_path().exists():
+                raise ConfigError(f"{self.out} already holds a run (metrics.jsonl/checkpoint); use --resume to continue it or choose another --out")
+            arrays_np = state_to_numpy(self.model)
+            strategy = self.make_strategy(0)
+        remaining = f.rounds - self.done_rounds
+        self.strategy = strategy
+        if remaining > 0:
+            if self.progress:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=f.rounds, initial=self.done_rounds, desc=f"{self.cfg.name}", unit="round")
+            strategy.start(
+                grid,
+                numpy_to_arrays(arrays_np),
+                num_rounds=remaining,
+                timeout=f.round_timeout_s,
+                train_config=ConfigRecord({}),
+                evaluate_config=ConfigRecord({}),
+                evaluate_fn=self.on_round,
+            )
+            if self.bar is not None:
+                self.bar.close()
+        return self.finish()
+
+    def on_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        """Flower calls this before round 1 (0) and after every round: evaluate, record, checkpoint."""
+        rnd = server_round + self.done_rounds
+        load_numpy_state(self.model, {k: v.numpy() for k, v in arrays.items()})
+        ev = evaluate(self.model, self.split.test, self.task)
+        if server_round == 0:
+            if not self.rounds:
+                rec = {"round": 0, "accuracy_global": ev["accuracy"], "loss_global": ev["loss"], "bytes_up": 0, "bytes_down": 0, "bytes_up_full_fedavg": 0}
+                self.rounds.append(rec)
+                append_jsonl(self.out / "metrics.jsonl", rec)
+            return MetricRecord({"accuracy": ev["accuracy"]})
+        s = self.strategy
+        clients = []
+        for c in s.last_client_metrics:
+            m = dict(c.get("metrics", {}))
+            clients.append({
+                "node_id": c.get("node_id"), "accepted": c.get("accepted"), "reason": c.get("reason"),
+                "partition_id": int(m.get("partition-id", -1)), "profile": self.cfg.profile_of(int(m.get("partition-id", 0))),
+                "num_examples": m.get("num-examples"), "loss": m.get("train-loss"), "train_accuracy": m.get("train-accuracy"),
+                "steps": m.get("steps"), "flops_per_step": m.get("flops-per-step"), "activation_bytes": m.get("activation-bytes"),
+                "trainable_params": m.get("trainable-params"), "time_s": m.get("time-s"), "bytes_sent": m.get("bytes-sent"),
+                "bytes_received": m.get("bytes-received"), "block_updates": m.get("block-updates"), "importance": m.get("importance"),
+            })
+        evals = [{"node_id": e["node_id"], **{k.replace("-", "_"): v for k, v in e["metrics"].items()}} for e in s.last_eval_metrics]
+        n_eval = sum(e.get("num_examples", 0) for e in evals)
+        personalized = sum(e["accuracy_personal"] * e["num_examples"] for e in evals) / n_eval if n_eval else None
+        local_global = sum(e["accuracy_global"] * e["num_examples"] for e in evals) / n_eval if n_eval else None
+        accepted = [c for c in clients if c["accepted"]]
+        bytes_up = int(sum(c["bytes_sent"] or 0 for c in accepted))
+        train_sent = len(clients) + sum(1 for r in s.last_rejections if r[0] not in {c["node_id"] for c in clients})
+        bytes_down = int(self.full_bytes * (train_sent + len(evals)))
+        proc_rss, total_rss = rss_bytes()
+        rec = {
+            "round": rnd,
+            "accuracy_global": ev["accuracy"],
+            "loss_global": ev["loss"],
+            "accuracy_personalized": personalized,
+            "accuracy_global_on_client_tests": local_global,
+            "bytes_up": bytes_up,
+            "bytes_down": bytes_down,
+            "bytes_up_full_fedavg": int(self.full_bytes * len(accepted)),
+            "accepted": len(accepted),
+            "rejected": [{"node_id": n, "reason": r} for n, r in s.last_rejections],
+            "clients": clients,
+            "client_evaluations": evals,
+            "global_importance": s.global_importance,
+            "rss_bytes": proc_rss,
+            "rss_bytes_with_workers": total_rss,
+            "elapsed_s": round(time.time() - self.started, 2),
+        }
+        self.rounds.append(rec)
+        append_jsonl(self.out / "metrics.jsonl", rec)
+        if rnd % self.cfg.federation.checkpoint_every == 0 or rnd == self.cfg.federation.rounds:
+            self.save_checkpoint(arrays, s, rnd)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(acc=f"{100 * ev['accuracy']:.1f}%", up=f"{bytes_up / 2**20:.1f}MiB")
+        return MetricRecord({"accuracy": ev["accuracy"]})
+
+    def finish(self) -> dict[str, Any]:
+        rounds = [r for r in self.rounds if r["round"] > 0]
+        last = self.rounds[-1] if self.rounds else {}
+        per_client: dict[int, dict[str, Any]] = {}
+        for r in rounds:
+            for e in r.get("client_evaluations", []):
+                per_client[int(e.get("partition_id", -1))] = {"accuracy_global": e.get("accuracy_global"), "accuracy_personalized": e.get("accuracy_personal"), "round": r["round"], "num_examples": e.get("num_examples")}
+        peak = max([r.get("rss_bytes_with_workers", 0) for r in self.rounds] + [rss_bytes()[1]])
+        summary = {
+            "name": self.cfg.name,
+            "method": self.cfg.method.name + ("+lora" if self.cfg.method.lora.enabled else ""),
+            "send": self.cfg.federation.send,
+            "rounds": len(rounds),
+            "num_clients": self.cfg.federation.num_clients,
+            "clients_per_round": self.cfg.federation.clients_per_round or self.cfg.federation.num_clients,
+            "profiles": self.cfg.federation.profiles,
+            "task": self.task,
+            "test_size": len(self.split.test),
+            "accuracy_global": last.get("accuracy_global"),
+            "accuracy_personalized": next((r["accuracy_personalized"] for r in reversed(rounds) if r.get("accuracy_personalized") is not None), None),
+            "accuracy_per_client": {str(k): v for k, v in sorted(per_client.items())},
+            "accuracy_global_per_round": [r["accuracy_global"] for r in self.rounds],
+            "bytes_up_total": int(sum(r["bytes_up"] for r in rounds)),
+            "bytes_down_total": int(sum(r["bytes_down"] for r in rounds)),
+            "bytes_up_full_fedavg": int(sum(r["bytes_up_full_fedavg"] for r in rounds)),
+            "bytes_up_per_round": [r["bytes_up"] for r in rounds],
+            "bytes_down_per_round": [r["bytes_down"] for r in rounds],
+            "model_bytes": self.full_bytes,
+            "rejected_replies": int(sum(len(r.get("rejected", [])) for r in rounds)),
+            "wall_time_s": round(time.time() - self.started, 1),
+            "peak_rss_bytes": int(peak),
+            "rss_bytes_per_round": [r.get("rss_bytes_with_workers") for r in rounds],
+            "checkpoint": str(self._checkpoint_path()),
+        }
+        summary["bytes_up_ratio_vs_full_fedavg"] = summary["bytes_up_total"] / summary["bytes_up_full_fedavg"] if summary["bytes_up_full_fedavg"] else None
+        write_json(self.out / "summary.json", summary)
+        plot_run(self.rounds, self.out / "plots", self.model.depth)
+        return summary

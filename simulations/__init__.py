@@ -1,0 +1,1 @@
+"""Ready-made run configs (YAML) and the runner behind `fedtune simulate`."""

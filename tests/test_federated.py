@@ -1,0 +1,134 @@
+"""A client's round without Flower, the ClientApp's Messages, configs and bad input."""
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedtune import protocol
+from fedtune.errors import ConfigError
+from fedtune.federated import ClientRuntime, ClientState, global_model, load_run_config, state_to_numpy
+from fedtune.typedconfig import from_dict
+
+TINY_RUN = {
+    "name": "tiny",
+    "model": {"name": "vit_tiny_patch16_224", "img_size": 16, "patch_size": 4, "depth": 4, "embed_dim": 32, "num_heads": 2, "pretrained": None},
+    "data": {"name": "digits", "img_size": 16, "max_train": 160, "max_test": 40},
+    "partition": {"scheme": "iid", "min_partition_size": 5},
+    "method": {"name": "bsr", "bsr": {"train_blocks": [2, 3], "drop_blocks": [1], "keep_ratio": 0.5}},
+    "train": {"epochs": 1, "batch_size": 16},
+    "federation": {"num_clients": 4, "rounds": 2},
+}
+
+
+def tiny_run(**over):
+    from fedtune.federated import RunConfig
+
+    data = {**TINY_RUN, **over}
+    return from_dict(RunConfig, data)
+
+
+def test_client_round_sends_only_what_it_trained():
+    cfg = tiny_run()
+    rt = ClientRuntime(cfg, partition_id=1)
+    glob = state_to_numpy(global_model(cfg))
+    update, counts, metrics, state = rt.fit(glob, ClientState(), server_round=1)
+    assert update and set(update) == set(counts)
+    assert all(n.startswith(("vit.blocks.2.", "vit.blocks.3.", "vit.norm.", "heads.")) for n in update)
+    assert not any(n.startswith(("vit.blocks.0.", "vit.blocks.1.", "vit.patch_embed")) for n in update)
+    assert metrics["num-examples"] > 0 and metrics["bytes-sent"] == sum(v.nbytes for v in update.values())
+    assert metrics["block-updates"][:2] == [0, 0] and metrics["block-updates"][2] == metrics["steps"]
+    # the personal head stays in the client's state, never in the update
+    assert any(k.startswith("personal_head.") for k in state.personal)
+    assert not any(k.startswith("personal_head.") for k in update)
+    ev = rt.evaluate(glob, state)
+    assert 0.0 <= ev["accuracy-personal"] <= 1.0 and ev["num-examples"] > 0
+
+
+def test_full_fedavg_client_sends_everything():
+    cfg = tiny_run(method={"name": "full"}, federation={"num_clients": 4, "send": "all"})
+    rt = ClientRuntime(cfg, partition_id=0)
+    glob = state_to_numpy(global_model(cfg))
+    update, _, _, _ = rt.fit(glob, ClientState(), server_round=1)
+    assert set(update) == set(glob)
+
+
+def test_personal_prefixes_never_leave():
+    cfg = tiny_run(federation={"num_clients": 4, "personal": ["vit.norm."]})
+    rt = ClientRuntime(cfg, partition_id=2)
+    glob = state_to_numpy(global_model(cfg))
+    update, _, _, state = rt.fit(glob, ClientState(), server_round=1)
+    assert not any(k.startswith("vit.norm.") for k in update)
+    assert "vit.norm.weight" in state.personal
+
+
+def test_client_rejects_mismatched_global_arrays():
+    cfg = tiny_run()
+    rt = ClientRuntime(cfg, partition_id=0)
+    glob = state_to_numpy(global_model(cfg))
+    glob["vit.cls_token"] = np.zeros((1, 1, 8), dtype=np.float32)
+    with pytest.raises(ConfigError, match="vit.cls_token has shape"):
+        rt.fit(glob, ClientState())
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+
+
+def test_client_app_message_round_trip_keeps_state(task_identity):
+    from clients.app import make_client_app
+
+    cfg = tiny_run()
+    app = make_client_app(cfg)
+    glob = state_to_numpy(global_model(cfg))
+    record = RecordDict({protocol.ARRAYS: ArrayRecord(array_dict={k: Array(v) for k, v in glob.items()}), protocol.CONFIG: ConfigRecord({protocol.SERVER_ROUND: 1})})
+    context = Context(run_id=1, node_id=5, node_config={"partition-id": 3, "num-partitions": 4}, state=RecordDict(), run_config={})
+    msg = Message(record, dst_node_id=5, message_type=MessageType.TRAIN)
+    reply = app(msg, context)
+    assert not reply.has_error(), reply.error if reply.has_error() else None
+    sent = reply.content.array_records[protocol.ARRAYS]
+    assert set(sent.keys()) < set(glob)
+    assert reply.content.metric_records[protocol.METRICS][protocol.NUM_EXAMPLES] > 0
+    assert "fedtune.personal" in context.state.array_records
+    ev = app(Message(record, dst_node_id=5, message_type=MessageType.EVALUATE), context)
+    assert 0 <= ev.content.metric_records[protocol.METRICS]["accuracy-personal"] <= 1
+
+
+def test_simulation_configs_load():
+    from simulations.run import HERE
+
+    for name in ("quickstart", "quickstart_full", "quickstart_bsr", "scale"):
+        cfg = load_run_config(HERE / f"{name}.yaml")
+        assert cfg.name == name
+    assert load_run_config(HERE / "scale.yaml").federation.num_clients == 1000
+
+
+def test_bad_run_configs(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {name: vit_tiny\n  oops: [")
+    with pytest.raises(ConfigError, match="malformed YAML in .*bad.yaml at line"):
+        load_run_config(bad)
+    bad.write_text("federation:\n  num_clients: 4\n  roundz: 3\n")
+    with pytest.raises(ConfigError, match="unknown key federation.roundz"):
+        load_run_config(bad)
+    bad.write_text("federation:\n  profiles: [rpi, toaster]\n")
+    with pytest.raises(ConfigError, match="unknown device profile 'toaster'"):
+        load_run_config(bad)
+    with pytest.raises(ConfigError, match="train.epochs: expected an integer"):
+        load_run_config(None, ["train.epochs=lots"])
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_run_config(tmp_path / "missing.yaml")
+
+
+def test_cli_reports_bad_config(tmp_path, capsys):
+    from fedtune.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("nme: x\n")
+    assert main(["simulate", str(bad), "--out", str(tmp_path / "out")]) == 2
+    assert "unknown key nme" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "summary.json").exists()

@@ -1,0 +1,359 @@
+"""MoE: routing by hand, backends, upcycling equivalence, parameter groups, engine integration, pruning."""
+
+import copy
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fedtune.engine import Plan, Trace, forward_plan, set_trainable
+from fedtune.errors import ConfigError
+from fedtune.model import ModelConfig, build_model
+from fedtune.typedconfig import from_dict
+from moe import (
+    BACKENDS,
+    MoEConfig,
+    MoEMlp,
+    build_moe_vit,
+    capacity,
+    experts_used,
+    moe_aux_loss,
+    moe_forward,
+    prune_for_task,
+    route,
+    tutel_available,
+)
+
+from .conftest import TINY
+
+TASKS = {"a": 3, "b": 5}
+
+
+def dense_model(tasks=TASKS):
+    torch.manual_seed(0)
+    return build_model(ModelConfig(**TINY), tasks)
+
+
+def moe_model(dense=None, tasks=TASKS, perturb: float = 0.0, **moe_kw):
+    model = build_moe_vit(None, MoEConfig(**moe_kw), tasks, dense=dense or dense_model(tasks))
+    if perturb:  # make the upcycled experts differ, as after training
+        g = torch.Generator().manual_seed(2)
+        with torch.no_grad():
+            for _, p in model.named_expert_parameters():
+                p.add_(perturb * torch.randn(p.shape, generator=g))
+    return model
+
+
+def layer(cfg: MoEConfig, tasks=("a",), dim=8, seed=0) -> MoEMlp:
+    torch.manual_seed(seed)
+    return MoEMlp.fresh(dim, 2 * dim, list(tasks), cfg)
+
+
+# --------------------------------------------------------------------------- routing by hand
+
+
+def test_route_top1_capacity_drops_later_tokens():
+    logits = torch.tensor([[2.0, 0.0], [3.0, 0.0], [0.0, 1.0], [0.0, 5.0]])
+    cap = capacity(0.5, tokens=4, top_k=1, num_experts=2)
+    assert cap == 1
+    r, stats = route(logits, top_k=1, cap=cap)
+    assert r.indices[:, 0].tolist() == [0, 0, 1, 1]
+    assert r.locations[:, 0].tolist() == [0, 1, 0, 1]
+    assert r.kept[:, 0].tolist() == [True, False, True, False]
+    assert stats.expert_counts.tolist() == [2, 2]
+    assert stats.dropped.tolist() == [1, 1]
+    assert torch.equal(r.gates, torch.ones(4, 1))
+    # f = [1/2, 1/2], so E * sum f_e P_e = P_0 + P_1 = 1
+    torch.testing.assert_close(stats.aux_loss, torch.tensor(1.0))
+
+
+def test_route_top2_first_choices_get_slots_first():
+    logits = torch.tensor([[3.0, 2.0, 1.0], [3.0, 1.0, 2.0]])
+    r, stats = route(logits, top_k=2, cap=1)
+    assert r.indices.tolist() == [[0, 1], [0, 2]]
+    # rank-major: both first choices (expert 0) take slots 0 and 1 before any second choice
+    assert r.locations.tolist() == [[0, 0], [1, 0]]
+    assert r.kept.tolist() == [[True, True], [False, True]]
+    assert stats.dropped.tolist() == [1, 0, 0]
+    expected = torch.tensor([3.0, 2.0]).softmax(0)  # renormalised over the top-2
+    torch.testing.assert_close(r.gates, expected.expand(2, 2))
+
+
+def test_aux_loss_is_one_for_uniform_routing_and_has_grad():
+    moe = layer(MoEConfig(num_experts=4, top_k=2))
+    with torch.no_grad():
+        moe.routers["a"].weight.zero_()
+    x = torch.randn(2, 10, 8)
+    _, stats = moe(x, "a")
+    assert stats.aux_loss.requires_grad
+    torch.testing.assert_close(stats.aux_loss, torch.tensor(1.0))
+    stats.aux_loss.backward()
+    assert moe.routers["a"].weight.grad is not None
+    # all tokens on one expert: the loss grows towards E
+    with torch.no_grad():
+        moe.routers["a"].weight.normal_()
+        moe.routers["a"].weight[0] = 0.0
+    skewed = route(torch.tensor([[9.0, 0, 0, 0]] * 8), top_k=1, cap=None)[1].aux_loss
+    assert skewed > 3.5
+
+
+def test_native_combine_matches_the_definition_with_drops():
+    moe = layer(MoEConfig(num_experts=4, top_k=2, capacity_factor=0.5)).train()
+    x = torch.randn(2, 6, 8)
+    out, stats = moe(x, "a")
+    assert int(stats.dropped.sum()) > 0
+    flat = x.reshape(-1, 8)
+    r, _ = route(moe.routers["a"](flat), 2, capacity(0.5, 12, 2, 4))
+    expected = torch.zeros_like(flat)
+    for t in range(12):
+        for j in range(2):
+            if r.kept[t, j]:
+                expected[t] += r.gates[t, j] * moe.experts[int(r.indices[t, j])](flat[t])
+    torch.testing.assert_close(out.reshape(-1, 8), expected)
+    assert (stats.processed <= r.capacity).all()
+    assert int(stats.expert_counts.sum()) == 12 * 2
+
+
+def test_capacity_drops_tokens_only_when_small_and_not_at_eval():
+    moe = layer(MoEConfig(num_experts=4, top_k=1, capacity_factor=0.25))
+    x = torch.randn(4, 8, 8)
+    out, stats = moe.train()(x, "a")
+    assert int(stats.dropped.sum()) > 0
+    lost = stats.dropped.sum()
+    zero_rows = (out.reshape(-1, 8).abs().sum(-1) == 0).sum()
+    assert zero_rows == lost  # top-1: a dropped token gets no MoE output (the residual carries it)
+    _, stats = moe.eval()(x, "a")  # eval_capacity_factor None: no limit
+    assert int(stats.dropped.sum()) == 0
+    _, stats = layer(MoEConfig(num_experts=4, top_k=1, capacity_factor=None)).train()(x, "a")
+    assert int(stats.dropped.sum()) == 0
+
+
+# --------------------------------------------------------------------------- backends
+
+
+def _fake_tutel() -> types.ModuleType:
+    """A stand-in following tutel.moe.fast_encode/fast_decode's documented contract (not tutel's code)."""
+
+    def slots(crit):
+        num_experts, indices, locations, gates, cap = crit
+        for i, loc, g in zip(indices, locations, gates, strict=True):
+            ok = (loc < cap) & (i >= 0)
+            yield ok, (i.long() * cap + loc.long()).clamp(max=num_experts * cap - 1), g
+
+    def fast_encode(data, crit, is_postscore=True):
+        num_experts, cap = crit[0], crit[4]
+        out = data.new_zeros(num_experts * cap, data.shape[-1])
+        for ok, slot, _ in slots(crit):
+            out = out.index_add(0, slot[ok], data[ok])
+        return out.view(num_experts, cap, -1)
+
+    def fast_decode(data, crit, is_postscore=True):
+        flat = data.reshape(-1, data.shape[-1])
+        return sum(torch.where(ok[:, None], g[:, None] * flat[slot], 0.0) for ok, slot, g in slots(crit))
+
+    pkg, mod = types.ModuleType("tutel"), types.ModuleType("tutel.moe")
+    mod.fast_encode, mod.fast_decode = fast_encode, fast_decode
+    pkg.moe = mod
+    return pkg
+
+
+def _compare_backends(moe: MoEMlp, x: torch.Tensor) -> None:
+    other = copy.deepcopy(moe)
+    other.backend = "tutel"
+    out, stats = moe(x, "a")
+    out_t, stats_t = other(x, "a")
+    torch.testing.assert_close(out_t, out, atol=1e-5, rtol=1e-5)
+    assert torch.equal(stats.expert_counts, stats_t.expert_counts)
+    out.square().sum().backward()
+    out_t.square().sum().backward()
+    for (n, p), (_, q) in zip(moe.named_parameters(), other.named_parameters(), strict=True):
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, atol=1e-4, rtol=1e-4, msg=n)
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 0.5])
+def test_tutel_adapter_against_its_contract(monkeypatch, capacity_factor):
+    fake = _fake_tutel()
+    monkeypatch.setitem(sys.modules, "tutel", fake)
+    monkeypatch.setitem(sys.modules, "tutel.moe", fake.moe)
+    moe = layer(MoEConfig(num_experts=4, top_k=2, capacity_factor=capacity_factor)).train()
+    _compare_backends(moe, torch.randn(2, 6, 8))
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 0.5])
+def test_native_and_tutel_give_the_same_output(capacity_factor):
+    pytest.importorskip("tutel")
+    moe = layer(MoEConfig(num_experts=4, top_k=2, capacity_factor=capacity_factor)).train()
+    _compare_backends(moe, torch.randn(2, 6, 8))
+    assert set(BACKENDS) == {"native", "tutel"}
+
+
+def test_backend_auto_and_missing_tutel():
+    assert MoEMlp.fresh(8, 16, ["a"], MoEConfig(backend="auto")).backend == ("tutel" if tutel_available() else "native")
+    if not tutel_available():
+        with pytest.raises(ConfigError, match="moe.backend: 'tutel' is not importable"):
+            from_dict(MoEConfig, {"backend": "tutel"}, prefix="moe.")
+
+
+# --------------------------------------------------------------------------- the MoE ViT
+
+
+def test_upcycled_one_expert_equals_dense(images):
+    dense = dense_model().eval()
+    model = moe_model(dense, num_experts=1, top_k=1, blocks=[0, 1, 2, 3]).eval()
+    with torch.no_grad():
+        for task in TASKS:
+            torch.testing.assert_close(model(images, task), dense(images, task), atol=1e-6, rtol=0)
+        plan = Plan(depth=4, keep=(None, 6, None, 3), fuse=True)
+        got, stats = moe_forward(model, images, plan, "b")
+    torch.testing.assert_close(got, forward_plan(dense, images, plan, "b"), atol=1e-6, rtol=0)
+    assert len(stats) == 4
+
+
+def test_upcycled_experts_equal_dense_when_nothing_is_dropped(images):
+    dense = dense_model().eval()
+    model = moe_model(dense, num_experts=4, top_k=2).eval()  # every other block: 1, 3
+    assert model.moe_blocks == [1, 3]
+    with torch.no_grad():
+        torch.testing.assert_close(model(images, "a"), dense(images, "a"), atol=1e-5, rtol=0)
+
+
+def test_parameter_names_and_groups_are_disjoint_and_cover():
+    for router in ("per_task", "shared"):
+        moe = layer(MoEConfig(num_experts=3, top_k=1, router=router), tasks=("a", "b"))
+        routers = {n for n, _ in moe.router_parameters()}
+        experts = {n for n, _ in moe.expert_parameters()}
+        assert routers and experts and not routers & experts
+        assert routers | experts == {n for n, _ in moe.named_parameters()}
+    assert routers == {"router.weight", "task_embed.a", "task_embed.b"}
+    model = moe_model(num_experts=2, top_k=1)
+    routers = {n for n, _ in model.named_router_parameters()}
+    experts = {n for n, _ in model.named_expert_parameters()}
+    assert "vit.blocks.1.mlp.routers.b.weight" in routers
+    assert "vit.blocks.3.mlp.experts.1.fc2.bias" in experts
+    assert not routers & experts
+    assert routers | experts == {n for n, _ in model.named_parameters() if ".mlp." in n and n.split(".")[2] in ("1", "3")}
+
+
+def test_per_task_routers_differ(images):
+    model = moe_model(num_experts=4, top_k=1).eval()
+    w = model.moe_layers[1].routers
+    assert not torch.equal(w["a"].weight, w["b"].weight)
+    with torch.no_grad():
+        _, sa = moe_forward(model, images, Plan(depth=4), "a")
+        _, sb = moe_forward(model, images, Plan(depth=4), "b")
+    assert any(not torch.equal(x.expert_counts, y.expert_counts) for x, y in zip(sa, sb, strict=True))
+
+
+def test_shared_router_conditions_on_the_task(images):
+    model = moe_model(num_experts=4, top_k=1, router="shared", perturb=0.05)
+    layer3 = model.moe_layers[3]
+    assert sorted(layer3.task_embed) == ["a", "b"]
+    plan = Plan(depth=4, trained={3}, train_head=False)
+    set_trainable(model, plan, "a")
+    logits, stats = moe_forward(model, images, plan, "a")
+    (logits.sum() + moe_aux_loss(model, stats, plan)).backward()
+    assert layer3.task_embed["a"].grad is not None and layer3.task_embed["b"].grad is None
+    assert layer3.router.weight.grad is not None
+    counts_a = [s.expert_counts for s in stats]
+    with torch.no_grad():
+        _, stats_b = moe_forward(model, images, plan, "b")
+    assert any(not torch.equal(x, y.expert_counts) for x, y in zip(counts_a, stats_b, strict=True))
+
+
+def test_plan_training_blocks_2_and_3_leaves_other_experts_untouched(images):
+    model = moe_model(num_experts=4, top_k=2, capacity_factor=0.5)
+    plan = Plan(depth=4, trained={2, 3}, keep=(None, None, 8, None))
+    names = set_trainable(model, plan, "a")
+    assert "vit.blocks.3.mlp.experts.0.fc1.weight" in names
+    assert not any(n.startswith("vit.blocks.1.") for n in names)
+    trace = Trace()
+    model.train()
+    logits, stats = moe_forward(model, images, plan, "a", trace=trace)
+    aux = moe_aux_loss(model, stats, plan)
+    assert aux.requires_grad and not stats[0].aux_loss.requires_grad  # block 1 ran without autograd
+    (F.cross_entropy(logits, torch.arange(6) % 3) + aux).backward()
+    params = dict(model.named_parameters())
+    assert all(p.grad is None for n, p in params.items() if n.startswith("vit.blocks.1."))
+    assert params["vit.blocks.3.mlp.routers.a.weight"].grad is not None
+    assert params["vit.blocks.3.mlp.routers.b.weight"].grad is None
+    used3 = (stats[1].processed > 0).nonzero().flatten().tolist()
+    assert used3 and all(params[f"vit.blocks.3.mlp.experts.{e}.fc1.weight"].grad is not None for e in used3)
+    assert trace.tokens_in == [17, 17, 17, 9]
+
+
+# --------------------------------------------------------------------------- pruning
+
+
+@pytest.mark.parametrize("eval_capacity_factor", [None, 0.5])
+def test_pruned_model_predicts_like_the_full_one(images, eval_capacity_factor):
+    model = moe_model(num_experts=16, top_k=2, perturb=0.05, eval_capacity_factor=eval_capacity_factor).eval()
+    x = images[:2]
+    used = experts_used(model, x, "b", batch_size=2)
+    assert set(used) == {1, 3}
+    pruned = prune_for_task(model, "b", used).eval()
+    assert pruned.tasks == ["b"]
+    assert pruned.moe_layers[3].tasks == ["b"]
+    assert pruned.expert_ids() == used
+    assert sum(len(v) for v in used.values()) < 2 * 16  # some experts really are dropped
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        full, stats = moe_forward(model, x, Plan(depth=4), "b")
+        small, small_stats = moe_forward(pruned, x, Plan(depth=4), "b")
+    torch.testing.assert_close(small, full, atol=1e-6, rtol=0)
+    assert torch.equal(small.argmax(-1), full.argmax(-1))
+    for s, t, ids in zip(stats, small_stats, used.values(), strict=True):
+        assert torch.equal(s.expert_counts[ids], t.expert_counts)
+        assert torch.equal(s.dropped[ids], t.dropped)
+    with pytest.raises(ConfigError, match="unknown task 'a'"):
+        pruned(x, "a")
+
+
+def test_prune_bad_input():
+    model = moe_model(num_experts=4, top_k=2)
+    with pytest.raises(ConfigError, match="no entry for MoE block 3"):
+        prune_for_task(model, "a", {1: [0, 1]})
+    with pytest.raises(ConfigError, match="block 2 is not an MoE block"):
+        prune_for_task(model, "a", {1: [0, 1], 2: [0], 3: [0, 1]})
+    with pytest.raises(ConfigError, match="block 3: keeping 1 expert"):
+        prune_for_task(model, "a", {1: [0, 1], 3: [2]})
+    with pytest.raises(ConfigError, match="out of range"):
+        prune_for_task(model, "a", {1: [0, 9], 3: [0, 1]})
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_config_errors_name_the_problem():
+    assert from_dict(MoEConfig, {"num_experts": 4, "top_k": 2, "blocks": [3, 7, 11]}).blocks == [3, 7, 11]
+    cases = [
+        ({"num_experts": 2, "top_k": 3}, "moe.top_k: must be in 1..num_experts"),
+        ({"router": "global"}, "moe.router: unknown router 'global'"),
+        ({"backend": "cuda"}, "moe.backend: unknown MoE backend 'cuda'"),
+        ({"num_experts": 0}, "moe.num_experts"),
+        ({"aux_loss_weight": -1.0}, "moe.aux_loss_weight"),
+        ({"experts": 4}, "unknown key moe.experts"),
+    ]
+    for data, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            from_dict(MoEConfig, data, prefix="moe.")
+
+
+def test_model_errors_name_the_problem(images):
+    with pytest.raises(ConfigError, match=r"moe.blocks: block index 7 out of range for a model of depth 4"):
+        moe_model(blocks=[1, 7])
+    with pytest.raises(ConfigError, match="moe.top_k"):
+        moe_model(num_experts=2, top_k=3)
+    model = moe_model(num_experts=2, top_k=1)
+    with pytest.raises(ConfigError, match="unknown task 'c'"):
+        model(images, "c")
+    with pytest.raises(ConfigError, match="unknown task 'c'"):
+        moe_forward(model, images, Plan(depth=4), "c")
+    with pytest.raises(ConfigError, match="unknown task 'c' for this MoE layer"):
+        model.moe_layers[1](torch.randn(1, 3, 32), "c")
+    with pytest.raises(ConfigError, match="routes per task"):
+        model.moe_layers[1](torch.randn(1, 3, 32))
+    with pytest.raises(ConfigError, match="needs an MoEViT"):
+        moe_forward(dense_model(), images, Plan(depth=4), "a")

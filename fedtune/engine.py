@@ -188,7 +188,7 @@ def forward_plan(
         raise PlanError(f"plan is for depth {plan.depth}, the model has {model.depth} blocks")
     grad_on = torch.is_grad_enabled()
     first = plan.first_grad
-    run_block = block_fn or (lambda blk, i, x, keep, fuse, rank: block_forward(blk, x, keep, fuse, rank))
+    run_block = block_fn or model.block_fn(task) or (lambda blk, i, x, keep, fuse, rank: block_forward(blk, x, keep, fuse, rank))
     want_rank = trace is not None and plan.rank_tokens
 
     with torch.set_grad_enabled(grad_on and first < 0), scope("embed"):

@@ -95,6 +95,10 @@ class FedViT(nn.Module):
             raise ConfigError(f"unknown task {task!r}; the model has tasks: {', '.join(self.tasks)}")
         return task
 
+    def block_fn(self, task: str | None, stats: list | None = None):
+        """The engine's per-block function for `task` (None: engine.block_forward); the MoE ViT overrides it."""
+        return None
+
     def forward(self, x: torch.Tensor, task: str | None = None) -> torch.Tensor:
         """Plain dense forward (every block, every token): timm's forward with the task's head."""
         feats = self.vit.forward_head(self.vit.forward_features(x), pre_logits=True)

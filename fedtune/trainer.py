@@ -129,11 +129,11 @@ class Trainer:
             counter.__enter__()
         try:
             with meter:
-                logits = forward_plan(model, images, plan, self.task, trace=trace, features=feats)
+                logits, aux = self.forward(images, plan, trace, feats)
                 loss = F.cross_entropy(logits, labels, label_smoothing=self.cfg.label_smoothing)
-                extra = self.extra_loss(feats[0], labels)
-                if extra is not None:
-                    loss = loss + extra
+                for extra in (aux, self.extra_loss(feats[0], labels)):
+                    if extra is not None:
+                        loss = loss + extra
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss is {loss.item()} at step {self.global_step}; lower train.lr")
             loss.backward()
@@ -153,6 +153,10 @@ class Trainer:
             loss=float(loss.detach()),
         )
         return stats, plan, logits.detach()
+
+    def forward(self, images: torch.Tensor, plan: Plan, trace: Trace, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits under `plan` and an auxiliary loss to add (None: none); the MoE trainer overrides it."""
+        return forward_plan(self.model, images, plan, self.task, trace=trace, features=features), None
 
     def extra_loss(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
         """A loss term subclasses add on the pre-logit features (None: none)."""

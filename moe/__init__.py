@@ -1,6 +1,17 @@
 """Mixture-of-Experts for fedtune: the MoE MLP layer, the MoE ViT and per-task pruning."""
 
-from .layer import BACKENDS, MoEConfig, MoEMlp, MoEStats, Routing, capacity, resolve_backend, route, total_aux_loss, tutel_available
+from .layer import (
+    BACKENDS,
+    MoEConfig,
+    MoEMlp,
+    MoEStats,
+    Routing,
+    capacity,
+    resolve_backend,
+    route,
+    total_aux_loss,
+    tutel_available,
+)
 from .prune import experts_used, prune_for_task
 from .vit import MoEViT, build_moe_vit, moe_aux_loss, moe_block_indices, moe_forward
 

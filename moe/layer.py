@@ -277,7 +277,7 @@ class MoEMlp(nn.Module):
         """(name, parameter) of the experts (`experts.<e>.…`)."""
         return ((n, p) for n, p in self.named_parameters() if n.startswith("experts."))
 
-    def keep(self, task: str, experts: Sequence[int]) -> MoEMlp:
+    def pruned(self, task: str, experts: Sequence[int]) -> MoEMlp:
         """A copy with only `task`'s router and the given experts (router rows sliced to match).
 
         Softmax-then-renormalise over the top-k depends on the top-k logits

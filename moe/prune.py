@@ -68,7 +68,7 @@ def prune_for_task(model: MoEViT, task: str, used: dict[int, list[int]]) -> MoEV
     layers = {}
     for b, layer in model.moe_layers.items():
         try:
-            layers[b] = layer.keep(task, used[b])
+            layers[b] = layer.pruned(task, used[b])
         except ConfigError as exc:
             raise ConfigError(f"experts to keep for block {b}: {exc}") from exc
     out = copy.deepcopy(model)

@@ -31,6 +31,15 @@ from .conftest import TINY
 TASKS = {"a": 3, "b": 5}
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread, so a busy machine's thread contention does not slow them 30x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def dense_model(tasks=TASKS):
     torch.manual_seed(0)
     return build_model(ModelConfig(**TINY), tasks)

@@ -44,39 +44,55 @@ def numpy_to_arrays(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
-def _state_file(context: Context) -> Path | None:
-    state_dir = context.node_config.get("state-dir")
+def _state_dir(context: Context, default_dir: Path | None = None) -> Path | None:
+    state_dir = context.node_config.get("state-dir") or default_dir
     if not state_dir:
         return None
-    return Path(str(state_dir)) / f"client-{context.node_config.get('partition-id', context.node_id)}.npz"
+    return Path(str(state_dir)) / f"client-{context.node_config.get('partition-id', context.node_id)}"
 
 
-def load_state(context: Context) -> ClientState:
-    """The client's personal state: from the context (same process) or the device's disk."""
+def load_state(context: Context, default_dir: Path | None = None, before_round: int | None = None) -> ClientState:
+    """The client's personal state: from the context (same process) or the device's disk.
+
+    On disk, one file per round is kept; the newest one written before `before_round`
+    is used, so a server that repeats a round after a crash gets the same client state.
+    """
     if STATE_CONFIG in context.state.config_records:
         cfg = context.state.config_records[STATE_CONFIG]
-        personal = arrays_to_numpy(context.state.array_records[STATE_ARRAYS]) if STATE_ARRAYS in context.state.array_records else {}
         meta = json.loads(str(cfg["json"]))
-        return ClientState(personal=personal, **meta)
-    path = _state_file(context)
-    if path is not None and path.is_file():
-        with np.load(path, allow_pickle=False) as z:
+        if before_round is None or meta.get("round", 0) < before_round:
+            personal = arrays_to_numpy(context.state.array_records[STATE_ARRAYS]) if STATE_ARRAYS in context.state.array_records else {}
+            return ClientState(personal=personal, budgets=meta["budgets"], importance=meta["importance"], rounds=meta["rounds"])
+    folder = _state_dir(context, default_dir)
+    if folder is None or not folder.is_dir():
+        return ClientState()
+    files = sorted(folder.glob("round-*.npz"))
+    if before_round is not None:
+        files = [f for f in files if int(f.stem.split("-")[1]) < before_round]
+    if not files:
+        return ClientState()
+    try:
+        with np.load(files[-1], allow_pickle=False) as z:
             meta = json.loads(str(z["__meta__"]))
             personal = {k: z[k] for k in z.files if k != "__meta__"}
-        return ClientState(personal=personal, **meta)
-    return ClientState()
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"corrupt client state {files[-1]}: {exc}") from exc
+    return ClientState(personal=personal, budgets=meta["budgets"], importance=meta["importance"], rounds=meta["rounds"])
 
 
-def save_state(context: Context, state: ClientState) -> None:
-    meta = {"budgets": state.budgets, "importance": state.importance, "rounds": state.rounds}
+def save_state(context: Context, state: ClientState, default_dir: Path | None = None, server_round: int = 0) -> None:
+    meta = {"budgets": state.budgets, "importance": state.importance, "rounds": state.rounds, "round": server_round}
     context.state[STATE_ARRAYS] = numpy_to_arrays(state.personal)
     context.state[STATE_CONFIG] = ConfigRecord({"json": json.dumps(meta)})
-    path = _state_file(context)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.npz")
+    folder = _state_dir(context, default_dir)
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"round-{server_round:06d}.npz"
+        tmp = folder / f"tmp-{server_round:06d}.npz"
         np.savez(tmp, __meta__=np.array(json.dumps(meta)), **state.personal)
         os.replace(tmp, path)
+        for old in sorted(folder.glob("round-*.npz"))[:-2]:  # keep the last two
+            old.unlink(missing_ok=True)
 
 
 def _partition_id(context: Context) -> int:
@@ -97,8 +113,12 @@ def _metric_record(metrics: dict[str, Any]) -> MetricRecord:
     return MetricRecord(clean)
 
 
-def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
-    """A ClientApp for `cfg` (None: read the config from the Flower run config)."""
+def make_client_app(cfg: RunConfig | None = None, state_dir: Path | None = None) -> ClientApp:
+    """A ClientApp for `cfg` (None: read the config from the Flower run config).
+
+    With `state_dir`, each client also keeps its personal state in a file there (as a
+    device does), so a resumed simulation continues exactly where it stopped.
+    """
     app = ClientApp()
 
     def runtime(context: Context) -> ClientRuntime:
@@ -114,8 +134,8 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
         config = msg.content.config_records.get(protocol.CONFIG, ConfigRecord())
         importance = config.get(protocol.IMPORTANCE)
         server_round = int(config.get(protocol.SERVER_ROUND, 0))
-        update, counts, metrics, state = rt.fit(global_arrays, load_state(context), list(importance) if importance else None, server_round)
-        save_state(context, state)
+        update, counts, metrics, state = rt.fit(global_arrays, load_state(context, state_dir, server_round), list(importance) if importance else None, server_round)
+        save_state(context, state, state_dir, server_round)
         metrics["bytes-received"] = int(msg.content.array_records[protocol.ARRAYS].count_bytes())
         reply = RecordDict(
             {
@@ -130,7 +150,9 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
     def evaluate(msg: Message, context: Context) -> Message:
         rt = runtime(context)
         global_arrays = arrays_to_numpy(msg.content.array_records[protocol.ARRAYS])
-        metrics = rt.evaluate(global_arrays, load_state(context))
+        config = msg.content.config_records.get(protocol.CONFIG, ConfigRecord())
+        server_round = int(config.get(protocol.SERVER_ROUND, 0))
+        metrics = rt.evaluate(global_arrays, load_state(context, state_dir, server_round + 1 if server_round else None))
         return Message(content=RecordDict({protocol.METRICS: _metric_record(metrics)}), reply_to=msg)
 
     return app

@@ -97,6 +97,7 @@ class Trace:
     tokens_in: list[int] = field(default_factory=list)  # tokens entering each block (incl. class/fused)
     kept_index: dict[int, torch.Tensor] = field(default_factory=dict)  # block -> kept patch indices [B, k]
     cls_attn: dict[int, torch.Tensor] = field(default_factory=dict)  # block -> [B, n] attention (when ranked)
+    extra: dict = field(default_factory=dict)  # what model variants add (the MoE ViT: expert counts per block)
 
 
 def class_token_attention(attn: nn.Module, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,12 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import DataConfig, DataSplit, ImageSet, load_data, partition_indices
-from .engine import forward_plan
+from .engine import forward_plan, full_plan
 from .errors import ConfigError
 from .methods import MethodConfig, make_method, prepare_model
 from .model import FedViT, ModelConfig, build_model
 from .profiles import PROFILES, get_profile
-from .trainer import TrainConfig, Trainer, evaluate
+from .trainer import TrainConfig, Trainer
 from .typedconfig import apply_overrides, from_dict, read_yaml, to_dict
 
 
@@ -63,6 +64,7 @@ class FederationConfig:
     personal_head: bool = True  # each client also trains its own head (never sent)
     feed_importance: bool = True  # server sends the federation's block importance to clients
     profiles: list[str] = field(default_factory=lambda: ["workstation"])  # device profiles, cycled over clients
+    client_tasks: list[list[str]] | None = None  # multitask: each client's tasks, cycled over clients (None: all tasks)
     checkpoint_every: int = 1  # rounds between server checkpoints
     round_timeout_s: float = 3600.0  # how long the server waits for replies
 
@@ -84,6 +86,9 @@ class FederationConfig:
             raise ConfigError(f"{prefix}profiles: give at least one device profile")
 
 
+MoEConfigRef = dict[str, Any]  # checked against moe.MoEConfig when the model is built
+
+
 @dataclass
 class BackendConfig:
     cpus_per_client: float = 1.0  # Ray resources per virtual client
@@ -94,7 +99,8 @@ class BackendConfig:
 class RunConfig:
     name: str = "run"  # a label for the run
     seed: int = 0  # seed for partitioning, initialisation and shuffling
-    task: str | None = None  # the task to learn (None: the data set's first)
+    task: str | None = None  # the task to learn (None: the data set's first); see also tasks
+    tasks: list[str] | None = None  # multitask runs: the tasks the model has a head (and routers) for
     model: ModelConfig = field(default_factory=lambda: ModelConfig(pretrained="default"))
     data: DataConfig = field(default_factory=DataConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
@@ -102,6 +108,32 @@ class RunConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1, batch_size=32))
     federation: FederationConfig = field(default_factory=FederationConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
+    moe: MoEConfigRef | None = None  # an MoE ViT (moe.MoEConfig fields); None: a dense ViT
+
+    def validate(self, prefix: str = "") -> None:
+        if self.task is not None and self.tasks is not None:
+            raise ConfigError(f"{prefix}task/tasks: give one of them (task for one task, tasks for several)")
+        if self.tasks is not None and not self.tasks:
+            raise ConfigError(f"{prefix}tasks: give at least one task")
+        if self.moe is not None:
+            from moe import MoEConfig
+
+            from_dict(MoEConfig, self.moe, prefix=f"{prefix}moe.")
+        for group in self.federation.client_tasks or []:
+            for t in group:
+                if t not in self.run_tasks():
+                    raise ConfigError(f"{prefix}federation.client_tasks: task {t!r} is not one of the run's tasks {self.run_tasks()}")
+
+    def run_tasks(self) -> list[str]:
+        """The model's tasks: `tasks`, or [`task`] ([] when the data set's first task is meant)."""
+        return list(self.tasks) if self.tasks is not None else ([self.task] if self.task else [])
+
+    def tasks_of(self, partition_id: int) -> list[str]:
+        """The tasks client `partition_id` trains on (federation.client_tasks, cycled; default all)."""
+        groups = self.federation.client_tasks
+        if groups:
+            return list(groups[partition_id % len(groups)])
+        return self.run_tasks() or [federated_data(self)[0].train.tasks[0]]
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(to_dict(self), sort_keys=True).encode()).hexdigest()[:12]
@@ -129,12 +161,13 @@ _DATA_CACHE: dict[str, tuple[DataSplit, list[np.ndarray]]] = {}
 
 def federated_data(cfg: RunConfig) -> tuple[DataSplit, list[np.ndarray]]:
     """The data split and each client's train indices (cached per process)."""
-    key = json.dumps([to_dict(cfg.data), to_dict(cfg.partition), cfg.federation.num_clients, cfg.seed, cfg.task], sort_keys=True)
+    key = json.dumps([to_dict(cfg.data), to_dict(cfg.partition), cfg.federation.num_clients, cfg.seed, cfg.run_tasks()], sort_keys=True)
     if key not in _DATA_CACHE:
         split = load_data(cfg.data)
-        task = cfg.task or split.train.tasks[0]
-        if task not in split.train.tasks:
-            raise ConfigError(f"task: {task!r} is not in the data set; it has {', '.join(split.train.tasks)}")
+        for task in cfg.run_tasks():
+            if task not in split.train.tasks:
+                raise ConfigError(f"task: {task!r} is not in the data set {cfg.data.name}; it has {', '.join(split.train.tasks)}")
+        task = (cfg.run_tasks() or split.train.tasks)[0]
         p = cfg.partition
         parts = partition_indices(
             split.train.labels[task].numpy(), cfg.federation.num_clients, p.scheme, alpha=p.alpha,
@@ -164,9 +197,13 @@ def client_data(cfg: RunConfig, partition_id: int) -> tuple[ImageSet, ImageSet]:
 def global_model(cfg: RunConfig) -> FedViT:
     """The model every participant starts from: pretrained backbone, method's extras, seeded heads."""
     split, _ = federated_data(cfg)
-    task = cfg.task or split.train.tasks[0]
+    tasks = cfg.run_tasks() or [split.train.tasks[0]]
     torch.manual_seed(cfg.seed)
-    model = build_model(resolve_model(cfg.model), {task: split.train.num_classes[task]})
+    model = build_model(resolve_model(cfg.model), {t: split.train.num_classes[t] for t in tasks})
+    if cfg.moe is not None:
+        from moe import MoEConfig, build_moe_vit
+
+        model = build_moe_vit(None, from_dict(MoEConfig, cfg.moe, prefix="moe."), {t: split.train.num_classes[t] for t in tasks}, dense=model)
     prepare_model(model, cfg.method)
     return model
 
@@ -237,7 +274,7 @@ class ClientState:
 
 
 class ClientRuntime:
-    """One client's model and data; `fit` and `evaluate` a round at a time."""
+    """One client's model and data; `fit` and `evaluate` a round at a time, over the client's tasks."""
 
     def __init__(self, cfg: RunConfig, partition_id: int, profile: str | None = None):
         self.cfg = cfg
@@ -247,88 +284,117 @@ class ClientRuntime:
         if len(self.train_set) == 0:
             raise ConfigError(f"client {partition_id} has no training data")
         self.model = shared_model(cfg)
-        self.task = self.model.tasks[0]
-        self.personal_head = nn.Linear(self.model.vit.embed_dim, self.model.heads[self.task].out_features) if cfg.federation.personal_head else None
+        self.tasks = cfg.tasks_of(partition_id)
+        for task in self.tasks:
+            self.model.check_task(task)
+        dim = self.model.vit.embed_dim
+        self.personal_heads = {t: nn.Linear(dim, self.model.heads[t].out_features) for t in self.tasks} if cfg.federation.personal_head else {}
 
     def _load(self, global_arrays: dict[str, np.ndarray], state: ClientState) -> None:
         load_numpy_state(self.model, global_arrays)
         personal = {k: v for k, v in state.personal.items() if not k.startswith("personal_head.")}
         if personal:
             load_numpy_state(self.model, personal, "client state")
-        if self.personal_head is not None:
-            head = {k.removeprefix("personal_head."): v for k, v in state.personal.items() if k.startswith("personal_head.")}
-            if head:
-                self.personal_head.load_state_dict({k: torch.as_tensor(v) for k, v in head.items()})
-            else:  # start the personal head from the global one
-                self.personal_head.load_state_dict(self.model.heads[self.task].state_dict())
+        for task, head in self.personal_heads.items():
+            prefix = f"personal_head.{task}."
+            saved = {k.removeprefix(prefix): torch.as_tensor(v) for k, v in state.personal.items() if k.startswith(prefix)}
+            # start the personal head from the global one
+            head.load_state_dict(saved or self.model.heads[task].state_dict())
 
     def fit(self, global_arrays: dict[str, np.ndarray], state: ClientState, importance: list[float] | None = None, server_round: int = 0) -> tuple[dict[str, np.ndarray], dict[str, int], dict[str, Any], ClientState]:
-        """Train one round; return (update, update counts, metrics, new state)."""
+        """Train one round on each of the client's tasks; return (update, update counts, metrics, new state)."""
         start = time.perf_counter()
         self._load(global_arrays, state)
         cfg = self.cfg
-        method = make_method(cfg.method, self.model, self.profile, cfg.train.batch_size, self.task)
-        if state.budgets is not None and hasattr(method, "budgets"):
-            method.budgets = np.asarray(state.budgets, dtype=np.float64)
-            if state.importance is not None:
-                method.set_importance_estimate(state.importance)
-        elif importance is not None:
-            method.set_importance(importance)
-        torch.manual_seed(cfg.seed * 7919 + self.partition_id * 31 + server_round)
-        tcfg = TrainConfig(**{**cfg.train.__dict__, "seed": cfg.seed * 7919 + self.partition_id * 31 + server_round})
-        trainer = PersonalHeadTrainer(self.model, method, tcfg, self.task, personal_head=self.personal_head)
-        result = trainer.train(self.train_set)
+        seed = cfg.seed * 7919 + self.partition_id * 31 + server_round
+        budgets, imp_estimate = state.budgets, state.importance
+        counts_all: Counter = Counter()
+        block_updates = [0] * self.model.depth
+        steps: list = []
+        expert_counts: dict[str, dict[int, list[int]]] = {}
+        examples, loss_sum, correct = 0, 0.0, 0.0
+        for i, task in enumerate(self.tasks):
+            method = make_method(cfg.method, self.model, self.profile, cfg.train.batch_size, task)
+            if budgets is not None and hasattr(method, "budgets"):
+                method.budgets = np.asarray(budgets, dtype=np.float64)
+                if imp_estimate is not None:
+                    method.set_importance_estimate(imp_estimate)
+            elif importance is not None:
+                method.set_importance(importance)
+            torch.manual_seed(seed + i)
+            tcfg = TrainConfig(**{**cfg.train.__dict__, "seed": seed + i})
+            trainer = PersonalHeadTrainer(self.model, method, tcfg, task, personal_head=self.personal_heads.get(task))
+            result = trainer.train(self.train_set)
+            counts_all.update(result.update_counts)
+            block_updates = [a + b for a, b in zip(block_updates, result.block_updates, strict=True)]
+            steps += result.steps
+            if result.expert_counts:
+                expert_counts[task] = result.expert_counts
+            examples += result.num_examples
+            loss_sum += result.loss * result.num_examples
+            correct += result.accuracy * result.num_examples
+            if hasattr(method, "budgets"):
+                budgets, imp_estimate = [float(b) for b in method.budgets], method.importance
         personal = cfg.federation.personal
         if cfg.federation.send == "all":
             names = [n for n in self.model.state_dict() if not is_personal(n, personal)]
         else:
-            names = [n for n in result.update_counts if not is_personal(n, personal)]
+            names = [n for n in counts_all if not is_personal(n, personal)]
         update = state_to_numpy(self.model, names)
-        counts = {n: int(result.update_counts.get(n, 0)) for n in names}
-        summary = result.summary()
+        counts = {n: int(counts_all.get(n, 0)) for n in names}
+        heads = {f"personal_head.{t}.{k}": v.detach().numpy().copy() for t, h in self.personal_heads.items() for k, v in h.state_dict().items()}
         new_state = ClientState(
-            personal={**state_to_numpy(self.model, [n for n in self.model.state_dict() if is_personal(n, personal)]),
-                      **({f"personal_head.{k}": v.detach().numpy().copy() for k, v in self.personal_head.state_dict().items()} if self.personal_head is not None else {})},
-            budgets=[float(b) for b in method.budgets] if hasattr(method, "budgets") else None,
-            importance=method.importance,
+            personal={**state_to_numpy(self.model, [n for n in self.model.state_dict() if is_personal(n, personal)]), **heads},
+            budgets=budgets,
+            importance=imp_estimate,
             rounds=state.rounds + 1,
         )
+        flops = [s.train_flops for s in steps if s.train_flops is not None]
         metrics: dict[str, Any] = {
-            "num-examples": result.num_examples,
-            "train-loss": result.loss,
-            "train-accuracy": result.accuracy,
-            "steps": summary["steps"],
-            "flops-per-step": summary["train_flops_per_step"],
-            "activation-bytes": summary["activation_bytes"],
-            "trainable-params": summary["trainable_params"],
-            "step-time-s": summary["step_time_s"],
+            "num-examples": examples,
+            "train-loss": loss_sum / max(examples, 1),
+            "train-accuracy": correct / max(examples, 1),
+            "steps": len(steps),
+            "flops-per-step": float(np.mean(flops)) if flops else 0.0,
+            "activation-bytes": int(max((s.activation_bytes for s in steps), default=0)),
+            "trainable-params": int(max((s.trainable_params for s in steps), default=0)),
+            "step-time-s": float(np.median([s.step_time_s for s in steps])) if steps else 0.0,
             "time-s": time.perf_counter() - start,
             "bytes-sent": int(sum(v.nbytes for v in update.values())),
             "bytes-received": int(sum(v.nbytes for v in global_arrays.values())),
-            "block-updates": list(result.block_updates),
+            "block-updates": block_updates,
             "partition-id": self.partition_id,
-            "profile": self.profile.name,
+            "task-ids": [self.model.tasks.index(t) for t in self.tasks],
         }
-        if method.importance is not None:
-            metrics["importance"] = [float(v) for v in method.importance]
+        for task, per_block in expert_counts.items():  # flattened [blocks x experts], blocks in order
+            metrics[f"experts-{task}"] = [c for b in sorted(per_block) for c in per_block[b]]
+        if imp_estimate is not None:
+            metrics["importance"] = [float(v) for v in imp_estimate]
         return update, counts, metrics, new_state
 
     @torch.no_grad()
     def evaluate(self, global_arrays: dict[str, np.ndarray], state: ClientState) -> dict[str, Any]:
-        """Accuracy of the global model and of the personalized one on the client's local test set."""
+        """Accuracy of the global model and of the personalized one on the client's local test set, per task."""
         self._load(global_arrays, state)
         data = self.test_set if len(self.test_set) else self.train_set
-        glob = evaluate(self.model, data, self.task)
-        out = {"num-examples": glob["num_examples"], "accuracy-global": glob["accuracy"], "loss-global": glob["loss"], "partition-id": self.partition_id}
-        if self.personal_head is not None:
-            self.model.eval()
-            correct = 0
-            for images, labels in data.loader(256, shuffle=False, task=self.task):
-                feats = self.model.vit.forward_head(self.model.vit.forward_features(images), pre_logits=True)
-                correct += int((self.personal_head(feats).argmax(-1) == labels).sum())
-            out["accuracy-personal"] = correct / max(len(data), 1)
-        else:
-            out["accuracy-personal"] = glob["accuracy"]
+        out: dict[str, Any] = {"num-examples": len(data) * len(self.tasks), "partition-id": self.partition_id}
+        glob_sum, pers_sum = 0.0, 0.0
+        self.model.eval()
+        plan = full_plan(self.model.depth)
+        for task in self.tasks:
+            correct_g, correct_p = 0, 0
+            for images, labels in data.loader(256, shuffle=False, task=task):
+                feats: list[torch.Tensor] = []
+                logits, _ = self.model.forward_train(images, plan, task, features=feats)
+                correct_g += int((logits.argmax(-1) == labels).sum())
+                head = self.personal_heads.get(task)
+                correct_p += int(((head(feats[0]) if head is not None else logits).argmax(-1) == labels).sum())
+            out[f"accuracy-global-{task}"] = correct_g / max(len(data), 1)
+            out[f"accuracy-personal-{task}"] = correct_p / max(len(data), 1)
+            glob_sum += out[f"accuracy-global-{task}"]
+            pers_sum += out[f"accuracy-personal-{task}"]
+        out["accuracy-global"] = glob_sum / len(self.tasks)
+        out["accuracy-personal"] = pers_sum / len(self.tasks)
         return out
 
 

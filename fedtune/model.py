@@ -99,6 +99,12 @@ class FedViT(nn.Module):
         """The engine's per-block function for `task` (None: engine.block_forward); the MoE ViT overrides it."""
         return None
 
+    def forward_train(self, images: torch.Tensor, plan, task: str | None = None, trace=None, features=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits under `plan` and an auxiliary loss to add (None here; the MoE ViT adds load balancing)."""
+        from .engine import forward_plan
+
+        return forward_plan(self, images, plan, task, trace=trace, features=features), None
+
     def forward(self, x: torch.Tensor, task: str | None = None) -> torch.Tensor:
         """Plain dense forward (every block, every token): timm's forward with the task's head."""
         feats = self.vit.forward_head(self.vit.forward_features(x), pre_logits=True)

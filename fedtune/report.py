@@ -51,8 +51,9 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def plot_run(rounds: list[dict[str, Any]], out: Path, depth: int) -> list[Path]:
-    """Accuracy per round, bytes per round against full FedAvg, and the trained-blocks heatmap."""
+def plot_run(rounds: list[dict[str, Any]], out: Path, depth: int, moe_blocks: list[int] | None = None) -> list[Path]:
+    """Accuracy per round, bytes per round against full FedAvg, the trained-blocks heatmap and,
+    for an MoE model, expert usage per task and per client."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -67,6 +68,7 @@ def plot_run(rounds: list[dict[str, Any]], out: Path, depth: int) -> list[Path]:
     pers = [(x["round"], x.get("accuracy_personalized")) for x in rounds if x.get("accuracy_personalized") is not None]
     if pers:
         ax.plot([p[0] for p in pers], [100 * p[1] for p in pers], marker="s", label="personalized (clients' local tests)")
+    ax.set_xticks(r)
     ax.set_xlabel("round")
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3)
@@ -81,6 +83,7 @@ def plot_run(rounds: list[dict[str, Any]], out: Path, depth: int) -> list[Path]:
     w = 0.4
     ax.bar(np.array([x["round"] for x in rr]) - w / 2, [x["bytes_up"] / 2**20 for x in rr], w, label="sent up (this run)")
     ax.bar(np.array([x["round"] for x in rr]) + w / 2, [x["bytes_up_full_fedavg"] / 2**20 for x in rr], w, label="full-model FedAvg")
+    ax.set_xticks([x["round"] for x in rr])
     ax.set_xlabel("round")
     ax.set_ylabel("MiB uploaded")
     ax.legend()
@@ -108,6 +111,39 @@ def plot_run(rounds: list[dict[str, Any]], out: Path, depth: int) -> list[Path]:
         fig.colorbar(im, ax=ax)
         fig.tight_layout()
         paths.append(out / "blocks.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    if moe_blocks:
+        paths += _plot_experts(rounds, out, moe_blocks, plt)
+    return paths
+
+
+def _plot_experts(rounds: list[dict[str, Any]], out: Path, moe_blocks: list[int], plt) -> list[Path]:
+    per_task: dict[str, np.ndarray] = {}
+    per_client: dict[int, np.ndarray] = {}
+    for r in rounds:
+        for c in r.get("clients", []):
+            for task, flat in (c.get("experts") or {}).items():
+                counts = np.asarray(flat, dtype=float).reshape(len(moe_blocks), -1)
+                per_task[task] = per_task.get(task, 0) + counts
+                per_client[c["partition_id"]] = per_client.get(c["partition_id"], 0) + counts
+    if not per_task:
+        return []
+    paths = []
+    for name, table in (("experts_per_task", per_task), ("experts_per_client", per_client)):
+        keys = sorted(table, key=str)
+        fig, axes = plt.subplots(1, len(moe_blocks), figsize=(3.2 * len(moe_blocks), 0.5 * len(keys) + 1.5), squeeze=False)
+        for j, b in enumerate(moe_blocks):
+            rows = np.array([table[k][j] / max(table[k][j].sum(), 1) for k in keys])
+            ax = axes[0, j]
+            ax.imshow(rows, aspect="auto", cmap="magma", vmin=0)
+            ax.set_title(f"block {b}")
+            ax.set_xlabel("expert")
+            ax.set_yticks(range(len(keys)))
+            ax.set_yticklabels([str(k) if name.endswith("task") else f"client {k}" for k in keys], fontsize=7)
+        fig.suptitle("share of routed tokens per expert (" + name.split("_")[-1] + ")")
+        fig.tight_layout()
+        paths.append(out / f"{name}.png")
         fig.savefig(paths[-1], dpi=120)
         plt.close(fig)
     return paths

@@ -18,9 +18,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .accounting import SavedBytesMeter, StepStats, flop_counter_mode, trainable_params, trainable_state_bytes
+from .accounting import (
+    SavedBytesMeter,
+    StepStats,
+    flop_counter_mode,
+    trainable_params,
+    trainable_state_bytes,
+)
 from .data import ImageSet
-from .engine import Plan, Trace, forward_plan, set_trainable
+from .engine import Plan, Trace, set_trainable
 from .errors import ConfigError
 from .methods import Method
 from .model import FedViT
@@ -72,6 +78,7 @@ class TrainResult:
     num_examples: int = 0
     loss: float = float("nan")
     accuracy: float = float("nan")  # on the training batches, as seen during training
+    expert_counts: dict[int, list[int]] = field(default_factory=dict)  # MoE: block -> tokens routed to each expert
 
     def summary(self) -> dict:
         timed = [s.step_time_s for s in self.steps if s.train_flops is None] or [s.step_time_s for s in self.steps]
@@ -142,6 +149,7 @@ class Trainer:
                 counter.__exit__(None, None, None)
         self.optimizer.step()
         self.method.observe(trace)
+        self.last_trace = trace
         self.global_step += 1
         stats = StepStats(
             step_time_s=time.perf_counter() - start,
@@ -155,8 +163,8 @@ class Trainer:
         return stats, plan, logits.detach()
 
     def forward(self, images: torch.Tensor, plan: Plan, trace: Trace, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits under `plan` and an auxiliary loss to add (None: none); the MoE trainer overrides it."""
-        return forward_plan(self.model, images, plan, self.task, trace=trace, features=features), None
+        """Logits under `plan` and an auxiliary loss to add (the model decides: see FedViT.forward_train)."""
+        return self.model.forward_train(images, plan, self.task, trace=trace, features=features)
 
     def extra_loss(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
         """A loss term subclasses add on the pre-logit features (None: none)."""
@@ -185,6 +193,9 @@ class Trainer:
                         result.update_counts[name] += 1
                 for b in plan.trained:
                     result.block_updates[b] += 1
+                for b, counts in self.last_trace.extra.get("expert_counts", {}).items():
+                    prev = result.expert_counts.get(b, [0] * len(counts))
+                    result.expert_counts[b] = [p + int(c) for p, c in zip(prev, counts.tolist(), strict=True)]
                 result.steps.append(stats)
                 correct += int((logits.argmax(-1) == labels).sum())
                 seen += len(labels)

@@ -88,6 +88,13 @@ class MoEViT(FedViT):
         """Dense-style forward (every block, every token) with `task`'s routers and head."""
         return moe_forward(self, x, full_plan(self.depth), task)[0]
 
+    def forward_train(self, images: torch.Tensor, plan: Plan, task: str | None = None, trace: Trace | None = None, features: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits under `plan` and the weighted load-balancing loss of the MoE blocks that train."""
+        logits, stats = moe_forward(self, images, plan, task, trace=trace, features=features)
+        if trace is not None:
+            trace.extra["expert_counts"] = {b: s.expert_counts for b, s in zip(self.moe_blocks, stats, strict=True)}
+        return logits, moe_aux_loss(self, stats, plan)
+
     def named_router_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """(full name, parameter) of every router and task embedding."""
         for b, layer in self.moe_layers.items():

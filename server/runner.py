@@ -20,7 +20,13 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from fedtune.errors import CheckpointError, ConfigError
-from fedtune.federated import RunConfig, federated_data, global_model, load_numpy_state, state_to_numpy
+from fedtune.federated import (
+    RunConfig,
+    federated_data,
+    global_model,
+    load_numpy_state,
+    state_to_numpy,
+)
 from fedtune.model import checkpoint_meta, model_meta, read_state, save_checkpoint
 from fedtune.report import append_jsonl, plot_run, read_jsonl, rss_bytes, write_json
 from fedtune.trainer import evaluate
@@ -43,6 +49,7 @@ class ServerRunner:
         self.progress = progress
         self.model = global_model(cfg)
         self.task = self.model.tasks[0]
+        self.tasks = self.model.tasks
         self.split, _ = federated_data(cfg)
         self.rounds: list[dict[str, Any]] = []
         self.done_rounds = 0
@@ -56,7 +63,7 @@ class ServerRunner:
 
     def save_checkpoint(self, arrays: ArrayRecord, strategy: SparseFedAvg, server_round: int) -> None:
         state = {k: torch.from_numpy(np.array(v.numpy())) for k, v in arrays.items()}
-        meta = model_meta(self.cfg.model, {self.task: int(self.model.heads[self.task].out_features)},
+        meta = model_meta(self.cfg.model, {t: int(self.model.heads[t].out_features) for t in self.tasks},
                           run=to_dict(self.cfg), round=server_round, strategy=strategy.state_dict(), method=self.cfg.method.name)
         save_checkpoint(self._checkpoint_path(), state, meta)
 
@@ -133,10 +140,11 @@ class ServerRunner:
         """Flower calls this before round 1 (0) and after every round: evaluate, record, checkpoint."""
         rnd = server_round + self.done_rounds
         load_numpy_state(self.model, {k: v.numpy() for k, v in arrays.items()})
-        ev = evaluate(self.model, self.split.test, self.task)
+        per_task = {t: evaluate(self.model, self.split.test, t) for t in self.tasks}
+        ev = {"accuracy": float(np.mean([e["accuracy"] for e in per_task.values()])), "loss": float(np.mean([e["loss"] for e in per_task.values()]))}
         if server_round == 0:
             if not self.rounds:
-                rec = {"round": 0, "accuracy_global": ev["accuracy"], "loss_global": ev["loss"], "bytes_up": 0, "bytes_down": 0, "bytes_up_full_fedavg": 0}
+                rec = {"round": 0, "accuracy_global": ev["accuracy"], "loss_global": ev["loss"], "accuracy_per_task": {t: e["accuracy"] for t, e in per_task.items()}, "bytes_up": 0, "bytes_down": 0, "bytes_up_full_fedavg": 0}
                 self.rounds.append(rec)
                 append_jsonl(self.out / "metrics.jsonl", rec)
             return MetricRecord({"accuracy": ev["accuracy"]})
@@ -151,6 +159,8 @@ class ServerRunner:
                 "steps": m.get("steps"), "flops_per_step": m.get("flops-per-step"), "activation_bytes": m.get("activation-bytes"),
                 "trainable_params": m.get("trainable-params"), "time_s": m.get("time-s"), "bytes_sent": m.get("bytes-sent"),
                 "bytes_received": m.get("bytes-received"), "block_updates": m.get("block-updates"), "importance": m.get("importance"),
+                "tasks": [self.tasks[int(i)] for i in m.get("task-ids", [])],
+                "experts": {k.removeprefix("experts-"): v for k, v in m.items() if k.startswith("experts-")},
             })
         evals = [{"node_id": e["node_id"], **{k.replace("-", "_"): v for k, v in e["metrics"].items()}} for e in s.last_eval_metrics]
         n_eval = sum(e.get("num_examples", 0) for e in evals)
@@ -165,6 +175,7 @@ class ServerRunner:
             "round": rnd,
             "accuracy_global": ev["accuracy"],
             "loss_global": ev["loss"],
+            "accuracy_per_task": {t: e["accuracy"] for t, e in per_task.items()},
             "accuracy_personalized": personalized,
             "accuracy_global_on_client_tests": local_global,
             "bytes_up": bytes_up,
@@ -207,6 +218,8 @@ class ServerRunner:
             "task": self.task,
             "test_size": len(self.split.test),
             "accuracy_global": last.get("accuracy_global"),
+            "accuracy_per_task": last.get("accuracy_per_task"),
+            "tasks": self.tasks,
             "accuracy_personalized": next((r["accuracy_personalized"] for r in reversed(rounds) if r.get("accuracy_personalized") is not None), None),
             "accuracy_per_client": {str(k): v for k, v in sorted(per_client.items())},
             "accuracy_global_per_round": [r["accuracy_global"] for r in self.rounds],
@@ -224,5 +237,5 @@ class ServerRunner:
         }
         summary["bytes_up_ratio_vs_full_fedavg"] = summary["bytes_up_total"] / summary["bytes_up_full_fedavg"] if summary["bytes_up_full_fedavg"] else None
         write_json(self.out / "summary.json", summary)
-        plot_run(self.rounds, self.out / "plots", self.model.depth)
+        plot_run(self.rounds, self.out / "plots", self.model.depth, getattr(self.model, "moe_blocks", None))
         return summary

@@ -9,9 +9,8 @@ parameter (and ``weighting="examples"``), the result equals Flower's FedAvg.
 
 from __future__ import annotations
 
-import random
-
 import math
+import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from logging import INFO, WARNING

@@ -6,7 +6,15 @@ import torch
 import torch.nn.functional as F
 
 from fedtune.accounting import SavedBytesMeter, flop_counter_mode
-from fedtune.engine import Plan, Trace, class_token_attention, drop_tokens, forward_plan, full_plan, set_trainable
+from fedtune.engine import (
+    Plan,
+    Trace,
+    class_token_attention,
+    drop_tokens,
+    forward_plan,
+    full_plan,
+    set_trainable,
+)
 from fedtune.errors import PlanError
 from fedtune.model import ModelConfig, build_model
 

@@ -2,13 +2,18 @@
 
 import numpy as np
 import pytest
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedtune import protocol
 from fedtune.errors import ConfigError
-from fedtune.federated import ClientRuntime, ClientState, global_model, load_run_config, state_to_numpy
+from fedtune.federated import (
+    ClientRuntime,
+    ClientState,
+    global_model,
+    load_run_config,
+    state_to_numpy,
+)
 from fedtune.typedconfig import from_dict
 
 TINY_RUN = {

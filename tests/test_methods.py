@@ -10,7 +10,14 @@ from fedtune.engine import Plan, forward_plan, set_trainable
 from fedtune.errors import CheckpointError, ConfigError, PlanError
 from fedtune.lora import merge_lora
 from fedtune.methods import MethodConfig, make_method, prepare_model
-from fedtune.model import ModelConfig, build_model, load_backbone, model_from_checkpoint, model_meta, save_checkpoint
+from fedtune.model import (
+    ModelConfig,
+    build_model,
+    load_backbone,
+    model_from_checkpoint,
+    model_meta,
+    save_checkpoint,
+)
 from fedtune.profiles import DeviceProfile, get_profile
 from fedtune.trainer import TrainConfig, Trainer
 from fedtune.typedconfig import from_dict

@@ -64,6 +64,26 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_run
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.force:
+        print(f"fedtune: error: {out} is not empty; choose another --out or pass --force", file=sys.stderr)
+        return 2
+    summary = export_run(args.run_dir, args.task, out, args.client)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .export import predict
+
+    for row in predict(args.model_dir, args.images):
+        print(f"{row['image']}\t{row['class']}\t{row['probability']:.3f}")
+    return 0
+
+
 def cmd_profiles(args: argparse.Namespace) -> int:
     from .profiles import PROFILES
 
@@ -105,6 +125,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("export", help="export a run's personalized model for one task (and client)")
+    p.add_argument("run_dir", help="a run folder (with checkpoint.safetensors)")
+    p.add_argument("--task", help="the task (default: the run's first)")
+    p.add_argument("--client", type=int, help="a client's partition id: include its personal parameters and head")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--force", action="store_true", help="write into a non-empty folder")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("predict", help="predict image files with an exported model")
+    p.add_argument("model_dir", help="a folder written by `fedtune export`")
+    p.add_argument("images", nargs="+", help="image files")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("profiles", help="list the device profiles")
     p.set_defaults(func=cmd_profiles)

@@ -1,0 +1,232 @@
+"""Export a personalized model for one task, and predict with it.
+
+`export_run(run_dir, task, client, out)` reads a run's final checkpoint (and,
+with a client, that client's personal state) and writes a self-contained
+folder:
+
+- `model.safetensors`: the weights. A dense model uses plain timm key names
+  (the task's head as timm's `head`), so `timm.create_model(name, **config)`
+  loads them; an MoE model keeps only the experts the task's router uses;
+- `config.yaml`: what is needed to rebuild and feed the model (timm name and
+  kwargs, classes, normalisation, the source run);
+- `model.ts`: a TorchScript module (images -> logits) that an edge runtime
+  loads with `torch.jit.load`, without fedtune or timm.
+
+`predict(dir, images)` loads that folder (TorchScript) and returns class ids.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from .errors import CheckpointError, ConfigError
+from .lora import has_lora, merge_lora
+from .model import FedViT, checkpoint_meta, read_state, save_checkpoint
+
+MEAN, STD = 0.5, 0.5
+
+
+class DenseMoE(nn.Module):
+    """Inference form of an MoE MLP without data-dependent shapes (traceable): every kept
+    expert runs on every token and the top-k gates (zero elsewhere) combine them. With no
+    capacity limit this equals the routed computation."""
+
+    def __init__(self, layer: nn.Module, task: str):
+        super().__init__()
+        self.experts = layer.experts
+        self.router = copy.deepcopy(layer.routers[task]) if layer.router_kind == "per_task" else copy.deepcopy(layer.router)
+        self.task_embed = None if layer.router_kind == "per_task" else nn.Parameter(layer.task_embed[task].detach().clone())
+        self.top_k = layer.top_k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        inp = flat if self.task_embed is None else torch.cat([flat, self.task_embed.to(flat.dtype).expand(flat.shape[0], -1)], dim=-1)
+        logits = self.router(inp).float()
+        top, idx = logits.topk(self.top_k, dim=-1)
+        gates = torch.zeros_like(logits).scatter(1, idx, top.softmax(dim=-1))
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            out = out + gates[:, e : e + 1].to(flat.dtype) * expert(flat)
+        return out.view(x.shape)
+
+
+class TaskModel(nn.Module):
+    """images -> logits of one task: the backbone, its (MoE-densified) MLPs and one head."""
+
+    def __init__(self, vit: nn.Module, head: nn.Module):
+        super().__init__()
+        self.vit = vit
+        self.head = head
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.vit.forward_head(self.vit.forward_features(images), pre_logits=True))
+
+
+def _run_model(run_dir: Path) -> tuple[FedViT, dict[str, Any]]:
+    from .federated import global_model, load_numpy_state
+    from .typedconfig import from_dict
+
+    path = run_dir / "checkpoint.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir}: no checkpoint.safetensors (is it a fedtune run folder?)")
+    state, raw = read_state(path)
+    meta = checkpoint_meta(raw)
+    if "run" not in meta:
+        raise CheckpointError(f"{path}: not a run checkpoint (no run config in its metadata)")
+    from .federated import RunConfig
+
+    cfg = from_dict(RunConfig, meta["run"])
+    model = global_model(cfg)
+    load_numpy_state(model, {k: v.numpy() for k, v in state.items()}, f"checkpoint {path}")
+    return model, {"cfg": cfg, "meta": meta}
+
+
+def _client_state(run_dir: Path, client: int) -> dict[str, np.ndarray]:
+    folder = run_dir / "client_state" / f"client-{client}"
+    files = sorted(folder.glob("round-*.npz")) if folder.is_dir() else []
+    if not files:
+        known = sorted(p.name.removeprefix("client-") for p in (run_dir / "client_state").glob("client-*")) if (run_dir / "client_state").is_dir() else []
+        raise ConfigError(f"client {client}: the run {run_dir} has no state for it" + (f"; clients with state: {', '.join(known[:20])}" if known else ""))
+    try:
+        with np.load(files[-1], allow_pickle=False) as z:
+            return {k: z[k] for k in z.files if k != "__meta__"}
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"corrupt client state {files[-1]}: {exc}") from exc
+
+
+def export_run(run_dir: str | Path, task: str | None, out: str | Path, client: int | None = None) -> dict[str, Any]:
+    """Write the personalized model of `task` (and `client`) from `run_dir` into `out`."""
+    from .federated import federated_data, load_numpy_state
+
+    run_dir, out = Path(run_dir), Path(out)
+    model, info = _run_model(run_dir)
+    cfg = info["cfg"]
+    task = task or model.tasks[0]
+    if task not in model.tasks:
+        raise ConfigError(f"task {task!r}: the run has tasks {', '.join(model.tasks)}")
+    head = copy.deepcopy(model.heads[task])
+    if client is not None:
+        personal = _client_state(run_dir, client)
+        params = {k: v for k, v in personal.items() if not k.startswith("personal_head.")}
+        if params:
+            load_numpy_state(model, params, f"client {client} state")
+        prefix = f"personal_head.{task}."
+        saved = {k.removeprefix(prefix): torch.as_tensor(v) for k, v in personal.items() if k.startswith(prefix)}
+        if saved:
+            head.load_state_dict(saved)
+        elif cfg.federation.personal_head:
+            raise ConfigError(f"client {client} has no personal head for task {task!r} (its tasks: {sorted({k.split('.')[1] for k in personal if k.startswith('personal_head.')})})")
+    if has_lora(model):
+        merge_lora(model)
+    model.eval()
+    vit = copy.deepcopy(model.vit)
+    kind = "dense"
+    experts: dict[int, list[int]] = {}
+    if hasattr(model, "moe_blocks"):
+        from moe import experts_used, prune_for_task
+
+        kind = "moe"
+        split, _ = federated_data(cfg)
+        used = experts_used(model, split.train.images, task)
+        pruned = prune_for_task(model, task, used)
+        experts = {b: list(pruned.moe_layers[b].expert_ids) for b in pruned.moe_blocks}
+        vit = copy.deepcopy(pruned.vit)
+        for b in pruned.moe_blocks:
+            vit.blocks[b].mlp = DenseMoE(pruned.vit.blocks[b].mlp, task)
+    task_model = TaskModel(vit, head).eval()
+    out.mkdir(parents=True, exist_ok=True)
+    if kind == "dense":
+        state = {k.removeprefix("vit."): v for k, v in task_model.state_dict().items() if k.startswith("vit.")}
+        state.update({"head.weight": head.weight, "head.bias": head.bias})
+    else:
+        state = task_model.state_dict()
+    split, _ = federated_data(cfg)
+    example = split.test.images[:2]
+    config = {
+        "format": "fedtune-export",
+        "kind": kind,
+        "task": task,
+        "client": client,
+        "timm_name": cfg.model.name,
+        "timm_kwargs": {k: v for k, v in {"img_size": cfg.model.img_size, "patch_size": cfg.model.patch_size, "in_chans": cfg.model.in_chans, "depth": cfg.model.depth, "embed_dim": cfg.model.embed_dim, "num_heads": cfg.model.num_heads, "mlp_ratio": cfg.model.mlp_ratio, "num_classes": int(head.out_features)}.items() if v is not None},
+        "classes": split.train.class_names.get(task) or [str(i) for i in range(int(head.out_features))],
+        "normalize": {"mean": MEAN, "std": STD},
+        "channels": cfg.model.in_chans,
+        "experts": {str(b): e for b, e in experts.items()},
+        "source_run": str(run_dir),
+        "round": info["meta"].get("round"),
+    }
+    save_checkpoint(out / "model.safetensors", state, {"format": "fedtune-export", "config": config})
+    (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    with torch.no_grad():
+        traced = torch.jit.trace(task_model, example, check_trace=False)
+    traced.save(str(out / "model.ts"))
+    full_bytes = sum(v.numel() * v.element_size() for v in model.state_dict().values())
+    exported = sum(v.numel() * v.element_size() for v in state.values())
+    summary = {"out": str(out), "kind": kind, "task": task, "client": client, "bytes": exported, "run_model_bytes": full_bytes, "experts": config["experts"]}
+    (out / "export.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def load_exported(folder: str | Path) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
+    folder = Path(folder)
+    cfg_path, ts_path = folder / "config.yaml", folder / "model.ts"
+    if not cfg_path.is_file() or not ts_path.is_file():
+        raise CheckpointError(f"{folder}: not an exported model (needs config.yaml and model.ts from `fedtune export`)")
+    config = yaml.safe_load(cfg_path.read_text())
+    try:
+        module = torch.jit.load(str(ts_path), map_location="cpu")
+    except (RuntimeError, ValueError) as exc:
+        raise CheckpointError(f"corrupt exported model {ts_path}: {exc}") from exc
+    return module, config
+
+
+def load_timm(folder: str | Path) -> nn.Module:
+    """A dense export as a plain timm model (no fedtune classes involved)."""
+    import timm
+    from safetensors.torch import load_file
+
+    config = yaml.safe_load((Path(folder) / "config.yaml").read_text())
+    if config.get("kind") != "dense":
+        raise ConfigError(f"{folder}: an {config.get('kind')} export is not a plain timm model; use model.ts")
+    model = timm.create_model(config["timm_name"], pretrained=False, **config["timm_kwargs"])
+    model.load_state_dict(load_file(str(Path(folder) / "model.safetensors")))
+    return model.eval()
+
+
+def preprocess(paths: list[str | Path], config: dict[str, Any]) -> torch.Tensor:
+    """Image files -> normalised tensor batch at the model's size and channels."""
+    from PIL import Image
+
+    size = int(config["timm_kwargs"]["img_size"])
+    batch = []
+    for p in paths:
+        try:
+            im = Image.open(p)
+            im = im.convert("L" if config["channels"] == 1 else "RGB").resize((size, size), Image.BILINEAR)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read image {p}: {exc}") from exc
+        arr = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0)
+        arr = arr.unsqueeze(0) if arr.ndim == 2 else arr.permute(2, 0, 1)
+        batch.append((arr - config["normalize"]["mean"]) / config["normalize"]["std"])
+    return torch.stack(batch)
+
+
+@torch.no_grad()
+def predict(folder: str | Path, paths: list[str | Path]) -> list[dict[str, Any]]:
+    module, config = load_exported(folder)
+    logits = module(preprocess(paths, config))
+    probs = logits.softmax(-1)
+    out = []
+    for p, row in zip(paths, probs, strict=True):
+        k = int(row.argmax())
+        out.append({"image": str(p), "class_id": k, "class": config["classes"][k], "probability": float(row[k])})
+    return out

@@ -1,0 +1,85 @@
+"""Export round trip (dense and MoE) on a run folder made without Flower."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fedtune.errors import CheckpointError, ConfigError
+from fedtune.export import export_run, load_exported, load_timm, predict, preprocess
+from fedtune.federated import ClientRuntime, ClientState, global_model, state_to_numpy
+from fedtune.model import model_meta, save_checkpoint
+from fedtune.typedconfig import to_dict
+
+from .test_federated import tiny_run
+
+
+def make_run(tmp_path, **over):
+    """A run folder as the server writes it: a checkpoint with the run config, one client's state."""
+    cfg = tiny_run(**over)
+    model = global_model(cfg)
+    glob = state_to_numpy(model)
+    rt = ClientRuntime(cfg, 0)
+    update, _, _, state = rt.fit(glob, ClientState(), server_round=1)
+    glob.update(update)
+    run = tmp_path / "run"
+    meta = model_meta(cfg.model, {t: int(model.heads[t].out_features) for t in model.tasks}, run=to_dict(cfg), round=1, strategy={}, method=cfg.method.name)
+    save_checkpoint(run / "checkpoint.safetensors", {k: torch.from_numpy(np.array(v)) for k, v in glob.items()}, meta)
+    folder = run / "client_state" / "client-0"
+    folder.mkdir(parents=True)
+    np.savez(folder / "round-000001.npz", __meta__=np.array("{}"), **state.personal)
+    return run, cfg, glob, state
+
+
+def test_dense_export_round_trip(tmp_path):
+    run, cfg, glob, state = make_run(tmp_path)
+    out = tmp_path / "export"
+    summary = export_run(run, None, out, client=0)
+    assert summary["kind"] == "dense"
+    module, config = load_exported(out)
+    rt = ClientRuntime(cfg, 0)
+    rt._load(glob, state)
+    x = torch.randn(4, 3, 16, 16)
+    feats = []
+    rt.model.eval()
+    with torch.no_grad():
+        rt.model.forward_train(x, __import__("fedtune.engine", fromlist=["full_plan"]).full_plan(rt.model.depth), "digit", features=feats)
+        expected = rt.personal_heads["digit"](feats[0])
+        torch.testing.assert_close(module(x), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(load_timm(out)(x), expected, atol=1e-5, rtol=1e-5)
+    img = tmp_path / "a.png"
+    Image.fromarray((np.random.default_rng(0).random((20, 20)) * 255).astype(np.uint8)).save(img)
+    rows = predict(out, [img])
+    assert rows[0]["class"] in config["classes"]
+    with torch.no_grad():
+        assert rows[0]["class_id"] == int(module(preprocess([img], config)).argmax())
+
+
+def test_moe_export_is_smaller_and_predicts_the_same(tmp_path):
+    run, cfg, glob, state = make_run(tmp_path, tasks=["digit", "parity"], moe={"num_experts": 4, "top_k": 2, "blocks": [1, 3]}, federation={"num_clients": 4, "client_tasks": [["digit"], ["parity"]]})
+    out = tmp_path / "export"
+    summary = export_run(run, "digit", out)
+    assert summary["kind"] == "moe" and summary["bytes"] < summary["run_model_bytes"]
+    module, _ = load_exported(out)
+    model = global_model(cfg)
+    from fedtune.federated import load_numpy_state
+
+    load_numpy_state(model, glob)
+    model.eval()
+    x = torch.randn(5, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), model(x, "digit"), atol=1e-5, rtol=1e-5)
+
+
+def test_export_bad_input(tmp_path):
+    run, *_ = make_run(tmp_path)
+    with pytest.raises(ConfigError, match="task 'colour': the run has tasks digit"):
+        export_run(run, "colour", tmp_path / "o1")
+    with pytest.raises(ConfigError, match="client 7: the run .* has no state"):
+        export_run(run, None, tmp_path / "o2", client=7)
+    with pytest.raises(CheckpointError, match="no checkpoint.safetensors"):
+        export_run(tmp_path, None, tmp_path / "o3")
+    ckpt = run / "checkpoint.safetensors"
+    ckpt.write_bytes(ckpt.read_bytes()[:64])
+    with pytest.raises(CheckpointError, match="corrupt or unreadable"):
+        export_run(run, None, tmp_path / "o4")

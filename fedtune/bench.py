@@ -22,7 +22,7 @@ from .data import DataConfig, load_data
 from .errors import ConfigError
 from .methods import METHOD_NAMES, MethodConfig, make_method, prepare_model
 from .model import ModelConfig, build_model
-from .pretrain import DEFAULT_BACKBONE
+from .pretrain import DEFAULT_BACKBONE, default_backbone
 from .trainer import TrainConfig, Trainer
 from .typedconfig import from_dict, to_dict
 
@@ -33,7 +33,7 @@ DEFAULT_METHODS = ["full", "head", "bsr", "alast", "sherl", "alast+lora"]
 class BenchConfig:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(pretrained="default"))
     data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=4, batch_size=64))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=6, batch_size=64, head_lr=5e-3))
     method: MethodConfig = field(default_factory=MethodConfig)  # options shared by all methods (name ignored)
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))  # name or name+lora
     seeds: list[int] = field(default_factory=lambda: [0, 1])  # accuracy is averaged over these
@@ -61,9 +61,10 @@ def resolve_pretrained(model: ModelConfig) -> ModelConfig:
     """'default' means the shipped backbone (made by `fedtune pretrain`)."""
     if model.pretrained != "default":
         return model
-    if not DEFAULT_BACKBONE.is_file():
+    path = default_backbone()
+    if path is None:
         raise ConfigError(f"model.pretrained: the default backbone {DEFAULT_BACKBONE} is missing; run `fedtune pretrain --out {DEFAULT_BACKBONE}`")
-    return ModelConfig(**{**model.__dict__, "pretrained": str(DEFAULT_BACKBONE)})
+    return ModelConfig(**{**model.__dict__, "pretrained": str(path)})
 
 
 def method_config(base: MethodConfig, spec: str) -> MethodConfig:

@@ -53,7 +53,7 @@ class BSRConfig:
 @dataclass
 class ALaSTConfig:
     k: int = 3  # blocks trained per step (the top-K budgets that fit the profile)
-    mean_budget: float = 0.35  # mean per-block token budget (fraction of patch tokens)
+    mean_budget: float = 0.5  # mean per-block token budget (fraction of patch tokens)
     min_budget: float = 0.05  # lowest budget a block can get
     rate: float = 0.1  # how fast budgets follow the importance (per step)
     memory_fraction: float | None = 0.1  # cap: memory vs full fine-tuning's (None: the profile alone)

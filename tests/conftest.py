@@ -21,3 +21,12 @@ def tiny_model(tiny_cfg):
 def images():
     g = torch.Generator().manual_seed(1)
     return torch.randn(6, 3, 16, 16, generator=g)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny tensors run faster on one thread than on two busy ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

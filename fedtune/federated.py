@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import DataConfig, DataSplit, ImageSet, load_data, partition_indices
-from .engine import forward_plan, full_plan
+from .engine import full_plan
 from .errors import ConfigError
 from .methods import MethodConfig, make_method, prepare_model
 from .model import FedViT, ModelConfig, build_model
@@ -396,6 +396,3 @@ class ClientRuntime:
         out["accuracy-global"] = glob_sum / len(self.tasks)
         out["accuracy-personal"] = pers_sum / len(self.tasks)
         return out
-
-
-__all__ = ["RunConfig", "ClientRuntime", "ClientState", "forward_plan"]

@@ -10,7 +10,6 @@ profile's memory and compute budgets; the planner says why when none does.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -377,10 +376,3 @@ def make_method(cfg: MethodConfig, model: FedViT, profile: DeviceProfile | str |
     method = METHODS[cfg.name](cfg, model, profile, batch_size, task)
     method.plan()  # fail early with a clear error when nothing fits
     return method
-
-
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b) if b else 0
-
-
-__all__ = ["MethodConfig", "make_method", "prepare_model", "Method", "METHODS", "math"]

@@ -32,7 +32,7 @@ from .engine import full_plan
 from .errors import ConfigError
 from .methods import MethodConfig, make_method, prepare_model
 from .model import FedViT, ModelConfig, build_model
-from .profiles import PROFILES, get_profile
+from .profiles import AUTO, PROFILES, get_profile
 from .trainer import TrainConfig, Trainer
 from .typedconfig import apply_overrides, from_dict, read_yaml, to_dict
 
@@ -80,8 +80,8 @@ class FederationConfig:
         if self.weighting not in ("examples", "updates"):
             raise ConfigError(f"{prefix}weighting: must be 'examples' or 'updates', got {self.weighting!r}")
         for p in self.profiles:
-            if p not in PROFILES:
-                raise ConfigError(f"{prefix}profiles: unknown device profile {p!r}; known: {', '.join(PROFILES)}")
+            if p not in PROFILES and p != AUTO:
+                raise ConfigError(f"{prefix}profiles: unknown device profile {p!r}; known: {', '.join(PROFILES)}, {AUTO}")
         if not self.profiles:
             raise ConfigError(f"{prefix}profiles: give at least one device profile")
 

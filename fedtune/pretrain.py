@@ -1,12 +1,14 @@
 """Pretraining a small ViT backbone for the embedded default, reproducibly.
 
-The embedded default fine-tunes on scikit-learn's digits, so the backbone is
-pretrained on data disjoint from them: letters (not digits) rendered with
-Pillow's built-in font at random sizes, positions, rotations and stroke
-widths ("glyphs", 52 classes), plus the procedurally generated shapes set
-(shape, colour and count). Seeded end to end: the same command on the same
-machine writes the same weights. `fedtune pretrain` caches the checkpoint;
-`fedtune/assets/` ships the one that command produced (see README).
+The embedded default fine-tunes on scikit-learn's digits (handwritten), so the backbone is
+pretrained on data disjoint from them: printed characters ("glyphs": digits and upper-case
+letters, 36 classes) rendered in the fonts matplotlib ships, at random sizes, offsets,
+rotations, shears, stroke widths and elastic distortions. Most are "scanned" the way the
+UCI optdigits set (scikit-learn's digits) was made: a size-normalised 32x32 bitmap whose
+4x4 blocks are counted into an 8x8 image of 17 levels; the rest are blurred or low-res
+renders. Seeded end to end: the same command on the same machine writes the same weights.
+`fedtune pretrain` caches the checkpoint; `fedtune/assets/` ships the one the README's
+commands produced.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 
 from .data import DataConfig, ImageSet, load_data
 from .errors import ConfigError
-from .model import FedViT, ModelConfig, build_model, model_meta, save_checkpoint
+from .model import FedViT, ModelConfig, build_model, load_backbone, model_meta, read_state, save_checkpoint
 from .typedconfig import from_dict, to_dict
 
 GLYPHS = string.digits + string.ascii_uppercase
@@ -43,27 +45,39 @@ def glyph_fonts() -> list[Path]:
     return sorted(p for p in folder.glob("*.ttf") if p.name.startswith(keep) and "Display" not in p.name)
 
 
-def make_glyphs(num: int, size: int, seed: int, channels: int = 3) -> ImageSet:
-    """Printed characters (digits and upper-case letters, 36 classes) in ~25 fonts: random size, offset,
-    rotation, shear and stroke; most are area-downsampled to 8-12 px and upsampled again,
-    the way low-resolution scans (and scikit-learn's 8x8 digits) look."""
+def make_glyphs(num: int, size: int, seed: int, channels: int = 3, scan_fraction: float = 0.0) -> ImageSet:
+    """Printed characters (digits and upper-case letters, 36 classes) in ~25 fonts: random size,
+    offset, rotation, shear and stroke. A `scan_fraction` of them go through `_scan` (elastic
+    distortion, then an 8x8 block-count image like scikit-learn's digits, upsampled as the
+    digits loader does); of the rest, most are area-downsampled to 8-12 px and upsampled
+    again, the others blurred."""
     from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+    from .data import _to_model_images
 
     rng = np.random.default_rng(seed)
     paths = glyph_fonts()
     fonts: dict[tuple[int, int], ImageFont.FreeTypeFont] = {}
     labels = rng.integers(0, len(GLYPHS), size=num)
+    scanned = rng.random(num) < scan_fraction
     images = np.zeros((num, size, size), dtype=np.float32)
-    big = size * 2
+    low_res = np.zeros((num, 8, 8), dtype=np.float32)
     for i, lab in enumerate(labels):
-        key = (int(rng.integers(len(paths))) if paths else -1, int(rng.integers(int(size * 0.5), int(size * 0.85) + 1)))
+        # scanned glyphs are drawn at 64 px and normalised later; the others at their final size
+        ref = 64 if scanned[i] else size
+        big = ref * 2
+        key = (int(rng.integers(len(paths))) if paths else -1, int(rng.integers(int(ref * 0.5), int(ref * 0.85) + 1)))
         if key not in fonts:
             fonts[key] = ImageFont.truetype(str(paths[key[0]]), key[1]) if key[0] >= 0 else ImageFont.load_default(size=key[1])
         im = Image.new("L", (big, big), 0)
-        ImageDraw.Draw(im).text((size, size), GLYPHS[lab], fill=255, font=fonts[key], anchor="mm", stroke_width=int(rng.integers(0, 3)), stroke_fill=255)
+        stroke = int(rng.choice([0, 0, 0, 1, 2])) if scanned[i] else int(rng.integers(0, 3))
+        ImageDraw.Draw(im).text((ref, ref), GLYPHS[lab], fill=255, font=fonts[key], anchor="mm", stroke_width=stroke, stroke_fill=255)
         shear = float(rng.uniform(-0.3, 0.3))
-        im = im.transform((big, big), Image.AFFINE, (1, shear, -shear * size, 0, 1, 0), resample=Image.BILINEAR)
-        im = im.rotate(float(rng.uniform(-15, 15)), resample=Image.BILINEAR, center=(size, size))
+        im = im.transform((big, big), Image.AFFINE, (1, shear, -shear * ref, 0, 1, 0), resample=Image.BILINEAR)
+        im = im.rotate(float(rng.uniform(-15, 15)), resample=Image.BILINEAR, center=(ref, ref))
+        if scanned[i]:
+            low_res[i] = _scan(np.asarray(im, dtype=np.float32) / 255.0, rng)
+            continue
         dx, dy = rng.integers(-size // 10, size // 10 + 1, size=2)
         im = im.crop((size // 2 - dx, size // 2 - dy, size // 2 - dx + size, size // 2 - dy + size))
         if rng.random() < 0.6:
@@ -73,16 +87,50 @@ def make_glyphs(num: int, size: int, seed: int, channels: int = 3) -> ImageSet:
             im = im.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.3, 1.5))))
         arr = np.asarray(im, dtype=np.float32) / 255.0
         images[i] = arr * rng.uniform(0.7, 1.0) + rng.normal(0.0, 0.02, arr.shape)
-    images = np.clip(images, 0.0, 1.0)
-    x = torch.from_numpy(images).unsqueeze(1).repeat(1, channels, 1, 1)
+    x = torch.from_numpy(np.clip(images, 0.0, 1.0)).unsqueeze(1).repeat(1, channels, 1, 1)
     x = (x - 0.5) / 0.5
+    if scanned.any():
+        x[torch.from_numpy(scanned)] = _to_model_images(low_res[scanned][:, None], channels, size, scale=1.0)
     return ImageSet(images=x, labels={"glyph": torch.from_numpy(labels.astype(np.int64))}, num_classes={"glyph": len(GLYPHS)})
+
+
+def _scan(ink: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A rendered glyph (ink in 0..1) as the UCI optdigits preprocessing saw a handwritten one:
+    elastic distortion, binarised, its bounding box scaled to fit 32x32 (aspect kept) and
+    centred, then the "on" pixels of each 4x4 block counted: 8x8, values 0..16, /16."""
+    from PIL import Image
+    from scipy.ndimage import gaussian_filter, map_coordinates
+
+    h, w = ink.shape
+    if rng.random() < 0.8:  # smooth random displacement field, std of 1-3.5 px on a ~50 px glyph
+        sigma, shift = rng.uniform(6.0, 9.0), rng.uniform(1.0, 3.5)
+        field = [gaussian_filter(rng.uniform(-1, 1, ink.shape), sigma) for _ in range(2)]
+        field = [f * (shift / max(float(f.std()), 1e-8)) for f in field]
+        yy, xx = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+        ink = map_coordinates(ink, [yy + field[0], xx + field[1]], order=1, mode="constant")
+    on = ink > 0.5
+    rows, cols = np.nonzero(on.any(1))[0], np.nonzero(on.any(0))[0]
+    if len(rows) == 0:
+        return np.zeros((8, 8), dtype=np.float32)
+    crop = on[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    fit = int(rng.integers(28, 33))
+    scale = fit / max(crop.shape)
+    ch, cw = max(1, round(crop.shape[0] * scale)), max(1, round(crop.shape[1] * scale))
+    small = np.asarray(Image.fromarray(crop.astype(np.uint8) * 255).resize((cw, ch), Image.BILINEAR)) > 127
+    frame = np.zeros((32, 32), dtype=bool)
+    top = (32 - ch) // 2 + int(rng.integers(-1, 2))
+    left = (32 - cw) // 2 + int(rng.integers(-1, 2))
+    top, left = min(max(top, 0), 32 - ch), min(max(left, 0), 32 - cw)
+    frame[top : top + ch, left : left + cw] = small
+    return frame.reshape(8, 4, 8, 4).sum((1, 3)).astype(np.float32) / 16.0
 
 
 @dataclass
 class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)  # the backbone to pretrain
     glyphs: int = 24000  # rendered character images (digits and upper-case letters)
+    scan_fraction: float = 0.0  # share of glyphs "scanned" to 8x8 like scikit-learn's digits
+    init_from: str | None = None  # continue from this fedtune checkpoint (None: random init)
     shapes: int = 0  # generated shapes images (tasks shape, colour, count)
     epochs: int = 4  # passes over both sets
     batch_size: int = 64  # batch size
@@ -100,6 +148,10 @@ class PretrainConfig:
             raise ConfigError(f"{prefix}init: must be mimetic or timm, got {self.init!r}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError(f"{prefix}epochs/batch_size: must be >= 1")
+        if not 0.0 <= self.scan_fraction <= 1.0:
+            raise ConfigError(f"{prefix}scan_fraction: must be in [0, 1], got {self.scan_fraction}")
+        if self.init_from and not Path(self.init_from).is_file():
+            raise ConfigError(f"{prefix}init_from: no such checkpoint: {self.init_from}")
 
     def key(self) -> str:
         text = json.dumps(to_dict(self), sort_keys=True)
@@ -133,7 +185,7 @@ def pretrain_sets(cfg: PretrainConfig) -> list[ImageSet]:
     m = cfg.model
     sets = []
     if cfg.glyphs:
-        sets.append(make_glyphs(cfg.glyphs, m.img_size, cfg.seed, m.in_chans))
+        sets.append(make_glyphs(cfg.glyphs, m.img_size, cfg.seed, m.in_chans, cfg.scan_fraction))
     if cfg.shapes:
         # a seed offset keeps these images apart from the shapes set used for fine-tuning
         split = load_data(from_dict(DataConfig, {"name": "shapes", "img_size": m.img_size, "channels": m.in_chans, "num_samples": cfg.shapes, "test_fraction": 0.05, "seed": cfg.seed, "shapes_seed_offset": 100_003}))
@@ -144,11 +196,19 @@ def pretrain_sets(cfg: PretrainConfig) -> list[ImageSet]:
 def pretrain(cfg: PretrainConfig, out: Path | None = None, progress: bool = True) -> Path:
     """Pretrain the backbone on every task of the pretraining sets; write a safetensors checkpoint."""
     cfg.validate("pretrain.")
+    out = Path(out) if out else cache_dir() / "pretrained" / f"{cfg.key()}.safetensors"
     torch.manual_seed(cfg.seed)
     sets = pretrain_sets(cfg)
     num_classes = {t: n for s in sets for t, n in s.num_classes.items()}
     model = build_model(cfg.model, num_classes)
-    if cfg.init == "mimetic":
+    if cfg.init_from:
+        # continue an earlier pretraining: the backbone and the heads it has for these tasks
+        load_backbone(model, cfg.init_from, strict=True)
+        state, _ = read_state(cfg.init_from)
+        heads = {k[len("heads."):]: v for k, v in state.items() if k.startswith("heads.")}
+        own = model.heads.state_dict()
+        model.heads.load_state_dict({k: v for k, v in heads.items() if k in own and v.shape == own[k].shape}, strict=False)
+    elif cfg.init == "mimetic":
         mimetic_init(model)
     # one batch stream: each batch comes from one set; every task of that set adds to the loss
     plan = []
@@ -163,7 +223,7 @@ def pretrain(cfg: PretrainConfig, out: Path | None = None, progress: bool = True
     warmup = max(1, len(plan) // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / len(plan)))))
     bar = _bar(len(plan), progress)
-    probe = make_glyphs(500, cfg.model.img_size, cfg.seed + 12345, cfg.model.in_chans) if cfg.glyphs else None
+    probe = make_glyphs(500, cfg.model.img_size, cfg.seed + 12345, cfg.model.in_chans, cfg.scan_fraction) if cfg.glyphs else None
     start = time.time()
     model.train()
     for step, (si, idx) in enumerate(plan):
@@ -185,9 +245,11 @@ def pretrain(cfg: PretrainConfig, out: Path | None = None, progress: bool = True
                     acc = float((model(probe.images, "glyph").argmax(-1) == probe.labels["glyph"]).float().mean())
                 model.train()
                 bar.write(f"step {step + 1}: held-out glyph accuracy {acc:.3f}")
+        if (step + 1) % 500 == 0 and step + 1 < len(plan):  # a long run leaves a usable checkpoint
+            partial = out.with_name(out.stem + ".partial.safetensors")
+            save_checkpoint(partial, model.state_dict(), model_meta(cfg.model, num_classes, pretrain=to_dict(cfg), step=step + 1))
     if bar is not None:
         bar.close()
-    out = out or cache_dir() / "pretrained" / f"{cfg.key()}.safetensors"
     meta = model_meta(cfg.model, num_classes, pretrain=to_dict(cfg), seconds=round(time.time() - start, 1))
     return save_checkpoint(out, model.state_dict(), meta)
 

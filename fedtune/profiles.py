@@ -10,7 +10,9 @@ the runtime and the frozen weights), not its total RAM.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import ConfigError
 
@@ -69,12 +71,41 @@ PROFILES: dict[str, DeviceProfile] = {
 }
 
 
+AUTO = "auto"  # measure this device instead of naming a profile
+
+
+def available_memory_bytes() -> int:
+    """Memory this device has available now (Linux MemAvailable; else free physical pages)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        raise ConfigError("profile 'auto': cannot measure this device's available memory; name a profile instead") from None
+
+
+def measured_profile(share: float = 0.25) -> DeviceProfile:
+    """A profile for the device this runs on: `share` of its available memory for training
+    (the rest stays with the OS, the runtime and the frozen weights); compute is not capped,
+    since time per round, not FLOPs per sample, is what a measured device can promise."""
+    memory = int(available_memory_bytes() * share)
+    return DeviceProfile(AUTO, memory_bytes=max(memory, 1), flops_per_sample=1e15,
+                         description=f"measured: {share:.0%} of {available_memory_bytes() / MiB:.0f} MiB available")
+
+
 def get_profile(name: str | DeviceProfile | None) -> DeviceProfile:
-    """A named profile (or the profile itself); None means the unconstrained workstation."""
+    """A named profile (or the profile itself); None means the unconstrained workstation,
+    "auto" a profile measured on this device (`measured_profile`)."""
     if isinstance(name, DeviceProfile):
         return name
     if name is None:
         return PROFILES["workstation"]
+    if name == AUTO:
+        return measured_profile()
     if name not in PROFILES:
-        raise ConfigError(f"unknown device profile {name!r}; known profiles: {', '.join(PROFILES)}")
+        raise ConfigError(f"unknown device profile {name!r}; known profiles: {', '.join(PROFILES)}, or {AUTO!r} to measure this device")
     return PROFILES[name]

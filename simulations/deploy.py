@@ -1,0 +1,327 @@
+"""Run fedtune as a real Flower deployment: a SuperLink, SuperNodes, and `flwr run`.
+
+    python -m simulations.deploy certs DIR [--host NAME ...]
+    python -m simulations.deploy local [--nodes 2] [--config YAML] [--set key=value ...]
+                                       [--profiles rpi,phone] [--tls] [--out DIR]
+
+`certs` writes a test certificate authority and a SuperLink certificate for the given
+host names (localhost and 127.0.0.1 always): ca.crt, ca.key, server.pem, server.key.
+
+`local` starts a SuperLink and `--nodes` SuperNodes as separate processes on this machine
+(each with its own node config: partition-id, num-partitions, profile, state-dir), then
+submits the app with `flwr run` against them, waits for the run to finish, and stops
+them. Insecure by default; `--tls` generates certificates and runs everything over TLS.
+The run writes into `--out` (summary.json, metrics.jsonl, plots, checkpoint) and leaves
+the processes' logs in `--out`/deploy/. Flower's own configuration (the SuperLink
+connection `flwr run` uses) goes to a private FLWR_HOME there, so ~/.flwr is untouched.
+
+On a real device, a SuperNode needs only `pip install` of this project and one command;
+see README, "Deployment".
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parent.parent
+CONNECTION = "fedtune-local"
+
+
+class DeployError(RuntimeError):
+    """A deployment step failed; the message names the step and where its log is."""
+
+
+# --- certificates -----------------------------------------------------------------------------
+
+
+def make_certs(folder: Path, hosts: list[str] | tuple[str, ...] = ()) -> dict[str, Path]:
+    """A self-signed CA and a server certificate for `hosts` (+ localhost, 127.0.0.1)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    folder.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedtune test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                     key_agreement=False, key_cert_sign=True, crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    names: list[x509.GeneralName] = []
+    for host in ["localhost", "127.0.0.1", *hosts]:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, (list(hosts) or ["localhost"])[0])]))
+        .issuer_name(ca_name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=365))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    plain = dict(encoding=pem, format=serialization.PrivateFormat.PKCS8, encryption_algorithm=serialization.NoEncryption())
+    files = {"ca_cert": folder / "ca.crt", "ca_key": folder / "ca.key", "cert": folder / "server.pem", "key": folder / "server.key"}
+    files["ca_cert"].write_bytes(ca.public_bytes(pem))
+    files["ca_key"].write_bytes(ca_key.private_bytes(**plain))
+    files["cert"].write_bytes(cert.public_bytes(pem))
+    files["key"].write_bytes(key.private_bytes(**plain))
+    for name in ("ca_key", "key"):
+        files[name].chmod(0o600)
+    return files
+
+
+# --- processes --------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 60.0) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if proc.poll() is not None:
+            raise DeployError(f"{log.stem} exited with code {proc.returncode} before listening on {port}; see {log}:\n{_tail(log)}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise DeployError(f"{log.stem} did not listen on port {port} within {timeout:.0f} s; see {log}")
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _bin(name: str) -> str:
+    """A Flower command from this Python's environment (else from PATH)."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else (shutil.which(name) or name)
+
+
+@dataclass
+class Deployment:
+    """A SuperLink and SuperNodes on this machine, stopped (with their process groups) on exit."""
+
+    workdir: Path
+    tls: bool = False
+    procs: list[tuple[subprocess.Popen, Path]] = field(default_factory=list)
+    port: int = 0
+    certs: dict[str, Path] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.env = {**os.environ, "FLWR_HOME": str(self.workdir / "flwr-home"), "PYTHONUNBUFFERED": "1"}
+        if self.tls:
+            self.certs = make_certs(self.workdir / "certs")
+
+    def _start(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        log = self.workdir / f"{name}.log"
+        (self.workdir / f"{name}.cmd").write_text(" ".join(cmd) + "\n")
+        handle = open(log, "wb")  # noqa: SIM115 - closed with the process in stop()
+        proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir, start_new_session=True)
+        self.procs.append((proc, log))
+        return proc
+
+    def security(self, server: bool) -> list[str]:
+        if not self.tls:
+            return ["--insecure"]
+        if server:
+            return ["--ssl-ca-certfile", str(self.certs["ca_cert"]), "--ssl-certfile", str(self.certs["cert"]), "--ssl-keyfile", str(self.certs["key"])]
+        return ["--root-certificates", str(self.certs["ca_cert"])]
+
+    def start_superlink(self) -> None:
+        self.port = free_port()
+        cmd = [_bin("flower-superlink"), *self.security(True), "--host", "127.0.0.1", "--port", str(self.port),
+               "--disable-runtime-dependency-installation", "--database", str(self.workdir / "superlink.db")]
+        proc = self._start("superlink", cmd)
+        wait_port(self.port, proc, self.workdir / "superlink.log")
+
+    def start_supernode(self, node_config: dict[str, object]) -> None:
+        index = sum(1 for _, log in self.procs if log.stem.startswith("supernode"))
+        config = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in node_config.items())
+        cmd = [_bin("flower-supernode"), *self.security(False), "--superlink", f"127.0.0.1:{self.port}",
+               "--port", str(free_port()), "--node-config", config]
+        self._start(f"supernode-{index}", cmd)
+
+    def write_connection(self) -> None:
+        lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]", f'address = "127.0.0.1:{self.port}"']
+        lines += [f'root-certificates = "{self.certs["ca_cert"]}"'] if self.tls else ["insecure = true"]
+        home = Path(self.env["FLWR_HOME"])
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "config.toml").write_text("\n".join(lines) + "\n")
+
+    def check_alive(self) -> None:
+        for proc, log in self.procs:
+            if proc.poll() is not None:
+                raise DeployError(f"{log.stem} exited with code {proc.returncode}; see {log}:\n{_tail(log)}")
+
+    def stop(self) -> None:
+        for proc, _ in reversed(self.procs):
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        end = time.time() + 15
+        for proc, _ in self.procs:
+            try:
+                proc.wait(timeout=max(0.1, end - time.time()))
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait()
+        for proc, _ in self.procs:
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+    def __enter__(self) -> Deployment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    return json.dumps(str(value))
+
+
+def node_configs(nodes: int, profiles: list[str], state_dir: Path) -> list[dict[str, object]]:
+    """One node config per SuperNode: its partition, device profile and state folder."""
+    from fedtune.profiles import get_profile
+
+    for name in profiles:
+        get_profile(name)  # an unknown name fails here, before any process starts
+    return [{"partition-id": i, "num-partitions": nodes, "profile": profiles[i % len(profiles)], "state-dir": str(state_dir)} for i in range(nodes)]
+
+
+def run_local(
+    out: Path,
+    nodes: int | list[dict[str, object]] = 2,
+    config: str = "simulations/quickstart.yaml",
+    overrides: list[str] | tuple[str, ...] = (),
+    profiles: list[str] | None = None,
+    tls: bool = False,
+    resume: bool = False,
+    timeout: float = 1800.0,
+) -> dict:
+    """Deploy on this machine, run to completion, stop everything; returns summary.json.
+
+    `nodes` is a number of SuperNodes (node configs made by `node_configs` from `profiles`,
+    default the config's) or the node configs themselves, one per SuperNode.
+    """
+    from fedtune.federated import load_run_config
+
+    out = out.resolve()
+    count = nodes if isinstance(nodes, int) else len(nodes)
+    overrides = [*overrides, f"federation.num_clients={count}"]
+    cfg = load_run_config(config, overrides)  # fails here, before any process starts, on a bad config
+    if isinstance(nodes, int):
+        nodes = node_configs(nodes, profiles or list(cfg.federation.profiles), out / "deploy" / "node-state")
+    with Deployment(out / "deploy", tls=tls) as dep:
+        dep.start_superlink()
+        for node in nodes:
+            dep.start_supernode(node)
+        dep.write_connection()
+        run_config = {"config": str(Path(config).resolve()), "overrides": ";".join(overrides), "out": str(out), "resume": resume}
+        cmd = [_bin("flwr"), "run", str(PROJECT), CONNECTION, "--stream",
+               "--run-config", " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())]
+        log = dep.workdir / "flwr-run.log"
+        (dep.workdir / "flwr-run.cmd").write_text(" ".join(cmd) + "\n")
+        with open(log, "wb") as handle:
+            run = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=dep.env, cwd=PROJECT, start_new_session=True)
+            summary_path = out / "summary.json"
+            start, end = time.time(), time.time() + timeout
+            try:
+                while time.time() < end:
+                    dep.check_alive()
+                    if summary_path.is_file() and summary_path.stat().st_mtime >= start:
+                        break
+                    if run.poll() not in (None, 0):
+                        raise DeployError(f"`flwr run` failed with code {run.returncode}; see {log}:\n{_tail(log)}")
+                    time.sleep(0.5)
+                else:
+                    raise DeployError(f"the run did not finish within {timeout:.0f} s; logs in {dep.workdir}")
+            finally:
+                if run.poll() is None:
+                    os.killpg(run.pid, signal.SIGTERM)
+                    try:
+                        run.wait(timeout=10)
+                    except subprocess.TimeoutExpired:
+                        os.killpg(run.pid, signal.SIGKILL)
+        return json.loads(summary_path.read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m simulations.deploy", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("certs", help="write a test CA and a SuperLink certificate")
+    c.add_argument("folder")
+    c.add_argument("--host", action="append", default=[], help="extra host name or IP the SuperLink is reached at")
+    loc = sub.add_parser("local", help="SuperLink + SuperNodes on this machine, then `flwr run`")
+    loc.add_argument("--nodes", type=int, default=2)
+    loc.add_argument("--config", default="simulations/quickstart.yaml")
+    loc.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    loc.add_argument("--profiles", help="comma-separated device profiles, cycled over nodes (default: the config's)")
+    loc.add_argument("--tls", action="store_true", help="generate certificates and use TLS")
+    loc.add_argument("--resume", action="store_true", help="continue the run in --out")
+    loc.add_argument("--out", default="runs/deploy")
+    loc.add_argument("--timeout", type=float, default=1800.0)
+    args = parser.parse_args(argv)
+    from fedtune.errors import FedtuneError
+
+    try:
+        if args.cmd == "certs":
+            for name, path in make_certs(Path(args.folder), args.host).items():
+                print(f"{name}: {path}")
+            return 0
+        profiles = args.profiles.split(",") if args.profiles else None
+        summary = run_local(Path(args.out), args.nodes, args.config, args.set, profiles, args.tls, args.resume, args.timeout)
+    except (DeployError, FedtuneError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    keys = ("rounds", "accuracy_global", "accuracy_personalized", "bytes_up_total", "wall_time_s")
+    print(json.dumps({k: summary.get(k) for k in keys}, indent=2))
+    print(f"wrote {Path(args.out) / 'summary.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

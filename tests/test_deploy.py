@@ -1,0 +1,70 @@
+"""The real deployment on loopback: a SuperLink and SuperNodes as separate processes, `flwr run`.
+
+Each test starts real Flower processes (~1 minute on 2 cores), so there are two: insecure
+(with a SuperNode whose node config names an unknown profile) and TLS.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from fedtune.model import read_state
+
+from .test_federated import TINY_RUN
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_config(tmp_path, rounds):
+    run = {**TINY_RUN, "method": {"name": "alast", "alast": {"k": 2, "memory_fraction": None, "reselect": "round"}},
+           "federation": {"rounds": rounds, "profiles": ["workstation"]}}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(run))
+    return str(path)
+
+
+def check_checkpoint(out, rounds):
+    from fedtune.federated import RunConfig, global_model, state_to_numpy
+    from fedtune.typedconfig import from_dict
+
+    state, meta = read_state(out / "checkpoint.safetensors")
+    assert json.loads(meta["round"]) == rounds
+    start = state_to_numpy(global_model(from_dict(RunConfig, json.loads(meta["run"]))))
+    assert set(state) == set(start)
+    assert all(np.isfinite(v.numpy()).all() for v in state.values())
+    changed = [k for k in start if not np.array_equal(state[k].numpy(), start[k])]
+    assert changed and all(k.startswith(("vit.blocks.", "vit.norm.", "heads.")) for k in changed)
+
+
+def test_deployment_over_loopback_insecure_with_a_misconfigured_node(tmp_path):
+    from simulations.deploy import node_configs, run_local
+
+    state_dir = tmp_path / "devices"
+    nodes = node_configs(3, ["workstation"], state_dir)
+    nodes[2]["profile"] = "no-such-board"  # this SuperNode's operator made a typo
+    out = tmp_path / "run"
+    summary = run_local(out, nodes, tiny_config(tmp_path, rounds=2), timeout=400)
+    assert summary["rounds"] == 2
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    for r in rounds[1:]:
+        assert r["accepted"] == 2
+        assert len(r["rejected"]) == 1 and "no-such-board" in r["rejected"][0]["reason"]
+    check_checkpoint(out, rounds=2)
+    # each device kept its personal state on its own disk, per round
+    for pid in (0, 1):
+        assert sorted(p.name for p in (state_dir / f"client-{pid}").glob("round-*.npz")) == ["round-000001.npz", "round-000002.npz"]
+    assert not (state_dir / "client-2").exists()
+
+
+def test_deployment_over_loopback_with_tls(tmp_path):
+    from simulations.deploy import run_local
+
+    out = tmp_path / "run"
+    summary = run_local(out, 2, tiny_config(tmp_path, rounds=1), tls=True, timeout=400)
+    assert summary["rounds"] == 1 and summary["bytes_up_total"] > 0
+    assert (out / "deploy" / "certs" / "ca.crt").is_file()
+    assert "https://" in (out / "deploy" / "superlink.log").read_text()
+    check_checkpoint(out, rounds=1)

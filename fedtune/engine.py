@@ -243,6 +243,11 @@ def is_lora_name(name: str) -> bool:
     return "lora_" in name
 
 
+def is_router_name(name: str) -> bool:
+    """An MoE router or task embedding (`vit.blocks.<i>.mlp.routers.<task>...`, `...mlp.router.`, `...mlp.task_embed.`)."""
+    return ".mlp.router" in name or ".mlp.task_embed." in name
+
+
 def param_groups(model: nn.Module) -> Iterator[tuple[str, str, nn.Parameter]]:
     """(name, group, param) for every parameter; group is 'block{i}', 'head:<task>', 'norm', 'embed', 'consolidator', 'other'."""
     for name, p in model.named_parameters():
@@ -267,8 +272,8 @@ def wants_grad(name: str, group: str, plan: Plan, task: str, has_lora: bool) -> 
     if group.startswith("block"):
         if int(group[5:]) not in plan.trained:
             return False
-        if plan.lora:
-            return is_lora_name(name)
+        if plan.lora:  # adapters, and the routers of an MoE block (no adapter of their own)
+            return is_lora_name(name) or is_router_name(name)
         return not is_lora_name(name) or not has_lora
     if is_lora_name(name):
         return False

@@ -107,6 +107,8 @@ def export_run(run_dir: str | Path, task: str | None, out: str | Path, client: i
     from .federated import federated_data, load_numpy_state
 
     run_dir, out = Path(run_dir), Path(out)
+    if (out / "checkpoint.safetensors").exists() or (out / "metrics.jsonl").exists():
+        raise ConfigError(f"--out {out} holds a run (checkpoint/metrics); export into a folder of its own so nothing of the run is overwritten")
     model, info = _run_model(run_dir)
     cfg = info["cfg"]
     task = task or model.tasks[0]

@@ -1,8 +1,9 @@
 """LoRA adapters on the blocks' linear layers, through peft.
 
 Adapters go into every block (B starts at zero, so the model's output is
-unchanged); the plan decides which blocks' adapters train in a step, so ALaST
-can move LoRA training between blocks. `merge_lora` folds the adapters back
+unchanged), each expert of an MoE block included; the plan decides which blocks'
+adapters train in a step, so ALaST can move LoRA training between blocks. A
+trained MoE block's routers train in full next to the adapters (they are small). `merge_lora` folds the adapters back
 into plain `nn.Linear` layers for export.
 """
 
@@ -13,7 +14,8 @@ from torch import nn
 from .errors import ConfigError
 
 LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")
-_PATHS = {"qkv": r"attn\.qkv", "proj": r"attn\.proj", "fc1": r"mlp\.fc1", "fc2": r"mlp\.fc2"}
+# fc1/fc2 also match the experts' MLPs of an MoE block (mlp.experts.<e>.fc1)
+_PATHS = {"qkv": r"attn\.qkv", "proj": r"attn\.proj", "fc1": r"mlp\.(experts\.\d+\.)?fc1", "fc2": r"mlp\.(experts\.\d+\.)?fc2"}
 
 
 def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, targets: list[str] | tuple[str, ...] = LORA_TARGETS, dropout: float = 0.0) -> nn.Module:

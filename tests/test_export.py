@@ -73,6 +73,10 @@ def test_moe_export_is_smaller_and_predicts_the_same(tmp_path):
 
 def test_export_bad_input(tmp_path):
     run, *_ = make_run(tmp_path)
+    saved = {f: f.read_bytes() for f in run.rglob("*") if f.is_file()}
+    with pytest.raises(ConfigError, match="holds a run"):
+        export_run(run, None, run)
+    assert {f: f.read_bytes() for f in run.rglob("*") if f.is_file()} == saved
     with pytest.raises(ConfigError, match="task 'colour': the run has tasks digit"):
         export_run(run, "colour", tmp_path / "o1")
     with pytest.raises(ConfigError, match="client 7: the run .* has no state"):

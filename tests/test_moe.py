@@ -293,6 +293,29 @@ def test_plan_training_blocks_2_and_3_leaves_other_experts_untouched(images):
     assert trace.tokens_in == [17, 17, 17, 9]
 
 
+def test_lora_reaches_the_experts_and_the_task_router_trains(images):
+    from fedtune.lora import apply_lora
+
+    model = apply_lora(moe_model(num_experts=4, top_k=1, perturb=0.05), rank=2, alpha=4.0)
+    names = {n for n, _ in model.named_parameters()}
+    for e in range(4):  # every expert of an MoE block got adapters, not only dense MLPs
+        assert f"vit.blocks.3.mlp.experts.{e}.fc1.lora_A.default.weight" in names
+    plan = Plan(depth=4, trained={3}, lora=True)
+    trainable = set(set_trainable(model, plan, "a"))
+    assert "vit.blocks.3.mlp.routers.a.weight" in trainable  # routers have no adapter: they train in full
+    assert not any(n.startswith("vit.blocks.3.") and n.endswith(("fc1.weight", "qkv.weight")) and "lora_" not in n for n in trainable)
+    model.train()
+    logits, stats = moe_forward(model, images, plan, "a")
+    (F.cross_entropy(logits, torch.arange(6) % 3) + moe_aux_loss(model, stats, plan)).backward()
+    params = dict(model.named_parameters())
+    used = (stats[-1].processed > 0).nonzero().flatten().tolist()
+    unused = sorted(set(range(4)) - set(used))
+    assert used and all(params[f"vit.blocks.3.mlp.experts.{e}.fc2.lora_B.default.weight"].grad is not None for e in used)
+    assert all(params[f"vit.blocks.3.mlp.experts.{e}.fc2.lora_B.default.weight"].grad is None for e in unused)
+    assert params["vit.blocks.3.mlp.routers.a.weight"].grad is not None
+    assert params["vit.blocks.3.mlp.routers.b.weight"].grad is None
+
+
 # --------------------------------------------------------------------------- pruning
 
 

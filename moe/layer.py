@@ -166,8 +166,9 @@ def native_combine(x: torch.Tensor, experts: nn.ModuleList, r: Routing) -> torch
 def tutel_combine(x: torch.Tensor, experts: nn.ModuleList, r: Routing) -> torch.Tensor:
     """The same as `native_combine`, with tutel's fast dispatch kernels.
 
-    tutel's "critical data" is (E, [indices per rank], [locations per rank],
-    [gates per rank], capacity); its kernels skip an assignment whose location
+    tutel's "critical data" is (E, [indices per choice], [locations per choice],
+    [gates per choice], capacity, tokens dispatched per expert), as its
+    extract_critical returns it; its kernels skip an assignment whose location
     is >= capacity, which is how ours marks the dropped ones.
     """
     from tutel import moe as tutel_moe
@@ -180,6 +181,7 @@ def tutel_combine(x: torch.Tensor, experts: nn.ModuleList, r: Routing) -> torch.
         [r.locations[:, j].to(torch.int32).contiguous() for j in range(k)],
         [r.gates[:, j].contiguous() for j in range(k)],
         cap,
+        torch.bincount(r.indices[r.locations < cap].flatten().long(), minlength=r.num_experts).to(torch.int32),
     )
     dispatched = tutel_moe.fast_encode(x.contiguous(), critical)  # [E, cap, D]
     y = torch.stack([experts[e](dispatched[e]) for e in range(r.num_experts)])

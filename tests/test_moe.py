@@ -146,7 +146,7 @@ def _fake_tutel() -> types.ModuleType:
     """A stand-in following tutel.moe.fast_encode/fast_decode's documented contract (not tutel's code)."""
 
     def slots(crit):
-        num_experts, indices, locations, gates, cap = crit
+        num_experts, indices, locations, gates, cap, _counts = crit
         for i, loc, g in zip(indices, locations, gates, strict=True):
             ok = (loc < cap) & (i >= 0)
             yield ok, (i.long() * cap + loc.long()).clamp(max=num_experts * cap - 1), g

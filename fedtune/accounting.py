@@ -62,14 +62,18 @@ class SavedBytesMeter:
         return sum(self.by_scope.values())
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        if isinstance(tensor, nn.Parameter) or tensor.layout != torch.strided:
+        # Hand autograd a detached alias, never the tensor itself: a saved output that holds
+        # its own grad_fn makes a C++ reference cycle Python's gc cannot see, and every graph
+        # measured would leak with its activations (found as memory growing per client).
+        if isinstance(tensor, nn.Parameter):
             return tensor
-        storage = tensor.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr and ptr not in self._exclude and ptr not in self._seen:
-            self._seen.add(ptr)
-            self.by_scope[self._scope] += storage.nbytes()
-        return tensor
+        if tensor.layout == torch.strided:
+            storage = tensor.untyped_storage()
+            ptr = storage.data_ptr()
+            if ptr and ptr not in self._exclude and ptr not in self._seen:
+                self._seen.add(ptr)
+                self.by_scope[self._scope] += storage.nbytes()
+        return tensor.detach()
 
     @contextlib.contextmanager
     def scope(self, name: str) -> Iterator[None]:

@@ -130,3 +130,25 @@ def test_full_training_flops_are_about_three_forwards(tiny_model, images):
 def test_bad_plans(kwargs, match):
     with pytest.raises(PlanError, match=match):
         Plan(depth=4, **kwargs)
+
+
+def test_saved_bytes_meter_frees_graphs_and_keeps_gradients():
+    """A measured forward must not keep its graph alive (sigmoid saves its own output) and
+    backward through it gives the same gradients as an unmeasured one."""
+    import gc
+    import weakref
+
+    from fedtune.accounting import SavedBytesMeter
+
+    torch.manual_seed(0)
+    lin, x = torch.nn.Linear(8, 8), torch.randn(4, 8)
+    plain = torch.autograd.grad(torch.sigmoid(lin(x)).sum(), lin.weight)[0]
+    meter = SavedBytesMeter(lin)
+    with meter:
+        y = torch.sigmoid(lin(x))
+    assert meter.total == 2 * 4 * 8 * 4  # the input to the linear and the sigmoid's output
+    torch.testing.assert_close(torch.autograd.grad(y.sum(), lin.weight, retain_graph=True)[0], plain)
+    ref = weakref.ref(y)
+    del y
+    gc.collect()
+    assert ref() is None

@@ -85,10 +85,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_profiles(args: argparse.Namespace) -> int:
-    from .profiles import PROFILES
+    from .profiles import PROFILES, measured_profile
 
     print(f"{'name':12s} {'memory (MiB)':>13s} {'GFLOP/sample':>13s}  description")
-    for p in PROFILES.values():
+    for p in [*PROFILES.values(), measured_profile()]:
         flops = "unlimited" if p.flops_per_sample >= 1e14 else f"{p.flops_per_sample / 1e9:.2f}"
         print(f"{p.name:12s} {p.memory_bytes / 2**20:13.0f} {flops:>13s}  {p.description}")
     return 0

@@ -137,3 +137,15 @@ def test_cli_reports_bad_config(tmp_path, capsys):
     assert main(["simulate", str(bad), "--out", str(tmp_path / "out")]) == 2
     assert "unknown key nme" in capsys.readouterr().err
     assert not (tmp_path / "out" / "summary.json").exists()
+
+
+def test_node_profile_auto_and_unknown(monkeypatch):
+    from fedtune import profiles
+
+    monkeypatch.setattr(profiles, "available_memory_bytes", lambda: 8 << 30)
+    auto = profiles.get_profile("auto")
+    assert auto.memory_bytes == 2 << 30 and auto.name == "auto"
+    rt = ClientRuntime(tiny_run(), partition_id=0, profile="auto")  # plans against the measured budget
+    assert rt.profile.memory_bytes == 2 << 30
+    with pytest.raises(ConfigError, match="unknown device profile 'pi5'; known profiles: mcu, rpi"):
+        ClientRuntime(tiny_run(), partition_id=0, profile="pi5")

@@ -46,17 +46,17 @@ class BSRConfig:
     train_blocks: list[int] | None = None  # None: 3, 7, 11 (scaled to the depth)
     drop_blocks: list[int] | None = None  # None: 3, 6, 9 (scaled to the depth)
     keep_ratio: float = 0.5  # fraction of the arriving patch tokens kept at each drop block
-    fuse: bool = False  # fuse dropped tokens into one (EViT)
+    fuse: bool = True  # fuse dropped tokens into one (EViT): the head sees what was dropped (EViT)
 
 
 @dataclass
 class ALaSTConfig:
     k: int = 3  # blocks trained per step (the top-K budgets that fit the profile)
-    mean_budget: float = 0.5  # mean per-block token budget (fraction of patch tokens)
-    min_budget: float = 0.05  # lowest budget a block can get
+    mean_budget: float = 0.6  # mean per-block token budget (fraction of patch tokens)
+    min_budget: float = 0.3  # lowest budget a block can get
     rate: float = 0.1  # how fast budgets follow the importance (per step)
     memory_fraction: float | None = 0.1  # cap: memory vs full fine-tuning's (None: the profile alone)
-    fuse: bool = False  # fuse dropped tokens into one
+    fuse: bool = True  # fuse dropped tokens into one (EViT): the head sees what was dropped
     reselect: str = "step"  # step: new trained blocks every step | round: keep them until reset_selection()
 
 

@@ -251,7 +251,9 @@ def pretrain(cfg: PretrainConfig, out: Path | None = None, progress: bool = True
     if bar is not None:
         bar.close()
     meta = model_meta(cfg.model, num_classes, pretrain=to_dict(cfg), seconds=round(time.time() - start, 1))
-    return save_checkpoint(out, model.state_dict(), meta)
+    save_checkpoint(out, model.state_dict(), meta)
+    out.with_name(out.stem + ".partial.safetensors").unlink(missing_ok=True)
+    return out
 
 
 @torch.no_grad()

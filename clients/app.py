@@ -3,7 +3,7 @@
 The run config comes from the app factory (simulations) or from the run
 config's `config` (a YAML path) and `overrides` (";"-separated key=value) in
 deployment. The node config gives `partition-id` and optionally `profile`
-(a device profile name) and `state-dir` (where personal state is kept on the
+(a device profile name, or "auto"; without it a device measures itself) and `state-dir` (where personal state is kept on the
 device, so it survives a restart).
 """
 
@@ -22,6 +22,7 @@ from flwr.clientapp import ClientApp
 from fedtune import protocol
 from fedtune.errors import ConfigError
 from fedtune.federated import ClientRuntime, ClientState, RunConfig, load_run_config
+from fedtune.profiles import AUTO
 
 STATE_ARRAYS = "fedtune.personal"
 STATE_CONFIG = "fedtune.client"
@@ -95,6 +96,16 @@ def save_state(context: Context, state: ClientState, default_dir: Path | None = 
             old.unlink(missing_ok=True)
 
 
+def node_profile(context: Context, simulated: bool) -> str | None:
+    """The device profile a client plans for: the node config's `profile` when given; without
+    one, a simulated client takes the run config's `federation.profiles` (None here) and a
+    client launched by Flower on a device measures what it has ("auto")."""
+    profile = context.node_config.get("profile")
+    if profile:
+        return str(profile)
+    return None if simulated else AUTO
+
+
 def _partition_id(context: Context) -> int:
     if "partition-id" not in context.node_config:
         raise ConfigError("node config has no partition-id (start the SuperNode with --node-config \"partition-id=0 num-partitions=N\")")
@@ -124,8 +135,7 @@ def make_client_app(cfg: RunConfig | None = None, state_dir: Path | None = None)
     def runtime(context: Context) -> ClientRuntime:
         run_cfg = cfg if cfg is not None else run_config_from_context(context)
         torch.set_num_threads(max(1, run_cfg.backend.torch_threads))
-        profile = context.node_config.get("profile")
-        return ClientRuntime(run_cfg, _partition_id(context), str(profile) if profile else None)
+        return ClientRuntime(run_cfg, _partition_id(context), node_profile(context, simulated=cfg is not None))
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

@@ -28,7 +28,15 @@ import torch.nn.functional as F
 
 from .data import DataConfig, ImageSet, load_data
 from .errors import ConfigError
-from .model import FedViT, ModelConfig, build_model, load_backbone, model_meta, read_state, save_checkpoint
+from .model import (
+    FedViT,
+    ModelConfig,
+    build_model,
+    load_backbone,
+    model_meta,
+    read_state,
+    save_checkpoint,
+)
 from .typedconfig import from_dict, to_dict
 
 GLYPHS = string.digits + string.ascii_uppercase

@@ -149,3 +149,14 @@ def test_node_profile_auto_and_unknown(monkeypatch):
     assert rt.profile.memory_bytes == 2 << 30
     with pytest.raises(ConfigError, match="unknown device profile 'pi5'; known profiles: mcu, rpi"):
         ClientRuntime(tiny_run(), partition_id=0, profile="pi5")
+
+
+def test_node_profile_given_simulated_or_measured():
+    from clients.app import node_profile
+
+    def ctx(**node):
+        return Context(run_id=1, node_id=1, node_config={"partition-id": 0, **node}, state=RecordDict(), run_config={})
+
+    assert node_profile(ctx(profile="rpi"), simulated=False) == "rpi"
+    assert node_profile(ctx(), simulated=True) is None  # the run config's federation.profiles
+    assert node_profile(ctx(), simulated=False) == "auto"  # a real device without a profile measures itself

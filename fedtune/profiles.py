@@ -92,9 +92,9 @@ def measured_profile(share: float = 0.25) -> DeviceProfile:
     """A profile for the device this runs on: `share` of its available memory for training
     (the rest stays with the OS, the runtime and the frozen weights); compute is not capped,
     since time per round, not FLOPs per sample, is what a measured device can promise."""
-    memory = int(available_memory_bytes() * share)
-    return DeviceProfile(AUTO, memory_bytes=max(memory, 1), flops_per_sample=1e15,
-                         description=f"measured: {share:.0%} of {available_memory_bytes() / MiB:.0f} MiB available")
+    available = available_memory_bytes()
+    return DeviceProfile(AUTO, memory_bytes=max(int(available * share), 1), flops_per_sample=1e15,
+                         description=f"measured: {share:.0%} of {available / MiB:.0f} MiB available")
 
 
 def get_profile(name: str | DeviceProfile | None) -> DeviceProfile:

@@ -170,7 +170,7 @@ class Deployment:
 
     def start_supernode(self, node_config: dict[str, object]) -> None:
         index = sum(1 for _, log in self.procs if log.stem.startswith("supernode"))
-        config = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in node_config.items())
+        config = " ".join(f"{k}={_toml_value(v)}" for k, v in node_config.items())
         cmd = [_bin("flower-supernode"), *self.security(False), "--superlink", f"127.0.0.1:{self.port}",
                "--port", str(free_port()), "--node-config", config]
         self._start(f"supernode-{index}", cmd)

@@ -28,6 +28,7 @@ from fedtune.errors import CheckpointError, ConfigError
 WEIGHTINGS = ("examples", "updates")
 IMPORTANCE_EMA_RATE = 0.5  # weight of the new round's mean in the running importance
 _STATE_VERSION = 1
+_NOT_AVERAGED = (protocol.NUM_EXAMPLES, "partition-id")  # evaluation metrics that are not means
 
 
 class _Rejected(Exception):
@@ -146,15 +147,35 @@ class SparseFedAvg(FedAvg):
         return super().configure_evaluate(server_round, arrays, ConfigRecord(dict(config)), grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """FedAvg's, keeping each client's evaluation metrics in last_eval_metrics."""
-        replies = list(replies)
+        """Each metric's mean over the clients that reported it, weighted by num-examples.
+
+        Clients of different tasks report different per-task keys, so unlike FedAvg's
+        (which requires every reply to carry the same keys) a key need not be in every
+        reply. Each client's metrics are kept in last_eval_metrics.
+        """
         self.last_eval_metrics = []
+        sums: dict[str, float] = {}
+        weights: dict[str, float] = {}
         for msg in replies:
-            if msg.has_error() or protocol.METRICS not in msg.content.metric_records:
+            if msg.has_error():
+                log(WARNING, "evaluate reply from node %s is an error (code %s): %s",
+                    msg.metadata.src_node_id, msg.error.code, msg.error.reason)
+                continue
+            if protocol.METRICS not in msg.content.metric_records:
                 continue
             metrics = {k: v for k, v in msg.content.metric_records[protocol.METRICS].items()}
             self.last_eval_metrics.append({"node_id": msg.metadata.src_node_id, "metrics": metrics})
-        return super().aggregate_evaluate(server_round + self.round_offset, replies)
+            weight = metrics.get(protocol.NUM_EXAMPLES)
+            if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
+                continue
+            for key, value in metrics.items():
+                if key in _NOT_AVERAGED or not isinstance(value, (int, float)) or not math.isfinite(value):
+                    continue
+                sums[key] = sums.get(key, 0.0) + float(value) * weight
+                weights[key] = weights.get(key, 0.0) + weight
+        if not sums:
+            return None
+        return MetricRecord({k: sums[k] / weights[k] for k in sorted(sums)})
 
     # ------------------------------------------------------------------ train
 

@@ -379,3 +379,22 @@ def test_bad_state_and_config_are_clear_errors() -> None:
         SparseFedAvg(personal_keys="head.")
     with pytest.raises(ConfigError, match="arrayrecord_key"):
         SparseFedAvg(arrayrecord_key="params")
+
+
+def test_evaluate_averages_each_metric_over_the_clients_that_report_it() -> None:
+    """Clients of different tasks report different per-task keys (multitask runs);
+    each key is the num-examples-weighted mean over its reporters, errors are skipped."""
+    strategy = SparseFedAvg()
+    replies = [
+        reply(1, None, 10, **{"accuracy-global": 0.5, "accuracy-global-digit": 0.5, "partition-id": 0}),
+        reply(2, None, 30, **{"accuracy-global": 0.9, "accuracy-global-parity": 0.9, "partition-id": 1}),
+        reply(3, None, 30, **{"accuracy-global": 0.7, "accuracy-global-digit": 0.7, "partition-id": 2}),
+        error_reply(4),
+    ]
+    agg = strategy.aggregate_evaluate(1, replies)
+    assert agg["accuracy-global"] == pytest.approx((5 + 27 + 21) / 70)
+    assert agg["accuracy-global-digit"] == pytest.approx((5 + 21) / 40)
+    assert agg["accuracy-global-parity"] == pytest.approx(0.9)
+    assert "partition-id" not in agg and protocol.NUM_EXAMPLES not in agg
+    assert [e["node_id"] for e in strategy.last_eval_metrics] == [1, 2, 3]
+    assert strategy.aggregate_evaluate(1, [error_reply(5)]) is None

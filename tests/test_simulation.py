@@ -14,10 +14,10 @@ from .test_federated import TINY_RUN
 pytestmark = pytest.mark.slow
 
 
-def run_cfg(**federation):
+def run_cfg(top: dict | None = None, **federation):
     from fedtune.federated import RunConfig
 
-    data = {**TINY_RUN, "federation": {"num_clients": 3, "rounds": 2, **federation}, "method": {"name": "alast", "alast": {"k": 2, "memory_fraction": None, "reselect": "round"}}}
+    data = {**TINY_RUN, "federation": {"num_clients": 3, "rounds": 2, **federation}, "method": {"name": "alast", "alast": {"k": 2, "memory_fraction": None, "reselect": "round"}}, **(top or {})}
     return from_dict(RunConfig, data)
 
 
@@ -27,7 +27,9 @@ def test_simulation_writes_outputs_and_survives_a_failing_client(tmp_path):
     from clients.app import make_client_app
     from server.app import make_server_app
 
-    cfg = run_cfg()
+    # Multitask MoE: clients of different tasks report different per-task metrics.
+    cfg = run_cfg(top={"tasks": ["digit", "parity"], "moe": {"num_experts": 4, "top_k": 2, "blocks": [1, 3]}},
+                  client_tasks=[["digit"], ["parity"]])
     inner = make_client_app(cfg)
     from flwr.clientapp import ClientApp
 
@@ -56,7 +58,9 @@ def test_simulation_writes_outputs_and_survives_a_failing_client(tmp_path):
     assert rounds[1]["accepted"] == 2 and len(rounds[1]["rejected"]) == 1  # the crashed client
     assert "simulated device crash" in rounds[1]["rejected"][0]["reason"] or rounds[1]["rejected"][0]["reason"]
     assert rounds[2]["accepted"] == 3
-    for plot in ("accuracy.png", "bytes.png", "blocks.png"):
+    assert set(summary["accuracy_per_task"]) == {"digit", "parity"}
+    assert all(0.0 <= a <= 1.0 for a in summary["accuracy_per_task"].values())
+    for plot in ("accuracy.png", "bytes.png", "blocks.png", "experts_per_task.png", "experts_per_client.png"):
         assert (out / "plots" / plot).stat().st_size > 0
     assert (out / "checkpoint.safetensors").is_file()
 

@@ -67,6 +67,7 @@ class FederationConfig:
     client_tasks: list[list[str]] | None = None  # multitask: each client's tasks, cycled over clients (None: all tasks)
     checkpoint_every: int = 1  # rounds between server checkpoints
     round_timeout_s: float = 3600.0  # how long the server waits for replies
+    connect_timeout_s: float = 120.0  # how long the server waits for num_clients nodes before failing
 
     def validate(self, prefix: str = "") -> None:
         if self.num_clients < 1:
@@ -77,6 +78,8 @@ class FederationConfig:
             raise ConfigError(f"{prefix}rounds: must be >= 1, got {self.rounds}")
         if self.send not in ("updated", "all"):
             raise ConfigError(f"{prefix}send: must be 'updated' or 'all', got {self.send!r}")
+        if not self.connect_timeout_s >= 0:
+            raise ConfigError(f"{prefix}connect_timeout_s: must be >= 0, got {self.connect_timeout_s}")
         if self.weighting not in ("examples", "updates"):
             raise ConfigError(f"{prefix}weighting: must be 'examples' or 'updates', got {self.weighting!r}")
         for p in self.profiles:

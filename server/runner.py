@@ -119,6 +119,7 @@ class ServerRunner:
         remaining = f.rounds - self.done_rounds
         self.strategy = strategy
         if remaining > 0:
+            wait_for_nodes(grid, f.num_clients, f.connect_timeout_s)
             if self.progress:
                 from tqdm.auto import tqdm
 
@@ -239,3 +240,27 @@ class ServerRunner:
         write_json(self.out / "summary.json", summary)
         plot_run(self.rounds, self.out / "plots", self.model.depth, getattr(self.model, "moe_blocks", None))
         return summary
+
+
+def wait_for_nodes(grid: Grid, needed: int, timeout_s: float, poll_s: float = 1.0) -> int:
+    """Wait until `needed` nodes are connected; fail clearly after `timeout_s`.
+
+    Flower's strategies wait for their minimum of nodes without end, so a run started
+    with fewer SuperNodes than `federation.num_clients` would hang.
+    """
+    deadline = time.monotonic() + timeout_s
+    logged = -1
+    while True:
+        connected = len(list(grid.get_node_ids()))
+        if connected >= needed:
+            return connected
+        if time.monotonic() >= deadline:
+            raise ConfigError(
+                f"federation.num_clients is {needed} but only {connected} node(s) connected within "
+                f"federation.connect_timeout_s={timeout_s:g} s: start {needed} SuperNodes (under `flwr run`, "
+                f"options.num-supernodes={needed} in the connection's config) or set federation.num_clients={connected}"
+            )
+        if connected != logged:
+            log(20, "waiting for nodes: %d of %d connected", connected, needed)
+            logged = connected
+        time.sleep(poll_s)

@@ -160,3 +160,21 @@ def test_node_profile_given_simulated_or_measured():
     assert node_profile(ctx(profile="rpi"), simulated=False) == "rpi"
     assert node_profile(ctx(), simulated=True) is None  # the run config's federation.profiles
     assert node_profile(ctx(), simulated=False) == "auto"  # a real device without a profile measures itself
+
+
+def test_server_fails_clearly_when_too_few_nodes_connect():
+    """Flower's strategies wait for their minimum of nodes forever; the runner gives up
+    after federation.connect_timeout_s with an error naming what is missing."""
+    from unittest.mock import Mock
+
+    from server.runner import wait_for_nodes
+
+    grid = Mock()
+    grid.get_node_ids.side_effect = [[1], [1, 2], [1, 2, 3]]
+    assert wait_for_nodes(grid, 3, timeout_s=10, poll_s=0) == 3
+    grid.get_node_ids.side_effect = None
+    grid.get_node_ids.return_value = [1, 2]
+    with pytest.raises(ConfigError, match=r"num_clients is 8 but only 2 node\(s\).*num-supernodes=8"):
+        wait_for_nodes(grid, 8, timeout_s=0)
+    with pytest.raises(ConfigError, match="connect_timeout_s"):
+        tiny_run(federation={"num_clients": 4, "connect_timeout_s": -1}).validate()

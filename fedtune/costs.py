@@ -4,7 +4,8 @@ FLOPs of a block are counted analytically from its token counts (the linear
 layers and the attention matmuls, which is what torch's FLOP counter counts);
 a trained block costs forward + input gradient + weight gradient (3x), a frozen
 block after the first trained one forward + input gradient (2x), a no-grad
-block its forward. Activation bytes per token and block are calibrated once
+block its forward; an MoE block's MLP counts top_k experts per token and its
+router. Activation bytes per token and block are calibrated once
 per model by measuring saved tensors at batch 1 for each block mode. The
 accounting module measures the real numbers; tests check the estimates
 against them.
@@ -43,6 +44,9 @@ class CostModel:
         blk = vit.blocks[0]
         self.attn_dim = blk.attn.attn_dim
         self.hidden = getattr(blk.mlp, "fc1", None).out_features if hasattr(blk.mlp, "fc1") else 4 * self.dim
+        # An MoE MLP sends each token through top_k experts and scores it with a router.
+        self._mlp_mult = [float(getattr(b.mlp, "top_k", 1)) for b in vit.blocks]
+        self._router_flops = [2.0 * self.dim * getattr(b.mlp, "num_experts", 0) for b in vit.blocks]
         self.prefix = vit.num_prefix_tokens
         self.num_patches = model.num_patches
         self._per_token: dict[tuple[str, bool], list[float]] = {}
@@ -50,10 +54,10 @@ class CostModel:
         self._state_cache: dict[tuple, int] = {}
 
     # -- FLOPs
-    def block_flops(self, n_in: int, n_out: int) -> float:
+    def block_flops(self, n_in: int, n_out: int, block: int = 0) -> float:
         d, a, h = self.dim, self.attn_dim, self.hidden
         attn = 2 * n_in * d * 3 * a + 4 * n_in * n_in * a + 2 * n_in * a * d
-        mlp = 4 * n_out * d * h
+        mlp = 4 * n_out * d * h * self._mlp_mult[block] + n_out * self._router_flops[block]
         return float(attn + mlp)
 
     def _tokens(self, plan: Plan) -> list[tuple[int, int]]:
@@ -73,7 +77,7 @@ class CostModel:
         total = 0.0
         for i, (n_in, n_out) in enumerate(self._tokens(plan)):
             mode = plan.block_mode(i)
-            f = self.block_flops(n_in, n_out)
+            f = self.block_flops(n_in, n_out, i)
             if mode == "train":
                 mult = 2.0 if i == plan.first_grad else 3.0
                 if plan.lora:

@@ -389,3 +389,23 @@ def test_model_errors_name_the_problem(images):
         model.moe_layers[1](torch.randn(1, 3, 32))
     with pytest.raises(ConfigError, match="needs an MoEViT"):
         moe_forward(dense_model(), images, Plan(depth=4), "a")
+
+
+def test_cost_model_counts_top_k_experts_and_the_router(images):
+    """The planner's FLOP estimate for an MoE ViT follows torch's FLOP counter: each
+    token runs through top_k experts, so a dense estimate would be far too low."""
+    from fedtune.accounting import flop_counter_mode
+    from fedtune.costs import CostModel
+
+    dense = dense_model()
+    model = moe_model(dense, num_experts=4, top_k=2, capacity_factor=None, blocks=[1, 3])
+    plan = Plan(depth=4, trained=frozenset(range(4)), train_embed=True)
+    set_trainable(model, plan, "a")
+    model.train()
+    with flop_counter_mode() as counter:
+        logits, _ = moe_forward(model, images, plan, "a")
+        logits.sum().backward()
+    measured = counter.get_total_flops() / images.shape[0]
+    est = CostModel(model, "a").flops(plan)
+    assert est == pytest.approx(measured, rel=0.1)
+    assert CostModel(dense, "a").flops(plan) < 0.85 * est

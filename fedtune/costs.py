@@ -127,7 +127,7 @@ class CostModel:
         return (total + (self._head_bytes if plan.train_head else 0.0)) * batch_size
 
     def state_bytes(self, plan: Plan) -> int:
-        key = (plan.trained, plan.lora, plan.train_head, plan.train_norm, plan.train_embed, plan.consolidate_at)
+        key = (plan.trained, plan.lora, plan.train_head, plan.train_norm, plan.train_embed, plan.consolidate_at, plan.experts)
         if key not in self._state_cache:
             flags = {n: p.requires_grad for n, p in self.model.named_parameters()}
             set_trainable(self.model, plan, self.task)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -42,6 +43,7 @@ class Plan:
     train_embed: bool = False  # patch/position embeddings and class token train
     consolidate_at: int | None = None  # SHERL: blocks < this run without autograd and are consolidated
     rank_tokens: bool = False  # compute class-token attention at every block (for statistics)
+    experts: tuple[tuple[int, tuple[int, ...]], ...] = ()  # MoE: (block, experts that train); blocks not listed train every expert
 
     def __post_init__(self) -> None:
         keep = tuple(self.keep) or (None,) * self.depth
@@ -73,6 +75,13 @@ class Plan:
         if self.consolidate_at is not None:
             starts.append(self.consolidate_at)
         return min(starts) if starts else self.depth
+
+    def trains_expert(self, block: int, expert: int) -> bool:
+        """Whether expert `expert` of trained MoE block `block` may train under this plan."""
+        for b, allowed in self.experts:
+            if b == block:
+                return expert in allowed
+        return True
 
     def block_mode(self, block: int) -> str:
         """'train', 'grad' (frozen, gradients pass through) or 'nograd'."""
@@ -243,6 +252,15 @@ def is_lora_name(name: str) -> bool:
     return "lora_" in name
 
 
+_EXPERT = re.compile(r"\.mlp\.experts\.(\d+)\.")
+
+
+def expert_of(name: str) -> int | None:
+    """The expert index in an MoE expert parameter's name (`...mlp.experts.<e>...`), else None."""
+    m = _EXPERT.search(name)
+    return int(m.group(1)) if m else None
+
+
 def is_router_name(name: str) -> bool:
     """An MoE router or task embedding (`vit.blocks.<i>.mlp.routers.<task>...`, `...mlp.router.`, `...mlp.task_embed.`)."""
     return ".mlp.router" in name or ".mlp.task_embed." in name
@@ -270,7 +288,11 @@ def param_groups(model: nn.Module) -> Iterator[tuple[str, str, nn.Parameter]]:
 def wants_grad(name: str, group: str, plan: Plan, task: str, has_lora: bool) -> bool:
     """Whether parameter `name` trains under `plan` (the one rule; see set_trainable)."""
     if group.startswith("block"):
-        if int(group[5:]) not in plan.trained:
+        block = int(group[5:])
+        if block not in plan.trained:
+            return False
+        expert = expert_of(name) if plan.experts else None
+        if expert is not None and not plan.trains_expert(block, expert):
             return False
         if plan.lora:  # adapters, and the routers of an MoE block (no adapter of their own)
             return is_lora_name(name) or is_router_name(name)

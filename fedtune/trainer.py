@@ -12,7 +12,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -114,6 +114,34 @@ class Trainer:
         self._base_lrs = [cfg.lr, head_lr]
         self.global_step = 0
         self.total_steps = 0
+        self.experts: tuple[tuple[int, tuple[int, ...]], ...] = ()  # MoE: the experts that train (see choose_experts)
+
+    @torch.no_grad()
+    def choose_experts(self, data: ImageSet, max_batches: int = 8) -> tuple[tuple[int, tuple[int, ...]], ...]:
+        """MoE with `train_experts` N: per MoE block, the N experts this task's tokens are routed to most.
+
+        Routing is surveyed without autograd on up to `max_batches` batches of `data` under
+        the method's current plan; the other experts stay frozen while this trainer trains,
+        so a client updates (and sends) only the experts its task uses most.
+        """
+        n = getattr(getattr(self.model, "moe_cfg", None), "train_experts", None)
+        if n is None or len(data) == 0:
+            return ()
+        was_training = self.model.training
+        self.model.train()
+        plan = self.method.plan()
+        totals: dict[int, torch.Tensor] = {}
+        loader = data.loader(self.cfg.batch_size, shuffle=True, seed=self.cfg.seed, task=self.task)
+        for i, (images, _) in enumerate(loader):
+            if i >= max_batches:
+                break
+            trace = Trace()
+            self.model.forward_train(images, plan, self.task, trace=trace)
+            for b, counts in trace.extra.get("expert_counts", {}).items():
+                totals[b] = totals.get(b, 0) + counts.long()
+        self.model.train(was_training)
+        # most tokens first; ties to the lower index
+        return tuple((b, tuple(sorted(int(e) for e in torch.sort(-c, stable=True).indices[:n]))) for b, c in sorted(totals.items()))
 
     def _set_lr(self) -> None:
         mult = lr_at(self.global_step, self.total_steps, self.cfg)
@@ -125,6 +153,8 @@ class Trainer:
         model = self.model
         model.train()
         plan = self.method.plan()
+        if self.experts:
+            plan = replace(plan, experts=self.experts)
         set_trainable(model, plan, self.task)
         self._set_lr()
         self.optimizer.zero_grad(set_to_none=True)
@@ -178,6 +208,7 @@ class Trainer:
         if self.cfg.max_steps is not None:
             planned = min(planned, self.cfg.max_steps)
         self.total_steps = self.global_step + planned
+        self.experts = self.choose_experts(data)
         result = TrainResult(block_updates=[0] * self.model.depth)
         loader = data.loader(self.cfg.batch_size, shuffle=True, seed=self.cfg.seed, task=self.task)
         correct, seen, loss_sum = 0, 0, 0.0

@@ -68,6 +68,7 @@ class MoEConfig:
     task_embed_dim: int = 16  # shared router: size of the task embedding
     aux_loss_weight: float = 0.01  # weight of the load-balancing loss in the training loss
     backend: str = "native"  # native | tutel | auto (tutel when importable, else native)
+    train_experts: int | None = None  # per trained MoE block, train only the N experts the task routes most tokens to (None: every routed expert)
 
     def validate(self, prefix: str = "") -> None:
         if self.num_experts < 1:
@@ -76,6 +77,8 @@ class MoEConfig:
             raise ConfigError(f"{prefix}top_k: must be in 1..num_experts ({self.num_experts}), got {self.top_k}")
         if self.router not in ROUTERS:
             raise ConfigError(f"{prefix}router: unknown router {self.router!r}; choose from {', '.join(ROUTERS)}")
+        if self.train_experts is not None and not 1 <= self.train_experts <= self.num_experts:
+            raise ConfigError(f"{prefix}train_experts: must be in 1..num_experts ({self.num_experts}) or null, got {self.train_experts}")
         if self.task_embed_dim < 1:
             raise ConfigError(f"{prefix}task_embed_dim: must be >= 1, got {self.task_embed_dim}")
         if self.aux_loss_weight < 0:

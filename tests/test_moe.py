@@ -409,3 +409,30 @@ def test_cost_model_counts_top_k_experts_and_the_router(images):
     est = CostModel(model, "a").flops(plan)
     assert est == pytest.approx(measured, rel=0.1)
     assert CostModel(dense, "a").flops(plan) < 0.85 * est
+
+
+def test_train_experts_trains_only_the_most_used_experts(images):
+    """moe.train_experts N: a trained MoE block updates only the N experts its task routes
+    the most tokens to; the others, though they get tokens, stay bit-identical."""
+    from fedtune.data import ImageSet
+    from fedtune.methods import BSRConfig, MethodConfig, make_method
+    from fedtune.trainer import TrainConfig, Trainer
+
+    model = moe_model(num_experts=4, top_k=2, capacity_factor=None, blocks=[1, 3], train_experts=1)
+    g = torch.Generator().manual_seed(3)
+    data = ImageSet(torch.randn(24, 3, 16, 16, generator=g), {"a": torch.randint(0, 3, (24,), generator=g)}, {"a": 3})
+    method = make_method(MethodConfig(name="bsr", bsr=BSRConfig(train_blocks=[1, 3], drop_blocks=[])), model, None, 8, "a")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = Trainer(model, method, TrainConfig(epochs=1, batch_size=8, lr=1e-2), "a")
+    result = trainer.train(data)
+    chosen = dict(trainer.experts)
+    assert set(chosen) == {1, 3} and all(len(e) == 1 for e in chosen.values())
+    for b in (1, 3):
+        for e in range(4):
+            changed = not torch.equal(before[f"vit.blocks.{b}.mlp.experts.{e}.fc1.weight"], model.vit.blocks[b].mlp.experts[e].fc1.weight)
+            assert changed == (e in chosen[b]), (b, e)
+            assert result.expert_counts[b][e] > 0  # every expert got tokens; only the chosen one trained
+    sent_experts = {(int(n.split(".")[2]), int(n.split(".")[5])) for n in result.update_counts if ".mlp.experts." in n}
+    assert sent_experts == {(b, chosen[b][0]) for b in (1, 3)}
+    with pytest.raises(ConfigError, match="train_experts"):
+        MoEConfig(num_experts=4, train_experts=5).validate("moe.")

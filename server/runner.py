@@ -230,12 +230,15 @@ class ServerRunner:
             "bytes_up_per_round": [r["bytes_up"] for r in rounds],
             "bytes_down_per_round": [r["bytes_down"] for r in rounds],
             "model_bytes": self.full_bytes,
+            # the largest reply one client sent in one round (accepted replies)
+            "bytes_up_client_max": int(max((c.get("bytes_sent") or 0 for r in rounds for c in r.get("clients", []) if c.get("accepted")), default=0)),
             "rejected_replies": int(sum(len(r.get("rejected", [])) for r in rounds)),
             "wall_time_s": round(time.time() - self.started, 1),
             "peak_rss_bytes": int(peak),
             "rss_bytes_per_round": [r.get("rss_bytes_with_workers") for r in rounds],
             "checkpoint": str(self._checkpoint_path()),
         }
+        summary["bytes_up_client_max_vs_model"] = summary["bytes_up_client_max"] / self.full_bytes if self.full_bytes else None
         summary["bytes_up_ratio_vs_full_fedavg"] = summary["bytes_up_total"] / summary["bytes_up_full_fedavg"] if summary["bytes_up_full_fedavg"] else None
         write_json(self.out / "summary.json", summary)
         plot_run(self.rounds, self.out / "plots", self.model.depth, getattr(self.model, "moe_blocks", None))

@@ -53,6 +53,8 @@ def test_simulation_writes_outputs_and_survives_a_failing_client(tmp_path):
         assert key in summary, key
     assert summary["rounds"] == 2
     assert 0 < summary["bytes_up_total"] < summary["bytes_up_full_fedavg"]
+    assert 0 < summary["bytes_up_client_max"] < summary["model_bytes"]
+    assert summary["bytes_up_client_max_vs_model"] == summary["bytes_up_client_max"] / summary["model_bytes"]
     rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [0, 1, 2]
     assert rounds[1]["accepted"] == 2 and len(rounds[1]["rejected"]) == 1  # the crashed client

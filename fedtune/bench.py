@@ -90,7 +90,7 @@ def run_bench(cfg: BenchConfig, out: Path, progress: bool = True) -> dict:
             model = build_model(model_cfg, num_classes)
             mcfg = method_config(cfg.method, spec)
             prepare_model(model, mcfg)
-            method = make_method(mcfg, model, None, cfg.train.batch_size, task)
+            method = make_method(mcfg, model, None, cfg.train.batch_size, task, seed=seed)
             tcfg = TrainConfig(**{**cfg.train.__dict__, "seed": seed})
             trainer = Trainer(model, method, tcfg, task)
             bar = _bar(spec, seed, progress)

@@ -317,7 +317,7 @@ class ClientRuntime:
         expert_counts: dict[str, dict[int, list[int]]] = {}
         examples, loss_sum, correct = 0, 0.0, 0.0
         for i, task in enumerate(self.tasks):
-            method = make_method(cfg.method, self.model, self.profile, cfg.train.batch_size, task)
+            method = make_method(cfg.method, self.model, self.profile, cfg.train.batch_size, task, seed=seed + i)
             if budgets is not None and hasattr(method, "budgets"):
                 method.budgets = np.asarray(budgets, dtype=np.float64)
                 if imp_estimate is not None:

@@ -58,6 +58,7 @@ class ALaSTConfig:
     memory_fraction: float | None = 0.1  # cap: memory vs full fine-tuning's (None: the profile alone)
     fuse: bool = True  # fuse dropped tokens into one (EViT): the head sees what was dropped
     reselect: str = "step"  # step: new trained blocks every step | round: keep them until reset_selection()
+    select: str = "top"  # top: the K highest budgets that fit | sample: K drawn with probability ~ budget (seeded), as ALaST's layer sampling
 
 
 @dataclass
@@ -93,6 +94,8 @@ class MethodConfig:
             raise ConfigError(f"{prefix}alast.rate: must be in (0, 1], got {a.rate}")
         if a.reselect not in ("step", "round"):
             raise ConfigError(f"{prefix}alast.reselect: must be 'step' or 'round', got {a.reselect!r}")
+        if a.select not in ("top", "sample"):
+            raise ConfigError(f"{prefix}alast.select: must be 'top' or 'sample', got {a.select!r}")
         if a.memory_fraction is not None and not 0.0 < a.memory_fraction <= 1.0:
             raise ConfigError(f"{prefix}alast.memory_fraction: must be in (0, 1], got {a.memory_fraction}")
         if self.sherl.tuned_blocks < 1:
@@ -138,8 +141,9 @@ class Method:
 
     name = "base"
 
-    def __init__(self, cfg: MethodConfig, model: FedViT, profile: DeviceProfile | str | None = None, batch_size: int = 64, task: str | None = None):
+    def __init__(self, cfg: MethodConfig, model: FedViT, profile: DeviceProfile | str | None = None, batch_size: int = 64, task: str | None = None, seed: int = 0):
         self.cfg = cfg
+        self.rng = np.random.default_rng(seed)  # for planners that draw (ALaST's layer sampling)
         self.model = model
         self.depth = model.depth
         self.num_patches = model.num_patches
@@ -294,7 +298,11 @@ class ALaST(Method):
         if self._fixed is not None:
             return Plan(depth=self.depth, trained=self._fixed, keep=keep, fuse=c.fuse, lora=lora)
         trained: list[int] = []
-        for b in np.argsort(-self.budgets, kind="stable"):
+        if c.select == "sample":  # a weighted draw without replacement (Efraimidis-Spirakis keys u^(1/w))
+            order = np.argsort(-(self.rng.random(self.depth) ** (1.0 / np.maximum(self.budgets, 1e-9))), kind="stable")
+        else:
+            order = np.argsort(-self.budgets, kind="stable")
+        for b in order:
             if len(trained) == c.k:
                 break
             cand = Plan(depth=self.depth, trained=frozenset([*trained, int(b)]), keep=keep, fuse=c.fuse, lora=lora)
@@ -368,11 +376,11 @@ class ALaST(Method):
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Full, Head, BSR, ALaST, SHERL)}
 
 
-def make_method(cfg: MethodConfig, model: FedViT, profile: DeviceProfile | str | None = None, batch_size: int = 64, task: str | None = None) -> Method:
+def make_method(cfg: MethodConfig, model: FedViT, profile: DeviceProfile | str | None = None, batch_size: int = 64, task: str | None = None, seed: int = 0) -> Method:
     """The planner for `cfg.name`, for a model already passed through `prepare_model`."""
     cfg.validate("method.")
     if batch_size < 1:
         raise ConfigError(f"train.batch_size: must be >= 1, got {batch_size}")
-    method = METHODS[cfg.name](cfg, model, profile, batch_size, task)
+    method = METHODS[cfg.name](cfg, model, profile, batch_size, task, seed)
     method.plan()  # fail early with a clear error when nothing fits
     return method

@@ -80,6 +80,22 @@ def test_alast_budgets_follow_importance_and_keep_their_mean(tiny_model):
     assert tokens[0] < tiny_model.num_patches  # low-budget blocks keep fewer tokens
 
 
+def test_alast_layer_sampling_is_seeded_and_follows_the_budgets(tiny_model):
+    cfg = from_dict(MethodConfig, {"name": "alast", "alast": {"k": 1, "select": "sample", "memory_fraction": None}})
+
+    def draws(seed: int) -> list[int]:
+        method = make_method(cfg, tiny_model, None, 4, seed=seed)
+        method.budgets = np.array([0.1, 0.1, 0.3, 1.0])
+        return [next(iter(method.plan().trained)) for _ in range(200)]
+
+    first = draws(0)
+    assert first == draws(0) and first != draws(1)
+    counts = np.bincount(first, minlength=4)
+    assert counts[3] > counts[2] > counts[0] and counts.min() > 0  # every block gets a turn, the important ones more
+    with pytest.raises(ConfigError, match="alast.select"):
+        make_method(from_dict(MethodConfig, {"name": "alast", "alast": {"select": "best"}}), tiny_model, None, 4)
+
+
 def test_alast_fits_a_small_profile_by_training_later_blocks(tiny_model):
     cm = CostModel(tiny_model)
     full = cm.estimate(Plan(depth=4, trained=frozenset(range(4)), train_embed=True), 8)

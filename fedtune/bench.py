@@ -94,7 +94,7 @@ def run_bench(cfg: BenchConfig, out: Path, progress: bool = True) -> dict:
             tcfg = TrainConfig(**{**cfg.train.__dict__, "seed": seed})
             trainer = Trainer(model, method, tcfg, task)
             bar = _bar(spec, seed, progress)
-            res = trainer.train(data.train, progress=(lambda d, t, s, b=bar: _tick(b, d, t, s)) if bar else None)
+            res = trainer.train(data.train, progress=(lambda d, t, s, b=bar: _tick(b, d, t, s)) if bar is not None else None)
             if bar is not None:
                 bar.close()
             ev = trainer.evaluate(data.test)

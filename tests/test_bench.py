@@ -17,7 +17,7 @@ seeds: [0]
 """
     )
     out = tmp_path / "out"
-    assert main(["bench", "--config", str(cfg), "--out", str(out), "--no-progress"]) == 0
+    assert main(["bench", "--config", str(cfg), "--out", str(out)]) == 0  # with progress bars, the default
     report = json.loads((out / "bench.json").read_text())
     assert report["test_size"] == 32
     for name in ("full", "head", "bsr", "alast", "sherl", "alast+lora"):

@@ -14,7 +14,7 @@ from fedtune.federated import (
     load_run_config,
     state_to_numpy,
 )
-from fedtune.typedconfig import from_dict
+from fedtune.typedconfig import from_dict, to_dict
 
 TINY_RUN = {
     "name": "tiny",
@@ -110,6 +110,10 @@ def test_simulation_configs_load():
         cfg = load_run_config(HERE / f"{name}.yaml")
         assert cfg.name == name
     assert load_run_config(HERE / "scale.yaml").federation.num_clients == 1000
+    # multitask_dense is multitask with a dense ViT: the same data, method, budgets and rounds
+    moe, dense = (to_dict(load_run_config(HERE / f"{n}.yaml")) for n in ("multitask", "multitask_dense"))
+    assert moe["moe"] and dense["moe"] is None
+    assert {k: v for k, v in moe.items() if k not in ("name", "moe")} == {k: v for k, v in dense.items() if k not in ("name", "moe")}
 
 
 def test_bad_run_configs(tmp_path):

@@ -33,7 +33,7 @@ DEFAULT_METHODS = ["full", "head", "bsr", "alast", "sherl", "alast+lora"]
 class BenchConfig:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(pretrained="default"))
     data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=5, batch_size=64, head_lr=5e-3, flops_every=40))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=4, batch_size=64, head_lr=5e-3, flops_every=40))
     method: MethodConfig = field(default_factory=MethodConfig)  # options shared by all methods (name ignored)
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))  # name or name+lora
     seeds: list[int] = field(default_factory=lambda: [0, 1])  # accuracy is averaged over these

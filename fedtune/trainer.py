@@ -8,6 +8,7 @@ returns the step's measured costs.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections import Counter
@@ -132,9 +133,7 @@ class Trainer:
         plan = self.method.plan()
         totals: dict[int, torch.Tensor] = {}
         loader = data.loader(self.cfg.batch_size, shuffle=True, seed=self.cfg.seed, task=self.task)
-        for i, (images, _) in enumerate(loader):
-            if i >= max_batches:
-                break
+        for images, _ in itertools.islice(loader, max_batches):
             trace = Trace()
             self.model.forward_train(images, plan, self.task, trace=trace)
             for b, counts in trace.extra.get("expert_counts", {}).items():

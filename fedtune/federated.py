@@ -260,6 +260,9 @@ class PersonalHeadTrainer(Trainer):
             self.optimizer.add_param_group({"params": list(personal_head.parameters()), "lr": self._base_lrs[1]})
             self._base_lrs.append(self._base_lrs[1])
 
+    def heads_to_fit(self) -> list[nn.Linear]:
+        return super().heads_to_fit() + ([self.personal_head] if self.personal_head is not None else [])
+
     def extra_loss(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
         if self.personal_head is None:
             return None

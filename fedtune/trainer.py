@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .accounting import (
     SavedBytesMeter,
@@ -47,6 +48,9 @@ class TrainConfig:
     max_steps: int | None = None  # stop after this many steps (quick runs)
     eval_batch_size: int = 256  # evaluation batch size
     seed: int = 0  # seed for shuffling and initialisation
+    head_fit: str = "none"  # none | before | after | both: fit the head(s) as a logistic regression on every-token features (see fit_heads)
+    head_fit_reg: float = 0.005  # L2 penalty of that fit (mean cross-entropy + reg/2 * |W|^2)
+    head_fit_samples: int | None = None  # fit on at most this many training images (None: all)
 
     def validate(self, prefix: str = "") -> None:
         if self.epochs < 0:
@@ -59,6 +63,15 @@ class TrainConfig:
             raise ConfigError(f"{prefix}schedule: must be cosine or constant, got {self.schedule!r}")
         if self.flops_every < 1:
             raise ConfigError(f"{prefix}flops_every: must be >= 1, got {self.flops_every}")
+        if self.head_fit not in HEAD_FIT:
+            raise ConfigError(f"{prefix}head_fit: must be one of {', '.join(HEAD_FIT)}, got {self.head_fit!r}")
+        if self.head_fit_reg < 0:
+            raise ConfigError(f"{prefix}head_fit_reg: must be >= 0, got {self.head_fit_reg}")
+        if self.head_fit_samples is not None and self.head_fit_samples < 1:
+            raise ConfigError(f"{prefix}head_fit_samples: must be >= 1 or null, got {self.head_fit_samples}")
+
+
+HEAD_FIT = ("none", "before", "after", "both")
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -80,6 +93,8 @@ class TrainResult:
     loss: float = float("nan")
     accuracy: float = float("nan")  # on the training batches, as seen during training
     expert_counts: dict[int, list[int]] = field(default_factory=dict)  # MoE: block -> tokens routed to each expert
+    head_fit_s: float = 0.0  # wall time of the head fits (feature extraction included)
+    head_fit_flops: float = 0.0  # FLOPs of the head fits' feature extraction (no autograd, every token)
 
     def summary(self) -> dict:
         timed = [s.step_time_s for s in self.steps if s.train_flops is None] or [s.step_time_s for s in self.steps]
@@ -94,6 +109,8 @@ class TrainResult:
             "loss": self.loss,
             "train_accuracy": self.accuracy,
             "num_examples": self.num_examples,
+            "head_fit_s": round(self.head_fit_s, 2),
+            "head_fit_flops": self.head_fit_flops,
         }
 
 
@@ -209,6 +226,8 @@ class Trainer:
         self.total_steps = self.global_step + planned
         self.experts = self.choose_experts(data)
         result = TrainResult(block_updates=[0] * self.model.depth)
+        if self.cfg.head_fit in ("before", "both"):
+            self.fit_heads(data, result)
         loader = data.loader(self.cfg.batch_size, shuffle=True, seed=self.cfg.seed, task=self.task)
         correct, seen, loss_sum = 0, 0, 0.0
         done = 0
@@ -236,11 +255,85 @@ class Trainer:
         result.num_examples = seen
         result.loss = loss_sum / max(seen, 1)
         result.accuracy = correct / max(seen, 1)
+        if self.cfg.head_fit in ("after", "both"):
+            self.fit_heads(data, result)
         return result
+
+    def heads_to_fit(self) -> list[nn.Linear]:
+        """The linear heads `fit_heads` refits (subclasses add their own)."""
+        return [self.model.heads[self.task]]
+
+    def fit_heads(self, data: ImageSet, result: TrainResult | None = None) -> None:
+        """Refit the task's head(s) on the backbone's features, every block and every token.
+
+        Before training this is LP-FT's linear probe (Kumar et al., 2022): fine-tuning starts
+        from a head that fits the frozen features instead of a random one. After training it
+        matches the head to the features the model is evaluated and deployed with: a plan
+        that drops tokens trains the head on features of fewer tokens. The cost is one
+        forward pass without autograd over (up to `head_fit_samples` of) `data`, recorded
+        in `result` apart from the training steps.
+        """
+        if len(data) == 0:
+            return
+        start = time.perf_counter()
+        subset = data
+        n = self.cfg.head_fit_samples
+        if n is not None and len(data) > n:
+            subset = data.subset(torch.randperm(len(data), generator=torch.Generator().manual_seed(self.cfg.seed))[:n])
+        counter = flop_counter_mode()
+        with counter:
+            feats, labels = extract_features(self.model, subset, self.task, self.cfg.eval_batch_size)
+        reg = self.cfg.head_fit_reg
+        for head in self.heads_to_fit():
+            fit_linear_head(head, feats, labels, reg)
+        if result is not None:
+            result.head_fit_s += time.perf_counter() - start
+            result.head_fit_flops += float(counter.get_total_flops())
 
     @torch.no_grad()
     def evaluate(self, data: ImageSet, task: str | None = None) -> dict[str, float]:
         return evaluate(self.model, data, task or self.task, self.cfg.eval_batch_size)
+
+
+@torch.no_grad()
+def extract_features(model: FedViT, data: ImageSet, task: str, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pre-logit features of the dense model (every block, every token; eval mode) and labels."""
+    was_training = model.training
+    model.eval()
+    plan = Plan(depth=model.depth)
+    feats, labels = [], []
+    for images, y in data.loader(batch_size, shuffle=False, task=task):
+        out: list[torch.Tensor] = []
+        model.forward_train(images, plan, task, features=out)
+        feats.append(out[0].float())
+        labels.append(y)
+    model.train(was_training)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def fit_linear_head(head: nn.Linear, feats: torch.Tensor, labels: torch.Tensor, reg: float, max_iter: int = 200) -> float:
+    """Multinomial logistic regression into `head` by L-BFGS, warm-started from its weights.
+
+    Minimises mean cross-entropy + reg/2 * |W|^2 (the bias is not penalised; strictly
+    convex for reg > 0, so the start only changes the steps taken). Returns the final loss.
+    """
+    feats, labels = feats.detach().to(head.weight.device), labels.to(head.weight.device)
+    w = head.weight.detach().clone().float().requires_grad_(True)
+    b = head.bias.detach().clone().float().requires_grad_(True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=1e-7, tolerance_change=1e-10, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(feats @ w.T + b, labels) + 0.5 * reg * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        loss = opt.step(closure)
+    with torch.no_grad():
+        head.weight.copy_(w)
+        head.bias.copy_(b)
+    return float(loss.detach())
 
 
 @torch.no_grad()

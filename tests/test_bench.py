@@ -11,7 +11,7 @@ def test_bench_writes_json_and_table(tmp_path):
         """
 model: {name: vit_tiny_patch16_224, img_size: 16, patch_size: 4, depth: 4, embed_dim: 32, num_heads: 2, pretrained: null}
 data: {name: digits, img_size: 16, max_train: 64, max_test: 32}
-train: {epochs: 1, batch_size: 16, flops_every: 2}
+train: {epochs: 1, batch_size: 16, flops_every: 2, head_fit: after}
 method: {alast: {memory_fraction: null, k: 2}}
 seeds: [0]
 """
@@ -26,6 +26,7 @@ seeds: [0]
             assert key in m, (name, key)
         assert 0.0 <= m["test_accuracy"] <= 1.0
         assert m["train_flops_per_step"] > 0
+        assert m["head_fit_s"] > 0 and m["train_flops_total"] > m["train_flops_per_step"] * m["runs"][0]["steps"], "the head fit's compute is counted"
     full, bsr = report["methods"]["full"], report["methods"]["bsr"]
     assert bsr["train_flops_per_step"] < full["train_flops_per_step"]
     assert bsr["activation_bytes"] < full["activation_bytes"]

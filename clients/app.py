@@ -162,8 +162,12 @@ def make_client_app(cfg: RunConfig | None = None, state_dir: Path | None = None)
         global_arrays = arrays_to_numpy(msg.content.array_records[protocol.ARRAYS])
         config = msg.content.config_records.get(protocol.CONFIG, ConfigRecord())
         server_round = int(config.get(protocol.SERVER_ROUND, 0))
-        metrics = rt.evaluate(global_arrays, load_state(context, state_dir, server_round + 1 if server_round else None))
-        return Message(content=RecordDict({protocol.METRICS: _metric_record(metrics)}), reply_to=msg)
+        state = load_state(context, state_dir, server_round + 1 if server_round else None)
+        metrics = rt.evaluate(global_arrays, state)
+        content = RecordDict({protocol.METRICS: _metric_record(metrics)})
+        if config.get(protocol.WANT_HEAD_STATS):
+            content[protocol.HEAD_STATS] = numpy_to_arrays(rt.head_stats(global_arrays, state))
+        return Message(content=content, reply_to=msg)
 
     return app
 

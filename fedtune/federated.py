@@ -33,7 +33,7 @@ from .errors import ConfigError
 from .methods import MethodConfig, make_method, prepare_model
 from .model import FedViT, ModelConfig, build_model
 from .profiles import AUTO, PROFILES, get_profile
-from .trainer import TrainConfig, Trainer
+from .trainer import TrainConfig, Trainer, class_stats, extract_features
 from .typedconfig import apply_overrides, from_dict, read_yaml, to_dict
 
 
@@ -68,6 +68,7 @@ class FederationConfig:
     checkpoint_every: int = 1  # rounds between server checkpoints
     round_timeout_s: float = 3600.0  # how long the server waits for replies
     connect_timeout_s: float = 120.0  # how long the server waits for num_clients nodes before failing
+    head_fit: str = "none"  # none | lda: after the last round, fit each task's global head from the clients' feature statistics
 
     def validate(self, prefix: str = "") -> None:
         if self.num_clients < 1:
@@ -80,6 +81,8 @@ class FederationConfig:
             raise ConfigError(f"{prefix}send: must be 'updated' or 'all', got {self.send!r}")
         if not self.connect_timeout_s >= 0:
             raise ConfigError(f"{prefix}connect_timeout_s: must be >= 0, got {self.connect_timeout_s}")
+        if self.head_fit not in ("none", "lda"):
+            raise ConfigError(f"{prefix}head_fit: must be 'none' or 'lda', got {self.head_fit!r}")
         if self.weighting not in ("examples", "updates"):
             raise ConfigError(f"{prefix}weighting: must be 'examples' or 'updates', got {self.weighting!r}")
         for p in self.profiles:
@@ -377,6 +380,18 @@ class ClientRuntime:
         if imp_estimate is not None:
             metrics["importance"] = [float(v) for v in imp_estimate]
         return update, counts, metrics, new_state
+
+    @torch.no_grad()
+    def head_stats(self, global_arrays: dict[str, np.ndarray], state: ClientState) -> dict[str, np.ndarray]:
+        """Per task, the class statistics of the global model's features (every block, every
+        token) on this client's training data: what the server's discriminant head fit sums."""
+        self._load(global_arrays, state)
+        out = {}
+        for task in self.tasks:
+            feats, labels = extract_features(self.model, self.train_set, task)
+            for part, value in class_stats(feats, labels, self.model.heads[task].out_features).items():
+                out[f"{task}.{part}"] = value
+        return out
 
     @torch.no_grad()
     def evaluate(self, global_arrays: dict[str, np.ndarray], state: ClientState) -> dict[str, Any]:

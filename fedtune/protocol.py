@@ -17,6 +17,7 @@ ARRAYS = "arrays"  # ArrayRecord: parameter name -> Array
 CONFIG = "config"  # ConfigRecord sent with every instruction
 METRICS = "metrics"  # MetricRecord of scalars (and a few lists)
 UPDATE_COUNTS = "update-counts"  # MetricRecord: parameter name -> int steps
+HEAD_STATS = "head-stats"  # ArrayRecord in an evaluate reply: per task "<task>.count" [C], "<task>.sum" [C, d], "<task>.outer" [d, d]
 
 # Metric keys in the METRICS record of a reply.
 NUM_EXAMPLES = "num-examples"  # int > 0, weight of the reply
@@ -24,6 +25,7 @@ IMPORTANCE = "importance"  # list[float], one per block; also the config key sen
 
 # Config keys in the CONFIG record of an instruction.
 SERVER_ROUND = "server-round"  # set by Flower's FedAvg.configure_train
+WANT_HEAD_STATS = "want-head-stats"  # in an evaluate instruction: reply with HEAD_STATS too
 
 # Metric keys the server adds to each round's aggregated train MetricRecord.
 REPLIES_ACCEPTED = "replies-accepted"  # replies that entered the aggregate

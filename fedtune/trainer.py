@@ -337,6 +337,35 @@ def fit_linear_head(head: nn.Linear, feats: torch.Tensor, labels: torch.Tensor, 
 
 
 @torch.no_grad()
+def class_stats(feats: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, np.ndarray]:
+    """Sufficient statistics of features per class, in float64: counts [C], sums [C, d] and the
+    total second moment X^T X [d, d]. They add up over clients to those of the pooled data."""
+    x = feats.double()
+    sums = torch.zeros(num_classes, x.shape[1], dtype=torch.float64).index_add_(0, labels, x)
+    return {"count": torch.bincount(labels, minlength=num_classes).double().numpy(), "sum": sums.numpy(), "outer": (x.T @ x).numpy()}
+
+
+def lda_head(count: np.ndarray, sums: np.ndarray, outer: np.ndarray, shrink: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Linear discriminant analysis from `class_stats`: class means, a pooled within-class
+    covariance (shrunk by `shrink` toward its mean variance, so it is invertible) and class
+    priors give a linear head W x + b. Classes with no example get a bias no logit reaches."""
+    count = np.asarray(count, dtype=np.float64)
+    present = count > 0
+    if present.sum() < 2:
+        raise ValueError(f"a discriminant head needs examples of at least 2 classes, got {int(present.sum())}")
+    n = count.sum()
+    means = np.zeros_like(sums)
+    means[present] = sums[present] / count[present, None]
+    within = outer - (means[present].T * count[present]) @ means[present]
+    cov = within / max(n - present.sum(), 1.0)
+    cov = (1 - shrink) * cov + shrink * np.trace(cov) / len(cov) * np.eye(len(cov))
+    prec_means = np.linalg.solve(cov, means.T).T  # [C, d]
+    bias = -0.5 * (means * prec_means).sum(1) + np.log(np.where(present, count, 1.0) / n)
+    bias[~present] = -1e4
+    return torch.from_numpy(prec_means).float(), torch.from_numpy(bias).float()
+
+
+@torch.no_grad()
 def evaluate(model: FedViT, data: ImageSet, task: str | None = None, batch_size: int = 256) -> dict[str, float]:
     """Accuracy and loss of the dense model (every block, every token) on `data`."""
     task = model.check_task(task)

@@ -29,7 +29,7 @@ from fedtune.federated import (
 )
 from fedtune.model import checkpoint_meta, model_meta, read_state, save_checkpoint
 from fedtune.report import append_jsonl, plot_run, read_jsonl, rss_bytes, write_json
-from fedtune.trainer import evaluate
+from fedtune.trainer import evaluate, lda_head
 from fedtune.typedconfig import to_dict
 
 from .strategy import SparseFedAvg
@@ -92,6 +92,7 @@ class ServerRunner:
             feed_importance=f.feed_importance,
             sample_seed=self.cfg.seed,
             round_offset=round_offset,
+            head_stats_round=f.rounds if f.head_fit == "lda" else None,
             fraction_train=per_round / f.num_clients,
             min_train_nodes=per_round,
             fraction_evaluate=per_eval / f.num_clients,
@@ -150,6 +151,13 @@ class ServerRunner:
                 append_jsonl(self.out / "metrics.jsonl", rec)
             return MetricRecord({"accuracy": ev["accuracy"]})
         s = self.strategy
+        head_fit = {}
+        if s.head_stats:
+            arrays, head_fit = self.fit_heads(s.head_stats)
+            per_task = {t: evaluate(self.model, self.split.test, t) for t in self.tasks}
+            before = ev
+            ev = {"accuracy": float(np.mean([e["accuracy"] for e in per_task.values()])), "loss": float(np.mean([e["loss"] for e in per_task.values()]))}
+            head_fit.update(accuracy_global_before_head_fit=before["accuracy"], bytes_up_head_stats=s.head_stats_bytes)
         clients = []
         for c in s.last_client_metrics:
             m = dict(c.get("metrics", {}))
@@ -190,6 +198,7 @@ class ServerRunner:
             "rss_bytes": proc_rss,
             "rss_bytes_with_workers": total_rss,
             "elapsed_s": round(time.time() - self.started, 2),
+            **head_fit,
         }
         self.rounds.append(rec)
         append_jsonl(self.out / "metrics.jsonl", rec)
@@ -199,6 +208,29 @@ class ServerRunner:
             self.bar.update(1)
             self.bar.set_postfix(acc=f"{100 * ev['accuracy']:.1f}%", up=f"{bytes_up / 2**20:.1f}MiB")
         return MetricRecord({"accuracy": ev["accuracy"]})
+
+    def fit_heads(self, stats: dict[str, dict[str, np.ndarray]]) -> tuple[ArrayRecord, dict[str, Any]]:
+        """Replace each task's global head by the discriminant head of the clients' summed
+        feature statistics (fedtune.trainer.lda_head); return the new global arrays."""
+        fitted = []
+        for task, parts in stats.items():
+            if task not in self.tasks:
+                log(30, "head statistics for unknown task %r ignored", task)
+                continue
+            head = self.model.heads[task]
+            if parts["sum"].shape != (head.out_features, head.in_features):
+                log(30, "head statistics for task %r have shape %s, the head is %s: ignored", task, parts["sum"].shape, tuple(head.weight.shape))
+                continue
+            try:
+                weight, bias = lda_head(parts["count"], parts["sum"], parts["outer"])
+            except (ValueError, np.linalg.LinAlgError) as err:
+                log(30, "head fit for task %r failed (%s); its averaged head stays", task, err)
+                continue
+            with torch.no_grad():
+                head.weight.copy_(weight)
+                head.bias.copy_(bias)
+            fitted.append(task)
+        return numpy_to_arrays(state_to_numpy(self.model)), {"head_fit": "lda", "head_fit_tasks": fitted, "head_fit_examples": {t: int(stats[t]["count"].sum()) for t in fitted}}
 
     def finish(self) -> dict[str, Any]:
         rounds = [r for r in self.rounds if r["round"] > 0]
@@ -224,7 +256,9 @@ class ServerRunner:
             "accuracy_personalized": next((r["accuracy_personalized"] for r in reversed(rounds) if r.get("accuracy_personalized") is not None), None),
             "accuracy_per_client": {str(k): v for k, v in sorted(per_client.items())},
             "accuracy_global_per_round": [r["accuracy_global"] for r in self.rounds],
-            "bytes_up_total": int(sum(r["bytes_up"] for r in rounds)),
+            "bytes_up_total": int(sum(r["bytes_up"] + r.get("bytes_up_head_stats", 0) for r in rounds)),
+            "head_fit": self.cfg.federation.head_fit,
+            "accuracy_global_before_head_fit": last.get("accuracy_global_before_head_fit"),
             "bytes_down_total": int(sum(r["bytes_down"] for r in rounds)),
             "bytes_up_full_fedavg": int(sum(r["bytes_up_full_fedavg"] for r in rounds)),
             "bytes_up_per_round": [r["bytes_up"] for r in rounds],

@@ -80,6 +80,7 @@ class SparseFedAvg(FedAvg):
         feed_importance: bool = False,
         sample_seed: int | None = None,
         round_offset: int = 0,
+        head_stats_round: int | None = None,
         **fedavg_kwargs: Any,
     ) -> None:
         if weighting not in WEIGHTINGS:
@@ -106,6 +107,11 @@ class SparseFedAvg(FedAvg):
         self.sample_seed = sample_seed
         self.round_offset = round_offset
         self.last_eval_metrics: list[dict[str, Any]] = []
+        # The round (counted over the whole run) whose evaluate replies carry feature
+        # statistics for the server's head fit; what they summed to and their size.
+        self.head_stats_round = head_stats_round
+        self.head_stats: dict[str, dict[str, np.ndarray]] = {}
+        self.head_stats_bytes = 0
 
         # The global arrays of the round being trained (set by configure_train).
         self.current_arrays: ArrayRecord | None = None
@@ -144,7 +150,10 @@ class SparseFedAvg(FedAvg):
         """FedAvg's, with seeded sampling and the run's round number."""
         server_round += self.round_offset
         self._seed_sampling(server_round, 1)
-        return super().configure_evaluate(server_round, arrays, ConfigRecord(dict(config)), grid)
+        config = ConfigRecord(dict(config))
+        if self.head_stats_round is not None and server_round == self.head_stats_round:
+            config[protocol.WANT_HEAD_STATS] = True
+        return super().configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Each metric's mean over the clients that reported it, weighted by num-examples.
@@ -154,6 +163,7 @@ class SparseFedAvg(FedAvg):
         reply. Each client's metrics are kept in last_eval_metrics.
         """
         self.last_eval_metrics = []
+        self.head_stats, self.head_stats_bytes = {}, 0
         sums: dict[str, float] = {}
         weights: dict[str, float] = {}
         for msg in replies:
@@ -165,6 +175,8 @@ class SparseFedAvg(FedAvg):
                 continue
             metrics = {k: v for k, v in msg.content.metric_records[protocol.METRICS].items()}
             self.last_eval_metrics.append({"node_id": msg.metadata.src_node_id, "metrics": metrics})
+            if protocol.HEAD_STATS in msg.content.array_records:
+                self._add_head_stats(msg.metadata.src_node_id, msg.content.array_records[protocol.HEAD_STATS])
             weight = metrics.get(protocol.NUM_EXAMPLES)
             if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
                 continue
@@ -176,6 +188,33 @@ class SparseFedAvg(FedAvg):
         if not sums:
             return None
         return MetricRecord({k: sums[k] / weights[k] for k in sorted(sums)})
+
+    def _add_head_stats(self, node_id: int, record: ArrayRecord) -> None:
+        """Add one client's per-task feature statistics to the round's sums (see
+        fedtune.trainer.class_stats); a reply with non-finite values or shapes that
+        disagree with the others' is left out, with a warning."""
+        stats: dict[str, dict[str, np.ndarray]] = {}
+        for key, array in record.items():
+            task, _, part = key.rpartition(".")
+            stats.setdefault(task, {})[part] = np.asarray(array.numpy(), dtype=np.float64)
+        for task, parts in stats.items():
+            problem = None
+            if set(parts) != {"count", "sum", "outer"}:
+                problem = f"task {task!r} has parts {sorted(parts)}, expected count, sum, outer"
+            elif not all(np.isfinite(v).all() for v in parts.values()) or (parts["count"] < 0).any():
+                problem = f"task {task!r} has non-finite or negative statistics"
+            else:
+                c, d = parts["sum"].shape if parts["sum"].ndim == 2 else (-1, -1)
+                have = self.head_stats.get(task)
+                if parts["count"].shape != (c,) or parts["outer"].shape != (d, d) or (have and have["sum"].shape != (c, d)):
+                    problem = f"task {task!r} statistics have inconsistent shapes"
+            if problem:
+                log(WARNING, "head statistics from node %s left out: %s", node_id, problem)
+                continue
+            have = self.head_stats.setdefault(task, {k: np.zeros_like(v) for k, v in parts.items()})
+            for k, v in parts.items():
+                have[k] += v
+            self.head_stats_bytes += int(sum(v.nbytes for v in parts.values()))
 
     # ------------------------------------------------------------------ train
 

@@ -29,7 +29,7 @@ def test_simulation_writes_outputs_and_survives_a_failing_client(tmp_path):
 
     # Multitask MoE: clients of different tasks report different per-task metrics.
     cfg = run_cfg(top={"tasks": ["digit", "parity"], "moe": {"num_experts": 4, "top_k": 2, "blocks": [1, 3]}},
-                  client_tasks=[["digit"], ["parity"]])
+                  client_tasks=[["digit"], ["parity"]], head_fit="lda")
     inner = make_client_app(cfg)
     from flwr.clientapp import ClientApp
 
@@ -61,6 +61,11 @@ def test_simulation_writes_outputs_and_survives_a_failing_client(tmp_path):
     assert "simulated device crash" in rounds[1]["rejected"][0]["reason"] or rounds[1]["rejected"][0]["reason"]
     assert rounds[2]["accepted"] == 3
     assert set(summary["accuracy_per_task"]) == {"digit", "parity"}
+    # the last round's heads are fitted from the clients' feature statistics, which count as bytes up
+    assert summary["head_fit"] == "lda" and sorted(rounds[2]["head_fit_tasks"]) == ["digit", "parity"]
+    assert rounds[2]["head_fit_examples"]["digit"] > 0 and summary["accuracy_global_before_head_fit"] is not None
+    assert "head_fit" not in rounds[1]
+    assert summary["bytes_up_total"] == sum(summary["bytes_up_per_round"]) + rounds[2]["bytes_up_head_stats"] > sum(summary["bytes_up_per_round"])
     assert all(0.0 <= a <= 1.0 for a in summary["accuracy_per_task"].values())
     for plot in ("accuracy.png", "bytes.png", "blocks.png", "experts_per_task.png", "experts_per_client.png"):
         assert (out / "plots" / plot).stat().st_size > 0

@@ -6,6 +6,7 @@ from unittest.mock import Mock
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -398,3 +399,50 @@ def test_evaluate_averages_each_metric_over_the_clients_that_report_it() -> None
     assert "partition-id" not in agg and protocol.NUM_EXAMPLES not in agg
     assert [e["node_id"] for e in strategy.last_eval_metrics] == [1, 2, 3]
     assert strategy.aggregate_evaluate(1, [error_reply(5)]) is None
+
+
+def test_head_statistics_are_requested_in_the_last_round_and_summed() -> None:
+    from fedtune.trainer import class_stats
+
+    strategy = SparseFedAvg(head_stats_round=3, round_offset=1)
+    grid = Mock()
+    grid.get_node_ids.return_value = [1, 2]
+    want = lambda rnd: [m.content[protocol.CONFIG].get(protocol.WANT_HEAD_STATS) for m in strategy.configure_evaluate(rnd, global_arrays(), ConfigRecord(), grid)]
+    assert want(1) == [None, None] and want(2) == [True, True], "asked for in the run's round 3 only (round 2 after a resume at 1)"
+    g = torch.Generator().manual_seed(0)
+    feats, labels = torch.randn(30, 4, generator=g), torch.arange(30) % 3
+
+    def stats_reply(node_id: int, rows: slice, bad: bool = False) -> Message:
+        msg = reply(node_id, None, 10)
+        parts = class_stats(feats[rows], labels[rows], 3)
+        if bad:
+            parts["outer"][0, 0] = np.nan
+        msg.content[protocol.HEAD_STATS] = ArrayRecord({f"digit.{k}": Array(v) for k, v in parts.items()})
+        return msg
+
+    strategy.aggregate_evaluate(3, [stats_reply(1, slice(0, 12)), stats_reply(2, slice(12, 30)), stats_reply(3, slice(0, 30), bad=True)])
+    whole = class_stats(feats, labels, 3)
+    assert set(strategy.head_stats) == {"digit"}
+    for k, v in whole.items():
+        np.testing.assert_allclose(strategy.head_stats["digit"][k], v, rtol=1e-12, err_msg=k)
+    assert strategy.head_stats_bytes == 2 * sum(v.nbytes for v in whole.values()), "the corrupt reply is left out"
+
+
+def test_discriminant_head_equals_scikit_learn_lda() -> None:
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    from fedtune.trainer import class_stats, lda_head
+
+    g = torch.Generator().manual_seed(1)
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate([40, 25, 60, 0, 35])])  # class 3 absent
+    means = torch.randn(5, 6, generator=g) * 2
+    feats = means[labels] + torch.randn(len(labels), 6, generator=g) @ torch.randn(6, 6, generator=g) * 0.5
+    s = class_stats(feats, labels, 5)
+    w, b = lda_head(s["count"], s["sum"], s["outer"], shrink=0.0)
+    ours = (feats @ w.T + b).argmax(-1)
+    assert 3 not in ours.tolist()
+    ref = LinearDiscriminantAnalysis(solver="lsqr").fit(feats.numpy(), labels.numpy())
+    assert (ours.numpy() == ref.predict(feats.numpy())).mean() >= 0.99
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        s = class_stats(feats[:40], labels[:40], 5)
+        lda_head(s["count"], s["sum"], s["outer"])

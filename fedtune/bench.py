@@ -33,7 +33,7 @@ DEFAULT_METHODS = ["full", "head", "bsr", "alast", "sherl", "alast+lora"]
 class BenchConfig:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(pretrained="default"))
     data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3, batch_size=64, head_lr=5e-3, flops_every=40, head_fit="after"))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3, batch_size=64, head_lr=5e-3, flops_every=40, head_fit="after", head_fit_kind="lda"))
     method: MethodConfig = field(default_factory=MethodConfig)  # options shared by all methods (name ignored)
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))  # name or name+lora
     seeds: list[int] = field(default_factory=lambda: [0, 1])  # accuracy is averaged over these
@@ -157,7 +157,8 @@ def markdown_table(report: dict) -> str:
     lines = [
         f"Model {report['model']}, data {report['data']} (task {report['task']}: {report['train_size']} train / "
         f"{report['test_size']} test images), batch {report['batch_size']}, {report['epochs']} epochs, seeds {report['seeds']}, "
-        f"{report['torch_threads']} CPU threads; head fit: {report['config']['train'].get('head_fit', 'none')}; "
+        f"{report['torch_threads']} CPU threads; head fit: {report['config']['train'].get('head_fit', 'none')}"
+        f"{' (' + report['config']['train'].get('head_fit_kind', 'logistic') + ')' if report['config']['train'].get('head_fit', 'none') != 'none' else ''}; "
         "ratios against full fine-tuning measured in the same run.",
         "",
         "| method | step time (s) | speed-up | train GFLOP/step | FLOPs vs full | activation MiB | act. vs full | trainable params | total FLOPs vs full | head fit (s) | test acc. (mean ± sd) | Δ acc. (pts) |",

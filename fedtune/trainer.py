@@ -49,7 +49,8 @@ class TrainConfig:
     eval_batch_size: int = 256  # evaluation batch size
     seed: int = 0  # seed for shuffling and initialisation
     head_fit: str = "none"  # none | before | after | both: fit the head(s) as a logistic regression on every-token features (see fit_heads)
-    head_fit_reg: float = 0.005  # L2 penalty of that fit (mean cross-entropy + reg/2 * |W|^2)
+    head_fit_reg: float = 0.005  # logistic: L2 penalty (mean cross-entropy + reg/2 * |W|^2)
+    head_fit_kind: str = "logistic"  # logistic (L-BFGS) | lda (linear discriminant, closed form; see lda_head)
     head_fit_samples: int | None = None  # fit on at most this many training images (None: all)
 
     def validate(self, prefix: str = "") -> None:
@@ -65,6 +66,8 @@ class TrainConfig:
             raise ConfigError(f"{prefix}flops_every: must be >= 1, got {self.flops_every}")
         if self.head_fit not in HEAD_FIT:
             raise ConfigError(f"{prefix}head_fit: must be one of {', '.join(HEAD_FIT)}, got {self.head_fit!r}")
+        if self.head_fit_kind not in ("logistic", "lda"):
+            raise ConfigError(f"{prefix}head_fit_kind: must be logistic or lda, got {self.head_fit_kind!r}")
         if self.head_fit_reg < 0:
             raise ConfigError(f"{prefix}head_fit_reg: must be >= 0, got {self.head_fit_reg}")
         if self.head_fit_samples is not None and self.head_fit_samples < 1:
@@ -283,9 +286,15 @@ class Trainer:
         counter = flop_counter_mode()
         with counter:
             feats, labels = extract_features(self.model, subset, self.task, self.cfg.eval_batch_size)
-        reg = self.cfg.head_fit_reg
         for head in self.heads_to_fit():
-            fit_linear_head(head, feats, labels, reg)
+            if self.cfg.head_fit_kind == "lda":
+                stats = class_stats(feats, labels, head.out_features)
+                weight, bias = lda_head(stats["count"], stats["sum"], stats["outer"])
+                with torch.no_grad():
+                    head.weight.copy_(weight)
+                    head.bias.copy_(bias)
+            else:
+                fit_linear_head(head, feats, labels, self.cfg.head_fit_reg)
         if result is not None:
             result.head_fit_s += time.perf_counter() - start
             result.head_fit_flops += float(counter.get_total_flops())

@@ -246,8 +246,8 @@ def test_fit_linear_head_matches_scikit_learn_logistic_regression():
     np.testing.assert_allclose(ours, ref.predict_proba(feats.numpy()), atol=2e-3)
 
 
-@pytest.mark.parametrize("when", ["before", "after"])
-def test_head_fit_refits_only_the_head_on_every_token_features(tiny_cfg, when):
+@pytest.mark.parametrize("when,kind", [("before", "logistic"), ("after", "logistic"), ("after", "lda")])
+def test_head_fit_refits_only_the_head_on_every_token_features(tiny_cfg, when, kind):
     from fedtune.trainer import extract_features
 
     torch.manual_seed(0)
@@ -255,7 +255,7 @@ def test_head_fit_refits_only_the_head_on_every_token_features(tiny_cfg, when):
     cfg = method_cfg("bsr", bsr={"train_blocks": [3], "drop_blocks": [1], "keep_ratio": 0.5})
     method = make_method(cfg, model, None, batch_size=8)
     data = tiny_data(40)
-    trainer = Trainer(model, method, TrainConfig(epochs=1, batch_size=8, lr=1e-3, head_fit=when, head_fit_reg=1e-3))
+    trainer = Trainer(model, method, TrainConfig(epochs=1, batch_size=8, lr=1e-3, head_fit=when, head_fit_reg=1e-3, head_fit_kind=kind))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     result = trainer.train(data)
     assert result.head_fit_s > 0 and result.head_fit_flops > 0
@@ -269,4 +269,6 @@ def test_head_fit_refits_only_the_head_on_every_token_features(tiny_cfg, when):
         assert trainer.evaluate(data)["accuracy"] == 1.0, "the head fits the dense, every-token model that is evaluated"
     with pytest.raises(ConfigError, match="head_fit"):
         TrainConfig(head_fit="sometimes").validate("train.")
+    with pytest.raises(ConfigError, match="head_fit_kind"):
+        TrainConfig(head_fit_kind="svm").validate("train.")
 

@@ -48,7 +48,7 @@ class TrainConfig:
     max_steps: int | None = None  # stop after this many steps (quick runs)
     eval_batch_size: int = 256  # evaluation batch size
     seed: int = 0  # seed for shuffling and initialisation
-    head_fit: str = "none"  # none | before | after | both: fit the head(s) as a logistic regression on every-token features (see fit_heads)
+    head_fit: str = "none"  # none | before | after | both: refit the head(s) on every-token features (see fit_heads)
     head_fit_reg: float = 0.005  # logistic: L2 penalty (mean cross-entropy + reg/2 * |W|^2)
     head_fit_kind: str = "logistic"  # logistic (L-BFGS) | lda (linear discriminant, closed form; see lda_head)
     head_fit_samples: int | None = None  # fit on at most this many training images (None: all)
@@ -288,11 +288,7 @@ class Trainer:
             feats, labels = extract_features(self.model, subset, self.task, self.cfg.eval_batch_size)
         for head in self.heads_to_fit():
             if self.cfg.head_fit_kind == "lda":
-                stats = class_stats(feats, labels, head.out_features)
-                weight, bias = lda_head(stats["count"], stats["sum"], stats["outer"])
-                with torch.no_grad():
-                    head.weight.copy_(weight)
-                    head.bias.copy_(bias)
+                set_head(head, *lda_head(class_stats(feats, labels, head.out_features)))
             else:
                 fit_linear_head(head, feats, labels, self.cfg.head_fit_reg)
         if result is not None:
@@ -339,10 +335,15 @@ def fit_linear_head(head: nn.Linear, feats: torch.Tensor, labels: torch.Tensor, 
 
     with torch.enable_grad():
         loss = opt.step(closure)
-    with torch.no_grad():
-        head.weight.copy_(w)
-        head.bias.copy_(b)
+    set_head(head, w, b)
     return float(loss.detach())
+
+
+@torch.no_grad()
+def set_head(head: nn.Linear, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    """Copy a fitted weight and bias into `head` (in place: optimizers keep their references)."""
+    head.weight.copy_(weight)
+    head.bias.copy_(bias)
 
 
 @torch.no_grad()
@@ -354,11 +355,12 @@ def class_stats(feats: torch.Tensor, labels: torch.Tensor, num_classes: int) -> 
     return {"count": torch.bincount(labels, minlength=num_classes).double().numpy(), "sum": sums.numpy(), "outer": (x.T @ x).numpy()}
 
 
-def lda_head(count: np.ndarray, sums: np.ndarray, outer: np.ndarray, shrink: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
-    """Linear discriminant analysis from `class_stats`: class means, a pooled within-class
-    covariance (shrunk by `shrink` toward its mean variance, so it is invertible) and class
-    priors give a linear head W x + b. Classes with no example get a bias no logit reaches."""
-    count = np.asarray(count, dtype=np.float64)
+def lda_head(stats: dict[str, np.ndarray], shrink: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Linear discriminant analysis from `class_stats` (or their sum over clients): class
+    means, a pooled within-class covariance (shrunk by `shrink` toward its mean variance, so
+    it is invertible) and class priors give a linear head W x + b. Classes with no example
+    get a bias no logit reaches."""
+    count, sums, outer = np.asarray(stats["count"], dtype=np.float64), stats["sum"], stats["outer"]
     present = count > 0
     if present.sum() < 2:
         raise ValueError(f"a discriminant head needs examples of at least 2 classes, got {int(present.sum())}")

@@ -29,7 +29,7 @@ from fedtune.federated import (
 )
 from fedtune.model import checkpoint_meta, model_meta, read_state, save_checkpoint
 from fedtune.report import append_jsonl, plot_run, read_jsonl, rss_bytes, write_json
-from fedtune.trainer import evaluate, lda_head
+from fedtune.trainer import evaluate, lda_head, set_head
 from fedtune.typedconfig import to_dict
 
 from .strategy import SparseFedAvg
@@ -142,8 +142,7 @@ class ServerRunner:
         """Flower calls this before round 1 (0) and after every round: evaluate, record, checkpoint."""
         rnd = server_round + self.done_rounds
         load_numpy_state(self.model, {k: v.numpy() for k, v in arrays.items()})
-        per_task = {t: evaluate(self.model, self.split.test, t) for t in self.tasks}
-        ev = {"accuracy": float(np.mean([e["accuracy"] for e in per_task.values()])), "loss": float(np.mean([e["loss"] for e in per_task.values()]))}
+        per_task, ev = self.evaluate_global()
         if server_round == 0:
             if not self.rounds:
                 rec = {"round": 0, "accuracy_global": ev["accuracy"], "loss_global": ev["loss"], "accuracy_per_task": {t: e["accuracy"] for t, e in per_task.items()}, "bytes_up": 0, "bytes_down": 0, "bytes_up_full_fedavg": 0}
@@ -154,10 +153,8 @@ class ServerRunner:
         head_fit = {}
         if s.head_stats:
             arrays, head_fit = self.fit_heads(s.head_stats)
-            per_task = {t: evaluate(self.model, self.split.test, t) for t in self.tasks}
-            before = ev
-            ev = {"accuracy": float(np.mean([e["accuracy"] for e in per_task.values()])), "loss": float(np.mean([e["loss"] for e in per_task.values()]))}
-            head_fit.update(accuracy_global_before_head_fit=before["accuracy"], bytes_up_head_stats=s.head_stats_bytes)
+            head_fit.update(accuracy_global_before_head_fit=ev["accuracy"], bytes_up_head_stats=s.head_stats_bytes)
+            per_task, ev = self.evaluate_global()
         clients = []
         for c in s.last_client_metrics:
             m = dict(c.get("metrics", {}))
@@ -209,6 +206,11 @@ class ServerRunner:
             self.bar.set_postfix(acc=f"{100 * ev['accuracy']:.1f}%", up=f"{bytes_up / 2**20:.1f}MiB")
         return MetricRecord({"accuracy": ev["accuracy"]})
 
+    def evaluate_global(self) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+        """The global model on the central test set: per task, and the mean over tasks."""
+        per_task = {t: evaluate(self.model, self.split.test, t) for t in self.tasks}
+        return per_task, {k: float(np.mean([e[k] for e in per_task.values()])) for k in ("accuracy", "loss")}
+
     def fit_heads(self, stats: dict[str, dict[str, np.ndarray]]) -> tuple[ArrayRecord, dict[str, Any]]:
         """Replace each task's global head by the discriminant head of the clients' summed
         feature statistics (fedtune.trainer.lda_head); return the new global arrays."""
@@ -222,13 +224,11 @@ class ServerRunner:
                 log(30, "head statistics for task %r have shape %s, the head is %s: ignored", task, parts["sum"].shape, tuple(head.weight.shape))
                 continue
             try:
-                weight, bias = lda_head(parts["count"], parts["sum"], parts["outer"])
+                weight, bias = lda_head(parts)
             except (ValueError, np.linalg.LinAlgError) as err:
                 log(30, "head fit for task %r failed (%s); its averaged head stays", task, err)
                 continue
-            with torch.no_grad():
-                head.weight.copy_(weight)
-                head.bias.copy_(bias)
+            set_head(head, weight, bias)
             fitted.append(task)
         return numpy_to_arrays(state_to_numpy(self.model)), {"head_fit": "lda", "head_fit_tasks": fitted, "head_fit_examples": {t: int(stats[t]["count"].sum()) for t in fitted}}
 

@@ -407,7 +407,10 @@ def test_head_statistics_are_requested_in_the_last_round_and_summed() -> None:
     strategy = SparseFedAvg(head_stats_round=3, round_offset=1)
     grid = Mock()
     grid.get_node_ids.return_value = [1, 2]
-    want = lambda rnd: [m.content[protocol.CONFIG].get(protocol.WANT_HEAD_STATS) for m in strategy.configure_evaluate(rnd, global_arrays(), ConfigRecord(), grid)]
+
+    def want(rnd: int) -> list:
+        return [m.content[protocol.CONFIG].get(protocol.WANT_HEAD_STATS) for m in strategy.configure_evaluate(rnd, global_arrays(), ConfigRecord(), grid)]
+
     assert want(1) == [None, None] and want(2) == [True, True], "asked for in the run's round 3 only (round 2 after a resume at 1)"
     g = torch.Generator().manual_seed(0)
     feats, labels = torch.randn(30, 4, generator=g), torch.arange(30) % 3
@@ -437,12 +440,10 @@ def test_discriminant_head_equals_scikit_learn_lda() -> None:
     labels = torch.cat([torch.full((n,), c) for c, n in enumerate([40, 25, 60, 0, 35])])  # class 3 absent
     means = torch.randn(5, 6, generator=g) * 2
     feats = means[labels] + torch.randn(len(labels), 6, generator=g) @ torch.randn(6, 6, generator=g) * 0.5
-    s = class_stats(feats, labels, 5)
-    w, b = lda_head(s["count"], s["sum"], s["outer"], shrink=0.0)
+    w, b = lda_head(class_stats(feats, labels, 5), shrink=0.0)
     ours = (feats @ w.T + b).argmax(-1)
     assert 3 not in ours.tolist()
     ref = LinearDiscriminantAnalysis(solver="lsqr").fit(feats.numpy(), labels.numpy())
     assert (ours.numpy() == ref.predict(feats.numpy())).mean() >= 0.99
     with pytest.raises(ValueError, match="at least 2 classes"):
-        s = class_stats(feats[:40], labels[:40], 5)
-        lda_head(s["count"], s["sum"], s["outer"])
+        lda_head(class_stats(feats[:40], labels[:40], 5))

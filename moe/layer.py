@@ -69,6 +69,7 @@ class MoEConfig:
     aux_loss_weight: float = 0.01  # weight of the load-balancing loss in the training loss
     backend: str = "native"  # native | tutel | auto (tutel when importable, else native)
     train_experts: int | None = None  # per trained MoE block, train only the N experts the task routes most tokens to (None: every routed expert)
+    task_prior: float = 0.0  # per_task routers: > 0 gives each router a bias, starting at this logit bonus on the task's own group of experts (the experts split evenly over the tasks, in order) and 0 elsewhere, so tasks begin on different experts; 0: bias-free routers
 
     def validate(self, prefix: str = "") -> None:
         if self.num_experts < 1:
@@ -83,6 +84,10 @@ class MoEConfig:
             raise ConfigError(f"{prefix}task_embed_dim: must be >= 1, got {self.task_embed_dim}")
         if self.aux_loss_weight < 0:
             raise ConfigError(f"{prefix}aux_loss_weight: must be >= 0, got {self.aux_loss_weight}")
+        if not (math.isfinite(self.task_prior) and self.task_prior >= 0):
+            raise ConfigError(f"{prefix}task_prior: must be a finite number >= 0, got {self.task_prior}")
+        if self.task_prior > 0 and self.router != "per_task":
+            raise ConfigError(f"{prefix}task_prior: needs router: per_task (got router: {self.router})")
         if self.blocks is not None and any(b < 0 for b in self.blocks):
             raise ConfigError(f"{prefix}blocks: block indices must be >= 0, got {self.blocks}")
         resolve_backend(self.backend, f"{prefix}backend")
@@ -229,7 +234,14 @@ class MoEMlp(nn.Module):
         self.backend = resolve_backend(cfg.backend, "moe.backend")
         self.router_kind = cfg.router
         if cfg.router == "per_task":
-            self.routers = nn.ModuleDict({t: nn.Linear(dim, num_experts, bias=False) for t in tasks})
+            prior = cfg.task_prior > 0
+            self.routers = nn.ModuleDict({t: nn.Linear(dim, num_experts, bias=prior) for t in tasks})
+            if prior:
+                with torch.no_grad():
+                    groups = torch.arange(num_experts).tensor_split(len(tasks))
+                    for t, group in zip(tasks, groups, strict=True):
+                        self.routers[t].bias.zero_()
+                        self.routers[t].bias[group] = cfg.task_prior
         else:
             self.router = nn.Linear(dim + cfg.task_embed_dim, num_experts, bias=False)
             self.task_embed = nn.ParameterDict({t: nn.Parameter(torch.randn(cfg.task_embed_dim)) for t in tasks})
@@ -302,6 +314,8 @@ class MoEMlp(nn.Module):
         router = out.routers[task] if self.router_kind == "per_task" else out.router
         rows = torch.tensor(ids, device=router.weight.device)
         router.weight = nn.Parameter(router.weight.detach()[rows].clone())
+        if router.bias is not None:
+            router.bias = nn.Parameter(router.bias.detach()[rows].clone())
         router.out_features = len(ids)
         if self.router_kind == "per_task":
             out.routers = nn.ModuleDict({task: router})

@@ -343,6 +343,28 @@ def test_pruned_model_predicts_like_the_full_one(images, eval_capacity_factor):
         pruned(x, "a")
 
 
+def test_task_prior_starts_each_task_on_its_own_experts(images):
+    model = moe_model(num_experts=6, top_k=2, perturb=0.05, task_prior=50.0).eval()
+    layer = model.moe_layers[1]
+    assert layer.routers["a"].bias.tolist() == [50.0] * 3 + [0.0] * 3
+    assert layer.routers["b"].bias.tolist() == [0.0] * 3 + [50.0] * 3
+    assert "vit.blocks.1.mlp.routers.a.bias" in dict(model.named_router_parameters())
+    with torch.no_grad():
+        for task, group in (("a", [0, 1, 2]), ("b", [3, 4, 5])):
+            _, stats = moe_forward(model, images[:2], Plan(depth=4), task)
+            for s in stats:
+                assert s.expert_counts.sum() > 0
+                assert set(torch.nonzero(s.expert_counts).flatten().tolist()) <= set(group)
+    # pruning slices the bias with the weight, and predicts the same
+    used = experts_used(model, images[:2], "b", batch_size=2)
+    pruned = prune_for_task(model, "b", used).eval()
+    assert pruned.moe_layers[1].routers["b"].bias.shape == (len(used[1]),)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(images[:2], "b"), model(images[:2], "b"), atol=1e-6, rtol=0)
+    # no prior: bias-free routers, as before
+    assert moe_model(num_experts=6, top_k=2).moe_layers[1].routers["a"].bias is None
+
+
 def test_prune_bad_input():
     model = moe_model(num_experts=4, top_k=2)
     with pytest.raises(ConfigError, match="no entry for MoE block 3"):
@@ -367,6 +389,8 @@ def test_config_errors_name_the_problem():
         ({"num_experts": 0}, "moe.num_experts"),
         ({"aux_loss_weight": -1.0}, "moe.aux_loss_weight"),
         ({"experts": 4}, "unknown key moe.experts"),
+        ({"task_prior": -1.0}, "moe.task_prior: must be a finite number >= 0"),
+        ({"task_prior": 2.0, "router": "shared"}, "moe.task_prior: needs router: per_task"),
     ]
     for data, message in cases:
         with pytest.raises(ConfigError, match=message):

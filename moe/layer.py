@@ -69,7 +69,7 @@ class MoEConfig:
     aux_loss_weight: float = 0.01  # weight of the load-balancing loss in the training loss
     backend: str = "native"  # native | tutel | auto (tutel when importable, else native)
     train_experts: int | None = None  # per trained MoE block, train only the N experts the task routes most tokens to (None: every routed expert)
-    task_prior: float = 0.0  # per_task routers: > 0 gives each router a bias, starting at this logit bonus on the task's own group of experts (the experts split evenly over the tasks, in order) and 0 elsewhere, so tasks begin on different experts; 0: bias-free routers
+    task_prior: float = 0.0  # per_task routers: > 0 gives each router a bias, starting at this logit bonus on the task's own group of experts (the experts split evenly over the tasks, in order) and 0 elsewhere, so tasks begin on different experts (use capacity_factor None with it: the capacity assumes tokens spread over all experts); 0: bias-free routers
 
     def validate(self, prefix: str = "") -> None:
         if self.num_experts < 1:

@@ -154,11 +154,14 @@ def _ratio(a: float, b: float) -> float:
 
 
 def markdown_table(report: dict) -> str:
+    train = report["config"]["train"]
+    head_fit = train.get("head_fit", "none")
+    if head_fit != "none":
+        head_fit += f" ({train.get('head_fit_kind', 'logistic')})"
     lines = [
         f"Model {report['model']}, data {report['data']} (task {report['task']}: {report['train_size']} train / "
         f"{report['test_size']} test images), batch {report['batch_size']}, {report['epochs']} epochs, seeds {report['seeds']}, "
-        f"{report['torch_threads']} CPU threads; head fit: {report['config']['train'].get('head_fit', 'none')}"
-        f"{' (' + report['config']['train'].get('head_fit_kind', 'logistic') + ')' if report['config']['train'].get('head_fit', 'none') != 'none' else ''}; "
+        f"{report['torch_threads']} CPU threads; head fit: {head_fit}; "
         "ratios against full fine-tuning measured in the same run.",
         "",
         "| method | step time (s) | speed-up | train GFLOP/step | FLOPs vs full | activation MiB | act. vs full | trainable params | total FLOPs vs full | head fit (s) | test acc. (mean ± sd) | Δ acc. (pts) |",

@@ -66,8 +66,8 @@ class TrainConfig:
             raise ConfigError(f"{prefix}flops_every: must be >= 1, got {self.flops_every}")
         if self.head_fit not in HEAD_FIT:
             raise ConfigError(f"{prefix}head_fit: must be one of {', '.join(HEAD_FIT)}, got {self.head_fit!r}")
-        if self.head_fit_kind not in ("logistic", "lda"):
-            raise ConfigError(f"{prefix}head_fit_kind: must be logistic or lda, got {self.head_fit_kind!r}")
+        if self.head_fit_kind not in HEAD_FIT_KINDS:
+            raise ConfigError(f"{prefix}head_fit_kind: must be {' or '.join(HEAD_FIT_KINDS)}, got {self.head_fit_kind!r}")
         if self.head_fit_reg < 0:
             raise ConfigError(f"{prefix}head_fit_reg: must be >= 0, got {self.head_fit_reg}")
         if self.head_fit_samples is not None and self.head_fit_samples < 1:
@@ -75,6 +75,7 @@ class TrainConfig:
 
 
 HEAD_FIT = ("none", "before", "after", "both")
+HEAD_FIT_KINDS = ("logistic", "lda")
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:

@@ -44,8 +44,9 @@ class CostModel:
         blk = vit.blocks[0]
         self.attn_dim = blk.attn.attn_dim
         self.hidden = getattr(blk.mlp, "fc1", None).out_features if hasattr(blk.mlp, "fc1") else 4 * self.dim
-        # An MoE MLP sends each token through top_k experts and scores it with a router.
-        self._mlp_mult = [float(getattr(b.mlp, "top_k", 1)) for b in vit.blocks]
+        # An MoE MLP sends each token through top_k routed experts and its shared experts,
+        # and scores it with a router.
+        self._mlp_mult = [float(getattr(b.mlp, "top_k", 1) + getattr(b.mlp, "num_shared", 0)) for b in vit.blocks]
         self._router_flops = [2.0 * self.dim * getattr(b.mlp, "num_experts", 0) for b in vit.blocks]
         self.prefix = vit.num_prefix_tokens
         self.num_patches = model.num_patches

@@ -42,6 +42,7 @@ class DenseMoE(nn.Module):
     def __init__(self, layer: nn.Module, task: str):
         super().__init__()
         self.experts = layer.experts
+        self.shared_experts = layer.shared_experts
         self.router = copy.deepcopy(layer.routers[task]) if layer.router_kind == "per_task" else copy.deepcopy(layer.router)
         self.task_embed = None if layer.router_kind == "per_task" else nn.Parameter(layer.task_embed[task].detach().clone())
         self.top_k = layer.top_k
@@ -55,6 +56,10 @@ class DenseMoE(nn.Module):
         out = torch.zeros_like(flat)
         for e, expert in enumerate(self.experts):
             out = out + gates[:, e : e + 1].to(flat.dtype) * expert(flat)
+        if len(self.shared_experts):
+            for expert in self.shared_experts:
+                out = out + expert(flat)
+            out = out / (len(self.shared_experts) + 1)
         return out.view(x.shape)
 
 

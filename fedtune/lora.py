@@ -14,8 +14,8 @@ from torch import nn
 from .errors import ConfigError
 
 LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")
-# fc1/fc2 also match the experts' MLPs of an MoE block (mlp.experts.<e>.fc1)
-_PATHS = {"qkv": r"attn\.qkv", "proj": r"attn\.proj", "fc1": r"mlp\.(experts\.\d+\.)?fc1", "fc2": r"mlp\.(experts\.\d+\.)?fc2"}
+# fc1/fc2 also match the experts' MLPs of an MoE block (mlp.experts.<e>.fc1, mlp.shared_experts.<s>.fc1)
+_PATHS = {"qkv": r"attn\.qkv", "proj": r"attn\.proj", "fc1": r"mlp\.((shared_)?experts\.\d+\.)?fc1", "fc2": r"mlp\.((shared_)?experts\.\d+\.)?fc2"}
 
 
 def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, targets: list[str] | tuple[str, ...] = LORA_TARGETS, dropout: float = 0.0) -> nn.Module:

@@ -15,6 +15,8 @@ Router and expert parameters are separate groups (`router_parameters`,
 `expert_parameters`), named `routers.<task>.weight` (or `router.weight` and
 `task_embed.<task>` for the shared router) and `experts.<e>.fc1.weight` ..., so
 the server can aggregate expert by expert and pruning can drop experts by index.
+Optional shared experts (`shared_experts.<s>.…`, DeepSeekMoE / PLE) see every
+token of every task beside the routed ones; pruning always keeps them.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ class MoEConfig:
     aux_loss_weight: float = 0.01  # weight of the load-balancing loss in the training loss
     backend: str = "native"  # native | tutel | auto (tutel when importable, else native)
     train_experts: int | None = None  # per trained MoE block, train only the N experts the task routes most tokens to (None: every routed expert)
+    shared_experts: int = 0  # experts every token also goes through, trained by every task (DeepSeekMoE's shared experts, PLE's shared tower); output = (shared + routed mixture) / (shared_experts + 1), so an upcycled layer still equals the dense MLP
     task_prior: float = 0.0  # per_task routers: > 0 gives each router a bias, starting at this logit bonus on the task's own group of experts (the experts split evenly over the tasks, in order) and 0 elsewhere, so tasks begin on different experts (use capacity_factor None with it: the capacity assumes tokens spread over all experts); 0: bias-free routers
 
     def validate(self, prefix: str = "") -> None:
@@ -80,6 +83,8 @@ class MoEConfig:
             raise ConfigError(f"{prefix}router: unknown router {self.router!r}; choose from {', '.join(ROUTERS)}")
         if self.train_experts is not None and not 1 <= self.train_experts <= self.num_experts:
             raise ConfigError(f"{prefix}train_experts: must be in 1..num_experts ({self.num_experts}) or null, got {self.train_experts}")
+        if self.shared_experts < 0:
+            raise ConfigError(f"{prefix}shared_experts: must be >= 0, got {self.shared_experts}")
         if self.task_embed_dim < 1:
             raise ConfigError(f"{prefix}task_embed_dim: must be >= 1, got {self.task_embed_dim}")
         if self.aux_loss_weight < 0:
@@ -213,6 +218,7 @@ class MoEMlp(nn.Module):
         tasks: Sequence[str],
         cfg: MoEConfig,
         capacity_experts: int | None = None,
+        shared: Sequence[nn.Module] = (),
     ):
         super().__init__()
         num_experts = len(experts)
@@ -223,6 +229,7 @@ class MoEMlp(nn.Module):
         if cfg.router not in ROUTERS:
             raise ConfigError(f"moe.router: unknown router {cfg.router!r}; choose from {', '.join(ROUTERS)}")
         self.experts = nn.ModuleList(experts)
+        self.shared_experts = nn.ModuleList(shared)  # always-on experts (`shared_experts.<s>.…`), outside the routing
         self.num_experts = num_experts
         self.expert_ids = list(range(num_experts))  # each expert's index in the layer it was pruned from
         self.top_k = cfg.top_k
@@ -249,12 +256,18 @@ class MoEMlp(nn.Module):
     @classmethod
     def upcycle(cls, mlp: nn.Module, dim: int, tasks: Sequence[str], cfg: MoEConfig) -> MoEMlp:
         """An MoE layer whose experts all start as copies of the dense `mlp` (sparse upcycling)."""
-        return cls([copy.deepcopy(mlp) for _ in range(cfg.num_experts)], dim, tasks, cfg)
+        copies = [copy.deepcopy(mlp) for _ in range(cfg.num_experts + cfg.shared_experts)]
+        return cls(copies[: cfg.num_experts], dim, tasks, cfg, shared=copies[cfg.num_experts :])
 
     @classmethod
     def fresh(cls, dim: int, hidden: int, tasks: Sequence[str], cfg: MoEConfig) -> MoEMlp:
         """An MoE layer of newly initialised timm Mlps."""
-        return cls([Mlp(dim, hidden) for _ in range(cfg.num_experts)], dim, tasks, cfg)
+        mlps = [Mlp(dim, hidden) for _ in range(cfg.num_experts + cfg.shared_experts)]
+        return cls(mlps[: cfg.num_experts], dim, tasks, cfg, shared=mlps[cfg.num_experts :])
+
+    @property
+    def num_shared(self) -> int:
+        return len(self.shared_experts)
 
     @property
     def tasks(self) -> list[str]:
@@ -284,18 +297,21 @@ class MoEMlp(nn.Module):
         cap = capacity(factor, flat.shape[0], self.top_k, self.capacity_experts)
         routing, stats = route(self.router_logits(flat, task), self.top_k, cap)
         out = BACKENDS[self.backend](flat, self.experts, routing)
+        if self.num_shared:
+            out = (out + sum(expert(flat) for expert in self.shared_experts)) / (self.num_shared + 1)
         return out.view(x.shape), stats
 
     def router_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """(name, parameter) of the router(s) and task embeddings."""
-        return ((n, p) for n, p in self.named_parameters() if not n.startswith("experts."))
+        return ((n, p) for n, p in self.named_parameters() if not n.startswith(("experts.", "shared_experts.")))
 
     def expert_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """(name, parameter) of the experts (`experts.<e>.…`)."""
-        return ((n, p) for n, p in self.named_parameters() if n.startswith("experts."))
+        """(name, parameter) of the routed experts (`experts.<e>.…`) and the shared ones (`shared_experts.<s>.…`)."""
+        return ((n, p) for n, p in self.named_parameters() if n.startswith(("experts.", "shared_experts.")))
 
     def pruned(self, task: str, experts: Sequence[int]) -> MoEMlp:
-        """A copy with only `task`'s router and the given experts (router rows sliced to match).
+        """A copy with only `task`'s router and the given experts (router rows sliced to match);
+        shared experts are kept.
 
         Softmax-then-renormalise over the top-k depends on the top-k logits
         only, so as long as every token's top-k experts are kept the copy
@@ -325,7 +341,7 @@ class MoEMlp(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"experts={self.num_experts}, top_k={self.top_k}, capacity_factor={self.capacity_factor}, "
+            f"experts={self.num_experts}, shared={self.num_shared}, top_k={self.top_k}, capacity_factor={self.capacity_factor}, "
             f"router={self.router_kind}, backend={self.backend}"
         )
 

@@ -55,8 +55,9 @@ def test_dense_export_round_trip(tmp_path):
         assert rows[0]["class_id"] == int(module(preprocess([img], config)).argmax())
 
 
-def test_moe_export_is_smaller_and_predicts_the_same(tmp_path):
-    run, cfg, glob, state = make_run(tmp_path, tasks=["digit", "parity"], moe={"num_experts": 4, "top_k": 2, "blocks": [1, 3]}, federation={"num_clients": 4, "client_tasks": [["digit"], ["parity"]]})
+@pytest.mark.parametrize("shared", [0, 1])
+def test_moe_export_is_smaller_and_predicts_the_same(tmp_path, shared):
+    run, cfg, glob, state = make_run(tmp_path, tasks=["digit", "parity"], moe={"num_experts": 4, "top_k": 2, "blocks": [1, 3], "shared_experts": shared}, federation={"num_clients": 4, "client_tasks": [["digit"], ["parity"]]})
     out = tmp_path / "export"
     summary = export_run(run, "digit", out)
     assert summary["kind"] == "moe" and summary["bytes"] < summary["run_model_bytes"]

@@ -229,13 +229,30 @@ def test_upcycled_experts_equal_dense_when_nothing_is_dropped(images):
         torch.testing.assert_close(model(images, "a"), dense(images, "a"), atol=1e-5, rtol=0)
 
 
+def test_shared_experts_upcycle_to_dense_and_add_to_the_routed_mixture(images):
+    """shared_experts S: output = (shared experts + routed mixture) / (S + 1); upcycled, the dense MLP."""
+    dense = dense_model().eval()
+    model = moe_model(dense, num_experts=4, top_k=2, shared_experts=1).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(images, "a"), dense(images, "a"), atol=1e-5, rtol=0)
+    moe = layer(MoEConfig(num_experts=4, top_k=2, shared_experts=2, capacity_factor=None))
+    assert moe.num_shared == 2 and len(moe.experts) == 4
+    x = torch.randn(7, 8)
+    with torch.no_grad():
+        routing, _ = route(moe.router_logits(x, "a"), 2, None)
+        routed = BACKENDS["native"](x, moe.experts, routing)
+        want = (routed + moe.shared_experts[0](x) + moe.shared_experts[1](x)) / 3
+        torch.testing.assert_close(moe(x, "a")[0], want, atol=1e-6, rtol=0)
+
+
 def test_parameter_names_and_groups_are_disjoint_and_cover():
     for router in ("per_task", "shared"):
-        moe = layer(MoEConfig(num_experts=3, top_k=1, router=router), tasks=("a", "b"))
+        moe = layer(MoEConfig(num_experts=3, top_k=1, router=router, shared_experts=1), tasks=("a", "b"))
         routers = {n for n, _ in moe.router_parameters()}
         experts = {n for n, _ in moe.expert_parameters()}
         assert routers and experts and not routers & experts
         assert routers | experts == {n for n, _ in moe.named_parameters()}
+        assert "shared_experts.0.fc1.weight" in experts
     assert routers == {"router.weight", "task_embed.a", "task_embed.b"}
     model = moe_model(num_experts=2, top_k=1)
     routers = {n for n, _ in model.named_router_parameters()}
@@ -296,10 +313,11 @@ def test_plan_training_blocks_2_and_3_leaves_other_experts_untouched(images):
 def test_lora_reaches_the_experts_and_the_task_router_trains(images):
     from fedtune.lora import apply_lora
 
-    model = apply_lora(moe_model(num_experts=4, top_k=1, perturb=0.05), rank=2, alpha=4.0)
+    model = apply_lora(moe_model(num_experts=4, top_k=1, perturb=0.05, shared_experts=1), rank=2, alpha=4.0)
     names = {n for n, _ in model.named_parameters()}
     for e in range(4):  # every expert of an MoE block got adapters, not only dense MLPs
         assert f"vit.blocks.3.mlp.experts.{e}.fc1.lora_A.default.weight" in names
+    assert "vit.blocks.3.mlp.shared_experts.0.fc2.lora_B.default.weight" in names
     plan = Plan(depth=4, trained={3}, lora=True)
     trainable = set(set_trainable(model, plan, "a"))
     assert "vit.blocks.3.mlp.routers.a.weight" in trainable  # routers have no adapter: they train in full
@@ -314,14 +332,15 @@ def test_lora_reaches_the_experts_and_the_task_router_trains(images):
     assert all(params[f"vit.blocks.3.mlp.experts.{e}.fc2.lora_B.default.weight"].grad is None for e in unused)
     assert params["vit.blocks.3.mlp.routers.a.weight"].grad is not None
     assert params["vit.blocks.3.mlp.routers.b.weight"].grad is None
+    assert params["vit.blocks.3.mlp.shared_experts.0.fc2.lora_B.default.weight"].grad is not None
 
 
 # --------------------------------------------------------------------------- pruning
 
 
-@pytest.mark.parametrize("eval_capacity_factor", [None, 0.5])
-def test_pruned_model_predicts_like_the_full_one(images, eval_capacity_factor):
-    model = moe_model(num_experts=16, top_k=2, perturb=0.05, eval_capacity_factor=eval_capacity_factor).eval()
+@pytest.mark.parametrize("eval_capacity_factor,shared", [(None, 0), (0.5, 0), (None, 1)])
+def test_pruned_model_predicts_like_the_full_one(images, eval_capacity_factor, shared):
+    model = moe_model(num_experts=16, top_k=2, perturb=0.05, eval_capacity_factor=eval_capacity_factor, shared_experts=shared).eval()
     x = images[:2]
     used = experts_used(model, x, "b", batch_size=2)
     assert set(used) == {1, 3}
@@ -329,6 +348,7 @@ def test_pruned_model_predicts_like_the_full_one(images, eval_capacity_factor):
     assert pruned.tasks == ["b"]
     assert pruned.moe_layers[3].tasks == ["b"]
     assert pruned.expert_ids() == used
+    assert pruned.moe_layers[3].num_shared == shared  # shared experts always stay
     assert sum(len(v) for v in used.values()) < 2 * 16  # some experts really are dropped
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
     with torch.no_grad():
@@ -391,6 +411,7 @@ def test_config_errors_name_the_problem():
         ({"experts": 4}, "unknown key moe.experts"),
         ({"task_prior": -1.0}, "moe.task_prior: must be a finite number >= 0"),
         ({"task_prior": 2.0, "router": "shared"}, "moe.task_prior: needs router: per_task"),
+        ({"shared_experts": -1}, "moe.shared_experts: must be >= 0"),
     ]
     for data, message in cases:
         with pytest.raises(ConfigError, match=message):
@@ -415,14 +436,15 @@ def test_model_errors_name_the_problem(images):
         moe_forward(dense_model(), images, Plan(depth=4), "a")
 
 
-def test_cost_model_counts_top_k_experts_and_the_router(images):
+@pytest.mark.parametrize("shared", [0, 1])
+def test_cost_model_counts_top_k_experts_and_the_router(images, shared):
     """The planner's FLOP estimate for an MoE ViT follows torch's FLOP counter: each
-    token runs through top_k experts, so a dense estimate would be far too low."""
+    token runs through top_k experts (and the shared ones), so a dense estimate would be far too low."""
     from fedtune.accounting import flop_counter_mode
     from fedtune.costs import CostModel
 
     dense = dense_model()
-    model = moe_model(dense, num_experts=4, top_k=2, capacity_factor=None, blocks=[1, 3])
+    model = moe_model(dense, num_experts=4, top_k=2, capacity_factor=None, blocks=[1, 3], shared_experts=shared)
     plan = Plan(depth=4, trained=frozenset(range(4)), train_embed=True)
     set_trainable(model, plan, "a")
     model.train()

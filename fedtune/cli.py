@@ -64,6 +64,22 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_probe(args: argparse.Namespace) -> int:
+    from simulations.run import DEFAULT_CONFIG
+
+    from .federated import head_fit_reference, load_run_config
+    from .report import write_json
+
+    cfg = load_run_config(args.config or DEFAULT_CONFIG, args.set)
+    result = head_fit_reference(cfg)
+    out = Path(args.out or f"runs/{cfg.name}-probe")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "probe.json", result)
+    print(json.dumps(result, indent=2))
+    print(f"wrote {out / 'probe.json'}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_run
 
@@ -125,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("probe", help="a run's starting model with heads fitted from its clients' data, no training: the reference a run's head fit starts from")
+    p.add_argument("config", nargs="?", help="YAML run config (default: simulations/quickstart.yaml)")
+    p.add_argument("--out", help="output folder for probe.json (default: runs/<name>-probe)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
+    p.set_defaults(func=cmd_probe)
 
     p = sub.add_parser("export", help="export a run's personalized model for one task (and client)")
     p.add_argument("run_dir", help="a run folder (with checkpoint.safetensors)")

@@ -1,7 +1,11 @@
 """A client's round without Flower, the ClientApp's Messages, configs and bad input."""
 
+import json
+
 import numpy as np
 import pytest
+import torch
+import yaml
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -182,3 +186,31 @@ def test_server_fails_clearly_when_too_few_nodes_connect():
         wait_for_nodes(grid, 8, timeout_s=0)
     with pytest.raises(ConfigError, match="connect_timeout_s"):
         tiny_run(federation={"num_clients": 4, "connect_timeout_s": -1}).validate()
+
+
+def test_head_fit_reference_is_the_pooled_lda_of_each_tasks_clients(tmp_path):
+    """`fedtune probe`: no training; each task's head is the LDA of the pooled data of the
+    clients holding that task (and of no other client)."""
+    from fedtune.cli import main
+    from fedtune.data import ImageSet
+    from fedtune.federated import client_data, federated_data, head_fit_reference
+    from fedtune.trainer import class_stats, extract_features, lda_head
+
+    cfg = tiny_run(tasks=["digit", "parity"], federation={"num_clients": 4, "rounds": 1, "client_tasks": [["digit"], ["parity"]]})
+    got = head_fit_reference(cfg)
+    model = global_model(cfg)
+    split, _ = federated_data(cfg)
+    for task in ("digit", "parity"):
+        sets = [client_data(cfg, pid)[0] for pid in range(4) if task in cfg.tasks_of(pid)]
+        assert len(sets) == 2
+        pooled = ImageSet(torch.cat([s.images for s in sets]), {task: torch.cat([s.labels[task] for s in sets])}, {task: sets[0].num_classes[task]})
+        w, b = lda_head(class_stats(*extract_features(model, pooled, task), model.heads[task].out_features))
+        feats, labels = extract_features(model, split.test, task)
+        want = float(((feats @ w.T + b).argmax(-1) == labels).float().mean())
+        assert got["accuracy_per_task"][task] == pytest.approx(want, abs=1e-9)
+        assert got["head_fit_examples"][task] == len(pooled)
+    # the CLI writes the same numbers to probe.json
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(to_dict(cfg)))
+    assert main(["probe", str(config), "--out", str(tmp_path / "p")]) == 0
+    assert json.loads((tmp_path / "p" / "probe.json").read_text())["accuracy_per_task"] == pytest.approx(got["accuracy_per_task"])

@@ -56,11 +56,9 @@ class DenseMoE(nn.Module):
         out = torch.zeros_like(flat)
         for e, expert in enumerate(self.experts):
             out = out + gates[:, e : e + 1].to(flat.dtype) * expert(flat)
-        if len(self.shared_experts):
-            for expert in self.shared_experts:
-                out = out + expert(flat)
-            out = out / (len(self.shared_experts) + 1)
-        return out.view(x.shape)
+        for expert in self.shared_experts:  # always on (moe.shared_experts)
+            out = out + expert(flat)
+        return (out / (len(self.shared_experts) + 1)).view(x.shape)
 
 
 class TaskModel(nn.Module):

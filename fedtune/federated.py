@@ -129,6 +129,15 @@ class RunConfig:
             for t in group:
                 if t not in self.run_tasks():
                     raise ConfigError(f"{prefix}federation.client_tasks: task {t!r} is not one of the run's tasks {self.run_tasks()}")
+        groups = self.federation.client_tasks
+        if groups:
+            held = {t for pid in range(min(self.federation.num_clients, len(groups))) for t in groups[pid]}
+            missing = [t for t in self.run_tasks() if t not in held]
+            if missing:
+                raise ConfigError(
+                    f"{prefix}federation.client_tasks: no client holds task {missing[0]!r} (with {self.federation.num_clients} "
+                    f"clients the groups in use are {groups[: self.federation.num_clients]}), so its head and routers would never train"
+                )
 
     def run_tasks(self) -> list[str]:
         """The model's tasks: `tasks`, or [`task`] ([] when the data set's first task is meant)."""

@@ -214,7 +214,9 @@ def test_head_fit_reference_is_the_pooled_lda_of_each_tasks_clients(tmp_path):
     config.write_text(yaml.safe_dump(to_dict(cfg)))
     assert main(["probe", str(config), "--out", str(tmp_path / "p")]) == 0
     assert json.loads((tmp_path / "p" / "probe.json").read_text())["accuracy_per_task"] == pytest.approx(got["accuracy_per_task"])
-    # a task no client holds is refused when the config loads
+
+
+def test_a_task_no_client_holds_is_a_config_error():
     with pytest.raises(ConfigError, match="federation.client_tasks: no client holds task 'parity'"):
         tiny_run(tasks=["digit", "parity"], federation={"num_clients": 4, "rounds": 1, "client_tasks": [["digit"]]})
     with pytest.raises(ConfigError, match="no client holds task 'parity' \\(with 1 clients"):

@@ -62,17 +62,23 @@ class CostModel:
         return float(attn + mlp)
 
     def _tokens(self, plan: Plan) -> list[tuple[int, int]]:
-        n = self.num_patches
-        out = []
-        extra = self.prefix + (1 if plan.fuse else 0)
-        fused = False
-        for k in plan.keep:
-            n_in = n + self.prefix + (1 if fused else 0)
-            if k is not None and k < n:
-                n = k
-                fused = fused or plan.fuse
-            out.append((n_in, n + (extra if fused else self.prefix)))
+        """(tokens into the block's attention, tokens through its MLP) per block, class token included."""
+        p = self.prefix
+        if plan.skip:
+            return [(n + p, n + p) for n in plan.tokens(self.num_patches)]
+        out, n = [], self.num_patches  # non-class tokens arriving (a fused token included)
+        for n_mlp in plan.tokens(self.num_patches):
+            out.append((n + p, n_mlp + p))
+            n = n_mlp
         return out
+
+    def rank_flops(self, plan: Plan, block: int) -> float:
+        """Choosing a skipping block's tokens: every token's key and the class token's query."""
+        k = plan.keep[block]
+        if not plan.skip or k is None or k >= self.num_patches:
+            return 0.0
+        n = self.num_patches + self.prefix
+        return float(2 * (n + 1) * self.dim * self.attn_dim + 2 * n * self.attn_dim)
 
     def flops(self, plan: Plan) -> float:
         total = 0.0
@@ -87,13 +93,24 @@ class CostModel:
                 mult = 2.0
             else:
                 mult = 1.0
-            total += f * mult
-        return total
+            total += f * mult + self.rank_flops(plan, i)
+        return total + self.consolidator_flops(plan)
+
+    def consolidator_flops(self, plan: Plan) -> float:
+        """SHERL's merge: a projection per early output, the score, the cosine matrix, fc_out (x3: it trains)."""
+        cons = self.model.consolidator
+        if plan.consolidate_at is None or cons is None:
+            return 0.0
+        n, m = self.num_patches + self.prefix, plan.consolidate_at + 1
+        hidden = cons.score.in_features
+        fwd = n * (2 * m * self.dim * hidden + 2 * (m - 1) * hidden + 2 * (m - 1) ** 2 * hidden + 2 * hidden * self.dim)
+        return 3.0 * fwd
 
     # -- activation bytes
     def _calibrate(self, lora: bool) -> None:
         model, depth = self.model, self.model.depth
         was_training = model.training
+        flags = {n: p.requires_grad for n, p in model.named_parameters()}  # restored below: set_trainable owns them
         model.train()
         x = torch.zeros(1, model.vit.patch_embed.proj.in_channels, *model.vit.patch_embed.img_size)
         n = self.num_patches + self.prefix
@@ -106,6 +123,8 @@ class CostModel:
                 forward_plan(model, x, plan, self.task, scope=meter.scope)
             self._per_token[(mode, lora)] = [meter.by_scope.get(f"block{i}", 0) / n for i in range(depth)]
             self._head_bytes = float(meter.by_scope.get("head", 0))
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags[name])
         model.train(was_training)
 
     def per_token_bytes(self, mode: str, lora: bool) -> list[float]:
@@ -123,8 +142,9 @@ class CostModel:
             per_token = self.per_token_bytes(mode, plan.lora)[i]
             n_in, n_out = tokens[i]
             total += per_token * (n_in + n_out) / 2
-        if plan.consolidate_at is not None:  # the stacked early outputs the merge weights need
-            total += plan.consolidate_at * (self.num_patches + self.prefix) * self.dim * 4
+        if plan.consolidate_at is not None:  # what the merge saves: per token and early output, its projection (and norm)
+            hidden = self.model.consolidator.score.in_features if self.model.consolidator is not None else self.dim // 2
+            total += (plan.consolidate_at + 1) * (self.num_patches + self.prefix) * (self.dim + 4 * hidden) * 4
         return (total + (self._head_bytes if plan.train_head else 0.0)) * batch_size
 
     def state_bytes(self, plan: Plan) -> int:

@@ -5,6 +5,9 @@ normalized with mean 0.5 and std 0.5, and one int64 label tensor per task. Sourc
 
 - "digits": scikit-learn's bundled 8x8 digits (tasks digit, parity, magnitude);
 - "shapes": a generated multitask set of coloured shapes (tasks shape, colour, count);
+- "fashion_mnist": Zalando's Fashion-MNIST (task garment; 60,000 train / 10,000 test), read
+  from its idx files: data.root, Debian's dataset-fashion-mnist package, or a torchvision
+  download (data.download);
 - "torchvision:<ClassName>", "imagefolder" and "hf:<name or path>" for users' own data.
 
 `partition_indices` splits sample indices among clients with flwr-datasets' partitioners.
@@ -46,11 +49,19 @@ SHAPES_CLASSES: dict[str, list[str]] = {
     "colour": list(COLOURS),
     "count": ["1", "2", "3", "4"],
 }
+FASHION_CLASSES: dict[str, list[str]] = {
+    "garment": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"],
+}
+FASHION_DEBIAN_ROOT = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
+FASHION_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
 PARTITION_SCHEMES = ("iid", "dirichlet", "pathological")
 CLASS_ASSIGNMENT_MODES = ("deterministic", "random", "first-deterministic")
 
 _NAMES_HELP = (
-    "digits, shapes, imagefolder, torchvision:<ClassName> (e.g. torchvision:CIFAR10) "
+    "digits, shapes, fashion_mnist, imagefolder, torchvision:<ClassName> (e.g. torchvision:CIFAR10) "
     "or hf:<dataset name or local path>"
 )
 _GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
@@ -60,10 +71,10 @@ _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as PIL's convert("L")
 @dataclass
 class DataConfig:
     name: str = (
-        "digits"  # digits | shapes | torchvision:<ClassName> | imagefolder | hf:<name or path>
+        "digits"  # digits | shapes | fashion_mnist | torchvision:<ClassName> | imagefolder | hf:<name or path>
     )
-    root: str | None = None  # folder of torchvision / imagefolder files
-    download: bool = False  # torchvision: allow downloading (needs internet)
+    root: str | None = None  # folder of torchvision / imagefolder / fashion_mnist idx files
+    download: bool = False  # torchvision, fashion_mnist: allow downloading (needs internet)
     img_size: int = 32  # images are resized to img_size x img_size
     channels: int = 3  # 1 or 3 (grey images are repeated to 3 channels)
     test_fraction: float = 0.2  # test share for sets without a given test split
@@ -469,6 +480,102 @@ def _load_shapes(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
     return build(train), build(test)
 
 
+# --- Fashion-MNIST ----------------------------------------------------------------------------
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An idx file (gzipped or not) as a numpy array; a malformed file is a ConfigError naming it."""
+    import gzip
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as exc:  # gzip raises EOFError on a truncated stream
+        raise ConfigError(f"cannot read idx file {path}: {exc}") from exc
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise ConfigError(f"{path} is not an idx file of unsigned bytes (bad magic number)")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if ndim < 1 or len(raw) < header:
+        raise ConfigError(f"{path}: truncated idx header")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    expected = header + int(np.prod(shape))
+    if len(raw) != expected:
+        raise ConfigError(
+            f"{path}: idx file is truncated or corrupt: {len(raw)} bytes for shape {shape} "
+            f"(expected {expected})"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _idx_path(folder: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def fashion_mnist_folder(cfg: DataConfig) -> Path:
+    """The folder holding the four Fashion-MNIST idx files (downloading them if allowed)."""
+    stems = [s for pair in FASHION_FILES.values() for s in pair]
+    if cfg.root is not None:
+        root = Path(cfg.root).expanduser()
+        candidates = [root, root / "FashionMNIST" / "raw", root / "raw"]  # the last two: torchvision's layout
+    else:
+        candidates = [FASHION_DEBIAN_ROOT]
+    for folder in candidates:
+        if all(_idx_path(folder, s) for s in stems):
+            return folder
+    if cfg.download:
+        import torchvision
+
+        root = Path(cfg.root).expanduser() if cfg.root else Path.home() / ".cache" / "fedtune" / "data"
+        try:
+            torchvision.datasets.FashionMNIST(str(root), train=True, download=True)
+            torchvision.datasets.FashionMNIST(str(root), train=False, download=True)
+        except (RuntimeError, OSError) as exc:
+            raise ConfigError(f"data.download: torchvision could not download Fashion-MNIST into {root}: {exc}") from exc
+        return root / "FashionMNIST" / "raw"
+    for folder in candidates:  # name the first file missing from a folder that has some of them
+        present = [s for s in stems if _idx_path(folder, s)]
+        if present:
+            missing = next(s for s in stems if not _idx_path(folder, s))
+            raise ConfigError(f"data.root: {folder} has no {missing} (or {missing}.gz), one of Fashion-MNIST's four idx files")
+    where = f"data.root {cfg.root!r}" if cfg.root is not None else f"{FASHION_DEBIAN_ROOT} (no data.root given)"
+    raise ConfigError(
+        f"Fashion-MNIST not found in {where}. Get it one of three ways: point data.root at a folder "
+        f"with the idx files ({', '.join(stems)}, gzipped or not); `apt-get install "
+        "dataset-fashion-mnist` (Debian/Ubuntu) and leave data.root unset; or set data.download=true "
+        "to let torchvision download it (needs internet)"
+    )
+
+
+def _load_fashion_mnist(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
+    folder = fashion_mnist_folder(cfg)
+    parts = []
+    for stream, (image_stem, label_stem) in enumerate(FASHION_FILES.values(), start=1):
+        images = read_idx(_idx_path(folder, image_stem))
+        labels = read_idx(_idx_path(folder, label_stem))
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise ConfigError(
+                f"{folder}: {image_stem} has shape {images.shape} and {label_stem} {labels.shape}; "
+                "expected [N, 28, 28] images and N labels"
+            )
+        if labels.size and labels.max() >= 10:
+            raise ConfigError(f"{folder / label_stem}: label {int(labels.max())} is not a Fashion-MNIST class (0-9)")
+        index = _cap(np.arange(len(labels)), cfg.max_train if stream == 1 else cfg.max_test, cfg.seed, stream)
+        parts.append(
+            ImageSet(
+                _to_model_images(images[index][:, None], cfg.channels, cfg.img_size, scale=255.0),
+                _labels_to_tensors({"garment": labels[index]}),
+                {task: len(names) for task, names in FASHION_CLASSES.items()},
+                {task: list(names) for task, names in FASHION_CLASSES.items()},
+            )
+        )
+    return parts[0], parts[1]
+
+
 # --- torchvision ------------------------------------------------------------------------------
 
 
@@ -714,6 +821,7 @@ def _load_hf(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
 _SOURCES: dict[str, Callable[[DataConfig], tuple[ImageSet, ImageSet]]] = {
     "digits": _load_digits,
     "shapes": _load_shapes,
+    "fashion_mnist": _load_fashion_mnist,
     "torchvision": _load_torchvision,
     "imagefolder": _load_imagefolder,
     "hf": _load_hf,
@@ -725,6 +833,8 @@ def _available_tasks(cfg: DataConfig) -> list[str]:
         return list(DIGITS_CLASSES)
     if cfg.kind == "shapes":
         return list(SHAPES_CLASSES)
+    if cfg.kind == "fashion_mnist":
+        return list(FASHION_CLASSES)
     if cfg.kind == "hf":
         return list(cfg.hf_label_keys)
     return ["label"]

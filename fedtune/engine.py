@@ -35,8 +35,9 @@ class Plan:
 
     depth: int  # blocks in the model
     trained: frozenset[int] = frozenset()  # blocks whose weights (or LoRA adapters) train
-    keep: tuple[int | None, ...] = ()  # per block: patch tokens kept after it (None: all that arrive)
+    keep: tuple[int | None, ...] = ()  # per block: tokens kept (None: all); see `skip` for which
     fuse: bool = False  # fuse dropped tokens into one token weighted by class-token attention
+    skip: bool = False  # keep[i] patch tokens (of all N) go through block i, the rest skip it unchanged (ALaST)
     lora: bool = False  # trained blocks train LoRA adapters only
     train_head: bool = True  # the task head trains
     train_norm: bool = True  # the final norm trains
@@ -90,10 +91,21 @@ class Plan:
         return "grad" if block > self.first_grad else "nograd"
 
     def tokens(self, num_patches: int) -> list[int]:
-        """Patch tokens leaving each block (without a fused token)."""
+        """Non-class tokens each block's MLP processes (a fused token included).
+
+        Dropping (skip False, BSR/EViT): block i keeps keep[i] of the non-class tokens that
+        arrive (a token fused earlier among them), after its attention, and adds a fused
+        token when `fuse`; dropped tokens are gone for the later blocks. Skipping (ALaST):
+        block i processes keep[i] of all N patch tokens and the others pass it unchanged,
+        so every block's count is its own.
+        """
         out, n = [], num_patches
         for k in self.keep:
-            n = min(n, k) if k is not None else n
+            if self.skip:
+                out.append(num_patches if k is None else min(k, num_patches))
+                continue
+            if k is not None and k < n:
+                n = k + (1 if self.fuse else 0)
             out.append(n)
         return out
 
@@ -137,10 +149,12 @@ def _attention(attn: nn.Module, x: torch.Tensor, want_rank: bool) -> tuple[torch
 def drop_tokens(
     x: torch.Tensor, cls_attn: torch.Tensor, keep: int, fuse: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep the class token and the `keep` patch tokens with the highest class-token attention.
+    """Keep the class token and the `keep` non-class tokens with the highest class-token attention.
 
-    With `fuse`, the dropped tokens are merged into one token, their average
-    weighted by that attention (EViT). Returns the new tokens and kept indices.
+    A token fused by an earlier block is ranked like any other. With `fuse`, the
+    dropped tokens are merged into one token appended at the end: their sum weighted by
+    the (unnormalised) class-token attention, as BSR's and EViT's code do. Returns the
+    new tokens and the kept indices (into the non-class tokens).
     """
     B, N, C = x.shape
     scores = cls_attn[:, 1:]
@@ -148,9 +162,7 @@ def drop_tokens(
     kept = x[:, 1:].gather(1, index.unsqueeze(-1).expand(-1, -1, C))
     parts = [x[:, :1], kept]
     if fuse and keep < N - 1:
-        mask = torch.ones_like(scores).scatter_(1, index, 0.0)
-        weights = scores * mask
-        weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-12)
+        weights = scores.scatter(1, index, 0.0)  # the dropped tokens' attention, kept ones zeroed
         parts.append((weights.unsqueeze(-1) * x[:, 1:]).sum(dim=1, keepdim=True))
     return torch.cat(parts, dim=1), index
 
@@ -167,6 +179,36 @@ def block_forward(
         x, index = drop_tokens(x, cls_attn, keep, fuse)
     x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
     return x, cls_attn, index
+
+
+@torch.no_grad()
+def rank_for_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The class token's attention over all tokens as `block` would compute it: [B, N].
+
+    Only the class token's query and every token's key are projected (no values, no
+    output): the cost of choosing which tokens go through the block.
+    """
+    attn = block.attn
+    h = block.norm1(x)
+    B, N, D = h.shape
+    dim = attn.num_heads * attn.head_dim
+    w, b = attn.qkv.weight, attn.qkv.bias
+    q = F.linear(h[:, :1], w[:dim], None if b is None else b[:dim])
+    k = F.linear(h, w[dim : 2 * dim], None if b is None else b[dim : 2 * dim])
+    q = attn.q_norm(q.reshape(B, 1, attn.num_heads, attn.head_dim).transpose(1, 2))
+    k = attn.k_norm(k.reshape(B, N, attn.num_heads, attn.head_dim).transpose(1, 2))
+    return class_token_attention(attn, q, k)
+
+
+def skip_block(run: Callable, block: nn.Module, i: int, x: torch.Tensor, keep: int, want_rank: bool):
+    """ALaST's token budget: the `keep` patch tokens the class token attends to most go through
+    the block with the class token; the others skip it unchanged and rejoin in place."""
+    B, N, C = x.shape
+    index = rank_for_block(block, x)[:, 1:].topk(keep, dim=1, sorted=False).indices.sort(dim=1).values
+    pos = torch.cat([torch.zeros(B, 1, dtype=index.dtype, device=index.device), index + 1], dim=1)
+    sub = x.gather(1, pos.unsqueeze(-1).expand(-1, -1, C))
+    out, cls_attn, _ = run(block, i, sub, None, False, want_rank)
+    return x.scatter(1, pos.unsqueeze(-1).expand(-1, -1, C), out), cls_attn, index
 
 
 ScopeFn = Callable[[str], contextlib.AbstractContextManager]
@@ -207,7 +249,7 @@ def forward_plan(
         x = vit.patch_drop(x)
         x = vit.norm_pre(x)
 
-    early: list[torch.Tensor] = []
+    early: list[torch.Tensor] = [x] if plan.consolidate_at is not None else []  # SHERL: the embedding output first
     deltas = []
     for i, blk in enumerate(vit.blocks):
         if plan.consolidate_at is not None and i == plan.consolidate_at:
@@ -218,7 +260,11 @@ def forward_plan(
             trace.tokens_in.append(x.shape[1])
         prev_cls = x[:, 0].detach()
         with torch.set_grad_enabled(grad_on and i >= first), scope(f"block{i}"):
-            x, cls_attn, index = run_block(blk, i, x, plan.keep[i], plan.fuse, want_rank)
+            keep = plan.keep[i]
+            if plan.skip and keep is not None and keep < x.shape[1] - 1:
+                x, cls_attn, index = skip_block(run_block, blk, i, x, keep, want_rank)
+            else:
+                x, cls_attn, index = run_block(blk, i, x, None if plan.skip else keep, plan.fuse, want_rank)
         if plan.consolidate_at is not None and i < plan.consolidate_at:
             early.append(x)
         if trace is not None:

@@ -51,21 +51,24 @@ class BSRConfig:
 
 @dataclass
 class ALaSTConfig:
-    k: int = 3  # blocks trained per step (the top-K budgets that fit the profile)
+    k: int = 3  # blocks trained per step (the top-K budgets that fit the profile and the memory cap)
     mean_budget: float = 0.6  # mean per-block token budget (fraction of patch tokens)
     min_budget: float = 0.3  # lowest budget a block can get
-    rate: float = 0.1  # how fast budgets follow the importance (per step)
-    memory_fraction: float | None = 0.1  # cap: memory vs full fine-tuning's (None: the profile alone)
-    fuse: bool = True  # fuse dropped tokens into one (EViT): the head sees what was dropped
+    update: str = "target"  # target: move budgets towards Δ-proportional ones (mean kept) | delta: b += alpha (Δ_t - Δ_{t-1}), clipped
+    rate: float = 0.1  # target: how fast budgets follow the importance (per step)
+    alpha: float = 1e-3  # delta: step of the budget update (re-implementations tie it to the learning rate)
+    adapt: bool = True  # False: budgets stay at mean_budget (with select: last, the fixed-plan ablation)
+    memory_fraction: float | None = 0.25  # cap: memory vs full fine-tuning's (None: the profile alone)
     reselect: str = "step"  # step: new trained blocks every step | round: keep them until reset_selection()
-    select: str = "top"  # top: the K highest budgets that fit | sample: K drawn with probability ~ budget (seeded), as ALaST's layer sampling
+    select: str = "top"  # top: the K highest budgets that fit | sample: K drawn with probability ~ budget (seeded), as ALaST's layer sampling | last: the K last blocks that fit
 
 
 @dataclass
 class SHERLConfig:
-    tuned_blocks: int = 2  # late blocks tuned after the consolidation point
+    tuned_blocks: int = 1  # late pre-trained blocks after the consolidation point (the reference: 1)
     keep_ratio: float = 1.0  # tokens kept at the consolidation point (1: no dropping)
-    tau: float = 0.1  # temperature of the anti-redundancy weighting
+    hidden: int | None = None  # width of the consolidation path (None: half the model width, as the reference)
+    train_late: bool = False  # also train the late blocks' weights (the reference keeps them frozen; LoRA adapts them)
 
 
 @dataclass
@@ -92,14 +95,20 @@ class MethodConfig:
             raise ConfigError(f"{prefix}alast.mean_budget/min_budget: need 0 < min_budget <= mean_budget <= 1, got {a.min_budget}, {a.mean_budget}")
         if not 0.0 < a.rate <= 1.0:
             raise ConfigError(f"{prefix}alast.rate: must be in (0, 1], got {a.rate}")
+        if a.update not in ("target", "delta"):
+            raise ConfigError(f"{prefix}alast.update: must be 'target' or 'delta', got {a.update!r}")
+        if not a.alpha > 0:
+            raise ConfigError(f"{prefix}alast.alpha: must be positive, got {a.alpha}")
         if a.reselect not in ("step", "round"):
             raise ConfigError(f"{prefix}alast.reselect: must be 'step' or 'round', got {a.reselect!r}")
-        if a.select not in ("top", "sample"):
-            raise ConfigError(f"{prefix}alast.select: must be 'top' or 'sample', got {a.select!r}")
+        if a.select not in ("top", "sample", "last"):
+            raise ConfigError(f"{prefix}alast.select: must be 'top', 'sample' or 'last', got {a.select!r}")
         if a.memory_fraction is not None and not 0.0 < a.memory_fraction <= 1.0:
             raise ConfigError(f"{prefix}alast.memory_fraction: must be in (0, 1], got {a.memory_fraction}")
         if self.sherl.tuned_blocks < 1:
             raise ConfigError(f"{prefix}sherl.tuned_blocks: must be >= 1, got {self.sherl.tuned_blocks}")
+        if self.sherl.hidden is not None and self.sherl.hidden < 1:
+            raise ConfigError(f"{prefix}sherl.hidden: must be >= 1 or null, got {self.sherl.hidden}")
 
 
 def scaled_blocks(paper: list[int], depth: int) -> list[int]:
@@ -122,7 +131,7 @@ def prepare_model(model: FedViT, cfg: MethodConfig) -> FedViT:
         apply_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets)
     if cfg.name == "sherl" and model.consolidator is None:
         merge_at = sherl_merge_at(cfg, model.depth)
-        model.consolidator = Consolidator(merge_at, model.vit.embed_dim, cfg.sherl.tau)
+        model.consolidator = Consolidator(merge_at + 1, model.vit.embed_dim, cfg.sherl.hidden)
     return model
 
 
@@ -236,10 +245,10 @@ class BSR(Method):
         trained = check_blocks(c.train_blocks if c.train_blocks is not None else scaled_blocks([3, 7, 11], self.depth), self.depth, "method.bsr.train_blocks")
         drops = check_blocks(c.drop_blocks if c.drop_blocks is not None else scaled_blocks([3, 6, 9], self.depth), self.depth, "method.bsr.drop_blocks")
         keep: list[int | None] = [None] * self.depth
-        n = self.num_patches
+        n = self.num_patches  # non-class tokens arriving (a fused token included, as in BSR's code)
         for b in drops:
-            n = keep_count(c.keep_ratio, n)
-            keep[b] = n
+            keep[b] = keep_count(c.keep_ratio, n)
+            n = keep[b] + (1 if c.fuse else 0)
         return Plan(depth=self.depth, trained=frozenset(trained), keep=tuple(keep), fuse=c.fuse, lora=self.cfg.lora.enabled)
 
 
@@ -254,7 +263,8 @@ class SHERL(Method):
         keep: list[int | None] = [None] * self.depth
         if c.keep_ratio < 1.0:
             keep[merge_at] = keep_count(c.keep_ratio, self.num_patches)
-        return Plan(depth=self.depth, trained=frozenset(range(merge_at, self.depth)), keep=tuple(keep), lora=self.cfg.lora.enabled, consolidate_at=merge_at)
+        late = frozenset(range(merge_at, self.depth)) if (self.cfg.lora.enabled or c.train_late) else frozenset()
+        return Plan(depth=self.depth, trained=late, keep=tuple(keep), lora=self.cfg.lora.enabled, consolidate_at=merge_at)
 
     def fit(self, plan: Plan) -> Plan:
         if self.fits(plan):
@@ -274,6 +284,7 @@ class ALaST(Method):
         self._importance: np.ndarray | None = None
         self._mem_cap: float | None = None
         self._fixed: frozenset[int] | None = None  # trained blocks kept for the round (reselect: round)
+        self._last_delta: np.ndarray | None = None
         self.steps = 0
 
     def reset_selection(self) -> None:
@@ -293,22 +304,26 @@ class ALaST(Method):
     def _keep(self, budgets: np.ndarray) -> tuple[int, ...]:
         return tuple(keep_count(float(b), self.num_patches) for b in budgets)
 
+    def _make(self, trained, keep: tuple[int, ...]) -> Plan:
+        return Plan(depth=self.depth, trained=frozenset(trained), keep=keep, skip=True, lora=self.cfg.lora.enabled)
+
     def _select(self, keep: tuple[int, ...]) -> Plan:
-        c, lora = self.cfg.alast, self.cfg.lora.enabled
+        c = self.cfg.alast
         if self._fixed is not None:
-            return Plan(depth=self.depth, trained=self._fixed, keep=keep, fuse=c.fuse, lora=lora)
+            return self._make(self._fixed, keep)
         trained: list[int] = []
         if c.select == "sample":  # a weighted draw without replacement (Efraimidis-Spirakis keys u^(1/w))
             order = np.argsort(-(self.rng.random(self.depth) ** (1.0 / np.maximum(self.budgets, 1e-9))), kind="stable")
+        elif c.select == "last":
+            order = np.arange(self.depth)[::-1]
         else:
             order = np.argsort(-self.budgets, kind="stable")
         for b in order:
             if len(trained) == c.k:
                 break
-            cand = Plan(depth=self.depth, trained=frozenset([*trained, int(b)]), keep=keep, fuse=c.fuse, lora=lora)
-            if self.fits(cand):
+            if self.fits(self._make([*trained, int(b)], keep)):
                 trained.append(int(b))
-        return Plan(depth=self.depth, trained=frozenset(trained), keep=keep, fuse=c.fuse, lora=lora)
+        return self._make(trained, keep)
 
     def plan(self) -> Plan:
         budgets = self.budgets.copy()
@@ -328,13 +343,25 @@ class ALaST(Method):
         delta = trace.cls_delta.double().numpy()
         if not np.all(np.isfinite(delta)) or delta.sum() <= 0:
             return
-        self._importance = delta if self._importance is None else 0.9 * self._importance + 0.1 * delta
-        self.budgets = self.follow(self.budgets, delta)
+        previous = self._importance
+        self._importance = delta if previous is None else 0.9 * previous + 0.1 * delta
+        if self.cfg.alast.adapt:
+            self.budgets = self.follow(self.budgets, delta, self._last_delta)
+        self._last_delta = delta
         self.steps += 1
 
-    def follow(self, budgets: np.ndarray, delta: np.ndarray) -> np.ndarray:
-        """One budget update: move towards importance-proportional budgets with the configured mean."""
+    def follow(self, budgets: np.ndarray, delta: np.ndarray, previous: np.ndarray | None = None) -> np.ndarray:
+        """One budget update from this step's class-token deltas (and the previous step's).
+
+        target: move towards importance-proportional budgets with the configured mean.
+        delta: b <- clip(b + alpha * (Δ_t - Δ_{t-1}), min_budget, 1), the rule ALaST's
+        public re-implementations use (no update on the first step).
+        """
         c = self.cfg.alast
+        if c.update == "delta":
+            if previous is None:
+                return budgets
+            return np.clip(budgets + c.alpha * (delta - previous), c.min_budget, 1.0)
         target = self._normalize(delta / delta.mean() * c.mean_budget)
         return self._normalize((1.0 - c.rate) * budgets + c.rate * target)
 

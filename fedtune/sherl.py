@@ -1,12 +1,20 @@
-"""SHERL's anti-redundancy consolidation of the early blocks' outputs.
+"""SHERL's anti-redundancy consolidation of the early blocks' outputs (arXiv 2407.07523).
 
-The early blocks run without autograd. Their outputs h_1..h_m are merged
-into one sequence for the late blocks: each output is scored by how redundant
-it is (its mean cosine similarity to the other outputs, on the mean token),
-less redundant outputs get more weight (softmax of -redundancy / tau plus a
-learned bias per layer), and the weighted sum enters the late blocks mixed
-with the last early output through a learned per-channel gate that starts at
-zero, so the untrained consolidator changes nothing.
+The early blocks run without autograd. Their outputs, with the embedding output first,
+h_0..h_m, are merged per token into the input of the late (pre-trained) blocks, as the
+reference code (github Paranioar/SHERL, its `Guidance` module) does:
+
+- each h_i is projected by its own Linear + LayerNorm to a narrow width: p_i;
+- the last one, p_m, is the guide g; the others are the shallow set S;
+- a shallow layer's redundancy R_l is the sum over the shallow layers (itself included) of
+  relu(cosine(S_l, S_j)), per token;
+- its weight is relu(score(S_l * g)) / R_l, normalised to sum 1 (L1) over the layers;
+- the aggregate a = sum_l w_l S_l + g goes back to the model width through
+  fc_out = ReLU, Linear, LayerNorm, Dropout, and the late blocks get
+  fc_out(a) + tanh(gate / 0.1) * h_m, with the scalar gate starting at zero.
+
+Only this module (and the head, and LoRA adapters on the late blocks where configured)
+trains; the late blocks are frozen and pass gradients through.
 """
 
 from __future__ import annotations
@@ -14,28 +22,32 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+GATE_TEMPERATURE = 0.1
+
 
 class Consolidator(nn.Module):
-    def __init__(self, num_layers: int, dim: int, tau: float = 0.1):
+    def __init__(self, num_inputs: int, dim: int, hidden: int | None = None, dropout: float = 0.1):
         super().__init__()
-        self.num_layers = num_layers
-        self.tau = tau
-        self.layer_bias = nn.Parameter(torch.zeros(num_layers))
-        self.gate = nn.Parameter(torch.zeros(dim))
+        if num_inputs < 2:
+            raise ValueError(f"the consolidator needs at least 2 inputs (a shallow layer and the guide), got {num_inputs}")
+        hidden = hidden or max(1, dim // 2)
+        self.num_inputs = num_inputs
+        self.proj = nn.ModuleList(nn.Sequential(nn.Linear(dim, hidden), nn.LayerNorm(hidden)) for _ in range(num_inputs))
+        self.score = nn.Linear(hidden, 1)
+        self.fc_out = nn.Sequential(nn.ReLU(), nn.Linear(hidden, dim), nn.LayerNorm(dim, eps=1e-12), nn.Dropout(dropout))
+        self.gate = nn.Parameter(torch.zeros(1))
 
-    def weights(self, outputs: list[torch.Tensor]) -> torch.Tensor:
-        """Per-sample merge weights [B, m] from the outputs' redundancy."""
-        desc = torch.stack([h.mean(dim=1) for h in outputs], dim=1)  # [B, m, D]
-        desc = nn.functional.normalize(desc, dim=-1)
-        sim = desc @ desc.transpose(1, 2)  # [B, m, m]
-        m = sim.shape[-1]
-        redundancy = (sim.sum(-1) - 1.0) / max(m - 1, 1)
-        return torch.softmax(-redundancy / self.tau + self.layer_bias, dim=-1)
+    def weights(self, shallow: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
+        """Per-token merge weights [B, N, L, 1] of the projected shallow layers [B, N, L, h]."""
+        unit = nn.functional.normalize(shallow, dim=-1, eps=1e-8)
+        redundancy = (unit @ unit.transpose(-1, -2)).relu().sum(-1, keepdim=True)  # [B, N, L, 1], >= 1
+        w = self.score(shallow * guide.unsqueeze(2)).relu() / redundancy
+        return w / (w.abs().sum(dim=2, keepdim=True) + 1e-8)
 
     def forward(self, outputs: list[torch.Tensor]) -> torch.Tensor:
-        if len(outputs) != self.num_layers:
-            raise ValueError(f"consolidator expects {self.num_layers} early outputs, got {len(outputs)}")
-        w = self.weights(outputs)
-        merged = torch.einsum("bm,bmnd->bnd", w, torch.stack(outputs, dim=1))
-        last = outputs[-1]
-        return last + self.gate * (merged - last)
+        if len(outputs) != self.num_inputs:
+            raise ValueError(f"consolidator expects {self.num_inputs} early outputs, got {len(outputs)}")
+        projected = [proj(h) for proj, h in zip(self.proj, outputs, strict=True)]
+        shallow, guide = torch.stack(projected[:-1], dim=2), projected[-1]  # [B, N, L, h], [B, N, h]
+        merged = (self.weights(shallow, guide) * shallow).sum(dim=2) + guide
+        return self.fc_out(merged) + torch.tanh(self.gate / GATE_TEMPERATURE) * outputs[-1]

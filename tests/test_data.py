@@ -501,3 +501,73 @@ def test_pathological_too_many_partitions_per_class() -> None:
     labels = np.array([0, 0, 1, 1, 2, 2])
     with pytest.raises(ConfigError, match="pathological partitioning failed"):
         partition_indices(labels, 6, "pathological", classes_per_partition=3)
+
+
+# --- Fashion-MNIST ----------------------------------------------------------------------------
+
+FASHION_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def _write_fashion(folder: Path, gz: bool, n_train: int = 30, n_test: int = 10) -> None:
+    import gzip
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = np.arange(n) % 10
+        images = (labels[:, None, None] * 25 + rng.integers(0, 5, (n, 28, 28))).astype(np.uint8)
+        for stem, array in ((f"{prefix}-images-idx3-ubyte", images), (f"{prefix}-labels-idx1-ubyte", labels)):
+            _write_idx(folder / stem, array)
+            if gz:
+                (folder / (stem + ".gz")).write_bytes(gzip.compress((folder / stem).read_bytes()))
+                (folder / stem).unlink()
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_fashion_mnist_from_root(tmp_path: Path, gz: bool) -> None:
+    _write_fashion(tmp_path, gz)
+    split = load_data(DataConfig(name="fashion_mnist", root=str(tmp_path), img_size=16, max_train=20))
+    assert split.train.images.shape == (20, 3, 16, 16) and split.test.images.shape == (10, 3, 16, 16)
+    assert split.train.tasks == ["garment"] and split.train.num_classes == {"garment": 10}
+    assert split.train.class_names["garment"][0] == "T-shirt/top"
+    assert torch.equal(split.test.labels["garment"], torch.arange(10))
+    means = split.test.images.mean(dim=(1, 2, 3))
+    assert torch.all(means[1:] > means[:-1])  # brightness follows the label written
+
+
+def test_fashion_mnist_torchvision_layout(tmp_path: Path) -> None:
+    _write_fashion(tmp_path / "FashionMNIST" / "raw", gz=False)
+    assert len(load_data(DataConfig(name="fashion_mnist", root=str(tmp_path))).train) == 30
+
+
+def test_fashion_mnist_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"Fashion-MNIST not found.*data.root.*apt-get install dataset-fashion-mnist.*data.download=true"):
+        load_data(DataConfig(name="fashion_mnist", root=str(tmp_path)))
+    _write_fashion(tmp_path, gz=False)
+    (tmp_path / "t10k-labels-idx1-ubyte").unlink()
+    with pytest.raises(ConfigError, match="has no t10k-labels-idx1-ubyte"):
+        load_data(DataConfig(name="fashion_mnist", root=str(tmp_path)))
+    _write_fashion(tmp_path, gz=False)
+    path = tmp_path / "train-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ConfigError, match=r"train-images-idx3-ubyte: idx file is truncated"):
+        load_data(DataConfig(name="fashion_mnist", root=str(tmp_path)))
+    _write_fashion(tmp_path, gz=True)
+    gz_path = tmp_path / "train-images-idx3-ubyte.gz"
+    (tmp_path / "train-images-idx3-ubyte").unlink()
+    gz_path.write_bytes(gz_path.read_bytes()[:-40])
+    with pytest.raises(ConfigError, match=r"train-images-idx3-ubyte.gz"):
+        load_data(DataConfig(name="fashion_mnist", root=str(tmp_path)))
+
+
+def test_fashion_mnist_debian_package() -> None:
+    """The real files from Debian's dataset-fashion-mnist (CI installs it): a seeded subset."""
+    from fedtune.data import FASHION_DEBIAN_ROOT
+
+    if not FASHION_DEBIAN_ROOT.is_dir():
+        pytest.skip("dataset-fashion-mnist is not installed (apt-get install dataset-fashion-mnist)")
+    split = load_data(DataConfig(name="fashion_mnist", max_train=200, max_test=100))
+    assert len(split.train) == 200 and len(split.test) == 100
+    assert split.train.images.shape[1:] == (3, 32, 32)
+    assert set(split.train.labels["garment"].tolist()) == set(range(10))
+    assert -1.0 <= float(split.train.images.min()) < float(split.train.images.max()) <= 1.0

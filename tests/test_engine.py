@@ -79,14 +79,14 @@ def test_dropped_tokens_are_the_lowest_attention_ones(tiny_model, images):
     assert trace.tokens_in == [17, 6, 6, 6]
 
 
-def test_fused_token_is_attention_weighted_mean():
+def test_fused_token_is_the_attention_weighted_sum():
     x = torch.arange(2 * 5 * 3, dtype=torch.float32).reshape(2, 5, 3)
     attn = torch.tensor([[0.2, 0.4, 0.1, 0.2, 0.1], [0.2, 0.1, 0.1, 0.5, 0.1]])
     out, index = drop_tokens(x, attn, keep=2, fuse=True)
     assert out.shape == (2, 4, 3)
-    # sample 0 keeps patches 0 and 2 (scores .4, .2); drops 1 and 3 (scores .1, .1): equal weights
+    # sample 0 keeps patches 0 and 2 (scores .4, .2); drops 1 and 3 (scores .1, .1), summed with those weights
     assert index[0].tolist() == [0, 2]
-    torch.testing.assert_close(out[0, -1], (x[0, 2] + x[0, 4]) / 2)
+    torch.testing.assert_close(out[0, -1], 0.1 * x[0, 2] + 0.1 * x[0, 4])
 
 
 def test_blocks_before_first_trained_save_no_activations(tiny_model, images):

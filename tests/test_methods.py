@@ -63,7 +63,7 @@ def test_bsr_paper_setting_on_12_blocks():
     method = make_method(MethodConfig(name="bsr"), model, None, 4)
     plan = method.plan()
     assert sorted(plan.trained) == [3, 7, 11]
-    assert plan.keep[3] == 8 and plan.keep[6] == 4 and plan.keep[9] == 2  # 16 patches, keep 0.5 thrice
+    assert plan.keep[3] == 8 and plan.keep[6] == 5 and plan.keep[9] == 3  # 16 patches, keep 0.5 of the arriving tokens, a fused one included
 
 
 def test_alast_budgets_follow_importance_and_keep_their_mean(tiny_model):
@@ -216,16 +216,14 @@ def test_lora_starts_equal_and_merges_exactly(tiny_model, images):
         torch.testing.assert_close(tiny_model(images), adapted, rtol=1e-3, atol=1e-4)
 
 
-def test_sherl_untrained_consolidator_changes_nothing(tiny_model, images):
-    tiny_model.eval()
-    cfg = method_cfg("sherl")
-    prepare_model(tiny_model, cfg)
-    plan = make_method(cfg, tiny_model, None, 4).plan()
-    assert plan.consolidate_at == 2 and plan.trained == frozenset({2, 3})
-    with torch.no_grad():
-        torch.testing.assert_close(forward_plan(tiny_model, images, plan), tiny_model(images))
-    w = tiny_model.consolidator.weights([torch.randn(2, 5, 32) for _ in range(2)])
-    torch.testing.assert_close(w.sum(-1), torch.ones(2))
+def test_sherl_late_blocks_train_only_when_asked(tiny_model):
+    for extra, trained, lora in (({}, set(), False), ({"sherl": {"train_late": True, "tuned_blocks": 2}}, {2, 3}, False), ({"lora": {"enabled": True}}, {3}, True)):
+        cfg = from_dict(MethodConfig, {"name": "sherl", **extra})
+        model = build_model(ModelConfig(**TINY), {"digit": 10})
+        prepare_model(model, cfg)
+        plan = make_method(cfg, model, None, 4).plan()
+        assert plan.trained == frozenset(trained) and plan.lora == lora
+        assert model.consolidator.num_inputs == plan.consolidate_at + 1
 
 
 def test_fit_linear_head_matches_scikit_learn_logistic_regression():

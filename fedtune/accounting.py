@@ -105,6 +105,8 @@ class StepStats:
     trainable_state_bytes: int  # gradients + optimizer state of the trainable parameters
     batch_size: int
     loss: float
+    plan_time_s: float = 0.0  # of step_time_s: the method choosing the plan and taking what the step observed
+    blocks_trained: int = 0  # blocks whose weights (or adapters) the plan trained
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -17,7 +17,7 @@ def _load(cls, path: str | None, overrides: list[str]):
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import BenchConfig, quick, run_bench
+    from .bench import BenchConfig, quick, run_bench, run_cost
 
     cfg = _load(BenchConfig, args.config, args.set)
     if args.methods:
@@ -28,7 +28,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         cfg.train.epochs = args.epochs
     if args.quick:
         cfg = quick(cfg)
-    report = run_bench(cfg, Path(args.out), progress=not args.no_progress)
+    run = run_cost if args.cost_only else run_bench
+    report = run(cfg, Path(args.out), progress=not args.no_progress)
     print((Path(args.out) / "bench.md").read_text())
     print(f"wrote {Path(args.out) / 'bench.json'} ({report['wall_time_s']} s)")
     return 0
@@ -118,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML bench config (default: the embedded default)")
     p.add_argument("--out", default="runs/bench", help="output folder")
     p.add_argument("--quick", action="store_true", help="a few steps per method (under a minute)")
+    p.add_argument("--cost-only", action="store_true", help="measure costs alone (random weights and images, bench.cost_steps steps per method, one process each): FLOPs, activations, state, step time, peak memory")
     p.add_argument("--methods", help="comma-separated methods, e.g. full,bsr,alast,alast+lora")
     p.add_argument("--seeds", type=int, help="number of seeds (0..N-1)")
     p.add_argument("--epochs", type=int, help="epochs per method")

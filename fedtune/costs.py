@@ -112,7 +112,8 @@ class CostModel:
         was_training = model.training
         flags = {n: p.requires_grad for n, p in model.named_parameters()}  # restored below: set_trainable owns them
         model.train()
-        x = torch.zeros(1, model.vit.patch_embed.proj.in_channels, *model.vit.patch_embed.img_size)
+        device = model.vit.patch_embed.proj.weight.device
+        x = torch.zeros(1, model.vit.patch_embed.proj.in_channels, *model.vit.patch_embed.img_size, device=device)
         n = self.num_patches + self.prefix
         for mode in ("train", "grad"):
             trained = frozenset(range(depth)) if mode == "train" else frozenset()

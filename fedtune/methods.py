@@ -58,7 +58,7 @@ class ALaSTConfig:
     rate: float = 0.1  # target: how fast budgets follow the importance (per step)
     alpha: float = 1e-3  # delta: step of the budget update (re-implementations tie it to the learning rate)
     adapt: bool = True  # False: budgets stay at mean_budget (with select: last, the fixed-plan ablation)
-    memory_fraction: float | None = 0.25  # cap: memory vs full fine-tuning's (None: the profile alone)
+    memory_fraction: float | None = 0.2  # cap: memory vs full fine-tuning's (None: the profile alone)
     reselect: str = "step"  # step: new trained blocks every step | round: keep them until reset_selection()
     select: str = "top"  # top: the K highest budgets that fit | sample: K drawn with probability ~ budget (seeded), as ALaST's layer sampling | last: the K last blocks that fit
 
@@ -217,6 +217,19 @@ class Method:
 
     def set_importance(self, importance: list[float]) -> None:
         """Start from importance found elsewhere (the federation's)."""
+
+    def inference_plan(self, drop: bool) -> Plan:
+        """The plan a device evaluates with: no training; the method's tokens (`drop`) or every token.
+
+        Methods whose model needs its own path at inference (SHERL's consolidation) keep it either way.
+        """
+        p = self.plan()
+        keep = p.keep if drop else (None,) * self.depth
+        return Plan(depth=self.depth, keep=keep, fuse=p.fuse, skip=p.skip, consolidate_at=p.consolidate_at, train_head=False, train_norm=False)
+
+    @property
+    def drops_tokens(self) -> bool:
+        return any(k is not None and k < self.num_patches for k in self.plan().keep)
 
     def describe(self) -> dict:
         p = self.plan()

@@ -115,6 +115,10 @@ class TrainResult:
             "num_examples": self.num_examples,
             "head_fit_s": round(self.head_fit_s, 2),
             "head_fit_flops": self.head_fit_flops,
+            "plan_time_s": float(np.median([s.plan_time_s for s in self.steps])) if self.steps else 0.0,
+            "blocks_trained_mean": float(np.mean([s.blocks_trained for s in self.steps])) if self.steps else 0.0,
+            "blocks_trained_per_step": [s.blocks_trained for s in self.steps],
+            "block_choice_freq": [u / max(len(self.steps), 1) for u in self.block_updates],
         }
 
 
@@ -172,7 +176,9 @@ class Trainer:
         start = time.perf_counter()
         model = self.model
         model.train()
+        plan_start = time.perf_counter()
         plan = self.method.plan()
+        plan_time = time.perf_counter() - plan_start
         if self.experts:
             plan = replace(plan, experts=self.experts)
         set_trainable(model, plan, self.task)
@@ -198,7 +204,9 @@ class Trainer:
             if counter is not None:
                 counter.__exit__(None, None, None)
         self.optimizer.step()
+        observe_start = time.perf_counter()
         self.method.observe(trace)
+        plan_time += time.perf_counter() - observe_start
         self.last_trace = trace
         self.global_step += 1
         stats = StepStats(
@@ -209,6 +217,8 @@ class Trainer:
             trainable_state_bytes=trainable_state_bytes(model),
             batch_size=int(images.shape[0]),
             loss=float(loss.detach()),
+            plan_time_s=plan_time,
+            blocks_trained=len(plan.trained),
         )
         return stats, plan, logits.detach()
 
@@ -302,15 +312,18 @@ class Trainer:
 
 
 @torch.no_grad()
-def extract_features(model: FedViT, data: ImageSet, task: str, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pre-logit features of the dense model (every block, every token; eval mode) and labels."""
+def extract_features(model: FedViT, data: ImageSet, task: str, batch_size: int = 256, plan: Plan | None = None, autocast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pre-logit features (eval mode) and labels: of the dense model (every block, every
+    token) or, given `plan`, with its tokens dropped or skipped. `autocast` runs the
+    matmuls in bfloat16 (fast on CPUs with AMX); the features come back in float32."""
     was_training = model.training
     model.eval()
-    plan = Plan(depth=model.depth)
+    plan = Plan(depth=model.depth) if plan is None else plan
     feats, labels = [], []
     for images, y in data.loader(batch_size, shuffle=False, task=task):
         out: list[torch.Tensor] = []
-        model.forward_train(images, plan, task, features=out)
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=autocast):
+            model.forward_train(images, plan, task, features=out)
         feats.append(out[0].float())
         labels.append(y)
     model.train(was_training)

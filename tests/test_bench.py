@@ -1,37 +1,62 @@
-"""`fedtune bench` writes bench.json/bench.md with every method and its ratios (tiny model)."""
+"""`fedtune bench` writes bench.json/bench.md/plots with every method, its evaluations and ratios (tiny model)."""
 
 import json
 
 from fedtune.cli import main
 
-
-def test_bench_writes_json_and_table(tmp_path):
-    cfg = tmp_path / "bench.yaml"
-    cfg.write_text(
-        """
+TINY_BENCH = """
 model: {name: vit_tiny_patch16_224, img_size: 16, patch_size: 4, depth: 4, embed_dim: 32, num_heads: 2, pretrained: null}
 data: {name: digits, img_size: 16, max_train: 64, max_test: 32}
-train: {epochs: 1, batch_size: 16, flops_every: 2, head_fit: after}
+train: {epochs: 1, batch_size: 16, flops_every: 2}
 method: {alast: {memory_fraction: null, k: 2}}
 seeds: [0]
 """
-    )
+
+
+def test_bench_writes_json_table_and_plots(tmp_path):
+    cfg = tmp_path / "bench.yaml"
+    cfg.write_text(TINY_BENCH + "methods: [full, head, bsr, alast, alast_tight, alast_fixed, sherl, alast+lora]\nbudgets: [0.25]\n")
     out = tmp_path / "out"
     assert main(["bench", "--config", str(cfg), "--out", str(out)]) == 0  # with progress bars, the default
     report = json.loads((out / "bench.json").read_text())
-    assert report["test_size"] == 32
-    for name in ("full", "head", "bsr", "alast", "sherl", "alast+lora"):
+    assert report["test_size"] == 32 and report["config"]["seeds"] == [0]
+    for name in ("full", "head", "bsr", "alast", "alast_tight", "alast_fixed", "sherl", "alast+lora"):
         m = report["methods"][name]
-        for key in ("step_time_s", "train_flops_per_step", "activation_bytes", "trainable_params", "test_accuracy"):
+        for key in ("step_time_s", "train_flops_per_step", "activation_bytes", "trainable_params", "test_accuracy", "plan_time_s", "blocks_trained_mean"):
             assert key in m, (name, key)
         assert 0.0 <= m["test_accuracy"] <= 1.0
         assert m["train_flops_per_step"] > 0
-        assert m["head_fit_s"] > 0 and m["train_flops_total"] > m["train_flops_per_step"] * m["runs"][0]["steps"], "the head fit's compute is counted"
-    full, bsr = report["methods"]["full"], report["methods"]["bsr"]
+        ev = m["evaluations"]
+        assert set(ev["all_tokens"]) == {"no_head_fit", "lda_head_fit"}
+        assert m["test_accuracy"] == ev["all_tokens"]["lda_head_fit"]["mean"]  # the headline: every token, LDA head
+        assert ("dropped_tokens" in ev) == (name not in ("full", "head", "sherl")), name
+        assert m["head_fit_flops"] > 0
+    full, bsr, alast = report["methods"]["full"], report["methods"]["bsr"], report["methods"]["alast"]
     assert bsr["train_flops_per_step"] < full["train_flops_per_step"]
     assert bsr["activation_bytes"] < full["activation_bytes"]
-    assert report["methods"]["full"]["ratios_vs_full"]["train_flops"] == 1.0
-    assert "| alast+lora |" in (out / "bench.md").read_text()
+    assert full["ratios_vs_full"]["train_flops"] == 1.0
+    assert alast["blocks_trained_mean"] == 2.0 and sum(alast["block_choice_freq"]) == 2.0
+    assert alast["plan_time_s"] > 0
+    # budgets: full runs at a quarter of its compute; the cheap methods at full's when it is far from their own
+    assert full["budgets"] and full["budgets"][0]["steps"] == 1
+    assert all(p["fraction_of_full"] == 0.25 for m in report["methods"].values() for p in m["budgets"])
+    assert (out / "plots" / "accuracy_vs_compute.png").stat().st_size > 0
+    assert (out / "plots" / "alast_blocks.png").stat().st_size > 0
+    text = (out / "bench.md").read_text()
+    assert "| alast+lora |" in text and "| alast_tight |" in text and "fraction of full's FLOPs" in text
+
+
+def test_bench_cost_only(tmp_path):
+    cfg = tmp_path / "bench.yaml"
+    cfg.write_text(TINY_BENCH + "methods: [full, bsr, alast]\ncost_steps: 2\n")
+    out = tmp_path / "cost"
+    assert main(["bench", "--cost-only", "--config", str(cfg), "--out", str(out), "--no-progress"]) == 0
+    report = json.loads((out / "bench.json").read_text())
+    assert report["cost_only"] and report["tokens"] == 17
+    full, bsr = report["methods"]["full"], report["methods"]["bsr"]
+    assert full["peak_rss_bytes"] > 0 and full["step_time_s"] > 0
+    assert bsr["ratios_vs_full"]["train_flops"] < 1.0 and bsr["ratios_vs_full"]["activation_bytes"] < 1.0
+    assert "| alast |" in (out / "bench.md").read_text()
 
 
 def test_bench_rejects_unknown_method(tmp_path, capsys):

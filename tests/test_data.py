@@ -554,7 +554,6 @@ def test_fashion_mnist_errors(tmp_path: Path) -> None:
         load_data(DataConfig(name="fashion_mnist", root=str(tmp_path)))
     _write_fashion(tmp_path, gz=True)
     gz_path = tmp_path / "train-images-idx3-ubyte.gz"
-    (tmp_path / "train-images-idx3-ubyte").unlink()
     gz_path.write_bytes(gz_path.read_bytes()[:-40])
     with pytest.raises(ConfigError, match=r"train-images-idx3-ubyte.gz"):
         load_data(DataConfig(name="fashion_mnist", root=str(tmp_path)))

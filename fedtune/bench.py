@@ -214,7 +214,7 @@ def run_bench(cfg: BenchConfig, out: Path, progress: bool = True) -> dict:
             _log(progress, f"[{done}/{total}] {spec} seed {seed}: {100 * runs[-1]['test_accuracy']:.2f}% ({time.time() - t0:.0f} s)")
         results[spec] = _combine(runs)
     full = results["full"]
-    for spec, r in results.items():
+    for r in results.values():
         r["ratios_vs_full"] = _ratios(r, full)
         r["budgets"] = []
     for fraction in cfg.budgets:

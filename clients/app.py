@@ -10,19 +10,25 @@ device, so it survives a restart).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedtune import protocol
+from fedtune.client_state import (
+    ClientState,
+    read_client_state,
+    state_from,
+    state_meta,
+    write_client_state,
+)
 from fedtune.errors import ConfigError
-from fedtune.federated import ClientRuntime, ClientState, RunConfig, load_run_config
+from fedtune.federated import ClientRuntime, RunConfig, load_run_config
 from fedtune.profiles import AUTO
+
+from .records import arrays_to_numpy, metric_record, numpy_to_arrays
 
 STATE_ARRAYS = "fedtune.personal"
 STATE_CONFIG = "fedtune.client"
@@ -35,14 +41,6 @@ def run_config_from_context(context: Context) -> RunConfig:
         # relative to the app (the project root) when run through `flwr run`
         path = Path(__file__).resolve().parent.parent / str(path)
     return load_run_config(path or None, overrides)
-
-
-def arrays_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in record.items()}
-
-
-def numpy_to_arrays(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
 def _state_dir(context: Context, default_dir: Path | None = None) -> Path | None:
@@ -59,41 +57,20 @@ def load_state(context: Context, default_dir: Path | None = None, before_round: 
     is used, so a server that repeats a round after a crash gets the same client state.
     """
     if STATE_CONFIG in context.state.config_records:
-        cfg = context.state.config_records[STATE_CONFIG]
-        meta = json.loads(str(cfg["json"]))
+        meta = json.loads(str(context.state.config_records[STATE_CONFIG]["json"]))
         if before_round is None or meta.get("round", 0) < before_round:
             personal = arrays_to_numpy(context.state.array_records[STATE_ARRAYS]) if STATE_ARRAYS in context.state.array_records else {}
-            return ClientState(personal=personal, budgets=meta["budgets"], importance=meta["importance"], rounds=meta["rounds"])
+            return state_from(personal, meta)
     folder = _state_dir(context, default_dir)
-    if folder is None or not folder.is_dir():
-        return ClientState()
-    files = sorted(folder.glob("round-*.npz"))
-    if before_round is not None:
-        files = [f for f in files if int(f.stem.split("-")[1]) < before_round]
-    if not files:
-        return ClientState()
-    try:
-        with np.load(files[-1], allow_pickle=False) as z:
-            meta = json.loads(str(z["__meta__"]))
-            personal = {k: z[k] for k in z.files if k != "__meta__"}
-    except (OSError, ValueError, KeyError) as exc:
-        raise ConfigError(f"corrupt client state {files[-1]}: {exc}") from exc
-    return ClientState(personal=personal, budgets=meta["budgets"], importance=meta["importance"], rounds=meta["rounds"])
+    return (read_client_state(folder, before_round) if folder is not None else None) or ClientState()
 
 
 def save_state(context: Context, state: ClientState, default_dir: Path | None = None, server_round: int = 0) -> None:
-    meta = {"budgets": state.budgets, "importance": state.importance, "rounds": state.rounds, "round": server_round}
     context.state[STATE_ARRAYS] = numpy_to_arrays(state.personal)
-    context.state[STATE_CONFIG] = ConfigRecord({"json": json.dumps(meta)})
+    context.state[STATE_CONFIG] = ConfigRecord({"json": json.dumps(state_meta(state, server_round))})
     folder = _state_dir(context, default_dir)
     if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"round-{server_round:06d}.npz"
-        tmp = folder / f"tmp-{server_round:06d}.npz"
-        np.savez(tmp, __meta__=np.array(json.dumps(meta)), **state.personal)
-        os.replace(tmp, path)
-        for old in sorted(folder.glob("round-*.npz"))[:-2]:  # keep the last two
-            old.unlink(missing_ok=True)
+        write_client_state(folder, state, server_round)
 
 
 def node_profile(context: Context, simulated: bool) -> str | None:
@@ -110,18 +87,6 @@ def _partition_id(context: Context) -> int:
     if "partition-id" not in context.node_config:
         raise ConfigError("node config has no partition-id (start the SuperNode with --node-config \"partition-id=0 num-partitions=N\")")
     return int(context.node_config["partition-id"])
-
-
-def _metric_record(metrics: dict[str, Any]) -> MetricRecord:
-    clean: dict[str, Any] = {}
-    for k, v in metrics.items():
-        if isinstance(v, bool):
-            clean[k] = int(v)
-        elif isinstance(v, (int, float)):
-            clean[k] = v
-        elif isinstance(v, list) and all(isinstance(x, (int, float)) for x in v):
-            clean[k] = [float(x) for x in v] if any(isinstance(x, float) for x in v) else v
-    return MetricRecord(clean)
 
 
 def make_client_app(cfg: RunConfig | None = None, state_dir: Path | None = None) -> ClientApp:
@@ -150,7 +115,7 @@ def make_client_app(cfg: RunConfig | None = None, state_dir: Path | None = None)
         reply = RecordDict(
             {
                 protocol.ARRAYS: numpy_to_arrays(update),
-                protocol.METRICS: _metric_record(metrics),
+                protocol.METRICS: metric_record(metrics),
                 protocol.UPDATE_COUNTS: MetricRecord(counts),
             }
         )
@@ -164,7 +129,7 @@ def make_client_app(cfg: RunConfig | None = None, state_dir: Path | None = None)
         server_round = int(config.get(protocol.SERVER_ROUND, 0))
         state = load_state(context, state_dir, server_round + 1 if server_round else None)
         metrics = rt.evaluate(global_arrays, state)
-        content = RecordDict({protocol.METRICS: _metric_record(metrics)})
+        content = RecordDict({protocol.METRICS: metric_record(metrics)})
         if config.get(protocol.WANT_HEAD_STATS):
             content[protocol.HEAD_STATS] = numpy_to_arrays(rt.head_stats(global_arrays, state))
         return Message(content=content, reply_to=msg)

@@ -27,11 +27,11 @@ import torch
 import yaml
 from torch import nn
 
+from .client_state import personal_head, personal_head_tasks, personal_params, read_client_state
+from .data import PIXEL_MEAN, PIXEL_STD
 from .errors import CheckpointError, ConfigError
 from .lora import has_lora, merge_lora
 from .model import FedViT, checkpoint_meta, read_state, save_checkpoint
-
-MEAN, STD = 0.5, 0.5
 
 
 class DenseMoE(nn.Module):
@@ -93,16 +93,11 @@ def _run_model(run_dir: Path) -> tuple[FedViT, dict[str, Any]]:
 
 
 def _client_state(run_dir: Path, client: int) -> dict[str, np.ndarray]:
-    folder = run_dir / "client_state" / f"client-{client}"
-    files = sorted(folder.glob("round-*.npz")) if folder.is_dir() else []
-    if not files:
+    state = read_client_state(run_dir / "client_state" / f"client-{client}")
+    if state is None:
         known = sorted(p.name.removeprefix("client-") for p in (run_dir / "client_state").glob("client-*")) if (run_dir / "client_state").is_dir() else []
         raise ConfigError(f"client {client}: the run {run_dir} has no state for it" + (f"; clients with state: {', '.join(known[:20])}" if known else ""))
-    try:
-        with np.load(files[-1], allow_pickle=False) as z:
-            return {k: z[k] for k in z.files if k != "__meta__"}
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"corrupt client state {files[-1]}: {exc}") from exc
+    return state.personal
 
 
 def export_run(run_dir: str | Path, task: str | None, out: str | Path, client: int | None = None) -> dict[str, Any]:
@@ -120,15 +115,14 @@ def export_run(run_dir: str | Path, task: str | None, out: str | Path, client: i
     head = copy.deepcopy(model.heads[task])
     if client is not None:
         personal = _client_state(run_dir, client)
-        params = {k: v for k, v in personal.items() if not k.startswith("personal_head.")}
+        params = personal_params(personal)
         if params:
             load_numpy_state(model, params, f"client {client} state")
-        prefix = f"personal_head.{task}."
-        saved = {k.removeprefix(prefix): torch.as_tensor(v) for k, v in personal.items() if k.startswith(prefix)}
+        saved = personal_head(personal, task)
         if saved:
             head.load_state_dict(saved)
         elif cfg.federation.personal_head:
-            raise ConfigError(f"client {client} has no personal head for task {task!r} (its tasks: {sorted({k.split('.')[1] for k in personal if k.startswith('personal_head.')})})")
+            raise ConfigError(f"client {client} has no personal head for task {task!r} (its tasks: {personal_head_tasks(personal)})")
     if has_lora(model):
         merge_lora(model)
     model.eval()
@@ -163,7 +157,7 @@ def export_run(run_dir: str | Path, task: str | None, out: str | Path, client: i
         "timm_name": cfg.model.name,
         "timm_kwargs": {k: v for k, v in {"img_size": cfg.model.img_size, "patch_size": cfg.model.patch_size, "in_chans": cfg.model.in_chans, "depth": cfg.model.depth, "embed_dim": cfg.model.embed_dim, "num_heads": cfg.model.num_heads, "mlp_ratio": cfg.model.mlp_ratio, "num_classes": int(head.out_features)}.items() if v is not None},
         "classes": split.train.class_names.get(task) or [str(i) for i in range(int(head.out_features))],
-        "normalize": {"mean": MEAN, "std": STD},
+        "normalize": {"mean": PIXEL_MEAN, "std": PIXEL_STD},
         "channels": cfg.model.in_chans,
         "experts": {str(b): e for b, e in experts.items()},
         "source_run": str(run_dir),

@@ -18,7 +18,7 @@ import hashlib
 import json
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import protocol
+from .client_state import PERSONAL_HEAD, ClientState, personal_head, personal_params
 from .data import DataConfig, DataSplit, ImageSet, load_data, partition_indices
 from .engine import full_plan
 from .errors import ConfigError
@@ -83,8 +85,8 @@ class FederationConfig:
             raise ConfigError(f"{prefix}connect_timeout_s: must be >= 0, got {self.connect_timeout_s}")
         if self.head_fit not in ("none", "lda"):
             raise ConfigError(f"{prefix}head_fit: must be 'none' or 'lda', got {self.head_fit!r}")
-        if self.weighting not in ("examples", "updates"):
-            raise ConfigError(f"{prefix}weighting: must be 'examples' or 'updates', got {self.weighting!r}")
+        if self.weighting not in protocol.WEIGHTINGS:
+            raise ConfigError(f"{prefix}weighting: must be one of {', '.join(protocol.WEIGHTINGS)}, got {self.weighting!r}")
         for p in self.profiles:
             if p not in PROFILES and p != AUTO:
                 raise ConfigError(f"{prefix}profiles: unknown device profile {p!r}; known: {', '.join(PROFILES)}, {AUTO}")
@@ -281,16 +283,6 @@ class PersonalHeadTrainer(Trainer):
         return F.cross_entropy(self.personal_head(feats.detach()), labels)
 
 
-@dataclass
-class ClientState:
-    """What a client keeps between rounds (never sent)."""
-
-    personal: dict[str, np.ndarray] = field(default_factory=dict)  # personal parameters and the personal head
-    budgets: list[float] | None = None  # ALaST budgets
-    importance: list[float] | None = None  # ALaST importance estimate
-    rounds: int = 0
-
-
 class ClientRuntime:
     """One client's model and data; `fit` and `evaluate` a round at a time, over the client's tasks."""
 
@@ -310,14 +302,12 @@ class ClientRuntime:
 
     def _load(self, global_arrays: dict[str, np.ndarray], state: ClientState) -> None:
         load_numpy_state(self.model, global_arrays)
-        personal = {k: v for k, v in state.personal.items() if not k.startswith("personal_head.")}
+        personal = personal_params(state.personal)
         if personal:
             load_numpy_state(self.model, personal, "client state")
         for task, head in self.personal_heads.items():
-            prefix = f"personal_head.{task}."
-            saved = {k.removeprefix(prefix): torch.as_tensor(v) for k, v in state.personal.items() if k.startswith(prefix)}
             # start the personal head from the global one
-            head.load_state_dict(saved or self.model.heads[task].state_dict())
+            head.load_state_dict(personal_head(state.personal, task) or self.model.heads[task].state_dict())
 
     def fit(self, global_arrays: dict[str, np.ndarray], state: ClientState, importance: list[float] | None = None, server_round: int = 0) -> tuple[dict[str, np.ndarray], dict[str, int], dict[str, Any], ClientState]:
         """Train one round on each of the client's tasks; return (update, update counts, metrics, new state)."""
@@ -325,7 +315,7 @@ class ClientRuntime:
         self._load(global_arrays, state)
         cfg = self.cfg
         seed = cfg.seed * 7919 + self.partition_id * 31 + server_round
-        budgets, imp_estimate = state.budgets, state.importance
+        kept = state.method
         counts_all: Counter = Counter()
         block_updates = [0] * self.model.depth
         steps: list = []
@@ -333,14 +323,11 @@ class ClientRuntime:
         examples, loss_sum, correct = 0, 0.0, 0.0
         for i, task in enumerate(self.tasks):
             method = make_method(cfg.method, self.model, self.profile, cfg.train.batch_size, task, seed=seed + i)
-            if budgets is not None and hasattr(method, "budgets"):
-                method.budgets = np.asarray(budgets, dtype=np.float64)
-                if imp_estimate is not None:
-                    method.set_importance_estimate(imp_estimate)
-            elif importance is not None:
+            method.load_state_dict(kept)
+            if importance is not None:
                 method.set_importance(importance)
             torch.manual_seed(seed + i)
-            tcfg = TrainConfig(**{**cfg.train.__dict__, "seed": seed + i})
+            tcfg = replace(cfg.train, seed=seed + i)
             trainer = PersonalHeadTrainer(self.model, method, tcfg, task, personal_head=self.personal_heads.get(task))
             result = trainer.train(self.train_set)
             counts_all.update(result.update_counts)
@@ -351,8 +338,7 @@ class ClientRuntime:
             examples += result.num_examples
             loss_sum += result.loss * result.num_examples
             correct += result.accuracy * result.num_examples
-            if hasattr(method, "budgets"):
-                budgets, imp_estimate = [float(b) for b in method.budgets], method.importance
+            kept = method.state_dict() or kept
         personal = cfg.federation.personal
         if cfg.federation.send == "all":
             names = [n for n in self.model.state_dict() if not is_personal(n, personal)]
@@ -360,13 +346,8 @@ class ClientRuntime:
             names = [n for n in counts_all if not is_personal(n, personal)]
         update = state_to_numpy(self.model, names)
         counts = {n: int(counts_all.get(n, 0)) for n in names}
-        heads = {f"personal_head.{t}.{k}": v.detach().numpy().copy() for t, h in self.personal_heads.items() for k, v in h.state_dict().items()}
-        new_state = ClientState(
-            personal={**state_to_numpy(self.model, [n for n in self.model.state_dict() if is_personal(n, personal)]), **heads},
-            budgets=budgets,
-            importance=imp_estimate,
-            rounds=state.rounds + 1,
-        )
+        heads = {f"{PERSONAL_HEAD}{t}.{k}": v.detach().numpy().copy() for t, h in self.personal_heads.items() for k, v in h.state_dict().items()}
+        new_state = ClientState(personal={**state_to_numpy(self.model, [n for n in self.model.state_dict() if is_personal(n, personal)]), **heads}, method=kept)
         flops = [s.train_flops for s in steps if s.train_flops is not None]
         metrics: dict[str, Any] = {
             "num-examples": examples,
@@ -386,8 +367,8 @@ class ClientRuntime:
         }
         for task, per_block in expert_counts.items():  # flattened [blocks x experts], blocks in order
             metrics[f"experts-{task}"] = [c for b in sorted(per_block) for c in per_block[b]]
-        if imp_estimate is not None:
-            metrics["importance"] = [float(v) for v in imp_estimate]
+        if kept.get("importance") is not None:
+            metrics["importance"] = [float(v) for v in kept["importance"]]
         return update, counts, metrics, new_state
 
     @torch.no_grad()

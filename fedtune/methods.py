@@ -10,7 +10,7 @@ profile's memory and compute budgets; the planner says why when none does.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -59,7 +59,9 @@ class ALaSTConfig:
     alpha: float = 1e-3  # delta: step of the budget update (re-implementations tie it to the learning rate)
     adapt: bool = True  # False: budgets stay at mean_budget (with select: last, the fixed-plan ablation)
     memory_fraction: float | None = 0.2  # cap: memory vs full fine-tuning's (None: the profile alone)
-    reselect: str = "step"  # step: new trained blocks every step | round: keep them until reset_selection()
+    reselect: str = "step"  # step: new trained blocks every step | round: keep the first plan's blocks while this planner trains
+    survey_batches: int = 0  # before training, look at this many batches without autograd and start the budgets from their class-token deltas
+    federation_weight: float = 0.5  # weight of the federation's importance against the client's own when budgets start from both
     select: str = "top"  # top: the K highest budgets that fit | sample: K drawn with probability ~ budget (seeded), as ALaST's layer sampling | last: the K last blocks that fit
 
 
@@ -103,6 +105,10 @@ class MethodConfig:
             raise ConfigError(f"{prefix}alast.reselect: must be 'step' or 'round', got {a.reselect!r}")
         if a.select not in ("top", "sample", "last"):
             raise ConfigError(f"{prefix}alast.select: must be 'top', 'sample' or 'last', got {a.select!r}")
+        if a.survey_batches < 0:
+            raise ConfigError(f"{prefix}alast.survey_batches: must be >= 0, got {a.survey_batches}")
+        if not 0.0 <= a.federation_weight <= 1.0:
+            raise ConfigError(f"{prefix}alast.federation_weight: must be in [0, 1], got {a.federation_weight}")
         if a.memory_fraction is not None and not 0.0 < a.memory_fraction <= 1.0:
             raise ConfigError(f"{prefix}alast.memory_fraction: must be in (0, 1], got {a.memory_fraction}")
         if self.sherl.tuned_blocks < 1:
@@ -200,7 +206,7 @@ class Method:
                                 + ("" if plan is original else f" (even after reducing trained blocks to {sorted(plan.trained)})")
                                 + "; use a smaller batch, a stronger profile, or the alast method")
             trained = sorted(plan.trained)[1:]
-            plan = Plan(**{**plan.__dict__, "trained": frozenset(trained)})
+            plan = replace(plan, trained=frozenset(trained))
         return plan
 
     def plan(self) -> Plan:
@@ -217,6 +223,21 @@ class Method:
 
     def set_importance(self, importance: list[float]) -> None:
         """Start from importance found elsewhere (the federation's)."""
+
+    @property
+    def survey_batches(self) -> int:
+        """Batches the trainer shows `survey` before training (0: no survey)."""
+        return 0
+
+    def survey(self, traces: list[Trace]) -> None:
+        """Take what forward passes without autograd saw on the data before training."""
+
+    def state_dict(self) -> dict:
+        """What the planner learnt and a client keeps between rounds (empty: nothing)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a `state_dict`."""
 
     def inference_plan(self, drop: bool) -> Plan:
         """The plan a device evaluates with: no training; the method's tokens (`drop`) or every token.
@@ -294,15 +315,12 @@ class ALaST(Method):
         super().__init__(*args, **kwargs)
         c = self.cfg.alast
         self.budgets = np.full(self.depth, c.mean_budget, dtype=np.float64)
-        self._importance: np.ndarray | None = None
+        self._importance: np.ndarray | None = None  # running estimate of the class-token deltas
+        self._prior: np.ndarray | None = None  # the federation's importance, when given
         self._mem_cap: float | None = None
         self._fixed: frozenset[int] | None = None  # trained blocks kept for the round (reselect: round)
         self._last_delta: np.ndarray | None = None
         self.steps = 0
-
-    def reset_selection(self) -> None:
-        """Choose the trained blocks afresh at the next plan (reselect: round)."""
-        self._fixed = None
 
     def memory_limit(self) -> float:
         limit = float(self.profile.memory_bytes)
@@ -393,19 +411,65 @@ class ALaST(Method):
     def importance(self) -> list[float] | None:
         return None if self._importance is None else [float(v) for v in self._importance]
 
-    def set_importance_estimate(self, importance: list[float]) -> None:
-        """Restore the running importance estimate (budgets are restored separately)."""
-        imp = np.asarray(importance, dtype=np.float64)
-        if imp.shape == (self.depth,) and np.all(np.isfinite(imp)):
-            self._importance = imp
+    def _valid(self, values) -> np.ndarray | None:
+        v = None if values is None else np.asarray(values, dtype=np.float64)
+        return v if v is not None and v.shape == (self.depth,) and np.all(np.isfinite(v)) and v.sum() > 0 else None
+
+    def _start(self, own: np.ndarray | None) -> None:
+        """Budgets proportional to the importance (mean `mean_budget`): the client's own (`own`)
+        and the federation's, weighted by `federation_weight`; blocks are chosen afresh."""
+        parts = [(1.0 - self.cfg.alast.federation_weight, own), (self.cfg.alast.federation_weight, self._prior)]
+        parts = [(w, v / v.mean()) for w, v in parts if v is not None]
+        if not parts:
+            return
+        if len(parts) == 1:
+            mix = parts[0][1]
+        else:
+            mix = sum(w * v for w, v in parts) / max(sum(w for w, _ in parts), 1e-12)
+        self.budgets = self._normalize(mix * self.cfg.alast.mean_budget)
+        self._fixed = None
 
     def set_importance(self, importance: list[float]) -> None:
-        imp = np.asarray(importance, dtype=np.float64)
-        if imp.shape != (self.depth,) or not np.all(np.isfinite(imp)) or imp.sum() <= 0:
+        """The federation's importance: budgets start from it and the client's own estimate."""
+        imp = self._valid(importance)
+        if imp is None:
             return
-        self._importance = imp
-        c = self.cfg.alast
-        self.budgets = self._normalize(imp / imp.mean() * c.mean_budget)
+        self._prior = imp
+        if self._importance is None:
+            self._importance = imp.copy()
+            self._start(None)
+        else:
+            self._start(self._importance)
+
+    @property
+    def survey_batches(self) -> int:
+        return self.cfg.alast.survey_batches
+
+    def survey(self, traces: list[Trace]) -> None:
+        """Start the budgets from the class-token deltas measured now on the client's data
+        (and the federation's importance, if given), instead of from the last ones kept."""
+        deltas = [t.cls_delta.double().numpy() for t in traces if t.cls_delta is not None]
+        observed = self._valid(np.mean(deltas, axis=0)) if deltas else None
+        if observed is None:
+            return
+        self._importance = observed
+        self._start(observed)
+
+    def state_dict(self) -> dict:
+        return {"budgets": [float(b) for b in self.budgets], "importance": self.importance}
+
+    def load_state_dict(self, state: dict) -> None:
+        budgets = state.get("budgets")
+        if budgets is not None:
+            b = np.asarray(budgets, dtype=np.float64)
+            if b.shape == (self.depth,) and np.all(np.isfinite(b)):
+                self.budgets = b
+                self._fixed = None
+        imp = state.get("importance")
+        if imp is not None:
+            imp = np.asarray(imp, dtype=np.float64)
+            if imp.shape == (self.depth,) and np.all(np.isfinite(imp)):
+                self._importance = imp
 
     def describe(self) -> dict:
         d = super().describe()

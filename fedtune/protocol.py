@@ -27,6 +27,9 @@ IMPORTANCE = "importance"  # list[float], one per block; also the config key sen
 SERVER_ROUND = "server-round"  # set by Flower's FedAvg.configure_train
 WANT_HEAD_STATS = "want-head-stats"  # in an evaluate instruction: reply with HEAD_STATS too
 
+# How the server weights each sender of a parameter (federation.weighting).
+WEIGHTINGS = ("examples", "updates")  # by the reply's NUM_EXAMPLES | by its UPDATE_COUNTS for that parameter
+
 # Metric keys the server adds to each round's aggregated train MetricRecord.
 REPLIES_ACCEPTED = "replies-accepted"  # replies that entered the aggregate
 REPLIES_REJECTED = "replies-rejected"  # error replies and replies failing validation

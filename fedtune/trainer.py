@@ -142,30 +142,42 @@ class Trainer:
         self.total_steps = 0
         self.experts: tuple[tuple[int, tuple[int, ...]], ...] = ()  # MoE: the experts that train (see choose_experts)
 
-    @torch.no_grad()
-    def choose_experts(self, data: ImageSet, max_batches: int = 8) -> tuple[tuple[int, tuple[int, ...]], ...]:
-        """MoE with `train_experts` N: per MoE block, the N experts this task's tokens are routed to most.
+    EXPERT_SURVEY_BATCHES = 8
 
-        Routing is surveyed without autograd on up to `max_batches` batches of `data` under
-        the method's current plan; the other experts stay frozen while this trainer trains,
-        so a client updates (and sends) only the experts its task uses most.
-        """
-        n = getattr(getattr(self.model, "moe_cfg", None), "train_experts", None)
-        if n is None or len(data) == 0:
-            return ()
+    @torch.no_grad()
+    def survey(self, data: ImageSet, max_batches: int) -> list[Trace]:
+        """What forward passes without autograd observe on up to `max_batches` batches of
+        `data` under the method's current plan (class-token deltas, MoE routing)."""
+        if max_batches < 1 or len(data) == 0:
+            return []
         was_training = self.model.training
         self.model.train()
         plan = self.method.plan()
-        totals: dict[int, torch.Tensor] = {}
+        traces = []
         loader = data.loader(self.cfg.batch_size, shuffle=True, seed=self.cfg.seed, task=self.task)
         for images, _ in itertools.islice(loader, max_batches):
-            trace = Trace()
-            self.model.forward_train(images, plan, self.task, trace=trace)
+            traces.append(Trace())
+            self.model.forward_train(images, plan, self.task, trace=traces[-1])
+        self.model.train(was_training)
+        return traces
+
+    def choose_experts(self, traces: list[Trace]) -> tuple[tuple[int, tuple[int, ...]], ...]:
+        """MoE with `train_experts` N: per MoE block, the N experts this task's tokens are routed to most
+        in the survey's `traces`; the other experts stay frozen while this trainer trains, so a
+        client updates (and sends) only the experts its task uses most."""
+        n = self.train_experts
+        if n is None:
+            return ()
+        totals: dict[int, torch.Tensor] = {}
+        for trace in traces[: self.EXPERT_SURVEY_BATCHES]:
             for b, counts in trace.extra.get("expert_counts", {}).items():
                 totals[b] = totals.get(b, 0) + counts.long()
-        self.model.train(was_training)
         # most tokens first; ties to the lower index
         return tuple((b, tuple(sorted(int(e) for e in torch.sort(-c, stable=True).indices[:n]))) for b, c in sorted(totals.items()))
+
+    @property
+    def train_experts(self) -> int | None:
+        return getattr(getattr(self.model, "moe_cfg", None), "train_experts", None)
 
     def _set_lr(self) -> None:
         mult = lr_at(self.global_step, self.total_steps, self.cfg)
@@ -238,7 +250,10 @@ class Trainer:
         if self.cfg.max_steps is not None:
             planned = min(planned, self.cfg.max_steps)
         self.total_steps = self.global_step + planned
-        self.experts = self.choose_experts(data)
+        wanted = max(self.method.survey_batches, self.EXPERT_SURVEY_BATCHES if self.train_experts is not None else 0)
+        traces = self.survey(data, wanted)
+        self.method.survey(traces[: self.method.survey_batches])
+        self.experts = self.choose_experts(traces)
         result = TrainResult(block_updates=[0] * self.model.depth)
         if self.cfg.head_fit in ("before", "both"):
             self.fit_heads(data, result)

@@ -15,10 +15,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
+from clients.records import numpy_to_arrays
 from fedtune.errors import CheckpointError, ConfigError
 from fedtune.federated import (
     RunConfig,
@@ -35,10 +36,6 @@ from fedtune.typedconfig import to_dict
 from .strategy import SparseFedAvg
 
 CHECKPOINT = "checkpoint.safetensors"
-
-
-def numpy_to_arrays(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
 class ServerRunner:

@@ -25,7 +25,6 @@ from flwr.supercore import log
 from fedtune import protocol
 from fedtune.errors import CheckpointError, ConfigError
 
-WEIGHTINGS = ("examples", "updates")
 IMPORTANCE_EMA_RATE = 0.5  # weight of the new round's mean in the running importance
 _STATE_VERSION = 1
 _NOT_AVERAGED = (protocol.NUM_EXAMPLES, "partition-id")  # evaluation metrics that are not means
@@ -83,8 +82,8 @@ class SparseFedAvg(FedAvg):
         head_stats_round: int | None = None,
         **fedavg_kwargs: Any,
     ) -> None:
-        if weighting not in WEIGHTINGS:
-            raise ConfigError(f"weighting: expected one of {WEIGHTINGS}, got {weighting!r}")
+        if weighting not in protocol.WEIGHTINGS:
+            raise ConfigError(f"weighting: expected one of {protocol.WEIGHTINGS}, got {weighting!r}")
         if isinstance(personal_keys, str):
             raise ConfigError(
                 f"personal_keys: expected a sequence of name prefixes, got the string "
@@ -248,9 +247,9 @@ class SparseFedAvg(FedAvg):
         if not replies:
             return None, None
 
-        content_replies, error_replies = self._check_and_log_replies(
-            replies, is_train=True, validate=False
-        )
+        error_replies = [msg for msg in replies if msg.has_error()]
+        content_replies = [msg for msg in replies if not msg.has_error()]
+        log(INFO, "aggregate_train: received %s results and %s failures", len(content_replies), len(error_replies))
         for msg in error_replies:
             self._reject(
                 msg.metadata.src_node_id, f"error reply (code {msg.error.code}): {msg.error.reason}"

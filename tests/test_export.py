@@ -5,9 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
+from fedtune.client_state import ClientState, write_client_state
 from fedtune.errors import CheckpointError, ConfigError
 from fedtune.export import export_run, load_exported, load_timm, predict, preprocess
-from fedtune.federated import ClientRuntime, ClientState, global_model, state_to_numpy
+from fedtune.federated import ClientRuntime, global_model, state_to_numpy
 from fedtune.model import model_meta, save_checkpoint
 from fedtune.typedconfig import to_dict
 
@@ -25,9 +26,7 @@ def make_run(tmp_path, **over):
     run = tmp_path / "run"
     meta = model_meta(cfg.model, {t: int(model.heads[t].out_features) for t in model.tasks}, run=to_dict(cfg), round=1, strategy={}, method=cfg.method.name)
     save_checkpoint(run / "checkpoint.safetensors", {k: torch.from_numpy(np.array(v)) for k, v in glob.items()}, meta)
-    folder = run / "client_state" / "client-0"
-    folder.mkdir(parents=True)
-    np.savez(folder / "round-000001.npz", __meta__=np.array("{}"), **state.personal)
+    write_client_state(run / "client_state" / "client-0", state, 1)
     return run, cfg, glob, state
 
 

@@ -10,10 +10,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedtune import protocol
+from fedtune.client_state import ClientState
 from fedtune.errors import ConfigError
 from fedtune.federated import (
     ClientRuntime,
-    ClientState,
     global_model,
     load_run_config,
     state_to_numpy,
@@ -221,3 +221,45 @@ def test_a_task_no_client_holds_is_a_config_error():
         tiny_run(tasks=["digit", "parity"], federation={"num_clients": 4, "rounds": 1, "client_tasks": [["digit"]]})
     with pytest.raises(ConfigError, match="no client holds task 'parity' \\(with 1 clients"):
         tiny_run(tasks=["digit", "parity"], federation={"num_clients": 1, "rounds": 1, "client_tasks": [["digit"], ["parity"]]})
+
+
+def test_alast_client_blocks_follow_its_state_and_the_federations_importance():
+    """reselect: round: the blocks a client trains in a round follow the budgets it kept and the
+    importance the server feeds (before, the pre-training check of make_method fixed them to
+    the first blocks in every round)."""
+    alast = {"name": "alast", "alast": {"k": 1, "reselect": "round", "memory_fraction": None, "federation_weight": 0.5}}
+    cfg = tiny_run(method=alast)
+    rt = ClientRuntime(cfg, partition_id=0, profile="workstation")
+    glob = state_to_numpy(global_model(cfg))
+
+    def trained(state, importance=None):
+        _, _, metrics, new = rt.fit(glob, state, importance, server_round=2)
+        return [b for b, n in enumerate(metrics["block-updates"]) if n], new
+
+    blocks, state = trained(ClientState(method={"budgets": [0.3, 0.3, 0.3, 1.0], "importance": [1.0, 1.0, 1.0, 4.0]}))
+    assert blocks == [3]
+    assert len(state.method["budgets"]) == 4 and len(state.method["importance"]) == 4
+    blocks, _ = trained(ClientState(method={"budgets": [0.3, 1.0, 0.3, 0.3], "importance": [1.0, 4.0, 1.0, 1.0]}))
+    assert blocks == [1]
+    # the federation's importance moves the choice where the client's own is flat
+    blocks, _ = trained(ClientState(method={"budgets": [0.6] * 4, "importance": [1.0] * 4}), importance=[0.1, 0.1, 5.0, 0.1])
+    assert blocks == [2]
+
+
+def test_yaml_overlays_extend_a_base(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("name: base\ntrain: {epochs: 3, lr: 0.01}\nfederation: {profiles: [rpi, phone]}\n")
+    (tmp_path / "variant.yaml").write_text("extends: base.yaml\nname: variant\ntrain: {epochs: 1}\nfederation: {profiles: [jetson]}\n")
+    cfg = load_run_config(tmp_path / "variant.yaml")
+    assert cfg.name == "variant" and cfg.train.epochs == 1 and cfg.train.lr == 0.01  # mappings merge
+    assert cfg.federation.profiles == ["jetson"]  # lists are replaced
+    (tmp_path / "loop.yaml").write_text("extends: loop2.yaml\n")
+    (tmp_path / "loop2.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(ConfigError, match="extends itself"):
+        load_run_config(tmp_path / "loop.yaml")
+    (tmp_path / "orphan.yaml").write_text("extends: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="config file not found: .*nowhere.yaml"):
+        load_run_config(tmp_path / "orphan.yaml")
+    (tmp_path / "two.yaml").write_text("extends: [base.yaml, other.yaml]\n")
+    with pytest.raises(ConfigError, match="extends must name one YAML file"):
+        load_run_config(tmp_path / "two.yaml")

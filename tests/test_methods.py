@@ -80,6 +80,46 @@ def test_alast_budgets_follow_importance_and_keep_their_mean(tiny_model):
     assert tokens[0] < tiny_model.num_patches  # low-budget blocks keep fewer tokens
 
 
+def test_alast_round_selection_follows_restored_and_federation_importance(tiny_model):
+    """With reselect: round the blocks are fixed by the first training plan, not by the check
+    make_method does before the client restores its budgets or gets the federation's importance."""
+    cfg = from_dict(MethodConfig, {"name": "alast", "alast": {"k": 2, "reselect": "round", "memory_fraction": None, "federation_weight": 0.5}})
+    method = make_method(cfg, tiny_model, None, 4)
+    assert method.plan().trained == frozenset({0, 1})  # uniform budgets: ties go to the first blocks
+    method.load_state_dict({"budgets": [0.3, 0.3, 0.9, 0.9], "importance": [1.0, 1.0, 3.0, 3.0]})
+    assert method.plan().trained == frozenset({2, 3})
+    # the federation sees blocks 0 and 1 as most important: the blend of both moves the choice
+    method.set_importance([10.0, 9.0, 0.1, 0.1])
+    assert method.plan().trained == frozenset({0, 1})
+    own, fed = np.array([1.0, 1.0, 3.0, 3.0]), np.array([10.0, 9.0, 0.1, 0.1])
+    mix = 0.5 * own / own.mean() + 0.5 * fed / fed.mean()
+    np.testing.assert_allclose(method.budgets, method._normalize(mix * cfg.alast.mean_budget))
+    state = method.state_dict()
+    assert state["budgets"] == [float(b) for b in method.budgets] and state["importance"] == [1.0, 1.0, 3.0, 3.0]
+
+
+def test_alast_survey_starts_budgets_from_the_data(tiny_model):
+    """survey_batches: the trainer looks at batches without autograd first; the budgets start
+    from their class-token deltas, and the round's blocks follow them."""
+    cfg = from_dict(MethodConfig, {"name": "alast", "alast": {"k": 1, "reselect": "round", "memory_fraction": None, "survey_batches": 2}})
+    method = make_method(cfg, tiny_model, None, 8)
+    trainer = Trainer(tiny_model, method, TrainConfig(epochs=1, batch_size=8, max_steps=1))
+    traces = trainer.survey(tiny_data(), method.survey_batches)
+    assert len(traces) == 2 and all(not p.grad_fn for t in traces for p in [t.cls_delta])
+    observed = np.mean([t.cls_delta.double().numpy() for t in traces], axis=0)
+    method.survey(traces)
+    np.testing.assert_allclose(method.importance, observed)
+    np.testing.assert_allclose(method.budgets, method._normalize(observed / observed.mean() * cfg.alast.mean_budget))
+    assert method.plan().trained == frozenset({int(np.argmax(method.budgets))})
+    result = Trainer(tiny_model, make_method(cfg, tiny_model, None, 8), TrainConfig(epochs=1, batch_size=8)).train(tiny_data())
+    chosen = [b for b, n in enumerate(result.block_updates) if n]
+    assert chosen == [int(np.argmax(observed))] and result.block_updates[chosen[0]] == len(result.steps)
+    with pytest.raises(ConfigError, match="survey_batches"):
+        make_method(from_dict(MethodConfig, {"name": "alast", "alast": {"survey_batches": -1}}), tiny_model, None, 4)
+    with pytest.raises(ConfigError, match="federation_weight"):
+        make_method(from_dict(MethodConfig, {"name": "alast", "alast": {"federation_weight": 1.5}}), tiny_model, None, 4)
+
+
 def test_alast_layer_sampling_is_seeded_and_follows_the_budgets(tiny_model):
     cfg = from_dict(MethodConfig, {"name": "alast", "alast": {"k": 1, "select": "sample", "memory_fraction": None}})
 

@@ -1,0 +1,92 @@
+"""What a client keeps between rounds (never sent), and its one on-disk format.
+
+A client's state is its personal parameters (`federation.personal` prefixes and the
+personal heads, under `personal_head.<task>.`) and its planner's `state_dict` (ALaST:
+budgets and importance). On a device it is written after every round as
+`round-NNNNNN.npz` in the client's folder: the arrays, plus a JSON `__meta__` entry. The
+client app reads it back after a restart; `fedtune export --client` reads it too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import CheckpointError
+
+PERSONAL_HEAD = "personal_head."
+KEEP_FILES = 2  # rounds kept on disk: the newest, and one before it for a repeated round
+
+
+@dataclass
+class ClientState:
+    personal: dict[str, np.ndarray] = field(default_factory=dict)  # personal parameters and personal heads
+    method: dict[str, Any] = field(default_factory=dict)  # the planner's state_dict (ALaST: budgets, importance)
+
+
+def state_meta(state: ClientState, server_round: int) -> dict[str, Any]:
+    """The JSON part of a saved state."""
+    return {"method": state.method, "round": server_round}
+
+
+def state_from(personal: dict[str, np.ndarray], meta: dict[str, Any]) -> ClientState:
+    """A state from its arrays and JSON part (files of earlier versions kept budgets and importance at the top)."""
+    method = meta.get("method")
+    if method is None:
+        method = {k: meta[k] for k in ("budgets", "importance") if meta.get(k) is not None}
+    return ClientState(personal=personal, method=dict(method))
+
+
+def personal_params(personal: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The model's personal parameters (everything but the personal heads)."""
+    return {k: v for k, v in personal.items() if not k.startswith(PERSONAL_HEAD)}
+
+
+def personal_head(personal: dict[str, np.ndarray], task: str) -> dict[str, torch.Tensor]:
+    """The state_dict of `task`'s personal head (empty when the client has none)."""
+    prefix = f"{PERSONAL_HEAD}{task}."
+    return {k.removeprefix(prefix): torch.as_tensor(v) for k, v in personal.items() if k.startswith(prefix)}
+
+
+def personal_head_tasks(personal: dict[str, np.ndarray]) -> list[str]:
+    return sorted({k.split(".")[1] for k in personal if k.startswith(PERSONAL_HEAD)})
+
+
+def state_files(folder: Path, before_round: int | None = None) -> list[Path]:
+    """The saved rounds in `folder`, oldest first (only those before `before_round` when given)."""
+    files = sorted(folder.glob("round-*.npz")) if folder.is_dir() else []
+    if before_round is not None:
+        files = [f for f in files if int(f.stem.split("-")[1]) < before_round]
+    return files
+
+
+def write_client_state(folder: Path, state: ClientState, server_round: int) -> Path:
+    """Write `state` as the file of `server_round` atomically; keep the newest KEEP_FILES rounds."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"round-{server_round:06d}.npz"
+    tmp = folder / f"tmp-{server_round:06d}.npz"
+    np.savez(tmp, __meta__=np.array(json.dumps(state_meta(state, server_round))), **state.personal)
+    os.replace(tmp, path)
+    for old in state_files(folder)[:-KEEP_FILES]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def read_client_state(folder: Path, before_round: int | None = None) -> ClientState | None:
+    """The newest state saved in `folder` (before `before_round`), or None when there is none."""
+    files = state_files(folder, before_round)
+    if not files:
+        return None
+    try:
+        with np.load(files[-1], allow_pickle=False) as z:
+            meta = json.loads(str(z["__meta__"]))
+            personal = {k: z[k] for k in z.files if k != "__meta__"}
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"corrupt client state {files[-1]}: {exc}") from exc
+    return state_from(personal, meta)

@@ -1,0 +1,42 @@
+"""The client-state format: one file per round, read back by the client app and by export."""
+
+import json
+
+import numpy as np
+import pytest
+
+from fedtune.client_state import (
+    ClientState,
+    personal_head,
+    personal_head_tasks,
+    personal_params,
+    read_client_state,
+    write_client_state,
+)
+from fedtune.errors import CheckpointError
+
+
+def test_round_trip_keeps_the_newest_rounds(tmp_path):
+    personal = {"vit.norm.weight": np.arange(3, dtype=np.float32), "personal_head.digit.weight": np.ones((2, 3), np.float32)}
+    for r in (1, 2, 3):
+        write_client_state(tmp_path, ClientState(personal={k: v * r for k, v in personal.items()}, method={"budgets": [r, r]}), r)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["round-000002.npz", "round-000003.npz"]
+    state = read_client_state(tmp_path)
+    assert state.method == {"budgets": [3, 3]}
+    np.testing.assert_array_equal(state.personal["vit.norm.weight"], personal["vit.norm.weight"] * 3)
+    # a repeated round reads the state from before it
+    assert read_client_state(tmp_path, before_round=3).method == {"budgets": [2, 2]}
+    assert read_client_state(tmp_path, before_round=2) is None
+    assert read_client_state(tmp_path / "missing") is None
+    assert set(personal_params(state.personal)) == {"vit.norm.weight"}
+    assert set(personal_head(state.personal, "digit")) == {"weight"} and personal_head(state.personal, "parity") == {}
+    assert personal_head_tasks(state.personal) == ["digit"]
+
+
+def test_earlier_files_and_corrupt_files(tmp_path):
+    # files written before the planner state had its own key kept budgets and importance at the top
+    np.savez(tmp_path / "round-000001.npz", __meta__=np.array(json.dumps({"budgets": [0.5], "importance": None, "rounds": 1, "round": 1})))
+    assert read_client_state(tmp_path).method == {"budgets": [0.5]}
+    (tmp_path / "round-000002.npz").write_bytes(b"not a zip")
+    with pytest.raises(CheckpointError, match="corrupt client state .*round-000002.npz"):
+        read_client_state(tmp_path)

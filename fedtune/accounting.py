@@ -10,10 +10,9 @@
 from __future__ import annotations
 
 import contextlib
-import time
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -108,9 +107,6 @@ class StepStats:
     plan_time_s: float = 0.0  # of step_time_s: the method choosing the plan and taking what the step observed
     blocks_trained: int = 0  # blocks whose weights (or adapters) the plan trained
 
-    def as_dict(self) -> dict:
-        return asdict(self)
-
 
 def trainable_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -119,26 +115,3 @@ def trainable_params(model: nn.Module) -> int:
 def trainable_state_bytes(model: nn.Module, optimizer_slots: int = 2) -> int:
     """Bytes of gradients plus optimizer state (AdamW keeps two slots per parameter)."""
     return sum(p.numel() * p.element_size() * (1 + optimizer_slots) for p in model.parameters() if p.requires_grad)
-
-
-def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def changed_params(model: nn.Module, before: dict[str, torch.Tensor]) -> list[str]:
-    """Names of parameters whose values differ from `before`."""
-    return [n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])]
-
-
-def param_bytes(model: nn.Module, names: list[str] | set[str]) -> int:
-    wanted = set(names)
-    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n in wanted)
-
-
-class Timer:
-    def __enter__(self) -> Timer:
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.seconds = time.perf_counter() - self.start

@@ -35,7 +35,7 @@ from .methods import METHOD_NAMES, Method, MethodConfig, make_method, prepare_mo
 from .model import FedViT, ModelConfig, build_model
 from .pretrain import DEFAULT_BACKBONE, default_backbone
 from .trainer import TrainConfig, Trainer, class_stats, extract_features, lda_head
-from .typedconfig import from_dict, to_dict
+from .typedconfig import deep_merge, from_dict, to_dict
 
 DEFAULT_METHODS = ["full", "head", "bsr", "alast", "sherl", "alast+lora"]
 HEADLINES = ("lda", "none")
@@ -47,6 +47,8 @@ DEFAULT_VARIANTS: dict[str, dict] = {
     # the ablation: the same number of trained blocks and token budget, blocks fixed (the last
     # ones that fit), budgets uniform and never adapted
     "alast_fixed": {"name": "alast", "alast": {"adapt": False, "select": "last"}},
+    # ALaST with the budget rule of its public re-implementations: b += alpha (Δ_t - Δ_{t-1}), clipped
+    "alast_delta": {"name": "alast", "alast": {"update": "delta"}},
 }
 
 
@@ -107,19 +109,12 @@ def resolve_pretrained(model: ModelConfig) -> ModelConfig:
     return replace(model, pretrained=str(path))
 
 
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def method_config(base: MethodConfig, spec: str, variants: dict[str, dict] | None = None) -> MethodConfig:
     """The method config of `spec`: a method name or a variant, with +lora for LoRA adapters."""
     name = spec.removesuffix("+lora")
     data = to_dict(base)
     if variants and name in variants:
-        data = _merge(data, variants[name])
+        data = deep_merge(data, variants[name])
     else:
         data["name"] = name
     if spec.endswith("+lora"):

@@ -65,6 +65,14 @@ _NAMES_HELP = (
     "or hf:<dataset name or local path>"
 )
 _GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
+PIXEL_MEAN, PIXEL_STD = 0.5, 0.5  # pixels in 0..1 become (p - mean) / std: -1..1 (export writes these too)
+
+
+def normalize_pixels(x: torch.Tensor) -> torch.Tensor:
+    """Pixels in 0..1 -> the model's input range."""
+    return (x - PIXEL_MEAN) / PIXEL_STD
+
+
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as PIL's convert("L")
 
 
@@ -291,7 +299,7 @@ def _to_model_images(
             x = F.interpolate(
                 x, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink
             )
-        out[start : start + len(x)] = x.clamp(0.0, 1.0).sub(0.5).div(0.5)  # broadcasts 1 -> 3
+        out[start : start + len(x)] = normalize_pixels(x.clamp(0.0, 1.0))  # broadcasts 1 -> 3
     return out
 
 

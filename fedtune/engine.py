@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError, PlanError
+from .lora import has_lora, is_lora_name
 from .model import FedViT
 
 
@@ -294,10 +295,6 @@ def _block_index(name: str) -> int | None:
     return None
 
 
-def is_lora_name(name: str) -> bool:
-    return "lora_" in name
-
-
 _EXPERT = re.compile(r"\.mlp\.experts\.(\d+)\.")
 
 
@@ -361,12 +358,12 @@ def wants_grad(name: str, group: str, plan: Plan, task: str, has_lora: bool) -> 
 def set_trainable(model: FedViT, plan: Plan, task: str | None = None) -> list[str]:
     """Set requires_grad on every parameter as `plan` says; return the trainable names."""
     task = model.check_task(task)
-    has_lora = any(is_lora_name(n) for n, _ in model.named_parameters())
-    if plan.lora and not has_lora:
+    lora = has_lora(model)
+    if plan.lora and not lora:
         raise ConfigError("the plan trains LoRA adapters but the model has none (apply_lora first)")
     names = []
     for name, group, p in param_groups(model):
-        flag = wants_grad(name, group, plan, task, has_lora)
+        flag = wants_grad(name, group, plan, task, lora)
         p.requires_grad_(flag)
         if flag:
             names.append(name)

@@ -24,18 +24,21 @@ def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, targets: li
 
     unknown = [t for t in targets if t not in _PATHS]
     if unknown:
-        raise ConfigError(f"method.lora_targets: unknown target {unknown[0]!r}; choose from {', '.join(_PATHS)}")
+        raise ConfigError(f"method.lora.targets: unknown target {unknown[0]!r}; choose from {', '.join(_PATHS)}")
     if rank < 1:
-        raise ConfigError(f"method.lora_rank: must be >= 1, got {rank}")
+        raise ConfigError(f"method.lora.rank: must be >= 1, got {rank}")
     pattern = r"vit\.blocks\.\d+\.(" + "|".join(_PATHS[t] for t in targets) + r")"
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=pattern)
     return inject_adapter_in_model(config, model)
 
 
-def has_lora(model: nn.Module) -> bool:
-    from peft.tuners.lora import LoraLayer
+def is_lora_name(name: str) -> bool:
+    """A LoRA adapter's parameter (peft names them lora_A / lora_B)."""
+    return "lora_" in name
 
-    return any(isinstance(m, LoraLayer) for m in model.modules())
+
+def has_lora(model: nn.Module) -> bool:
+    return any(is_lora_name(n) for n, _ in model.named_parameters())
 
 
 def merge_lora(model: nn.Module) -> nn.Module:

@@ -19,7 +19,7 @@ import math
 import os
 import string
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +61,7 @@ def make_glyphs(num: int, size: int, seed: int, channels: int = 3, scan_fraction
     again, the others blurred."""
     from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-    from .data import _to_model_images
+    from .data import _to_model_images, normalize_pixels
 
     rng = np.random.default_rng(seed)
     paths = glyph_fonts()
@@ -96,7 +96,7 @@ def make_glyphs(num: int, size: int, seed: int, channels: int = 3, scan_fraction
         arr = np.asarray(im, dtype=np.float32) / 255.0
         images[i] = arr * rng.uniform(0.7, 1.0) + rng.normal(0.0, 0.02, arr.shape)
     x = torch.from_numpy(np.clip(images, 0.0, 1.0)).unsqueeze(1).repeat(1, channels, 1, 1)
-    x = (x - 0.5) / 0.5
+    x = normalize_pixels(x)
     if scanned.any():
         x[torch.from_numpy(scanned)] = _to_model_images(low_res[scanned][:, None], channels, size, scale=1.0)
     return ImageSet(images=x, labels={"glyph": torch.from_numpy(labels.astype(np.int64))}, num_classes={"glyph": len(GLYPHS)})
@@ -289,7 +289,7 @@ def mimetic_init(model: FedViT, a_qk: float = 0.7, b_qk: float = 0.7, a_vo: floa
 
 def pretrain_accuracy(model: FedViT, cfg: PretrainConfig) -> dict[str, float]:
     """Accuracy of a pretrained model on freshly generated (held-out) pretraining-style data."""
-    held = PretrainConfig(**{**cfg.__dict__, "seed": cfg.seed + 1, "glyphs": 1000, "shapes": 1000})
+    held = replace(cfg, seed=cfg.seed + 1, glyphs=1000, shapes=1000)
     out = {}
     model.eval()
     with torch.no_grad():

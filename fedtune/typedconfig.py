@@ -137,9 +137,15 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping, turning parse errors into a ConfigError naming the file and line."""
-    path = Path(path)
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `over` laid on top: mappings merge key by key, anything else is replaced."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
@@ -153,6 +159,24 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
     return data
+
+
+def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML mapping, turning parse errors into a ConfigError naming the file and line.
+
+    `extends: other.yaml` (relative to this file) reads that file first and lays this one
+    on top of it (deep_merge), so a variant states only what differs.
+    """
+    path = Path(path)
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: extends itself (through {' -> '.join(p.name for p in _seen)})")
+    data = _read_mapping(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: extends must name one YAML file, got {parent!r}")
+    return deep_merge(read_yaml(path.parent / parent, (*_seen, path.resolve())), data)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

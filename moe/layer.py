@@ -222,12 +222,11 @@ class MoEMlp(nn.Module):
     ):
         super().__init__()
         num_experts = len(experts)
+        cfg.validate("moe.")
         if not tasks:
             raise ConfigError("an MoE layer needs at least one task")
-        if not 1 <= cfg.top_k <= num_experts:
+        if not 1 <= cfg.top_k <= num_experts:  # a pruned layer has fewer experts than cfg.num_experts
             raise ConfigError(f"moe.top_k: must be in 1..num_experts ({num_experts}), got {cfg.top_k}")
-        if cfg.router not in ROUTERS:
-            raise ConfigError(f"moe.router: unknown router {cfg.router!r}; choose from {', '.join(ROUTERS)}")
         self.experts = nn.ModuleList(experts)
         self.shared_experts = nn.ModuleList(shared)  # always-on experts (`shared_experts.<s>.…`), outside the routing
         self.num_experts = num_experts

@@ -122,7 +122,6 @@ def build_moe_vit(
 
     Heads of tasks that `dense` has with the same number of classes are copied too.
     """
-    moe_cfg.validate("moe.")
     if dense is None:
         if model_cfg is None:
             raise ConfigError("build_moe_vit needs a model config or a dense model to upcycle")

@@ -87,3 +87,28 @@ def test_export_bad_input(tmp_path):
     ckpt.write_bytes(ckpt.read_bytes()[:64])
     with pytest.raises(CheckpointError, match="corrupt or unreadable"):
         export_run(run, None, tmp_path / "o4")
+
+
+def test_lora_run_sends_adapters_and_exports_merged(tmp_path):
+    """LoRA through the federated path: a client sends adapters (and head/norm), never the base
+    weights; the export folds the adapters into plain timm layers that predict the same."""
+    from fedtune.federated import load_numpy_state
+
+    lora = {"name": "bsr", "bsr": {"train_blocks": [2, 3], "drop_blocks": [1], "keep_ratio": 0.5}, "lora": {"enabled": True, "rank": 2}}
+    cfg = tiny_run(method=lora)
+    rt = ClientRuntime(cfg, 0)
+    update, _, _, _ = rt.fit(state_to_numpy(global_model(cfg)), ClientState(), server_round=1)
+    assert any("lora_" in n for n in update)
+    assert all("lora_" in n or n.startswith(("vit.norm.", "heads.")) for n in update), sorted(update)
+    run, cfg, glob, _ = make_run(tmp_path, method=lora)
+    assert any("lora_B" in n and np.abs(v).max() > 0 for n, v in glob.items())  # trained adapters
+    out = tmp_path / "export"
+    export_run(run, None, out)
+    model = global_model(cfg)
+    load_numpy_state(model, glob)
+    model.eval()
+    timm_model = load_timm(out)
+    assert not any("lora_" in n for n, _ in timm_model.named_parameters())
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(timm_model(x), model(x, "digit"), atol=1e-5, rtol=1e-5)

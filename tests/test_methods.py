@@ -316,3 +316,20 @@ def test_head_fit_refits_only_the_head_on_every_token_features(tiny_cfg, when, k
     with pytest.raises(ConfigError, match="federation.head_fit"):
         FederationConfig(head_fit="ridge").validate("federation.")
 
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_cost_model_leaves_the_model_as_it_found_it(tiny_model, lora):
+    """Calibrating activations and counting trainable state go through set_trainable; the
+    model's requires_grad flags and train/eval mode must come back unchanged."""
+    if lora:
+        prepare_model(tiny_model, method_cfg("bsr+lora"))
+    tiny_model.eval()
+    flags = {n: i % 3 == 0 for i, (n, _) in enumerate(tiny_model.named_parameters())}
+    for n, p in tiny_model.named_parameters():
+        p.requires_grad_(flags[n])
+    cm = CostModel(tiny_model)
+    for plan in (Plan(depth=4, trained=frozenset(range(4)), train_embed=True, lora=lora), Plan(depth=4, trained=frozenset({2}), lora=lora), Plan(depth=4)):
+        assert cm.estimate(plan, 8).activation_bytes >= 0
+    assert {n: p.requires_grad for n, p in tiny_model.named_parameters()} == flags
+    assert not tiny_model.training

@@ -58,7 +58,7 @@ def test_simulation_writes_outputs_and_survives_a_failing_client(tmp_path):
     rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [0, 1, 2]
     assert rounds[1]["accepted"] == 2 and len(rounds[1]["rejected"]) == 1  # the crashed client
-    assert "simulated device crash" in rounds[1]["rejected"][0]["reason"] or rounds[1]["rejected"][0]["reason"]
+    assert "simulated device crash" in rounds[1]["rejected"][0]["reason"]
     assert rounds[2]["accepted"] == 3
     assert set(summary["accuracy_per_task"]) == {"digit", "parity"}
     # the last round's heads are fitted from the clients' feature statistics, which count as bytes up

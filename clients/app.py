@@ -111,11 +111,11 @@ def make_client_app(cfg: RunConfig | None = None, state_dir: Path | None = None)
         server_round = int(config.get(protocol.SERVER_ROUND, 0))
         update, counts, metrics, state = rt.fit(global_arrays, load_state(context, state_dir, server_round), list(importance) if importance else None, server_round)
         save_state(context, state, state_dir, server_round)
-        metrics["bytes-received"] = int(msg.content.array_records[protocol.ARRAYS].count_bytes())
+        metrics.bytes_received = int(msg.content.array_records[protocol.ARRAYS].count_bytes())
         reply = RecordDict(
             {
                 protocol.ARRAYS: numpy_to_arrays(update),
-                protocol.METRICS: metric_record(metrics),
+                protocol.METRICS: metric_record(metrics.to_dict()),
                 protocol.UPDATE_COUNTS: MetricRecord(counts),
             }
         )
@@ -129,7 +129,7 @@ def make_client_app(cfg: RunConfig | None = None, state_dir: Path | None = None)
         server_round = int(config.get(protocol.SERVER_ROUND, 0))
         state = load_state(context, state_dir, server_round + 1 if server_round else None)
         metrics = rt.evaluate(global_arrays, state)
-        content = RecordDict({protocol.METRICS: metric_record(metrics)})
+        content = RecordDict({protocol.METRICS: metric_record(metrics.to_dict())})
         if config.get(protocol.WANT_HEAD_STATS):
             content[protocol.HEAD_STATS] = numpy_to_arrays(rt.head_stats(global_arrays, state))
         return Message(content=content, reply_to=msg)

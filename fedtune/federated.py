@@ -35,6 +35,7 @@ from .errors import ConfigError
 from .methods import MethodConfig, make_method, prepare_model
 from .model import FedViT, ModelConfig, build_model
 from .profiles import AUTO, PROFILES, get_profile
+from .protocol import EvalMetrics, TrainMetrics
 from .trainer import TrainConfig, Trainer, class_stats, extract_features
 from .typedconfig import apply_overrides, from_dict, read_yaml, to_dict
 
@@ -309,7 +310,7 @@ class ClientRuntime:
             # start the personal head from the global one
             head.load_state_dict(personal_head(state.personal, task) or self.model.heads[task].state_dict())
 
-    def fit(self, global_arrays: dict[str, np.ndarray], state: ClientState, importance: list[float] | None = None, server_round: int = 0) -> tuple[dict[str, np.ndarray], dict[str, int], dict[str, Any], ClientState]:
+    def fit(self, global_arrays: dict[str, np.ndarray], state: ClientState, importance: list[float] | None = None, server_round: int = 0) -> tuple[dict[str, np.ndarray], dict[str, int], TrainMetrics, ClientState]:
         """Train one round on each of the client's tasks; return (update, update counts, metrics, new state)."""
         start = time.perf_counter()
         self._load(global_arrays, state)
@@ -349,26 +350,25 @@ class ClientRuntime:
         heads = {f"{PERSONAL_HEAD}{t}.{k}": v.detach().numpy().copy() for t, h in self.personal_heads.items() for k, v in h.state_dict().items()}
         new_state = ClientState(personal={**state_to_numpy(self.model, [n for n in self.model.state_dict() if is_personal(n, personal)]), **heads}, method=kept)
         flops = [s.train_flops for s in steps if s.train_flops is not None]
-        metrics: dict[str, Any] = {
-            "num-examples": examples,
-            "train-loss": loss_sum / max(examples, 1),
-            "train-accuracy": correct / max(examples, 1),
-            "steps": len(steps),
-            "flops-per-step": float(np.mean(flops)) if flops else 0.0,
-            "activation-bytes": int(max((s.activation_bytes for s in steps), default=0)),
-            "trainable-params": int(max((s.trainable_params for s in steps), default=0)),
-            "step-time-s": float(np.median([s.step_time_s for s in steps])) if steps else 0.0,
-            "time-s": time.perf_counter() - start,
-            "bytes-sent": int(sum(v.nbytes for v in update.values())),
-            "bytes-received": int(sum(v.nbytes for v in global_arrays.values())),
-            "block-updates": block_updates,
-            "partition-id": self.partition_id,
-            "task-ids": [self.model.tasks.index(t) for t in self.tasks],
-        }
-        for task, per_block in expert_counts.items():  # flattened [blocks x experts], blocks in order
-            metrics[f"experts-{task}"] = [c for b in sorted(per_block) for c in per_block[b]]
-        if kept.get("importance") is not None:
-            metrics["importance"] = [float(v) for v in kept["importance"]]
+        metrics = TrainMetrics(
+            num_examples=examples,
+            partition_id=self.partition_id,
+            task_ids=[self.model.tasks.index(t) for t in self.tasks],
+            train_loss=loss_sum / max(examples, 1),
+            train_accuracy=correct / max(examples, 1),
+            steps=len(steps),
+            flops_per_step=float(np.mean(flops)) if flops else 0.0,
+            activation_bytes=int(max((s.activation_bytes for s in steps), default=0)),
+            trainable_params=int(max((s.trainable_params for s in steps), default=0)),
+            step_time_s=float(np.median([s.step_time_s for s in steps])) if steps else 0.0,
+            time_s=time.perf_counter() - start,
+            bytes_sent=int(sum(v.nbytes for v in update.values())),
+            bytes_received=int(sum(v.nbytes for v in global_arrays.values())),
+            block_updates=block_updates,
+            importance=None if kept.get("importance") is None else [float(v) for v in kept["importance"]],
+            # per task: tokens per expert, [MoE blocks x experts] flattened, blocks in order
+            experts={task: [c for b in sorted(per_block) for c in per_block[b]] for task, per_block in expert_counts.items()},
+        )
         return update, counts, metrics, new_state
 
     @torch.no_grad()
@@ -384,12 +384,11 @@ class ClientRuntime:
         return out
 
     @torch.no_grad()
-    def evaluate(self, global_arrays: dict[str, np.ndarray], state: ClientState) -> dict[str, Any]:
+    def evaluate(self, global_arrays: dict[str, np.ndarray], state: ClientState) -> EvalMetrics:
         """Accuracy of the global model and of the personalized one on the client's local test set, per task."""
         self._load(global_arrays, state)
         data = self.test_set if len(self.test_set) else self.train_set
-        out: dict[str, Any] = {"num-examples": len(data) * len(self.tasks), "partition-id": self.partition_id}
-        glob_sum, pers_sum = 0.0, 0.0
+        out = EvalMetrics(num_examples=len(data) * len(self.tasks), partition_id=self.partition_id)
         self.model.eval()
         plan = full_plan(self.model.depth)
         for task in self.tasks:
@@ -400,12 +399,10 @@ class ClientRuntime:
                 correct_g += int((logits.argmax(-1) == labels).sum())
                 head = self.personal_heads.get(task)
                 correct_p += int(((head(feats[0]) if head is not None else logits).argmax(-1) == labels).sum())
-            out[f"accuracy-global-{task}"] = correct_g / max(len(data), 1)
-            out[f"accuracy-personal-{task}"] = correct_p / max(len(data), 1)
-            glob_sum += out[f"accuracy-global-{task}"]
-            pers_sum += out[f"accuracy-personal-{task}"]
-        out["accuracy-global"] = glob_sum / len(self.tasks)
-        out["accuracy-personal"] = pers_sum / len(self.tasks)
+            out.per_task_global[task] = correct_g / max(len(data), 1)
+            out.per_task_personal[task] = correct_p / max(len(data), 1)
+        out.accuracy_global = sum(out.per_task_global.values()) / len(self.tasks)
+        out.accuracy_personal = sum(out.per_task_personal.values()) / len(self.tasks)
         return out
 
 

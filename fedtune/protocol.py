@@ -12,6 +12,12 @@ A train reply from a client is a RecordDict with:
 This module imports no Flower.
 """
 
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
 # Record keys in a Message's RecordDict.
 ARRAYS = "arrays"  # ArrayRecord: parameter name -> Array
 CONFIG = "config"  # ConfigRecord sent with every instruction
@@ -34,3 +40,91 @@ WEIGHTINGS = ("examples", "updates")  # by the reply's NUM_EXAMPLES | by its UPD
 REPLIES_ACCEPTED = "replies-accepted"  # replies that entered the aggregate
 REPLIES_REJECTED = "replies-rejected"  # error replies and replies failing validation
 BYTES_UP = "bytes-up"  # raw tensor bytes received in accepted replies
+
+
+# --------------------------------------------------------------------------- typed replies
+
+
+def _key(field_name: str) -> str:
+    return field_name.replace("_", "-")
+
+
+@dataclass
+class TrainMetrics:
+    """The METRICS record of a train reply, typed. Keys on the wire are the field names with
+    dashes (`num-examples`, `block-updates`, ...); expert usage travels as `experts-<task>`."""
+
+    num_examples: int = 0  # NUM_EXAMPLES: the reply's weight
+    partition_id: int = -1  # the client's data partition
+    task_ids: list[int] = field(default_factory=list)  # indices into the model's tasks
+    train_loss: float | None = None  # mean over the round's training examples
+    train_accuracy: float | None = None  # on the training batches, as seen during training
+    steps: int = 0  # optimizer steps this round
+    flops_per_step: float = 0.0  # measured training FLOPs per step (mean of the counted steps)
+    activation_bytes: int = 0  # largest activation bytes saved for backward in a step
+    trainable_params: int = 0  # largest number of trainable parameters in a step
+    step_time_s: float = 0.0  # median step time
+    time_s: float = 0.0  # the whole round on the client
+    bytes_sent: int = 0  # tensor bytes of the update
+    bytes_received: int = 0  # tensor bytes of the instruction's arrays
+    block_updates: list[int] = field(default_factory=list)  # per block: steps that trained it
+    importance: list[float] | None = None  # IMPORTANCE: the client's per-block importance estimate
+    experts: dict[str, list[int]] = field(default_factory=dict)  # task -> tokens per expert, [MoE blocks x experts] flattened
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "experts":
+                out.update({f"experts-{task}": counts for task, counts in value.items()})
+            elif value is not None:
+                out[_key(f.name)] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, m: Mapping[str, Any]) -> TrainMetrics:
+        """From a reply's metrics; keys it lacks keep their defaults (a rejected reply may lack any)."""
+        known = {f.name: m[_key(f.name)] for f in fields(cls) if f.name != "experts" and _key(f.name) in m}
+        for name in ("task_ids", "block_updates"):
+            if name in known:
+                known[name] = [int(v) for v in known[name]]
+        experts = {k.removeprefix("experts-"): [int(v) for v in c] for k, c in m.items() if k.startswith("experts-")}
+        return cls(**known, experts=experts)
+
+
+@dataclass
+class EvalMetrics:
+    """The METRICS record of an evaluate reply, typed: accuracies on the client's local test
+    split, of the global model and of the client's personalized one, mean over its tasks and
+    per task (`accuracy-global-<task>`, `accuracy-personal-<task>` on the wire)."""
+
+    num_examples: int = 0
+    partition_id: int = -1
+    accuracy_global: float = 0.0
+    accuracy_personal: float | None = None  # None: the client has no personalized model to report
+    per_task_global: dict[str, float] = field(default_factory=dict)
+    per_task_personal: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {NUM_EXAMPLES: self.num_examples, "partition-id": self.partition_id, "accuracy-global": self.accuracy_global}
+        if self.accuracy_personal is not None:
+            out["accuracy-personal"] = self.accuracy_personal
+        out.update({f"accuracy-global-{t}": a for t, a in self.per_task_global.items()})
+        out.update({f"accuracy-personal-{t}": a for t, a in self.per_task_personal.items()})
+        return out
+
+    @classmethod
+    def from_dict(cls, m: Mapping[str, Any]) -> EvalMetrics:
+        """From a reply's metrics; raises KeyError naming a missing required key."""
+        missing = [k for k in (NUM_EXAMPLES, "accuracy-global") if k not in m]
+        if missing:
+            raise KeyError(f"evaluate reply without {', '.join(missing)}")
+        personal = m.get("accuracy-personal")
+        return cls(
+            num_examples=int(m[NUM_EXAMPLES]),
+            partition_id=int(m.get("partition-id", -1)),
+            accuracy_global=float(m["accuracy-global"]),
+            accuracy_personal=None if personal is None else float(personal),
+            per_task_global={k.removeprefix("accuracy-global-"): float(v) for k, v in m.items() if k.startswith("accuracy-global-")},
+            per_task_personal={k.removeprefix("accuracy-personal-"): float(v) for k, v in m.items() if k.startswith("accuracy-personal-")},
+        )

@@ -29,6 +29,7 @@ from fedtune.federated import (
     state_to_numpy,
 )
 from fedtune.model import checkpoint_meta, model_meta, read_state, save_checkpoint
+from fedtune.protocol import TrainMetrics
 from fedtune.report import append_jsonl, plot_run, read_jsonl, rss_bytes, write_json
 from fedtune.trainer import evaluate, lda_head, set_head
 from fedtune.typedconfig import to_dict
@@ -36,6 +37,13 @@ from fedtune.typedconfig import to_dict
 from .strategy import SparseFedAvg
 
 CHECKPOINT = "checkpoint.safetensors"
+
+
+def _weighted_mean(evals: list[dict[str, Any]], key: str) -> float | None:
+    """The examples-weighted mean of `key` over the client evaluations that report it."""
+    have = [e for e in evals if e.get(key) is not None]
+    n = sum(e["num_examples"] for e in have)
+    return sum(e[key] * e["num_examples"] for e in have) / n if n else None
 
 
 class ServerRunner:
@@ -152,23 +160,10 @@ class ServerRunner:
             arrays, head_fit = self.fit_heads(s.head_stats)
             head_fit.update(accuracy_global_before_head_fit=ev["accuracy"], bytes_up_head_stats=s.head_stats_bytes)
             per_task, ev = self.evaluate_global()
-        clients = []
-        for c in s.last_client_metrics:
-            m = dict(c.get("metrics", {}))
-            clients.append({
-                "node_id": c.get("node_id"), "accepted": c.get("accepted"), "reason": c.get("reason"),
-                "partition_id": int(m.get("partition-id", -1)), "profile": self.cfg.profile_of(int(m.get("partition-id", 0))),
-                "num_examples": m.get("num-examples"), "loss": m.get("train-loss"), "train_accuracy": m.get("train-accuracy"),
-                "steps": m.get("steps"), "flops_per_step": m.get("flops-per-step"), "activation_bytes": m.get("activation-bytes"),
-                "trainable_params": m.get("trainable-params"), "time_s": m.get("time-s"), "bytes_sent": m.get("bytes-sent"),
-                "bytes_received": m.get("bytes-received"), "block_updates": m.get("block-updates"), "importance": m.get("importance"),
-                "tasks": [self.tasks[int(i)] for i in m.get("task-ids", [])],
-                "experts": {k.removeprefix("experts-"): v for k, v in m.items() if k.startswith("experts-")},
-            })
-        evals = [{"node_id": e["node_id"], **{k.replace("-", "_"): v for k, v in e["metrics"].items()}} for e in s.last_eval_metrics]
-        n_eval = sum(e.get("num_examples", 0) for e in evals)
-        personalized = sum(e["accuracy_personal"] * e["num_examples"] for e in evals) / n_eval if n_eval else None
-        local_global = sum(e["accuracy_global"] * e["num_examples"] for e in evals) / n_eval if n_eval else None
+        clients = [self.client_record(c) for c in s.last_client_metrics]
+        evals = [{"node_id": e["node_id"], **{k.replace("-", "_"): v for k, v in e["metrics"].to_dict().items()}} for e in s.last_eval_metrics]
+        personalized = _weighted_mean(evals, "accuracy_personal")
+        local_global = _weighted_mean(evals, "accuracy_global")
         accepted = [c for c in clients if c["accepted"]]
         bytes_up = int(sum(c["bytes_sent"] or 0 for c in accepted))
         train_sent = len(clients) + sum(1 for r in s.last_rejections if r[0] not in {c["node_id"] for c in clients})
@@ -202,6 +197,20 @@ class ServerRunner:
             self.bar.update(1)
             self.bar.set_postfix(acc=f"{100 * ev['accuracy']:.1f}%", up=f"{bytes_up / 2**20:.1f}MiB")
         return MetricRecord({"accuracy": ev["accuracy"]})
+
+    def client_record(self, c: dict[str, Any]) -> dict[str, Any]:
+        """One client's train reply as metrics.jsonl records it."""
+        m = TrainMetrics.from_dict(c.get("metrics", {}))
+        return {
+            "node_id": c.get("node_id"), "accepted": c.get("accepted"), "reason": c.get("reason"),
+            "partition_id": m.partition_id, "profile": self.cfg.profile_of(max(m.partition_id, 0)),
+            "num_examples": m.num_examples, "loss": m.train_loss, "train_accuracy": m.train_accuracy,
+            "steps": m.steps, "flops_per_step": m.flops_per_step, "activation_bytes": m.activation_bytes,
+            "trainable_params": m.trainable_params, "time_s": m.time_s, "bytes_sent": m.bytes_sent,
+            "bytes_received": m.bytes_received, "block_updates": m.block_updates, "importance": m.importance,
+            "tasks": [self.tasks[i] for i in m.task_ids],
+            "experts": m.experts,
+        }
 
     def evaluate_global(self) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
         """The global model on the central test set: per task, and the mean over tasks."""

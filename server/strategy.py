@@ -105,7 +105,7 @@ class SparseFedAvg(FedAvg):
         # Seeded node sampling (reproducible runs) and the rounds done before a resume.
         self.sample_seed = sample_seed
         self.round_offset = round_offset
-        self.last_eval_metrics: list[dict[str, Any]] = []
+        self.last_eval_metrics: list[dict[str, Any]] = []  # node_id, metrics (protocol.EvalMetrics)
         # The round (counted over the whole run) whose evaluate replies carry feature
         # statistics for the server's head fit; what they summed to and their size.
         self.head_stats_round = head_stats_round
@@ -173,7 +173,12 @@ class SparseFedAvg(FedAvg):
             if protocol.METRICS not in msg.content.metric_records:
                 continue
             metrics = {k: v for k, v in msg.content.metric_records[protocol.METRICS].items()}
-            self.last_eval_metrics.append({"node_id": msg.metadata.src_node_id, "metrics": metrics})
+            try:
+                typed = protocol.EvalMetrics.from_dict(metrics)
+            except (KeyError, TypeError, ValueError) as err:
+                log(WARNING, "evaluate reply from node %s left out: %s", msg.metadata.src_node_id, err)
+                continue
+            self.last_eval_metrics.append({"node_id": msg.metadata.src_node_id, "metrics": typed})
             if protocol.HEAD_STATS in msg.content.array_records:
                 self._add_head_stats(msg.metadata.src_node_id, msg.content.array_records[protocol.HEAD_STATS])
             weight = metrics.get(protocol.NUM_EXAMPLES)

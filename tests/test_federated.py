@@ -46,13 +46,13 @@ def test_client_round_sends_only_what_it_trained():
     assert update and set(update) == set(counts)
     assert all(n.startswith(("vit.blocks.2.", "vit.blocks.3.", "vit.norm.", "heads.")) for n in update)
     assert not any(n.startswith(("vit.blocks.0.", "vit.blocks.1.", "vit.patch_embed")) for n in update)
-    assert metrics["num-examples"] > 0 and metrics["bytes-sent"] == sum(v.nbytes for v in update.values())
-    assert metrics["block-updates"][:2] == [0, 0] and metrics["block-updates"][2] == metrics["steps"]
+    assert metrics.num_examples > 0 and metrics.bytes_sent == sum(v.nbytes for v in update.values())
+    assert metrics.block_updates[:2] == [0, 0] and metrics.block_updates[2] == metrics.steps
     # the personal head stays in the client's state, never in the update
     assert any(k.startswith("personal_head.") for k in state.personal)
     assert not any(k.startswith("personal_head.") for k in update)
     ev = rt.evaluate(glob, state)
-    assert 0.0 <= ev["accuracy-personal"] <= 1.0 and ev["num-examples"] > 0
+    assert 0.0 <= ev.accuracy_personal <= 1.0 and ev.num_examples > 0
 
 
 def test_full_fedavg_client_sends_everything():
@@ -234,7 +234,7 @@ def test_alast_client_blocks_follow_its_state_and_the_federations_importance():
 
     def trained(state, importance=None):
         _, _, metrics, new = rt.fit(glob, state, importance, server_round=2)
-        return [b for b, n in enumerate(metrics["block-updates"]) if n], new
+        return [b for b, n in enumerate(metrics.block_updates) if n], new
 
     blocks, state = trained(ClientState(method={"budgets": [0.3, 0.3, 0.3, 1.0], "importance": [1.0, 1.0, 1.0, 4.0]}))
     assert blocks == [3]

@@ -416,7 +416,7 @@ def test_head_statistics_are_requested_in_the_last_round_and_summed() -> None:
     feats, labels = torch.randn(30, 4, generator=g), torch.arange(30) % 3
 
     def stats_reply(node_id: int, rows: slice, bad: bool = False) -> Message:
-        msg = reply(node_id, None, 10)
+        msg = reply(node_id, None, 10, **{"accuracy-global": 0.5})
         parts = class_stats(feats[rows], labels[rows], 3)
         if bad:
             parts["outer"][0, 0] = np.nan
@@ -447,3 +447,28 @@ def test_discriminant_head_equals_scikit_learn_lda() -> None:
     assert (ours.numpy() == ref.predict(feats.numpy())).mean() >= 0.99
     with pytest.raises(ValueError, match="at least 2 classes"):
         lda_head(class_stats(feats[:40], labels[:40], 5))
+
+
+def test_a_malformed_evaluate_reply_is_left_out() -> None:
+    """An evaluate reply without accuracy-global, or with a value that is not a number, is
+    left out (with a warning) and the round's other replies count; accuracy-personal is optional."""
+    strategy = SparseFedAvg()
+    replies = [
+        reply(1, None, 10, **{"accuracy-global": 0.5, "accuracy-personal": 0.6}),
+        reply(2, None, 30, **{"accuracy-personal": 0.9}),
+        reply(3, None, 30, **{"accuracy-global": 0.7}),
+    ]
+    agg = strategy.aggregate_evaluate(1, replies)
+    assert agg["accuracy-global"] == pytest.approx((5 + 21) / 40)
+    assert [e["node_id"] for e in strategy.last_eval_metrics] == [1, 3]
+    first, third = (e["metrics"] for e in strategy.last_eval_metrics)
+    assert first.accuracy_personal == 0.6 and third.accuracy_personal is None
+
+
+def test_train_metrics_round_trip() -> None:
+    m = protocol.TrainMetrics(num_examples=12, partition_id=3, task_ids=[1], train_loss=0.5, steps=4, block_updates=[0, 4], experts={"digit": [1, 2, 3]})
+    wire = m.to_dict()
+    assert wire["num-examples"] == 12 and wire["block-updates"] == [0, 4] and wire["experts-digit"] == [1, 2, 3]
+    assert "importance" not in wire  # None values stay off the wire
+    assert protocol.TrainMetrics.from_dict(wire) == m
+    assert protocol.TrainMetrics.from_dict({}) == protocol.TrainMetrics()  # a rejected reply may carry nothing

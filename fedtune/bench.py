@@ -31,10 +31,11 @@ import torch
 from .accounting import flop_counter_mode
 from .data import DataConfig, ImageSet, load_data
 from .errors import ConfigError
+from .heads import class_stats, extract_features, lda_head
 from .methods import METHOD_NAMES, Method, MethodConfig, make_method, prepare_model
 from .model import FedViT, ModelConfig, build_model
 from .pretrain import DEFAULT_BACKBONE, default_backbone
-from .trainer import TrainConfig, Trainer, class_stats, extract_features, lda_head
+from .trainer import TrainConfig, Trainer
 from .typedconfig import deep_merge, from_dict, to_dict
 
 DEFAULT_METHODS = ["full", "head", "bsr", "alast", "sherl", "alast+lora"]

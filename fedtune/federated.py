@@ -32,11 +32,12 @@ from .client_state import PERSONAL_HEAD, ClientState, personal_head, personal_pa
 from .data import DataConfig, DataSplit, ImageSet, load_data, partition_indices
 from .engine import full_plan
 from .errors import ConfigError
+from .heads import class_stats, extract_features
 from .methods import MethodConfig, make_method, prepare_model
 from .model import FedViT, ModelConfig, build_model
 from .profiles import AUTO, PROFILES, get_profile
 from .protocol import EvalMetrics, TrainMetrics
-from .trainer import TrainConfig, Trainer, class_stats, extract_features
+from .trainer import TrainConfig, Trainer
 from .typedconfig import apply_overrides, from_dict, read_yaml, to_dict
 
 
@@ -418,7 +419,7 @@ def head_fit_reference(cfg: RunConfig) -> dict[str, Any]:
     not from fine-tuning. One process plays every client (a simulation-side tool); every
     task has a client (RunConfig.validate checks federation.client_tasks).
     """
-    from .trainer import evaluate, lda_head, set_head
+    from .heads import evaluate, lda_head, set_head
 
     model = global_model(cfg)
     arrays = state_to_numpy(model)

@@ -30,6 +30,7 @@ from .accounting import (
 from .data import ImageSet
 from .engine import Plan, Trace, set_trainable
 from .errors import ConfigError
+from .heads import class_stats, evaluate, extract_features, fit_linear_head, lda_head, set_head
 from .methods import Method
 from .model import FedViT
 
@@ -324,96 +325,3 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, data: ImageSet, task: str | None = None) -> dict[str, float]:
         return evaluate(self.model, data, task or self.task, self.cfg.eval_batch_size)
-
-
-@torch.no_grad()
-def extract_features(model: FedViT, data: ImageSet, task: str, batch_size: int = 256, plan: Plan | None = None, autocast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pre-logit features (eval mode) and labels: of the dense model (every block, every
-    token) or, given `plan`, with its tokens dropped or skipped. `autocast` runs the
-    matmuls in bfloat16 (fast on CPUs with AMX); the features come back in float32."""
-    was_training = model.training
-    model.eval()
-    plan = Plan(depth=model.depth) if plan is None else plan
-    feats, labels = [], []
-    for images, y in data.loader(batch_size, shuffle=False, task=task):
-        out: list[torch.Tensor] = []
-        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=autocast):
-            model.forward_train(images, plan, task, features=out)
-        feats.append(out[0].float())
-        labels.append(y)
-    model.train(was_training)
-    return torch.cat(feats), torch.cat(labels)
-
-
-def fit_linear_head(head: nn.Linear, feats: torch.Tensor, labels: torch.Tensor, reg: float, max_iter: int = 200) -> float:
-    """Multinomial logistic regression into `head` by L-BFGS, warm-started from its weights.
-
-    Minimises mean cross-entropy + reg/2 * |W|^2 (the bias is not penalised; strictly
-    convex for reg > 0, so the start only changes the steps taken). Returns the final loss.
-    """
-    feats, labels = feats.detach().to(head.weight.device), labels.to(head.weight.device)
-    w = head.weight.detach().clone().float().requires_grad_(True)
-    b = head.bias.detach().clone().float().requires_grad_(True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=1e-7, tolerance_change=1e-10, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = F.cross_entropy(feats @ w.T + b, labels) + 0.5 * reg * w.pow(2).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        loss = opt.step(closure)
-    set_head(head, w, b)
-    return float(loss.detach())
-
-
-@torch.no_grad()
-def set_head(head: nn.Linear, weight: torch.Tensor, bias: torch.Tensor) -> None:
-    """Copy a fitted weight and bias into `head` (in place: optimizers keep their references)."""
-    head.weight.copy_(weight)
-    head.bias.copy_(bias)
-
-
-@torch.no_grad()
-def class_stats(feats: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, np.ndarray]:
-    """Sufficient statistics of features per class, in float64: counts [C], sums [C, d] and the
-    total second moment X^T X [d, d]. They add up over clients to those of the pooled data."""
-    x = feats.double()
-    sums = torch.zeros(num_classes, x.shape[1], dtype=torch.float64).index_add_(0, labels, x)
-    return {"count": torch.bincount(labels, minlength=num_classes).double().numpy(), "sum": sums.numpy(), "outer": (x.T @ x).numpy()}
-
-
-def lda_head(stats: dict[str, np.ndarray], shrink: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
-    """Linear discriminant analysis from `class_stats` (or their sum over clients): class
-    means, a pooled within-class covariance (shrunk by `shrink` toward its mean variance, so
-    it is invertible) and class priors give a linear head W x + b. Classes with no example
-    get a bias no logit reaches."""
-    count, sums, outer = np.asarray(stats["count"], dtype=np.float64), stats["sum"], stats["outer"]
-    present = count > 0
-    if present.sum() < 2:
-        raise ValueError(f"a discriminant head needs examples of at least 2 classes, got {int(present.sum())}")
-    n = count.sum()
-    means = np.zeros_like(sums)
-    means[present] = sums[present] / count[present, None]
-    within = outer - (means[present].T * count[present]) @ means[present]
-    cov = within / max(n - present.sum(), 1.0)
-    cov = (1 - shrink) * cov + shrink * np.trace(cov) / len(cov) * np.eye(len(cov))
-    prec_means = np.linalg.solve(cov, means.T).T  # [C, d]
-    bias = -0.5 * (means * prec_means).sum(1) + np.log(np.where(present, count, 1.0) / n)
-    bias[~present] = -1e4
-    return torch.from_numpy(prec_means).float(), torch.from_numpy(bias).float()
-
-
-@torch.no_grad()
-def evaluate(model: FedViT, data: ImageSet, task: str | None = None, batch_size: int = 256) -> dict[str, float]:
-    """Accuracy and loss of the dense model (every block, every token) on `data`."""
-    task = model.check_task(task)
-    model.eval()
-    correct, total, loss = 0, 0, 0.0
-    for images, labels in data.loader(batch_size, shuffle=False, task=task):
-        logits = model(images, task)
-        loss += float(F.cross_entropy(logits, labels, reduction="sum"))
-        correct += int((logits.argmax(-1) == labels).sum())
-        total += len(labels)
-    return {"accuracy": correct / max(total, 1), "loss": loss / max(total, 1), "num_examples": total}

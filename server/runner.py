@@ -28,10 +28,10 @@ from fedtune.federated import (
     load_numpy_state,
     state_to_numpy,
 )
+from fedtune.heads import evaluate, lda_head, set_head
 from fedtune.model import checkpoint_meta, model_meta, read_state, save_checkpoint
 from fedtune.protocol import TrainMetrics
 from fedtune.report import append_jsonl, plot_run, read_jsonl, rss_bytes, write_json
-from fedtune.trainer import evaluate, lda_head, set_head
 from fedtune.typedconfig import to_dict
 
 from .strategy import SparseFedAvg
@@ -219,7 +219,7 @@ class ServerRunner:
 
     def fit_heads(self, stats: dict[str, dict[str, np.ndarray]]) -> tuple[ArrayRecord, dict[str, Any]]:
         """Replace each task's global head by the discriminant head of the clients' summed
-        feature statistics (fedtune.trainer.lda_head); return the new global arrays."""
+        feature statistics (fedtune.heads.lda_head); return the new global arrays."""
         fitted = []
         for task, parts in stats.items():
             if task not in self.tasks:

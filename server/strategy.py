@@ -195,7 +195,7 @@ class SparseFedAvg(FedAvg):
 
     def _add_head_stats(self, node_id: int, record: ArrayRecord) -> None:
         """Add one client's per-task feature statistics to the round's sums (see
-        fedtune.trainer.class_stats); a reply with non-finite values or shapes that
+        fedtune.heads.class_stats); a reply with non-finite values or shapes that
         disagree with the others' is left out, with a warning."""
         stats: dict[str, dict[str, np.ndarray]] = {}
         for key, array in record.items():

@@ -194,7 +194,7 @@ def test_head_fit_reference_is_the_pooled_lda_of_each_tasks_clients(tmp_path):
     from fedtune.cli import main
     from fedtune.data import ImageSet
     from fedtune.federated import client_data, federated_data, head_fit_reference
-    from fedtune.trainer import class_stats, extract_features, lda_head
+    from fedtune.heads import class_stats, extract_features, lda_head
 
     cfg = tiny_run(tasks=["digit", "parity"], federation={"num_clients": 4, "rounds": 1, "client_tasks": [["digit"], ["parity"]]})
     got = head_fit_reference(cfg)

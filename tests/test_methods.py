@@ -269,7 +269,7 @@ def test_sherl_late_blocks_train_only_when_asked(tiny_model):
 def test_fit_linear_head_matches_scikit_learn_logistic_regression():
     from sklearn.linear_model import LogisticRegression
 
-    from fedtune.trainer import fit_linear_head
+    from fedtune.heads import fit_linear_head
 
     g = torch.Generator().manual_seed(0)
     centers = torch.randn(4, 6, generator=g) * 2
@@ -286,7 +286,7 @@ def test_fit_linear_head_matches_scikit_learn_logistic_regression():
 
 @pytest.mark.parametrize("when,kind", [("before", "logistic"), ("after", "logistic"), ("after", "lda")])
 def test_head_fit_refits_only_the_head_on_every_token_features(tiny_cfg, when, kind):
-    from fedtune.trainer import extract_features
+    from fedtune.heads import extract_features
 
     torch.manual_seed(0)
     model = build_model(tiny_cfg, {"digit": 10})

@@ -402,7 +402,7 @@ def test_evaluate_averages_each_metric_over_the_clients_that_report_it() -> None
 
 
 def test_head_statistics_are_requested_in_the_last_round_and_summed() -> None:
-    from fedtune.trainer import class_stats
+    from fedtune.heads import class_stats
 
     strategy = SparseFedAvg(head_stats_round=3, round_offset=1)
     grid = Mock()
@@ -434,7 +434,7 @@ def test_head_statistics_are_requested_in_the_last_round_and_summed() -> None:
 def test_discriminant_head_equals_scikit_learn_lda() -> None:
     from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
-    from fedtune.trainer import class_stats, lda_head
+    from fedtune.heads import class_stats, lda_head
 
     g = torch.Generator().manual_seed(1)
     labels = torch.cat([torch.full((n,), c) for c, n in enumerate([40, 25, 60, 0, 35])])  # class 3 absent

@@ -34,9 +34,9 @@ from .errors import ConfigError
 from .heads import class_stats, extract_features, lda_head
 from .methods import METHOD_NAMES, Method, MethodConfig, make_method, prepare_model
 from .model import FedViT, ModelConfig, build_model
-from .pretrain import DEFAULT_BACKBONE, default_backbone
 from .trainer import TrainConfig, Trainer
 from .typedconfig import deep_merge, from_dict, to_dict
+from .weights import resolve_pretrained
 
 DEFAULT_METHODS = ["full", "head", "bsr", "alast", "sherl", "alast+lora"]
 HEADLINES = ("lda", "none")
@@ -98,16 +98,6 @@ def quick(cfg: BenchConfig) -> BenchConfig:
     train = replace(cfg.train, epochs=1, max_steps=3, flops_every=2)
     data = replace(cfg.data, max_test=120, max_train=min(cfg.data.max_train or 256, 256))
     return replace(cfg, train=train, data=data, seeds=cfg.seeds[:1], budgets=cfg.budgets[:1], budget_seeds=None, head_fit_samples=128)
-
-
-def resolve_pretrained(model: ModelConfig) -> ModelConfig:
-    """'default' means the shipped backbone (made by `fedtune pretrain`)."""
-    if model.pretrained != "default":
-        return model
-    path = default_backbone()
-    if path is None:
-        raise ConfigError(f"model.pretrained: the default backbone {DEFAULT_BACKBONE} is missing; run `fedtune pretrain --out {DEFAULT_BACKBONE}`")
-    return replace(model, pretrained=str(path))
 
 
 def method_config(base: MethodConfig, spec: str, variants: dict[str, dict] | None = None) -> MethodConfig:

@@ -37,7 +37,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from .model import model_from_checkpoint
-    from .pretrain import PretrainConfig, cache_dir, pretrain, pretrain_accuracy
+    from .pretrain import PretrainConfig, pretrain, pretrain_accuracy
+    from .weights import cache_dir
 
     cfg = _load(PretrainConfig, args.config, args.set)
     out = Path(args.out) if args.out else cache_dir() / "pretrained" / f"{cfg.key()}.safetensors"

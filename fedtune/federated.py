@@ -39,6 +39,7 @@ from .profiles import AUTO, PROFILES, get_profile
 from .protocol import EvalMetrics, TrainMetrics
 from .trainer import TrainConfig, Trainer
 from .typedconfig import apply_overrides, from_dict, read_yaml, to_dict
+from .weights import resolve_pretrained
 
 
 @dataclass
@@ -167,12 +168,6 @@ def load_run_config(path: str | Path | None, overrides: list[str] | None = None)
     return cfg
 
 
-def resolve_model(cfg: ModelConfig) -> ModelConfig:
-    from .bench import resolve_pretrained
-
-    return resolve_pretrained(cfg)
-
-
 # --------------------------------------------------------------------------- data per client
 
 _DATA_CACHE: dict[str, tuple[DataSplit, list[np.ndarray]]] = {}
@@ -218,7 +213,7 @@ def global_model(cfg: RunConfig) -> FedViT:
     split, _ = federated_data(cfg)
     tasks = cfg.run_tasks() or [split.train.tasks[0]]
     torch.manual_seed(cfg.seed)
-    model = build_model(resolve_model(cfg.model), {t: split.train.num_classes[t] for t in tasks})
+    model = build_model(resolve_pretrained(cfg.model), {t: split.train.num_classes[t] for t in tasks})
     if cfg.moe is not None:
         from moe import MoEConfig, build_moe_vit
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import string
 import time
 from dataclasses import dataclass, field, replace
@@ -38,10 +37,9 @@ from .model import (
     save_checkpoint,
 )
 from .typedconfig import from_dict, to_dict
+from .weights import cache_dir
 
 GLYPHS = string.digits + string.ascii_uppercase
-ASSETS = Path(__file__).parent / "assets"
-DEFAULT_BACKBONE = ASSETS / "vit_tiny_p4_32_pretrained.safetensors"
 
 
 def glyph_fonts() -> list[Path]:
@@ -164,29 +162,6 @@ class PretrainConfig:
     def key(self) -> str:
         text = json.dumps(to_dict(self), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def default_backbone() -> Path | None:
-    """The shipped backbone: next to this module, or, when this module runs from a copy without
-    binary files (a Flower app bundle), in the installed fedtune distribution or the cache."""
-    name = DEFAULT_BACKBONE.name
-    candidates = [DEFAULT_BACKBONE]
-    try:
-        from importlib import metadata
-
-        dist = metadata.distribution("fedtune")
-        direct = json.loads(dist.read_text("direct_url.json") or "{}")
-        if direct.get("url", "").startswith("file://"):
-            candidates.append(Path(direct["url"][7:]) / "fedtune" / "assets" / name)
-        candidates.append(Path(str(dist.locate_file(f"fedtune/assets/{name}"))))
-    except (ImportError, metadata.PackageNotFoundError, ValueError):
-        pass
-    candidates.append(cache_dir() / "pretrained" / name)
-    return next((p for p in candidates if p.is_file()), None)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("FEDTUNE_CACHE", Path.home() / ".cache" / "fedtune"))
 
 
 def pretrain_sets(cfg: PretrainConfig) -> list[ImageSet]:

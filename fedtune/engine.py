@@ -20,6 +20,7 @@ import math
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,9 @@ from torch import nn
 
 from .errors import ConfigError, PlanError
 from .lora import has_lora, is_lora_name
-from .model import FedViT
+
+if TYPE_CHECKING:  # annotations only: the model module imports this one
+    from .model import FedViT
 
 
 @dataclass(frozen=True)
@@ -219,7 +222,7 @@ def _no_scope(_: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def forward_plan(
+def forward_features(
     model: FedViT,
     images: torch.Tensor,
     plan: Plan,
@@ -227,13 +230,12 @@ def forward_plan(
     trace: Trace | None = None,
     scope: ScopeFn = _no_scope,
     block_fn: Callable | None = None,
-    features: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Logits of `task` for `images`, computed as `plan` says.
+    """Pre-logit features of `images` (after the final norm and pooling), computed as `plan` says.
 
-    `scope(name)` wraps each stage (for per-block accounting); `block_fn`
-    replaces `block_forward` (the MoE ViT passes its task along); the
-    pre-logit features are appended to `features` when it is given.
+    `scope(name)` wraps each stage (for per-block accounting); `block_fn` replaces
+    `block_forward` (the MoE ViT passes its task along); what the pass observed goes into
+    `trace` when it is given.
     """
     vit = model.vit
     task = model.check_task(task)
@@ -278,11 +280,24 @@ def forward_plan(
         trace.cls_delta = torch.stack(deltas).float().cpu()
 
     with torch.set_grad_enabled(grad_on), scope("head"):
-        x = vit.norm(x)
-        feats = vit.forward_head(x, pre_logits=True)
-        if features is not None:
-            features.append(feats)
+        return vit.forward_head(vit.norm(x), pre_logits=True)
+
+
+def forward_plan(
+    model: FedViT,
+    images: torch.Tensor,
+    plan: Plan,
+    task: str | None = None,
+    trace: Trace | None = None,
+    scope: ScopeFn = _no_scope,
+    block_fn: Callable | None = None,
+) -> torch.Tensor:
+    """Logits of `task` for `images` under `plan`: `forward_features`, then the task's head."""
+    task = model.check_task(task)
+    feats = forward_features(model, images, plan, task, trace, scope, block_fn)
+    with scope("head"):
         return model.heads[task](feats)
+
 
 
 # --------------------------------------------------------------------------- trainability

@@ -388,15 +388,11 @@ class ClientRuntime:
         self.model.eval()
         plan = full_plan(self.model.depth)
         for task in self.tasks:
-            correct_g, correct_p = 0, 0
-            for images, labels in data.loader(256, shuffle=False, task=task):
-                feats: list[torch.Tensor] = []
-                logits, _ = self.model.forward_train(images, plan, task, features=feats)
-                correct_g += int((logits.argmax(-1) == labels).sum())
-                head = self.personal_heads.get(task)
-                correct_p += int(((head(feats[0]) if head is not None else logits).argmax(-1) == labels).sum())
-            out.per_task_global[task] = correct_g / max(len(data), 1)
-            out.per_task_personal[task] = correct_p / max(len(data), 1)
+            feats, labels = extract_features(self.model, data, task, 256, plan)
+            logits = self.model.forward_head(feats, task)
+            head = self.personal_heads.get(task)
+            out.per_task_global[task] = int((logits.argmax(-1) == labels).sum()) / max(len(data), 1)
+            out.per_task_personal[task] = int(((head(feats) if head is not None else logits).argmax(-1) == labels).sum()) / max(len(data), 1)
         out.accuracy_global = sum(out.per_task_global.values()) / len(self.tasks)
         out.accuracy_personal = sum(out.per_task_personal.values()) / len(self.tasks)
         return out

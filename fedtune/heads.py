@@ -25,10 +25,9 @@ def extract_features(model: FedViT, data: ImageSet, task: str, batch_size: int =
     plan = Plan(depth=model.depth) if plan is None else plan
     feats, labels = [], []
     for images, y in data.loader(batch_size, shuffle=False, task=task):
-        out: list[torch.Tensor] = []
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=autocast):
-            model.forward_train(images, plan, task, features=out)
-        feats.append(out[0].float())
+            out, _ = model.forward_features(images, plan, task)
+        feats.append(out.float())
         labels.append(y)
     model.train(was_training)
     return torch.cat(feats), torch.cat(labels)

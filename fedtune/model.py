@@ -1,6 +1,6 @@
 """Backbones: a timm ViT/DeiT with one classification head per task.
 
-`FedViT` keeps timm's contract (forward = features, then head) and composes a
+`FedViT` keeps timm's contract (forward = forward_features, then forward_head) and composes a
 timm `VisionTransformer` (its own head removed) with an `nn.ModuleDict` of task
 heads. Weights come from the timm hub (users online) or a local safetensors /
 torch file; checkpoints are written as safetensors with the model config in
@@ -19,6 +19,7 @@ import timm
 import torch
 from torch import nn
 
+from . import engine
 from .errors import CheckpointError, ConfigError
 from .typedconfig import from_dict, to_dict
 
@@ -99,16 +100,22 @@ class FedViT(nn.Module):
         """The engine's per-block function for `task` (None: engine.block_forward); the MoE ViT overrides it."""
         return None
 
-    def forward_train(self, images: torch.Tensor, plan, task: str | None = None, trace=None, features=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits under `plan` and an auxiliary loss to add (None here; the MoE ViT adds load balancing)."""
-        from .engine import forward_plan
+    def forward_features(self, images: torch.Tensor, plan=None, task: str | None = None, trace=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Pre-logit features and the auxiliary loss the forward adds (None here; the MoE ViT
+        adds load balancing). With a `plan` (fedtune.engine.Plan) the engine runs it: trained,
+        frozen and no-grad blocks, dropped or skipped tokens, and what it observed goes into
+        `trace`; without one, timm's own forward (every block, every token)."""
+        if plan is None:
+            return self.vit.forward_head(self.vit.forward_features(images), pre_logits=True), None
+        return engine.forward_features(self, images, plan, task, trace=trace), None
 
-        return forward_plan(self, images, plan, task, trace=trace, features=features), None
+    def forward_head(self, feats: torch.Tensor, task: str | None = None) -> torch.Tensor:
+        """The task's logits from pre-logit features."""
+        return self.heads[self.check_task(task)](feats)
 
     def forward(self, x: torch.Tensor, task: str | None = None) -> torch.Tensor:
         """Plain dense forward (every block, every token): timm's forward with the task's head."""
-        feats = self.vit.forward_head(self.vit.forward_features(x), pre_logits=True)
-        return self.heads[self.check_task(task)](feats)
+        return self.forward_head(self.forward_features(x, task=task)[0], task)
 
 
 def _timm_kwargs(cfg: ModelConfig) -> dict[str, Any]:

@@ -158,7 +158,7 @@ class Trainer:
         loader = data.loader(self.cfg.batch_size, shuffle=True, seed=self.cfg.seed, task=self.task)
         for images, _ in itertools.islice(loader, max_batches):
             traces.append(Trace())
-            self.model.forward_train(images, plan, self.task, trace=traces[-1])
+            self.model.forward_features(images, plan, self.task, trace=traces[-1])
         self.model.train(was_training)
         return traces
 
@@ -198,16 +198,16 @@ class Trainer:
         self._set_lr()
         self.optimizer.zero_grad(set_to_none=True)
         trace = Trace()
-        feats: list[torch.Tensor] = []
         meter = SavedBytesMeter(model)
         counter = flop_counter_mode() if count_flops else None
         if counter is not None:
             counter.__enter__()
         try:
             with meter:
-                logits, aux = self.forward(images, plan, trace, feats)
+                feats, aux = model.forward_features(images, plan, self.task, trace=trace)
+                logits = model.forward_head(feats, self.task)
                 loss = F.cross_entropy(logits, labels, label_smoothing=self.cfg.label_smoothing)
-                for extra in (aux, self.extra_loss(feats[0], labels)):
+                for extra in (aux, self.extra_loss(feats, labels)):
                     if extra is not None:
                         loss = loss + extra
             if not torch.isfinite(loss):
@@ -234,10 +234,6 @@ class Trainer:
             blocks_trained=len(plan.trained),
         )
         return stats, plan, logits.detach()
-
-    def forward(self, images: torch.Tensor, plan: Plan, trace: Trace, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits under `plan` and an auxiliary loss to add (the model decides: see FedViT.forward_train)."""
-        return self.model.forward_train(images, plan, self.task, trace=trace, features=features)
 
     def extra_loss(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
         """A loss term subclasses add on the pre-logit features (None: none)."""

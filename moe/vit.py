@@ -5,9 +5,9 @@ is replaced by an `MoEMlp` whose experts start as copies of that block's MLP
 (sparse upcycling), so parameter names stay FedViT's
 (`vit.blocks.<i>.mlp.experts.<e>.fc1.weight`, `vit.blocks.<i>.mlp.routers.<task>.weight`).
 
-The engine runs it unchanged: `moe_forward` calls `fedtune.engine.forward_plan`
+The engine runs it unchanged: `moe_features` calls `fedtune.engine.forward_features`
 with a block function that hands each MoE MLP the task and collects its
-routing statistics, which come back explicitly next to the logits.
+routing statistics, which come back explicitly next to the features.
 """
 
 from __future__ import annotations
@@ -18,7 +18,15 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from fedtune.engine import Plan, ScopeFn, Trace, _no_scope, block_forward, forward_plan, full_plan
+from fedtune.engine import (
+    Plan,
+    ScopeFn,
+    Trace,
+    _no_scope,
+    block_forward,
+    forward_features,
+    full_plan,
+)
 from fedtune.errors import ConfigError
 from fedtune.methods import check_blocks
 from fedtune.model import FedViT, ModelConfig, build_model
@@ -84,16 +92,14 @@ class MoEViT(FedViT):
 
         return run
 
-    def forward(self, x: torch.Tensor, task: str | None = None) -> torch.Tensor:
-        """Dense-style forward (every block, every token) with `task`'s routers and head."""
-        return moe_forward(self, x, full_plan(self.depth), task)[0]
-
-    def forward_train(self, images: torch.Tensor, plan: Plan, task: str | None = None, trace: Trace | None = None, features: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits under `plan` and the weighted load-balancing loss of the MoE blocks that train."""
-        logits, stats = moe_forward(self, images, plan, task, trace=trace, features=features)
+    def forward_features(self, images: torch.Tensor, plan: Plan | None = None, task: str | None = None, trace: Trace | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Pre-logit features under `plan` (None: every block, every token) with `task`'s routers,
+        and the weighted load-balancing loss of the MoE blocks that train; each MoE block's
+        expert counts go into `trace.extra["expert_counts"]` when a trace is given."""
+        feats, stats = moe_features(self, images, full_plan(self.depth) if plan is None else plan, task, trace=trace)
         if trace is not None:
             trace.extra["expert_counts"] = {b: s.expert_counts for b, s in zip(self.moe_blocks, stats, strict=True)}
-        return logits, moe_aux_loss(self, stats, plan)
+        return feats, moe_aux_loss(self, stats, plan)
 
     def named_router_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """(full name, parameter) of every router and task embedding."""
@@ -133,30 +139,26 @@ def build_moe_vit(
     return model
 
 
-def moe_forward(
+def moe_features(
     model: MoEViT,
     images: torch.Tensor,
     plan: Plan,
     task: str | None = None,
     trace: Trace | None = None,
     scope: ScopeFn | None = None,
-    features: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, list[MoEStats]]:
-    """`forward_plan` for an MoE ViT: logits and one MoEStats per MoE block (in `model.moe_blocks` order)."""
+    """`engine.forward_features` for an MoE ViT: features and one MoEStats per MoE block (in `model.moe_blocks` order)."""
     if not isinstance(model, MoEViT):
-        raise ConfigError(f"moe_forward needs an MoEViT, got {type(model).__name__}")
+        raise ConfigError(f"moe_features needs an MoEViT, got {type(model).__name__}")
     stats: list[MoEStats] = []
-    logits = forward_plan(
-        model,
-        images,
-        plan,
-        task,
-        trace=trace,
-        scope=scope or _no_scope,
-        block_fn=model.block_fn(task, stats),
-        features=features,
-    )
-    return logits, stats
+    feats = forward_features(model, images, plan, task, trace=trace, scope=scope or _no_scope, block_fn=model.block_fn(task, stats))
+    return feats, stats
+
+
+def moe_forward(model: MoEViT, images: torch.Tensor, plan: Plan, task: str | None = None, trace: Trace | None = None) -> tuple[torch.Tensor, list[MoEStats]]:
+    """Logits of `task` under `plan` and the MoE blocks' statistics."""
+    feats, stats = moe_features(model, images, plan, task, trace=trace)
+    return model.forward_head(feats, task), stats
 
 
 def moe_aux_loss(model: MoEViT, stats: Sequence[MoEStats], plan: Plan | None = None) -> torch.Tensor | None:

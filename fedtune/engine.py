@@ -303,20 +303,15 @@ def forward_plan(
 # --------------------------------------------------------------------------- trainability
 
 
-def _block_index(name: str) -> int | None:
-    parts = name.split(".")
-    if len(parts) > 2 and parts[0] == "vit" and parts[1] == "blocks":
-        return int(parts[2])
-    return None
-
-
-_EXPERT = re.compile(r"\.mlp\.experts\.(\d+)\.")
+_BLOCK = re.compile(r"^vit\.blocks\.(\d+)\.")
+_EXPERT = re.compile(r"\.mlp\.(shared_)?experts\.(\d+)\.")
+_EMBED = ("vit.patch_embed", "vit.pos_embed", "vit.cls_token", "vit.reg_token", "vit.norm_pre")
 
 
 def expert_of(name: str) -> int | None:
     """The expert index in an MoE expert parameter's name (`...mlp.experts.<e>...`), else None."""
     m = _EXPERT.search(name)
-    return int(m.group(1)) if m else None
+    return int(m.group(2)) if m and not m.group(1) else None
 
 
 def is_router_name(name: str) -> bool:
@@ -324,50 +319,70 @@ def is_router_name(name: str) -> bool:
     return ".mlp.router" in name or ".mlp.task_embed." in name
 
 
-def param_groups(model: nn.Module) -> Iterator[tuple[str, str, nn.Parameter]]:
-    """(name, group, param) for every parameter; group is 'block{i}', 'head:<task>', 'norm', 'embed', 'consolidator', 'other'."""
+@dataclass(frozen=True)
+class ParamGroup:
+    """Which named group a parameter belongs to: what `set_trainable`, the optimizer and a
+    client's update all read."""
+
+    kind: str  # embed | block | norm | head | consolidator | other
+    block: int | None = None  # kind block: its index
+    task: str | None = None  # kind head: its task
+    expert: int | None = None  # a routed MoE expert's index (shared experts: None)
+    router: bool = False  # an MoE router or task embedding
+    lora: bool = False  # a LoRA adapter
+    vector: bool = False  # one-dimensional (a bias or a norm's scale) or a learnt token/position
+
+    @property
+    def decays(self) -> bool:
+        """Whether weight decay applies when `train.decay_all` is off (timm's rule: not on biases,
+        norms, tokens and position embeddings)."""
+        return not self.vector
+
+
+def param_group(name: str, p: nn.Parameter) -> ParamGroup:
+    vector = p.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "reg_token"))
+    lora, router = is_lora_name(name), is_router_name(name)
+    m = _BLOCK.match(name)
+    if m:
+        return ParamGroup("block", block=int(m.group(1)), expert=expert_of(name), router=router, lora=lora, vector=vector)
+    if name.startswith("heads."):
+        return ParamGroup("head", task=name.split(".")[1], vector=vector)
+    if name.startswith(("vit.norm.", "vit.fc_norm.")):
+        return ParamGroup("norm", lora=lora, vector=vector)
+    if name.startswith(_EMBED):
+        return ParamGroup("embed", lora=lora, vector=vector)
+    if name.startswith("consolidator"):
+        return ParamGroup("consolidator", vector=vector)
+    return ParamGroup("other", lora=lora, router=router, vector=vector)
+
+
+def param_groups(model: nn.Module) -> Iterator[tuple[str, ParamGroup, nn.Parameter]]:
+    """(name, group, parameter) for every parameter of `model`."""
     for name, p in model.named_parameters():
-        b = _block_index(name)
-        if b is not None:
-            group = f"block{b}"
-        elif name.startswith("heads."):
-            group = "head:" + name.split(".")[1]
-        elif name.startswith(("vit.norm.", "vit.fc_norm.")):
-            group = "norm"
-        elif name.startswith(("vit.patch_embed", "vit.pos_embed", "vit.cls_token", "vit.reg_token", "vit.norm_pre")):
-            group = "embed"
-        elif name.startswith("consolidator"):
-            group = "consolidator"
-        else:
-            group = "other"
-        yield name, group, p
+        yield name, param_group(name, p), p
 
 
-def wants_grad(name: str, group: str, plan: Plan, task: str, has_lora: bool) -> bool:
-    """Whether parameter `name` trains under `plan` (the one rule; see set_trainable)."""
-    if group.startswith("block"):
-        block = int(group[5:])
-        if block not in plan.trained:
+def wants_grad(group: ParamGroup, plan: Plan, task: str, has_lora: bool) -> bool:
+    """Whether a parameter of `group` trains under `plan` (the one rule; see set_trainable)."""
+    if group.kind == "block":
+        if group.block not in plan.trained:
             return False
-        expert = expert_of(name) if plan.experts else None
-        if expert is not None and not plan.trains_expert(block, expert):
+        if plan.experts and group.expert is not None and not plan.trains_expert(group.block, group.expert):
             return False
         if plan.lora:  # adapters, and the routers of an MoE block (no adapter of their own)
-            return is_lora_name(name) or is_router_name(name)
-        return not is_lora_name(name) or not has_lora
-    if is_lora_name(name):
+            return group.lora or group.router
+        return not group.lora or not has_lora
+    if group.lora:
         return False
-    if group.startswith("head:"):
-        return plan.train_head and group == f"head:{task}"
-    if group == "norm":
+    if group.kind == "head":
+        return plan.train_head and group.task == task
+    if group.kind == "norm":
         return plan.train_norm
-    if group == "embed":
+    if group.kind == "embed":
         return plan.train_embed
-    if group == "consolidator":
+    if group.kind == "consolidator":
         return plan.consolidate_at is not None
-    if group == "other":  # router/extra modules of subclasses train with the head
-        return plan.train_head
-    return False
+    return plan.train_head  # other: router/extra modules of subclasses train with the head
 
 
 def set_trainable(model: FedViT, plan: Plan, task: str | None = None) -> list[str]:
@@ -378,7 +393,7 @@ def set_trainable(model: FedViT, plan: Plan, task: str | None = None) -> list[st
         raise ConfigError("the plan trains LoRA adapters but the model has none (apply_lora first)")
     names = []
     for name, group, p in param_groups(model):
-        flag = wants_grad(name, group, plan, task, lora)
+        flag = wants_grad(group, plan, task, lora)
         p.requires_grad_(flag)
         if flag:
             names.append(name)

@@ -268,8 +268,8 @@ class PersonalHeadTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.personal_head = personal_head
         if personal_head is not None:
-            self.optimizer.add_param_group({"params": list(personal_head.parameters()), "lr": self._base_lrs[1]})
-            self._base_lrs.append(self._base_lrs[1])
+            self.optimizer.add_param_group({"params": list(personal_head.parameters()), "lr": self.head_lr})
+            self._base_lrs.append(self.head_lr)
 
     def heads_to_fit(self) -> list[nn.Linear]:
         return super().heads_to_fit() + ([self.personal_head] if self.personal_head is not None else [])

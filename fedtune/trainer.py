@@ -28,7 +28,7 @@ from .accounting import (
     trainable_state_bytes,
 )
 from .data import ImageSet
-from .engine import Plan, Trace, set_trainable
+from .engine import Plan, Trace, param_groups, set_trainable
 from .errors import ConfigError
 from .heads import class_stats, evaluate, extract_features, fit_linear_head, lda_head, set_head
 from .methods import Method
@@ -42,6 +42,7 @@ class TrainConfig:
     lr: float = 5e-4  # AdamW peak learning rate
     head_lr: float | None = None  # learning rate of the heads (None: lr)
     weight_decay: float = 0.05  # AdamW weight decay
+    decay_all: bool = True  # decay every parameter; false: not biases, norms, tokens and position embeddings (timm's rule)
     warmup_steps: int = 5  # linear warm-up steps
     schedule: str = "cosine"  # cosine | constant
     label_smoothing: float = 0.0  # cross-entropy label smoothing
@@ -132,13 +133,15 @@ class Trainer:
         self.method = method
         self.cfg = cfg
         self.task = model.check_task(task)
-        head_lr = cfg.head_lr or cfg.lr
-        heads = [p for n, p in model.named_parameters() if n.startswith("heads.")]
-        rest = [p for n, p in model.named_parameters() if not n.startswith("heads.")]
+        self.head_lr = cfg.head_lr or cfg.lr
+        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        for _, group, p in param_groups(model):  # the same named groups set_trainable reads
+            groups.setdefault((group.kind == "head", cfg.decay_all or group.decays), []).append(p)
+        order = sorted(groups)  # the backbone before the heads
         self.optimizer = torch.optim.AdamW(
-            [{"params": rest, "lr": cfg.lr}, {"params": heads, "lr": head_lr}], weight_decay=cfg.weight_decay
+            [{"params": groups[k], "lr": self.head_lr if k[0] else cfg.lr, "weight_decay": cfg.weight_decay if k[1] else 0.0} for k in order]
         )
-        self._base_lrs = [cfg.lr, head_lr]
+        self._base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.global_step = 0
         self.total_steps = 0
         self.experts: tuple[tuple[int, tuple[int, ...]], ...] = ()  # MoE: the experts that train (see choose_experts)

@@ -333,3 +333,29 @@ def test_cost_model_leaves_the_model_as_it_found_it(tiny_model, lora):
         assert cm.estimate(plan, 8).activation_bytes >= 0
     assert {n: p.requires_grad for n, p in tiny_model.named_parameters()} == flags
     assert not tiny_model.training
+
+
+def test_named_parameter_groups_drive_trainability_and_the_optimizer(tiny_model):
+    from fedtune.engine import param_group
+
+    p = {n: q for n, q in tiny_model.named_parameters()}
+    assert param_group("vit.blocks.2.attn.qkv.weight", p["vit.blocks.2.attn.qkv.weight"]).block == 2
+    assert param_group("vit.pos_embed", p["vit.pos_embed"]).kind == "embed" and not param_group("vit.pos_embed", p["vit.pos_embed"]).decays
+    assert param_group("heads.digit.weight", p["heads.digit.weight"]).task == "digit"
+    assert param_group("vit.norm.weight", p["vit.norm.weight"]).kind == "norm"
+    bias = param_group("vit.blocks.0.mlp.fc1.bias", p["vit.blocks.0.mlp.fc1.bias"])
+    assert bias.kind == "block" and not bias.decays
+    w = torch.nn.Parameter(torch.zeros(2, 2))
+    assert param_group("vit.blocks.1.mlp.experts.3.fc1.weight", w).expert == 3
+    assert param_group("vit.blocks.1.mlp.shared_experts.0.fc1.weight", w).expert is None
+    assert param_group("vit.blocks.1.mlp.routers.a.weight", w).router
+    assert param_group("vit.blocks.1.attn.qkv.lora_A.default.weight", w).lora
+    assert param_group("consolidator.score.weight", w).kind == "consolidator"
+
+    method = make_method(MethodConfig(name="full"), tiny_model, None, 4)
+    decay = {id(q) for g in Trainer(tiny_model, method, TrainConfig()).optimizer.param_groups if g["weight_decay"] > 0 for q in g["params"]}
+    assert len(decay) == len(p)  # decay_all (the default): every parameter decays
+    groups = Trainer(tiny_model, method, TrainConfig(decay_all=False, head_lr=0.1)).optimizer.param_groups
+    no_decay = {id(q) for g in groups if g["weight_decay"] == 0.0 for q in g["params"]}
+    assert no_decay == {id(q) for n, q in p.items() if q.ndim <= 1 or n in ("vit.pos_embed", "vit.cls_token")}
+    assert {id(q) for g in groups if g["lr"] == 0.1 for q in g["params"]} == {id(p["heads.digit.weight"]), id(p["heads.digit.bias"])}

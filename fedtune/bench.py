@@ -24,6 +24,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -35,11 +36,11 @@ from .heads import class_stats, extract_features, lda_head
 from .methods import METHOD_NAMES, Method, MethodConfig, make_method, prepare_model
 from .model import FedViT, ModelConfig, build_model
 from .trainer import TrainConfig, Trainer
-from .typedconfig import deep_merge, from_dict, to_dict
+from .typedconfig import check_choices, deep_merge, from_dict, to_dict
 from .weights import resolve_pretrained
 
 DEFAULT_METHODS = ["full", "head", "bsr", "alast", "sherl", "alast+lora"]
-HEADLINES = ("lda", "none")
+Headline = Literal["lda", "none"]
 
 # Named method settings a bench can list beside the plain method names (overrides of `method`).
 DEFAULT_VARIANTS: dict[str, dict] = {
@@ -63,7 +64,7 @@ class BenchConfig:
     variants: dict[str, dict] = field(default_factory=lambda: {k: dict(v) for k, v in DEFAULT_VARIANTS.items()})  # name -> method overrides
     seeds: list[int] = field(default_factory=lambda: [0, 1])  # accuracy is averaged over these
     task: str | None = None  # the task to fine-tune (None: the data set's first)
-    headline: str = "lda"  # test_accuracy is every token with this head: lda (fitted after training) | none (as trained)
+    headline: Headline = "lda"  # test_accuracy is every token with this head: lda (fitted after training) | none (as trained)
     head_fit_samples: int | None = None  # fit the LDA head on at most this many training images (None: all)
     budgets: list[float] = field(default_factory=list)  # also run each method at these fractions of full's total training FLOPs
     budget_seeds: list[int] | None = None  # seeds of the budget runs (None: all seeds)
@@ -82,8 +83,7 @@ class BenchConfig:
             raise ConfigError(f"{prefix}methods: must include 'full' (ratios are against it)")
         if not self.seeds:
             raise ConfigError(f"{prefix}seeds: need at least one seed")
-        if self.headline not in HEADLINES:
-            raise ConfigError(f"{prefix}headline: must be one of {', '.join(HEADLINES)}, got {self.headline!r}")
+        check_choices(self, prefix)
         for b in self.budgets:
             if not b > 0:
                 raise ConfigError(f"{prefix}budgets: fractions of full's training FLOPs must be positive, got {b}")

@@ -20,12 +20,14 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from moe.layer import MoEConfig
 
 from . import protocol
 from .client_state import PERSONAL_HEAD, ClientState, personal_head, personal_params
@@ -38,21 +40,20 @@ from .model import FedViT, ModelConfig, build_model
 from .profiles import AUTO, PROFILES, get_profile
 from .protocol import EvalMetrics, TrainMetrics
 from .trainer import TrainConfig, Trainer
-from .typedconfig import apply_overrides, from_dict, read_yaml, to_dict
+from .typedconfig import apply_overrides, check_choices, from_dict, read_yaml, to_dict
 from .weights import resolve_pretrained
 
 
 @dataclass
 class PartitionConfig:
-    scheme: str = "dirichlet"  # iid | dirichlet | pathological
+    scheme: Literal["iid", "dirichlet", "pathological"] = "dirichlet"  # iid | dirichlet | pathological
     alpha: float = 0.5  # Dirichlet concentration (lower: more skewed)
     classes_per_partition: int = 2  # pathological: classes per client
     min_partition_size: int = 10  # Dirichlet: resample until every client has this many
     local_test_fraction: float = 0.2  # share of each client's data kept for its local test
 
     def validate(self, prefix: str = "") -> None:
-        if self.scheme not in ("iid", "dirichlet", "pathological"):
-            raise ConfigError(f"{prefix}scheme: unknown scheme {self.scheme!r}; choose iid, dirichlet or pathological")
+        check_choices(self, prefix)
         if not 0.0 <= self.local_test_fraction < 1.0:
             raise ConfigError(f"{prefix}local_test_fraction: must be in [0, 1), got {self.local_test_fraction}")
 
@@ -63,8 +64,8 @@ class FederationConfig:
     clients_per_round: int | None = None  # sampled per round (None: all)
     eval_clients_per_round: int | None = None  # sampled for federated evaluation (None: as training)
     rounds: int = 5  # federated rounds
-    send: str = "updated"  # updated: only what the client trained | all: full-model FedAvg
-    weighting: str = "examples"  # examples | updates
+    send: Literal["updated", "all"] = "updated"  # updated: only what the client trained | all: full-model FedAvg
+    weighting: protocol.Weighting = "examples"  # examples | updates
     personal: list[str] = field(default_factory=list)  # parameter-name prefixes that never leave a client
     personal_head: bool = True  # each client also trains its own head (never sent)
     feed_importance: bool = True  # server sends the federation's block importance to clients
@@ -73,7 +74,7 @@ class FederationConfig:
     checkpoint_every: int = 1  # rounds between server checkpoints
     round_timeout_s: float = 3600.0  # how long the server waits for replies
     connect_timeout_s: float = 120.0  # how long the server waits for num_clients nodes before failing
-    head_fit: str = "none"  # none | lda: after the last round, fit each task's global head from the clients' feature statistics
+    head_fit: Literal["none", "lda"] = "none"  # none | lda: after the last round, fit each task's global head from the clients' feature statistics
 
     def validate(self, prefix: str = "") -> None:
         if self.num_clients < 1:
@@ -82,14 +83,9 @@ class FederationConfig:
             raise ConfigError(f"{prefix}clients_per_round: must be in 1..num_clients ({self.num_clients}), got {self.clients_per_round}")
         if self.rounds < 1:
             raise ConfigError(f"{prefix}rounds: must be >= 1, got {self.rounds}")
-        if self.send not in ("updated", "all"):
-            raise ConfigError(f"{prefix}send: must be 'updated' or 'all', got {self.send!r}")
+        check_choices(self, prefix)
         if not self.connect_timeout_s >= 0:
             raise ConfigError(f"{prefix}connect_timeout_s: must be >= 0, got {self.connect_timeout_s}")
-        if self.head_fit not in ("none", "lda"):
-            raise ConfigError(f"{prefix}head_fit: must be 'none' or 'lda', got {self.head_fit!r}")
-        if self.weighting not in protocol.WEIGHTINGS:
-            raise ConfigError(f"{prefix}weighting: must be one of {', '.join(protocol.WEIGHTINGS)}, got {self.weighting!r}")
         for p in self.profiles:
             if p not in PROFILES and p != AUTO:
                 raise ConfigError(f"{prefix}profiles: unknown device profile {p!r}; known: {', '.join(PROFILES)}, {AUTO}")
@@ -97,7 +93,6 @@ class FederationConfig:
             raise ConfigError(f"{prefix}profiles: give at least one device profile")
 
 
-MoEConfigRef = dict[str, Any]  # checked against moe.MoEConfig when the model is built
 
 
 @dataclass
@@ -119,17 +114,13 @@ class RunConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1, batch_size=32))
     federation: FederationConfig = field(default_factory=FederationConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
-    moe: MoEConfigRef | None = None  # an MoE ViT (moe.MoEConfig fields); None: a dense ViT
+    moe: MoEConfig | None = None  # an MoE ViT (see moe.MoEConfig); None: a dense ViT
 
     def validate(self, prefix: str = "") -> None:
         if self.task is not None and self.tasks is not None:
             raise ConfigError(f"{prefix}task/tasks: give one of them (task for one task, tasks for several)")
         if self.tasks is not None and not self.tasks:
             raise ConfigError(f"{prefix}tasks: give at least one task")
-        if self.moe is not None:
-            from moe import MoEConfig
-
-            from_dict(MoEConfig, self.moe, prefix=f"{prefix}moe.")
         for group in self.federation.client_tasks or []:
             for t in group:
                 if t not in self.run_tasks():
@@ -215,9 +206,9 @@ def global_model(cfg: RunConfig) -> FedViT:
     torch.manual_seed(cfg.seed)
     model = build_model(resolve_pretrained(cfg.model), {t: split.train.num_classes[t] for t in tasks})
     if cfg.moe is not None:
-        from moe import MoEConfig, build_moe_vit
+        from moe import build_moe_vit
 
-        model = build_moe_vit(None, from_dict(MoEConfig, cfg.moe, prefix="moe."), {t: split.train.num_classes[t] for t in tasks}, dense=model)
+        model = build_moe_vit(None, cfg.moe, {t: split.train.num_classes[t] for t in tasks}, dense=model)
     prepare_model(model, cfg.method)
     return model
 

@@ -11,6 +11,7 @@ profile's memory and compute budgets; the planner says why when none does.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Literal, get_args
 
 import numpy as np
 
@@ -21,8 +22,10 @@ from .lora import LORA_TARGETS, apply_lora, has_lora
 from .model import FedViT
 from .profiles import DeviceProfile, get_profile
 from .sherl import Consolidator
+from .typedconfig import check_choices
 
-METHOD_NAMES = ("full", "head", "bsr", "alast", "sherl")
+MethodName = Literal["full", "head", "bsr", "alast", "sherl"]
+METHOD_NAMES: tuple[str, ...] = get_args(MethodName)
 MiB = float(1 << 20)
 
 
@@ -54,15 +57,15 @@ class ALaSTConfig:
     k: int = 3  # blocks trained per step (the top-K budgets that fit the profile and the memory cap)
     mean_budget: float = 0.6  # mean per-block token budget (fraction of patch tokens)
     min_budget: float = 0.3  # lowest budget a block can get
-    update: str = "target"  # target: move budgets towards Δ-proportional ones (mean kept) | delta: b += alpha (Δ_t - Δ_{t-1}), clipped
+    update: Literal["target", "delta"] = "target"  # target: move budgets towards Δ-proportional ones (mean kept) | delta: b += alpha (Δ_t - Δ_{t-1}), clipped
     rate: float = 0.1  # target: how fast budgets follow the importance (per step)
     alpha: float = 1e-3  # delta: step of the budget update (re-implementations tie it to the learning rate)
     adapt: bool = True  # False: budgets stay at mean_budget (with select: last, the fixed-plan ablation)
     memory_fraction: float | None = 0.2  # cap: memory vs full fine-tuning's (None: the profile alone)
-    reselect: str = "step"  # step: new trained blocks every step | round: keep the first plan's blocks while this planner trains
+    reselect: Literal["step", "round"] = "step"  # step: new trained blocks every step | round: keep the first plan's blocks while this planner trains
     survey_batches: int = 0  # before training, look at this many batches without autograd and start the budgets from their class-token deltas
     federation_weight: float = 0.5  # weight of the federation's importance against the client's own when budgets start from both
-    select: str = "top"  # top: the K highest budgets that fit | sample: K drawn with probability ~ budget (seeded), as ALaST's layer sampling | last: the K last blocks that fit
+    select: Literal["top", "sample", "last"] = "top"  # top: the K highest budgets that fit | sample: K drawn with probability ~ budget (seeded), as ALaST's layer sampling | last: the K last blocks that fit
 
 
 @dataclass
@@ -75,7 +78,7 @@ class SHERLConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = "alast"  # full | head | bsr | alast | sherl
+    name: MethodName = "alast"  # full | head | bsr | alast | sherl
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     bsr: BSRConfig = field(default_factory=BSRConfig)
     alast: ALaSTConfig = field(default_factory=ALaSTConfig)
@@ -83,8 +86,7 @@ class MethodConfig:
     fit_to_profile: bool = True  # bsr/sherl: drop trained blocks (earliest first) until the plan fits
 
     def validate(self, prefix: str = "") -> None:
-        if self.name not in METHOD_NAMES:
-            raise ConfigError(f"{prefix}name: unknown method {self.name!r}; choose from {', '.join(METHOD_NAMES)}")
+        check_choices(self, prefix)
         if self.lora.enabled and self.name in ("full", "head"):
             raise ConfigError(f"{prefix}lora.enabled: LoRA combines with bsr, alast and sherl, not {self.name}")
         for key, ratio in (("bsr.keep_ratio", self.bsr.keep_ratio), ("sherl.keep_ratio", self.sherl.keep_ratio)):
@@ -97,14 +99,8 @@ class MethodConfig:
             raise ConfigError(f"{prefix}alast.mean_budget/min_budget: need 0 < min_budget <= mean_budget <= 1, got {a.min_budget}, {a.mean_budget}")
         if not 0.0 < a.rate <= 1.0:
             raise ConfigError(f"{prefix}alast.rate: must be in (0, 1], got {a.rate}")
-        if a.update not in ("target", "delta"):
-            raise ConfigError(f"{prefix}alast.update: must be 'target' or 'delta', got {a.update!r}")
         if not a.alpha > 0:
             raise ConfigError(f"{prefix}alast.alpha: must be positive, got {a.alpha}")
-        if a.reselect not in ("step", "round"):
-            raise ConfigError(f"{prefix}alast.reselect: must be 'step' or 'round', got {a.reselect!r}")
-        if a.select not in ("top", "sample", "last"):
-            raise ConfigError(f"{prefix}alast.select: must be 'top', 'sample' or 'last', got {a.select!r}")
         if a.survey_batches < 0:
             raise ConfigError(f"{prefix}alast.survey_batches: must be >= 0, got {a.survey_batches}")
         if not 0.0 <= a.federation_weight <= 1.0:

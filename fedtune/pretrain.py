@@ -20,6 +20,7 @@ import string
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -36,7 +37,7 @@ from .model import (
     read_state,
     save_checkpoint,
 )
-from .typedconfig import from_dict, to_dict
+from .typedconfig import check_choices, from_dict, to_dict
 from .weights import cache_dir
 
 GLYPHS = string.digits + string.ascii_uppercase
@@ -143,15 +144,14 @@ class PretrainConfig:
     lr: float = 1e-3  # AdamW peak learning rate (cosine decay, warm-up)
     weight_decay: float = 0.05  # AdamW weight decay
     seed: int = 0  # seed for data generation, initialisation and shuffling
-    init: str = "timm"  # mimetic (attention initialised like a trained one) | timm
+    init: Literal["mimetic", "timm"] = "timm"  # mimetic (attention initialised like a trained one) | timm
 
     def validate(self, prefix: str = "") -> None:
         if self.model.pretrained:
             raise ConfigError(f"{prefix}model.pretrained: pretraining starts from random weights; leave it empty")
         if self.glyphs < 0 or self.shapes < 0 or self.glyphs + self.shapes == 0:
             raise ConfigError(f"{prefix}glyphs/shapes: need some pretraining images")
-        if self.init not in ("mimetic", "timm"):
-            raise ConfigError(f"{prefix}init: must be mimetic or timm, got {self.init!r}")
+        check_choices(self, prefix)
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError(f"{prefix}epochs/batch_size: must be >= 1")
         if not 0.0 <= self.scan_fraction <= 1.0:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Literal, get_args
 
 # Record keys in a Message's RecordDict.
 ARRAYS = "arrays"  # ArrayRecord: parameter name -> Array
@@ -34,7 +34,8 @@ SERVER_ROUND = "server-round"  # set by Flower's FedAvg.configure_train
 WANT_HEAD_STATS = "want-head-stats"  # in an evaluate instruction: reply with HEAD_STATS too
 
 # How the server weights each sender of a parameter (federation.weighting).
-WEIGHTINGS = ("examples", "updates")  # by the reply's NUM_EXAMPLES | by its UPDATE_COUNTS for that parameter
+Weighting = Literal["examples", "updates"]  # by the reply's NUM_EXAMPLES | by its UPDATE_COUNTS for that parameter
+WEIGHTINGS: tuple[str, ...] = get_args(Weighting)
 
 # Metric keys the server adds to each round's aggregated train MetricRecord.
 REPLIES_ACCEPTED = "replies-accepted"  # replies that entered the aggregate

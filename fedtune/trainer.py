@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 import numpy as np
 import torch
@@ -33,6 +34,7 @@ from .errors import ConfigError
 from .heads import class_stats, evaluate, extract_features, fit_linear_head, lda_head, set_head
 from .methods import Method
 from .model import FedViT
+from .typedconfig import check_choices
 
 
 @dataclass
@@ -44,15 +46,15 @@ class TrainConfig:
     weight_decay: float = 0.05  # AdamW weight decay
     decay_all: bool = True  # decay every parameter; false: not biases, norms, tokens and position embeddings (timm's rule)
     warmup_steps: int = 5  # linear warm-up steps
-    schedule: str = "cosine"  # cosine | constant
+    schedule: Literal["cosine", "constant"] = "cosine"  # cosine | constant
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     flops_every: int = 10  # count FLOPs on the first step and every Nth step after
     max_steps: int | None = None  # stop after this many steps (quick runs)
     eval_batch_size: int = 256  # evaluation batch size
     seed: int = 0  # seed for shuffling and initialisation
-    head_fit: str = "none"  # none | before | after | both: refit the head(s) on every-token features (see fit_heads)
+    head_fit: Literal["none", "before", "after", "both"] = "none"  # none | before | after | both: refit the head(s) on every-token features (see fit_heads)
     head_fit_reg: float = 0.005  # logistic: L2 penalty (mean cross-entropy + reg/2 * |W|^2)
-    head_fit_kind: str = "logistic"  # logistic (L-BFGS) | lda (linear discriminant, closed form; see lda_head)
+    head_fit_kind: Literal["logistic", "lda"] = "logistic"  # logistic (L-BFGS) | lda (linear discriminant, closed form; see lda_head)
     head_fit_samples: int | None = None  # fit on at most this many training images (None: all)
 
     def validate(self, prefix: str = "") -> None:
@@ -62,22 +64,15 @@ class TrainConfig:
             raise ConfigError(f"{prefix}batch_size: must be >= 1, got {self.batch_size}")
         if not self.lr > 0:
             raise ConfigError(f"{prefix}lr: must be positive, got {self.lr}")
-        if self.schedule not in ("cosine", "constant"):
-            raise ConfigError(f"{prefix}schedule: must be cosine or constant, got {self.schedule!r}")
         if self.flops_every < 1:
             raise ConfigError(f"{prefix}flops_every: must be >= 1, got {self.flops_every}")
-        if self.head_fit not in HEAD_FIT:
-            raise ConfigError(f"{prefix}head_fit: must be one of {', '.join(HEAD_FIT)}, got {self.head_fit!r}")
-        if self.head_fit_kind not in HEAD_FIT_KINDS:
-            raise ConfigError(f"{prefix}head_fit_kind: must be {' or '.join(HEAD_FIT_KINDS)}, got {self.head_fit_kind!r}")
+        check_choices(self, prefix)
         if self.head_fit_reg < 0:
             raise ConfigError(f"{prefix}head_fit_reg: must be >= 0, got {self.head_fit_reg}")
         if self.head_fit_samples is not None and self.head_fit_samples < 1:
             raise ConfigError(f"{prefix}head_fit_samples: must be >= 1 or null, got {self.head_fit_samples}")
 
 
-HEAD_FIT = ("none", "before", "after", "both")
-HEAD_FIT_KINDS = ("logistic", "lda")
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:

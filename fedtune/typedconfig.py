@@ -47,7 +47,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if origin is Literal:
         allowed = get_args(tp)
         if value not in allowed:
-            raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}")
+            raise ConfigError(_not_a_choice(key, value, allowed))
         return value
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
@@ -95,6 +95,36 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a path, got {value!r}")
         return Path(value)
     return value
+
+
+def _not_a_choice(key: str, value: Any, allowed: tuple) -> str:
+    return f"{key}: must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}"
+
+
+def _choices(tp: Any) -> tuple | None:
+    """The values a Literal (or optional Literal) type allows, else None."""
+    if get_origin(tp) is Literal:
+        return get_args(tp)
+    if get_origin(tp) in (Union, types.UnionType):
+        for arg in get_args(tp):
+            if get_origin(arg) is Literal:
+                return get_args(arg)
+    return None
+
+
+def check_choices(obj: Any, prefix: str = "") -> None:
+    """Raise a ConfigError naming the key when a Literal-typed field of dataclass `obj` (or of
+    a dataclass inside it) holds a value its type does not list: the check for configs built
+    in code as well as from YAML."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            check_choices(value, f"{prefix}{f.name}.")
+            continue
+        allowed = _choices(hints[f.name])
+        if allowed is not None and value is not None and value not in allowed:
+            raise ConfigError(_not_a_choice(f"{prefix}{f.name}", value, allowed))
 
 
 def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:

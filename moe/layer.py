@@ -26,6 +26,7 @@ import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +34,10 @@ from timm.layers import Mlp
 from torch import nn
 
 from fedtune.errors import ConfigError
+from fedtune.typedconfig import check_choices
 
-ROUTERS = ("per_task", "shared")
+Router = Literal["per_task", "shared"]
+ROUTERS: tuple[str, ...] = get_args(Router)
 BACKEND_NAMES = ("native", "tutel", "auto")
 
 
@@ -66,7 +69,7 @@ class MoEConfig:
     capacity_factor: float | None = 1.25  # training: capacity = ceil(f * tokens * top_k / E) per expert; None or <= 0: no limit
     eval_capacity_factor: float | None = None  # the same at inference (None: no limit, so no prediction depends on the rest of the batch)
     blocks: list[int] | None = None  # MoE blocks (None: every other block from 1: 1, 3, 5, ...)
-    router: str = "per_task"  # per_task: one router per task | shared: one router over [token, task embedding]
+    router: Router = "per_task"  # per_task: one router per task | shared: one router over [token, task embedding]
     task_embed_dim: int = 16  # shared router: size of the task embedding
     aux_loss_weight: float = 0.01  # weight of the load-balancing loss in the training loss
     backend: str = "native"  # native | tutel | auto (tutel when importable, else native)
@@ -79,8 +82,7 @@ class MoEConfig:
             raise ConfigError(f"{prefix}num_experts: must be >= 1, got {self.num_experts}")
         if not 1 <= self.top_k <= self.num_experts:
             raise ConfigError(f"{prefix}top_k: must be in 1..num_experts ({self.num_experts}), got {self.top_k}")
-        if self.router not in ROUTERS:
-            raise ConfigError(f"{prefix}router: unknown router {self.router!r}; choose from {', '.join(ROUTERS)}")
+        check_choices(self, prefix)
         if self.train_experts is not None and not 1 <= self.train_experts <= self.num_experts:
             raise ConfigError(f"{prefix}train_experts: must be in 1..num_experts ({self.num_experts}) or null, got {self.train_experts}")
         if self.shared_experts < 0:

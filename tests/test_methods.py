@@ -179,7 +179,7 @@ def test_unknown_profile():
 @pytest.mark.parametrize(
     "data, match",
     [
-        ({"name": "magic"}, "unknown method 'magic'"),
+        ({"name": "magic"}, "name: must be one of 'full', 'head', 'bsr', 'alast', 'sherl', got 'magic'"),
         ({"bsr": {"keep_ratio": 0.0}}, "keep_ratio: keep ratio must be in"),
         ({"bsr": {"keep_ratio": 1.5}}, "keep_ratio"),
         ({"sherl": {"keep_ratio": -0.1}}, "sherl.keep_ratio"),

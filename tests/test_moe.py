@@ -404,7 +404,7 @@ def test_config_errors_name_the_problem():
     assert from_dict(MoEConfig, {"num_experts": 4, "top_k": 2, "blocks": [3, 7, 11]}).blocks == [3, 7, 11]
     cases = [
         ({"num_experts": 2, "top_k": 3}, "moe.top_k: must be in 1..num_experts"),
-        ({"router": "global"}, "moe.router: unknown router 'global'"),
+        ({"router": "global"}, "moe.router: must be one of 'per_task', 'shared', got 'global'"),
         ({"backend": "cuda"}, "moe.backend: unknown MoE backend 'cuda'"),
         ({"num_experts": 0}, "moe.num_experts"),
         ({"aux_loss_weight": -1.0}, "moe.aux_loss_weight"),

@@ -227,9 +227,10 @@ def shared_model(cfg: RunConfig) -> FedViT:
 
 
 def state_to_numpy(model: nn.Module, names: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Copies of the model's tensors (not views: the process's model trains on for other clients)."""
     state = model.state_dict()
     names = list(state) if names is None else names
-    return {n: state[n].detach().cpu().numpy() for n in names}
+    return {n: state[n].detach().cpu().numpy().copy() for n in names}
 
 
 def load_numpy_state(model: nn.Module, arrays: dict[str, np.ndarray], where: str = "global parameters") -> None:

@@ -472,3 +472,43 @@ def test_train_metrics_round_trip() -> None:
     assert "importance" not in wire  # None values stay off the wire
     assert protocol.TrainMetrics.from_dict(wire) == m
     assert protocol.TrainMetrics.from_dict({}) == protocol.TrainMetrics()  # a rejected reply may carry nothing
+
+
+def test_real_client_updates_average_per_expert_and_per_task_router() -> None:
+    """End to end without Flower's transport: three MoE clients (two of task a, one of task b)
+    train a round; with weighting 'updates' each parameter is the average of the clients that
+    updated it, weighted by their real step counts; task b's router is client b's alone, the
+    experts only client b used keep client b's values, untouched parameters stay global."""
+    from clients.records import numpy_to_arrays
+    from fedtune.client_state import ClientState
+    from fedtune.federated import ClientRuntime, global_model, state_to_numpy
+
+    from .test_federated import tiny_run
+
+    cfg = tiny_run(tasks=["digit", "parity"], moe={"num_experts": 4, "top_k": 1, "blocks": [3], "train_experts": 1},
+                   partition={"scheme": "dirichlet", "alpha": 1.0, "min_partition_size": 5},
+                   federation={"num_clients": 3, "client_tasks": [["digit"], ["parity"], ["digit"]], "weighting": "updates"})
+    glob = state_to_numpy(global_model(cfg))
+    outs = [ClientRuntime(cfg, pid).fit(glob, ClientState(), server_round=1) for pid in range(3)]
+    replies = [reply(pid + 1, numpy_to_arrays(u), m.num_examples, counts) for pid, (u, counts, m, _) in enumerate(outs)]
+    strategy = SparseFedAvg(weighting="updates")
+    configured(strategy, numpy_to_arrays(glob))
+    result, _ = strategy.aggregate_train(1, replies)
+    out = as_numpy(result)
+    senders: dict[str, list[tuple[np.ndarray, int]]] = {}
+    for update, counts, _, _ in outs:
+        for name, value in update.items():
+            senders.setdefault(name, []).append((value, counts[name]))
+    router_b = "vit.blocks.3.mlp.routers.parity.weight"
+    assert [len(senders[router_b])] == [1] and "vit.blocks.3.mlp.routers.digit.weight" in senders
+    for name, glob_value in glob.items():
+        if name not in senders:
+            np.testing.assert_array_equal(out[name], glob_value, err_msg=name)
+            continue
+        total = sum(c for _, c in senders[name])
+        want = sum(v.astype(np.float64) * c for v, c in senders[name]) / total
+        np.testing.assert_allclose(out[name], want, rtol=1e-5, atol=1e-6, err_msg=name)
+    steps, examples = [m.steps for _, _, m, _ in outs], [m.num_examples for _, _, m, _ in outs]
+    assert steps[0] * examples[2] != steps[2] * examples[0]  # so weighting by steps differs from weighting by examples
+    experts_by = [{n.split(".experts.")[1].split(".")[0] for n in u if ".experts." in n} for u, *_ in outs]
+    assert all(len(e) == 1 for e in experts_by)  # train_experts: 1 expert per client in the MoE block

@@ -218,7 +218,8 @@ def skip_block(run: Callable, block: nn.Module, i: int, x: torch.Tensor, keep: i
 ScopeFn = Callable[[str], contextlib.AbstractContextManager]
 
 
-def _no_scope(_: str) -> contextlib.AbstractContextManager:
+def no_scope(_: str) -> contextlib.AbstractContextManager:
+    """The scope function that wraps nothing (no per-stage accounting)."""
     return contextlib.nullcontext()
 
 
@@ -228,7 +229,7 @@ def forward_features(
     plan: Plan,
     task: str | None = None,
     trace: Trace | None = None,
-    scope: ScopeFn = _no_scope,
+    scope: ScopeFn = no_scope,
     block_fn: Callable | None = None,
 ) -> torch.Tensor:
     """Pre-logit features of `images` (after the final norm and pooling), computed as `plan` says.
@@ -289,7 +290,7 @@ def forward_plan(
     plan: Plan,
     task: str | None = None,
     trace: Trace | None = None,
-    scope: ScopeFn = _no_scope,
+    scope: ScopeFn = no_scope,
     block_fn: Callable | None = None,
 ) -> torch.Tensor:
     """Logits of `task` for `images` under `plan`: `forward_features`, then the task's head."""
@@ -402,6 +403,14 @@ def set_trainable(model: FedViT, plan: Plan, task: str | None = None) -> list[st
 
 def full_plan(depth: int, **kw) -> Plan:
     return Plan(depth=depth, trained=frozenset(range(depth)), train_embed=True, **kw)
+
+
+def check_blocks(blocks: list[int], depth: int, key: str) -> list[int]:
+    """`blocks` sorted and unique; a ConfigError naming `key` when one is not a block of a `depth`-block model."""
+    for b in blocks:
+        if not 0 <= b < depth:
+            raise ConfigError(f"{key}: block index {b} out of range for a model of depth {depth} (valid: 0..{depth - 1})")
+    return sorted(set(blocks))
 
 
 def keep_count(ratio: float, n: int) -> int:

@@ -49,6 +49,7 @@ class PartitionConfig:
     scheme: Literal["iid", "dirichlet", "pathological"] = "dirichlet"  # iid | dirichlet | pathological
     alpha: float = 0.5  # Dirichlet concentration (lower: more skewed)
     classes_per_partition: int = 2  # pathological: classes per client
+    class_assignment: Literal["deterministic", "random", "first-deterministic"] = "deterministic"  # pathological: how classes go to clients (flwr-datasets' modes)
     min_partition_size: int = 10  # Dirichlet: resample until every client has this many
     local_test_fraction: float = 0.2  # share of each client's data kept for its local test
 
@@ -177,6 +178,7 @@ def federated_data(cfg: RunConfig) -> tuple[DataSplit, list[np.ndarray]]:
         parts = partition_indices(
             split.train.labels[task].numpy(), cfg.federation.num_clients, p.scheme, alpha=p.alpha,
             classes_per_partition=p.classes_per_partition, seed=cfg.seed, min_partition_size=p.min_partition_size,
+            class_assignment=p.class_assignment,
         )
         _DATA_CACHE.clear()
         _DATA_CACHE[key] = (split, parts)

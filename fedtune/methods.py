@@ -16,7 +16,7 @@ from typing import Literal, get_args
 import numpy as np
 
 from .costs import Cost, CostModel
-from .engine import Plan, Trace, keep_count
+from .engine import Plan, Trace, check_blocks, keep_count
 from .errors import ConfigError, PlanError
 from .lora import LORA_TARGETS, apply_lora, has_lora
 from .model import FedViT
@@ -118,13 +118,6 @@ def scaled_blocks(paper: list[int], depth: int) -> list[int]:
     if depth == 12:
         return list(paper)
     return sorted({min(depth - 1, round(b * (depth - 1) / 11)) for b in paper})
-
-
-def check_blocks(blocks: list[int], depth: int, key: str) -> list[int]:
-    for b in blocks:
-        if not 0 <= b < depth:
-            raise ConfigError(f"{key}: block index {b} out of range for a model of depth {depth} (valid: 0..{depth - 1})")
-    return sorted(set(blocks))
 
 
 def prepare_model(model: FedViT, cfg: MethodConfig) -> FedViT:

@@ -22,13 +22,13 @@ from fedtune.engine import (
     Plan,
     ScopeFn,
     Trace,
-    _no_scope,
     block_forward,
+    check_blocks,
     forward_features,
     full_plan,
+    no_scope,
 )
 from fedtune.errors import ConfigError
-from fedtune.methods import check_blocks
 from fedtune.model import FedViT, ModelConfig, build_model
 
 from .layer import MoEConfig, MoEMlp, MoEStats, total_aux_loss
@@ -151,7 +151,7 @@ def moe_features(
     if not isinstance(model, MoEViT):
         raise ConfigError(f"moe_features needs an MoEViT, got {type(model).__name__}")
     stats: list[MoEStats] = []
-    feats = forward_features(model, images, plan, task, trace=trace, scope=scope or _no_scope, block_fn=model.block_fn(task, stats))
+    feats = forward_features(model, images, plan, task, trace=trace, scope=scope or no_scope, block_fn=model.block_fn(task, stats))
     return feats, stats
 
 

@@ -144,40 +144,52 @@ class ServerRunner:
         return self.finish()
 
     def on_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        """Flower calls this before round 1 (0) and after every round: evaluate, record, checkpoint."""
+        """Flower calls this before round 1 (0) and after every round: evaluate (after the
+        head-fit step in the round that carries statistics), record, checkpoint."""
         rnd = server_round + self.done_rounds
         load_numpy_state(self.model, {k: v.numpy() for k, v in arrays.items()})
         per_task, ev = self.evaluate_global()
         if server_round == 0:
             if not self.rounds:
-                rec = {"round": 0, "accuracy_global": ev["accuracy"], "loss_global": ev["loss"], "accuracy_per_task": {t: e["accuracy"] for t, e in per_task.items()}, "bytes_up": 0, "bytes_down": 0, "bytes_up_full_fedavg": 0}
-                self.rounds.append(rec)
-                append_jsonl(self.out / "metrics.jsonl", rec)
+                self.record({"round": 0, "accuracy_global": ev["accuracy"], "loss_global": ev["loss"], "accuracy_per_task": {t: e["accuracy"] for t, e in per_task.items()}, "bytes_up": 0, "bytes_down": 0, "bytes_up_full_fedavg": 0})
             return MetricRecord({"accuracy": ev["accuracy"]})
-        s = self.strategy
         head_fit = {}
-        if s.head_stats:
-            arrays, head_fit = self.fit_heads(s.head_stats)
-            head_fit.update(accuracy_global_before_head_fit=ev["accuracy"], bytes_up_head_stats=s.head_stats_bytes)
+        if self.strategy.head_stats:
+            arrays, head_fit = self.fit_heads(self.strategy.head_stats)
+            head_fit.update(accuracy_global_before_head_fit=ev["accuracy"], bytes_up_head_stats=self.strategy.head_stats_bytes)
             per_task, ev = self.evaluate_global()
+        rec = {**self.round_record(rnd, per_task, ev), **head_fit}
+        self.record(rec)
+        if rnd % self.cfg.federation.checkpoint_every == 0 or rnd == self.cfg.federation.rounds:
+            self.save_checkpoint(arrays, self.strategy, rnd)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(acc=f"{100 * ev['accuracy']:.1f}%", up=f"{rec['bytes_up'] / 2**20:.1f}MiB")
+        return MetricRecord({"accuracy": ev["accuracy"]})
+
+    def record(self, rec: dict[str, Any]) -> None:
+        """Keep a round's record and append it to metrics.jsonl."""
+        self.rounds.append(rec)
+        append_jsonl(self.out / "metrics.jsonl", rec)
+
+    def round_record(self, rnd: int, per_task: dict[str, dict[str, float]], ev: dict[str, float]) -> dict[str, Any]:
+        """What metrics.jsonl keeps of a round: the global evaluation, each client's train reply
+        and evaluation, bytes both ways (and full FedAvg's), rejections, importance, memory."""
+        s = self.strategy
         clients = [self.client_record(c) for c in s.last_client_metrics]
         evals = [{"node_id": e["node_id"], **{k.replace("-", "_"): v for k, v in e["metrics"].to_dict().items()}} for e in s.last_eval_metrics]
-        personalized = _weighted_mean(evals, "accuracy_personal")
-        local_global = _weighted_mean(evals, "accuracy_global")
         accepted = [c for c in clients if c["accepted"]]
-        bytes_up = int(sum(c["bytes_sent"] or 0 for c in accepted))
         train_sent = len(clients) + sum(1 for r in s.last_rejections if r[0] not in {c["node_id"] for c in clients})
-        bytes_down = int(self.full_bytes * (train_sent + len(evals)))
         proc_rss, total_rss = rss_bytes()
-        rec = {
+        return {
             "round": rnd,
             "accuracy_global": ev["accuracy"],
             "loss_global": ev["loss"],
             "accuracy_per_task": {t: e["accuracy"] for t, e in per_task.items()},
-            "accuracy_personalized": personalized,
-            "accuracy_global_on_client_tests": local_global,
-            "bytes_up": bytes_up,
-            "bytes_down": bytes_down,
+            "accuracy_personalized": _weighted_mean(evals, "accuracy_personal"),
+            "accuracy_global_on_client_tests": _weighted_mean(evals, "accuracy_global"),
+            "bytes_up": int(sum(c["bytes_sent"] or 0 for c in accepted)),
+            "bytes_down": int(self.full_bytes * (train_sent + len(evals))),
             "bytes_up_full_fedavg": int(self.full_bytes * len(accepted)),
             "accepted": len(accepted),
             "rejected": [{"node_id": n, "reason": r} for n, r in s.last_rejections],
@@ -187,16 +199,7 @@ class ServerRunner:
             "rss_bytes": proc_rss,
             "rss_bytes_with_workers": total_rss,
             "elapsed_s": round(time.time() - self.started, 2),
-            **head_fit,
         }
-        self.rounds.append(rec)
-        append_jsonl(self.out / "metrics.jsonl", rec)
-        if rnd % self.cfg.federation.checkpoint_every == 0 or rnd == self.cfg.federation.rounds:
-            self.save_checkpoint(arrays, s, rnd)
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(acc=f"{100 * ev['accuracy']:.1f}%", up=f"{bytes_up / 2**20:.1f}MiB")
-        return MetricRecord({"accuracy": ev["accuracy"]})
 
     def client_record(self, c: dict[str, Any]) -> dict[str, Any]:
         """One client's train reply as metrics.jsonl records it."""

@@ -72,6 +72,44 @@ def class_stats(feats: torch.Tensor, labels: torch.Tensor, num_classes: int) -> 
     return {"count": torch.bincount(labels, minlength=num_classes).double().numpy(), "sum": sums.numpy(), "outer": (x.T @ x).numpy()}
 
 
+class StatsSum:
+    """Per-task `class_stats` summed over clients (what the server's head fit reads).
+
+    `add` takes one client's statistics; a task whose parts are missing, non-finite or
+    negative, or whose shapes disagree with the others', is left out and its reason returned.
+    """
+
+    PARTS = frozenset({"count", "sum", "outer"})
+
+    def __init__(self) -> None:
+        self.tasks: dict[str, dict[str, np.ndarray]] = {}
+        self.nbytes = 0  # of the statistics taken in
+
+    def add(self, stats: dict[str, dict[str, np.ndarray]]) -> list[str]:
+        problems = []
+        for task, parts in stats.items():
+            problem = self._problem(task, parts)
+            if problem:
+                problems.append(problem)
+                continue
+            have = self.tasks.setdefault(task, {k: np.zeros_like(v, dtype=np.float64) for k, v in parts.items()})
+            for k, v in parts.items():
+                have[k] += v
+            self.nbytes += int(sum(v.nbytes for v in parts.values()))
+        return problems
+
+    def _problem(self, task: str, parts: dict[str, np.ndarray]) -> str | None:
+        if set(parts) != self.PARTS:
+            return f"task {task!r} has parts {sorted(parts)}, expected count, sum, outer"
+        if not all(np.isfinite(v).all() for v in parts.values()) or (parts["count"] < 0).any():
+            return f"task {task!r} has non-finite or negative statistics"
+        c, d = parts["sum"].shape if parts["sum"].ndim == 2 else (-1, -1)
+        have = self.tasks.get(task)
+        if parts["count"].shape != (c,) or parts["outer"].shape != (d, d) or (have and have["sum"].shape != (c, d)):
+            return f"task {task!r} statistics have inconsistent shapes"
+        return None
+
+
 def lda_head(stats: dict[str, np.ndarray], shrink: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
     """Linear discriminant analysis from `class_stats` (or their sum over clients): class
     means, a pooled within-class covariance (shrunk by `shrink` toward its mean variance, so

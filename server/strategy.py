@@ -24,6 +24,7 @@ from flwr.supercore import log
 
 from fedtune import protocol
 from fedtune.errors import CheckpointError, ConfigError
+from fedtune.heads import StatsSum
 
 IMPORTANCE_EMA_RATE = 0.5  # weight of the new round's mean in the running importance
 _STATE_VERSION = 1
@@ -109,8 +110,7 @@ class SparseFedAvg(FedAvg):
         # The round (counted over the whole run) whose evaluate replies carry feature
         # statistics for the server's head fit; what they summed to and their size.
         self.head_stats_round = head_stats_round
-        self.head_stats: dict[str, dict[str, np.ndarray]] = {}
-        self.head_stats_bytes = 0
+        self._stats = StatsSum()
 
         # The global arrays of the round being trained (set by configure_train).
         self.current_arrays: ArrayRecord | None = None
@@ -162,7 +162,7 @@ class SparseFedAvg(FedAvg):
         reply. Each client's metrics are kept in last_eval_metrics.
         """
         self.last_eval_metrics = []
-        self.head_stats, self.head_stats_bytes = {}, 0
+        self._stats = StatsSum()
         sums: dict[str, float] = {}
         weights: dict[str, float] = {}
         for msg in replies:
@@ -194,31 +194,23 @@ class SparseFedAvg(FedAvg):
         return MetricRecord({k: sums[k] / weights[k] for k in sorted(sums)})
 
     def _add_head_stats(self, node_id: int, record: ArrayRecord) -> None:
-        """Add one client's per-task feature statistics to the round's sums (see
-        fedtune.heads.class_stats); a reply with non-finite values or shapes that
-        disagree with the others' is left out, with a warning."""
+        """Add one client's per-task feature statistics to the round's sums (fedtune.heads.StatsSum);
+        a task's statistics that are malformed are left out, with a warning."""
         stats: dict[str, dict[str, np.ndarray]] = {}
         for key, array in record.items():
             task, _, part = key.rpartition(".")
             stats.setdefault(task, {})[part] = np.asarray(array.numpy(), dtype=np.float64)
-        for task, parts in stats.items():
-            problem = None
-            if set(parts) != {"count", "sum", "outer"}:
-                problem = f"task {task!r} has parts {sorted(parts)}, expected count, sum, outer"
-            elif not all(np.isfinite(v).all() for v in parts.values()) or (parts["count"] < 0).any():
-                problem = f"task {task!r} has non-finite or negative statistics"
-            else:
-                c, d = parts["sum"].shape if parts["sum"].ndim == 2 else (-1, -1)
-                have = self.head_stats.get(task)
-                if parts["count"].shape != (c,) or parts["outer"].shape != (d, d) or (have and have["sum"].shape != (c, d)):
-                    problem = f"task {task!r} statistics have inconsistent shapes"
-            if problem:
-                log(WARNING, "head statistics from node %s left out: %s", node_id, problem)
-                continue
-            have = self.head_stats.setdefault(task, {k: np.zeros_like(v) for k, v in parts.items()})
-            for k, v in parts.items():
-                have[k] += v
-            self.head_stats_bytes += int(sum(v.nbytes for v in parts.values()))
+        for problem in self._stats.add(stats):
+            log(WARNING, "head statistics from node %s left out: %s", node_id, problem)
+
+    @property
+    def head_stats(self) -> dict[str, dict[str, np.ndarray]]:
+        """This round's summed statistics per task (empty outside the head-fit round)."""
+        return self._stats.tasks
+
+    @property
+    def head_stats_bytes(self) -> int:
+        return self._stats.nbytes
 
     # ------------------------------------------------------------------ train
 

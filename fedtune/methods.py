@@ -346,16 +346,27 @@ class ALaST(Method):
         return self._make(trained, keep)
 
     def plan(self) -> Plan:
+        """The top-K blocks by budget that fit, each block keeping its budget's tokens; when no
+        block fits at those token counts, fewer tokens everywhere (x0.8 a try) until one does;
+        the head alone only when no block fits even then."""
         budgets = self.budgets.copy()
+        head_only: Plan | None = None
         for _ in range(30):
             plan = self._select(self._keep(budgets))
             if self.fits(plan):
-                self._plan = plan
-                if self.cfg.alast.reselect == "round":
-                    self._fixed = plan.trained
-                return plan
+                if plan.trained or self.cfg.alast.k == 0 or self._fixed is not None:
+                    return self._accept(plan)
+                head_only = head_only or plan
             budgets = np.maximum(budgets * 0.8, 1.0 / self.num_patches)  # fewer tokens everywhere
+        if head_only is not None:
+            return self._accept(head_only)
         raise PlanError(f"no alast plan fits device profile {self.profile.name!r}, not even the head alone with one token per block: {self.why_not(plan)}")
+
+    def _accept(self, plan: Plan) -> Plan:
+        self._plan = plan
+        if self.cfg.alast.reselect == "round":
+            self._fixed = plan.trained
+        return plan
 
     def observe(self, trace: Trace) -> None:
         if trace.cls_delta is None:

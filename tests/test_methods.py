@@ -147,6 +147,26 @@ def test_alast_fits_a_small_profile_by_training_later_blocks(tiny_model):
     assert len(plan.trained) < 4
 
 
+def test_alast_trains_a_block_with_fewer_tokens_before_falling_back_to_the_head(tiny_model):
+    """A device where the most important block does not fit at its budget's token count but
+    does with fewer tokens trains that block (seen in the federated quickstart: Raspberry Pi
+    clients whose top block was at budget 1.0 trained the head alone)."""
+    cm = CostModel(tiny_model)
+    n = tiny_model.num_patches
+
+    def need(tokens: int) -> int:
+        keep = tuple([tokens] * 4)
+        return cm.estimate(Plan(depth=4, trained=frozenset({3}), keep=keep, skip=True), 8).memory_bytes
+
+    profile = DeviceProfile("tight", memory_bytes=(need(n) + need(n // 2)) // 2, flops_per_sample=1e12)
+    cfg = from_dict(MethodConfig, {"name": "alast", "alast": {"k": 1, "memory_fraction": None, "min_budget": 0.1, "mean_budget": 0.5}})
+    method = make_method(cfg, tiny_model, profile, 8)
+    method.budgets = np.array([0.99, 0.99, 0.99, 1.0])  # block 3 first; no block fits with every token
+    plan = method.plan()
+    assert plan.trained == frozenset({3}) and plan.tokens(n)[3] < n
+    assert cm.estimate(plan, 8).memory_bytes <= profile.memory_bytes
+
+
 def test_cost_estimates_track_measurements(tiny_model, images):
     cm = CostModel(tiny_model)
     from fedtune.accounting import SavedBytesMeter, flop_counter_mode

@@ -1,0 +1,86 @@
+"""Compare finished runs side by side: their summaries and which blocks each client trained.
+
+    python -m simulations.compare_runs --out COMPARISON.md LABEL=RUN_DIR [LABEL=RUN_DIR ...]
+
+Runs with the same LABEL (e.g. one per seed) are averaged in the summary table; the block
+table is printed for the first run of each label.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+SUMMARY_KEYS = (
+    ("accuracy_global", "global acc. (%)", 100.0),
+    ("accuracy_global_before_head_fit", "before the head fit (%)", 100.0),
+    ("accuracy_personalized", "personalized (%)", 100.0),
+    ("bytes_up_ratio_vs_full_fedavg", "bytes up vs full FedAvg", 1.0),
+    ("wall_time_s", "wall time (s)", 1.0),
+)
+
+
+def trained_blocks(run: Path) -> dict[tuple[int, str], dict[int, list[int]]]:
+    """(partition id, profile) -> round -> the blocks that client trained (accepted replies)."""
+    rows: dict[tuple[int, str], dict[int, list[int]]] = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        for c in rec.get("clients", []):
+            if c.get("accepted"):
+                blocks = [i for i, n in enumerate(c.get("block_updates") or []) if n]
+                rows.setdefault((c["partition_id"], c["profile"]), {})[rec["round"]] = blocks
+    return rows
+
+
+def _cell(values: list[float], scale: float) -> str:
+    values = [v * scale for v in values if v is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3g}" if scale == 1.0 else f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f} ({', '.join(f'{v:.1f}' for v in values)})"
+
+
+def compare(runs: list[tuple[str, Path]]) -> str:
+    by_label: dict[str, list[Path]] = {}
+    for label, run in runs:
+        by_label.setdefault(label, []).append(run)
+    summaries = {label: [json.loads((r / "summary.json").read_text()) for r in rs] for label, rs in by_label.items()}
+    lines = ["| run | runs | " + " | ".join(h for _, h, _ in SUMMARY_KEYS) + " |", "|---|---|" + "---|" * len(SUMMARY_KEYS)]
+    for label, sums in summaries.items():
+        cells = [_cell([s.get(k) for s in sums], scale) for k, _, scale in SUMMARY_KEYS]
+        lines.append(f"| {label} | {len(sums)} | " + " | ".join(cells) + " |")
+    for label, rs in by_label.items():
+        rounds = summaries[label][0]["rounds"]
+        lines += ["", f"Blocks each client trained per round, {label} (`{rs[0]}`):", ""]
+        lines.append("| client | profile | " + " | ".join(f"round {r}" for r in range(1, rounds + 1)) + " |")
+        lines.append("|---|---|" + "---|" * rounds)
+        for (pid, profile), per_round in sorted(trained_blocks(rs[0]).items()):
+            cells = [",".join(map(str, per_round.get(r, []))) or "none" for r in range(1, rounds + 1)]
+            lines.append(f"| {pid} | {profile} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", help="LABEL=RUN_DIR (a folder fedtune simulate wrote)")
+    parser.add_argument("--out", help="write the markdown here too")
+    args = parser.parse_args(argv)
+    runs = []
+    for spec in args.runs:
+        label, sep, folder = spec.partition("=")
+        if not sep or not (Path(folder) / "summary.json").is_file():
+            parser.error(f"{spec!r}: expected LABEL=RUN_DIR with a summary.json in RUN_DIR")
+        runs.append((label, Path(folder)))
+    text = compare(runs)
+    print(text, end="")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

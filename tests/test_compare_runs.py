@@ -1,0 +1,28 @@
+"""simulations.compare_runs: summaries averaged per label, blocks per client and round."""
+
+import json
+
+from simulations.compare_runs import compare, main
+
+
+def fake_run(folder, acc, blocks):
+    folder.mkdir(parents=True)
+    summary = {"accuracy_global": acc, "accuracy_global_before_head_fit": acc - 0.1, "accuracy_personalized": None,
+               "bytes_up_ratio_vs_full_fedavg": 0.2, "wall_time_s": 10.0, "rounds": 2}
+    (folder / "summary.json").write_text(json.dumps(summary))
+    rounds = [{"round": 0}] + [{"round": r, "clients": [{"accepted": True, "partition_id": 0, "profile": "rpi", "block_updates": blocks[r - 1]},
+                                                      {"accepted": False, "partition_id": 1, "profile": "phone", "block_updates": [1, 1]}]} for r in (1, 2)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
+    return folder
+
+
+def test_compare_runs(tmp_path, capsys):
+    a = fake_run(tmp_path / "a", 0.9, [[0, 3], [0, 3]])
+    b = fake_run(tmp_path / "b", 0.8, [[0, 0], [2, 0]])
+    text = compare([("x", a), ("x", b)])
+    assert "| x | 2 | 85.0 ± 7.1 (90.0, 80.0) | 75.0 ± 7.1 (80.0, 70.0) | - | 0.2 ± 0.0" in text
+    assert "| 0 | rpi | 1 | 1 |" in text  # blocks with updates, first run of the label
+    assert "phone" not in text  # rejected replies trained nothing that counted
+    out = tmp_path / "c.md"
+    assert main([f"one={a}", "--out", str(out)]) == 0
+    assert out.read_text() == capsys.readouterr().out

@@ -13,12 +13,12 @@ import json
 import statistics
 from pathlib import Path
 
-SUMMARY_KEYS = (
-    ("accuracy_global", "global acc. (%)", 100.0),
-    ("accuracy_global_before_head_fit", "before the head fit (%)", 100.0),
-    ("accuracy_personalized", "personalized (%)", 100.0),
-    ("bytes_up_ratio_vs_full_fedavg", "bytes up vs full FedAvg", 1.0),
-    ("wall_time_s", "wall time (s)", 1.0),
+SUMMARY_KEYS = (  # key, column, scale, decimals
+    ("accuracy_global", "global acc. (%)", 100.0, 1),
+    ("accuracy_global_before_head_fit", "before the head fit (%)", 100.0, 1),
+    ("accuracy_personalized", "personalized (%)", 100.0, 1),
+    ("bytes_up_ratio_vs_full_fedavg", "bytes up vs full FedAvg", 1.0, 3),
+    ("wall_time_s", "wall time (s)", 1.0, 0),
 )
 
 
@@ -34,13 +34,14 @@ def trained_blocks(run: Path) -> dict[tuple[int, str], dict[int, list[int]]]:
     return rows
 
 
-def _cell(values: list[float], scale: float) -> str:
+def _cell(values: list[float], scale: float, decimals: int) -> str:
     values = [v * scale for v in values if v is not None]
     if not values:
         return "-"
     if len(values) == 1:
-        return f"{values[0]:.3g}" if scale == 1.0 else f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f} ({', '.join(f'{v:.1f}' for v in values)})"
+        return f"{values[0]:.{decimals}f}"
+    each = ", ".join(f"{v:.{decimals}f}" for v in values)
+    return f"{statistics.mean(values):.{decimals}f} ± {statistics.stdev(values):.{decimals}f} ({each})"
 
 
 def compare(runs: list[tuple[str, Path]]) -> str:
@@ -48,9 +49,9 @@ def compare(runs: list[tuple[str, Path]]) -> str:
     for label, run in runs:
         by_label.setdefault(label, []).append(run)
     summaries = {label: [json.loads((r / "summary.json").read_text()) for r in rs] for label, rs in by_label.items()}
-    lines = ["| run | runs | " + " | ".join(h for _, h, _ in SUMMARY_KEYS) + " |", "|---|---|" + "---|" * len(SUMMARY_KEYS)]
+    lines = ["| run | runs | " + " | ".join(h for _, h, _, _ in SUMMARY_KEYS) + " |", "|---|---|" + "---|" * len(SUMMARY_KEYS)]
     for label, sums in summaries.items():
-        cells = [_cell([s.get(k) for s in sums], scale) for k, _, scale in SUMMARY_KEYS]
+        cells = [_cell([s.get(k) for s in sums], scale, dec) for k, _, scale, dec in SUMMARY_KEYS]
         lines.append(f"| {label} | {len(sums)} | " + " | ".join(cells) + " |")
     for label, rs in by_label.items():
         rounds = summaries[label][0]["rounds"]

@@ -20,7 +20,7 @@ def test_compare_runs(tmp_path, capsys):
     a = fake_run(tmp_path / "a", 0.9, [[0, 3], [0, 3]])
     b = fake_run(tmp_path / "b", 0.8, [[0, 0], [2, 0]])
     text = compare([("x", a), ("x", b)])
-    assert "| x | 2 | 85.0 ± 7.1 (90.0, 80.0) | 75.0 ± 7.1 (80.0, 70.0) | - | 0.2 ± 0.0" in text
+    assert "| x | 2 | 85.0 ± 7.1 (90.0, 80.0) | 75.0 ± 7.1 (80.0, 70.0) | - | 0.200 ± 0.000 (0.200, 0.200) | 10 ± 0 (10, 10) |" in text
     assert "| 0 | rpi | 1 | 1 |" in text  # blocks with updates, first run of the label
     assert "phone" not in text  # rejected replies trained nothing that counted
     out = tmp_path / "c.md"

@@ -60,7 +60,7 @@ def make_glyphs(num: int, size: int, seed: int, channels: int = 3, scan_fraction
     again, the others blurred."""
     from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-    from .data import _to_model_images, normalize_pixels
+    from .data.core import _to_model_images, normalize_pixels
 
     rng = np.random.default_rng(seed)
     paths = glyph_fonts()

@@ -1,0 +1,120 @@
+"""Hugging Face data sets (`hf:<name or path>`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError
+from .core import (
+    DataConfig,
+    ImageSet,
+    _caps,
+    _item_to_array,
+    _labels_to_tensors,
+    _split,
+    _stack_images,
+)
+
+# --- Hugging Face -----------------------------------------------------------------------------
+
+
+def _open_hf(cfg: DataConfig) -> dict[str, Any]:
+    """The splits of the hf: set, by name."""
+    import datasets
+
+    name = cfg.source
+    path = Path(name).expanduser()
+    try:
+        if path.is_dir() and any((path / f).is_file() for f in ("state.json", "dataset_dict.json")):
+            loaded = datasets.load_from_disk(str(path))  # written by save_to_disk
+        else:
+            loaded = datasets.load_dataset(name)
+    except (OSError, ValueError) as exc:  # missing files, no connection, a malformed name
+        raise ConfigError(f"data.name: cannot load Hugging Face data set {name!r}: {exc}") from exc
+    if isinstance(loaded, datasets.Dataset):
+        return {cfg.hf_train_split: loaded}
+    return dict(loaded)
+
+
+def _encode_labels(
+    feature: Any, train: np.ndarray, test: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, int, list[str]]:
+    """Labels as class ids 0..K-1 consistent across train and test, with K and the class names."""
+    import datasets
+
+    if isinstance(feature, datasets.ClassLabel):
+        return (
+            train.astype(np.int64),
+            test.astype(np.int64),
+            feature.num_classes,
+            list(feature.names),
+        )
+    values = np.concatenate([train, test])
+    if np.issubdtype(values.dtype, np.integer) and (len(values) == 0 or values.min() >= 0):
+        num = int(values.max()) + 1 if len(values) else 0
+        return train.astype(np.int64), test.astype(np.int64), num, [str(i) for i in range(num)]
+    names = sorted({str(v) for v in values.tolist()})
+    lookup = {n: i for i, n in enumerate(names)}
+
+    def encode(a: np.ndarray) -> np.ndarray:
+        return np.array([lookup[str(v)] for v in a.tolist()], dtype=np.int64)
+
+    return encode(train), encode(test), len(names), names
+
+
+def _load_hf(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
+    splits = _open_hf(cfg)
+    if cfg.hf_train_split not in splits:
+        raise ConfigError(
+            f"data.hf_train_split: no split {cfg.hf_train_split!r} in {cfg.source!r}; "
+            f"it has: {', '.join(splits)}"
+        )
+    train_ds = splits[cfg.hf_train_split]
+    test_ds = splits.get(cfg.hf_test_split) if cfg.hf_test_split else None
+    columns = train_ds.column_names
+    for key, value in [("hf_image_key", cfg.hf_image_key)] + [
+        ("hf_label_keys", k) for k in cfg.hf_label_keys
+    ]:
+        if value not in columns or (test_ds is not None and value not in test_ds.column_names):
+            raise ConfigError(
+                f"data.{key}: no column {value!r} in {cfg.source!r}; columns: {', '.join(columns)}"
+            )
+
+    def column(ds: Any, key: str) -> np.ndarray:
+        return np.asarray(list(ds[key]))
+
+    raw_train = {k: column(train_ds, k) for k in cfg.hf_label_keys}
+    if test_ds is None:
+        train, test = _split(raw_train[cfg.hf_label_keys[0]], cfg.test_fraction, cfg.seed)
+        test_ds, raw_test = train_ds, raw_train
+    else:
+        raw_test = {k: column(test_ds, k) for k in cfg.hf_label_keys}
+        train, test = np.arange(len(train_ds)), np.arange(len(test_ds))
+    train, test = _caps(cfg, train, test)
+
+    labels: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    num_classes: dict[str, int] = {}
+    names: dict[str, list[str]] = {}
+    for key in cfg.hf_label_keys:
+        feature = train_ds.features.get(key)
+        y_train, y_test, num_classes[key], names[key] = _encode_labels(
+            feature, raw_train[key][train], raw_test[key][test]
+        )
+        labels[key] = (y_train, y_test)
+
+    def build(ds: Any, index: np.ndarray, part: int) -> ImageSet:
+        items = ds.select(index.tolist())[cfg.hf_image_key]
+        arrays = [_item_to_array(item, cfg.channels) for item in items]
+        return ImageSet(
+            _stack_images(arrays, cfg.channels, cfg.img_size),
+            _labels_to_tensors({k: pair[part] for k, pair in labels.items()}),
+            dict(num_classes),
+            {k: list(v) for k, v in names.items()},
+        )
+
+    return build(train_ds, train, 0), build(test_ds, test, 1)
+
+

@@ -109,6 +109,15 @@ class FedViT(nn.Module):
             return self.vit.forward_head(self.vit.forward_features(images), pre_logits=True), None
         return engine.forward_features(self, images, plan, task, trace=trace), None
 
+    @property
+    def survey_batches(self) -> int:
+        """Batches the trainer looks at without autograd before training, for `experts_to_train`."""
+        return 0
+
+    def experts_to_train(self, traces: list) -> tuple[tuple[int, tuple[int, ...]], ...]:
+        """(block, experts) that train this time, from what the survey's traces saw (a dense model: none)."""
+        return ()
+
     def forward_head(self, feats: torch.Tensor, task: str | None = None) -> torch.Tensor:
         """The task's logits from pre-logit features."""
         return self.heads[self.check_task(task)](feats)

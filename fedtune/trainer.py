@@ -139,9 +139,7 @@ class Trainer:
         self._base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.global_step = 0
         self.total_steps = 0
-        self.experts: tuple[tuple[int, tuple[int, ...]], ...] = ()  # MoE: the experts that train (see choose_experts)
-
-    EXPERT_SURVEY_BATCHES = 8
+        self.experts: tuple[tuple[int, tuple[int, ...]], ...] = ()  # MoE: the experts that train (the model's experts_to_train)
 
     @torch.no_grad()
     def survey(self, data: ImageSet, max_batches: int) -> list[Trace]:
@@ -159,24 +157,6 @@ class Trainer:
             self.model.forward_features(images, plan, self.task, trace=traces[-1])
         self.model.train(was_training)
         return traces
-
-    def choose_experts(self, traces: list[Trace]) -> tuple[tuple[int, tuple[int, ...]], ...]:
-        """MoE with `train_experts` N: per MoE block, the N experts this task's tokens are routed to most
-        in the survey's `traces`; the other experts stay frozen while this trainer trains, so a
-        client updates (and sends) only the experts its task uses most."""
-        n = self.train_experts
-        if n is None:
-            return ()
-        totals: dict[int, torch.Tensor] = {}
-        for trace in traces[: self.EXPERT_SURVEY_BATCHES]:
-            for b, counts in trace.extra.get("expert_counts", {}).items():
-                totals[b] = totals.get(b, 0) + counts.long()
-        # most tokens first; ties to the lower index
-        return tuple((b, tuple(sorted(int(e) for e in torch.sort(-c, stable=True).indices[:n]))) for b, c in sorted(totals.items()))
-
-    @property
-    def train_experts(self) -> int | None:
-        return getattr(getattr(self.model, "moe_cfg", None), "train_experts", None)
 
     def _set_lr(self) -> None:
         mult = lr_at(self.global_step, self.total_steps, self.cfg)
@@ -245,10 +225,9 @@ class Trainer:
         if self.cfg.max_steps is not None:
             planned = min(planned, self.cfg.max_steps)
         self.total_steps = self.global_step + planned
-        wanted = max(self.method.survey_batches, self.EXPERT_SURVEY_BATCHES if self.train_experts is not None else 0)
-        traces = self.survey(data, wanted)
+        traces = self.survey(data, max(self.method.survey_batches, self.model.survey_batches))
         self.method.survey(traces[: self.method.survey_batches])
-        self.experts = self.choose_experts(traces)
+        self.experts = self.model.experts_to_train(traces[: self.model.survey_batches])
         result = TrainResult(block_updates=[0] * self.model.depth)
         if self.cfg.head_fit in ("before", "both"):
             self.fit_heads(data, result)

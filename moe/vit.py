@@ -33,6 +33,7 @@ from fedtune.model import FedViT, ModelConfig, build_model
 
 from .layer import MoEConfig, MoEMlp, MoEStats, total_aux_loss
 
+EXPERT_SURVEY_BATCHES = 8  # train_experts: batches whose routing decides which experts a client trains
 BlockFn = Callable[..., tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]
 
 
@@ -100,6 +101,24 @@ class MoEViT(FedViT):
         if trace is not None:
             trace.extra["expert_counts"] = {b: s.expert_counts for b, s in zip(self.moe_blocks, stats, strict=True)}
         return feats, moe_aux_loss(self, stats, plan)
+
+    @property
+    def survey_batches(self) -> int:
+        """With `train_experts`: batches whose routing decides which experts train."""
+        return EXPERT_SURVEY_BATCHES if self.moe_cfg.train_experts is not None else 0
+
+    def experts_to_train(self, traces: list[Trace]) -> tuple[tuple[int, tuple[int, ...]], ...]:
+        """With `train_experts` N: per MoE block, the N experts this task's tokens were routed to
+        most in the survey's `traces` (ties to the lower index); the others stay frozen while the
+        trainer trains, so a client updates (and sends) only the experts its task uses most."""
+        n = self.moe_cfg.train_experts
+        if n is None:
+            return ()
+        totals: dict[int, torch.Tensor] = {}
+        for trace in traces:
+            for b, counts in trace.extra.get("expert_counts", {}).items():
+                totals[b] = totals.get(b, 0) + counts.long()
+        return tuple((b, tuple(sorted(int(e) for e in torch.sort(-c, stable=True).indices[:n]))) for b, c in sorted(totals.items()))
 
     def named_router_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """(full name, parameter) of every router and task embedding."""

@@ -1,4 +1,4 @@
-"""The Flower ClientApp: Messages in, fedtune.federated.ClientRuntime calls, Messages out.
+"""The Flower ClientApp: Messages in, fedtune.client.ClientRuntime calls, Messages out.
 
 The run config comes from the app factory (simulations) or from the run
 config's `config` (a YAML path) and `overrides` (";"-separated key=value) in
@@ -17,6 +17,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedtune import protocol
+from fedtune.client import ClientRuntime
 from fedtune.client_state import (
     ClientState,
     read_client_state,
@@ -25,8 +26,8 @@ from fedtune.client_state import (
     write_client_state,
 )
 from fedtune.errors import ConfigError
-from fedtune.federated import ClientRuntime, RunConfig, load_run_config
 from fedtune.profiles import AUTO
+from fedtune.runconfig import RunConfig, load_run_config
 
 from .records import arrays_to_numpy, metric_record, numpy_to_arrays
 

@@ -54,7 +54,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from simulations.run import DEFAULT_CONFIG, simulate
 
-    from .federated import load_run_config
+    from .runconfig import load_run_config
 
     path = args.config or DEFAULT_CONFIG
     cfg = load_run_config(path, args.set)
@@ -69,8 +69,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_probe(args: argparse.Namespace) -> int:
     from simulations.run import DEFAULT_CONFIG
 
-    from .federated import head_fit_reference, load_run_config
+    from .probe import head_fit_reference
     from .report import write_json
+    from .runconfig import load_run_config
 
     cfg = load_run_config(args.config or DEFAULT_CONFIG, args.set)
     result = head_fit_reference(cfg)

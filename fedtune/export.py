@@ -84,7 +84,7 @@ def _run_model(run_dir: Path) -> tuple[FedViT, dict[str, Any]]:
     meta = checkpoint_meta(raw)
     if "run" not in meta:
         raise CheckpointError(f"{path}: not a run checkpoint (no run config in its metadata)")
-    from .federated import RunConfig
+    from .runconfig import RunConfig
 
     cfg = from_dict(RunConfig, meta["run"])
     model = global_model(cfg)

@@ -8,7 +8,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from clients.app import run_config_from_context
-from fedtune.federated import RunConfig
+from fedtune.runconfig import RunConfig
 
 from .runner import ServerRunner
 

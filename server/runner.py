@@ -21,17 +21,12 @@ from flwr.supercore import log
 
 from clients.records import numpy_to_arrays
 from fedtune.errors import CheckpointError, ConfigError
-from fedtune.federated import (
-    RunConfig,
-    federated_data,
-    global_model,
-    load_numpy_state,
-    state_to_numpy,
-)
+from fedtune.federated import federated_data, global_model, load_numpy_state, state_to_numpy
 from fedtune.heads import evaluate, lda_head, set_head
 from fedtune.model import checkpoint_meta, model_meta, read_state, save_checkpoint
 from fedtune.protocol import TrainMetrics
 from fedtune.report import append_jsonl, plot_run, read_jsonl, rss_bytes, write_json
+from fedtune.runconfig import RunConfig
 from fedtune.typedconfig import to_dict
 
 from .strategy import SparseFedAvg

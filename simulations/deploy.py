@@ -247,7 +247,7 @@ def run_local(
     `nodes` is a number of SuperNodes (node configs made by `node_configs` from `profiles`,
     default the config's) or the node configs themselves, one per SuperNode.
     """
-    from fedtune.federated import load_run_config
+    from fedtune.runconfig import load_run_config
 
     out = out.resolve()
     count = nodes if isinstance(nodes, int) else len(nodes)

@@ -7,8 +7,8 @@ import logging
 import os
 from pathlib import Path
 
-from fedtune.federated import RunConfig
 from fedtune.report import write_json
+from fedtune.runconfig import RunConfig
 from fedtune.typedconfig import to_dict
 
 HERE = Path(__file__).parent

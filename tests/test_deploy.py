@@ -26,7 +26,8 @@ def tiny_config(tmp_path, rounds):
 
 
 def check_checkpoint(out, rounds):
-    from fedtune.federated import RunConfig, global_model, state_to_numpy
+    from fedtune.federated import global_model, state_to_numpy
+    from fedtune.runconfig import RunConfig
     from fedtune.typedconfig import from_dict
 
     state, meta = read_state(out / "checkpoint.safetensors")

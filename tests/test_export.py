@@ -5,10 +5,11 @@ import pytest
 import torch
 from PIL import Image
 
+from fedtune.client import ClientRuntime
 from fedtune.client_state import ClientState, write_client_state
 from fedtune.errors import CheckpointError, ConfigError
 from fedtune.export import export_run, load_exported, load_timm, predict, preprocess
-from fedtune.federated import ClientRuntime, global_model, state_to_numpy
+from fedtune.federated import global_model, state_to_numpy
 from fedtune.model import model_meta, save_checkpoint
 from fedtune.typedconfig import to_dict
 

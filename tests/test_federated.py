@@ -10,14 +10,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedtune import protocol
+from fedtune.client import ClientRuntime
 from fedtune.client_state import ClientState
 from fedtune.errors import ConfigError
-from fedtune.federated import (
-    ClientRuntime,
-    global_model,
-    load_run_config,
-    state_to_numpy,
-)
+from fedtune.federated import global_model, state_to_numpy
+from fedtune.runconfig import load_run_config
 from fedtune.typedconfig import from_dict, to_dict
 
 TINY_RUN = {
@@ -32,7 +29,7 @@ TINY_RUN = {
 
 
 def tiny_run(**over):
-    from fedtune.federated import RunConfig
+    from fedtune.runconfig import RunConfig
 
     data = {**TINY_RUN, **over}
     return from_dict(RunConfig, data)
@@ -193,15 +190,16 @@ def test_head_fit_reference_is_the_pooled_lda_of_each_tasks_clients(tmp_path):
     clients holding that task (and of no other client)."""
     from fedtune.cli import main
     from fedtune.data import ImageSet
-    from fedtune.federated import client_data, federated_data, head_fit_reference
+    from fedtune.federated import client_data, client_tasks, federated_data
     from fedtune.heads import class_stats, extract_features, lda_head
+    from fedtune.probe import head_fit_reference
 
     cfg = tiny_run(tasks=["digit", "parity"], federation={"num_clients": 4, "rounds": 1, "client_tasks": [["digit"], ["parity"]]})
     got = head_fit_reference(cfg)
     model = global_model(cfg)
     split, _ = federated_data(cfg)
     for task in ("digit", "parity"):
-        sets = [client_data(cfg, pid)[0] for pid in range(4) if task in cfg.tasks_of(pid)]
+        sets = [client_data(cfg, pid)[0] for pid in range(4) if task in client_tasks(cfg, pid)]
         assert len(sets) == 2
         pooled = ImageSet(torch.cat([s.images for s in sets]), {task: torch.cat([s.labels[task] for s in sets])}, {task: sets[0].num_classes[task]})
         w, b = lda_head(class_stats(*extract_features(model, pooled, task), model.heads[task].out_features))

@@ -331,7 +331,7 @@ def test_head_fit_refits_only_the_head_on_every_token_features(tiny_cfg, when, k
         TrainConfig(head_fit_kind="svm").validate("train.")
     with pytest.raises(ConfigError, match="head_fit_reg"):
         TrainConfig(head_fit_reg=-1.0).validate("train.")
-    from fedtune.federated import FederationConfig
+    from fedtune.runconfig import FederationConfig
 
     with pytest.raises(ConfigError, match="federation.head_fit"):
         FederationConfig(head_fit="ridge").validate("federation.")

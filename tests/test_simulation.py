@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 
 def run_cfg(top: dict | None = None, **federation):
-    from fedtune.federated import RunConfig
+    from fedtune.runconfig import RunConfig
 
     data = {**TINY_RUN, "federation": {"num_clients": 3, "rounds": 2, **federation}, "method": {"name": "alast", "alast": {"k": 2, "memory_fraction": None, "reselect": "round"}}, **(top or {})}
     return from_dict(RunConfig, data)

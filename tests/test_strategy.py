@@ -480,8 +480,9 @@ def test_real_client_updates_average_per_expert_and_per_task_router() -> None:
     updated it, weighted by their real step counts; task b's router is client b's alone, the
     experts only client b used keep client b's values, untouched parameters stay global."""
     from clients.records import numpy_to_arrays
+    from fedtune.client import ClientRuntime
     from fedtune.client_state import ClientState
-    from fedtune.federated import ClientRuntime, global_model, state_to_numpy
+    from fedtune.federated import global_model, state_to_numpy
 
     from .test_federated import tiny_run
 

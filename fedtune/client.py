@@ -1,0 +1,178 @@
+"""A client's side of a round in plain torch, and what it keeps.
+
+`ClientRuntime` loads the global parameters, plans for its device profile, trains on its
+partition, and returns exactly the parameters it updated (minus personal ones) with its
+measured metrics. The Flower apps in clients/ and server/ only turn Messages into these calls.
+
+Personalization follows FedRoD: besides the global head (aggregated), every client trains a
+personal head of its own on the same features (detached), kept in the client's state and
+never sent. Parameters named in `federation.personal` also stay on the client.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .client_state import PERSONAL_HEAD, ClientState, personal_head, personal_params
+from .engine import full_plan
+from .errors import ConfigError
+from .federated import (
+    client_data,
+    client_tasks,
+    is_personal,
+    load_numpy_state,
+    shared_model,
+    state_to_numpy,
+)
+from .heads import class_stats, extract_features
+from .methods import make_method
+from .profiles import get_profile
+from .protocol import EvalMetrics, TrainMetrics
+from .runconfig import RunConfig
+from .trainer import Trainer
+
+# --------------------------------------------------------------------------- a client's round
+
+
+class PersonalHeadTrainer(Trainer):
+    """Trainer that also fits the client's personal head on the detached features (FedRoD)."""
+
+    def __init__(self, *args, personal_head: nn.Linear | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.personal_head = personal_head
+        if personal_head is not None:
+            self.optimizer.add_param_group({"params": list(personal_head.parameters()), "lr": self.head_lr})
+            self._base_lrs.append(self.head_lr)
+
+    def heads_to_fit(self) -> list[nn.Linear]:
+        return super().heads_to_fit() + ([self.personal_head] if self.personal_head is not None else [])
+
+    def extra_loss(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
+        if self.personal_head is None:
+            return None
+        return F.cross_entropy(self.personal_head(feats.detach()), labels)
+
+
+class ClientRuntime:
+    """One client's model and data; `fit` and `evaluate` a round at a time, over the client's tasks."""
+
+    def __init__(self, cfg: RunConfig, partition_id: int, profile: str | None = None):
+        self.cfg = cfg
+        self.partition_id = partition_id
+        self.profile = get_profile(profile or cfg.profile_of(partition_id))
+        self.train_set, self.test_set = client_data(cfg, partition_id)
+        if len(self.train_set) == 0:
+            raise ConfigError(f"client {partition_id} has no training data")
+        self.model = shared_model(cfg)
+        self.tasks = client_tasks(cfg, partition_id)
+        for task in self.tasks:
+            self.model.check_task(task)
+        dim = self.model.vit.embed_dim
+        self.personal_heads = {t: nn.Linear(dim, self.model.heads[t].out_features) for t in self.tasks} if cfg.federation.personal_head else {}
+
+    def _load(self, global_arrays: dict[str, np.ndarray], state: ClientState) -> None:
+        load_numpy_state(self.model, global_arrays)
+        personal = personal_params(state.personal)
+        if personal:
+            load_numpy_state(self.model, personal, "client state")
+        for task, head in self.personal_heads.items():
+            # start the personal head from the global one
+            head.load_state_dict(personal_head(state.personal, task) or self.model.heads[task].state_dict())
+
+    def fit(self, global_arrays: dict[str, np.ndarray], state: ClientState, importance: list[float] | None = None, server_round: int = 0) -> tuple[dict[str, np.ndarray], dict[str, int], TrainMetrics, ClientState]:
+        """Train one round on each of the client's tasks; return (update, update counts, metrics, new state)."""
+        start = time.perf_counter()
+        self._load(global_arrays, state)
+        cfg = self.cfg
+        seed = cfg.seed * 7919 + self.partition_id * 31 + server_round
+        kept = state.method
+        counts_all: Counter = Counter()
+        block_updates = [0] * self.model.depth
+        steps: list = []
+        expert_counts: dict[str, dict[int, list[int]]] = {}
+        examples, loss_sum, correct = 0, 0.0, 0.0
+        for i, task in enumerate(self.tasks):
+            method = make_method(cfg.method, self.model, self.profile, cfg.train.batch_size, task, seed=seed + i)
+            method.load_state_dict(kept)
+            if importance is not None:
+                method.set_importance(importance)
+            torch.manual_seed(seed + i)
+            tcfg = replace(cfg.train, seed=seed + i)
+            trainer = PersonalHeadTrainer(self.model, method, tcfg, task, personal_head=self.personal_heads.get(task))
+            result = trainer.train(self.train_set)
+            counts_all.update(result.update_counts)
+            block_updates = [a + b for a, b in zip(block_updates, result.block_updates, strict=True)]
+            steps += result.steps
+            if result.expert_counts:
+                expert_counts[task] = result.expert_counts
+            examples += result.num_examples
+            loss_sum += result.loss * result.num_examples
+            correct += result.accuracy * result.num_examples
+            kept = method.state_dict() or kept
+        personal = cfg.federation.personal
+        if cfg.federation.send == "all":
+            names = [n for n in self.model.state_dict() if not is_personal(n, personal)]
+        else:
+            names = [n for n in counts_all if not is_personal(n, personal)]
+        update = state_to_numpy(self.model, names)
+        counts = {n: int(counts_all.get(n, 0)) for n in names}
+        heads = {f"{PERSONAL_HEAD}{t}.{k}": v.detach().numpy().copy() for t, h in self.personal_heads.items() for k, v in h.state_dict().items()}
+        new_state = ClientState(personal={**state_to_numpy(self.model, [n for n in self.model.state_dict() if is_personal(n, personal)]), **heads}, method=kept)
+        flops = [s.train_flops for s in steps if s.train_flops is not None]
+        metrics = TrainMetrics(
+            num_examples=examples,
+            partition_id=self.partition_id,
+            task_ids=[self.model.tasks.index(t) for t in self.tasks],
+            train_loss=loss_sum / max(examples, 1),
+            train_accuracy=correct / max(examples, 1),
+            steps=len(steps),
+            flops_per_step=float(np.mean(flops)) if flops else 0.0,
+            activation_bytes=int(max((s.activation_bytes for s in steps), default=0)),
+            trainable_params=int(max((s.trainable_params for s in steps), default=0)),
+            step_time_s=float(np.median([s.step_time_s for s in steps])) if steps else 0.0,
+            time_s=time.perf_counter() - start,
+            bytes_sent=int(sum(v.nbytes for v in update.values())),
+            bytes_received=int(sum(v.nbytes for v in global_arrays.values())),
+            block_updates=block_updates,
+            importance=None if kept.get("importance") is None else [float(v) for v in kept["importance"]],
+            # per task: tokens per expert, [MoE blocks x experts] flattened, blocks in order
+            experts={task: [c for b in sorted(per_block) for c in per_block[b]] for task, per_block in expert_counts.items()},
+        )
+        return update, counts, metrics, new_state
+
+    @torch.no_grad()
+    def head_stats(self, global_arrays: dict[str, np.ndarray], state: ClientState) -> dict[str, np.ndarray]:
+        """Per task, the class statistics of the global model's features (every block, every
+        token) on this client's training data: what the server's discriminant head fit sums."""
+        self._load(global_arrays, state)
+        out = {}
+        for task in self.tasks:
+            feats, labels = extract_features(self.model, self.train_set, task)
+            for part, value in class_stats(feats, labels, self.model.heads[task].out_features).items():
+                out[f"{task}.{part}"] = value
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, global_arrays: dict[str, np.ndarray], state: ClientState) -> EvalMetrics:
+        """Accuracy of the global model and of the personalized one on the client's local test set, per task."""
+        self._load(global_arrays, state)
+        data = self.test_set if len(self.test_set) else self.train_set
+        out = EvalMetrics(num_examples=len(data) * len(self.tasks), partition_id=self.partition_id)
+        self.model.eval()
+        plan = full_plan(self.model.depth)
+        for task in self.tasks:
+            feats, labels = extract_features(self.model, data, task, 256, plan)
+            logits = self.model.forward_head(feats, task)
+            head = self.personal_heads.get(task)
+            out.per_task_global[task] = int((logits.argmax(-1) == labels).sum()) / max(len(data), 1)
+            out.per_task_personal[task] = int(((head(feats) if head is not None else logits).argmax(-1) == labels).sum()) / max(len(data), 1)
+        out.accuracy_global = sum(out.per_task_global.values()) / len(self.tasks)
+        out.accuracy_personal = sum(out.per_task_personal.values()) / len(self.tasks)
+        return out

@@ -1,0 +1,129 @@
+"""The run config: the YAML of a federated simulation or deployment, typed and checked."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from moe.layer import MoEConfig
+
+from . import protocol
+from .data import DataConfig
+from .errors import ConfigError
+from .methods import MethodConfig
+from .model import ModelConfig
+from .profiles import AUTO, PROFILES
+from .trainer import TrainConfig
+from .typedconfig import apply_overrides, check_choices, from_dict, read_yaml, to_dict
+
+
+@dataclass
+class PartitionConfig:
+    scheme: Literal["iid", "dirichlet", "pathological"] = "dirichlet"  # iid | dirichlet | pathological
+    alpha: float = 0.5  # Dirichlet concentration (lower: more skewed)
+    classes_per_partition: int = 2  # pathological: classes per client
+    class_assignment: Literal["deterministic", "random", "first-deterministic"] = "deterministic"  # pathological: how classes go to clients (flwr-datasets' modes)
+    min_partition_size: int = 10  # Dirichlet: resample until every client has this many
+    local_test_fraction: float = 0.2  # share of each client's data kept for its local test
+
+    def validate(self, prefix: str = "") -> None:
+        check_choices(self, prefix)
+        if not 0.0 <= self.local_test_fraction < 1.0:
+            raise ConfigError(f"{prefix}local_test_fraction: must be in [0, 1), got {self.local_test_fraction}")
+
+
+@dataclass
+class FederationConfig:
+    num_clients: int = 8  # virtual clients (SuperNodes)
+    clients_per_round: int | None = None  # sampled per round (None: all)
+    eval_clients_per_round: int | None = None  # sampled for federated evaluation (None: as training)
+    rounds: int = 5  # federated rounds
+    send: Literal["updated", "all"] = "updated"  # updated: only what the client trained | all: full-model FedAvg
+    weighting: protocol.Weighting = "examples"  # examples | updates
+    personal: list[str] = field(default_factory=list)  # parameter-name prefixes that never leave a client
+    personal_head: bool = True  # each client also trains its own head (never sent)
+    feed_importance: bool = True  # server sends the federation's block importance to clients
+    profiles: list[str] = field(default_factory=lambda: ["workstation"])  # device profiles, cycled over clients
+    client_tasks: list[list[str]] | None = None  # multitask: each client's tasks, cycled over clients (None: all tasks)
+    checkpoint_every: int = 1  # rounds between server checkpoints
+    round_timeout_s: float = 3600.0  # how long the server waits for replies
+    connect_timeout_s: float = 120.0  # how long the server waits for num_clients nodes before failing
+    head_fit: Literal["none", "lda"] = "none"  # none | lda: after the last round, fit each task's global head from the clients' feature statistics
+
+    def validate(self, prefix: str = "") -> None:
+        if self.num_clients < 1:
+            raise ConfigError(f"{prefix}num_clients: must be >= 1, got {self.num_clients}")
+        if self.clients_per_round is not None and not 1 <= self.clients_per_round <= self.num_clients:
+            raise ConfigError(f"{prefix}clients_per_round: must be in 1..num_clients ({self.num_clients}), got {self.clients_per_round}")
+        if self.rounds < 1:
+            raise ConfigError(f"{prefix}rounds: must be >= 1, got {self.rounds}")
+        check_choices(self, prefix)
+        if not self.connect_timeout_s >= 0:
+            raise ConfigError(f"{prefix}connect_timeout_s: must be >= 0, got {self.connect_timeout_s}")
+        for p in self.profiles:
+            if p not in PROFILES and p != AUTO:
+                raise ConfigError(f"{prefix}profiles: unknown device profile {p!r}; known: {', '.join(PROFILES)}, {AUTO}")
+        if not self.profiles:
+            raise ConfigError(f"{prefix}profiles: give at least one device profile")
+
+
+
+
+@dataclass
+class BackendConfig:
+    cpus_per_client: float = 1.0  # Ray resources per virtual client
+    torch_threads: int = 1  # torch threads inside each client
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"  # a label for the run
+    seed: int = 0  # seed for partitioning, initialisation and shuffling
+    task: str | None = None  # the task to learn (None: the data set's first); see also tasks
+    tasks: list[str] | None = None  # multitask runs: the tasks the model has a head (and routers) for
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(pretrained="default"))
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1, batch_size=32))
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    moe: MoEConfig | None = None  # an MoE ViT (see moe.MoEConfig); None: a dense ViT
+
+    def validate(self, prefix: str = "") -> None:
+        if self.task is not None and self.tasks is not None:
+            raise ConfigError(f"{prefix}task/tasks: give one of them (task for one task, tasks for several)")
+        if self.tasks is not None and not self.tasks:
+            raise ConfigError(f"{prefix}tasks: give at least one task")
+        for group in self.federation.client_tasks or []:
+            for t in group:
+                if t not in self.run_tasks():
+                    raise ConfigError(f"{prefix}federation.client_tasks: task {t!r} is not one of the run's tasks {self.run_tasks()}")
+        groups = self.federation.client_tasks
+        if groups:
+            held = {t for pid in range(min(self.federation.num_clients, len(groups))) for t in groups[pid]}
+            missing = [t for t in self.run_tasks() if t not in held]
+            if missing:
+                raise ConfigError(
+                    f"{prefix}federation.client_tasks: no client holds task {missing[0]!r} (with {self.federation.num_clients} "
+                    f"clients the groups in use are {groups[: self.federation.num_clients]}), so its head and routers would never train"
+                )
+
+    def run_tasks(self) -> list[str]:
+        """The model's tasks: `tasks`, or [`task`] ([] when the data set's first task is meant)."""
+        return list(self.tasks) if self.tasks is not None else ([self.task] if self.task else [])
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(to_dict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+    def profile_of(self, partition_id: int) -> str:
+        return self.federation.profiles[partition_id % len(self.federation.profiles)]
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    data = read_yaml(path) if path else {}
+    cfg = from_dict(RunConfig, apply_overrides(data, overrides or []))
+    return cfg

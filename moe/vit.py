@@ -71,7 +71,6 @@ class MoEViT(FedViT):
 
     def __init__(self, vit: nn.Module, num_classes: dict[str, int], moe: MoEConfig):
         super().__init__(vit, num_classes)
-        moe.validate("moe.")
         self.moe_cfg = moe
         self.moe_blocks = moe_block_indices(moe, self.depth)
         for b in self.moe_blocks:

@@ -49,7 +49,21 @@ def test_client_round_sends_only_what_it_trained():
     assert any(k.startswith("personal_head.") for k in state.personal)
     assert not any(k.startswith("personal_head.") for k in update)
     ev = rt.evaluate(glob, state)
-    assert 0.0 <= ev.accuracy_personal <= 1.0 and ev.num_examples > 0
+    # the personal head on the global backbone's features, on the client's local test split
+    from fedtune.client_state import personal_head
+    from fedtune.federated import client_data
+    from fedtune.heads import extract_features
+
+    test = client_data(cfg, 1)[1]
+    model = global_model(cfg)
+    model.load_state_dict({k: torch.as_tensor(v) for k, v in glob.items()})
+    feats, labels = extract_features(model, test, "digit")
+    head = torch.nn.Linear(feats.shape[1], 10)
+    head.load_state_dict(personal_head(state.personal, "digit"))
+    with torch.no_grad():
+        assert ev.accuracy_personal == float((head(feats).argmax(-1) == labels).float().mean())
+        assert ev.accuracy_global == float((model.forward_head(feats, "digit").argmax(-1) == labels).float().mean())
+    assert ev.num_examples == len(test) > 0
 
 
 def test_full_fedavg_client_sends_everything():
@@ -101,7 +115,12 @@ def test_client_app_message_round_trip_keeps_state(task_identity):
     assert reply.content.metric_records[protocol.METRICS][protocol.NUM_EXAMPLES] > 0
     assert "fedtune.personal" in context.state.array_records
     ev = app(Message(record, dst_node_id=5, message_type=MessageType.EVALUATE), context)
-    assert 0 <= ev.content.metric_records[protocol.METRICS]["accuracy-personal"] <= 1
+    from clients.app import load_state
+
+    # the evaluation used the personal head the train message left in the client's state
+    want = ClientRuntime(cfg, 3).evaluate(glob, load_state(context))
+    assert ev.content.metric_records[protocol.METRICS]["accuracy-personal"] == pytest.approx(want.accuracy_personal)
+    assert ev.content.metric_records[protocol.METRICS]["accuracy-global"] == pytest.approx(want.accuracy_global)
 
 
 def test_simulation_configs_load():

@@ -9,10 +9,11 @@ folder:
   loads them; an MoE model keeps only the experts the task's router uses;
 - `config.yaml`: what is needed to rebuild and feed the model (timm name and
   kwargs, classes, normalisation, the source run);
-- `model.ts`: a TorchScript module (images -> logits) that an edge runtime
-  loads with `torch.jit.load`, without fedtune or timm.
+- `model.onnx`: the model (images -> logits, any batch size) for onnxruntime or any ONNX
+  runtime, without fedtune, timm or torch; the export checks it against the framework's
+  own predictions before it returns.
 
-`predict(dir, images)` loads that folder (TorchScript) and returns class ids.
+`predict(dir, images)` runs that folder's ONNX model with onnxruntime alone.
 """
 
 from __future__ import annotations
@@ -165,27 +166,74 @@ def export_run(run_dir: str | Path, task: str | None, out: str | Path, client: i
     }
     save_checkpoint(out / "model.safetensors", state, {"format": "fedtune-export", "config": config})
     (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    with torch.no_grad():
-        traced = torch.jit.trace(task_model, example, check_trace=False)
-    traced.save(str(out / "model.ts"))
+    onnx_diff = write_onnx(task_model, example, split.test.images[:ONNX_CHECK_IMAGES], out / "model.onnx")
     full_bytes = sum(v.numel() * v.element_size() for v in model.state_dict().values())
     exported = sum(v.numel() * v.element_size() for v in state.values())
-    summary = {"out": str(out), "kind": kind, "task": task, "client": client, "bytes": exported, "run_model_bytes": full_bytes, "experts": config["experts"]}
+    summary = {"out": str(out), "kind": kind, "task": task, "client": client, "bytes": exported, "run_model_bytes": full_bytes,
+               "inference_flops_per_image": inference_flops(task_model, example[:1]), "onnx_max_abs_diff": onnx_diff, "experts": config["experts"]}
     (out / "export.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def load_exported(folder: str | Path) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
+ONNX_CHECK_IMAGES = 32  # test images the export compares the ONNX model on
+ONNX_TOLERANCE = 1e-4  # largest logit difference (absolute) the export accepts
+
+
+def write_onnx(module: nn.Module, example: torch.Tensor, check: torch.Tensor, path: Path) -> float:
+    """Export `module` (images -> logits, batch size free) with torch.onnx's exporter, then run
+    it with onnxruntime on `check` images; return the largest difference from `module`'s
+    logits, or raise CheckpointError when it exceeds ONNX_TOLERANCE."""
+    import contextlib
+    import io
+
+    batch = torch.export.Dim("batch", min=1)
+    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+        torch.onnx.export(module, (example,), str(path), input_names=["images"], output_names=["logits"],
+                          dynamic_shapes=({0: batch},), dynamo=True, external_data=False)
+    with torch.no_grad():
+        want = module(check).numpy()
+    got = OnnxModel(path)(check)
+    diff = float(np.abs(got - want).max())
+    if not diff <= ONNX_TOLERANCE:
+        raise CheckpointError(f"{path}: the ONNX model's logits differ from the framework's by {diff:.3g} (> {ONNX_TOLERANCE})")
+    return diff
+
+
+@torch.no_grad()
+def inference_flops(module: nn.Module, image: torch.Tensor) -> int:
+    """FLOPs of one forward pass of `module` on one image (torch's counter, CPU attention included)."""
+    from .accounting import flop_counter_mode
+
+    with flop_counter_mode() as counter:
+        module(image)
+    return int(counter.get_total_flops())
+
+
+class OnnxModel:
+    """An exported model run by onnxruntime alone: images [N, C, H, W] -> logits (numpy)."""
+
+    def __init__(self, path: str | Path):
+        import onnxruntime as ort
+
+        try:
+            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own exception types on unreadable files
+            raise CheckpointError(f"corrupt or unreadable ONNX model {path}: {exc}") from exc
+        self.input = self.session.get_inputs()[0].name
+
+    def __call__(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
+        arr = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+        return self.session.run(None, {self.input: arr.astype(np.float32, copy=False)})[0]
+
+
+def load_exported(folder: str | Path) -> tuple[OnnxModel, dict[str, Any]]:
+    """The ONNX model and the config of an export folder."""
     folder = Path(folder)
-    cfg_path, ts_path = folder / "config.yaml", folder / "model.ts"
-    if not cfg_path.is_file() or not ts_path.is_file():
-        raise CheckpointError(f"{folder}: not an exported model (needs config.yaml and model.ts from `fedtune export`)")
+    cfg_path, onnx_path = folder / "config.yaml", folder / "model.onnx"
+    if not cfg_path.is_file() or not onnx_path.is_file():
+        raise CheckpointError(f"{folder}: not an exported model (needs config.yaml and model.onnx from `fedtune export`)")
     config = yaml.safe_load(cfg_path.read_text())
-    try:
-        module = torch.jit.load(str(ts_path), map_location="cpu")
-    except (RuntimeError, ValueError) as exc:
-        raise CheckpointError(f"corrupt exported model {ts_path}: {exc}") from exc
-    return module, config
+    return OnnxModel(onnx_path), config
 
 
 def load_timm(folder: str | Path) -> nn.Module:
@@ -195,14 +243,14 @@ def load_timm(folder: str | Path) -> nn.Module:
 
     config = yaml.safe_load((Path(folder) / "config.yaml").read_text())
     if config.get("kind") != "dense":
-        raise ConfigError(f"{folder}: an {config.get('kind')} export is not a plain timm model; use model.ts")
+        raise ConfigError(f"{folder}: an {config.get('kind')} export is not a plain timm model; use model.onnx")
     model = timm.create_model(config["timm_name"], pretrained=False, **config["timm_kwargs"])
     model.load_state_dict(load_file(str(Path(folder) / "model.safetensors")))
     return model.eval()
 
 
-def preprocess(paths: list[str | Path], config: dict[str, Any]) -> torch.Tensor:
-    """Image files -> normalised tensor batch at the model's size and channels."""
+def preprocess(paths: list[str | Path], config: dict[str, Any]) -> np.ndarray:
+    """Image files -> a normalised float32 batch [N, C, H, W] at the model's size and channels (PIL and numpy only)."""
     from PIL import Image
 
     size = int(config["timm_kwargs"]["img_size"])
@@ -213,17 +261,18 @@ def preprocess(paths: list[str | Path], config: dict[str, Any]) -> torch.Tensor:
             im = im.convert("L" if config["channels"] == 1 else "RGB").resize((size, size), Image.BILINEAR)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot read image {p}: {exc}") from exc
-        arr = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0)
-        arr = arr.unsqueeze(0) if arr.ndim == 2 else arr.permute(2, 0, 1)
+        arr = np.asarray(im, dtype=np.float32) / 255.0
+        arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
         batch.append((arr - config["normalize"]["mean"]) / config["normalize"]["std"])
-    return torch.stack(batch)
+    return np.stack(batch).astype(np.float32)
 
 
-@torch.no_grad()
 def predict(folder: str | Path, paths: list[str | Path]) -> list[dict[str, Any]]:
+    """Class, id and probability of each image file, from the folder's ONNX model (onnxruntime)."""
     module, config = load_exported(folder)
     logits = module(preprocess(paths, config))
-    probs = logits.softmax(-1)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
     out = []
     for p, row in zip(paths, probs, strict=True):
         k = int(row.argmax())

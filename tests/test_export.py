@@ -44,7 +44,7 @@ def test_dense_export_round_trip(tmp_path):
     with torch.no_grad():
         feats, _ = rt.model.forward_features(x, task="digit")
         expected = rt.personal_heads["digit"](feats)
-        torch.testing.assert_close(module(x), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.from_numpy(module(x)), expected, atol=1e-5, rtol=0)  # onnxruntime vs the framework
         torch.testing.assert_close(load_timm(out)(x), expected, atol=1e-5, rtol=1e-5)
     img = tmp_path / "a.png"
     Image.fromarray((np.random.default_rng(0).random((20, 20)) * 255).astype(np.uint8)).save(img)
@@ -52,6 +52,7 @@ def test_dense_export_round_trip(tmp_path):
     assert rows[0]["class"] in config["classes"]
     with torch.no_grad():
         assert rows[0]["class_id"] == int(module(preprocess([img], config)).argmax())
+    assert summary["onnx_max_abs_diff"] <= 1e-5 and summary["inference_flops_per_image"] > 0
 
 
 @pytest.mark.parametrize("shared", [0, 1])
@@ -68,7 +69,8 @@ def test_moe_export_is_smaller_and_predicts_the_same(tmp_path, shared):
     model.eval()
     x = torch.randn(5, 3, 16, 16)
     with torch.no_grad():
-        torch.testing.assert_close(module(x), model(x, "digit"), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.from_numpy(module(x)), model(x, "digit"), atol=1e-5, rtol=0)
+    assert summary["onnx_max_abs_diff"] <= 1e-5
 
 
 def test_export_bad_input(tmp_path):
@@ -83,6 +85,11 @@ def test_export_bad_input(tmp_path):
         export_run(run, None, tmp_path / "o2", client=7)
     with pytest.raises(CheckpointError, match="no checkpoint.safetensors"):
         export_run(tmp_path, None, tmp_path / "o3")
+    good = export_run(run, None, tmp_path / "o5")
+    (tmp_path / "o5" / "model.onnx").write_bytes(b"not an onnx model")
+    with pytest.raises(CheckpointError, match="corrupt or unreadable ONNX model .*model.onnx"):
+        predict(tmp_path / "o5", [])
+    assert good["kind"] == "dense"
     ckpt = run / "checkpoint.safetensors"
     ckpt.write_bytes(ckpt.read_bytes()[:64])
     with pytest.raises(CheckpointError, match="corrupt or unreadable"):

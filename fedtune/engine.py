@@ -172,16 +172,17 @@ def drop_tokens(
 
 
 def block_forward(
-    block: nn.Module, x: torch.Tensor, keep: int | None, fuse: bool, want_rank: bool
+    block: nn.Module, x: torch.Tensor, keep: int | None, fuse: bool, want_rank: bool, mlp: Callable | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """One timm Block, with optional token dropping between attention and MLP."""
+    """One timm Block, with optional token dropping between attention and MLP; `mlp` replaces
+    the call of `block.mlp` (the MoE ViT passes one that routes with a task)."""
     drop = keep is not None and keep < x.shape[1] - 1
     attn_out, cls_attn = _attention(block.attn, block.norm1(x), want_rank or drop)
     x = x + block.drop_path1(block.ls1(attn_out))
     index = None
     if drop:
         x, index = drop_tokens(x, cls_attn, keep, fuse)
-    x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+    x = x + block.drop_path2(block.ls2((mlp or block.mlp)(block.norm2(x))))
     return x, cls_attn, index
 
 

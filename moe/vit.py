@@ -46,26 +46,6 @@ def moe_block_indices(cfg: MoEConfig, depth: int) -> list[int]:
     return blocks
 
 
-class _RoutedBlock:
-    """A view of a timm Block whose `mlp(x)` routes with `task` and records its statistics.
-
-    `engine.block_forward` reads the block's norm1/attn/ls1/drop_path1/norm2/
-    mlp/ls2/drop_path2; only `mlp` differs, so the engine's block code runs as is.
-    """
-
-    def __init__(self, block: nn.Module, task: str, sink: list[MoEStats] | None):
-        self._block, self._task, self._sink = block, task, sink
-
-    def __getattr__(self, name: str):
-        return getattr(self._block, name)
-
-    def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        out, stats = self._block.mlp(x, self._task)
-        if self._sink is not None:
-            self._sink.append(stats)
-        return out
-
-
 class MoEViT(FedViT):
     """A FedViT with MoE MLPs in `moe.blocks`, upcycled from the MLPs `vit` has."""
 
@@ -86,9 +66,16 @@ class MoEViT(FedViT):
         task = self.check_task(task)
 
         def run(blk: nn.Module, i: int, x: torch.Tensor, keep: int | None, fuse: bool, want_rank: bool):
-            if isinstance(blk.mlp, MoEMlp):
-                blk = _RoutedBlock(blk, task, stats)
-            return block_forward(blk, x, keep, fuse, want_rank)
+            if not isinstance(blk.mlp, MoEMlp):
+                return block_forward(blk, x, keep, fuse, want_rank)
+
+            def routed(h: torch.Tensor) -> torch.Tensor:  # the MoE MLP with this task's router; its statistics come back explicitly
+                out, layer_stats = blk.mlp(h, task)
+                if stats is not None:
+                    stats.append(layer_stats)
+                return out
+
+            return block_forward(blk, x, keep, fuse, want_rank, mlp=routed)
 
         return run
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,14 +81,20 @@ def write_client_state(folder: Path, state: ClientState, server_round: int) -> P
 
 
 def read_client_state(folder: Path, before_round: int | None = None) -> ClientState | None:
-    """The newest state saved in `folder` (before `before_round`), or None when there is none."""
+    """The newest readable state saved in `folder` (before `before_round`), or None when there
+    is none. A damaged newest file is skipped, with a warning, for the one kept before it."""
     files = state_files(folder, before_round)
     if not files:
         return None
-    try:
-        with np.load(files[-1], allow_pickle=False) as z:
-            meta = json.loads(str(z["__meta__"]))
-            personal = {k: z[k] for k in z.files if k != "__meta__"}
-    except (OSError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"corrupt client state {files[-1]}: {exc}") from exc
-    return state_from(personal, meta)
+    errors = []
+    for path in reversed(files):
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(str(z["__meta__"]))
+                personal = {k: z[k] for k in z.files if k != "__meta__"}
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            errors.append(f"{path}: {exc}")
+            warnings.warn(f"corrupt client state {path} ({exc}); trying the one before it", stacklevel=2)
+            continue
+        return state_from(personal, meta)
+    raise CheckpointError(f"corrupt client state, every file unreadable: {'; '.join(errors)}")

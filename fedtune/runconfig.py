@@ -60,6 +60,12 @@ class FederationConfig:
             raise ConfigError(f"{prefix}clients_per_round: must be in 1..num_clients ({self.num_clients}), got {self.clients_per_round}")
         if self.rounds < 1:
             raise ConfigError(f"{prefix}rounds: must be >= 1, got {self.rounds}")
+        if self.eval_clients_per_round is not None and not 1 <= self.eval_clients_per_round <= self.num_clients:
+            raise ConfigError(f"{prefix}eval_clients_per_round: must be in 1..num_clients ({self.num_clients}) or null, got {self.eval_clients_per_round}")
+        if self.checkpoint_every < 1:
+            raise ConfigError(f"{prefix}checkpoint_every: must be >= 1 (rounds between checkpoints), got {self.checkpoint_every}")
+        if not self.round_timeout_s > 0:
+            raise ConfigError(f"{prefix}round_timeout_s: must be positive, got {self.round_timeout_s}")
         check_choices(self, prefix)
         if not self.connect_timeout_s >= 0:
             raise ConfigError(f"{prefix}connect_timeout_s: must be >= 0, got {self.connect_timeout_s}")
@@ -94,6 +100,8 @@ class RunConfig:
     moe: MoEConfig | None = None  # an MoE ViT (see moe.MoEConfig); None: a dense ViT
 
     def validate(self, prefix: str = "") -> None:
+        if self.seed < 0:
+            raise ConfigError(f"{prefix}seed: must be >= 0, got {self.seed}")
         if self.task is not None and self.tasks is not None:
             raise ConfigError(f"{prefix}task/tasks: give one of them (task for one task, tasks for several)")
         if self.tasks is not None and not self.tasks:

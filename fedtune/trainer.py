@@ -66,6 +66,18 @@ class TrainConfig:
             raise ConfigError(f"{prefix}lr: must be positive, got {self.lr}")
         if self.flops_every < 1:
             raise ConfigError(f"{prefix}flops_every: must be >= 1, got {self.flops_every}")
+        if self.head_lr is not None and not self.head_lr > 0:
+            raise ConfigError(f"{prefix}head_lr: must be positive or null (= lr), got {self.head_lr}")
+        if not self.weight_decay >= 0:
+            raise ConfigError(f"{prefix}weight_decay: must be >= 0, got {self.weight_decay}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"{prefix}warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"{prefix}label_smoothing: must be in [0, 1), got {self.label_smoothing}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"{prefix}max_steps: must be >= 1 or null, got {self.max_steps}")
+        if self.eval_batch_size < 1:
+            raise ConfigError(f"{prefix}eval_batch_size: must be >= 1, got {self.eval_batch_size}")
         check_choices(self, prefix)
         if self.head_fit_reg < 0:
             raise ConfigError(f"{prefix}head_fit_reg: must be >= 0, got {self.head_fit_reg}")

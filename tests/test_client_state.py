@@ -38,5 +38,17 @@ def test_earlier_files_and_corrupt_files(tmp_path):
     np.savez(tmp_path / "round-000001.npz", __meta__=np.array(json.dumps({"budgets": [0.5], "importance": None, "rounds": 1, "round": 1})))
     assert read_client_state(tmp_path).method == {"budgets": [0.5]}
     (tmp_path / "round-000002.npz").write_bytes(b"not a zip")
-    with pytest.raises(CheckpointError, match="corrupt client state .*round-000002.npz"):
+    with pytest.warns(UserWarning, match="corrupt client state .*round-000002.npz"):
+        assert read_client_state(tmp_path).method == {"budgets": [0.5]}  # the file kept before it
+    (tmp_path / "round-000001.npz").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(CheckpointError, match="every file unreadable: .*round-000002.npz.*round-000001.npz"), pytest.warns(UserWarning):
         read_client_state(tmp_path)
+
+
+def test_a_truncated_newest_file_falls_back(tmp_path):
+    for r in (1, 2):
+        write_client_state(tmp_path, ClientState(method={"budgets": [float(r)]}), r)
+    newest = tmp_path / "round-000002.npz"
+    newest.write_bytes(newest.read_bytes()[: len(newest.read_bytes()) // 2])
+    with pytest.warns(UserWarning, match="round-000002.npz"):
+        assert read_client_state(tmp_path).method == {"budgets": [1.0]}

@@ -151,6 +151,42 @@ def test_bad_run_configs(tmp_path):
         load_run_config(None, ["train.epochs=lots"])
     with pytest.raises(ConfigError, match="config file not found"):
         load_run_config(tmp_path / "missing.yaml")
+    for override, match in [
+        ("federation.checkpoint_every=0", "checkpoint_every: must be >= 1"),
+        ("federation.eval_clients_per_round=0", "eval_clients_per_round: must be in 1..num_clients"),
+        ("federation.eval_clients_per_round=99", "eval_clients_per_round: must be in 1..num_clients"),
+        ("federation.round_timeout_s=0", "round_timeout_s: must be positive"),
+        ("train.head_lr=-0.1", "head_lr: must be positive"),
+        ("train.warmup_steps=-1", "warmup_steps: must be >= 0"),
+        ("train.max_steps=0", "max_steps: must be >= 1"),
+        ("train.eval_batch_size=0", "eval_batch_size: must be >= 1"),
+        ("train.weight_decay=-1", "weight_decay: must be >= 0"),
+        ("train.label_smoothing=5", "label_smoothing: must be in"),
+        ("seed=-1", "seed: must be >= 0"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            load_run_config(None, [override])
+
+
+def test_a_failed_start_writes_nothing_into_an_existing_run(tmp_path):
+    """`fedtune simulate` on a folder holding a run, or --resume with a damaged checkpoint,
+    is refused before config.json (or anything else) is written."""
+    from fedtune.errors import CheckpointError
+    from simulations.run import simulate
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("the original")
+    (run / "metrics.jsonl").write_text("{}\n")
+    (run / "checkpoint.safetensors").write_bytes(b"truncated")
+    with pytest.raises(ConfigError, match="already holds a run"):
+        simulate(tiny_run(), run)
+    with pytest.raises(CheckpointError, match="checkpoint.safetensors"):
+        simulate(tiny_run(), run, resume=True)
+    assert (run / "config.json").read_text() == "the original"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        simulate(tiny_run(), tmp_path / "file")
 
 
 def test_cli_reports_bad_config(tmp_path, capsys):

@@ -63,6 +63,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     keys = ("accuracy_global", "accuracy_personalized", "bytes_up_total", "bytes_up_full_fedavg", "bytes_up_ratio_vs_full_fedavg", "rounds", "wall_time_s", "peak_rss_bytes")
     print(json.dumps({k: summary.get(k) for k in keys}, indent=2))
     print(f"wrote {out / 'summary.json'}, {out / 'metrics.jsonl'}, {out / 'plots'} and {out / 'checkpoint.safetensors'}")
+    if summary.get("error"):
+        print(f"fedtune: error: {summary['error']}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -49,6 +49,7 @@ class FederationConfig:
     profiles: list[str] = field(default_factory=lambda: ["workstation"])  # device profiles, cycled over clients
     client_tasks: list[list[str]] | None = None  # multitask: each client's tasks, cycled over clients (None: all tasks)
     checkpoint_every: int = 1  # rounds between server checkpoints
+    allow_empty_rounds: bool = False  # a round in which no client reply is accepted fails the run (summary.json "error", non-zero exit) unless true
     round_timeout_s: float = 3600.0  # how long the server waits for replies
     connect_timeout_s: float = 120.0  # how long the server waits for num_clients nodes before failing
     head_fit: Literal["none", "lda"] = "none"  # none | lda: after the last round, fit each task's global head from the clients' feature statistics

@@ -276,6 +276,12 @@ class ServerRunner:
             "rss_bytes_per_round": [r.get("rss_bytes_with_workers") for r in rounds],
             "checkpoint": str(self._checkpoint_path()),
         }
+        summary["empty_rounds"] = [r["round"] for r in rounds if r.get("accepted", 0) == 0]
+        if summary["empty_rounds"] and not self.cfg.federation.allow_empty_rounds:
+            reasons = sorted({x["reason"] for r in rounds if r["round"] in summary["empty_rounds"] for x in r.get("rejected", [])})
+            summary["error"] = (f"round(s) {summary['empty_rounds']} had no accepted client reply, so the model did not train there"
+                                + (f"; rejections: {'; '.join(reasons[:3])}" if reasons else "; no client replied")
+                                + " (set federation.allow_empty_rounds: true to accept such runs)")
         summary["bytes_up_client_max_vs_model"] = summary["bytes_up_client_max"] / self.full_bytes if self.full_bytes else None
         summary["bytes_up_ratio_vs_full_fedavg"] = summary["bytes_up_total"] / summary["bytes_up_full_fedavg"] if summary["bytes_up_full_fedavg"] else None
         write_json(self.out / "summary.json", summary)

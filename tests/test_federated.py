@@ -316,3 +316,23 @@ def test_yaml_overlays_extend_a_base(tmp_path):
     (tmp_path / "two.yaml").write_text("extends: [base.yaml, other.yaml]\n")
     with pytest.raises(ConfigError, match="extends must name one YAML file"):
         load_run_config(tmp_path / "two.yaml")
+
+
+@pytest.mark.parametrize("allow", [False, True])
+def test_a_run_whose_round_accepted_no_reply_fails_loudly(tmp_path, allow):
+    """Every client of round 2 was rejected: the summary carries an error with the reasons and
+    `fedtune simulate` exits non-zero, unless federation.allow_empty_rounds."""
+    from server.runner import ServerRunner
+
+    cfg = tiny_run(federation={"num_clients": 4, "rounds": 2, "allow_empty_rounds": allow})
+    runner = ServerRunner(cfg, tmp_path / "run")
+    runner.out.mkdir()
+    base = {"accuracy_global": 0.5, "loss_global": 1.0, "accuracy_per_task": {"digit": 0.5}, "bytes_up": 0, "bytes_down": 0, "bytes_up_full_fedavg": 0}
+    runner.rounds = [{"round": 0, **base}, {"round": 1, **base, "accepted": 4, "rejected": []},
+                     {"round": 2, **base, "accepted": 0, "rejected": [{"node_id": 1, "reason": "error reply (code 0): device crash"}]}]
+    summary = runner.finish()
+    assert summary["empty_rounds"] == [2]
+    if allow:
+        assert "error" not in summary
+    else:
+        assert "round(s) [2] had no accepted client reply" in summary["error"] and "device crash" in summary["error"]

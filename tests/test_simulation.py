@@ -60,6 +60,7 @@ def test_simulation_writes_outputs_and_survives_a_failing_client(tmp_path):
     assert rounds[1]["accepted"] == 2 and len(rounds[1]["rejected"]) == 1  # the crashed client
     assert "simulated device crash" in rounds[1]["rejected"][0]["reason"]
     assert rounds[2]["accepted"] == 3
+    assert summary["empty_rounds"] == [] and "error" not in summary  # one failing client fails no round
     assert set(summary["accuracy_per_task"]) == {"digit", "parity"}
     # the last round's heads are fitted from the clients' feature statistics, which count as bytes up
     assert summary["head_fit"] == "lda" and sorted(rounds[2]["head_fit_tasks"]) == ["digit", "parity"]

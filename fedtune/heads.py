@@ -133,13 +133,15 @@ def lda_head(stats: dict[str, np.ndarray], shrink: float = 1e-4) -> tuple[torch.
 
 @torch.no_grad()
 def evaluate(model: FedViT, data: ImageSet, task: str | None = None, batch_size: int = 256) -> dict[str, float]:
-    """Accuracy and loss of the dense model (every block, every token) on `data`."""
+    """Accuracy and loss of the dense model (every block, every token) on `data`: the task's
+    head on `extract_features` (the one evaluation path)."""
     task = model.check_task(task)
-    model.eval()
-    correct, total, loss = 0, 0, 0.0
-    for images, labels in data.loader(batch_size, shuffle=False, task=task):
-        logits = model(images, task)
-        loss += float(F.cross_entropy(logits, labels, reduction="sum"))
-        correct += int((logits.argmax(-1) == labels).sum())
-        total += len(labels)
+    feats, labels = extract_features(model, data, task, batch_size)
+    correct, loss = 0, 0.0
+    for start in range(0, len(labels), batch_size):
+        logits = model.forward_head(feats[start : start + batch_size], task)
+        y = labels[start : start + batch_size]
+        loss += float(F.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(-1) == y).sum())
+    total = len(labels)
     return {"accuracy": correct / max(total, 1), "loss": loss / max(total, 1), "num_examples": total}

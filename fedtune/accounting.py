@@ -112,6 +112,9 @@ def trainable_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def trainable_state_bytes(model: nn.Module, optimizer_slots: int = 2) -> int:
+OPTIMIZER_SLOTS = 2  # AdamW keeps two state tensors per parameter
+
+
+def trainable_state_bytes(model: nn.Module, optimizer_slots: int = OPTIMIZER_SLOTS) -> int:
     """Bytes of gradients plus optimizer state (AdamW keeps two slots per parameter)."""
     return sum(p.numel() * p.element_size() * (1 + optimizer_slots) for p in model.parameters() if p.requires_grad)

@@ -13,12 +13,14 @@ against them.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 
-from .accounting import SavedBytesMeter, trainable_state_bytes
-from .engine import Plan, forward_plan, set_trainable
+from .accounting import OPTIMIZER_SLOTS, SavedBytesMeter
+from .engine import Plan, forward_plan, param_groups, set_trainable, wants_grad
+from .lora import has_lora
 from .model import FedViT
 
 
@@ -108,9 +110,9 @@ class CostModel:
 
     # -- activation bytes
     def _calibrate(self, lora: bool) -> None:
-        model, depth = self.model, self.model.depth
-        was_training = model.training
-        flags = {n: p.requires_grad for n, p in model.named_parameters()}  # restored below: set_trainable owns them
+        """Measure saved bytes per token and block, on a copy of the model (the model's own
+        requires_grad flags are never touched: set_trainable owns them)."""
+        model, depth = copy.deepcopy(self.model), self.model.depth
         model.train()
         device = model.vit.patch_embed.proj.weight.device
         x = torch.zeros(1, model.vit.patch_embed.proj.in_channels, *model.vit.patch_embed.img_size, device=device)
@@ -124,9 +126,6 @@ class CostModel:
                 forward_plan(model, x, plan, self.task, scope=meter.scope)
             self._per_token[(mode, lora)] = [meter.by_scope.get(f"block{i}", 0) / n for i in range(depth)]
             self._head_bytes = float(meter.by_scope.get("head", 0))
-        for name, p in model.named_parameters():
-            p.requires_grad_(flags[name])
-        model.train(was_training)
 
     def per_token_bytes(self, mode: str, lora: bool) -> list[float]:
         if (mode, lora) not in self._per_token:
@@ -149,13 +148,11 @@ class CostModel:
         return (total + (self._head_bytes if plan.train_head else 0.0)) * batch_size
 
     def state_bytes(self, plan: Plan) -> int:
+        """Gradients + AdamW state of what `plan` trains (the same rule as set_trainable, without setting anything)."""
         key = (plan.trained, plan.lora, plan.train_head, plan.train_norm, plan.train_embed, plan.consolidate_at, plan.experts)
         if key not in self._state_cache:
-            flags = {n: p.requires_grad for n, p in self.model.named_parameters()}
-            set_trainable(self.model, plan, self.task)
-            self._state_cache[key] = trainable_state_bytes(self.model)
-            for n, p in self.model.named_parameters():
-                p.requires_grad_(flags[n])
+            lora = has_lora(self.model)
+            self._state_cache[key] = sum(p.numel() * p.element_size() * (1 + OPTIMIZER_SLOTS) for _, group, p in param_groups(self.model) if wants_grad(group, plan, self.task, lora))
         return self._state_cache[key]
 
     def estimate(self, plan: Plan, batch_size: int) -> Cost:

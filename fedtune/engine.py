@@ -123,6 +123,7 @@ class Trace:
     kept_index: dict[int, torch.Tensor] = field(default_factory=dict)  # block -> kept patch indices [B, k]
     cls_attn: dict[int, torch.Tensor] = field(default_factory=dict)  # block -> [B, n] attention (when ranked)
     extra: dict = field(default_factory=dict)  # what model variants add (the MoE ViT: expert counts per block)
+    aux_loss: torch.Tensor | None = None  # a loss the forward adds for training (the MoE ViT: load balancing)
 
 
 def class_token_attention(attn: nn.Module, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

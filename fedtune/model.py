@@ -100,14 +100,16 @@ class FedViT(nn.Module):
         """The engine's per-block function for `task` (None: engine.block_forward); the MoE ViT overrides it."""
         return None
 
-    def forward_features(self, images: torch.Tensor, plan=None, task: str | None = None, trace=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Pre-logit features and the auxiliary loss the forward adds (None here; the MoE ViT
-        adds load balancing). With a `plan` (fedtune.engine.Plan) the engine runs it: trained,
-        frozen and no-grad blocks, dropped or skipped tokens, and what it observed goes into
-        `trace`; without one, timm's own forward (every block, every token)."""
+    def forward_features(self, images: torch.Tensor, plan=None, task: str | None = None, trace=None) -> tuple[torch.Tensor, engine.Trace]:
+        """Pre-logit features and what the forward observed (an engine.Trace: class-token
+        deltas, tokens per block, and for the MoE ViT routing counts and the load-balancing
+        loss in `aux_loss`). With a `plan` the engine runs it (trained, frozen and no-grad
+        blocks, dropped or skipped tokens); without one, timm's own forward (every block,
+        every token), which observes nothing. `trace` is filled when given, else a new one."""
+        trace = engine.Trace() if trace is None else trace
         if plan is None:
-            return self.vit.forward_head(self.vit.forward_features(images), pre_logits=True), None
-        return engine.forward_features(self, images, plan, task, trace=trace), None
+            return self.vit.forward_head(self.vit.forward_features(images), pre_logits=True), trace
+        return engine.forward_features(self, images, plan, task, trace=trace), trace
 
     @property
     def survey_batches(self) -> int:

@@ -194,10 +194,10 @@ class Trainer:
             counter.__enter__()
         try:
             with meter:
-                feats, aux = model.forward_features(images, plan, self.task, trace=trace)
+                feats, _ = model.forward_features(images, plan, self.task, trace=trace)
                 logits = model.forward_head(feats, self.task)
                 loss = F.cross_entropy(logits, labels, label_smoothing=self.cfg.label_smoothing)
-                for extra in (aux, self.extra_loss(feats, labels)):
+                for extra in (trace.aux_loss, self.extra_loss(feats, labels)):
                     if extra is not None:
                         loss = loss + extra
             if not torch.isfinite(loss):

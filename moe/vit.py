@@ -79,14 +79,16 @@ class MoEViT(FedViT):
 
         return run
 
-    def forward_features(self, images: torch.Tensor, plan: Plan | None = None, task: str | None = None, trace: Trace | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward_features(self, images: torch.Tensor, plan: Plan | None = None, task: str | None = None, trace: Trace | None = None) -> tuple[torch.Tensor, Trace]:
         """Pre-logit features under `plan` (None: every block, every token) with `task`'s routers,
-        and the weighted load-balancing loss of the MoE blocks that train; each MoE block's
-        expert counts go into `trace.extra["expert_counts"]` when a trace is given."""
+        and what the forward observed: besides the engine's observations, each MoE block's
+        expert counts (`extra["expert_counts"]`) and the weighted load-balancing loss of the
+        MoE blocks that train (`aux_loss`)."""
+        trace = Trace() if trace is None else trace
         feats, stats = moe_features(self, images, full_plan(self.depth) if plan is None else plan, task, trace=trace)
-        if trace is not None:
-            trace.extra["expert_counts"] = {b: s.expert_counts for b, s in zip(self.moe_blocks, stats, strict=True)}
-        return feats, moe_aux_loss(self, stats, plan)
+        trace.extra["expert_counts"] = {b: s.expert_counts for b, s in zip(self.moe_blocks, stats, strict=True)}
+        trace.aux_loss = moe_aux_loss(self, stats, plan)
+        return feats, trace
 
     @property
     def survey_batches(self) -> int:

@@ -12,15 +12,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.supercore import log
 
 from fedtune import protocol
 from fedtune.client import ClientRuntime
 from fedtune.client_state import (
     ClientState,
     read_client_state,
+    read_global_copy,
+    write_global_copy,
     state_from,
     state_meta,
     write_client_state,
@@ -33,6 +37,8 @@ from .records import arrays_to_numpy, metric_record, numpy_to_arrays
 
 STATE_ARRAYS = "fedtune.personal"
 STATE_CONFIG = "fedtune.client"
+GLOBAL_ARRAYS = "fedtune.global"  # the global model this node holds (sparse downlink), with its version
+GLOBAL_VERSION = "fedtune.global-version"
 
 
 def run_config_from_context(context: Context) -> RunConfig:
@@ -74,6 +80,54 @@ def save_state(context: Context, state: ClientState, default_dir: Path | None = 
         write_client_state(folder, state, server_round)
 
 
+def receive_global(msg: Message, context: Context) -> dict[str, np.ndarray] | None:
+    """The whole global model of an instruction: its arrays, completed from the copy this node
+    holds when the server sent only what changed (protocol.BASE_VERSION); None when the node
+    holds no copy of that version (it then asks for the whole model).
+
+    The copy is kept in the node's state-dir when the node config gives one (a device keeps
+    it across restarts), else in the context (a simulated node)."""
+    arrays = arrays_to_numpy(msg.content.array_records[protocol.ARRAYS])
+    config = msg.content.config_records.get(protocol.CONFIG, ConfigRecord())
+    base, version = int(config.get(protocol.BASE_VERSION, -1)), int(config.get(protocol.MODEL_VERSION, -1))
+    folder = _state_dir(context)
+    if base >= 0:
+        held = read_global_copy(folder) if folder is not None else _context_copy(context)
+        if held is None or held[1] != base:
+            log(30, "node %s holds %s, the server sent changes to version %d: asking for the whole model",
+                context.node_id, "no model copy" if held is None else f"version {held[1]}", base)
+            return None
+        missing = [n for n in held[0] if n not in arrays]
+        arrays = {**{n: held[0][n] for n in missing}, **arrays}
+    if version >= 0:
+        if folder is not None:
+            write_global_copy(folder, arrays, version)
+        else:
+            context.state[GLOBAL_ARRAYS] = numpy_to_arrays(arrays)
+            context.state[GLOBAL_VERSION] = ConfigRecord({"version": version})
+    return arrays
+
+
+def _context_copy(context: Context) -> tuple[dict[str, np.ndarray], int] | None:
+    if GLOBAL_ARRAYS not in context.state.array_records or GLOBAL_VERSION not in context.state.config_records:
+        return None
+    return arrays_to_numpy(context.state.array_records[GLOBAL_ARRAYS]), int(context.state.config_records[GLOBAL_VERSION]["version"])
+
+
+def need_full_model(msg: Message) -> Message:
+    return Message(content=RecordDict({protocol.METRICS: MetricRecord({protocol.NEED_FULL_MODEL: 1})}), reply_to=msg)
+
+
+def _fed_stats(msg: Message) -> dict[str, dict[str, np.ndarray]]:
+    """The federation's feature statistics sent with an evaluate instruction, per task."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    if protocol.FED_STATS in msg.content.array_records:
+        for key, value in arrays_to_numpy(msg.content.array_records[protocol.FED_STATS]).items():
+            task, _, part = key.rpartition(".")
+            out.setdefault(task, {})[part] = value.astype(np.float64)
+    return out
+
+
 def node_profile(context: Context, simulated: bool) -> str | None:
     """The device profile a client plans for: the node config's `profile` when given; without
     one, a simulated client takes the run config's `federation.profiles` (None here) and a
@@ -105,14 +159,16 @@ def make_client_app(cfg: RunConfig | None = None, state_dir: Path | None = None)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        global_arrays = receive_global(msg, context)
+        if global_arrays is None:
+            return need_full_model(msg)
         rt = runtime(context)
-        global_arrays = arrays_to_numpy(msg.content.array_records[protocol.ARRAYS])
         config = msg.content.config_records.get(protocol.CONFIG, ConfigRecord())
         importance = config.get(protocol.IMPORTANCE)
         server_round = int(config.get(protocol.SERVER_ROUND, 0))
         update, counts, metrics, state = rt.fit(global_arrays, load_state(context, state_dir, server_round), list(importance) if importance else None, server_round)
         save_state(context, state, state_dir, server_round)
-        metrics.bytes_received = int(msg.content.array_records[protocol.ARRAYS].count_bytes())
+        metrics.bytes_received = int(sum(r.count_bytes() for r in msg.content.array_records.values()))
         reply = RecordDict(
             {
                 protocol.ARRAYS: numpy_to_arrays(update),
@@ -124,15 +180,21 @@ def make_client_app(cfg: RunConfig | None = None, state_dir: Path | None = None)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
+        global_arrays = receive_global(msg, context)
+        if global_arrays is None:
+            return need_full_model(msg)
         rt = runtime(context)
-        global_arrays = arrays_to_numpy(msg.content.array_records[protocol.ARRAYS])
         config = msg.content.config_records.get(protocol.CONFIG, ConfigRecord())
         server_round = int(config.get(protocol.SERVER_ROUND, 0))
         state = load_state(context, state_dir, server_round + 1 if server_round else None)
-        metrics = rt.evaluate(global_arrays, state)
+        fed_stats = _fed_stats(msg)
+        want_stats = bool(config.get(protocol.WANT_HEAD_STATS))
+        metrics, stats, kept = rt.evaluate(global_arrays, state, fed_stats, final=bool(config.get(protocol.FINAL, False)), want_stats=want_stats)
+        if kept is not None:  # the final evaluation built a personal head: keep it (export --client reads it)
+            save_state(context, kept, state_dir, server_round)
         content = RecordDict({protocol.METRICS: metric_record(metrics.to_dict())})
-        if config.get(protocol.WANT_HEAD_STATS):
-            content[protocol.HEAD_STATS] = numpy_to_arrays(rt.head_stats(global_arrays, state))
+        if want_stats:
+            content[protocol.HEAD_STATS] = numpy_to_arrays(stats)
         return Message(content=content, reply_to=msg)
 
     return app

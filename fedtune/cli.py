@@ -60,7 +60,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     cfg = load_run_config(path, args.set)
     out = Path(args.out or f"runs/{cfg.name}")
     summary = simulate(cfg, out, resume=args.resume, progress=not args.no_progress, verbose=args.verbose)
-    keys = ("accuracy_global", "accuracy_personalized", "bytes_up_total", "bytes_up_full_fedavg", "bytes_up_ratio_vs_full_fedavg", "rounds", "wall_time_s", "peak_rss_bytes")
+    keys = ("accuracy_global", "accuracy_global_local", "accuracy_personalized", "bytes_up_total", "bytes_down_total", "bytes_up_ratio_vs_full_fedavg", "traffic_ratio_vs_full_fedavg", "rounds", "wall_time_s", "peak_rss_bytes")
     print(json.dumps({k: summary.get(k) for k in keys}, indent=2))
     print(f"wrote {out / 'summary.json'}, {out / 'metrics.jsonl'}, {out / 'plots'} and {out / 'checkpoint.safetensors'}")
     if summary.get("error"):

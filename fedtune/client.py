@@ -4,9 +4,19 @@
 partition, and returns exactly the parameters it updated (minus personal ones) with its
 measured metrics. The Flower apps in clients/ and server/ only turn Messages into these calls.
 
-Personalization follows FedRoD: besides the global head (aggregated), every client trains a
-personal head of its own on the same features (detached), kept in the client's state and
-never sent. Parameters named in `federation.personal` also stay on the client.
+Each client's personalized model follows `federation.personalization`:
+
+- fedrod: besides the global head (aggregated), the client trains a personal head of its
+  own on the same features (detached), kept in its state and never sent (FedRoD);
+- fedper: the task head itself is personal: trained with the body, never sent (FedPer);
+- lda: a discriminant head in closed form, from the client's class statistics on the global
+  model's features shrunk towards the federation's, with the client's class priors;
+- finetune: the global model fine-tuned locally (`federation.finetune_epochs`) in the final
+  evaluation (FedAvg + fine-tuning);
+- local: nothing is sent; each client trains its own model (local training only);
+- none: the global model only.
+
+Parameters named in `federation.personal` also stay on the client.
 """
 
 from __future__ import annotations
@@ -31,7 +41,7 @@ from .federated import (
     shared_model,
     state_to_numpy,
 )
-from .heads import class_stats, extract_features
+from .heads import class_stats, extract_features, lda_head
 from .methods import make_method
 from .profiles import get_profile
 from .protocol import EvalMetrics, TrainMetrics
@@ -75,7 +85,8 @@ class ClientRuntime:
         for task in self.tasks:
             self.model.check_task(task)
         dim = self.model.vit.embed_dim
-        self.personal_heads = {t: nn.Linear(dim, self.model.heads[t].out_features) for t in self.tasks} if cfg.federation.personal_head else {}
+        self.personal_heads = {t: nn.Linear(dim, self.model.heads[t].out_features) for t in self.tasks} if cfg.federation.personalization == "fedrod" else {}
+        self.personal_prefixes = cfg.federation.personal_prefixes()
 
     def _load(self, global_arrays: dict[str, np.ndarray], state: ClientState) -> None:
         load_numpy_state(self.model, global_arrays)
@@ -116,7 +127,7 @@ class ClientRuntime:
             loss_sum += result.loss * result.num_examples
             correct += result.accuracy * result.num_examples
             kept = method.state_dict() or kept
-        personal = cfg.federation.personal
+        personal = self.personal_prefixes
         if cfg.federation.send == "all":
             names = [n for n in self.model.state_dict() if not is_personal(n, personal)]
         else:
@@ -160,19 +171,75 @@ class ClientRuntime:
         return out
 
     @torch.no_grad()
-    def evaluate(self, global_arrays: dict[str, np.ndarray], state: ClientState) -> EvalMetrics:
-        """Accuracy of the global model and of the personalized one on the client's local test set, per task."""
-        self._load(global_arrays, state)
+    def evaluate(self, global_arrays: dict[str, np.ndarray], state: ClientState, fed_stats: dict[str, dict[str, np.ndarray]] | None = None,
+                 final: bool = False, want_stats: bool = False) -> tuple[EvalMetrics, dict[str, np.ndarray], ClientState | None]:
+        """The global model and the personalized one on the client's local test split, per task.
+
+        The personalized model follows `federation.personalization` (module docstring); the
+        "lda" head is built here, from this client's class statistics on its training data
+        shrunk towards the federation's (`fed_stats`), and "finetune" trains a copy of the
+        global model locally, in the final evaluation only. Returns the metrics, this client's
+        class statistics when `want_stats` (what the server's head fit sums) and, when the
+        evaluation built a personal head, the state that keeps it (else None)."""
+        fed = self.cfg.federation
+        mode = fed.personalization
         data = self.test_set if len(self.test_set) else self.train_set
         out = EvalMetrics(num_examples=len(data) * len(self.tasks), partition_id=self.partition_id)
-        self.model.eval()
+        load_numpy_state(self.model, global_arrays)
         plan = full_plan(self.model.depth)
+        stats: dict[str, np.ndarray] = {}
+        new_heads: dict[str, np.ndarray] = {}
+        global_feats = {}
         for task in self.tasks:
             feats, labels = extract_features(self.model, data, task, 256, plan)
-            logits = self.model.forward_head(feats, task)
-            head = self.personal_heads.get(task)
-            out.per_task_global[task] = int((logits.argmax(-1) == labels).sum()) / max(len(data), 1)
-            out.per_task_personal[task] = int(((head(feats) if head is not None else logits).argmax(-1) == labels).sum()) / max(len(data), 1)
+            global_feats[task] = (feats, labels)
+            out.per_task_global[task] = _accuracy(self.model.forward_head(feats, task), labels)
+            if want_stats or mode == "lda":
+                train_feats, train_labels = extract_features(self.model, self.train_set, task, 256, plan)
+                own = class_stats(train_feats, train_labels, self.model.heads[task].out_features)
+                stats.update({f"{task}.{k}": v for k, v in own.items()})
+                if mode == "lda":
+                    weight, bias = personal_lda_head(own, (fed_stats or {}).get(task), fed.lda_shrink)
+                    out.per_task_personal[task] = _accuracy(feats @ weight.T + bias, labels)
+                    new_heads.update({f"{PERSONAL_HEAD}{task}.weight": weight.numpy(), f"{PERSONAL_HEAD}{task}.bias": bias.numpy()})
+        if mode in ("fedrod", "fedper", "local"):
+            self._load(global_arrays, state)
+            personal = bool(personal_params(state.personal))
+            for task in self.tasks:
+                feats, labels = extract_features(self.model, data, task, 256, plan) if personal else global_feats[task]
+                head = self.personal_heads.get(task)
+                out.per_task_personal[task] = _accuracy(head(feats) if head is not None else self.model.forward_head(feats, task), labels)
+        elif mode == "finetune" and final:
+            with torch.enable_grad():
+                for i, task in enumerate(self.tasks):
+                    load_numpy_state(self.model, global_arrays)
+                    method = make_method(self.cfg.method, self.model, self.profile, self.cfg.train.batch_size, task, seed=self.cfg.seed + i)
+                    tcfg = replace(self.cfg.train, epochs=fed.finetune_epochs, seed=self.cfg.seed * 7919 + self.partition_id * 31 + i)
+                    Trainer(self.model, method, tcfg, task).train(self.train_set)
+                    feats, labels = extract_features(self.model, data, task, 256, plan)
+                    out.per_task_personal[task] = _accuracy(self.model.forward_head(feats, task), labels)
+            load_numpy_state(self.model, global_arrays)
         out.accuracy_global = sum(out.per_task_global.values()) / len(self.tasks)
-        out.accuracy_personal = sum(out.per_task_personal.values()) / len(self.tasks)
-        return out
+        out.accuracy_personal = sum(out.per_task_personal.values()) / len(self.tasks) if out.per_task_personal else None
+        kept = ClientState(personal={**state.personal, **new_heads}, method=state.method) if new_heads and final else None
+        return out, stats, kept
+
+
+def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return int((logits.argmax(-1) == labels).sum()) / max(len(labels), 1)
+
+
+def personal_lda_head(own: dict[str, np.ndarray], fed: dict[str, np.ndarray] | None, shrink: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A client's discriminant head in closed form: its own class statistics plus the
+    federation's scaled to `shrink` times the client's example count (class means and the
+    covariance pulled towards the federation's, most for the classes the client has few
+    examples of), and the client's own class priors (add-one smoothed)."""
+    stats = {k: np.asarray(v, dtype=np.float64) for k, v in own.items()}
+    n_own = float(stats["count"].sum())
+    if fed is not None and float(np.sum(fed["count"])) > 0 and shrink > 0:
+        scale = shrink * n_own / float(np.sum(fed["count"]))
+        stats = {k: stats[k] + scale * np.asarray(fed[k], dtype=np.float64) for k in stats}
+    priors = (own["count"] + 1.0) / (n_own + len(own["count"]))
+    if (stats["count"] > 0).sum() < 2:  # one class known and no federation yet: the priors decide
+        return torch.zeros(stats["sum"].shape, dtype=torch.float32), torch.from_numpy(np.log(priors)).float()
+    return lda_head(stats, priors=priors)

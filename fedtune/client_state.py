@@ -98,3 +98,29 @@ def read_client_state(folder: Path, before_round: int | None = None) -> ClientSt
             continue
         return state_from(personal, meta)
     raise CheckpointError(f"corrupt client state, every file unreadable: {'; '.join(errors)}")
+
+
+GLOBAL_COPY = "global-model.npz"  # the global model a client holds (the sparse downlink), beside its state files
+
+
+def write_global_copy(folder: Path, arrays: dict[str, np.ndarray], version: int) -> Path:
+    """Keep the global model the client holds, with its version, atomically."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path, tmp = folder / GLOBAL_COPY, folder / f"tmp-{GLOBAL_COPY}"
+    np.savez(tmp, __version__=np.array(version), **arrays)
+    os.replace(tmp, path)
+    return path
+
+
+def read_global_copy(folder: Path) -> tuple[dict[str, np.ndarray], int] | None:
+    """The global model the client holds and its version; None when it has none or the file
+    is damaged (the server then sends the whole model)."""
+    path = folder / GLOBAL_COPY
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files if k != "__version__"}, int(z["__version__"])
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        warnings.warn(f"damaged global model copy {path} ({exc}); asking the server for the whole model", stacklevel=2)
+        return None

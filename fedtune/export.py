@@ -122,7 +122,7 @@ def export_run(run_dir: str | Path, task: str | None, out: str | Path, client: i
         saved = personal_head(personal, task)
         if saved:
             head.load_state_dict(saved)
-        elif cfg.federation.personal_head:
+        elif cfg.federation.personalization in ("fedrod", "lda"):
             raise ConfigError(f"client {client} has no personal head for task {task!r} (its tasks: {personal_head_tasks(personal)})")
     if has_lora(model):
         merge_lora(model)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import DataSplit, ImageSet, load_data, partition_indices
+from .data import DataSplit, ImageSet, concat_sets, load_data, partition_indices
 from .errors import ConfigError
 from .methods import prepare_model
 from .model import FedViT, build_model
@@ -35,14 +35,31 @@ def federated_data(cfg: RunConfig) -> tuple[DataSplit, list[np.ndarray]]:
                 raise ConfigError(f"task: {task!r} is not in the data set {cfg.data.name}; it has {', '.join(split.train.tasks)}")
         task = (cfg.run_tasks() or split.train.tasks)[0]
         p = cfg.partition
+        pooled = concat_sets(split.train, split.test) if p.pool else split.train
         parts = partition_indices(
-            split.train.labels[task].numpy(), cfg.federation.num_clients, p.scheme, alpha=p.alpha,
+            pooled.labels[task].numpy(), cfg.federation.num_clients, p.scheme, alpha=p.alpha,
             classes_per_partition=p.classes_per_partition, seed=cfg.seed, min_partition_size=p.min_partition_size,
             class_assignment=p.class_assignment,
         )
+        if p.pool:
+            # the personalized-FL protocol: partition train and test together; each client's
+            # 25% (local_test_fraction) is its test split, and the central test set is the union
+            # of those splits, so no test image is ever trained on
+            split = DataSplit(split.name, pooled, pooled)
+            local_tests = [_local_split(cfg, pid, idx)[1] for pid, idx in enumerate(parts)]
+            split = DataSplit(split.name, pooled, pooled.subset(np.concatenate(local_tests)))
         _DATA_CACHE.clear()
         _DATA_CACHE[key] = (split, parts)
     return _DATA_CACHE[key]
+
+
+def _local_split(cfg: RunConfig, partition_id: int, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A client's partition split into its local train and test indices (seeded per client)."""
+    rng = np.random.default_rng(cfg.seed * 1_000_003 + partition_id)
+    idx = rng.permutation(idx)
+    n_test = int(round(len(idx) * cfg.partition.local_test_fraction))
+    n_test = min(n_test, max(len(idx) - 1, 0))
+    return idx[n_test:], idx[:n_test]
 
 
 def client_tasks(cfg: RunConfig, partition_id: int) -> list[str]:
@@ -58,12 +75,8 @@ def client_data(cfg: RunConfig, partition_id: int) -> tuple[ImageSet, ImageSet]:
     split, parts = federated_data(cfg)
     if not 0 <= partition_id < len(parts):
         raise ConfigError(f"partition-id {partition_id} out of range: the run has {len(parts)} clients")
-    idx = parts[partition_id]
-    rng = np.random.default_rng(cfg.seed * 1_000_003 + partition_id)
-    idx = rng.permutation(idx)
-    n_test = int(round(len(idx) * cfg.partition.local_test_fraction))
-    n_test = min(n_test, max(len(idx) - 1, 0))
-    return split.train.subset(idx[n_test:]), split.train.subset(idx[:n_test])
+    train, test = _local_split(cfg, partition_id, parts[partition_id])
+    return split.train.subset(train), split.train.subset(test)
 
 
 # --------------------------------------------------------------------------- models

@@ -110,11 +110,11 @@ class StatsSum:
         return None
 
 
-def lda_head(stats: dict[str, np.ndarray], shrink: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+def lda_head(stats: dict[str, np.ndarray], shrink: float = 1e-4, priors: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Linear discriminant analysis from `class_stats` (or their sum over clients): class
     means, a pooled within-class covariance (shrunk by `shrink` toward its mean variance, so
-    it is invertible) and class priors give a linear head W x + b. Classes with no example
-    get a bias no logit reaches."""
+    it is invertible) and class priors (the statistics' class shares, or `priors`) give a
+    linear head W x + b. Classes with no example get a bias no logit reaches."""
     count, sums, outer = np.asarray(stats["count"], dtype=np.float64), stats["sum"], stats["outer"]
     present = count > 0
     if present.sum() < 2:
@@ -126,7 +126,8 @@ def lda_head(stats: dict[str, np.ndarray], shrink: float = 1e-4) -> tuple[torch.
     cov = within / max(n - present.sum(), 1.0)
     cov = (1 - shrink) * cov + shrink * np.trace(cov) / len(cov) * np.eye(len(cov))
     prec_means = np.linalg.solve(cov, means.T).T  # [C, d]
-    bias = -0.5 * (means * prec_means).sum(1) + np.log(np.where(present, count, 1.0) / n)
+    shares = np.where(present, count, 1.0) / n if priors is None else np.asarray(priors, dtype=np.float64)
+    bias = -0.5 * (means * prec_means).sum(1) + np.log(shares)
     bias[~present] = -1e4
     return torch.from_numpy(prec_means).float(), torch.from_numpy(bias).float()
 

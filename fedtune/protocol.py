@@ -23,6 +23,7 @@ ARRAYS = "arrays"  # ArrayRecord: parameter name -> Array
 CONFIG = "config"  # ConfigRecord sent with every instruction
 METRICS = "metrics"  # MetricRecord of scalars (and a few lists)
 UPDATE_COUNTS = "update-counts"  # MetricRecord: parameter name -> int steps
+FED_STATS = "fed-stats"  # ArrayRecord in an evaluate instruction: the federation's summed HEAD_STATS of its latest round that collected them
 HEAD_STATS = "head-stats"  # ArrayRecord in an evaluate reply: per task "<task>.count" [C], "<task>.sum" [C, d], "<task>.outer" [d, d]
 
 # Metric keys in the METRICS record of a reply.
@@ -32,6 +33,12 @@ IMPORTANCE = "importance"  # list[float], one per block; also the config key sen
 # Config keys in the CONFIG record of an instruction.
 SERVER_ROUND = "server-round"  # set by Flower's FedAvg.configure_train
 WANT_HEAD_STATS = "want-head-stats"  # in an evaluate instruction: reply with HEAD_STATS too
+BASE_VERSION = "base-version"  # int: the global model version the sent arrays complete (-1: they are the whole model)
+MODEL_VERSION = "model-version"  # int: the version the client holds once it applied them (-1: no sparse downlink, keep no copy)
+FINAL = "final"  # in an evaluate instruction: the run's final evaluation (every client personalizes fully)
+
+# Metric keys in a reply that carries no result.
+NEED_FULL_MODEL = "need-full-model"  # 1: the client holds no copy of BASE_VERSION; the server resends the whole model
 
 # How the server weights each sender of a parameter (federation.weighting).
 Weighting = Literal["examples", "updates"]  # by the reply's NUM_EXAMPLES | by its UPDATE_COUNTS for that parameter

@@ -79,14 +79,17 @@ def plot_run(rounds: list[dict[str, Any]], out: Path, depth: int, moe_blocks: li
     plt.close(fig)
 
     rr = [x for x in rounds if x["round"] > 0]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    w = 0.4
-    ax.bar(np.array([x["round"] for x in rr]) - w / 2, [x["bytes_up"] / 2**20 for x in rr], w, label="sent up (this run)")
-    ax.bar(np.array([x["round"] for x in rr]) + w / 2, [x["bytes_up_full_fedavg"] / 2**20 for x in rr], w, label="full-model FedAvg")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    w = 0.2
+    x0 = np.array([x["round"] for x in rr], dtype=float)
+    bars = (("bytes_up", "up (this run)", -1.5, "tab:blue"), ("bytes_up_full_fedavg", "up, full-model FedAvg", -0.5, "lightsteelblue"),
+            ("bytes_down", "down (this run)", 0.5, "tab:orange"), ("bytes_down_full_fedavg", "down, full-model FedAvg", 1.5, "navajowhite"))
+    for key, label, offset, colour in bars:
+        ax.bar(x0 + offset * w, [x.get(key, 0) / 2**20 for x in rr], w, label=label, color=colour)
     ax.set_xticks([x["round"] for x in rr])
     ax.set_xlabel("round")
-    ax.set_ylabel("MiB uploaded")
-    ax.legend()
+    ax.set_ylabel("MiB per round")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     paths.append(out / "bytes.png")
     fig.savefig(paths[-1], dpi=120)

@@ -28,6 +28,7 @@ class PartitionConfig:
     class_assignment: Literal["deterministic", "random", "first-deterministic"] = "deterministic"  # pathological: how classes go to clients (flwr-datasets' modes)
     min_partition_size: int = 10  # Dirichlet: resample until every client has this many
     local_test_fraction: float = 0.2  # share of each client's data kept for its local test
+    pool: bool = False  # partition the data set's train and test images together (the personalized-FL protocol); the central test set is then the union of the clients' local test splits
 
     def validate(self, prefix: str = "") -> None:
         check_choices(self, prefix)
@@ -44,7 +45,11 @@ class FederationConfig:
     send: Literal["updated", "all"] = "updated"  # updated: only what the client trained | all: full-model FedAvg
     weighting: protocol.Weighting = "examples"  # examples | updates
     personal: list[str] = field(default_factory=list)  # parameter-name prefixes that never leave a client
-    personal_head: bool = True  # each client also trains its own head (never sent)
+    personalization: Literal["fedrod", "fedper", "lda", "finetune", "local", "none"] = "fedrod"  # how each client's personalized model is made (see fedtune.client)
+    lda_shrink: float = 1.0  # lda: the federation's statistics weigh as this many times the client's own examples
+    finetune_epochs: int = 1  # finetune: local epochs on the global model in the final evaluation
+    downlink: Literal["sparse", "full"] = "sparse"  # sparse: clients keep the global model and get only what changed | full: the whole model in every instruction
+    final_evaluation: bool = True  # after the last round, every client evaluates the final global model (after the head fit) and its personalized one
     feed_importance: bool = True  # server sends the federation's block importance to clients
     profiles: list[str] = field(default_factory=lambda: ["workstation"])  # device profiles, cycled over clients
     client_tasks: list[list[str]] | None = None  # multitask: each client's tasks, cycled over clients (None: all tasks)
@@ -75,6 +80,15 @@ class FederationConfig:
                 raise ConfigError(f"{prefix}profiles: unknown device profile {p!r}; known: {', '.join(PROFILES)}, {AUTO}")
         if not self.profiles:
             raise ConfigError(f"{prefix}profiles: give at least one device profile")
+        if not self.lda_shrink >= 0:
+            raise ConfigError(f"{prefix}lda_shrink: must be >= 0 (0: the client's own statistics only), got {self.lda_shrink}")
+        if self.finetune_epochs < 1:
+            raise ConfigError(f"{prefix}finetune_epochs: must be >= 1, got {self.finetune_epochs}")
+
+    def personal_prefixes(self) -> list[str]:
+        """Parameter-name prefixes that never leave a client: `personal`, the task heads under
+        fedper, everything under local (no federation)."""
+        return list(self.personal) + {"fedper": ["heads."], "local": [""]}.get(self.personalization, [])
 
 
 

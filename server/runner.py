@@ -9,17 +9,19 @@ strategy's state, so a killed run resumes from its last completed round.
 from __future__ import annotations
 
 import json
+import random
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from clients.records import numpy_to_arrays
+from fedtune import protocol
 from fedtune.errors import CheckpointError, ConfigError
 from fedtune.federated import federated_data, global_model, load_numpy_state, state_to_numpy
 from fedtune.heads import evaluate, lda_head, set_head
@@ -55,6 +57,7 @@ class ServerRunner:
         self.done_rounds = 0
         self.bar = None
         self.started = time.time()
+        self.final: dict[str, Any] | None = None
         self.full_bytes = int(sum(v.numel() * v.element_size() for v in self.model.state_dict().values()))
 
     # -- checkpoints
@@ -88,11 +91,14 @@ class ServerRunner:
         per_eval = f.eval_clients_per_round or per_round
         return SparseFedAvg(
             weighting=f.weighting,
-            personal_keys=f.personal,
+            personal_keys=f.personal_prefixes(),
             feed_importance=f.feed_importance,
             sample_seed=self.cfg.seed,
             round_offset=round_offset,
             head_stats_round=f.rounds if f.head_fit == "lda" else None,
+            head_stats_every_round=f.personalization == "lda",
+            sparse_downlink=f.downlink == "sparse",
+            resend_timeout=f.round_timeout_s,
             fraction_train=per_round / f.num_clients,
             min_train_nodes=per_round,
             fraction_evaluate=per_eval / f.num_clients,
@@ -136,7 +142,32 @@ class ServerRunner:
             )
             if self.bar is not None:
                 self.bar.close()
+            if f.final_evaluation:
+                self.final_evaluation(grid)
         return self.finish()
+
+    def final_evaluation(self, grid: Grid) -> None:
+        """Every client (at most eval_clients_per_round of them in a sampled federation)
+        evaluates the final global model, after the head fit, and its personalized model on
+        its local test split; kept as the record `final` of metrics.jsonl."""
+        f, s = self.cfg.federation, self.strategy
+        nodes = sorted(grid.get_node_ids())
+        if f.clients_per_round is not None:
+            nodes = random.Random(self.cfg.seed).sample(nodes, min(len(nodes), f.eval_clients_per_round or f.clients_per_round))
+        arrays = numpy_to_arrays(state_to_numpy(self.model))
+        s.downlink.observe(arrays)
+        s.bytes_down_round, s.messages_round = 0, 0
+        config = ConfigRecord({protocol.SERVER_ROUND: f.rounds, protocol.FINAL: True})
+        messages = s.instructions(RecordDict({protocol.ARRAYS: arrays, protocol.CONFIG: config}), nodes, MessageType.EVALUATE)
+        started = time.time()
+        s.aggregate_evaluate(f.rounds, grid.send_and_receive(messages, timeout=f.round_timeout_s))
+        evals = [{"node_id": e["node_id"], **{k.replace("-", "_"): v for k, v in e["metrics"].to_dict().items()}} for e in s.last_eval_metrics]
+        self.final = {
+            "round": f.rounds, "clients_asked": len(nodes), "client_evaluations": evals,
+            "bytes_down": s.bytes_down_round, "bytes_down_full_fedavg": self.full_bytes * s.messages_round,
+            "time_s": round(time.time() - started, 2),
+        }
+        write_json(self.out / "final_evaluation.json", self.final)
 
     def on_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Flower calls this before round 1 (0) and after every round: evaluate (after the
@@ -149,7 +180,7 @@ class ServerRunner:
                 self.record({"round": 0, "accuracy_global": ev["accuracy"], "loss_global": ev["loss"], "accuracy_per_task": {t: e["accuracy"] for t, e in per_task.items()}, "bytes_up": 0, "bytes_down": 0, "bytes_up_full_fedavg": 0})
             return MetricRecord({"accuracy": ev["accuracy"]})
         head_fit = {}
-        if self.strategy.head_stats:
+        if self.strategy.head_stats and self.cfg.federation.head_fit == "lda" and rnd == self.cfg.federation.rounds:
             arrays, head_fit = self.fit_heads(self.strategy.head_stats)
             head_fit.update(accuracy_global_before_head_fit=ev["accuracy"], bytes_up_head_stats=self.strategy.head_stats_bytes)
             per_task, ev = self.evaluate_global()
@@ -174,7 +205,6 @@ class ServerRunner:
         clients = [self.client_record(c) for c in s.last_client_metrics]
         evals = [{"node_id": e["node_id"], **{k.replace("-", "_"): v for k, v in e["metrics"].to_dict().items()}} for e in s.last_eval_metrics]
         accepted = [c for c in clients if c["accepted"]]
-        train_sent = len(clients) + sum(1 for r in s.last_rejections if r[0] not in {c["node_id"] for c in clients})
         proc_rss, total_rss = rss_bytes()
         return {
             "round": rnd,
@@ -184,8 +214,9 @@ class ServerRunner:
             "accuracy_personalized": _weighted_mean(evals, "accuracy_personal"),
             "accuracy_global_on_client_tests": _weighted_mean(evals, "accuracy_global"),
             "bytes_up": int(sum(c["bytes_sent"] or 0 for c in accepted)),
-            "bytes_down": int(self.full_bytes * (train_sent + len(evals))),
+            "bytes_down": int(s.bytes_down_round),
             "bytes_up_full_fedavg": int(self.full_bytes * len(accepted)),
+            "bytes_down_full_fedavg": int(self.full_bytes * s.messages_round),
             "accepted": len(accepted),
             "rejected": [{"node_id": n, "reason": r} for n, r in s.last_rejections],
             "clients": clients,
@@ -236,6 +267,28 @@ class ServerRunner:
             fitted.append(task)
         return numpy_to_arrays(state_to_numpy(self.model)), {"head_fit": "lda", "head_fit_tasks": fitted, "head_fit_examples": {t: int(stats[t]["count"].sum()) for t in fitted}}
 
+    def client_summary(self, rounds: list[dict[str, Any]]) -> dict[str, Any]:
+        """The personalized-FL protocol's numbers, from the final evaluation (else the last
+        round's): per client the global and the personalized model on its local test split,
+        and over clients the examples-weighted mean, the standard deviation and the mean of
+        the worst 10%."""
+        evals = self.final["client_evaluations"] if self.final else next((r["client_evaluations"] for r in reversed(rounds) if r.get("client_evaluations")), [])
+        clients = sorted(({"partition_id": int(e.get("partition_id", -1)), "num_examples": e.get("num_examples"),
+                           "accuracy_global_local": e.get("accuracy_global"), "accuracy_personalized": e.get("accuracy_personal")} for e in evals),
+                         key=lambda c: c["partition_id"])
+        out: dict[str, Any] = {"clients": clients, "clients_evaluated_in": "final evaluation" if self.final else "last round"}
+        for key in ("accuracy_global_local", "accuracy_personalized"):
+            have = [c for c in clients if c[key] is not None]
+            accs = np.array([c[key] for c in have], dtype=float)
+            weights = np.array([c["num_examples"] for c in have], dtype=float)
+            worst = np.sort(accs)[: max(1, int(np.ceil(0.1 * len(accs))))] if len(accs) else accs
+            out[key] = float((accs * weights).sum() / weights.sum()) if len(accs) and weights.sum() > 0 else None
+            out[f"{key}_std"] = float(accs.std()) if len(accs) else None
+            out[f"{key}_worst10"] = float(worst.mean()) if len(worst) else None
+        both = [c for c in clients if c["accuracy_personalized"] is not None and c["accuracy_global_local"] is not None]
+        out["personalized_at_least_global_fraction"] = sum(c["accuracy_personalized"] >= c["accuracy_global_local"] for c in both) / len(both) if both else None
+        return out
+
     def finish(self) -> dict[str, Any]:
         rounds = [r for r in self.rounds if r["round"] > 0]
         last = self.rounds[-1] if self.rounds else {}
@@ -257,14 +310,16 @@ class ServerRunner:
             "accuracy_global": last.get("accuracy_global"),
             "accuracy_per_task": last.get("accuracy_per_task"),
             "tasks": self.tasks,
-            "accuracy_personalized": next((r["accuracy_personalized"] for r in reversed(rounds) if r.get("accuracy_personalized") is not None), None),
             "accuracy_per_client": {str(k): v for k, v in sorted(per_client.items())},
             "accuracy_global_per_round": [r["accuracy_global"] for r in self.rounds],
             "bytes_up_total": int(sum(r["bytes_up"] + r.get("bytes_up_head_stats", 0) for r in rounds)),
             "head_fit": self.cfg.federation.head_fit,
             "accuracy_global_before_head_fit": last.get("accuracy_global_before_head_fit"),
-            "bytes_down_total": int(sum(r["bytes_down"] for r in rounds)),
+            "downlink": self.cfg.federation.downlink,
+            "personalization": self.cfg.federation.personalization,
+            "bytes_down_total": int(sum(r["bytes_down"] for r in rounds) + (self.final or {}).get("bytes_down", 0)),
             "bytes_up_full_fedavg": int(sum(r["bytes_up_full_fedavg"] for r in rounds)),
+            "bytes_down_full_fedavg": int(sum(r.get("bytes_down_full_fedavg", 0) for r in rounds) + (self.final or {}).get("bytes_down_full_fedavg", 0)),
             "bytes_up_per_round": [r["bytes_up"] for r in rounds],
             "bytes_down_per_round": [r["bytes_down"] for r in rounds],
             "model_bytes": self.full_bytes,
@@ -276,6 +331,7 @@ class ServerRunner:
             "rss_bytes_per_round": [r.get("rss_bytes_with_workers") for r in rounds],
             "checkpoint": str(self._checkpoint_path()),
         }
+        summary.update(self.client_summary(rounds))
         summary["empty_rounds"] = [r["round"] for r in rounds if r.get("accepted", 0) == 0]
         if summary["empty_rounds"] and not self.cfg.federation.allow_empty_rounds:
             reasons = sorted({x["reason"] for r in rounds if r["round"] in summary["empty_rounds"] for x in r.get("rejected", [])})
@@ -284,6 +340,8 @@ class ServerRunner:
                                 + " (set federation.allow_empty_rounds: true to accept such runs)")
         summary["bytes_up_client_max_vs_model"] = summary["bytes_up_client_max"] / self.full_bytes if self.full_bytes else None
         summary["bytes_up_ratio_vs_full_fedavg"] = summary["bytes_up_total"] / summary["bytes_up_full_fedavg"] if summary["bytes_up_full_fedavg"] else None
+        full_total = summary["bytes_up_full_fedavg"] + summary["bytes_down_full_fedavg"]
+        summary["traffic_ratio_vs_full_fedavg"] = (summary["bytes_up_total"] + summary["bytes_down_total"]) / full_total if full_total else None
         write_json(self.out / "summary.json", summary)
         plot_run(self.rounds, self.out / "plots", self.model.depth, getattr(self.model, "moe_blocks", None))
         return summary

@@ -17,7 +17,7 @@ from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
@@ -25,6 +25,8 @@ from flwr.supercore import log
 from fedtune import protocol
 from fedtune.errors import CheckpointError, ConfigError
 from fedtune.heads import StatsSum
+
+from .downlink import FULL, Downlink
 
 IMPORTANCE_EMA_RATE = 0.5  # weight of the new round's mean in the running importance
 _STATE_VERSION = 1
@@ -81,6 +83,9 @@ class SparseFedAvg(FedAvg):
         sample_seed: int | None = None,
         round_offset: int = 0,
         head_stats_round: int | None = None,
+        head_stats_every_round: bool = False,
+        sparse_downlink: bool = False,
+        resend_timeout: float = 3600.0,
         **fedavg_kwargs: Any,
     ) -> None:
         if weighting not in protocol.WEIGHTINGS:
@@ -110,7 +115,20 @@ class SparseFedAvg(FedAvg):
         # The round (counted over the whole run) whose evaluate replies carry feature
         # statistics for the server's head fit; what they summed to and their size.
         self.head_stats_round = head_stats_round
+        self.head_stats_every_round = head_stats_every_round
         self._stats = StatsSum()
+        # The federation's summed statistics of the latest round that collected them, sent
+        # with the next evaluate instruction (clients shrink their personal heads towards them).
+        self.fed_stats: dict[str, dict[str, np.ndarray]] = {}
+
+        # What each node holds of the global model (server/downlink.py), the bytes sent down
+        # this round (instructions' tensors), and what a node that lost its copy is resent.
+        self.downlink = Downlink(sparse_downlink)
+        self.resend_timeout = resend_timeout
+        self.bytes_down_round = 0
+        self.messages_round = 0  # instructions sent this round (for full FedAvg's downlink bytes)
+        self._grid: Grid | None = None
+        self._records: dict[str, RecordDict] = {}
 
         # The global arrays of the round being trained (set by configure_train).
         self.current_arrays: ArrayRecord | None = None
@@ -150,9 +168,55 @@ class SparseFedAvg(FedAvg):
         server_round += self.round_offset
         self._seed_sampling(server_round, 1)
         config = ConfigRecord(dict(config))
-        if self.head_stats_round is not None and server_round == self.head_stats_round:
+        if self.head_stats_every_round or (self.head_stats_round is not None and server_round == self.head_stats_round):
             config[protocol.WANT_HEAD_STATS] = True
+        self._grid = grid
+        self.downlink.observe(arrays)
         return super().configure_evaluate(server_round, arrays, config, grid)
+
+    def instructions(self, record: RecordDict, node_ids: list[int], message_type: str) -> list[Message]:
+        """The messages of `record` to `node_ids` as this strategy sends them (sparse downlink, statistics)."""
+        return list(self._construct_messages(record, node_ids, message_type))
+
+    def _construct_messages(self, record: RecordDict, node_ids: list[int], message_type: str) -> Iterable[Message]:
+        """One instruction per node: the global arrays that node lacks (the sparse downlink),
+        with the versions in its config; evaluate instructions also carry the federation's
+        latest feature statistics when clients personalize from them."""
+        self._records[message_type] = record
+        extra: dict[str, Array] = {}
+        if message_type == MessageType.EVALUATE and self.fed_stats:
+            extra = {f"{task}.{part}": Array(np.asarray(v, dtype=np.float32)) for task, parts in self.fed_stats.items() for part, v in parts.items()}
+        messages = []
+        for node_id in node_ids:
+            arrays, base = self.downlink.payload(node_id, record[protocol.ARRAYS])
+            config = ConfigRecord(dict(record[protocol.CONFIG]))
+            config[protocol.BASE_VERSION] = base
+            config[protocol.MODEL_VERSION] = self.downlink.version if self.downlink.sparse else FULL
+            content = RecordDict({protocol.ARRAYS: arrays, protocol.CONFIG: config})
+            if extra:
+                content[protocol.FED_STATS] = ArrayRecord(dict(extra))
+            self.bytes_down_round += sum(int(a.numpy().nbytes) for rec in content.array_records.values() for a in rec.values())
+            self.messages_round += 1
+            messages.append(Message(content=content, message_type=message_type, dst_node_id=node_id))
+        return messages
+
+    def _settle_downlink(self, replies: list[Message], message_type: str) -> list[Message]:
+        """Resend the whole model, within the round, to nodes whose copy is missing or another
+        version; then note what every replying node holds."""
+        need = [m for m in replies if not m.has_error() and _needs_full_model(m)]
+        if need and self._grid is not None:
+            for m in need:
+                self.downlink.forget(m.metadata.src_node_id, "it holds no copy of the version the server assumed")
+            log(WARNING, "downlink: %d node(s) lost their model copy; resending them the whole model", len(need))
+            resend = [msg for m in need for msg in self._construct_messages(self._records[message_type], [m.metadata.src_node_id], message_type)]
+            skip = {id(m) for m in need}
+            replies = [m for m in replies if id(m) not in skip] + list(self._grid.send_and_receive(resend, timeout=self.resend_timeout))
+        for m in replies:
+            if m.has_error() or _needs_full_model(m):
+                self.downlink.forget(m.metadata.src_node_id, "error reply")
+            else:
+                self.downlink.delivered(m.metadata.src_node_id)
+        return replies
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Each metric's mean over the clients that reported it, weighted by num-examples.
@@ -163,6 +227,7 @@ class SparseFedAvg(FedAvg):
         """
         self.last_eval_metrics = []
         self._stats = StatsSum()
+        replies = self._settle_downlink(list(replies), MessageType.EVALUATE)
         sums: dict[str, float] = {}
         weights: dict[str, float] = {}
         for msg in replies:
@@ -189,6 +254,8 @@ class SparseFedAvg(FedAvg):
                     continue
                 sums[key] = sums.get(key, 0.0) + float(value) * weight
                 weights[key] = weights.get(key, 0.0) + weight
+        if self._stats.tasks:
+            self.fed_stats = {t: {k: v.copy() for k, v in parts.items()} for t, parts in self._stats.tasks.items()}
         if not sums:
             return None
         return MetricRecord({k: sums[k] / weights[k] for k in sorted(sums)})
@@ -219,6 +286,9 @@ class SparseFedAvg(FedAvg):
     ) -> Iterable[Message]:
         """Remember the global arrays, add the global importance, then FedAvg's."""
         self.current_arrays = arrays
+        self._grid = grid
+        self.downlink.observe(arrays)
+        self.bytes_down_round, self.messages_round = 0, 0
         server_round += self.round_offset
         self._seed_sampling(server_round, 0)
         # A copy: FedAvg writes into the config it gets, and the caller reuses its own.
@@ -238,7 +308,7 @@ class SparseFedAvg(FedAvg):
                 "SparseFedAvg.aggregate_train called before configure_train: "
                 "the global arrays are unknown"
             )
-        replies = list(replies)
+        replies = self._settle_downlink(list(replies), MessageType.TRAIN)
         self.last_rejections = []
         self.last_client_metrics = []
         if not replies:
@@ -504,6 +574,12 @@ class SparseFedAvg(FedAvg):
         self.global_importance = None if importance is None else [float(v) for v in importance]
         for key in counters:
             setattr(self, key, state[key])
+
+
+def _needs_full_model(msg: Message) -> bool:
+    """Whether a reply says the node could not complete the sent arrays (protocol.NEED_FULL_MODEL)."""
+    metrics = msg.content.metric_records.get(protocol.METRICS)
+    return bool(metrics is not None and metrics.get(protocol.NEED_FULL_MODEL))
 
 
 def _scalar_metrics(metrics: MetricRecord) -> RecordDict:

@@ -16,8 +16,11 @@ from pathlib import Path
 SUMMARY_KEYS = (  # key, column, scale, decimals
     ("accuracy_global", "global acc. (%)", 100.0, 1),
     ("accuracy_global_before_head_fit", "before the head fit (%)", 100.0, 1),
+    ("accuracy_global_local", "global, local tests (%)", 100.0, 1),
     ("accuracy_personalized", "personalized (%)", 100.0, 1),
+    ("accuracy_personalized_worst10", "personalized, worst 10% (%)", 100.0, 1),
     ("bytes_up_ratio_vs_full_fedavg", "bytes up vs full FedAvg", 1.0, 3),
+    ("traffic_ratio_vs_full_fedavg", "up + down vs full FedAvg", 1.0, 3),
     ("wall_time_s", "wall time (s)", 1.0, 0),
 )
 

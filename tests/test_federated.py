@@ -48,7 +48,7 @@ def test_client_round_sends_only_what_it_trained():
     # the personal head stays in the client's state, never in the update
     assert any(k.startswith("personal_head.") for k in state.personal)
     assert not any(k.startswith("personal_head.") for k in update)
-    ev = rt.evaluate(glob, state)
+    ev, _, _ = rt.evaluate(glob, state)
     # the personal head on the global backbone's features, on the client's local test split
     from fedtune.client_state import personal_head
     from fedtune.federated import client_data
@@ -118,7 +118,7 @@ def test_client_app_message_round_trip_keeps_state(task_identity):
     from clients.app import load_state
 
     # the evaluation used the personal head the train message left in the client's state
-    want = ClientRuntime(cfg, 3).evaluate(glob, load_state(context))
+    want = ClientRuntime(cfg, 3).evaluate(glob, load_state(context))[0]
     assert ev.content.metric_records[protocol.METRICS]["accuracy-personal"] == pytest.approx(want.accuracy_personal)
     assert ev.content.metric_records[protocol.METRICS]["accuracy-global"] == pytest.approx(want.accuracy_global)
 

@@ -26,6 +26,7 @@ from .core import (
     DataSplit,
     ImageSet,
     _to_model_images,
+    concat_sets,
     normalize_pixels,
 )
 from .digits import DIGITS_CLASSES, _load_digits
@@ -100,6 +101,7 @@ __all__ = [
     "DataSplit",
     "ImageSet",
     "_to_model_images",
+    "concat_sets",
     "fashion_mnist_folder",
     "load_data",
     "make_shapes",

@@ -208,6 +208,20 @@ class DataSplit:
     test: ImageSet
 
 
+def concat_sets(*sets: ImageSet) -> ImageSet:
+    """The samples of `sets` one after another (same tasks and classes in each)."""
+    first = sets[0]
+    for other in sets[1:]:
+        if other.tasks != first.tasks or other.num_classes != first.num_classes:
+            raise ValueError(f"cannot join sets with tasks {first.num_classes} and {other.num_classes}")
+    return ImageSet(
+        torch.cat([s.images for s in sets]),
+        {t: torch.cat([s.labels[t] for s in sets]) for t in first.tasks},
+        dict(first.num_classes),
+        {t: list(n) for t, n in first.class_names.items()},
+    )
+
+
 # --- image conversion -------------------------------------------------------------------------
 
 

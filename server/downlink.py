@@ -1,0 +1,57 @@
+"""The sparse downlink: send each node only the global parameters it does not hold yet.
+
+Clients keep the global model they last received (they train on it anyway). The server
+numbers the global model's versions (a new version whenever a parameter changes) and
+remembers, per parameter, the version in which it last changed, and per node, the
+version that node holds (confirmed by its last successful reply). A node then gets the
+parameters changed since its version, with `protocol.BASE_VERSION` (what the sent
+arrays complete) and `protocol.MODEL_VERSION` (what it holds afterwards) in the
+instruction's config. A node the server knows nothing about, or that answers that its
+copy is missing or another version (`protocol.NEED_FULL_MODEL`), gets the whole model.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord
+from flwr.supercore import log
+
+FULL = -1  # BASE_VERSION of an instruction that carries the whole model
+
+
+class Downlink:
+    def __init__(self, sparse: bool) -> None:
+        self.sparse = sparse
+        self.version = 0
+        self.changed: dict[str, int] = {}  # parameter -> version in which it last changed
+        self.held: dict[int, int] = {}  # node -> version it holds
+        self._previous: dict[str, bytes] | None = None
+
+    def observe(self, arrays: ArrayRecord) -> int:
+        """Note the global arrays about to be sent; a new version if any parameter changed."""
+        current = {name: bytes(array.data) for name, array in arrays.items()}
+        if self._previous is None:
+            self.changed = dict.fromkeys(current, 0)
+        else:
+            moved = [n for n, data in current.items() if self._previous.get(n) != data]
+            if moved:
+                self.version += 1
+                for name in moved:
+                    self.changed[name] = self.version
+        self._previous = current
+        return self.version
+
+    def payload(self, node_id: int, arrays: ArrayRecord) -> tuple[ArrayRecord, int]:
+        """What node `node_id` is sent of `arrays` (the current version), and its base version."""
+        base = self.held.get(node_id)
+        if not self.sparse or base is None or base > self.version:
+            return arrays, FULL
+        return ArrayRecord({n: a for n, a in arrays.items() if self.changed.get(n, self.version) > base}), base
+
+    def delivered(self, node_id: int) -> None:
+        """The node replied: it holds the current version."""
+        self.held[node_id] = self.version
+
+    def forget(self, node_id: int, why: str) -> None:
+        """The node's copy is unknown (an error reply, or it says it lost it): send it everything next."""
+        if self.held.pop(node_id, None) is not None:
+            log(20, "downlink: node %s gets the whole model next (%s)", node_id, why)

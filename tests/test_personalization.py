@@ -1,0 +1,178 @@
+"""The personalized-FL protocol: pooled partitions, personalization schemes, the sparse downlink."""
+
+from unittest.mock import Mock
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedtune import protocol
+from fedtune.client import ClientRuntime, personal_lda_head
+from fedtune.client_state import ClientState
+from fedtune.errors import ConfigError
+from fedtune.federated import client_data, federated_data, global_model, state_to_numpy
+from fedtune.heads import class_stats, lda_head
+from server.downlink import FULL, Downlink
+from server.strategy import SparseFedAvg
+from tests.test_federated import tiny_run
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+
+
+def record_of(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})
+
+
+# --------------------------------------------------------------------------- the protocol's data
+
+
+def test_pooled_partition_tests_every_client_on_images_no_client_trains_on():
+    cfg = tiny_run(partition={"scheme": "dirichlet", "alpha": 0.3, "min_partition_size": 5, "local_test_fraction": 0.25, "pool": True})
+    split, parts = federated_data(cfg)
+    assert len(split.train) == 200, "train (160) and test (40) pooled"
+    assert sum(len(p) for p in parts) == 200
+    trains = [client_data(cfg, pid)[0] for pid in range(4)]
+    tests = [client_data(cfg, pid)[1] for pid in range(4)]
+    for pid in range(4):
+        assert len(tests[pid]) == round(0.25 * len(parts[pid]))
+    # the central test set is exactly the union of the local test splits
+    central = {tuple(x.flatten()[:40].tolist()) for x in split.test.images}
+    local = {tuple(x.flatten()[:40].tolist()) for t in tests for x in t.images}
+    train = {tuple(x.flatten()[:40].tolist()) for t in trains for x in t.images}
+    assert central == local and not central & train
+
+
+# --------------------------------------------------------------------------- personal heads
+
+
+def test_personal_lda_head_uses_own_priors_and_leans_on_the_federation_for_rare_classes():
+    rng = np.random.default_rng(0)
+    means = rng.normal(size=(3, 4)) * 3
+    def sample(counts):
+        y = np.repeat(np.arange(3), counts)
+        return torch.from_numpy(means[y] + rng.normal(size=(len(y), 4))), torch.from_numpy(y)
+    fed = class_stats(*sample([300, 300, 300]), 3)
+    own = class_stats(*sample([50, 2, 0]), 3)
+    # without the federation: the client's statistics with its add-one priors
+    w0, b0 = personal_lda_head(own, None, 1.0)
+    w_ref, b_ref = lda_head(own, priors=(own["count"] + 1) / (own["count"].sum() + 3))
+    torch.testing.assert_close(w0, w_ref)
+    torch.testing.assert_close(b0, b_ref)
+    # with it: the class the client never saw gets the federation's mean, its own prior stays small
+    w1, b1 = personal_lda_head(own, fed, 1.0)
+    x = torch.from_numpy(means).float()
+    assert (x @ w1.T + b1).argmax(1)[:2].tolist() == [0, 1]
+    assert b1[2] < b1[0], "an unseen class keeps the client's small prior"
+    # a client with one class and no federation statistics yet predicts that class
+    w2, b2 = personal_lda_head(class_stats(*sample([5, 0, 0]), 3), None, 1.0)
+    assert (x @ w2.T + b2).argmax(1).tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("mode", ["lda", "fedper", "local", "finetune", "none"])
+def test_each_personalization_reports_what_it_promises(mode):
+    cfg = tiny_run(federation={"num_clients": 4, "rounds": 2, "personalization": mode})
+    rt = ClientRuntime(cfg, partition_id=1)
+    glob = state_to_numpy(global_model(cfg))
+    update, _, _, state = rt.fit(glob, ClientState())
+    if mode == "local":
+        assert update == {} and "vit.cls_token" in state.personal
+    if mode == "fedper":
+        assert not any(k.startswith("heads.") for k in update) and "heads.digit.weight" in state.personal
+    ev, stats, kept = rt.evaluate(glob, state, want_stats=True, final=True)
+    assert set(stats) == {"digit.count", "digit.sum", "digit.outer"}
+    assert ev.accuracy_global is not None
+    if mode == "none":
+        assert ev.accuracy_personal is None
+    else:
+        assert 0.0 <= ev.accuracy_personal <= 1.0
+    assert (kept is not None) == (mode == "lda"), "the final lda head is kept for export"
+    if mode == "finetune":
+        assert rt.evaluate(glob, state)[0].accuracy_personal is None, "fine-tuning runs in the final evaluation only"
+        # the shared model is left holding the global parameters
+        assert all(np.array_equal(v, glob[k]) for k, v in state_to_numpy(rt.model).items())
+
+
+def test_bad_personalization_configs_are_clear_errors():
+    for fed, match in (({"personalization": "ditto"}, "personalization"), ({"lda_shrink": -1}, "lda_shrink"),
+                       ({"finetune_epochs": 0}, "finetune_epochs"), ({"downlink": "delta"}, "downlink")):
+        with pytest.raises(ConfigError, match=match):
+            tiny_run(federation={"num_clients": 4, **fed})
+
+
+# --------------------------------------------------------------------------- the sparse downlink
+
+
+def test_downlink_sends_what_changed_since_the_version_a_node_holds():
+    d = Downlink(sparse=True)
+    g0 = record_of({"a": np.zeros(2, np.float32), "b": np.ones(3, np.float32)})
+    d.observe(g0)
+    assert d.payload(7, g0) == (g0, FULL), "an unknown node gets everything"
+    d.delivered(7)
+    g1 = record_of({"a": np.zeros(2, np.float32), "b": np.full(3, 2, np.float32)})
+    assert d.observe(g1) == 1
+    sent, base = d.payload(7, g1)
+    assert base == 0 and list(sent.keys()) == ["b"]
+    assert d.payload(8, g1)[1] == FULL
+    d.forget(7, "test")
+    assert d.payload(7, g1)[1] == FULL
+    assert Downlink(sparse=False).payload(7, g1)[1] == FULL
+
+
+def test_strategy_resends_the_whole_model_to_a_node_that_lost_its_copy():
+    strategy = SparseFedAvg(sparse_downlink=True)
+    grid = Mock()
+    grid.get_node_ids.return_value = [1, 2]
+    g0 = record_of({"a": np.zeros(2, np.float32), "b": np.ones(3, np.float32)})
+    first = list(strategy.configure_train(1, g0, ConfigRecord(), grid))
+    assert all(m.content[protocol.CONFIG][protocol.BASE_VERSION] == FULL for m in first)
+    full_bytes = strategy.bytes_down_round
+
+    def train_reply(node, need_full=False):
+        instruction = Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
+        metrics = {protocol.NEED_FULL_MODEL: 1} if need_full else {protocol.NUM_EXAMPLES: 5}
+        content = RecordDict({protocol.METRICS: MetricRecord(metrics)})
+        if not need_full:
+            content[protocol.ARRAYS] = record_of({"b": np.full(3, float(node), np.float32)})
+        return Message(content, reply_to=instruction)
+
+    g1, _ = strategy.aggregate_train(1, [train_reply(1), train_reply(2)])
+    second = list(strategy.configure_train(2, g1, ConfigRecord(), grid))
+    assert all(list(m.content[protocol.ARRAYS].keys()) == ["b"] and m.content[protocol.CONFIG][protocol.BASE_VERSION] == 0 for m in second)
+    assert strategy.bytes_down_round < full_bytes
+    # node 2 lost its copy: it is resent everything within the round and its update counts
+    grid.send_and_receive.side_effect = lambda msgs, timeout: [train_reply(m.metadata.dst_node_id) for m in msgs]
+    _, metrics = strategy.aggregate_train(2, [train_reply(1), train_reply(2, need_full=True)])
+    resent = grid.send_and_receive.call_args[0][0]
+    assert [m.metadata.dst_node_id for m in resent] == [2]
+    assert resent[0].content[protocol.CONFIG][protocol.BASE_VERSION] == FULL and set(resent[0].content[protocol.ARRAYS].keys()) == {"a", "b"}
+    assert metrics[protocol.REPLIES_ACCEPTED] == 2
+
+
+def test_client_completes_a_sparse_instruction_and_asks_for_all_when_it_cannot(tmp_path):
+    from clients.app import receive_global
+
+    glob = {"a": np.zeros(2, np.float32), "b": np.ones(3, np.float32)}
+
+    def instruction(arrays, base, version):
+        return Message(RecordDict({protocol.ARRAYS: record_of(arrays), protocol.CONFIG: ConfigRecord({protocol.BASE_VERSION: base, protocol.MODEL_VERSION: version})}),
+                       dst_node_id=5, message_type=MessageType.TRAIN)
+
+    for node_config in ({"partition-id": 0}, {"partition-id": 0, "state-dir": str(tmp_path)}):
+        context = Context(run_id=1, node_id=5, node_config=node_config, state=RecordDict(), run_config={})
+        assert receive_global(instruction({"b": glob["b"]}, 0, 1), context) is None, "no copy yet: ask for the whole model"
+        got = receive_global(instruction(glob, FULL, 0), context)
+        assert set(got) == {"a", "b"}
+        got = receive_global(instruction({"b": np.full(3, 2, np.float32)}, 0, 1), context)
+        np.testing.assert_array_equal(got["a"], glob["a"])
+        np.testing.assert_array_equal(got["b"], np.full(3, 2, np.float32))
+        assert receive_global(instruction({"b": glob["b"]}, 0, 2), context) is None, "it holds version 1, not 0"
+    (tmp_path / "client-0" / "global-model.npz").write_bytes(b"damaged")
+    with pytest.warns(UserWarning, match="damaged global model copy"):
+        assert receive_global(instruction({"b": glob["b"]}, 1, 2), context) is None

@@ -178,6 +178,11 @@ def make_client_app(cfg: RunConfig | None = None, state_dir: Path | None = None)
         )
         return Message(content=reply, reply_to=msg)
 
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        """Which partition this node holds (the server tells new clients from training ones)."""
+        return Message(content=RecordDict({protocol.METRICS: MetricRecord({"partition-id": _partition_id(context)})}), reply_to=msg)
+
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         global_arrays = receive_global(msg, context)

@@ -9,6 +9,8 @@ Each client's personalized model follows `federation.personalization`:
 - fedrod: besides the global head (aggregated), the client trains a personal head of its
   own on the same features (detached), kept in its state and never sent (FedRoD);
 - fedper: the task head itself is personal: trained with the body, never sent (FedPer);
+- fedrep: the task head is personal and trains first each round (`federation.rep_head_epochs`,
+  body fixed), then the body trains with the head fixed (FedRep);
 - lda: a discriminant head in closed form, from the client's class statistics on the global
   model's features shrunk towards the federation's, with the client's class priors;
 - finetune: the global model fine-tuned locally (`federation.finetune_epochs`) in the final
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .client_state import PERSONAL_HEAD, ClientState, personal_head, personal_params
-from .engine import full_plan
+from .engine import Plan, full_plan
 from .errors import ConfigError
 from .federated import (
     client_data,
@@ -42,7 +44,7 @@ from .federated import (
     state_to_numpy,
 )
 from .heads import class_stats, extract_features, lda_head
-from .methods import make_method
+from .methods import Method, MethodConfig, make_method
 from .profiles import get_profile
 from .protocol import EvalMetrics, TrainMetrics
 from .runconfig import RunConfig
@@ -68,6 +70,19 @@ class PersonalHeadTrainer(Trainer):
         if self.personal_head is None:
             return None
         return F.cross_entropy(self.personal_head(feats.detach()), labels)
+
+
+class HeadFixed:
+    """A method whose every plan leaves the task head as it is (FedRep's body phase)."""
+
+    def __init__(self, method: Method) -> None:
+        self._method = method
+
+    def plan(self) -> Plan:
+        return replace(self._method.plan(), train_head=False)
+
+    def __getattr__(self, name: str):
+        return getattr(self._method, name)
 
 
 class ClientRuntime:
@@ -116,6 +131,11 @@ class ClientRuntime:
                 method.set_importance(importance)
             torch.manual_seed(seed + i)
             tcfg = replace(cfg.train, seed=seed + i)
+            if cfg.federation.personalization == "fedrep":
+                # FedRep: the (personal) head first, on the received body; then the body, head fixed
+                head_only = make_method(MethodConfig(name="head"), self.model, self.profile, cfg.train.batch_size, task, seed=seed + i)
+                Trainer(self.model, head_only, replace(tcfg, epochs=cfg.federation.rep_head_epochs), task).train(self.train_set)
+                method = HeadFixed(method)
             trainer = PersonalHeadTrainer(self.model, method, tcfg, task, personal_head=self.personal_heads.get(task))
             result = trainer.train(self.train_set)
             counts_all.update(result.update_counts)
@@ -202,7 +222,7 @@ class ClientRuntime:
                     weight, bias = personal_lda_head(own, (fed_stats or {}).get(task), fed.lda_shrink)
                     out.per_task_personal[task] = _accuracy(feats @ weight.T + bias, labels)
                     new_heads.update({f"{PERSONAL_HEAD}{task}.weight": weight.numpy(), f"{PERSONAL_HEAD}{task}.bias": bias.numpy()})
-        if mode in ("fedrod", "fedper", "local"):
+        if mode in ("fedrod", "fedper", "fedrep", "local"):
             self._load(global_arrays, state)
             personal = bool(personal_params(state.personal))
             for task in self.tasks:

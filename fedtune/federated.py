@@ -27,7 +27,7 @@ _DATA_CACHE: dict[str, tuple[DataSplit, list[np.ndarray]]] = {}
 
 def federated_data(cfg: RunConfig) -> tuple[DataSplit, list[np.ndarray]]:
     """The data split and each client's train indices (cached per process)."""
-    key = json.dumps([to_dict(cfg.data), to_dict(cfg.partition), cfg.federation.num_clients, cfg.seed, cfg.run_tasks()], sort_keys=True)
+    key = json.dumps([to_dict(cfg.data), to_dict(cfg.partition), cfg.federation.total_clients(), cfg.seed, cfg.run_tasks()], sort_keys=True)
     if key not in _DATA_CACHE:
         split = load_data(cfg.data)
         for task in cfg.run_tasks():
@@ -37,7 +37,7 @@ def federated_data(cfg: RunConfig) -> tuple[DataSplit, list[np.ndarray]]:
         p = cfg.partition
         pooled = concat_sets(split.train, split.test) if p.pool else split.train
         parts = partition_indices(
-            pooled.labels[task].numpy(), cfg.federation.num_clients, p.scheme, alpha=p.alpha,
+            pooled.labels[task].numpy(), cfg.federation.total_clients(), p.scheme, alpha=p.alpha,
             classes_per_partition=p.classes_per_partition, seed=cfg.seed, min_partition_size=p.min_partition_size,
             class_assignment=p.class_assignment,
         )

@@ -38,16 +38,18 @@ class PartitionConfig:
 
 @dataclass
 class FederationConfig:
-    num_clients: int = 8  # virtual clients (SuperNodes)
+    num_clients: int = 8  # virtual clients (SuperNodes) that train
+    new_clients: int = 0  # clients that join after the federation: they never train and only personalize the final model in the final evaluation (their partitions come after the training clients')
     clients_per_round: int | None = None  # sampled per round (None: all)
     eval_clients_per_round: int | None = None  # sampled for federated evaluation (None: as training)
     rounds: int = 5  # federated rounds
     send: Literal["updated", "all"] = "updated"  # updated: only what the client trained | all: full-model FedAvg
     weighting: protocol.Weighting = "examples"  # examples | updates
     personal: list[str] = field(default_factory=list)  # parameter-name prefixes that never leave a client
-    personalization: Literal["fedrod", "fedper", "lda", "finetune", "local", "none"] = "fedrod"  # how each client's personalized model is made (see fedtune.client)
+    personalization: Literal["fedrod", "fedper", "fedrep", "lda", "finetune", "local", "none"] = "fedrod"  # how each client's personalized model is made (see fedtune.client)
     lda_shrink: float = 1.0  # lda: the federation's statistics weigh as this many times the client's own examples
     finetune_epochs: int = 1  # finetune: local epochs on the global model in the final evaluation
+    rep_head_epochs: int = 1  # fedrep: epochs of the head alone before the body's each round
     downlink: Literal["sparse", "full"] = "sparse"  # sparse: clients keep the global model and get only what changed | full: the whole model in every instruction
     final_evaluation: bool = True  # after the last round, every client evaluates the final global model (after the head fit) and its personalized one
     feed_importance: bool = True  # server sends the federation's block importance to clients
@@ -62,6 +64,10 @@ class FederationConfig:
     def validate(self, prefix: str = "") -> None:
         if self.num_clients < 1:
             raise ConfigError(f"{prefix}num_clients: must be >= 1, got {self.num_clients}")
+        if self.new_clients < 0:
+            raise ConfigError(f"{prefix}new_clients: must be >= 0, got {self.new_clients}")
+        if self.new_clients and not self.final_evaluation:
+            raise ConfigError(f"{prefix}new_clients: new clients are evaluated in the final evaluation only; set final_evaluation: true")
         if self.clients_per_round is not None and not 1 <= self.clients_per_round <= self.num_clients:
             raise ConfigError(f"{prefix}clients_per_round: must be in 1..num_clients ({self.num_clients}), got {self.clients_per_round}")
         if self.rounds < 1:
@@ -82,13 +88,19 @@ class FederationConfig:
             raise ConfigError(f"{prefix}profiles: give at least one device profile")
         if not self.lda_shrink >= 0:
             raise ConfigError(f"{prefix}lda_shrink: must be >= 0 (0: the client's own statistics only), got {self.lda_shrink}")
+        if self.rep_head_epochs < 1:
+            raise ConfigError(f"{prefix}rep_head_epochs: must be >= 1, got {self.rep_head_epochs}")
         if self.finetune_epochs < 1:
             raise ConfigError(f"{prefix}finetune_epochs: must be >= 1, got {self.finetune_epochs}")
+
+    def total_clients(self) -> int:
+        """Partitions and SuperNodes: the training clients and the new ones."""
+        return self.num_clients + self.new_clients
 
     def personal_prefixes(self) -> list[str]:
         """Parameter-name prefixes that never leave a client: `personal`, the task heads under
         fedper, everything under local (no federation)."""
-        return list(self.personal) + {"fedper": ["heads."], "local": [""]}.get(self.personalization, [])
+        return list(self.personal) + {"fedper": ["heads."], "fedrep": ["heads."], "local": [""]}.get(self.personalization, [])
 
 
 

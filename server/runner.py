@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
@@ -126,7 +126,9 @@ class ServerRunner:
         remaining = f.rounds - self.done_rounds
         self.strategy = strategy
         if remaining > 0:
-            wait_for_nodes(grid, f.num_clients, f.connect_timeout_s)
+            wait_for_nodes(grid, f.total_clients(), f.connect_timeout_s)
+            if f.new_clients:
+                self.strategy.exclude_nodes = self.new_client_nodes(grid)
             if self.progress:
                 from tqdm.auto import tqdm
 
@@ -146,14 +148,32 @@ class ServerRunner:
                 self.final_evaluation(grid)
         return self.finish()
 
+    def new_client_nodes(self, grid: Grid) -> set[int]:
+        """Ask every node its partition; those from num_clients on are new clients, left out of
+        every round (they join in the final evaluation)."""
+        nodes = sorted(grid.get_node_ids())
+        replies = grid.send_and_receive([Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes], timeout=self.cfg.federation.connect_timeout_s or 60.0)
+        new = set()
+        for reply in replies:
+            if reply.has_error() or protocol.METRICS not in reply.content.metric_records:
+                raise ConfigError(f"node {reply.metadata.src_node_id} did not say which partition it holds: {reply.error.reason if reply.has_error() else 'no metrics'}")
+            if int(reply.content.metric_records[protocol.METRICS]["partition-id"]) >= self.cfg.federation.num_clients:
+                new.add(reply.metadata.src_node_id)
+        if len(new) != self.cfg.federation.new_clients:
+            raise ConfigError(f"federation.new_clients is {self.cfg.federation.new_clients} but {len(new)} node(s) hold partitions from {self.cfg.federation.num_clients} on")
+        log(20, "new clients (final evaluation only): nodes %s", sorted(new))
+        return new
+
     def final_evaluation(self, grid: Grid) -> None:
         """Every client (at most eval_clients_per_round of them in a sampled federation)
         evaluates the final global model, after the head fit, and its personalized model on
         its local test split; kept as the record `final` of metrics.jsonl."""
         f, s = self.cfg.federation, self.strategy
-        nodes = sorted(grid.get_node_ids())
+        new = sorted(s.exclude_nodes)
+        nodes = sorted(set(grid.get_node_ids()) - s.exclude_nodes)
         if f.clients_per_round is not None:
             nodes = random.Random(self.cfg.seed).sample(nodes, min(len(nodes), f.eval_clients_per_round or f.clients_per_round))
+        nodes += new
         arrays = numpy_to_arrays(state_to_numpy(self.model))
         s.downlink.observe(arrays)
         s.bytes_down_round, s.messages_round = 0, 0
@@ -161,7 +181,7 @@ class ServerRunner:
         messages = s.instructions(RecordDict({protocol.ARRAYS: arrays, protocol.CONFIG: config}), nodes, MessageType.EVALUATE)
         started = time.time()
         s.aggregate_evaluate(f.rounds, grid.send_and_receive(messages, timeout=f.round_timeout_s))
-        evals = [{"node_id": e["node_id"], **{k.replace("-", "_"): v for k, v in e["metrics"].to_dict().items()}} for e in s.last_eval_metrics]
+        evals = [{"node_id": e["node_id"], "new": e["node_id"] in s.exclude_nodes, **{k.replace("-", "_"): v for k, v in e["metrics"].to_dict().items()}} for e in s.last_eval_metrics]
         self.final = {
             "round": f.rounds, "clients_asked": len(nodes), "client_evaluations": evals,
             "bytes_down": s.bytes_down_round, "bytes_down_full_fedavg": self.full_bytes * s.messages_round,
@@ -203,7 +223,7 @@ class ServerRunner:
         and evaluation, bytes both ways (and full FedAvg's), rejections, importance, memory."""
         s = self.strategy
         clients = [self.client_record(c) for c in s.last_client_metrics]
-        evals = [{"node_id": e["node_id"], **{k.replace("-", "_"): v for k, v in e["metrics"].to_dict().items()}} for e in s.last_eval_metrics]
+        evals = [{"node_id": e["node_id"], "new": e["node_id"] in s.exclude_nodes, **{k.replace("-", "_"): v for k, v in e["metrics"].to_dict().items()}} for e in s.last_eval_metrics]
         accepted = [c for c in clients if c["accepted"]]
         proc_rss, total_rss = rss_bytes()
         return {
@@ -268,25 +288,13 @@ class ServerRunner:
         return numpy_to_arrays(state_to_numpy(self.model)), {"head_fit": "lda", "head_fit_tasks": fitted, "head_fit_examples": {t: int(stats[t]["count"].sum()) for t in fitted}}
 
     def client_summary(self, rounds: list[dict[str, Any]]) -> dict[str, Any]:
-        """The personalized-FL protocol's numbers, from the final evaluation (else the last
-        round's): per client the global and the personalized model on its local test split,
-        and over clients the examples-weighted mean, the standard deviation and the mean of
-        the worst 10%."""
+        """The personalized-FL protocol's numbers (_protocol_numbers), from the final evaluation
+        (else the last round's), for the training clients and apart for the new ones."""
         evals = self.final["client_evaluations"] if self.final else next((r["client_evaluations"] for r in reversed(rounds) if r.get("client_evaluations")), [])
-        clients = sorted(({"partition_id": int(e.get("partition_id", -1)), "num_examples": e.get("num_examples"),
-                           "accuracy_global_local": e.get("accuracy_global"), "accuracy_personalized": e.get("accuracy_personal")} for e in evals),
-                         key=lambda c: c["partition_id"])
-        out: dict[str, Any] = {"clients": clients, "clients_evaluated_in": "final evaluation" if self.final else "last round"}
-        for key in ("accuracy_global_local", "accuracy_personalized"):
-            have = [c for c in clients if c[key] is not None]
-            accs = np.array([c[key] for c in have], dtype=float)
-            weights = np.array([c["num_examples"] for c in have], dtype=float)
-            worst = np.sort(accs)[: max(1, int(np.ceil(0.1 * len(accs))))] if len(accs) else accs
-            out[key] = float((accs * weights).sum() / weights.sum()) if len(accs) and weights.sum() > 0 else None
-            out[f"{key}_std"] = float(accs.std()) if len(accs) else None
-            out[f"{key}_worst10"] = float(worst.mean()) if len(worst) else None
-        both = [c for c in clients if c["accuracy_personalized"] is not None and c["accuracy_global_local"] is not None]
-        out["personalized_at_least_global_fraction"] = sum(c["accuracy_personalized"] >= c["accuracy_global_local"] for c in both) / len(both) if both else None
+        out: dict[str, Any] = {"clients_evaluated_in": "final evaluation" if self.final else "last round"}
+        out.update(_protocol_numbers([e for e in evals if not e.get("new")]))
+        if self.cfg.federation.new_clients:
+            out["new_clients"] = _protocol_numbers([e for e in evals if e.get("new")])
         return out
 
     def finish(self) -> dict[str, Any]:
@@ -329,6 +337,7 @@ class ServerRunner:
             "wall_time_s": round(time.time() - self.started, 1),
             "peak_rss_bytes": int(peak),
             "rss_bytes_per_round": [r.get("rss_bytes_with_workers") for r in rounds],
+            "round_time_s": [round(b["elapsed_s"] - a["elapsed_s"], 2) for a, b in zip([{"elapsed_s": 0.0}, *rounds], rounds) if "elapsed_s" in b],
             "checkpoint": str(self._checkpoint_path()),
         }
         summary.update(self.client_summary(rounds))
@@ -345,6 +354,26 @@ class ServerRunner:
         write_json(self.out / "summary.json", summary)
         plot_run(self.rounds, self.out / "plots", self.model.depth, getattr(self.model, "moe_blocks", None))
         return summary
+
+
+def _protocol_numbers(evals: list[dict[str, Any]]) -> dict[str, Any]:
+    """Over the clients' evaluations: each client's global and personalized accuracy on its
+    local test split, their examples-weighted means, standard deviations and worst-10% means."""
+    clients = sorted(({"partition_id": int(e.get("partition_id", -1)), "num_examples": e.get("num_examples"),
+                       "accuracy_global_local": e.get("accuracy_global"), "accuracy_personalized": e.get("accuracy_personal")} for e in evals),
+                     key=lambda c: c["partition_id"])
+    out: dict[str, Any] = {"clients": clients}
+    for key in ("accuracy_global_local", "accuracy_personalized"):
+        have = [c for c in clients if c[key] is not None]
+        accs = np.array([c[key] for c in have], dtype=float)
+        weights = np.array([c["num_examples"] for c in have], dtype=float)
+        worst = np.sort(accs)[: max(1, int(np.ceil(0.1 * len(accs))))] if len(accs) else accs
+        out[key] = float((accs * weights).sum() / weights.sum()) if len(accs) and weights.sum() > 0 else None
+        out[f"{key}_std"] = float(accs.std()) if len(accs) else None
+        out[f"{key}_worst10"] = float(worst.mean()) if len(worst) else None
+    both = [c for c in clients if c["accuracy_personalized"] is not None and c["accuracy_global_local"] is not None]
+    out["personalized_at_least_global_fraction"] = sum(c["accuracy_personalized"] >= c["accuracy_global_local"] for c in both) / len(both) if both else None
+    return out
 
 
 def wait_for_nodes(grid: Grid, needed: int, timeout_s: float, poll_s: float = 1.0) -> int:

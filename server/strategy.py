@@ -129,6 +129,8 @@ class SparseFedAvg(FedAvg):
         self.messages_round = 0  # instructions sent this round (for full FedAvg's downlink bytes)
         self._grid: Grid | None = None
         self._records: dict[str, RecordDict] = {}
+        # Nodes never sampled for a round (new clients, who join in the final evaluation).
+        self.exclude_nodes: set[int] = set()
 
         # The global arrays of the round being trained (set by configure_train).
         self.current_arrays: ArrayRecord | None = None
@@ -172,7 +174,7 @@ class SparseFedAvg(FedAvg):
             config[protocol.WANT_HEAD_STATS] = True
         self._grid = grid
         self.downlink.observe(arrays)
-        return super().configure_evaluate(server_round, arrays, config, grid)
+        return super().configure_evaluate(server_round, arrays, config, _Sampled(grid, self.exclude_nodes))
 
     def instructions(self, record: RecordDict, node_ids: list[int], message_type: str) -> list[Message]:
         """The messages of `record` to `node_ids` as this strategy sends them (sparse downlink, statistics)."""
@@ -295,7 +297,7 @@ class SparseFedAvg(FedAvg):
         config = ConfigRecord(dict(config))
         if self.feed_importance and self.global_importance is not None:
             config[protocol.IMPORTANCE] = [float(v) for v in self.global_importance]
-        return super().configure_train(server_round, arrays, config, grid)
+        return super().configure_train(server_round, arrays, config, _Sampled(grid, self.exclude_nodes))
 
     def aggregate_train(
         self,
@@ -574,6 +576,19 @@ class SparseFedAvg(FedAvg):
         self.global_importance = None if importance is None else [float(v) for v in importance]
         for key in counters:
             setattr(self, key, state[key])
+
+
+class _Sampled:
+    """The grid as FedAvg's node sampling sees it: without the excluded nodes."""
+
+    def __init__(self, grid: Grid, exclude: set[int]) -> None:
+        self._grid, self._exclude = grid, exclude
+
+    def get_node_ids(self) -> list[int]:
+        return [n for n in self._grid.get_node_ids() if n not in self._exclude]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
 
 
 def _needs_full_model(msg: Message) -> bool:

@@ -24,6 +24,20 @@ SUMMARY_KEYS = (  # key, column, scale, decimals
     ("wall_time_s", "wall time (s)", 1.0, 0),
 )
 
+PFL_KEYS = (  # the personalized-FL protocol's table (--table pfl)
+    ("accuracy_global_local", "global (%)", 100.0, 1),
+    ("accuracy_global_local_std", "global std", 100.0, 1),
+    ("accuracy_global_local_worst10", "global worst 10% (%)", 100.0, 1),
+    ("accuracy_personalized", "personalized (%)", 100.0, 1),
+    ("accuracy_personalized_std", "personalized std", 100.0, 1),
+    ("accuracy_personalized_worst10", "personalized worst 10% (%)", 100.0, 1),
+    ("personalized_at_least_global_fraction", "clients pers. >= global", 1.0, 2),
+    ("bytes_up_total", "MiB up", 2.0**-20, 0),
+    ("bytes_down_total", "MiB down", 2.0**-20, 0),
+    ("traffic_ratio_vs_full_fedavg", "up + down vs full FedAvg", 1.0, 3),
+    ("wall_time_s", "wall time (s)", 1.0, 0),
+)
+
 
 def trained_blocks(run: Path) -> dict[tuple[int, str], dict[int, list[int]]]:
     """(partition id, profile) -> round -> the blocks that client trained (accepted replies)."""
@@ -47,16 +61,16 @@ def _cell(values: list[float], scale: float, decimals: int) -> str:
     return f"{statistics.mean(values):.{decimals}f} ± {statistics.stdev(values):.{decimals}f} ({each})"
 
 
-def compare(runs: list[tuple[str, Path]]) -> str:
+def compare(runs: list[tuple[str, Path]], keys: tuple = SUMMARY_KEYS, blocks: bool = True) -> str:
     by_label: dict[str, list[Path]] = {}
     for label, run in runs:
         by_label.setdefault(label, []).append(run)
     summaries = {label: [json.loads((r / "summary.json").read_text()) for r in rs] for label, rs in by_label.items()}
-    lines = ["| run | runs | " + " | ".join(h for _, h, _, _ in SUMMARY_KEYS) + " |", "|---|---|" + "---|" * len(SUMMARY_KEYS)]
+    lines = ["| run | runs | " + " | ".join(h for _, h, _, _ in keys) + " |", "|---|---|" + "---|" * len(keys)]
     for label, sums in summaries.items():
-        cells = [_cell([s.get(k) for s in sums], scale, dec) for k, _, scale, dec in SUMMARY_KEYS]
+        cells = [_cell([s.get(k) for s in sums], scale, dec) for k, _, scale, dec in keys]
         lines.append(f"| {label} | {len(sums)} | " + " | ".join(cells) + " |")
-    for label, rs in by_label.items():
+    for label, rs in by_label.items() if blocks else ():
         rounds = summaries[label][0]["rounds"]
         lines += ["", f"Blocks each client trained per round, {label} (`{rs[0]}`):", ""]
         lines.append("| client | profile | " + " | ".join(f"round {r}" for r in range(1, rounds + 1)) + " |")
@@ -71,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="LABEL=RUN_DIR (a folder fedtune simulate wrote)")
     parser.add_argument("--out", help="write the markdown here too")
+    parser.add_argument("--table", choices=("runs", "pfl"), default="runs", help="runs: accuracy, bytes up and each client's blocks | pfl: the personalized-FL protocol's columns")
     args = parser.parse_args(argv)
     runs = []
     for spec in args.runs:
@@ -78,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         if not sep or not (Path(folder) / "summary.json").is_file():
             parser.error(f"{spec!r}: expected LABEL=RUN_DIR with a summary.json in RUN_DIR")
         runs.append((label, Path(folder)))
-    text = compare(runs)
+    text = compare(runs, PFL_KEYS, blocks=False) if args.table == "pfl" else compare(runs)
     print(text, end="")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

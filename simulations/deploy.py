@@ -251,8 +251,9 @@ def run_local(
 
     out = out.resolve()
     count = nodes if isinstance(nodes, int) else len(nodes)
-    overrides = [*overrides, f"federation.num_clients={count}"]
-    cfg = load_run_config(config, overrides)  # fails here, before any process starts, on a bad config
+    new = load_run_config(config, overrides).federation.new_clients  # fails here, before any process starts, on a bad config
+    overrides = [*overrides, f"federation.num_clients={count - new}"]  # the last `new` nodes join for the final evaluation only
+    cfg = load_run_config(config, overrides)
     if isinstance(nodes, int):
         nodes = node_configs(nodes, profiles or list(cfg.federation.profiles), out / "deploy" / "node-state")
     with Deployment(out / "deploy", tls=tls) as dep:

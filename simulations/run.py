@@ -54,7 +54,7 @@ def simulate(cfg: RunConfig, out: Path, resume: bool = False, progress: bool = T
     run_simulation(
         server_app=make_server_app(cfg, out, resume, progress),
         client_app=make_client_app(cfg, state_dir=out / "client_state"),
-        num_supernodes=cfg.federation.num_clients,
+        num_supernodes=cfg.federation.total_clients(),
         backend_config=backend,
         verbose_logging=verbose,
     )

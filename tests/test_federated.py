@@ -130,6 +130,14 @@ def test_simulation_configs_load():
         cfg = load_run_config(HERE / f"{name}.yaml")
         assert cfg.name == name
     assert load_run_config(HERE / "scale.yaml").federation.num_clients == 1000
+    # the personalized-FL protocol and its baselines: the same data, split, rounds and epochs
+    base = to_dict(load_run_config(HERE / "pfl_fmnist.yaml"))
+    assert base["partition"]["pool"] and base["federation"]["num_clients"] == 20
+    for overlay in sorted((HERE / "pfl").glob("*.yaml")):
+        cfg = to_dict(load_run_config(overlay))
+        for key in ("data", "partition", "train", "seed", "model"):
+            assert cfg[key] == base[key], (overlay.name, key)
+        assert cfg["federation"]["rounds"] == base["federation"]["rounds"]
     # multitask_dense is multitask with a dense ViT: the same data, method, budgets and rounds
     moe, dense = (to_dict(load_run_config(HERE / f"{n}.yaml")) for n in ("multitask", "multitask_dense"))
     assert moe["moe"] and dense["moe"] is None

@@ -75,7 +75,7 @@ def test_personal_lda_head_uses_own_priors_and_leans_on_the_federation_for_rare_
     assert (x @ w2.T + b2).argmax(1).tolist() == [0, 0, 0]
 
 
-@pytest.mark.parametrize("mode", ["lda", "fedper", "local", "finetune", "none"])
+@pytest.mark.parametrize("mode", ["lda", "fedper", "fedrep", "local", "finetune", "none"])
 def test_each_personalization_reports_what_it_promises(mode):
     cfg = tiny_run(federation={"num_clients": 4, "rounds": 2, "personalization": mode})
     rt = ClientRuntime(cfg, partition_id=1)
@@ -83,8 +83,17 @@ def test_each_personalization_reports_what_it_promises(mode):
     update, _, _, state = rt.fit(glob, ClientState())
     if mode == "local":
         assert update == {} and "vit.cls_token" in state.personal
-    if mode == "fedper":
+    if mode in ("fedper", "fedrep"):
         assert not any(k.startswith("heads.") for k in update) and "heads.digit.weight" in state.personal
+    if mode == "fedrep":
+        # the head trained in its own phase (it moved from the global one), then stayed fixed while the body trained
+        assert not np.array_equal(state.personal["heads.digit.weight"], glob["heads.digit.weight"])
+        assert any(k.startswith("vit.blocks.") for k in update)
+        from fedtune.client import HeadFixed
+        from fedtune.methods import make_method
+
+        assert make_method(cfg.method, rt.model, rt.profile, 16, "digit").plan().train_head
+        assert not HeadFixed(make_method(cfg.method, rt.model, rt.profile, 16, "digit")).plan().train_head
     ev, stats, kept = rt.evaluate(glob, state, want_stats=True, final=True)
     assert set(stats) == {"digit.count", "digit.sum", "digit.outer"}
     assert ev.accuracy_global is not None

@@ -132,3 +132,54 @@ def test_killed_simulation_resumes_to_the_same_result(tmp_path):
     assert set(wa) == set(wb)
     for k in wa:
         np.testing.assert_allclose(wb[k].numpy(), wa[k].numpy(), rtol=0, atol=1e-6, err_msg=k)
+
+
+def test_protocol_run_with_sparse_downlink_lost_copy_and_a_new_client(tmp_path):
+    """Pooled partitions, closed-form personal heads, the sparse downlink with a client that
+    loses its model copy mid-run (it is resent everything, no round lost), and a new client
+    that only joins the final evaluation."""
+    from flwr.clientapp import ClientApp
+    from flwr.simulation import run_simulation
+
+    from clients.app import GLOBAL_ARRAYS, make_client_app
+    from server.app import make_server_app
+
+    cfg = run_cfg(top={"partition": {"scheme": "dirichlet", "alpha": 0.5, "min_partition_size": 5, "local_test_fraction": 0.25, "pool": True}},
+                  personalization="lda", head_fit="lda", downlink="sparse", new_clients=1)
+    inner = make_client_app(cfg)
+    app = ClientApp()
+    seen: dict[int, list] = {}
+
+    @app.train()
+    def train(msg, context):
+        pid = int(context.node_config["partition-id"])
+        seen.setdefault(pid, []).append(int(msg.content.config_records["config"]["server-round"]))
+        if pid == 0 and msg.content.config_records["config"]["server-round"] == 2 and GLOBAL_ARRAYS in context.state.array_records:
+            del context.state[GLOBAL_ARRAYS]  # a wiped device
+        return inner(msg, context)
+
+    @app.evaluate()
+    def evaluate(msg, context):
+        return inner(msg, context)
+
+    @app.query()
+    def query(msg, context):
+        return inner(msg, context)
+
+    out = tmp_path / "run"
+    run_simulation(server_app=make_server_app(cfg, out, progress=False), client_app=app, num_supernodes=4,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"logging_level": "ERROR", "log_to_driver": False}})
+    summary = json.loads((out / "summary.json").read_text())
+    assert 3 not in seen, "the new client never trains"
+    assert sorted(seen) == [0, 1, 2] and seen[0].count(2) == 2, "partition 0 got round 2 twice: sparse, then the whole model"
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rounds[2]["accepted"] == 3 and "error" not in summary
+    assert [c["partition_id"] for c in summary["clients"]] == [0, 1, 2]
+    assert [c["partition_id"] for c in summary["new_clients"]["clients"]] == [3]
+    for key in ("accuracy_personalized", "accuracy_global_local", "bytes_up_total", "bytes_down_total", "bytes_up_full_fedavg", "bytes_down_full_fedavg"):
+        assert summary[key] is not None, key
+    assert summary["clients_evaluated_in"] == "final evaluation"
+    assert 0 < summary["bytes_down_total"] < summary["bytes_down_full_fedavg"]
+    assert rounds[2]["bytes_down"] < rounds[1]["bytes_down"], "round 2 sends what changed (and one whole model)"
+    final = json.loads((out / "final_evaluation.json").read_text())
+    assert final["clients_asked"] == 4

@@ -134,10 +134,10 @@ class ClientRuntime:
             if cfg.federation.personalization == "fedrep":
                 # FedRep: the (personal) head first, on the received body; then the body, head fixed
                 head_only = make_method(MethodConfig(name="head"), self.model, self.profile, cfg.train.batch_size, task, seed=seed + i)
-                Trainer(self.model, head_only, replace(tcfg, epochs=cfg.federation.rep_head_epochs), task).train(self.train_set)
+                Trainer(self.model, head_only, replace(tcfg, epochs=cfg.federation.rep_head_epochs), task).train(self.train_set.for_task(task))
                 method = HeadFixed(method)
             trainer = PersonalHeadTrainer(self.model, method, tcfg, task, personal_head=self.personal_heads.get(task))
-            result = trainer.train(self.train_set)
+            result = trainer.train(self.train_set.for_task(task))
             counts_all.update(result.update_counts)
             block_updates = [a + b for a, b in zip(block_updates, result.block_updates, strict=True)]
             steps += result.steps
@@ -203,15 +203,15 @@ class ClientRuntime:
         evaluation built a personal head, the state that keeps it (else None)."""
         fed = self.cfg.federation
         mode = fed.personalization
-        data = self.test_set if len(self.test_set) else self.train_set
-        out = EvalMetrics(num_examples=len(data) * len(self.tasks), partition_id=self.partition_id)
+        sets = {t: self.test_set.for_task(t) if self.test_set.count(t) else self.train_set.for_task(t) for t in self.tasks}
+        out = EvalMetrics(num_examples=sum(len(d) for d in sets.values()), partition_id=self.partition_id)
         load_numpy_state(self.model, global_arrays)
         plan = full_plan(self.model.depth)
         stats: dict[str, np.ndarray] = {}
         new_heads: dict[str, np.ndarray] = {}
         global_feats = {}
         for task in self.tasks:
-            feats, labels = extract_features(self.model, data, task, 256, plan)
+            feats, labels = extract_features(self.model, sets[task], task, 256, plan)
             global_feats[task] = (feats, labels)
             out.per_task_global[task] = _accuracy(self.model.forward_head(feats, task), labels)
             if want_stats or mode == "lda":
@@ -226,7 +226,7 @@ class ClientRuntime:
             self._load(global_arrays, state)
             personal = bool(personal_params(state.personal))
             for task in self.tasks:
-                feats, labels = extract_features(self.model, data, task, 256, plan) if personal else global_feats[task]
+                feats, labels = extract_features(self.model, sets[task], task, 256, plan) if personal else global_feats[task]
                 head = self.personal_heads.get(task)
                 out.per_task_personal[task] = _accuracy(head(feats) if head is not None else self.model.forward_head(feats, task), labels)
         elif mode == "finetune" and final:
@@ -235,8 +235,8 @@ class ClientRuntime:
                     load_numpy_state(self.model, global_arrays)
                     method = make_method(self.cfg.method, self.model, self.profile, self.cfg.train.batch_size, task, seed=self.cfg.seed + i)
                     tcfg = replace(self.cfg.train, epochs=fed.finetune_epochs, seed=self.cfg.seed * 7919 + self.partition_id * 31 + i)
-                    Trainer(self.model, method, tcfg, task).train(self.train_set)
-                    feats, labels = extract_features(self.model, data, task, 256, plan)
+                    Trainer(self.model, method, tcfg, task).train(self.train_set.for_task(task))
+                    feats, labels = extract_features(self.model, sets[task], task, 256, plan)
                     out.per_task_personal[task] = _accuracy(self.model.forward_head(feats, task), labels)
             load_numpy_state(self.model, global_arrays)
         out.accuracy_global = sum(out.per_task_global.values()) / len(self.tasks)

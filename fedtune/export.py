@@ -135,7 +135,7 @@ def export_run(run_dir: str | Path, task: str | None, out: str | Path, client: i
 
         kind = "moe"
         split, _ = federated_data(cfg)
-        used = experts_used(model, split.train.images, task)
+        used = experts_used(model, split.train.for_task(task).images, task)
         pruned = prune_for_task(model, task, used)
         experts = {b: list(pruned.moe_layers[b].expert_ids) for b in pruned.moe_blocks}
         vit = copy.deepcopy(pruned.vit)
@@ -149,7 +149,8 @@ def export_run(run_dir: str | Path, task: str | None, out: str | Path, client: i
     else:
         state = task_model.state_dict()
     split, _ = federated_data(cfg)
-    example = split.test.images[:2]
+    test_images = split.test.for_task(task).images
+    example = test_images[:2]
     config = {
         "format": "fedtune-export",
         "kind": kind,
@@ -166,7 +167,7 @@ def export_run(run_dir: str | Path, task: str | None, out: str | Path, client: i
     }
     save_checkpoint(out / "model.safetensors", state, {"format": "fedtune-export", "config": config})
     (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    onnx_diff = write_onnx(task_model, example, split.test.images[:ONNX_CHECK_IMAGES], out / "model.onnx")
+    onnx_diff = write_onnx(task_model, example, test_images[:ONNX_CHECK_IMAGES], out / "model.onnx")
     full_bytes = sum(v.numel() * v.element_size() for v in model.state_dict().values())
     exported = sum(v.numel() * v.element_size() for v in state.values())
     summary = {"out": str(out), "kind": kind, "task": task, "client": client, "bytes": exported, "run_model_bytes": full_bytes,

@@ -27,20 +27,29 @@ _DATA_CACHE: dict[str, tuple[DataSplit, list[np.ndarray]]] = {}
 
 def federated_data(cfg: RunConfig) -> tuple[DataSplit, list[np.ndarray]]:
     """The data split and each client's train indices (cached per process)."""
-    key = json.dumps([to_dict(cfg.data), to_dict(cfg.partition), cfg.federation.total_clients(), cfg.seed, cfg.run_tasks()], sort_keys=True)
+    key = json.dumps([to_dict(cfg.data), to_dict(cfg.task_data), to_dict(cfg.partition), cfg.federation.total_clients(), cfg.seed, cfg.run_tasks()], sort_keys=True)
     if key not in _DATA_CACHE:
-        split = load_data(cfg.data)
-        for task in cfg.run_tasks():
-            if task not in split.train.tasks:
-                raise ConfigError(f"task: {task!r} is not in the data set {cfg.data.name}; it has {', '.join(split.train.tasks)}")
-        task = (cfg.run_tasks() or split.train.tasks)[0]
         p = cfg.partition
-        pooled = concat_sets(split.train, split.test) if p.pool else split.train
-        parts = partition_indices(
-            pooled.labels[task].numpy(), cfg.federation.total_clients(), p.scheme, alpha=p.alpha,
-            classes_per_partition=p.classes_per_partition, seed=cfg.seed, min_partition_size=p.min_partition_size,
-            class_assignment=p.class_assignment,
-        )
+        if cfg.task_data is not None:
+            from .data.multidomain import load_task_sources
+
+            split, origin = load_task_sources(cfg.task_data, cfg.data)
+            pooled = split.train
+            if p.pool:
+                raise ConfigError("partition.pool: not supported with task_data (each source keeps its own test split)")
+            parts = _partition_per_source(cfg, split.train, origin)
+        else:
+            split = load_data(cfg.data)
+            for task in cfg.run_tasks():
+                if task not in split.train.tasks:
+                    raise ConfigError(f"task: {task!r} is not in the data set {cfg.data.name}; it has {', '.join(split.train.tasks)}")
+            task = (cfg.run_tasks() or split.train.tasks)[0]
+            pooled = concat_sets(split.train, split.test) if p.pool else split.train
+            parts = partition_indices(
+                pooled.labels[task].numpy(), cfg.federation.total_clients(), p.scheme, alpha=p.alpha,
+                classes_per_partition=p.classes_per_partition, seed=cfg.seed, min_partition_size=p.min_partition_size,
+                class_assignment=p.class_assignment,
+            )
         if p.pool:
             # the personalized-FL protocol: partition train and test together; each client's
             # 25% (local_test_fraction) is its test split, and the central test set is the union
@@ -51,6 +60,26 @@ def federated_data(cfg: RunConfig) -> tuple[DataSplit, list[np.ndarray]]:
         _DATA_CACHE.clear()
         _DATA_CACHE[key] = (split, parts)
     return _DATA_CACHE[key]
+
+
+def _partition_per_source(cfg: RunConfig, train: ImageSet, origin: np.ndarray) -> list[np.ndarray]:
+    """Each source's images partitioned over the clients holding one of its tasks."""
+    p = cfg.partition
+    parts: list[list[np.ndarray]] = [[] for _ in range(cfg.federation.total_clients())]
+    for g in np.unique(origin):
+        index = np.flatnonzero(origin == g)
+        tasks = [t for t in cfg.run_tasks() if bool((train.labels[t][index] >= 0).all())]
+        holders = [pid for pid in range(len(parts)) if set(client_tasks(cfg, pid)) & set(tasks)]
+        if not holders:
+            continue  # RunConfig.validate names a task no client holds
+        shares = partition_indices(
+            train.labels[tasks[0]][index].numpy(), len(holders), p.scheme, alpha=p.alpha,
+            classes_per_partition=p.classes_per_partition, seed=cfg.seed + int(g), min_partition_size=p.min_partition_size,
+            class_assignment=p.class_assignment,
+        )
+        for pid, share in zip(holders, shares, strict=True):
+            parts[pid].append(index[share])
+    return [np.concatenate(x) if x else np.zeros(0, dtype=np.int64) for x in parts]
 
 
 def _local_split(cfg: RunConfig, partition_id: int, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -125,6 +125,7 @@ class RunConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
     moe: MoEConfig | None = None  # an MoE ViT (see moe.MoEConfig); None: a dense ViT
+    task_data: dict[str, DataConfig] | None = None  # multidomain: each task's own data source (fedtune.data.multidomain); data gives the image size and channels
 
     def validate(self, prefix: str = "") -> None:
         if self.seed < 0:
@@ -133,6 +134,11 @@ class RunConfig:
             raise ConfigError(f"{prefix}task/tasks: give one of them (task for one task, tasks for several)")
         if self.tasks is not None and not self.tasks:
             raise ConfigError(f"{prefix}tasks: give at least one task")
+        if self.task_data is not None:
+            if not self.task_data:
+                raise ConfigError(f"{prefix}task_data: give at least one task and its data source")
+            if self.task is not None or (self.tasks is not None and list(self.tasks) != list(self.task_data)):
+                raise ConfigError(f"{prefix}task_data: names the run's tasks ({', '.join(self.task_data)}); leave task/tasks out")
         for group in self.federation.client_tasks or []:
             for t in group:
                 if t not in self.run_tasks():
@@ -148,7 +154,9 @@ class RunConfig:
                 )
 
     def run_tasks(self) -> list[str]:
-        """The model's tasks: `tasks`, or [`task`] ([] when the data set's first task is meant)."""
+        """The model's tasks: `task_data`'s, `tasks`, or [`task`] ([] when the data set's first task is meant)."""
+        if self.task_data is not None:
+            return list(self.task_data)
         return list(self.tasks) if self.tasks is not None else ([self.task] if self.task else [])
 
     def key(self) -> str:

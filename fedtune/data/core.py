@@ -185,7 +185,8 @@ class ImageSet:
     def loader(
         self, batch_size: int, shuffle: bool, seed: int = 0, task: str | None = None
     ) -> _Batches:
-        """Batches of (images, labels of `task`, default the first); the last partial batch is kept.
+        """Batches of (images, labels of `task`, default the first) over the images labelled for
+        `task`; the last partial batch is kept.
 
         With shuffle, each pass over the loader draws a new order from one generator seeded
         here, so epochs differ but the whole sequence is fixed by `seed`.
@@ -194,7 +195,22 @@ class ImageSet:
             raise ConfigError(f"batch_size must be positive, got {batch_size}")
         task = self.tasks[0] if task is None else task
         self._check_task(task)
-        return _Batches(self.images, self.labels[task], batch_size, shuffle, seed)
+        labels = self.labels[task]
+        labelled = labels >= 0  # a multidomain run's images of other tasks' sources are -1 (fedtune.data.multidomain)
+        if not bool(labelled.all()):
+            return _Batches(self.images[labelled], labels[labelled], batch_size, shuffle, seed)
+        return _Batches(self.images, labels, batch_size, shuffle, seed)
+
+    def for_task(self, task: str) -> ImageSet:
+        """The images labelled for `task` (the set itself unless a multidomain run joined sources)."""
+        self._check_task(task)
+        labelled = self.labels[task] >= 0
+        return self if bool(labelled.all()) else self.subset(labelled)
+
+    def count(self, task: str) -> int:
+        """Images labelled for `task` (all of them, except in multidomain runs)."""
+        self._check_task(task)
+        return int((self.labels[task] >= 0).sum())
 
     def _check_task(self, task: str) -> None:
         if task not in self.labels:

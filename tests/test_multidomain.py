@@ -1,0 +1,95 @@
+"""Tasks from different data sets in one run (task_data)."""
+
+import numpy as np
+import pytest
+
+from fedtune.client import ClientRuntime
+from fedtune.client_state import ClientState
+from fedtune.errors import ConfigError
+from fedtune.federated import client_data, federated_data, global_model, state_to_numpy
+from fedtune.runconfig import load_run_config
+from fedtune.typedconfig import from_dict
+
+from .test_federated import TINY_RUN
+
+TASK_DATA = {
+    "digit": {"name": "digits", "max_train": 120, "max_test": 40},
+    "shape": {"name": "shapes", "num_samples": 200, "tasks": ["shape"]},
+    "colour": {"name": "shapes", "num_samples": 200, "tasks": ["colour"]},
+}
+
+
+def multidomain(**over):
+    from fedtune.runconfig import RunConfig
+
+    data = {**TINY_RUN, "task_data": TASK_DATA, "federation": {"num_clients": 4, "rounds": 1, "client_tasks": [["digit"], ["shape", "colour"], ["digit", "colour"]]}, **over}
+    return from_dict(RunConfig, data)
+
+
+def test_each_task_reads_its_own_source_and_clients_get_their_share_of_each():
+    cfg = multidomain()
+    split, parts = federated_data(cfg)
+    assert cfg.run_tasks() == ["digit", "shape", "colour"]
+    assert split.train.num_classes == {"digit": 10, "shape": 4, "colour": 6}
+    # digits' 120 images are labelled only for digit; shapes' images for shape and colour (shared)
+    assert split.train.count("digit") == 120 and split.train.count("shape") == split.train.count("colour") == 160
+    assert split.test.count("digit") == 40 and split.test.count("shape") == 40
+    assert len(split.train) == 280 and split.train.images.shape[1:] == (3, 16, 16)
+    # client 1 holds shape+colour: only shapes images; client 2 holds digit+colour: a share of both sources
+    train1, _ = client_data(cfg, 1)
+    assert train1.count("digit") == 0 and train1.count("shape") == len(train1)
+    train2, _ = client_data(cfg, 2)
+    assert train2.count("digit") > 0 and train2.count("colour") > 0
+    # the two digit holders (0 and 3) and the one partition of digits go to different clients
+    digit_sets = [set(parts[pid][split.train.labels["digit"][parts[pid]].numpy() >= 0].tolist()) for pid in (0, 2, 3)]
+    assert not (digit_sets[0] & digit_sets[1]) and not (digit_sets[0] & digit_sets[2])
+    assert sum(len(s) for s in digit_sets) == 120
+
+
+def test_a_client_trains_and_evaluates_each_of_its_tasks_on_its_own_images():
+    cfg = multidomain()
+    rt = ClientRuntime(cfg, 2)
+    glob = state_to_numpy(global_model(cfg))
+    update, _, metrics, state = rt.fit(glob, ClientState())
+    assert metrics.num_examples == rt.train_set.count("digit") + rt.train_set.count("colour")
+    assert "heads.digit.weight" in update and "heads.colour.weight" in update and "heads.shape.weight" not in update
+    ev, stats, _ = rt.evaluate(glob, state, want_stats=True)
+    assert set(ev.per_task_global) == {"digit", "colour"}
+    assert stats["digit.count"].sum() == rt.train_set.count("digit") and stats["colour.count"].sum() == rt.train_set.count("colour")
+
+
+def test_multidomain_bad_input_names_the_task(tmp_path):
+    with pytest.raises(ConfigError, match="task\\(s\\) 'garment'.*nosuchset"):
+        federated_data(multidomain(task_data={**TASK_DATA, "garment": {"name": "torchvision:nosuchset", "root": str(tmp_path)}},
+                                   federation={"num_clients": 3, "client_tasks": [["digit"], ["shape", "colour"], ["garment"]]}))
+    with pytest.raises(ConfigError, match="task_data.colour.*no label type 'hue'"):
+        federated_data(multidomain(task_data={**TASK_DATA, "colour": {"name": "shapes", "num_samples": 200, "tasks": ["hue"]}}))
+    with pytest.raises(ConfigError, match="client_tasks: task 'garment' is not one of the run's tasks"):
+        multidomain(federation={"num_clients": 4, "client_tasks": [["digit"], ["garment"]]})
+    (tmp_path / "twice.yaml").write_text("task_data:\n  digit: {name: digits}\n  digit: {name: shapes}\n")
+    with pytest.raises(ConfigError, match="key 'digit' appears twice"):
+        load_run_config(tmp_path / "twice.yaml")
+
+
+@pytest.mark.parametrize("method", [
+    {"name": "alast", "alast": {"k": 2, "memory_fraction": None}},
+    {"name": "alast", "lora": {"enabled": True}, "alast": {"k": 2, "memory_fraction": None}},
+    {"name": "sherl"},
+    {"name": "sherl", "lora": {"enabled": True}},
+    {"name": "bsr", "lora": {"enabled": True}},
+])
+def test_every_method_trains_an_moe_vit_across_domains(method):
+    """ALaST may choose MoE blocks (the planner prices their experts), SHERL runs its side path
+    over MoE blocks, LoRA reaches the experts; each client reports expert usage per task."""
+    cfg = multidomain(method=method, moe={"num_experts": 4, "top_k": 2, "blocks": [1, 3], "router": "per_task"})
+    rt = ClientRuntime(cfg, 2)
+    glob = state_to_numpy(global_model(cfg))
+    update, _, metrics, _ = rt.fit(glob, ClientState())
+    assert set(metrics.experts) == {"digit", "colour"} and all(sum(c) > 0 for c in metrics.experts.values())
+    assert update and all(np.isfinite(v).all() for v in update.values())
+    expert_keys = [k for k in update if ".mlp.experts." in k]
+    if method["name"] == "alast":
+        assert metrics.block_updates[1] > 0, "ALaST chose the MoE block 1"
+        assert expert_keys and all(("lora_" in k) == bool(method.get("lora")) for k in expert_keys if k.endswith(("A.default.weight", "fc1.weight")))
+    if method["name"] == "bsr":
+        assert any("lora_B" in k for k in expert_keys)

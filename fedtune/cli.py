@@ -93,7 +93,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if out.exists() and any(out.iterdir()) and not args.force:
         print(f"fedtune: error: {out} is not empty; choose another --out or pass --force", file=sys.stderr)
         return 2
-    summary = export_run(args.run_dir, args.task, out, args.client)
+    summary = export_run(args.run_dir, args.task, out, args.client, args.experts_per_block)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -161,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--client", type=int, help="a client's partition id: include its personal parameters and head")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--force", action="store_true", help="write into a non-empty folder")
+    p.add_argument("--experts-per-block", type=int, help="MoE runs: keep only this many experts per MoE block, the task's most used (1: each MoE block becomes a dense MLP)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("predict", help="predict image files with an exported model")

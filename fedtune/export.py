@@ -30,6 +30,7 @@ from torch import nn
 
 from .client_state import personal_head, personal_head_tasks, personal_params, read_client_state
 from .data import PIXEL_MEAN, PIXEL_STD
+from .engine import full_plan
 from .errors import CheckpointError, ConfigError
 from .lora import has_lora, merge_lora
 from .model import FedViT, checkpoint_meta, read_state, save_checkpoint
@@ -44,11 +45,16 @@ class DenseMoE(nn.Module):
         super().__init__()
         self.experts = layer.experts
         self.shared_experts = layer.shared_experts
-        self.router = copy.deepcopy(layer.routers[task]) if layer.router_kind == "per_task" else copy.deepcopy(layer.router)
-        self.task_embed = None if layer.router_kind == "per_task" else nn.Parameter(layer.task_embed[task].detach().clone())
+        self.router: nn.Module | None = None
+        self.task_embed = None
+        if len(self.experts) > 1 or len(self.shared_experts):  # one kept expert alone needs no router
+            self.router = copy.deepcopy(layer.routers[task]) if layer.router_kind == "per_task" else copy.deepcopy(layer.router)
+            self.task_embed = None if layer.router_kind == "per_task" else nn.Parameter(layer.task_embed[task].detach().clone())
         self.top_k = layer.top_k
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.router is None:
+            return self.experts[0](x)  # one kept expert: its gate is 1 for every token, a dense MLP
         flat = x.reshape(-1, x.shape[-1])
         inp = flat if self.task_embed is None else torch.cat([flat, self.task_embed.to(flat.dtype).expand(flat.shape[0], -1)], dim=-1)
         logits = self.router(inp).float()
@@ -72,6 +78,15 @@ class TaskModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.vit.forward_head(self.vit.forward_features(images), pre_logits=True))
+
+
+def _dense_vit(cfg: Any) -> nn.Module:
+    """A dense ViT of the run's model shape (random weights: for its size and FLOPs)."""
+    from dataclasses import replace
+
+    from .model import build_model
+
+    return build_model(replace(cfg.model, pretrained=None), {"task": 2}).vit
 
 
 def _run_model(run_dir: Path) -> tuple[FedViT, dict[str, Any]]:
@@ -101,8 +116,16 @@ def _client_state(run_dir: Path, client: int) -> dict[str, np.ndarray]:
     return state.personal
 
 
-def export_run(run_dir: str | Path, task: str | None, out: str | Path, client: int | None = None) -> dict[str, Any]:
-    """Write the personalized model of `task` (and `client`) from `run_dir` into `out`."""
+def export_run(run_dir: str | Path, task: str | None, out: str | Path, client: int | None = None, experts_per_block: int | None = None) -> dict[str, Any]:
+    """Write the personalized model of `task` (and `client`) from `run_dir` into `out`.
+
+    An MoE run's task keeps the experts its router uses on the task's training images; with
+    `experts_per_block`, only that many per MoE block, the most used (top-k routing is then
+    over those; with 1 and no shared experts each MoE block is a dense MLP, so the export is
+    the size and cost of the dense model); export.json then reports how often its predictions
+    agree with the run's full model on the task's test images."""
+    if experts_per_block is not None and experts_per_block < 1:
+        raise ConfigError(f"--experts-per-block: must be >= 1, got {experts_per_block}")
     from .federated import federated_data, load_numpy_state
 
     run_dir, out = Path(run_dir), Path(out)
@@ -135,8 +158,8 @@ def export_run(run_dir: str | Path, task: str | None, out: str | Path, client: i
 
         kind = "moe"
         split, _ = federated_data(cfg)
-        used = experts_used(model, split.train.for_task(task).images, task)
-        pruned = prune_for_task(model, task, used)
+        used = experts_used(model, split.train.for_task(task).images, task, most=experts_per_block)
+        pruned = prune_for_task(model, task, used, reduce_top_k=experts_per_block is not None)
         experts = {b: list(pruned.moe_layers[b].expert_ids) for b in pruned.moe_blocks}
         vit = copy.deepcopy(pruned.vit)
         for b in pruned.moe_blocks:
@@ -172,6 +195,15 @@ def export_run(run_dir: str | Path, task: str | None, out: str | Path, client: i
     exported = sum(v.numel() * v.element_size() for v in state.values())
     summary = {"out": str(out), "kind": kind, "task": task, "client": client, "bytes": exported, "run_model_bytes": full_bytes,
                "inference_flops_per_image": inference_flops(task_model, example[:1]), "onnx_max_abs_diff": onnx_diff, "experts": config["experts"]}
+    if kind == "moe":
+        # the dense ViT of the same shape and its task head: what the MoE export is weighed against
+        dense = TaskModel(copy.deepcopy(_dense_vit(cfg)), head).eval()
+        summary["dense_bytes"] = sum(v.numel() * v.element_size() for k, v in dense.state_dict().items())
+        summary["dense_inference_flops_per_image"] = inference_flops(dense, example[:1])
+        with torch.no_grad():
+            mine = torch.cat([task_model(b).argmax(-1) for b in test_images[:ONNX_CHECK_IMAGES * 4].split(64)])
+            theirs = torch.cat([head(model.forward_features(b, full_plan(model.depth), task)[0]).argmax(-1) for b in test_images[:ONNX_CHECK_IMAGES * 4].split(64)])
+        summary["agreement_with_run_model"] = float((mine == theirs).float().mean())
     (out / "export.json").write_text(json.dumps(summary, indent=2))
     return summary
 

@@ -310,7 +310,7 @@ class MoEMlp(nn.Module):
         """(name, parameter) of the routed experts (`experts.<e>.…`) and the shared ones (`shared_experts.<s>.…`)."""
         return ((n, p) for n, p in self.named_parameters() if n.startswith(("experts.", "shared_experts.")))
 
-    def pruned(self, task: str, experts: Sequence[int]) -> MoEMlp:
+    def pruned(self, task: str, experts: Sequence[int], reduce_top_k: bool = False) -> MoEMlp:
         """A copy with only `task`'s router and the given experts (router rows sliced to match);
         shared experts are kept.
 
@@ -322,9 +322,10 @@ class MoEMlp(nn.Module):
         ids = sorted(set(experts))
         if not ids or ids[0] < 0 or ids[-1] >= self.num_experts:
             raise ConfigError(f"expert ids {list(experts)} out of range for {self.num_experts} experts")
-        if len(ids) < self.top_k:
+        if len(ids) < self.top_k and not reduce_top_k:
             raise ConfigError(f"keeping {len(ids)} expert(s), fewer than top_k {self.top_k}")
         out = copy.deepcopy(self)
+        out.top_k = min(self.top_k, len(ids))
         out.experts = nn.ModuleList(out.experts[e] for e in ids)
         out.num_experts = len(ids)
         out.expert_ids = [self.expert_ids[e] for e in ids]

@@ -30,14 +30,29 @@ def _batches(data: torch.Tensor | Iterable, batch_size: int) -> Iterable[torch.T
         yield item[0] if isinstance(item, (tuple, list)) else item
 
 
-@torch.no_grad()
 def experts_used(
-    model: MoEViT, data: torch.Tensor | Iterable, task: str, batch_size: int = 64
+    model: MoEViT, data: torch.Tensor | Iterable, task: str, batch_size: int = 64, most: int | None = None
 ) -> dict[int, list[int]]:
-    """Per MoE block, the sorted ids of the experts `task`'s router sends some token of `data` to.
+    """Per MoE block, the sorted ids of the experts `task`'s router sends some token of `data`
+    to (with `most`, only that many of them, those with the most tokens)."""
+    counts = expert_counts(model, data, task, batch_size)
+    out = {}
+    for b, c in counts.items():
+        used = torch.nonzero(c).flatten().tolist()
+        if most is not None:
+            used = sorted(sorted(used, key=lambda e: (-int(c[e]), e))[:most])
+        out[b] = used
+    return out
+
+
+@torch.no_grad()
+def expert_counts(
+    model: MoEViT, data: torch.Tensor | Iterable, task: str, batch_size: int = 64
+) -> dict[int, torch.Tensor]:
+    """Per MoE block, how many tokens of `data` `task`'s router sends to each expert.
 
     Runs in eval mode (the inference capacity applies); the counts are taken
-    before capacity, so an expert whose tokens all overflow is still kept.
+    before capacity, so an expert whose tokens all overflow is still counted.
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size: must be >= 1, got {batch_size}")
@@ -53,11 +68,12 @@ def experts_used(
                 counts[b] += s.expert_counts.cpu()
     finally:
         model.train(was_training)
-    return {b: torch.nonzero(c).flatten().tolist() for b, c in counts.items()}
+    return counts
 
 
-def prune_for_task(model: MoEViT, task: str, used: dict[int, list[int]]) -> MoEViT:
-    """A copy of `model` for `task` alone: its router, the `used` experts per MoE block, its head."""
+def prune_for_task(model: MoEViT, task: str, used: dict[int, list[int]], reduce_top_k: bool = False) -> MoEViT:
+    """A copy of `model` for `task` alone: its router, the `used` experts per MoE block, its head
+    (with `reduce_top_k`, a block that keeps fewer experts than top_k routes to all it keeps)."""
     task = model.check_task(task)
     missing = [b for b in model.moe_blocks if b not in used]
     if missing:
@@ -68,7 +84,7 @@ def prune_for_task(model: MoEViT, task: str, used: dict[int, list[int]]) -> MoEV
     layers = {}
     for b, layer in model.moe_layers.items():
         try:
-            layers[b] = layer.pruned(task, used[b])
+            layers[b] = layer.pruned(task, used[b], reduce_top_k=reduce_top_k)
         except ConfigError as exc:
             raise ConfigError(f"experts to keep for block {b}: {exc}") from exc
     out = copy.deepcopy(model)

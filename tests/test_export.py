@@ -119,3 +119,17 @@ def test_lora_run_sends_adapters_and_exports_merged(tmp_path):
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(timm_model(x), model(x, "digit"), atol=1e-5, rtol=1e-5)
+
+
+def test_moe_task_export_with_one_expert_per_block_is_the_dense_models_size_and_cost(tmp_path):
+    run, cfg, glob, state = make_run(tmp_path, tasks=["digit", "parity"], moe={"num_experts": 4, "top_k": 2, "blocks": [1, 3]},
+                                     federation={"num_clients": 4, "client_tasks": [["digit"], ["parity"]]})
+    full = export_run(run, "digit", tmp_path / "all")
+    one = export_run(run, "digit", tmp_path / "one", experts_per_block=1)
+    assert all(len(e) == 1 for e in one["experts"].values())
+    assert one["bytes"] == one["dense_bytes"] and one["inference_flops_per_image"] == one["dense_inference_flops_per_image"]
+    assert full["inference_flops_per_image"] > full["dense_inference_flops_per_image"], "every kept expert runs on every token"
+    assert full["agreement_with_run_model"] == 1.0 and 0.0 <= one["agreement_with_run_model"] <= 1.0
+    assert one["onnx_max_abs_diff"] <= 1e-5
+    with pytest.raises(ConfigError, match="experts-per-block"):
+        export_run(run, "digit", tmp_path / "zero", experts_per_block=0)

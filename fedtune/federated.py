@@ -7,6 +7,7 @@ The client's side of a round is `fedtune.client.ClientRuntime`; the run config i
 from __future__ import annotations
 
 import json
+import zlib
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ _DATA_CACHE: dict[str, tuple[DataSplit, list[np.ndarray]]] = {}
 
 def federated_data(cfg: RunConfig) -> tuple[DataSplit, list[np.ndarray]]:
     """The data split and each client's train indices (cached per process)."""
-    key = json.dumps([to_dict(cfg.data), to_dict(cfg.task_data), to_dict(cfg.partition), cfg.federation.total_clients(), cfg.seed, cfg.run_tasks()], sort_keys=True)
+    key = _data_key(cfg)
     if key not in _DATA_CACHE:
         p = cfg.partition
         if cfg.task_data is not None:
@@ -38,6 +39,8 @@ def federated_data(cfg: RunConfig) -> tuple[DataSplit, list[np.ndarray]]:
             if p.pool:
                 raise ConfigError("partition.pool: not supported with task_data (each source keeps its own test split)")
             parts = _partition_per_source(cfg, split.train, origin)
+            _ORIGIN.clear()
+            _ORIGIN[key] = origin
         else:
             split = load_data(cfg.data)
             for task in cfg.run_tasks():
@@ -62,19 +65,26 @@ def federated_data(cfg: RunConfig) -> tuple[DataSplit, list[np.ndarray]]:
     return _DATA_CACHE[key]
 
 
+def _data_key(cfg: RunConfig) -> str:
+    return json.dumps([to_dict(cfg.data), to_dict(cfg.task_data), to_dict(cfg.partition), cfg.federation.total_clients(), cfg.seed, cfg.run_tasks(),
+                       cfg.federation.client_tasks], sort_keys=True)
+
+
+_ORIGIN: dict[str, np.ndarray] = {}  # multidomain runs: per train image, its source group
+
+
 def _partition_per_source(cfg: RunConfig, train: ImageSet, origin: np.ndarray) -> list[np.ndarray]:
     """Each source's images partitioned over the clients holding one of its tasks."""
     p = cfg.partition
     parts: list[list[np.ndarray]] = [[] for _ in range(cfg.federation.total_clients())]
-    for g in np.unique(origin):
+    for g, tasks in _source_tasks(cfg, train, origin).items():
         index = np.flatnonzero(origin == g)
-        tasks = [t for t in cfg.run_tasks() if bool((train.labels[t][index] >= 0).all())]
-        holders = [pid for pid in range(len(parts)) if set(client_tasks(cfg, pid)) & set(tasks)]
+        holders = _holders(cfg, tasks)
         if not holders:
             continue  # RunConfig.validate names a task no client holds
         shares = partition_indices(
             train.labels[tasks[0]][index].numpy(), len(holders), p.scheme, alpha=p.alpha,
-            classes_per_partition=p.classes_per_partition, seed=cfg.seed + int(g), min_partition_size=p.min_partition_size,
+            classes_per_partition=p.classes_per_partition, seed=cfg.seed + _source_seed(train, index), min_partition_size=p.min_partition_size,
             class_assignment=p.class_assignment,
         )
         for pid, share in zip(holders, shares, strict=True):
@@ -82,13 +92,51 @@ def _partition_per_source(cfg: RunConfig, train: ImageSet, origin: np.ndarray) -
     return [np.concatenate(x) if x else np.zeros(0, dtype=np.int64) for x in parts]
 
 
+def _source_seed(train: ImageSet, index: np.ndarray) -> int:
+    """A seed offset from the source's own images, so a source is partitioned alike in every
+    run that holds it (a task's independent federation and the joint run)."""
+    return zlib.crc32(train.images[index[:8]].numpy().tobytes()) % 100_003
+
+
 def _local_split(cfg: RunConfig, partition_id: int, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """A client's partition split into its local train and test indices (seeded per client)."""
-    rng = np.random.default_rng(cfg.seed * 1_000_003 + partition_id)
-    idx = rng.permutation(idx)
-    n_test = int(round(len(idx) * cfg.partition.local_test_fraction))
+    """A client's partition split into its local train and test indices (seeded per client; in
+    a multidomain run per source, seeded by the source and the client's place among its holders,
+    so a task's independent federation splits alike)."""
+    if cfg.task_data is None:
+        return _split_indices(idx, cfg.partition.local_test_fraction, cfg.seed * 1_000_003 + partition_id)
+    split, _ = federated_data(cfg)
+    origin = _ORIGIN[_data_key(cfg)]
+    trains, tests = [], []
+    for g, tasks in _source_tasks(cfg, split.train, origin).items():
+        mine = idx[origin[idx] == g]
+        if not len(mine):
+            continue
+        place = _holders(cfg, tasks).index(partition_id)
+        seed = cfg.seed * 1_000_003 + _source_seed(split.train, np.flatnonzero(origin == g)) * 1009 + place
+        train, test = _split_indices(mine, cfg.partition.local_test_fraction, seed)
+        trains.append(train)
+        tests.append(test)
+    return (np.concatenate(trains) if trains else idx[:0]), (np.concatenate(tests) if tests else idx[:0])
+
+
+def _split_indices(idx: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    idx = np.random.default_rng(seed).permutation(idx)
+    n_test = int(round(len(idx) * test_fraction))
     n_test = min(n_test, max(len(idx) - 1, 0))
     return idx[n_test:], idx[:n_test]
+
+
+def _source_tasks(cfg: RunConfig, train: ImageSet, origin: np.ndarray) -> dict[int, list[str]]:
+    """Per source group, the run's tasks its images are labelled for."""
+    out = {}
+    for g in np.unique(origin):
+        index = np.flatnonzero(origin == g)
+        out[int(g)] = [t for t in cfg.run_tasks() if bool((train.labels[t][index] >= 0).all())]
+    return out
+
+
+def _holders(cfg: RunConfig, tasks: list[str]) -> list[int]:
+    return [pid for pid in range(cfg.federation.total_clients()) if set(client_tasks(cfg, pid)) & set(tasks)]
 
 
 def client_tasks(cfg: RunConfig, partition_id: int) -> list[str]:

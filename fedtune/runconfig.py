@@ -51,6 +51,7 @@ class FederationConfig:
     finetune_epochs: int = 1  # finetune: local epochs on the global model in the final evaluation
     rep_head_epochs: int = 1  # fedrep: epochs of the head alone before the body's each round
     downlink: Literal["sparse", "full"] = "sparse"  # sparse: clients keep the global model and get only what changed | full: the whole model in every instruction
+    independent_tasks: bool = False  # one federation per task (each its own model, over the clients holding that task), run one after another; summary.json combines them
     final_evaluation: bool = True  # after the last round, every client evaluates the final global model (after the head fit) and its personalized one
     feed_importance: bool = True  # server sends the federation's block importance to clients
     profiles: list[str] = field(default_factory=lambda: ["workstation"])  # device profiles, cycled over clients

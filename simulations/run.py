@@ -30,8 +30,71 @@ def check_out(out: Path, resume: bool) -> None:
         raise ConfigError(f"{out} already holds a run (metrics.jsonl/checkpoint); use --resume to continue it or choose another --out")
 
 
+def task_federations(cfg: RunConfig) -> dict[str, tuple[RunConfig, list[int]]]:
+    """federation.independent_tasks: per task, the run of that task alone over the clients that
+    hold it (their profiles kept, in order) and those clients' partition ids in `cfg`."""
+    from dataclasses import replace
+
+    from fedtune.federated import client_tasks
+
+    out = {}
+    for task in cfg.run_tasks():
+        holders = [pid for pid in range(cfg.federation.num_clients) if task in client_tasks(cfg, pid)]
+        fed = replace(cfg.federation, independent_tasks=False, num_clients=len(holders), client_tasks=None, new_clients=0,
+                      profiles=[cfg.profile_of(pid) for pid in holders],
+                      clients_per_round=None if cfg.federation.clients_per_round is None else min(cfg.federation.clients_per_round, len(holders)),
+                      eval_clients_per_round=None if cfg.federation.eval_clients_per_round is None else min(cfg.federation.eval_clients_per_round, len(holders)))
+        task_data = None if cfg.task_data is None else {task: cfg.task_data[task]}
+        sub = replace(cfg, name=f"{cfg.name}_{task}", federation=fed, task_data=task_data,
+                      tasks=None if task_data is not None else [task], task=None)
+        sub.validate()
+        out[task] = (sub, holders)
+    return out
+
+
+def simulate_independent(cfg: RunConfig, out: Path, resume: bool = False, progress: bool = True, verbose: bool = False) -> dict:
+    """One federation per task (out/<task>/), then summary.json combining them: each task's
+    accuracy from its own model, bytes summed, and per client and round the bytes it sent
+    over all its tasks' federations."""
+    check_out(out, resume)
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        write_json(out / "config.json", to_dict(cfg))
+    subs = {}
+    per_client_round: dict[tuple[int, int], int] = {}
+    for task, (sub_cfg, holders) in task_federations(cfg).items():
+        sub_out = out / task
+        done = (sub_out / "summary.json").is_file()
+        subs[task] = json.loads((sub_out / "summary.json").read_text()) if done else simulate(sub_cfg, sub_out, resume=resume and (sub_out / "checkpoint.safetensors").exists(), progress=progress, verbose=verbose)
+        for line in (sub_out / "metrics.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            for c in rec.get("clients", []):
+                if c.get("accepted") and 0 <= c.get("partition_id", -1) < len(holders):
+                    key = (holders[c["partition_id"]], rec["round"])
+                    per_client_round[key] = per_client_round.get(key, 0) + int(c.get("bytes_sent") or 0)
+    model_bytes = max(s["model_bytes"] for s in subs.values())
+    summary = {
+        "name": cfg.name, "independent_tasks": True, "tasks": list(subs), "runs": {t: str(out / t) for t in subs},
+        "accuracy_per_task": {t: s["accuracy_global"] for t, s in subs.items()},
+        "accuracy_global": sum(s["accuracy_global"] for s in subs.values()) / len(subs),
+        "accuracy_per_task_before_head_fit": {t: s.get("accuracy_global_before_head_fit") for t, s in subs.items()},
+        "accuracy_personalized_per_task": {t: s.get("accuracy_personalized") for t, s in subs.items()},
+        "bytes_up_total": sum(s["bytes_up_total"] for s in subs.values()),
+        "bytes_down_total": sum(s["bytes_down_total"] for s in subs.values()),
+        "model_bytes": model_bytes,
+        "models_bytes_total": sum(s["model_bytes"] for s in subs.values()),
+        "bytes_up_client_max": max(per_client_round.values(), default=0),
+        "wall_time_s": round(sum(s["wall_time_s"] for s in subs.values()), 1),
+    }
+    summary["bytes_up_client_max_vs_model"] = summary["bytes_up_client_max"] / model_bytes
+    write_json(out / "summary.json", summary)
+    return summary
+
+
 def simulate(cfg: RunConfig, out: Path, resume: bool = False, progress: bool = True, verbose: bool = False) -> dict:
     """Run `cfg` as a Flower simulation (Ray backend); return summary.json's content."""
+    if cfg.federation.independent_tasks:
+        return simulate_independent(cfg, Path(out), resume, progress, verbose)
     from flwr.simulation import run_simulation
 
     from clients.app import make_client_app

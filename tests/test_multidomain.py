@@ -93,3 +93,20 @@ def test_every_method_trains_an_moe_vit_across_domains(method):
         assert expert_keys and all(("lora_" in k) == bool(method.get("lora")) for k in expert_keys if k.endswith(("A.default.weight", "fc1.weight")))
     if method["name"] == "bsr":
         assert any("lora_B" in k for k in expert_keys)
+
+
+def test_independent_task_federations_keep_each_clients_data_and_profile():
+    from simulations.run import task_federations
+
+    cfg = multidomain(federation={"num_clients": 4, "rounds": 1, "profiles": ["phone", "jetson", "workstation", "rpi"],
+                                  "client_tasks": [["digit"], ["shape", "colour"], ["digit", "colour"]], "independent_tasks": True})
+    subs = task_federations(cfg)
+    assert {t: h for t, (_, h) in subs.items()} == {"digit": [0, 2, 3], "shape": [1], "colour": [1, 2]}
+    sub, holders = subs["digit"]
+    assert sub.run_tasks() == ["digit"] and sub.federation.num_clients == 3 and not sub.federation.independent_tasks
+    assert sub.federation.profiles == ["phone", "workstation", "rpi"]
+    # the digit images each holder trains on are the same in the joint run and in the task's own federation
+    for i, pid in enumerate(holders):
+        joint, _ = client_data(cfg, pid)
+        alone, _ = client_data(sub, i)
+        assert np.array_equal(joint.for_task("digit").images.numpy(), alone.images.numpy())

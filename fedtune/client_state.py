@@ -9,6 +9,7 @@ client app reads it back after a restart; `fedtune export --client` reads it too
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -60,6 +61,16 @@ def personal_head_tasks(personal: dict[str, np.ndarray]) -> list[str]:
     return sorted({k.split(".")[1] for k in personal if k.startswith(PERSONAL_HEAD)})
 
 
+def arrays_sha256(arrays: dict[str, np.ndarray]) -> str:
+    """A checksum of named arrays (names, dtypes, shapes, bytes, in name order)."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}|{a.dtype}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
 def state_files(folder: Path, before_round: int | None = None) -> list[Path]:
     """The saved rounds in `folder`, oldest first (only those before `before_round` when given)."""
     files = sorted(folder.glob("round-*.npz")) if folder.is_dir() else []
@@ -73,7 +84,7 @@ def write_client_state(folder: Path, state: ClientState, server_round: int) -> P
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"round-{server_round:06d}.npz"
     tmp = folder / f"tmp-{server_round:06d}.npz"
-    np.savez(tmp, __meta__=np.array(json.dumps(state_meta(state, server_round))), **state.personal)
+    np.savez(tmp, __meta__=np.array(json.dumps(state_meta(state, server_round))), __sha256__=np.array(arrays_sha256(state.personal)), **state.personal)
     os.replace(tmp, path)
     for old in state_files(folder)[:-KEEP_FILES]:
         old.unlink(missing_ok=True)
@@ -91,7 +102,9 @@ def read_client_state(folder: Path, before_round: int | None = None) -> ClientSt
         try:
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(str(z["__meta__"]))
-                personal = {k: z[k] for k in z.files if k != "__meta__"}
+                personal = {k: z[k] for k in z.files if k not in ("__meta__", "__sha256__")}
+                if "__sha256__" in z.files and str(z["__sha256__"]) != arrays_sha256(personal):
+                    raise ValueError("checksum mismatch (the file is damaged)")
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
             errors.append(f"{path}: {exc}")
             warnings.warn(f"corrupt client state {path} ({exc}); trying the one before it", stacklevel=2)

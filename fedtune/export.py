@@ -191,6 +191,8 @@ def export_run(run_dir: str | Path, task: str | None, out: str | Path, client: i
     save_checkpoint(out / "model.safetensors", state, {"format": "fedtune-export", "config": config})
     (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     onnx_diff = write_onnx(task_model, example, test_images[:ONNX_CHECK_IMAGES], out / "model.onnx")
+    config["onnx_sha256"] = file_sha256(out / "model.onnx")  # load_exported (predict) verifies it
+    (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     full_bytes = sum(v.numel() * v.element_size() for v in model.state_dict().values())
     exported = sum(v.numel() * v.element_size() for v in state.values())
     summary = {"out": str(out), "kind": kind, "task": task, "client": client, "bytes": exported, "run_model_bytes": full_bytes,
@@ -259,26 +261,62 @@ class OnnxModel:
         return self.session.run(None, {self.input: arr.astype(np.float32, copy=False)})[0]
 
 
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_export_config(folder: Path) -> dict[str, Any]:
+    """An export's config.yaml, checked: what predict needs is there and well formed."""
+    path = folder / "config.yaml"
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise CheckpointError(f"{path}: unreadable ({exc}); export the model again") from exc
+    problems = []
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: not a mapping; export the model again")
+    classes, kwargs, norm = config.get("classes"), config.get("timm_kwargs"), config.get("normalize")
+    if not isinstance(classes, list) or not classes:
+        problems.append("classes must be a non-empty list")
+    if not isinstance(kwargs, dict) or not isinstance(kwargs.get("img_size"), int) or not 4 <= kwargs["img_size"] <= 4096:
+        problems.append("timm_kwargs.img_size must be an integer in 4..4096")
+    if config.get("channels") not in (1, 3):
+        problems.append("channels must be 1 or 3")
+    if not isinstance(norm, dict) or not all(isinstance(norm.get(k), (int, float)) for k in ("mean", "std")) or not norm.get("std"):
+        problems.append("normalize must have numbers mean and std (std non-zero)")
+    if problems:
+        raise CheckpointError(f"{path}: {'; '.join(problems)} (was it edited by hand? export the model again)")
+    return config
+
+
 def load_exported(folder: str | Path) -> tuple[OnnxModel, dict[str, Any]]:
-    """The ONNX model and the config of an export folder."""
+    """The ONNX model and the config of an export folder; the model file's checksum is verified."""
     folder = Path(folder)
     cfg_path, onnx_path = folder / "config.yaml", folder / "model.onnx"
     if not cfg_path.is_file() or not onnx_path.is_file():
         raise CheckpointError(f"{folder}: not an exported model (needs config.yaml and model.onnx from `fedtune export`)")
-    config = yaml.safe_load(cfg_path.read_text())
+    config = read_export_config(folder)
+    if "onnx_sha256" in config and file_sha256(onnx_path) != config["onnx_sha256"]:
+        raise CheckpointError(f"{onnx_path}: checksum mismatch with config.yaml (the file is damaged); export the model again")
     return OnnxModel(onnx_path), config
 
 
 def load_timm(folder: str | Path) -> nn.Module:
     """A dense export as a plain timm model (no fedtune classes involved)."""
     import timm
-    from safetensors.torch import load_file
 
-    config = yaml.safe_load((Path(folder) / "config.yaml").read_text())
+    config = read_export_config(Path(folder))
     if config.get("kind") != "dense":
         raise ConfigError(f"{folder}: an {config.get('kind')} export is not a plain timm model; use model.onnx")
     model = timm.create_model(config["timm_name"], pretrained=False, **config["timm_kwargs"])
-    model.load_state_dict(load_file(str(Path(folder) / "model.safetensors")))
+    state, _ = read_state(Path(folder) / "model.safetensors")  # verifies the checksum
+    model.load_state_dict(state)
     return model.eval()
 
 
@@ -292,6 +330,8 @@ def preprocess(paths: list[str | Path], config: dict[str, Any]) -> np.ndarray:
         try:
             im = Image.open(p)
             im = im.convert("L" if config["channels"] == 1 else "RGB").resize((size, size), Image.BILINEAR)
+        except Image.DecompressionBombError as exc:
+            raise ConfigError(f"image {p} is too large to read safely ({exc})") from exc
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot read image {p}: {exc}") from exc
         arr = np.asarray(im, dtype=np.float32) / 255.0

@@ -184,6 +184,8 @@ def read_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str
             if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
                 raise CheckpointError(f"{path}: not a state dict of tensors")
             state = obj
+        if "sha256" in meta and tensors_sha256(state) != meta["sha256"]:
+            raise CheckpointError(f"{path}: checksum mismatch: its tensors are not the ones written (the file is damaged); restore it from a copy")
     except CheckpointError:
         raise
     except Exception as exc:  # safetensors/pickle raise many types on corrupt files
@@ -191,14 +193,28 @@ def read_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     return state, meta
 
 
+def tensors_sha256(state: dict[str, torch.Tensor]) -> str:
+    """A checksum of named tensors: names, dtypes, shapes and bytes, in name order."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def save_checkpoint(path: str | Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
-    """Write `state` as safetensors atomically (a temporary file renamed into place)."""
+    """Write `state` as safetensors atomically (a temporary file renamed into place), with the
+    tensors' checksum in its metadata (`sha256`; read_state verifies it)."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     flat_meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+    flat_meta["sha256"] = tensors_sha256(state)
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp), metadata=flat_meta)
     tmp.replace(path)
     return path

@@ -29,11 +29,14 @@ from fedtune.model import checkpoint_meta, model_meta, read_state, save_checkpoi
 from fedtune.protocol import TrainMetrics
 from fedtune.report import append_jsonl, plot_run, read_jsonl, rss_bytes, write_json
 from fedtune.runconfig import RunConfig
-from fedtune.typedconfig import to_dict
+from fedtune.typedconfig import differences, to_dict
 
 from .strategy import SparseFedAvg
 
 CHECKPOINT = "checkpoint.safetensors"
+# Config keys a resumed run may change: they do not change what the rounds compute.
+RESUME_MAY_CHANGE = ("name", "federation.rounds", "federation.round_timeout_s", "federation.connect_timeout_s",
+                     "federation.checkpoint_every", "federation.final_evaluation", "backend")
 
 
 def _weighted_mean(evals: list[dict[str, Any]], key: str) -> float | None:
@@ -78,8 +81,7 @@ class ServerRunner:
         meta = checkpoint_meta(raw)
         if "round" not in meta or "strategy" not in meta:
             raise CheckpointError(f"{path}: not a server checkpoint (no round/strategy in its metadata)")
-        if meta.get("run", {}).get("model") != to_dict(self.cfg.model) or meta.get("method") != self.cfg.method.name:
-            raise CheckpointError(f"{path}: was written by a run with another model or method; resume with the same config")
+        resume_conflicts(path, raw, self.cfg)
         arrays = {k: v.numpy() for k, v in state.items()}
         load_numpy_state(self.model, arrays, f"checkpoint {path}")
         return arrays, meta
@@ -374,6 +376,16 @@ def _protocol_numbers(evals: list[dict[str, Any]]) -> dict[str, Any]:
     both = [c for c in clients if c["accuracy_personalized"] is not None and c["accuracy_global_local"] is not None]
     out["personalized_at_least_global_fraction"] = sum(c["accuracy_personalized"] >= c["accuracy_global_local"] for c in both) / len(both) if both else None
     return out
+
+
+def resume_conflicts(path: Path, raw_meta: dict[str, str], cfg: RunConfig) -> None:
+    """Refuse to resume the checkpoint at `path` with a config that changes what its rounds
+    compute, naming the keys that differ (RESUME_MAY_CHANGE may)."""
+    meta = checkpoint_meta(raw_meta)
+    changed = [k for k in differences(meta.get("run", {}), to_dict(cfg)) if not k.startswith(RESUME_MAY_CHANGE)]
+    if changed:
+        raise CheckpointError(f"{path}: was written by a run whose config differs in {', '.join(changed[:8])}{' ...' if len(changed) > 8 else ''}; "
+                              f"resume with the config it started with (config.json beside it); only {', '.join(RESUME_MAY_CHANGE)} may change")
 
 
 def wait_for_nodes(grid: Grid, needed: int, timeout_s: float, poll_s: float = 1.0) -> int:

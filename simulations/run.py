@@ -17,15 +17,17 @@ HERE = Path(__file__).parent
 DEFAULT_CONFIG = HERE / "quickstart.yaml"
 
 
-def check_out(out: Path, resume: bool) -> None:
+def check_out(out: Path, resume: bool, cfg: RunConfig | None = None) -> None:
     """Refuse, before anything is written, an --out that holds a run (without --resume) or a
-    --resume whose checkpoint is missing or unreadable."""
-    from server.runner import CHECKPOINT
+    --resume whose checkpoint is missing, unreadable or written by a different config."""
+    from server.runner import CHECKPOINT, resume_conflicts
 
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder")
     if resume:
-        read_state(out / CHECKPOINT)  # a CheckpointError naming the file
+        _, meta = read_state(out / CHECKPOINT)  # a CheckpointError naming the file
+        if cfg is not None:
+            resume_conflicts(out / CHECKPOINT, meta, cfg)
     elif (out / "metrics.jsonl").exists() or (out / CHECKPOINT).exists():
         raise ConfigError(f"{out} already holds a run (metrics.jsonl/checkpoint); use --resume to continue it or choose another --out")
 
@@ -101,7 +103,7 @@ def simulate(cfg: RunConfig, out: Path, resume: bool = False, progress: bool = T
     from server.app import make_server_app
 
     out = Path(out)
-    check_out(out, resume)
+    check_out(out, resume, cfg)
     out.mkdir(parents=True, exist_ok=True)
     if not resume:  # a resumed run keeps the config it started with
         write_json(out / "config.json", to_dict(cfg))

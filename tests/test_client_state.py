@@ -52,3 +52,22 @@ def test_a_truncated_newest_file_falls_back(tmp_path):
     newest.write_bytes(newest.read_bytes()[: len(newest.read_bytes()) // 2])
     with pytest.warns(UserWarning, match="round-000002.npz"):
         assert read_client_state(tmp_path).method == {"budgets": [1.0]}
+
+
+def test_a_state_file_whose_bytes_changed_falls_back_to_the_previous_one(tmp_path):
+    import warnings as _w
+
+    from fedtune.client_state import ClientState, read_client_state, write_client_state
+
+    write_client_state(tmp_path, ClientState(personal={"w": np.zeros(4, np.float32)}), 1)
+    newest = write_client_state(tmp_path, ClientState(personal={"w": np.ones(4, np.float32)}), 2)
+    # a file rewritten with other data but the old checksum (the zip itself is intact)
+    with np.load(newest) as z:
+        parts = {k: z[k] for k in z.files}
+    parts["w"] = parts["w"] + 1
+    np.savez(newest, **parts)
+    with _w.catch_warnings(record=True) as caught:
+        _w.simplefilter("always")
+        state = read_client_state(tmp_path)
+    assert np.array_equal(state.personal["w"], np.zeros(4, np.float32))
+    assert any("checksum mismatch" in str(w.message) for w in caught)

@@ -87,7 +87,7 @@ def test_export_bad_input(tmp_path):
         export_run(tmp_path, None, tmp_path / "o3")
     good = export_run(run, None, tmp_path / "o5")
     (tmp_path / "o5" / "model.onnx").write_bytes(b"not an onnx model")
-    with pytest.raises(CheckpointError, match="corrupt or unreadable ONNX model .*model.onnx"):
+    with pytest.raises(CheckpointError, match="model.onnx: checksum mismatch"):
         predict(tmp_path / "o5", [])
     assert good["kind"] == "dense"
     ckpt = run / "checkpoint.safetensors"
@@ -133,3 +133,29 @@ def test_moe_task_export_with_one_expert_per_block_is_the_dense_models_size_and_
     assert one["onnx_max_abs_diff"] <= 1e-5
     with pytest.raises(ConfigError, match="experts-per-block"):
         export_run(run, "digit", tmp_path / "zero", experts_per_block=0)
+
+
+def test_damaged_files_and_hand_edited_exports_are_clear_errors(tmp_path):
+    import yaml
+
+    run, *_ = make_run(tmp_path)
+    export_run(run, None, tmp_path / "good")
+    # a hand-edited config.yaml
+    cfg_path = tmp_path / "good" / "config.yaml"
+    config = yaml.safe_load(cfg_path.read_text())
+    cfg_path.write_text(yaml.safe_dump({**config, "channels": 2, "classes": "x"}))
+    with pytest.raises(CheckpointError, match="classes must be a non-empty list; channels must be 1 or 3 .*edited by hand"):
+        predict(tmp_path / "good", [])
+    cfg_path.write_text(yaml.safe_dump(config))
+    # an image too large to decode safely
+    big = tmp_path / "big.png"
+    Image.new("L", (20000, 20000)).save(big)
+    with pytest.raises(ConfigError, match="too large"):
+        predict(tmp_path / "good", [big])
+    # flipped bytes in the checkpoint's tensor data (the header still parses)
+    ckpt = run / "checkpoint.safetensors"
+    data = bytearray(ckpt.read_bytes())
+    data[-100] ^= 0xFF
+    ckpt.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        export_run(run, None, tmp_path / "o6")

@@ -192,6 +192,18 @@ def test_a_failed_start_writes_nothing_into_an_existing_run(tmp_path):
     with pytest.raises(CheckpointError, match="checkpoint.safetensors"):
         simulate(tiny_run(), run, resume=True)
     assert (run / "config.json").read_text() == "the original"
+    # a readable checkpoint written by another config: the keys that differ are named
+    from fedtune.federated import global_model
+    from fedtune.model import model_meta, save_checkpoint
+    from fedtune.typedconfig import to_dict
+
+    cfg = tiny_run()
+    model = global_model(cfg)
+    save_checkpoint(run / "checkpoint.safetensors", model.state_dict(), model_meta(cfg.model, {"digit": 10}, run=to_dict(cfg), round=1, strategy={}, method="bsr"))
+    other = tiny_run(seed=3, train={"epochs": 1, "batch_size": 16, "lr": 0.01}, federation={"num_clients": 4, "rounds": 9})
+    with pytest.raises(CheckpointError, match="differs in seed, train.lr; resume with the config"):
+        simulate(other, run, resume=True)
+    assert (run / "config.json").read_text() == "the original"
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="is a file"):
         simulate(tiny_run(), tmp_path / "file")

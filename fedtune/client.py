@@ -137,7 +137,10 @@ class ClientRuntime:
                 Trainer(self.model, head_only, replace(tcfg, epochs=cfg.federation.rep_head_epochs), task).train(self.train_set.for_task(task))
                 method = HeadFixed(method)
             trainer = PersonalHeadTrainer(self.model, method, tcfg, task, personal_head=self.personal_heads.get(task))
-            result = trainer.train(self.train_set.for_task(task))
+            data = self.train_set.for_task(task)
+            if cfg.federation.attack.kind == "label_flip" and self.partition_id in cfg.federation.attack.clients:
+                data = flipped_labels(data, task)
+            result = trainer.train(data)
             counts_all.update(result.update_counts)
             block_updates = [a + b for a, b in zip(block_updates, result.block_updates, strict=True)]
             steps += result.steps
@@ -153,6 +156,9 @@ class ClientRuntime:
         else:
             names = [n for n in counts_all if not is_personal(n, personal)]
         update = state_to_numpy(self.model, names)
+        attack = cfg.federation.attack
+        if attack.kind in ("sign_flip", "noise") and self.partition_id in attack.clients:
+            update = attacked_update(update, global_arrays, attack, seed)
         counts = {n: int(counts_all.get(n, 0)) for n in names}
         heads = {f"{PERSONAL_HEAD}{t}.{k}": v.detach().numpy().copy() for t, h in self.personal_heads.items() for k, v in h.state_dict().items()}
         new_state = ClientState(personal={**state_to_numpy(self.model, [n for n in self.model.state_dict() if is_personal(n, personal)]), **heads}, method=kept)
@@ -243,6 +249,31 @@ class ClientRuntime:
         out.accuracy_personal = sum(out.per_task_personal.values()) / len(self.tasks) if out.per_task_personal else None
         kept = ClientState(personal={**state.personal, **new_heads}, method=state.method) if new_heads and final else None
         return out, stats, kept
+
+
+def attacked_update(update: dict[str, np.ndarray], global_arrays: dict[str, np.ndarray], attack, seed: int) -> dict[str, np.ndarray]:
+    """What a simulated attacker sends instead of its update: sign_flip, the global value minus
+    `scale` times the trained change; noise, the global value plus Gaussian noise."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, value in update.items():
+        if not np.issubdtype(value.dtype, np.floating):
+            out[name] = value
+            continue
+        base = global_arrays[name]
+        if attack.kind == "sign_flip":
+            out[name] = (base - attack.scale * (value - base)).astype(value.dtype)
+        else:
+            out[name] = (base + rng.normal(0.0, attack.noise_std, size=value.shape)).astype(value.dtype)
+    return out
+
+
+def flipped_labels(data, task: str):
+    """`data` with `task`'s labels y replaced by C-1-y (a label-flipping attacker)."""
+    from .data import ImageSet
+
+    c = data.num_classes[task]
+    return ImageSet(data.images, {**data.labels, task: (c - 1) - data.labels[task]}, dict(data.num_classes), dict(data.class_names))
 
 
 def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:

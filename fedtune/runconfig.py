@@ -37,6 +37,23 @@ class PartitionConfig:
 
 
 @dataclass
+class AttackConfig:
+    """Simulated attackers, so robustness can be measured (simulation only)."""
+
+    kind: Literal["none", "sign_flip", "noise", "label_flip"] = "none"  # sign_flip: the update negated and scaled | noise: Gaussian noise as the update | label_flip: trains on labels C-1-y
+    clients: list[int] = field(default_factory=list)  # partition ids of the attacking clients
+    scale: float = 10.0  # sign_flip: the update is -scale times the trained one
+    noise_std: float = 1.0  # noise: standard deviation of the noise sent in place of the update
+
+    def validate(self, prefix: str = "") -> None:
+        check_choices(self, prefix)
+        if self.kind != "none" and not self.clients:
+            raise ConfigError(f"{prefix}clients: name the attacking clients' partition ids for attack {self.kind!r}")
+        if not self.scale > 0 or not self.noise_std > 0:
+            raise ConfigError(f"{prefix}scale and noise_std: must be positive, got {self.scale} and {self.noise_std}")
+
+
+@dataclass
 class FederationConfig:
     num_clients: int = 8  # virtual clients (SuperNodes) that train
     new_clients: int = 0  # clients that join after the federation: they never train and only personalize the final model in the final evaluation (their partitions come after the training clients')
@@ -45,6 +62,10 @@ class FederationConfig:
     rounds: int = 5  # federated rounds
     send: Literal["updated", "all"] = "updated"  # updated: only what the client trained | all: full-model FedAvg
     weighting: protocol.Weighting = "examples"  # examples | updates
+    aggregation: Literal["mean", "median", "trimmed_mean"] = "mean"  # how each parameter is combined over the clients that sent it
+    trim_fraction: float = 0.2  # trimmed_mean: share of the largest and of the smallest values dropped per coordinate
+    clip_update_norm: float | None = None  # norm bounding: each client's update (over what it sent) scaled down to this L2 norm
+    attack: AttackConfig = field(default_factory=AttackConfig)  # simulated attackers
     personal: list[str] = field(default_factory=list)  # parameter-name prefixes that never leave a client
     personalization: Literal["fedrod", "fedper", "fedrep", "lda", "finetune", "local", "none"] = "fedrod"  # how each client's personalized model is made (see fedtune.client)
     lda_shrink: float = 1.0  # lda: the federation's statistics weigh as this many times the client's own examples
@@ -87,6 +108,13 @@ class FederationConfig:
                 raise ConfigError(f"{prefix}profiles: unknown device profile {p!r}; known: {', '.join(PROFILES)}, {AUTO}")
         if not self.profiles:
             raise ConfigError(f"{prefix}profiles: give at least one device profile")
+        if not 0.0 <= self.trim_fraction < 0.5:
+            raise ConfigError(f"{prefix}trim_fraction: must be in [0, 0.5), got {self.trim_fraction}")
+        if self.clip_update_norm is not None and not self.clip_update_norm > 0:
+            raise ConfigError(f"{prefix}clip_update_norm: must be positive or null, got {self.clip_update_norm}")
+        bad = [c for c in self.attack.clients if not 0 <= c < self.total_clients()]
+        if bad:
+            raise ConfigError(f"{prefix}attack.clients: partition id {bad[0]} out of range 0..{self.total_clients() - 1}")
         if not self.lda_shrink >= 0:
             raise ConfigError(f"{prefix}lda_shrink: must be >= 0 (0: the client's own statistics only), got {self.lda_shrink}")
         if self.rep_head_epochs < 1:

@@ -28,6 +28,7 @@ from fedtune.heads import StatsSum
 
 from .downlink import FULL, Downlink
 
+AGGREGATIONS = ("mean", "median", "trimmed_mean")  # how each parameter is combined over its senders
 IMPORTANCE_EMA_RATE = 0.5  # weight of the new round's mean in the running importance
 _STATE_VERSION = 1
 _NOT_AVERAGED = (protocol.NUM_EXAMPLES, "partition-id")  # evaluation metrics that are not means
@@ -86,8 +87,18 @@ class SparseFedAvg(FedAvg):
         head_stats_every_round: bool = False,
         sparse_downlink: bool = False,
         resend_timeout: float = 3600.0,
+        aggregation: str = "mean",
+        trim_fraction: float = 0.2,
+        clip_update_norm: float | None = None,
         **fedavg_kwargs: Any,
     ) -> None:
+        if aggregation not in AGGREGATIONS:
+            raise ConfigError(f"aggregation: expected one of {AGGREGATIONS}, got {aggregation!r}")
+        if not 0.0 <= trim_fraction < 0.5:
+            raise ConfigError(f"trim_fraction: must be in [0, 0.5), got {trim_fraction}")
+        if clip_update_norm is not None and not clip_update_norm > 0:
+            raise ConfigError(f"clip_update_norm: must be positive or None, got {clip_update_norm}")
+        self.aggregation, self.trim_fraction, self.clip_update_norm = aggregation, trim_fraction, clip_update_norm
         if weighting not in protocol.WEIGHTINGS:
             raise ConfigError(f"weighting: expected one of {protocol.WEIGHTINGS}, got {weighting!r}")
         if isinstance(personal_keys, str):
@@ -139,6 +150,7 @@ class SparseFedAvg(FedAvg):
         # Facts about the latest aggregate_train call.
         self.last_rejections: list[tuple[int, str]] = []
         self.last_client_metrics: list[dict[str, Any]] = []
+        self.last_update_norms: list[tuple[int, float]] = []  # (node, norm of its update) under norm bounding
         # Counters across rounds, saved by state_dict().
         self.last_round = 0
         self.rounds_aggregated = 0
@@ -487,8 +499,33 @@ class SparseFedAvg(FedAvg):
             return reply.update_counts[name]
         return reply.num_examples
 
+    def _bounded(self, global_arrays: ArrayRecord, replies: list[_Reply]) -> list[_Reply]:
+        """Norm bounding: each reply's update (its values minus the global ones, over the
+        parameters it sent) scaled down to norm clip_update_norm when it is longer."""
+        if self.clip_update_norm is None:
+            return replies
+        out = []
+        for reply in replies:
+            deltas = {n: v.astype(np.float64) - global_arrays[n].numpy().astype(np.float64) for n, v in reply.arrays.items() if np.issubdtype(v.dtype, np.inexact)}
+            norm = math.sqrt(sum(float((d * d).sum()) for d in deltas.values()))
+            scale = min(1.0, self.clip_update_norm / norm) if norm > 0 else 1.0
+            self.last_update_norms.append((reply.node_id, norm))
+            if scale < 1.0:
+                arrays = dict(reply.arrays)
+                for n, d in deltas.items():
+                    arrays[n] = (global_arrays[n].numpy().astype(np.float64) + scale * d).astype(reply.arrays[n].dtype)
+                reply = _Reply(reply.node_id, arrays, reply.num_examples, reply.update_counts, reply.importance, reply.metrics, reply.nbytes)
+            out.append(reply)
+        return out
+
     def _aggregate_arrays(self, global_arrays: ArrayRecord, replies: list[_Reply]) -> ArrayRecord:
-        """A new ArrayRecord with every global key, in the global order."""
+        """A new ArrayRecord with every global key, in the global order: each parameter
+        combined over the replies that sent it (weighted mean, coordinate-wise median or
+        trimmed mean), after norm bounding."""
+        self.last_update_norms = []
+        replies = self._bounded(global_arrays, replies)
+        if self.aggregation != "mean":
+            return self._robust_arrays(global_arrays, replies)
         sums: dict[str, np.ndarray] = {}
         weights: dict[str, float] = {}
         for reply in replies:
@@ -519,6 +556,31 @@ class SparseFedAvg(FedAvg):
             if not np.issubdtype(dtype, np.inexact):
                 mean = np.rint(mean)
             aggregated[name] = Array(np.asarray(mean.astype(dtype)))
+        return ArrayRecord(aggregated)
+
+    def _robust_arrays(self, global_arrays: ArrayRecord, replies: list[_Reply]) -> ArrayRecord:
+        """Coordinate-wise median or trimmed mean (unweighted) of each parameter over its senders."""
+        senders: dict[str, list[np.ndarray]] = {}
+        for reply in replies:
+            for name, value in reply.arrays.items():
+                senders.setdefault(name, []).append(value)
+        aggregated: dict[str, Array] = {}
+        for name, reference in global_arrays.items():
+            values = senders.get(name)
+            if not values:
+                aggregated[name] = Array(dtype=reference.dtype, shape=tuple(reference.shape), stype=reference.stype, data=reference.data)
+                continue
+            stack = np.stack([v.astype(np.float64) for v in values])
+            if self.aggregation == "median":
+                combined = np.median(stack, axis=0)
+            else:
+                k = int(math.floor(self.trim_fraction * len(values)))
+                ordered = np.sort(stack, axis=0)
+                combined = ordered[k : len(values) - k].mean(axis=0)
+            dtype = np.dtype(reference.dtype)
+            if not np.issubdtype(dtype, np.inexact):
+                combined = np.rint(combined)
+            aggregated[name] = Array(np.asarray(combined.astype(dtype)))
         return ArrayRecord(aggregated)
 
     def _update_importance(self, replies: list[_Reply]) -> None:

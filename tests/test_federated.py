@@ -356,3 +356,29 @@ def test_a_run_whose_round_accepted_no_reply_fails_loudly(tmp_path, allow):
         assert "error" not in summary
     else:
         assert "round(s) [2] had no accepted client reply" in summary["error"] and "device crash" in summary["error"]
+
+
+def test_simulated_attackers_send_what_their_attack_says():
+    from fedtune.client import attacked_update, flipped_labels
+    from fedtune.runconfig import AttackConfig
+
+    glob = {"w": np.ones(3, np.float32)}
+    trained = {"w": np.array([2.0, 1.0, 0.0], np.float32)}
+    np.testing.assert_allclose(attacked_update(trained, glob, AttackConfig(kind="sign_flip", clients=[0], scale=10), 0)["w"], [-9.0, 1.0, 11.0])
+    noisy = attacked_update(trained, glob, AttackConfig(kind="noise", clients=[0], noise_std=2.0), 0)["w"]
+    assert noisy.shape == (3,) and not np.allclose(noisy, trained["w"])
+    cfg = tiny_run(federation={"num_clients": 4, "rounds": 1, "attack": {"kind": "sign_flip", "clients": [1], "scale": 10}})
+    glob = state_to_numpy(global_model(cfg))
+    honest, *_ = ClientRuntime(tiny_run(), 1).fit(glob, ClientState())
+    bad, *_ = ClientRuntime(cfg, 1).fit(glob, ClientState())
+    name = next(n for n in honest if n.startswith("vit.blocks.") and n.endswith("weight"))
+    np.testing.assert_allclose(bad[name], glob[name] - 10 * (honest[name] - glob[name]), rtol=1e-4, atol=1e-5)
+    other, *_ = ClientRuntime(cfg, 2).fit(glob, ClientState())
+    honest2, *_ = ClientRuntime(tiny_run(), 2).fit(glob, ClientState())
+    np.testing.assert_array_equal(other[name], honest2[name]), "clients not listed are honest"
+    data = ClientRuntime(tiny_run(), 0).train_set
+    assert (flipped_labels(data, "digit").labels["digit"] == 9 - data.labels["digit"]).all()
+    for attack, match in (({"kind": "noise"}, "name the attacking clients"), ({"kind": "sign_flip", "clients": [9]}, "partition id 9 out of range"),
+                          ({"kind": "flip"}, "attack.kind")):
+        with pytest.raises(ConfigError, match=match):
+            tiny_run(federation={"num_clients": 4, "attack": attack})

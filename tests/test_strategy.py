@@ -513,3 +513,32 @@ def test_real_client_updates_average_per_expert_and_per_task_router() -> None:
     assert steps[0] * examples[2] != steps[2] * examples[0]  # so weighting by steps differs from weighting by examples
     experts_by = [{n.split(".experts.")[1].split(".")[0] for n in u if ".experts." in n} for u, *_ in outs]
     assert all(len(e) == 1 for e in experts_by)  # train_experts: 1 expert per client in the MoE block
+
+
+def test_median_and_trimmed_mean_resist_one_outlier_per_parameter() -> None:
+    g = global_arrays()
+    honest = [reply(1, arrays(a=[1.0, 2.0])), reply(2, arrays(a=[3.0, 4.0], c=[0.5])), reply(4, arrays(a=[2.0, 3.0], c=[0.7]))]
+    attacker = reply(3, arrays(a=[1000.0, -1000.0], c=[99.0]))
+    for kind, kw, want_a in (("median", {}, [2.5, 2.5]), ("trimmed_mean", {"trim_fraction": 0.25}, [2.5, 2.5])):
+        strategy = SparseFedAvg(aggregation=kind, **kw)
+        configured(strategy, g)
+        out, _ = strategy.aggregate_train(1, [*honest, attacker])
+        got = as_numpy(out)
+        np.testing.assert_allclose(got["a"], want_a)
+        # c was sent by three clients (two honest): the median is the middle one; trimming 0.25 of 3 drops none
+        np.testing.assert_allclose(got["c"], [0.7] if kind == "median" else [(0.5 + 0.7 + 99.0) / 3], rtol=1e-6)
+        np.testing.assert_array_equal(got["b"], as_numpy(g)["b"]), "nobody sent b"
+
+
+def test_norm_bounding_scales_long_updates_down() -> None:
+    g = global_arrays()  # a = [1, 2]
+    strategy = SparseFedAvg(clip_update_norm=1.0)
+    configured(strategy, g)
+    out, _ = strategy.aggregate_train(1, [reply(1, arrays(a=[1.0 + 30.0, 2.0 + 40.0])), reply(2, arrays(a=[1.0, 2.5]))])
+    # reply 1's update (30, 40) has norm 50: scaled to (0.6, 0.8); reply 2's (0, 0.5) is kept; equal weights
+    np.testing.assert_allclose(as_numpy(out)["a"], [1.0 + 0.3, 2.0 + (0.8 + 0.5) / 2], rtol=1e-6)
+    assert [round(n, 6) for _, n in strategy.last_update_norms] == [50.0, 0.5]
+    with pytest.raises(ConfigError, match="aggregation"):
+        SparseFedAvg(aggregation="krum")
+    with pytest.raises(ConfigError, match="trim_fraction"):
+        SparseFedAvg(aggregation="trimmed_mean", trim_fraction=0.5)

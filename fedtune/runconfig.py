@@ -66,6 +66,8 @@ class FederationConfig:
     trim_fraction: float = 0.2  # trimmed_mean: share of the largest and of the smallest values dropped per coordinate
     clip_update_norm: float | None = None  # norm bounding: each client's update (over what it sent) scaled down to this L2 norm
     attack: AttackConfig = field(default_factory=AttackConfig)  # simulated attackers
+    dp_noise_multiplier: float | None = None  # client-level DP: Gaussian noise of this multiple of clip_update_norm (per sampled client) on the aggregate; needs clip_update_norm
+    dp_delta: float = 1e-5  # the delta at which the privacy spent (epsilon) is reported
     personal: list[str] = field(default_factory=list)  # parameter-name prefixes that never leave a client
     personalization: Literal["fedrod", "fedper", "fedrep", "lda", "finetune", "local", "none"] = "fedrod"  # how each client's personalized model is made (see fedtune.client)
     lda_shrink: float = 1.0  # lda: the federation's statistics weigh as this many times the client's own examples
@@ -112,6 +114,14 @@ class FederationConfig:
             raise ConfigError(f"{prefix}trim_fraction: must be in [0, 0.5), got {self.trim_fraction}")
         if self.clip_update_norm is not None and not self.clip_update_norm > 0:
             raise ConfigError(f"{prefix}clip_update_norm: must be positive or null, got {self.clip_update_norm}")
+        if self.dp_noise_multiplier is not None:
+            if not self.dp_noise_multiplier > 0 or self.clip_update_norm is None or self.aggregation != "mean":
+                raise ConfigError(f"{prefix}dp_noise_multiplier: needs a positive value, clip_update_norm (the sensitivity) and aggregation: mean")
+            if self.head_fit != "none" or self.personalization == "lda":
+                raise ConfigError(f"{prefix}dp_noise_multiplier: the feature statistics of head_fit: lda and personalization: lda are not privatized; "
+                                  "use head_fit: none and another personalization with differential privacy")
+        if not 0 < self.dp_delta < 1:
+            raise ConfigError(f"{prefix}dp_delta: must be in (0, 1), got {self.dp_delta}")
         bad = [c for c in self.attack.clients if not 0 <= c < self.total_clients()]
         if bad:
             raise ConfigError(f"{prefix}attack.clients: partition id {bad[0]} out of range 0..{self.total_clients() - 1}")

@@ -103,6 +103,7 @@ class ServerRunner:
             aggregation=f.aggregation,
             trim_fraction=f.trim_fraction,
             clip_update_norm=f.clip_update_norm,
+            dp_noise_multiplier=f.dp_noise_multiplier,
             resend_timeout=f.round_timeout_s,
             fraction_train=per_round / f.num_clients,
             min_train_nodes=per_round,
@@ -247,6 +248,7 @@ class ServerRunner:
             "clients": clients,
             "client_evaluations": evals,
             "global_importance": s.global_importance,
+            **({"dp_epsilon": dp_epsilon(self.cfg, rnd)} if self.cfg.federation.dp_noise_multiplier else {}),
             "rss_bytes": proc_rss,
             "rss_bytes_with_workers": total_rss,
             "elapsed_s": round(time.time() - self.started, 2),
@@ -346,6 +348,10 @@ class ServerRunner:
             "checkpoint": str(self._checkpoint_path()),
         }
         summary.update(self.client_summary(rounds))
+        if self.cfg.federation.dp_noise_multiplier:
+            summary["dp"] = {"noise_multiplier": self.cfg.federation.dp_noise_multiplier, "clip_update_norm": self.cfg.federation.clip_update_norm,
+                             "delta": self.cfg.federation.dp_delta, "epsilon": dp_epsilon(self.cfg, len(rounds) and rounds[-1]["round"]),
+                             "epsilon_per_round": [r.get("dp_epsilon") for r in rounds], "accountant": "dp_accounting RDP, Poisson-sampled Gaussian"}
         summary["empty_rounds"] = [r["round"] for r in rounds if r.get("accepted", 0) == 0]
         if summary["empty_rounds"] and not self.cfg.federation.allow_empty_rounds:
             reasons = sorted({x["reason"] for r in rounds if r["round"] in summary["empty_rounds"] for x in r.get("rejected", [])})
@@ -379,6 +385,22 @@ def _protocol_numbers(evals: list[dict[str, Any]]) -> dict[str, Any]:
     both = [c for c in clients if c["accuracy_personalized"] is not None and c["accuracy_global_local"] is not None]
     out["personalized_at_least_global_fraction"] = sum(c["accuracy_personalized"] >= c["accuracy_global_local"] for c in both) / len(both) if both else None
     return out
+
+
+def dp_epsilon(cfg: RunConfig, rounds: int) -> float:
+    """The privacy spent after `rounds` rounds (epsilon at federation.dp_delta), by Google's
+    dp_accounting RDP accountant: each round a Gaussian mechanism of the configured noise
+    multiplier on a sample of clients_per_round / num_clients (treated as Poisson sampling)."""
+    import dp_accounting
+    from dp_accounting import rdp
+
+    f = cfg.federation
+    if rounds <= 0:
+        return 0.0
+    q = (f.clients_per_round or f.num_clients) / f.num_clients
+    accountant = rdp.RdpAccountant()
+    accountant.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(f.dp_noise_multiplier)), rounds))
+    return float(accountant.get_epsilon(f.dp_delta))
 
 
 def resume_conflicts(path: Path, raw_meta: dict[str, str], cfg: RunConfig) -> None:

@@ -90,6 +90,7 @@ class SparseFedAvg(FedAvg):
         aggregation: str = "mean",
         trim_fraction: float = 0.2,
         clip_update_norm: float | None = None,
+        dp_noise_multiplier: float | None = None,
         **fedavg_kwargs: Any,
     ) -> None:
         if aggregation not in AGGREGATIONS:
@@ -98,7 +99,11 @@ class SparseFedAvg(FedAvg):
             raise ConfigError(f"trim_fraction: must be in [0, 0.5), got {trim_fraction}")
         if clip_update_norm is not None and not clip_update_norm > 0:
             raise ConfigError(f"clip_update_norm: must be positive or None, got {clip_update_norm}")
+        if dp_noise_multiplier is not None and (clip_update_norm is None or aggregation != "mean" or not dp_noise_multiplier > 0):
+            raise ConfigError("dp_noise_multiplier: needs clip_update_norm (the sensitivity), aggregation 'mean' and a positive multiplier")
         self.aggregation, self.trim_fraction, self.clip_update_norm = aggregation, trim_fraction, clip_update_norm
+        self.dp_noise_multiplier = dp_noise_multiplier
+        self.dp_rng = np.random.default_rng()
         if weighting not in protocol.WEIGHTINGS:
             raise ConfigError(f"weighting: expected one of {protocol.WEIGHTINGS}, got {weighting!r}")
         if isinstance(personal_keys, str):
@@ -151,6 +156,7 @@ class SparseFedAvg(FedAvg):
         self.last_rejections: list[tuple[int, str]] = []
         self.last_client_metrics: list[dict[str, Any]] = []
         self.last_update_norms: list[tuple[int, float]] = []  # (node, norm of its update) under norm bounding
+        self.sampled_round = 0  # nodes sent a train instruction this round (the DP average's denominator)
         # Counters across rounds, saved by state_dict().
         self.last_round = 0
         self.rounds_aggregated = 0
@@ -303,13 +309,16 @@ class SparseFedAvg(FedAvg):
         self._grid = grid
         self.downlink.observe(arrays)
         self.bytes_down_round, self.messages_round = 0, 0
+        self.sampled_round = 0
         server_round += self.round_offset
         self._seed_sampling(server_round, 0)
         # A copy: FedAvg writes into the config it gets, and the caller reuses its own.
         config = ConfigRecord(dict(config))
         if self.feed_importance and self.global_importance is not None:
             config[protocol.IMPORTANCE] = [float(v) for v in self.global_importance]
-        return super().configure_train(server_round, arrays, config, _Sampled(grid, self.exclude_nodes))
+        messages = list(super().configure_train(server_round, arrays, config, _Sampled(grid, self.exclude_nodes)))
+        self.sampled_round = len(messages)
+        return messages
 
     def aggregate_train(
         self,
@@ -524,6 +533,8 @@ class SparseFedAvg(FedAvg):
         trimmed mean), after norm bounding."""
         self.last_update_norms = []
         replies = self._bounded(global_arrays, replies)
+        if self.dp_noise_multiplier is not None:
+            return self._private_arrays(global_arrays, replies)
         if self.aggregation != "mean":
             return self._robust_arrays(global_arrays, replies)
         sums: dict[str, np.ndarray] = {}
@@ -556,6 +567,30 @@ class SparseFedAvg(FedAvg):
             if not np.issubdtype(dtype, np.inexact):
                 mean = np.rint(mean)
             aggregated[name] = Array(np.asarray(mean.astype(dtype)))
+        return ArrayRecord(aggregated)
+
+    def _private_arrays(self, global_arrays: ArrayRecord, replies: list[_Reply]) -> ArrayRecord:
+        """Client-level DP (DP-FedAvg, McMahan et al. 2018) for sparse updates: each sampled
+        client's clipped update counts with weight 1/m (m: the clients sampled this round; a
+        client that did not send a parameter contributes a zero change to it), and Gaussian
+        noise of std noise_multiplier * clip / m is added to every coordinate of every
+        parameter some client sent this round. The set of parameters sent is not privatized."""
+        m = max(self.sampled_round, len(replies), 1)
+        sums: dict[str, np.ndarray] = {}
+        for reply in replies:
+            for name, value in reply.arrays.items():
+                if not np.issubdtype(value.dtype, np.inexact):
+                    continue
+                delta = value.astype(np.float64) - global_arrays[name].numpy().astype(np.float64)
+                sums[name] = sums[name] + delta if name in sums else delta
+        sigma = self.dp_noise_multiplier * self.clip_update_norm / m
+        aggregated: dict[str, Array] = {}
+        for name, reference in global_arrays.items():
+            if name not in sums:
+                aggregated[name] = Array(dtype=reference.dtype, shape=tuple(reference.shape), stype=reference.stype, data=reference.data)
+                continue
+            noisy = reference.numpy().astype(np.float64) + sums[name] / m + self.dp_rng.normal(0.0, sigma, size=sums[name].shape)
+            aggregated[name] = Array(np.asarray(noisy.astype(np.dtype(reference.dtype))))
         return ArrayRecord(aggregated)
 
     def _robust_arrays(self, global_arrays: ArrayRecord, replies: list[_Reply]) -> ArrayRecord:

@@ -542,3 +542,40 @@ def test_norm_bounding_scales_long_updates_down() -> None:
         SparseFedAvg(aggregation="krum")
     with pytest.raises(ConfigError, match="trim_fraction"):
         SparseFedAvg(aggregation="trimmed_mean", trim_fraction=0.5)
+
+
+def test_client_level_dp_clips_averages_over_the_sampled_and_adds_calibrated_noise() -> None:
+    g = global_arrays()  # a = [1, 2], c = [0.1]
+    strategy = SparseFedAvg(clip_update_norm=1.0, dp_noise_multiplier=1e-9)
+    assert len(configured(strategy, g)) == 3 and strategy.sampled_round == 3
+    # node 1: update (30, 40) clipped to (0.6, 0.8); node 2 sends only c; node 3 did not reply
+    out, _ = strategy.aggregate_train(1, [reply(1, arrays(a=[31.0, 42.0])), reply(2, arrays(c=[0.6]))])
+    got = as_numpy(out)
+    np.testing.assert_allclose(got["a"], [1.0 + 0.6 / 3, 2.0 + 0.8 / 3], rtol=1e-5)
+    np.testing.assert_allclose(got["c"], [0.1 + 0.5 / 3], rtol=1e-5)
+    np.testing.assert_array_equal(got["b"], as_numpy(g)["b"])
+    # the noise: std multiplier * clip / sampled on what was sent
+    noisy = SparseFedAvg(clip_update_norm=1.0, dp_noise_multiplier=3.0)
+    noisy.dp_rng = np.random.default_rng(0)
+    big = arrays(a=np.zeros(20000).tolist())
+    grid = Mock()
+    grid.get_node_ids.return_value = [1, 2]
+    list(noisy.configure_train(1, big, ConfigRecord(), grid))
+    out, _ = noisy.aggregate_train(1, [reply(1, arrays(a=np.zeros(20000).tolist()))])
+    assert as_numpy(out)["a"].std() == pytest.approx(3.0 * 1.0 / 2, rel=0.03)
+    with pytest.raises(ConfigError, match="clip_update_norm"):
+        SparseFedAvg(dp_noise_multiplier=1.0)
+
+
+def test_privacy_spent_comes_from_the_accountant() -> None:
+    from fedtune.runconfig import RunConfig
+    from fedtune.typedconfig import from_dict
+    from server.runner import dp_epsilon
+
+    cfg = from_dict(RunConfig, {"federation": {"num_clients": 8, "clients_per_round": 4, "clip_update_norm": 1.0, "dp_noise_multiplier": 1.0}})
+    eps = [dp_epsilon(cfg, r) for r in (0, 1, 5, 20)]
+    assert eps[0] == 0.0 and eps[1] < eps[2] < eps[3]
+    more_noise = from_dict(RunConfig, {"federation": {"num_clients": 8, "clients_per_round": 4, "clip_update_norm": 1.0, "dp_noise_multiplier": 4.0}})
+    assert dp_epsilon(more_noise, 5) < eps[2]
+    with pytest.raises(ConfigError, match="not privatized"):
+        from_dict(RunConfig, {"federation": {"clip_update_norm": 1.0, "dp_noise_multiplier": 1.0, "head_fit": "lda"}})

@@ -58,6 +58,7 @@ class FederationConfig:
     num_clients: int = 8  # virtual clients (SuperNodes) that train
     new_clients: int = 0  # clients that join after the federation: they never train and only personalize the final model in the final evaluation (their partitions come after the training clients')
     clients_per_round: int | None = None  # sampled per round (None: all)
+    min_clients: int | None = None  # connected clients a round needs to start (None: num_clients); lower it so a deployment goes on when devices drop out
     eval_clients_per_round: int | None = None  # sampled for federated evaluation (None: as training)
     rounds: int = 5  # federated rounds
     send: Literal["updated", "all"] = "updated"  # updated: only what the client trained | all: full-model FedAvg
@@ -96,6 +97,8 @@ class FederationConfig:
             raise ConfigError(f"{prefix}clients_per_round: must be in 1..num_clients ({self.num_clients}), got {self.clients_per_round}")
         if self.rounds < 1:
             raise ConfigError(f"{prefix}rounds: must be >= 1, got {self.rounds}")
+        if self.min_clients is not None and not 1 <= self.min_clients <= self.num_clients:
+            raise ConfigError(f"{prefix}min_clients: must be in 1..num_clients ({self.num_clients}) or null, got {self.min_clients}")
         if self.eval_clients_per_round is not None and not 1 <= self.eval_clients_per_round <= self.num_clients:
             raise ConfigError(f"{prefix}eval_clients_per_round: must be in 1..num_clients ({self.num_clients}) or null, got {self.eval_clients_per_round}")
         if self.checkpoint_every < 1:

@@ -91,6 +91,7 @@ class ServerRunner:
         f = self.cfg.federation
         per_round = f.clients_per_round or f.num_clients
         per_eval = f.eval_clients_per_round or per_round
+        need = f.min_clients or f.num_clients  # connected clients a round waits for
         return SparseFedAvg(
             weighting=f.weighting,
             personal_keys=f.personal_prefixes(),
@@ -106,10 +107,10 @@ class ServerRunner:
             dp_noise_multiplier=f.dp_noise_multiplier,
             resend_timeout=f.round_timeout_s,
             fraction_train=per_round / f.num_clients,
-            min_train_nodes=per_round,
+            min_train_nodes=min(per_round, need),
             fraction_evaluate=per_eval / f.num_clients,
-            min_evaluate_nodes=per_eval,
-            min_available_nodes=f.num_clients,
+            min_evaluate_nodes=min(per_eval, need),
+            min_available_nodes=need,
         )
 
     def run(self, grid: Grid) -> dict[str, Any]:

@@ -96,6 +96,21 @@ def make_certs(folder: Path, hosts: list[str] | tuple[str, ...] = ()) -> dict[st
     return files
 
 
+def make_node_key(folder: Path, name: str) -> tuple[Path, Path]:
+    """An EC (NIST P-384) key pair for SuperNode authentication, in OpenSSH format:
+    `name` (private, 0600) and `name.pub` (what the SuperLink registers)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    folder.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    private, public = folder / name, folder / f"{name}.pub"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
+    private.chmod(0o600)
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n")
+    return private, public
+
+
 # --- processes --------------------------------------------------------------------------------
 
 
@@ -139,8 +154,12 @@ class Deployment:
     procs: list[tuple[subprocess.Popen, Path]] = field(default_factory=list)
     port: int = 0
     certs: dict[str, Path] = field(default_factory=dict)
+    auth: bool = False  # SuperNode authentication: only nodes whose public key is registered join
+    dead: set[str] = field(default_factory=set)  # SuperNodes that exited during the run
 
     def __post_init__(self) -> None:
+        if self.auth and not self.tls:
+            raise DeployError("SuperNode authentication needs TLS (--tls)")
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.env = {**os.environ, "FLWR_HOME": str(self.workdir / "flwr-home"), "PYTHONUNBUFFERED": "1"}
         if self.tls:
@@ -164,16 +183,34 @@ class Deployment:
     def start_superlink(self) -> None:
         self.port = free_port()
         cmd = [_bin("flower-superlink"), *self.security(True), "--host", "127.0.0.1", "--port", str(self.port),
-               "--disable-runtime-dependency-installation", "--database", str(self.workdir / "superlink.db")]
+               "--disable-runtime-dependency-installation", "--database", str(self.workdir / "superlink.db"),
+               *(["--enable-supernode-auth"] if self.auth else [])]
         proc = self._start("superlink", cmd)
         wait_port(self.port, proc, self.workdir / "superlink.log")
 
-    def start_supernode(self, node_config: dict[str, object]) -> None:
+    def start_supernode(self, node_config: dict[str, object], register: bool = True) -> None:
+        """Start a SuperNode; with authentication it gets its own key pair, whose public key is
+        registered with the SuperLink first (`flwr supernode register`) unless `register` is false."""
         index = sum(1 for _, log in self.procs if log.stem.startswith("supernode"))
         config = " ".join(f"{k}={_toml_value(v)}" for k, v in node_config.items())
+        auth: list[str] = []
+        if self.auth:
+            private, public = make_node_key(self.workdir / "node-keys", f"supernode-{index}")
+            if register:
+                self.register(public)
+            auth = ["--auth-supernode-private-key", str(private)]
         cmd = [_bin("flower-supernode"), *self.security(False), "--superlink", f"127.0.0.1:{self.port}",
-               "--port", str(free_port()), "--node-config", config]
+               "--port", str(free_port()), "--node-config", config, *auth]
         self._start(f"supernode-{index}", cmd)
+
+    def register(self, public_key: Path) -> None:
+        """Register a SuperNode's public key with the SuperLink (its Control API)."""
+        log = self.workdir / f"register-{public_key.stem}.log"
+        result = subprocess.run([_bin("flwr"), "supernode", "register", str(public_key), CONNECTION], env=self.env, cwd=self.workdir,
+                                capture_output=True, text=True, timeout=60)
+        log.write_text(result.stdout + result.stderr)
+        if result.returncode != 0:
+            raise DeployError(f"registering {public_key.name} with the SuperLink failed (code {result.returncode}); see {log}:\n{_tail(log)}")
 
     def write_connection(self) -> None:
         lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]", f'address = "127.0.0.1:{self.port}"']
@@ -183,11 +220,28 @@ class Deployment:
         (home / "config.toml").write_text("\n".join(lines) + "\n")
 
     def check_alive(self) -> None:
+        """The SuperLink must live; a SuperNode that exits is noted (once, on stderr) and the run
+        goes on with the others: the server's round timeout and minimum of clients decide."""
         for proc, log in self.procs:
-            if proc.poll() is not None:
+            if proc.poll() is None:
+                continue
+            if not log.stem.startswith("supernode"):
                 raise DeployError(f"{log.stem} exited with code {proc.returncode}; see {log}:\n{_tail(log)}")
+            if log.stem not in self.dead:
+                self.dead.add(log.stem)
+                print(f"warning: {log.stem} exited with code {proc.returncode}; the federation goes on without it (see {log})", file=sys.stderr)
 
     def stop(self) -> None:
+        """Stop every process this deployment started and everything they started (the
+        SuperLink's ServerApp process, the SuperNodes' ClientApp processes)."""
+        import psutil
+
+        descendants = []
+        for proc, _ in self.procs:
+            try:
+                descendants += psutil.Process(proc.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                pass
         for proc, _ in reversed(self.procs):
             if proc.poll() is None:
                 try:
@@ -204,6 +258,12 @@ class Deployment:
                 except ProcessLookupError:
                     pass
                 proc.wait()
+        for child in descendants:
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(descendants, timeout=10)
         for proc, _ in self.procs:
             if proc.stdout is not None:
                 proc.stdout.close()
@@ -241,11 +301,17 @@ def run_local(
     tls: bool = False,
     resume: bool = False,
     timeout: float = 1800.0,
+    auth: bool = False,
+    intruders: int = 0,
+    on_started=None,
 ) -> dict:
     """Deploy on this machine, run to completion, stop everything; returns summary.json.
 
     `nodes` is a number of SuperNodes (node configs made by `node_configs` from `profiles`,
-    default the config's) or the node configs themselves, one per SuperNode.
+    default the config's) or the node configs themselves, one per SuperNode. With `auth`
+    (needs `tls`) each SuperNode's public key is registered with the SuperLink before it
+    starts; `intruders` extra SuperNodes with keys nobody registered are started too, to show
+    they are refused. `on_started(deployment)` is called once `flwr run` is submitted.
     """
     from fedtune.runconfig import load_run_config
 
@@ -256,11 +322,13 @@ def run_local(
     cfg = load_run_config(config, overrides)
     if isinstance(nodes, int):
         nodes = node_configs(nodes, profiles or list(cfg.federation.profiles), out / "deploy" / "node-state")
-    with Deployment(out / "deploy", tls=tls) as dep:
+    with Deployment(out / "deploy", tls=tls, auth=auth) as dep:
         dep.start_superlink()
+        dep.write_connection()
         for node in nodes:
             dep.start_supernode(node)
-        dep.write_connection()
+        for i in range(intruders):
+            dep.start_supernode({"partition-id": i, "num-partitions": len(nodes)}, register=False)
         run_config = {"config": str(Path(config).resolve()), "overrides": ";".join(overrides), "out": str(out), "resume": resume}
         cmd = [_bin("flwr"), "run", str(PROJECT), CONNECTION, "--stream",
                "--run-config", " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())]
@@ -270,13 +338,20 @@ def run_local(
             run = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=dep.env, cwd=PROJECT, start_new_session=True)
             summary_path = out / "summary.json"
             start, end = time.time(), time.time() + timeout
+            if on_started is not None:
+                on_started(dep)
             try:
+                ended = None
                 while time.time() < end:
                     dep.check_alive()
                     if summary_path.is_file() and summary_path.stat().st_mtime >= start:
                         break
                     if run.poll() not in (None, 0):
                         raise DeployError(f"`flwr run` failed with code {run.returncode}; see {log}:\n{_tail(log)}")
+                    if run.poll() == 0:  # `flwr run --stream` ends with the run, also when its ServerApp failed
+                        ended = ended or time.time()
+                        if time.time() - ended > 10:
+                            raise DeployError(f"the run ended without writing {summary_path}: its ServerApp failed; see {log}:\n{_tail(log)}")
                     time.sleep(0.5)
                 else:
                     raise DeployError(f"the run did not finish within {timeout:.0f} s; logs in {dep.workdir}")

@@ -103,6 +103,9 @@ def simulate(cfg: RunConfig, out: Path, resume: bool = False, progress: bool = T
     from server.app import make_server_app
 
     out = Path(out)
+    cpus = os.cpu_count() or 1
+    if cfg.backend.cpus_per_client > cpus:
+        raise ConfigError(f"backend.cpus_per_client is {cfg.backend.cpus_per_client:g} but this machine has {cpus} CPU(s): no virtual client could start; use at most {cpus}")
     check_out(out, resume, cfg)
     out.mkdir(parents=True, exist_ok=True)
     if not resume:  # a resumed run keeps the config it started with

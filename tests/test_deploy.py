@@ -69,3 +69,41 @@ def test_deployment_over_loopback_with_tls(tmp_path):
     assert (out / "deploy" / "certs" / "ca.crt").is_file()
     assert "https://" in (out / "deploy" / "superlink.log").read_text()
     check_checkpoint(out, rounds=1)
+
+
+def test_authenticated_deployment_refuses_an_unregistered_node_and_survives_a_killed_one(tmp_path):
+    """TLS + SuperNode authentication: three registered nodes train, a node whose key nobody
+    registered is refused; one registered node is SIGKILLed after round 1 and the federation
+    finishes with the other two (federation.min_clients 2, a short round timeout); nothing is
+    left running afterwards."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    from simulations.deploy import run_local
+
+    out = tmp_path / "run"
+    killed = {}
+
+    def kill_after_round_1(dep):
+        def watch():
+            metrics = out / "metrics.jsonl"
+            while not (metrics.is_file() and '"round": 1' in metrics.read_text()):
+                time.sleep(0.5)
+            proc = next(p for p, log in dep.procs if log.stem == "supernode-2")
+            os.kill(proc.pid, signal.SIGKILL)
+            killed["at"] = time.time()
+        threading.Thread(target=watch, daemon=True).start()
+
+    summary = run_local(out, 3, tiny_config(tmp_path, rounds=3), ["federation.min_clients=2", "federation.round_timeout_s=90"],
+                        tls=True, auth=True, intruders=1, timeout=500, on_started=kill_after_round_1)
+    assert killed and summary["rounds"] == 3 and "error" not in summary
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rounds[1]["accepted"] == 3, "the three registered nodes trained; the intruder took no part"
+    assert all(r["accepted"] == 2 for r in rounds[3:]), "after the kill the other two go on"
+    intruder_log = (out / "deploy" / "supernode-3.log").read_text()
+    assert "Failed to activate SuperNode" in intruder_log, intruder_log[-2000:]
+    assert not psutil.Process().children(recursive=True), "every Flower process was stopped"

@@ -382,3 +382,13 @@ def test_simulated_attackers_send_what_their_attack_says():
                           ({"kind": "flip"}, "attack.kind")):
         with pytest.raises(ConfigError, match=match):
             tiny_run(federation={"num_clients": 4, "attack": attack})
+
+
+def test_a_simulation_no_client_can_start_in_fails_at_once(tmp_path):
+    from simulations.run import simulate
+
+    with pytest.raises(ConfigError, match="cpus_per_client is 100 but this machine has"):
+        simulate(tiny_run(backend={"cpus_per_client": 100}), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match="min_clients"):
+        tiny_run(federation={"num_clients": 4, "min_clients": 5})

@@ -187,6 +187,8 @@ def run_bench(cfg: BenchConfig, out: Path, progress: bool = True) -> dict:
     model_cfg = resolve_pretrained(cfg.model)
     data = load_data(cfg.data)
     task = cfg.task or data.train.tasks[0]
+    if task not in data.train.tasks:
+        raise ConfigError(f"bench.task: {task!r} is not a task of the data set {cfg.data.name}; it has {', '.join(data.train.tasks)}")
     results: dict[str, dict] = {}
     started = time.time()
     total = len(cfg.methods) * len(cfg.seeds)

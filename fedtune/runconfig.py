@@ -36,6 +36,9 @@ class PartitionConfig:
             raise ConfigError(f"{prefix}local_test_fraction: must be in [0, 1), got {self.local_test_fraction}")
 
 
+MAX_ROUNDS = 100_000  # more is a typo, not a run
+
+
 @dataclass
 class AttackConfig:
     """Simulated attackers, so robustness can be measured (simulation only)."""
@@ -95,8 +98,8 @@ class FederationConfig:
             raise ConfigError(f"{prefix}new_clients: new clients are evaluated in the final evaluation only; set final_evaluation: true")
         if self.clients_per_round is not None and not 1 <= self.clients_per_round <= self.num_clients:
             raise ConfigError(f"{prefix}clients_per_round: must be in 1..num_clients ({self.num_clients}), got {self.clients_per_round}")
-        if self.rounds < 1:
-            raise ConfigError(f"{prefix}rounds: must be >= 1, got {self.rounds}")
+        if not 1 <= self.rounds <= MAX_ROUNDS:
+            raise ConfigError(f"{prefix}rounds: must be in 1..{MAX_ROUNDS}, got {self.rounds}")
         if self.min_clients is not None and not 1 <= self.min_clients <= self.num_clients:
             raise ConfigError(f"{prefix}min_clients: must be in 1..num_clients ({self.num_clients}) or null, got {self.min_clients}")
         if self.eval_clients_per_round is not None and not 1 <= self.eval_clients_per_round <= self.num_clients:
@@ -172,6 +175,8 @@ class RunConfig:
     def validate(self, prefix: str = "") -> None:
         if self.seed < 0:
             raise ConfigError(f"{prefix}seed: must be >= 0, got {self.seed}")
+        if self.model.img_size != self.data.img_size:
+            raise ConfigError(f"{prefix}model.img_size ({self.model.img_size}) and data.img_size ({self.data.img_size}) differ: the model takes the images the data gives; set both")
         if self.task is not None and self.tasks is not None:
             raise ConfigError(f"{prefix}task/tasks: give one of them (task for one task, tasks for several)")
         if self.tasks is not None and not self.tasks:

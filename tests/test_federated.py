@@ -1,6 +1,7 @@
 """A client's round without Flower, the ClientApp's Messages, configs and bad input."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -392,3 +393,16 @@ def test_a_simulation_no_client_can_start_in_fails_at_once(tmp_path):
     assert not (tmp_path / "run").exists()
     with pytest.raises(ConfigError, match="min_clients"):
         tiny_run(federation={"num_clients": 4, "min_clients": 5})
+
+
+def test_more_bad_input_is_a_clear_error():
+    from fedtune.bench import BenchConfig, run_bench
+
+    with pytest.raises(ConfigError, match="override 'x=\\[1': the value is not valid YAML"):
+        load_run_config(None, ["x=[1"])
+    with pytest.raises(ConfigError, match="model.img_size \\(48\\) and data.img_size \\(16\\) differ"):
+        tiny_run(model={**TINY_RUN["model"], "img_size": 48})
+    with pytest.raises(ConfigError, match="rounds: must be in 1..100000"):
+        tiny_run(federation={"num_clients": 4, "rounds": 10**12})
+    with pytest.raises(ConfigError, match="bench.task: 'color' is not a task of the data set digits"):
+        run_bench(from_dict(BenchConfig, {"task": "color", "methods": ["full"], "seeds": [0], "data": {"max_train": 20, "max_test": 10}}), Path("/nonexistent"))

@@ -22,6 +22,7 @@ from fedtune import protocol
 from fedtune.client import ClientRuntime
 from fedtune.client_state import (
     ClientState,
+    arrays_sha256,
     read_client_state,
     read_global_copy,
     write_global_copy,
@@ -80,10 +81,12 @@ def save_state(context: Context, state: ClientState, default_dir: Path | None = 
         write_client_state(folder, state, server_round)
 
 
-def receive_global(msg: Message, context: Context) -> dict[str, np.ndarray] | None:
+def receive_global(msg: Message, context: Context, initial=None) -> dict[str, np.ndarray] | None:
     """The whole global model of an instruction: its arrays, completed from the copy this node
     holds when the server sent only what changed (protocol.BASE_VERSION); None when the node
-    holds no copy of that version (it then asks for the whole model).
+    holds no copy of that version (it then asks for the whole model). A node with no copy
+    that is sent changes to version 0 builds the run's starting model with `initial()` and
+    uses it when its checksum is the one the server sent (protocol.INITIAL_SHA256).
 
     The copy is kept in the node's state-dir when the node config gives one (a device keeps
     it across restarts), else in the context (a simulated node)."""
@@ -93,6 +96,13 @@ def receive_global(msg: Message, context: Context) -> dict[str, np.ndarray] | No
     folder = _state_dir(context)
     if base >= 0:
         held = read_global_copy(folder) if folder is not None else _context_copy(context)
+        want = config.get(protocol.INITIAL_SHA256)
+        if held is None and base == 0 and want and initial is not None:
+            built = initial()
+            if arrays_sha256(built) == want:
+                held = (built, 0)
+            else:
+                log(30, "node %s: the starting model it builds is not the server's (another pretrained file?)", context.node_id)
         if held is None or held[1] != base:
             log(30, "node %s holds %s, the server sent changes to version %d: asking for the whole model",
                 context.node_id, "no model copy" if held is None else f"version {held[1]}", base)
@@ -152,6 +162,12 @@ def make_client_app(cfg: RunConfig | None = None, state_dir: Path | None = None)
     """
     app = ClientApp()
 
+    def starting_model(context: Context):
+        """Builds the run's starting model (as the server did before round 1)."""
+        from fedtune.federated import global_model, state_to_numpy
+
+        return lambda: state_to_numpy(global_model(cfg if cfg is not None else run_config_from_context(context)))
+
     def runtime(context: Context) -> ClientRuntime:
         run_cfg = cfg if cfg is not None else run_config_from_context(context)
         torch.set_num_threads(max(1, run_cfg.backend.torch_threads))
@@ -159,7 +175,7 @@ def make_client_app(cfg: RunConfig | None = None, state_dir: Path | None = None)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        global_arrays = receive_global(msg, context)
+        global_arrays = receive_global(msg, context, starting_model(context))
         if global_arrays is None:
             return need_full_model(msg)
         rt = runtime(context)
@@ -185,7 +201,7 @@ def make_client_app(cfg: RunConfig | None = None, state_dir: Path | None = None)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        global_arrays = receive_global(msg, context)
+        global_arrays = receive_global(msg, context, starting_model(context))
         if global_arrays is None:
             return need_full_model(msg)
         rt = runtime(context)

@@ -35,6 +35,7 @@ SERVER_ROUND = "server-round"  # set by Flower's FedAvg.configure_train
 WANT_HEAD_STATS = "want-head-stats"  # in an evaluate instruction: reply with HEAD_STATS too
 BASE_VERSION = "base-version"  # int: the global model version the sent arrays complete (-1: they are the whole model)
 MODEL_VERSION = "model-version"  # int: the version the client holds once it applied them (-1: no sparse downlink, keep no copy)
+INITIAL_SHA256 = "initial-sha256"  # str: checksum of version 0 when clients may build it themselves (BASE_VERSION 0, no copy held)
 FINAL = "final"  # in an evaluate instruction: the run's final evaluation (every client personalizes fully)
 
 # Metric keys in a reply that carries no result.

@@ -101,6 +101,7 @@ class ServerRunner:
             head_stats_round=f.rounds if f.head_fit == "lda" else None,
             head_stats_every_round=f.personalization == "lda",
             sparse_downlink=f.downlink == "sparse",
+            initial_on_clients=f.downlink == "sparse" and round_offset == 0,
             aggregation=f.aggregation,
             trim_fraction=f.trim_fraction,
             clip_update_norm=f.clip_update_norm,

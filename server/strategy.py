@@ -86,6 +86,7 @@ class SparseFedAvg(FedAvg):
         head_stats_round: int | None = None,
         head_stats_every_round: bool = False,
         sparse_downlink: bool = False,
+        initial_on_clients: bool = False,
         resend_timeout: float = 3600.0,
         aggregation: str = "mean",
         trim_fraction: float = 0.2,
@@ -139,7 +140,7 @@ class SparseFedAvg(FedAvg):
 
         # What each node holds of the global model (server/downlink.py), the bytes sent down
         # this round (instructions' tensors), and what a node that lost its copy is resent.
-        self.downlink = Downlink(sparse_downlink)
+        self.downlink = Downlink(sparse_downlink, initial_on_clients)
         self.resend_timeout = resend_timeout
         self.bytes_down_round = 0
         self.messages_round = 0  # instructions sent this round (for full FedAvg's downlink bytes)
@@ -212,6 +213,8 @@ class SparseFedAvg(FedAvg):
             config = ConfigRecord(dict(record[protocol.CONFIG]))
             config[protocol.BASE_VERSION] = base
             config[protocol.MODEL_VERSION] = self.downlink.version if self.downlink.sparse else FULL
+            if base == 0 and self.downlink.initial_sha256 is not None:
+                config[protocol.INITIAL_SHA256] = self.downlink.initial_sha256
             content = RecordDict({protocol.ARRAYS: arrays, protocol.CONFIG: config})
             if extra:
                 content[protocol.FED_STATS] = ArrayRecord(dict(extra))

@@ -185,3 +185,27 @@ def test_client_completes_a_sparse_instruction_and_asks_for_all_when_it_cannot(t
     (tmp_path / "client-0" / "global-model.npz").write_bytes(b"damaged")
     with pytest.warns(UserWarning, match="damaged global model copy"):
         assert receive_global(instruction({"b": glob["b"]}, 1, 2), context) is None
+
+
+def test_a_new_node_builds_the_starting_model_instead_of_downloading_it():
+    from clients.app import receive_global
+    from fedtune.client_state import arrays_sha256
+
+    d = Downlink(sparse=True, initial_on_clients=True)
+    start = {"a": np.zeros(2, np.float32), "b": np.ones(3, np.float32)}
+    d.observe(record_of(start))
+    sent, base = d.payload(7, record_of(start))
+    assert base == 0 and len(sent) == 0, "version 0 is what every client can build"
+    assert d.initial_sha256 == arrays_sha256(start)
+    d.forget(7, "its build did not match")
+    assert d.payload(7, record_of(start))[1] == FULL, "a node whose build failed gets everything"
+
+    def instruction(sha):
+        return Message(RecordDict({protocol.ARRAYS: record_of({}), protocol.CONFIG: ConfigRecord(
+            {protocol.BASE_VERSION: 0, protocol.MODEL_VERSION: 0, protocol.INITIAL_SHA256: sha})}), dst_node_id=5, message_type=MessageType.TRAIN)
+
+    context = Context(run_id=1, node_id=5, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    got = receive_global(instruction(arrays_sha256(start)), context, lambda: dict(start))
+    assert set(got) == {"a", "b"} and np.array_equal(got["b"], start["b"])
+    other = Context(run_id=1, node_id=6, node_config={"partition-id": 1}, state=RecordDict(), run_config={})
+    assert receive_global(instruction("0" * 64), other, lambda: dict(start)) is None, "a build that differs asks for the whole model"

@@ -63,6 +63,7 @@ class FederationConfig:
     clients_per_round: int | None = None  # sampled per round (None: all)
     min_clients: int | None = None  # connected clients a round needs to start (None: num_clients); lower it so a deployment goes on when devices drop out
     eval_clients_per_round: int | None = None  # sampled for federated evaluation (None: as training)
+    evaluate_every: int = 1  # federated evaluation every N rounds, and always in the last (the final evaluation comes after it)
     rounds: int = 5  # federated rounds
     send: Literal["updated", "all"] = "updated"  # updated: only what the client trained | all: full-model FedAvg
     weighting: protocol.Weighting = "examples"  # examples | updates
@@ -100,6 +101,8 @@ class FederationConfig:
             raise ConfigError(f"{prefix}clients_per_round: must be in 1..num_clients ({self.num_clients}), got {self.clients_per_round}")
         if not 1 <= self.rounds <= MAX_ROUNDS:
             raise ConfigError(f"{prefix}rounds: must be in 1..{MAX_ROUNDS}, got {self.rounds}")
+        if self.evaluate_every < 1:
+            raise ConfigError(f"{prefix}evaluate_every: must be >= 1, got {self.evaluate_every}")
         if self.min_clients is not None and not 1 <= self.min_clients <= self.num_clients:
             raise ConfigError(f"{prefix}min_clients: must be in 1..num_clients ({self.num_clients}) or null, got {self.min_clients}")
         if self.eval_clients_per_round is not None and not 1 <= self.eval_clients_per_round <= self.num_clients:

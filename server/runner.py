@@ -100,6 +100,8 @@ class ServerRunner:
             round_offset=round_offset,
             head_stats_round=f.rounds if f.head_fit == "lda" else None,
             head_stats_every_round=f.personalization == "lda",
+            evaluate_every=f.evaluate_every,
+            last_round=f.rounds,
             sparse_downlink=f.downlink == "sparse",
             initial_on_clients=f.downlink == "sparse" and round_offset == 0,
             aggregation=f.aggregation,

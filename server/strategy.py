@@ -85,6 +85,8 @@ class SparseFedAvg(FedAvg):
         round_offset: int = 0,
         head_stats_round: int | None = None,
         head_stats_every_round: bool = False,
+        evaluate_every: int = 1,
+        last_round: int | None = None,
         sparse_downlink: bool = False,
         initial_on_clients: bool = False,
         resend_timeout: float = 3600.0,
@@ -133,6 +135,8 @@ class SparseFedAvg(FedAvg):
         # statistics for the server's head fit; what they summed to and their size.
         self.head_stats_round = head_stats_round
         self.head_stats_every_round = head_stats_every_round
+        # Federated evaluation every N rounds (always in the last round, whose statistics the head fit uses).
+        self.evaluate_every, self.final_round = evaluate_every, last_round
         self._stats = StatsSum()
         # The federation's summed statistics of the latest round that collected them, sent
         # with the next evaluate instruction (clients shrink their personal heads towards them).
@@ -187,6 +191,8 @@ class SparseFedAvg(FedAvg):
     ) -> Iterable[Message]:
         """FedAvg's, with seeded sampling and the run's round number."""
         server_round += self.round_offset
+        if self.evaluate_every > 1 and server_round % self.evaluate_every and server_round != self.final_round:
+            return []
         self._seed_sampling(server_round, 1)
         config = ConfigRecord(dict(config))
         if self.head_stats_every_round or (self.head_stats_round is not None and server_round == self.head_stats_round):

@@ -579,3 +579,11 @@ def test_privacy_spent_comes_from_the_accountant() -> None:
     assert dp_epsilon(more_noise, 5) < eps[2]
     with pytest.raises(ConfigError, match="not privatized"):
         from_dict(RunConfig, {"federation": {"clip_update_norm": 1.0, "dp_noise_multiplier": 1.0, "head_fit": "lda"}})
+
+
+def test_federated_evaluation_every_n_rounds_and_always_in_the_last() -> None:
+    strategy = SparseFedAvg(evaluate_every=3, last_round=5)
+    grid = Mock()
+    grid.get_node_ids.return_value = [1, 2]
+    asked = [bool(list(strategy.configure_evaluate(r, global_arrays(), ConfigRecord(), grid))) for r in range(1, 6)]
+    assert asked == [False, False, True, False, True]

@@ -2,7 +2,7 @@
 
     python -m simulations.deploy certs DIR [--host NAME ...]
     python -m simulations.deploy local [--nodes 2] [--config YAML] [--set key=value ...]
-                                       [--profiles rpi,phone] [--tls] [--out DIR]
+                                       [--profiles rpi,phone] [--tls [--auth]] [--out DIR]
 
 `certs` writes a test certificate authority and a SuperLink certificate for the given
 host names (localhost and 127.0.0.1 always): ca.crt, ca.key, server.pem, server.key.
@@ -377,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     loc.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     loc.add_argument("--profiles", help="comma-separated device profiles, cycled over nodes (default: the config's)")
     loc.add_argument("--tls", action="store_true", help="generate certificates and use TLS")
+    loc.add_argument("--auth", action="store_true", help="SuperNode authentication: register each node's public key (needs --tls)")
     loc.add_argument("--resume", action="store_true", help="continue the run in --out")
     loc.add_argument("--out", default="runs/deploy")
     loc.add_argument("--timeout", type=float, default=1800.0)
@@ -389,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name}: {path}")
             return 0
         profiles = args.profiles.split(",") if args.profiles else None
-        summary = run_local(Path(args.out), args.nodes, args.config, args.set, profiles, args.tls, args.resume, args.timeout)
+        summary = run_local(Path(args.out), args.nodes, args.config, args.set, profiles, args.tls, args.resume, args.timeout, auth=args.auth)
     except (DeployError, FedtuneError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

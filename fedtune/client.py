@@ -43,7 +43,7 @@ from .federated import (
     shared_model,
     state_to_numpy,
 )
-from .heads import class_stats, extract_features, lda_head
+from .heads import class_moments, class_stats, discriminant, extract_features
 from .methods import Method, MethodConfig, make_method
 from .profiles import get_profile
 from .protocol import EvalMetrics, TrainMetrics
@@ -281,16 +281,25 @@ def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def personal_lda_head(own: dict[str, np.ndarray], fed: dict[str, np.ndarray] | None, shrink: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """A client's discriminant head in closed form: its own class statistics plus the
-    federation's scaled to `shrink` times the client's example count (class means and the
-    covariance pulled towards the federation's, most for the classes the client has few
-    examples of), and the client's own class priors (add-one smoothed)."""
-    stats = {k: np.asarray(v, dtype=np.float64) for k, v in own.items()}
-    n_own = float(stats["count"].sum())
-    if fed is not None and float(np.sum(fed["count"])) > 0 and shrink > 0:
-        scale = shrink * n_own / float(np.sum(fed["count"]))
-        stats = {k: stats[k] + scale * np.asarray(fed[k], dtype=np.float64) for k in stats}
-    priors = (own["count"] + 1.0) / (n_own + len(own["count"]))
-    if (stats["count"] > 0).sum() < 2:  # one class known and no federation yet: the priors decide
-        return torch.zeros(stats["sum"].shape, dtype=torch.float32), torch.from_numpy(np.log(priors)).float()
-    return lda_head(stats, priors=priors)
+    """A client's discriminant head in closed form, from its class statistics on the global
+    model's features and the federation's (`fed`, summed over clients):
+
+    - the covariance is the federation's pooled within-class covariance (estimated from every
+      client's data; a client's own few hundred examples estimate a d x d matrix poorly), the
+      client's own when no federation statistics have arrived yet;
+    - each class mean is the client's own, pulled towards the federation's by `shrink`
+      pseudo-examples (so a class the client has one or two examples of leans on the
+      federation);
+    - the priors are the client's own class shares; a class the client has no example of is
+      left out (its prior is 0), as its local data say it does not occur there. A client that
+      meets new classes should use the global model.
+    """
+    count, means, cov = class_moments(own)
+    present = count > 0
+    if fed is not None and float(np.sum(fed["count"])) > 0:
+        fed_count, fed_means, fed_cov = class_moments(fed)
+        cov = fed_cov
+        means = (count[:, None] * means + shrink * fed_means) / np.maximum(count[:, None] + shrink, 1e-12)
+    if present.sum() < 2:  # one class known: it is the prediction
+        return torch.zeros(means.shape, dtype=torch.float32), torch.from_numpy(np.where(present, 0.0, -1e4)).float()
+    return discriminant(means, cov, count / count.sum(), present)

@@ -115,19 +115,32 @@ def lda_head(stats: dict[str, np.ndarray], shrink: float = 1e-4, priors: np.ndar
     means, a pooled within-class covariance (shrunk by `shrink` toward its mean variance, so
     it is invertible) and class priors (the statistics' class shares, or `priors`) give a
     linear head W x + b. Classes with no example get a bias no logit reaches."""
-    count, sums, outer = np.asarray(stats["count"], dtype=np.float64), stats["sum"], stats["outer"]
+    count, means, cov = class_moments(stats)
     present = count > 0
     if present.sum() < 2:
         raise ValueError(f"a discriminant head needs examples of at least 2 classes, got {int(present.sum())}")
-    n = count.sum()
+    shares = np.where(present, count, 1.0) / count.sum() if priors is None else np.asarray(priors, dtype=np.float64)
+    return discriminant(means, cov, shares, present, shrink)
+
+
+def class_moments(stats: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """From `class_stats`: the counts [C], the class means [C, d] (zero for absent classes) and
+    the pooled within-class covariance [d, d]."""
+    count, sums, outer = np.asarray(stats["count"], dtype=np.float64), np.asarray(stats["sum"], dtype=np.float64), np.asarray(stats["outer"], dtype=np.float64)
+    present = count > 0
     means = np.zeros_like(sums)
     means[present] = sums[present] / count[present, None]
     within = outer - (means[present].T * count[present]) @ means[present]
-    cov = within / max(n - present.sum(), 1.0)
+    return count, means, within / max(count.sum() - present.sum(), 1.0)
+
+
+def discriminant(means: np.ndarray, cov: np.ndarray, priors: np.ndarray, present: np.ndarray, shrink: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+    """The linear head of Gaussian classes with one covariance (shrunk by `shrink` toward its
+    mean variance): W = means cov^-1, b = -means cov^-1 means / 2 + log priors; classes not
+    `present` get a bias no logit reaches."""
     cov = (1 - shrink) * cov + shrink * np.trace(cov) / len(cov) * np.eye(len(cov))
     prec_means = np.linalg.solve(cov, means.T).T  # [C, d]
-    shares = np.where(present, count, 1.0) / n if priors is None else np.asarray(priors, dtype=np.float64)
-    bias = -0.5 * (means * prec_means).sum(1) + np.log(shares)
+    bias = -0.5 * (means * prec_means).sum(1) + np.log(np.where(present, priors, 1.0))
     bias[~present] = -1e4
     return torch.from_numpy(prec_means).float(), torch.from_numpy(bias).float()
 

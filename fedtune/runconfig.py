@@ -75,7 +75,7 @@ class FederationConfig:
     dp_delta: float = 1e-5  # the delta at which the privacy spent (epsilon) is reported
     personal: list[str] = field(default_factory=list)  # parameter-name prefixes that never leave a client
     personalization: Literal["fedrod", "fedper", "fedrep", "lda", "finetune", "local", "none"] = "fedrod"  # how each client's personalized model is made (see fedtune.client)
-    lda_shrink: float = 1.0  # lda: the federation's statistics weigh as this many times the client's own examples
+    lda_shrink: float = 1.0  # lda: pseudo-examples of the federation's class mean added to each of the client's class means
     finetune_epochs: int = 1  # finetune: local epochs on the global model in the final evaluation
     rep_head_epochs: int = 1  # fedrep: epochs of the head alone before the body's each round
     downlink: Literal["sparse", "full"] = "sparse"  # sparse: clients keep the global model and get only what changed | full: the whole model in every instruction

@@ -13,7 +13,7 @@ from fedtune.client import ClientRuntime, personal_lda_head
 from fedtune.client_state import ClientState
 from fedtune.errors import ConfigError
 from fedtune.federated import client_data, federated_data, global_model, state_to_numpy
-from fedtune.heads import class_stats, lda_head
+from fedtune.heads import class_moments, class_stats, discriminant, lda_head
 from server.downlink import FULL, Downlink
 from server.strategy import SparseFedAvg
 from tests.test_federated import tiny_run
@@ -52,7 +52,7 @@ def test_pooled_partition_tests_every_client_on_images_no_client_trains_on():
 # --------------------------------------------------------------------------- personal heads
 
 
-def test_personal_lda_head_uses_own_priors_and_leans_on_the_federation_for_rare_classes():
+def test_personal_lda_head_own_means_and_priors_the_federations_covariance():
     rng = np.random.default_rng(0)
     means = rng.normal(size=(3, 4)) * 3
     def sample(counts):
@@ -60,17 +60,23 @@ def test_personal_lda_head_uses_own_priors_and_leans_on_the_federation_for_rare_
         return torch.from_numpy(means[y] + rng.normal(size=(len(y), 4))), torch.from_numpy(y)
     fed = class_stats(*sample([300, 300, 300]), 3)
     own = class_stats(*sample([50, 2, 0]), 3)
-    # without the federation: the client's statistics with its add-one priors
+    # without the federation: plain LDA of the client's own statistics (the absent class left out)
     w0, b0 = personal_lda_head(own, None, 1.0)
-    w_ref, b_ref = lda_head(own, priors=(own["count"] + 1) / (own["count"].sum() + 3))
+    w_ref, b_ref = lda_head(own)
     torch.testing.assert_close(w0, w_ref)
     torch.testing.assert_close(b0, b_ref)
-    # with it: the class the client never saw gets the federation's mean, its own prior stays small
+    # with it: the federation's covariance, the client's means pulled by one pseudo-example, its priors
     w1, b1 = personal_lda_head(own, fed, 1.0)
+    count, own_means, _ = class_moments(own)
+    _, fed_means, fed_cov = class_moments(fed)
+    mixed = (count[:, None] * own_means + fed_means) / (count[:, None] + 1.0)
+    w_ref, b_ref = discriminant(mixed, fed_cov, count / count.sum(), count > 0)
+    torch.testing.assert_close(w1, w_ref)
+    torch.testing.assert_close(b1, b_ref)
+    assert b1[2] == -1e4, "a class the client never saw is left out"
     x = torch.from_numpy(means).float()
     assert (x @ w1.T + b1).argmax(1)[:2].tolist() == [0, 1]
-    assert b1[2] < b1[0], "an unseen class keeps the client's small prior"
-    # a client with one class and no federation statistics yet predicts that class
+    # a client with one class predicts that class
     w2, b2 = personal_lda_head(class_stats(*sample([5, 0, 0]), 3), None, 1.0)
     assert (x @ w2.T + b2).argmax(1).tolist() == [0, 0, 0]
 

@@ -25,10 +25,10 @@ from fedtune.client_state import (
     arrays_sha256,
     read_client_state,
     read_global_copy,
-    write_global_copy,
     state_from,
     state_meta,
     write_client_state,
+    write_global_copy,
 )
 from fedtune.errors import ConfigError
 from fedtune.profiles import AUTO
@@ -52,7 +52,7 @@ def run_config_from_context(context: Context) -> RunConfig:
 
 
 def _state_dir(context: Context, default_dir: Path | None = None) -> Path | None:
-    state_dir = context.node_config.get("state-dir") or default_dir
+    state_dir = context.node_config.get("state-dir") or default_dir or context.run_config.get("state-dir")
     if not state_dir:
         return None
     return Path(str(state_dir)) / f"client-{context.node_config.get('partition-id', context.node_id)}"
@@ -171,7 +171,8 @@ def make_client_app(cfg: RunConfig | None = None, state_dir: Path | None = None)
     def runtime(context: Context) -> ClientRuntime:
         run_cfg = cfg if cfg is not None else run_config_from_context(context)
         torch.set_num_threads(max(1, run_cfg.backend.torch_threads))
-        return ClientRuntime(run_cfg, _partition_id(context), node_profile(context, simulated=cfg is not None))
+        simulated = cfg is not None or bool(context.run_config.get("simulated", False))
+        return ClientRuntime(run_cfg, _partition_id(context), node_profile(context, simulated=simulated))
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

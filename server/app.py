@@ -22,7 +22,8 @@ def make_server_app(cfg: RunConfig | None = None, out: Path | None = None, resum
         run_cfg = cfg if cfg is not None else run_config_from_context(context)
         out_dir = out if out is not None else Path(str(context.run_config.get("out", "runs/flwr")))
         do_resume = resume or bool(context.run_config.get("resume", False))
-        ServerRunner(run_cfg, out_dir, do_resume, progress).run(grid)
+        show = progress and bool(context.run_config.get("progress", True))
+        ServerRunner(run_cfg, out_dir, do_resume, show).run(grid)
 
     return app
 

@@ -316,6 +316,7 @@ class ServerRunner:
             for e in r.get("client_evaluations", []):
                 per_client[int(e.get("partition_id", -1))] = {"accuracy_global": e.get("accuracy_global"), "accuracy_personalized": e.get("accuracy_personal"), "round": r["round"], "num_examples": e.get("num_examples")}
         peak = max([r.get("rss_bytes_with_workers", 0) for r in self.rounds] + [rss_bytes()[1]])
+        times = [r["elapsed_s"] for r in rounds if "elapsed_s" in r]
         summary = {
             "name": self.cfg.name,
             "method": self.cfg.method.name + ("+lora" if self.cfg.method.lora.enabled else ""),
@@ -348,7 +349,8 @@ class ServerRunner:
             "wall_time_s": round(time.time() - self.started, 1),
             "peak_rss_bytes": int(peak),
             "rss_bytes_per_round": [r.get("rss_bytes_with_workers") for r in rounds],
-            "round_time_s": [round(b["elapsed_s"] - a["elapsed_s"], 2) for a, b in zip([{"elapsed_s": 0.0}, *rounds], rounds) if "elapsed_s" in b],
+            # seconds each round took (the first includes the start: data, model, workers)
+            "round_time_s": [round(t - p, 2) for p, t in zip([0.0, *times[:-1]], times, strict=True)],
             "checkpoint": str(self._checkpoint_path()),
         }
         summary.update(self.client_summary(rounds))

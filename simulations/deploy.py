@@ -155,6 +155,7 @@ class Deployment:
     port: int = 0
     certs: dict[str, Path] = field(default_factory=dict)
     auth: bool = False  # SuperNode authentication: only nodes whose public key is registered join
+    simulation: bool = False  # the SuperLink runs Flower's simulation runtime (virtual SuperNodes; no SuperNode processes)
     dead: set[str] = field(default_factory=set)  # SuperNodes that exited during the run
 
     def __post_init__(self) -> None:
@@ -184,7 +185,7 @@ class Deployment:
         self.port = free_port()
         cmd = [_bin("flower-superlink"), *self.security(True), "--host", "127.0.0.1", "--port", str(self.port),
                "--disable-runtime-dependency-installation", "--database", str(self.workdir / "superlink.db"),
-               *(["--enable-supernode-auth"] if self.auth else [])]
+               *(["--enable-supernode-auth"] if self.auth else []), *(["--simulation"] if self.simulation else [])]
         proc = self._start("superlink", cmd)
         wait_port(self.port, proc, self.workdir / "superlink.log")
 
@@ -212,9 +213,12 @@ class Deployment:
         if result.returncode != 0:
             raise DeployError(f"registering {public_key.name} with the SuperLink failed (code {result.returncode}); see {log}:\n{_tail(log)}")
 
-    def write_connection(self) -> None:
+    def write_connection(self, options: dict[str, object] | None = None) -> None:
+        """FLWR_HOME/config.toml: the connection `flwr run` uses (with `options`, e.g. the
+        simulation runtime's `num-supernodes`, as `options.<key> = value` lines)."""
         lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]", f'address = "127.0.0.1:{self.port}"']
         lines += [f'root-certificates = "{self.certs["ca_cert"]}"'] if self.tls else ["insecure = true"]
+        lines += [f"options.{k} = {_toml_value(v)}" for k, v in (options or {}).items()]
         home = Path(self.env["FLWR_HOME"])
         home.mkdir(parents=True, exist_ok=True)
         (home / "config.toml").write_text("\n".join(lines) + "\n")

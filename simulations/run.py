@@ -32,6 +32,57 @@ def check_out(out: Path, resume: bool, cfg: RunConfig | None = None) -> None:
         raise ConfigError(f"{out} already holds a run (metrics.jsonl/checkpoint); use --resume to continue it or choose another --out")
 
 
+def simulate_flwr_run(cfg: RunConfig, out: Path, resume: bool = False, progress: bool = True, verbose: bool = False) -> dict:
+    """The same simulation on the path Flower supports: a private SuperLink running Flower's
+    simulation runtime, and the app submitted with `flwr run` (server.app:app and
+    clients.app:app read the run config from the run's `config`); the outputs are the same."""
+    import subprocess
+    import time
+
+    from simulations.deploy import (
+        CONNECTION,
+        PROJECT,
+        DeployError,
+        Deployment,
+        _bin,
+        _tail,
+        _toml_value,
+    )
+
+    check_out(out, resume, cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        write_json(out / "config.json", to_dict(cfg))
+    write_json(out / "run-config.json", to_dict(cfg))  # what this invocation runs (a resume may extend the rounds)
+    options = {"num-supernodes": cfg.federation.total_clients(),
+               "backend.client-resources.num-cpus": float(cfg.backend.cpus_per_client), "backend.client-resources.num-gpus": 0.0}
+    run_config = {"config": str((out / "run-config.json").resolve()), "out": str(out.resolve()), "resume": resume,
+                  "simulated": True, "state-dir": str((out / "client_state").resolve()), "progress": False}
+    bar = None
+    with Deployment(out / "flwr", simulation=True) as dep:
+        dep.start_superlink()
+        dep.write_connection(options)
+        cmd = [_bin("flwr"), "run", str(PROJECT), CONNECTION, "--stream", "--run-config", " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())]
+        log = dep.workdir / "flwr-run.log"
+        with open(log, "wb") as handle:
+            run = subprocess.Popen(cmd, stdout=None if verbose else handle, stderr=subprocess.STDOUT, env={**dep.env, "RAY_DEDUP_LOGS": "1"}, cwd=PROJECT)
+            if progress:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=cfg.federation.rounds, desc=cfg.name, unit="round")
+            while run.poll() is None:
+                dep.check_alive()
+                if bar is not None and (out / "metrics.jsonl").is_file():
+                    done = max(0, sum(1 for _ in open(out / "metrics.jsonl")) - 1)
+                    bar.update(max(0, done - bar.n))
+                time.sleep(1.0)
+            if bar is not None:
+                bar.close()
+        if run.returncode != 0 or not (out / "summary.json").is_file():
+            raise DeployError(f"`flwr run` ended (code {run.returncode}) without writing {out / 'summary.json'}; see {log}:\n{_tail(log)}")
+    return json.loads((out / "summary.json").read_text())
+
+
 def task_federations(cfg: RunConfig) -> dict[str, tuple[RunConfig, list[int]]]:
     """federation.independent_tasks: per task, the run of that task alone over the clients that
     hold it (their profiles kept, in order) and those clients' partition ids in `cfg`."""
@@ -97,6 +148,8 @@ def simulate(cfg: RunConfig, out: Path, resume: bool = False, progress: bool = T
     """Run `cfg` as a Flower simulation (Ray backend); return summary.json's content."""
     if cfg.federation.independent_tasks:
         return simulate_independent(cfg, Path(out), resume, progress, verbose)
+    if cfg.backend.launcher == "flwr-run":
+        return simulate_flwr_run(cfg, Path(out), resume, progress, verbose)
     from flwr.simulation import run_simulation
 
     from clients.app import make_client_app

@@ -20,9 +20,20 @@ def test_compare_runs(tmp_path, capsys):
     a = fake_run(tmp_path / "a", 0.9, [[0, 3], [0, 3]])
     b = fake_run(tmp_path / "b", 0.8, [[0, 0], [2, 0]])
     text = compare([("x", a), ("x", b)])
-    assert "| x | 2 | 85.0 ± 7.1 (90.0, 80.0) | 75.0 ± 7.1 (80.0, 70.0) | - | 0.200 ± 0.000 (0.200, 0.200) | 10 ± 0 (10, 10) |" in text
+    assert "| x | 2 | 85.0 ± 7.1 (90.0, 80.0) | 75.0 ± 7.1 (80.0, 70.0) | - | - | - | 0.200 ± 0.000 (0.200, 0.200) | - | 10 ± 0 (10, 10) |" in text
     assert "| 0 | rpi | 1 | 1 |" in text  # blocks with updates, first run of the label
     assert "phone" not in text  # rejected replies trained nothing that counted
     out = tmp_path / "c.md"
     assert main([f"one={a}", "--out", str(out)]) == 0
     assert out.read_text() == capsys.readouterr().out
+
+
+def test_compare_runs_protocol_table(tmp_path, capsys):
+    a = fake_run(tmp_path / "a", 0.9, [[0, 3], [0, 3]])
+    summary = json.loads((a / "summary.json").read_text())
+    summary.update(accuracy_global_local=0.7, accuracy_personalized=0.91, accuracy_personalized_worst10=0.6, bytes_up_total=2**21, bytes_down_total=2**22,
+                   traffic_ratio_vs_full_fedavg=0.25, personalized_at_least_global_fraction=1.0)
+    (a / "summary.json").write_text(json.dumps(summary))
+    assert main([f"alast={a}", "--table", "pfl"]) == 0
+    text = capsys.readouterr().out
+    assert "| alast | 1 | 70.0 | - | - | 91.0 | - | 60.0 | 1.00 | 2 | 4 | 0.250 | 10 |" in text and "Blocks" not in text

@@ -185,3 +185,19 @@ def test_protocol_run_with_sparse_downlink_lost_copy_and_a_new_client(tmp_path):
     assert rounds[1]["bytes_down"] < summary["model_bytes"] <= rounds[2]["bytes_down"] < 2 * summary["model_bytes"]
     final = json.loads((out / "final_evaluation.json").read_text())
     assert final["clients_asked"] == 4
+
+
+def test_the_flwr_run_launcher_gives_the_same_outputs(tmp_path):
+    """backend.launcher: flwr-run: a private SuperLink with Flower's simulation runtime and
+    `flwr run` (the path Flower supports) writes the same files; nothing is left running."""
+    import psutil
+
+    from simulations.run import simulate
+
+    cfg = run_cfg(top={"backend": {"launcher": "flwr-run"}}, head_fit="lda")
+    summary = simulate(cfg, tmp_path / "run", progress=False)
+    assert summary["rounds"] == 2 and "error" not in summary and summary["accuracy_personalized"] is not None
+    for name in ("metrics.jsonl", "checkpoint.safetensors", "final_evaluation.json", "config.json"):
+        assert (tmp_path / "run" / name).is_file(), name
+    assert sorted(p.name for p in (tmp_path / "run" / "client_state").iterdir()) == ["client-0", "client-1", "client-2"]
+    assert not psutil.Process().children(recursive=True)

@@ -350,7 +350,7 @@ class ServerRunner:
             "peak_rss_bytes": int(peak),
             "rss_bytes_per_round": [r.get("rss_bytes_with_workers") for r in rounds],
             # seconds each round took (the first includes the start: data, model, workers)
-            "round_time_s": [round(t - p, 2) for p, t in zip([0.0, *times[:-1]], times, strict=True)],
+            "round_time_s": [round(t - p, 2) for p, t in zip([0.0, *times][: len(times)], times, strict=True)],
             "checkpoint": str(self._checkpoint_path()),
         }
         summary.update(self.client_summary(rounds))

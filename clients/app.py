@@ -176,10 +176,10 @@ def make_client_app(cfg: RunConfig | None = None, state_dir: Path | None = None)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        rt = runtime(context)  # a misconfigured node fails here, before it keeps anything
         global_arrays = receive_global(msg, context, starting_model(context))
         if global_arrays is None:
             return need_full_model(msg)
-        rt = runtime(context)
         config = msg.content.config_records.get(protocol.CONFIG, ConfigRecord())
         importance = config.get(protocol.IMPORTANCE)
         server_round = int(config.get(protocol.SERVER_ROUND, 0))
@@ -202,10 +202,10 @@ def make_client_app(cfg: RunConfig | None = None, state_dir: Path | None = None)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
+        rt = runtime(context)
         global_arrays = receive_global(msg, context, starting_model(context))
         if global_arrays is None:
             return need_full_model(msg)
-        rt = runtime(context)
         config = msg.content.config_records.get(protocol.CONFIG, ConfigRecord())
         server_round = int(config.get(protocol.SERVER_ROUND, 0))
         state = load_state(context, state_dir, server_round + 1 if server_round else None)

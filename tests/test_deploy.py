@@ -87,6 +87,7 @@ def test_authenticated_deployment_refuses_an_unregistered_node_and_survives_a_ki
 
     out = tmp_path / "run"
     killed = {}
+    before = {p.pid for p in psutil.Process().children(recursive=True)}  # e.g. a resource tracker an earlier test left
 
     def kill_after_round_1(dep):
         def watch():
@@ -106,4 +107,5 @@ def test_authenticated_deployment_refuses_an_unregistered_node_and_survives_a_ki
     assert all(r["accepted"] == 2 for r in rounds[3:]), "after the kill the other two go on"
     intruder_log = (out / "deploy" / "supernode-3.log").read_text()
     assert "Failed to activate SuperNode" in intruder_log, intruder_log[-2000:]
-    assert not psutil.Process().children(recursive=True), "every Flower process was stopped"
+    left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    assert not left, f"every Flower process was stopped: {[p.cmdline() for p in left]}"

@@ -253,6 +253,7 @@ class ServerRunner:
             "client_evaluations": evals,
             "global_importance": s.global_importance,
             **({"dp_epsilon": dp_epsilon(self.cfg, rnd)} if self.cfg.federation.dp_noise_multiplier else {}),
+            **({"update_norms": [{"node_id": n, "norm": round(v, 6)} for n, v in s.last_update_norms]} if s.clip_update_norm is not None else {}),
             "rss_bytes": proc_rss,
             "rss_bytes_with_workers": total_rss,
             "elapsed_s": round(time.time() - self.started, 2),

@@ -38,6 +38,24 @@ PFL_KEYS = (  # the personalized-FL protocol's table (--table pfl)
     ("wall_time_s", "wall time (s)", 1.0, 0),
 )
 
+ROBUST_KEYS = (  # attacks, robust aggregation and differential privacy (--table robust)
+    ("accuracy_global_before_head_fit", "global, before the head fit (%)", 100.0, 1),
+    ("accuracy_global", "global (%)", 100.0, 1),
+    ("accuracy_personalized", "personalized (%)", 100.0, 1),
+    ("dp.epsilon", "DP epsilon", 1.0, 2),
+    ("wall_time_s", "wall time (s)", 1.0, 0),
+)
+TABLES = {"runs": SUMMARY_KEYS, "pfl": PFL_KEYS, "robust": ROBUST_KEYS}
+
+
+def _get(summary: dict, key: str):
+    """summary[key], where a dotted key reads nested dicts ("dp.epsilon")."""
+    for part in key.split("."):
+        if not isinstance(summary, dict):
+            return None
+        summary = summary.get(part)
+    return summary
+
 
 def trained_blocks(run: Path) -> dict[tuple[int, str], dict[int, list[int]]]:
     """(partition id, profile) -> round -> the blocks that client trained (accepted replies)."""
@@ -68,7 +86,7 @@ def compare(runs: list[tuple[str, Path]], keys: tuple = SUMMARY_KEYS, blocks: bo
     summaries = {label: [json.loads((r / "summary.json").read_text()) for r in rs] for label, rs in by_label.items()}
     lines = ["| run | runs | " + " | ".join(h for _, h, _, _ in keys) + " |", "|---|---|" + "---|" * len(keys)]
     for label, sums in summaries.items():
-        cells = [_cell([s.get(k) for s in sums], scale, dec) for k, _, scale, dec in keys]
+        cells = [_cell([_get(s, k) for s in sums], scale, dec) for k, _, scale, dec in keys]
         lines.append(f"| {label} | {len(sums)} | " + " | ".join(cells) + " |")
     for label, rs in by_label.items() if blocks else ():
         rounds = summaries[label][0]["rounds"]
@@ -85,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="LABEL=RUN_DIR (a folder fedtune simulate wrote)")
     parser.add_argument("--out", help="write the markdown here too")
-    parser.add_argument("--table", choices=("runs", "pfl"), default="runs", help="runs: accuracy, bytes up and each client's blocks | pfl: the personalized-FL protocol's columns")
+    parser.add_argument("--table", choices=tuple(TABLES), default="runs", help="runs: accuracy, bytes up and each client's blocks | pfl: the personalized-FL protocol's columns | robust: accuracy before and after the head fit, and DP's epsilon")
     args = parser.parse_args(argv)
     runs = []
     for spec in args.runs:
@@ -93,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         if not sep or not (Path(folder) / "summary.json").is_file():
             parser.error(f"{spec!r}: expected LABEL=RUN_DIR with a summary.json in RUN_DIR")
         runs.append((label, Path(folder)))
-    text = compare(runs, PFL_KEYS, blocks=False) if args.table == "pfl" else compare(runs)
+    text = compare(runs, TABLES[args.table], blocks=args.table == "runs")
     print(text, end="")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -37,3 +37,15 @@ def test_compare_runs_protocol_table(tmp_path, capsys):
     assert main([f"alast={a}", "--table", "pfl"]) == 0
     text = capsys.readouterr().out
     assert "| alast | 1 | 70.0 | - | - | 91.0 | - | 60.0 | 1.00 | 2 | 4 | 0.250 | 10 |" in text and "Blocks" not in text
+
+
+def test_compare_runs_robust_table_reads_nested_epsilon(tmp_path, capsys):
+    a = fake_run(tmp_path / "a", 0.9, [[0, 3], [0, 3]])
+    b = fake_run(tmp_path / "b", 0.5, [[0, 3], [0, 3]])
+    summary = json.loads((b / "summary.json").read_text())
+    summary["dp"] = {"epsilon": 4.0, "delta": 1e-5}
+    (b / "summary.json").write_text(json.dumps(summary))
+    assert main([f"plain={a}", f"dp={b}", "--table", "robust"]) == 0
+    text = capsys.readouterr().out
+    assert "| plain | 1 | 80.0 | 90.0 | - | - | 10 |" in text
+    assert "| dp | 1 | 40.0 | 50.0 | - | 4.00 | 10 |" in text and "Blocks" not in text

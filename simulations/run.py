@@ -49,14 +49,14 @@ def simulate_flwr_run(cfg: RunConfig, out: Path, resume: bool = False, progress:
         _toml_value,
     )
 
+    if cfg.backend.cpus_per_client != int(cfg.backend.cpus_per_client):
+        raise ConfigError(f"backend.cpus_per_client is {cfg.backend.cpus_per_client:g}: Flower's simulation runtime behind `flwr run` "
+                          "takes whole CPUs per client; use an integer, or backend.launcher: run_simulation")
     check_out(out, resume, cfg)
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
         write_json(out / "config.json", to_dict(cfg))
     write_json(out / "run-config.json", to_dict(cfg))  # what this invocation runs (a resume may extend the rounds)
-    if cfg.backend.cpus_per_client != int(cfg.backend.cpus_per_client):
-        raise ConfigError(f"backend.cpus_per_client is {cfg.backend.cpus_per_client:g}: Flower's simulation runtime behind `flwr run` "
-                          "takes whole CPUs per client; use an integer, or backend.launcher: run_simulation")
     options = {"num-supernodes": cfg.federation.total_clients(),
                "backend.client-resources.num-cpus": int(cfg.backend.cpus_per_client), "backend.client-resources.num-gpus": 0.0}
     run_config = {"config": str((out / "run-config.json").resolve()), "out": str(out.resolve()), "resume": resume,

@@ -99,10 +99,49 @@ def compare(runs: list[tuple[str, Path]], keys: tuple = SUMMARY_KEYS, blocks: bo
     return "\n".join(lines) + "\n"
 
 
+def plot_privacy(runs: list[tuple[str, Path]], path: Path) -> None:
+    """Accuracy (global, before any head fit) against the DP epsilon the accountant reported;
+    runs without DP are drawn as a horizontal line (epsilon infinite)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points, plain = [], []
+    for label, run in runs:
+        s = json.loads((run / "summary.json").read_text())
+        acc = s.get("accuracy_global_before_head_fit") or s.get("accuracy_global")
+        eps = _get(s, "dp.epsilon")
+        if eps is None:
+            plain.append((100 * acc, label))
+        else:
+            points.append((eps, 100 * acc, label))
+    if not points:
+        raise SystemExit("--plot-privacy: no run has dp.epsilon in its summary.json")
+    points.sort()
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label="client-level DP")
+    for eps, acc, label in points:
+        ax.annotate(label, (eps, acc), textcoords="offset points", xytext=(4, -10), fontsize=8)
+    for acc, label in plain:
+        ax.axhline(acc, ls="--", color="gray", lw=1)
+        ax.annotate(f"{label} (no noise)", (points[0][0], acc), textcoords="offset points", xytext=(0, 3), fontsize=8, color="gray")
+    ax.set_xscale("log")
+    ax.set_xlabel("epsilon (at the run's delta)")
+    ax.set_ylabel("global accuracy (%)")
+    ax.set_title("Accuracy against privacy spent")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="LABEL=RUN_DIR (a folder fedtune simulate wrote)")
     parser.add_argument("--out", help="write the markdown here too")
+    parser.add_argument("--plot-privacy", metavar="PNG", help="also plot accuracy against the runs' DP epsilon")
     parser.add_argument("--table", choices=tuple(TABLES), default="runs", help="runs: accuracy, bytes up and each client's blocks | pfl: the personalized-FL protocol's columns | robust: accuracy before and after the head fit, and DP's epsilon")
     args = parser.parse_args(argv)
     runs = []
@@ -112,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{spec!r}: expected LABEL=RUN_DIR with a summary.json in RUN_DIR")
         runs.append((label, Path(folder)))
     text = compare(runs, TABLES[args.table], blocks=args.table == "runs")
+    if args.plot_privacy:
+        plot_privacy(runs, Path(args.plot_privacy))
     print(text, end="")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

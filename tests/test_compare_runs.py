@@ -45,7 +45,9 @@ def test_compare_runs_robust_table_reads_nested_epsilon(tmp_path, capsys):
     summary = json.loads((b / "summary.json").read_text())
     summary["dp"] = {"epsilon": 4.0, "delta": 1e-5}
     (b / "summary.json").write_text(json.dumps(summary))
-    assert main([f"plain={a}", f"dp={b}", "--table", "robust"]) == 0
+    png = tmp_path / "eps.png"
+    assert main([f"plain={a}", f"dp={b}", "--table", "robust", "--plot-privacy", str(png)]) == 0
+    assert png.stat().st_size > 1000
     text = capsys.readouterr().out
     assert "| plain | 1 | 80.0 | 90.0 | - | - | 10 |" in text
     assert "| dp | 1 | 40.0 | 50.0 | - | 4.00 | 10 |" in text and "Blocks" not in text

@@ -43,7 +43,7 @@ from .federated import (
     shared_model,
     state_to_numpy,
 )
-from .heads import class_moments, class_stats, discriminant, extract_features
+from .heads import bound_contribution, class_moments, class_stats, discriminant, extract_features
 from .methods import Method, MethodConfig, make_method
 from .profiles import get_profile
 from .protocol import EvalMetrics, TrainMetrics
@@ -189,9 +189,11 @@ class ClientRuntime:
         """Per task, the class statistics of the global model's features (every block, every
         token) on this client's training data: what the server's discriminant head fit sums."""
         self._load(global_arrays, state)
-        out = {}
+        fed, out = self.cfg.federation, {}
         for task in self.tasks:
             feats, labels = extract_features(self.model, self.train_set, task)
+            if fed.dp_noise_multiplier and fed.dp_stats_feature_clip:  # bounded contribution: the server adds the noise (heads.privatize_stats)
+                feats, labels = bound_contribution(feats, labels, fed.dp_stats_feature_clip, fed.dp_stats_max_examples, seed=self.cfg.seed * 7919 + self.partition_id)
             for part, value in class_stats(feats, labels, self.model.heads[task].out_features).items():
                 out[f"{task}.{part}"] = value
         return out

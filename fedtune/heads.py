@@ -72,6 +72,39 @@ def class_stats(feats: torch.Tensor, labels: torch.Tensor, num_classes: int) -> 
     return {"count": torch.bincount(labels, minlength=num_classes).double().numpy(), "sum": sums.numpy(), "outer": (x.T @ x).numpy()}
 
 
+def bound_contribution(feats: torch.Tensor, labels: torch.Tensor, clip: float, max_examples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What one client may put into differentially private statistics: at most `max_examples`
+    examples (a seeded sample) with each feature vector scaled down to L2 norm `clip`. Then
+    its counts have L2 norm at most max_examples, its sums max_examples * clip and its second
+    moment (Frobenius) max_examples * clip^2: the sensitivities privatize_stats adds noise for."""
+    if len(feats) > max_examples:
+        keep = torch.randperm(len(feats), generator=torch.Generator().manual_seed(seed))[:max_examples]
+        feats, labels = feats[keep], labels[keep]
+    norms = feats.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return feats * (clip / norms).clamp(max=1.0), labels
+
+
+def privatize_stats(stats: dict[str, np.ndarray], noise_multiplier: float, clip: float, max_examples: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The Gaussian mechanism on summed `class_stats` whose clients bounded their contribution
+    (bound_contribution): noise of `noise_multiplier` times each part's sensitivity (three
+    Gaussian mechanisms, accounted as such), the second moment's noise symmetric. Counts stay
+    at least 1, so every class the noise leaves keeps a mean."""
+    z, n = noise_multiplier, float(max_examples)
+    count = stats["count"] + rng.normal(0.0, z * n, size=stats["count"].shape)
+    sums = stats["sum"] + rng.normal(0.0, z * n * clip, size=stats["sum"].shape)
+    noise = rng.normal(0.0, z * n * clip**2, size=stats["outer"].shape)
+    outer = stats["outer"] + np.triu(noise) + np.triu(noise, 1).T
+    return {"count": np.maximum(count, 1.0), "sum": sums, "outer": outer}
+
+
+def nearest_psd(cov: np.ndarray, floor: float = 1e-6) -> np.ndarray:
+    """`cov` with its eigenvalues raised to at least `floor` times their mean absolute value
+    (noise can make a summed covariance indefinite)."""
+    vals, vecs = np.linalg.eigh((cov + cov.T) / 2)
+    vals = np.maximum(vals, floor * max(np.abs(vals).mean(), 1e-12))
+    return (vecs * vals) @ vecs.T
+
+
 class StatsSum:
     """Per-task `class_stats` summed over clients (what the server's head fit reads).
 

@@ -73,6 +73,8 @@ class FederationConfig:
     attack: AttackConfig = field(default_factory=AttackConfig)  # simulated attackers
     dp_noise_multiplier: float | None = None  # client-level DP: Gaussian noise of this multiple of clip_update_norm (per sampled client) on the aggregate; needs clip_update_norm
     dp_delta: float = 1e-5  # the delta at which the privacy spent (epsilon) is reported
+    dp_stats_feature_clip: float | None = None  # DP with head_fit: lda: each feature vector in a client's statistics scaled down to this L2 norm (needed then)
+    dp_stats_max_examples: int = 256  # DP with head_fit: lda: at most this many of a client's training examples (a seeded sample) enter its statistics
     personal: list[str] = field(default_factory=list)  # parameter-name prefixes that never leave a client
     personalization: Literal["fedrod", "fedper", "fedrep", "lda", "finetune", "local", "none"] = "fedrod"  # how each client's personalized model is made (see fedtune.client)
     lda_shrink: float = 1.0  # lda: pseudo-examples of the federation's class mean added to each of the client's class means
@@ -126,9 +128,14 @@ class FederationConfig:
         if self.dp_noise_multiplier is not None:
             if not self.dp_noise_multiplier > 0 or self.clip_update_norm is None or self.aggregation != "mean":
                 raise ConfigError(f"{prefix}dp_noise_multiplier: needs a positive value, clip_update_norm (the sensitivity) and aggregation: mean")
-            if self.head_fit != "none" or self.personalization == "lda":
-                raise ConfigError(f"{prefix}dp_noise_multiplier: the feature statistics of head_fit: lda and personalization: lda are not privatized; "
-                                  "use head_fit: none and another personalization with differential privacy")
+            if self.personalization == "lda":
+                raise ConfigError(f"{prefix}dp_noise_multiplier: personalization: lda shares feature statistics every round, which are not privatized; "
+                                  "use another personalization with differential privacy")
+            if self.head_fit == "lda" and not (self.dp_stats_feature_clip or 0) > 0:
+                raise ConfigError(f"{prefix}dp_stats_feature_clip: head_fit: lda under differential privacy needs a positive bound on each feature vector's norm "
+                                  "(the statistics' sensitivity), or use head_fit: none")
+            if self.dp_stats_max_examples < 1:
+                raise ConfigError(f"{prefix}dp_stats_max_examples: must be at least 1, got {self.dp_stats_max_examples}")
         if not 0 < self.dp_delta < 1:
             raise ConfigError(f"{prefix}dp_delta: must be in (0, 1), got {self.dp_delta}")
         bad = [c for c in self.attack.clients if not 0 <= c < self.total_clients()]

@@ -24,7 +24,15 @@ from clients.records import numpy_to_arrays
 from fedtune import protocol
 from fedtune.errors import CheckpointError, ConfigError
 from fedtune.federated import federated_data, global_model, load_numpy_state, state_to_numpy
-from fedtune.heads import evaluate, lda_head, set_head
+from fedtune.heads import (
+    class_moments,
+    discriminant,
+    evaluate,
+    lda_head,
+    nearest_psd,
+    privatize_stats,
+    set_head,
+)
 from fedtune.model import checkpoint_meta, model_meta, read_state, save_checkpoint
 from fedtune.protocol import TrainMetrics
 from fedtune.report import append_jsonl, plot_run, read_jsonl, rss_bytes, write_json
@@ -58,6 +66,7 @@ class ServerRunner:
         self.split, _ = federated_data(cfg)
         self.rounds: list[dict[str, Any]] = []
         self.done_rounds = 0
+        self.dp_stats_rng = np.random.default_rng(cfg.seed + 104_729)  # the head fit's noise under DP
         self.bar = None
         self.started = time.time()
         self.final: dict[str, Any] | None = None
@@ -252,7 +261,7 @@ class ServerRunner:
             "clients": clients,
             "client_evaluations": evals,
             "global_importance": s.global_importance,
-            **({"dp_epsilon": dp_epsilon(self.cfg, rnd)} if self.cfg.federation.dp_noise_multiplier else {}),
+            **({"dp_epsilon": dp_epsilon(self.cfg, rnd, head_stats=self._stats_released(rnd))} if self.cfg.federation.dp_noise_multiplier else {}),
             **({"update_norms": [{"node_id": n, "norm": round(v, 6)} for n, v in s.last_update_norms]} if s.clip_update_norm is not None else {}),
             "rss_bytes": proc_rss,
             "rss_bytes_with_workers": total_rss,
@@ -278,6 +287,19 @@ class ServerRunner:
         per_task = {t: evaluate(self.model, self.split.test, t) for t in self.tasks}
         return per_task, {k: float(np.mean([e[k] for e in per_task.values()])) for k in ("accuracy", "loss")}
 
+    def _stats_released(self, rnd: int) -> bool:
+        """Whether this round's head fit released (noisy) feature statistics."""
+        return self.cfg.federation.head_fit == "lda" and rnd == self.cfg.federation.rounds and bool(self.strategy.head_stats)
+
+    def _private_lda_head(self, stats: dict[str, np.ndarray]):
+        """The discriminant head of the summed statistics after the Gaussian mechanism
+        (fedtune.heads.privatize_stats; its privacy is in dp_epsilon), the noisy covariance
+        made positive definite."""
+        f = self.cfg.federation
+        noisy = privatize_stats(stats, f.dp_noise_multiplier, f.dp_stats_feature_clip, f.dp_stats_max_examples, self.dp_stats_rng)
+        count, means, cov = class_moments(noisy)
+        return discriminant(means, nearest_psd(cov), count / count.sum(), count > 0)
+
     def fit_heads(self, stats: dict[str, dict[str, np.ndarray]]) -> tuple[ArrayRecord, dict[str, Any]]:
         """Replace each task's global head by the discriminant head of the clients' summed
         feature statistics (fedtune.heads.lda_head); return the new global arrays."""
@@ -291,7 +313,7 @@ class ServerRunner:
                 log(30, "head statistics for task %r have shape %s, the head is %s: ignored", task, parts["sum"].shape, tuple(head.weight.shape))
                 continue
             try:
-                weight, bias = lda_head(parts)
+                weight, bias = self._private_lda_head(parts) if self.cfg.federation.dp_noise_multiplier else lda_head(parts)
             except (ValueError, np.linalg.LinAlgError) as err:
                 log(30, "head fit for task %r failed (%s); its averaged head stays", task, err)
                 continue
@@ -357,7 +379,10 @@ class ServerRunner:
         summary.update(self.client_summary(rounds))
         if self.cfg.federation.dp_noise_multiplier:
             summary["dp"] = {"noise_multiplier": self.cfg.federation.dp_noise_multiplier, "clip_update_norm": self.cfg.federation.clip_update_norm,
-                             "delta": self.cfg.federation.dp_delta, "epsilon": dp_epsilon(self.cfg, len(rounds) and rounds[-1]["round"]),
+                             "delta": self.cfg.federation.dp_delta,
+                             "epsilon": dp_epsilon(self.cfg, len(rounds) and rounds[-1]["round"], head_stats=any(r.get("head_fit") for r in rounds)),
+                             "head_stats_privatized": any(r.get("head_fit") for r in rounds),
+                             "dp_stats_feature_clip": self.cfg.federation.dp_stats_feature_clip, "dp_stats_max_examples": self.cfg.federation.dp_stats_max_examples,
                              "epsilon_per_round": [r.get("dp_epsilon") for r in rounds], "accountant": "dp_accounting RDP, Poisson-sampled Gaussian"}
         summary["empty_rounds"] = [r["round"] for r in rounds if r.get("accepted", 0) == 0]
         if summary["empty_rounds"] and not self.cfg.federation.allow_empty_rounds:
@@ -394,10 +419,12 @@ def _protocol_numbers(evals: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def dp_epsilon(cfg: RunConfig, rounds: int) -> float:
+def dp_epsilon(cfg: RunConfig, rounds: int, head_stats: bool = False) -> float:
     """The privacy spent after `rounds` rounds (epsilon at federation.dp_delta), by Google's
     dp_accounting RDP accountant: each round a Gaussian mechanism of the configured noise
-    multiplier on a sample of clients_per_round / num_clients (treated as Poisson sampling)."""
+    multiplier on a sample of clients_per_round / num_clients (treated as Poisson sampling);
+    with `head_stats`, also the head fit's release of the statistics: three Gaussian
+    mechanisms (counts, sums, second moment) on the clients that evaluated."""
     import dp_accounting
     from dp_accounting import rdp
 
@@ -407,6 +434,9 @@ def dp_epsilon(cfg: RunConfig, rounds: int) -> float:
     q = (f.clients_per_round or f.num_clients) / f.num_clients
     accountant = rdp.RdpAccountant()
     accountant.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(f.dp_noise_multiplier)), rounds))
+    if head_stats:
+        q_eval = min(f.eval_clients_per_round or f.num_clients, f.num_clients) / f.num_clients
+        accountant.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(q_eval, dp_accounting.GaussianDpEvent(f.dp_noise_multiplier)), 3))
     return float(accountant.get_epsilon(f.dp_delta))
 
 

@@ -67,6 +67,19 @@ def test_client_round_sends_only_what_it_trained():
     assert ev.num_examples == len(test) > 0
 
 
+def test_head_statistics_under_dp_are_bounded_per_client():
+    """With client-level DP and the server's head fit, a client's statistics come from at most
+    dp_stats_max_examples examples with features of norm at most dp_stats_feature_clip."""
+    plain = ClientRuntime(tiny_run(), partition_id=0)
+    private = ClientRuntime(tiny_run(federation={**TINY_RUN["federation"], "head_fit": "lda", "clip_update_norm": 1.0, "dp_noise_multiplier": 1.0,
+                                                 "dp_stats_feature_clip": 0.5, "dp_stats_max_examples": 7}), partition_id=0)
+    glob = state_to_numpy(global_model(tiny_run()))
+    a, b = plain.head_stats(glob, ClientState()), private.head_stats(glob, ClientState())
+    assert a["digit.count"].sum() > 7 and b["digit.count"].sum() == 7
+    assert np.linalg.norm(b["digit.sum"]) <= 7 * 0.5 + 1e-5 and np.trace(b["digit.outer"]) <= 7 * 0.25 + 1e-5
+    assert np.trace(a["digit.outer"]) > 7 * 0.25
+
+
 def test_full_fedavg_client_sends_everything():
     cfg = tiny_run(method={"name": "full"}, federation={"num_clients": 4, "send": "all"})
     rt = ClientRuntime(cfg, partition_id=0)

@@ -577,8 +577,39 @@ def test_privacy_spent_comes_from_the_accountant() -> None:
     assert eps[0] == 0.0 and eps[1] < eps[2] < eps[3]
     more_noise = from_dict(RunConfig, {"federation": {"num_clients": 8, "clients_per_round": 4, "clip_update_norm": 1.0, "dp_noise_multiplier": 4.0}})
     assert dp_epsilon(more_noise, 5) < eps[2]
-    with pytest.raises(ConfigError, match="not privatized"):
+    with pytest.raises(ConfigError, match="dp_stats_feature_clip"):
         from_dict(RunConfig, {"federation": {"clip_update_norm": 1.0, "dp_noise_multiplier": 1.0, "head_fit": "lda"}})
+    with pytest.raises(ConfigError, match="not privatized"):
+        from_dict(RunConfig, {"federation": {"clip_update_norm": 1.0, "dp_noise_multiplier": 1.0, "personalization": "lda"}})
+    with_stats = from_dict(RunConfig, {"federation": {"num_clients": 8, "clients_per_round": 4, "clip_update_norm": 1.0, "dp_noise_multiplier": 1.0,
+                                                      "head_fit": "lda", "dp_stats_feature_clip": 5.0}})
+    assert dp_epsilon(with_stats, 5, head_stats=True) > dp_epsilon(with_stats, 5) == eps[2]  # the statistics' release is paid for
+
+
+def test_private_statistics_bound_each_client_and_add_noise_of_the_sensitivity() -> None:
+    import torch
+
+    from fedtune.heads import bound_contribution, class_stats, lda_head, nearest_psd, privatize_stats
+
+    gen = torch.Generator().manual_seed(0)
+    feats, labels = 30 * torch.randn(500, 6, generator=gen), torch.randint(0, 3, (500,), generator=gen)
+    f, y = bound_contribution(feats, labels, clip=2.0, max_examples=100, seed=1)
+    assert len(f) == 100 and float(f.norm(dim=1).max()) <= 2.0 + 1e-5
+    st = class_stats(f, y, 3)
+    assert np.linalg.norm(st["count"]) <= 100 and np.linalg.norm(st["sum"]) <= 100 * 2.0 + 1e-6 and np.linalg.norm(st["outer"]) <= 100 * 4.0 + 1e-6
+    zero = {"count": np.zeros(3), "sum": np.zeros((3, 6)), "outer": np.zeros((6, 6))}
+    noisy = [privatize_stats(zero, 2.0, 2.0, 100, np.random.default_rng(i)) for i in range(200)]
+    sums = np.stack([n["sum"] for n in noisy])
+    assert abs(sums.std() / (2.0 * 100 * 2.0) - 1) < 0.05  # noise of the multiplier times the sensitivity
+    outer = noisy[0]["outer"]
+    assert np.allclose(outer, outer.T) and abs(np.stack([n["outer"] for n in noisy]).std() / (2.0 * 100 * 4.0) - 1) < 0.05
+    assert min(n["count"].min() for n in noisy) >= 1.0
+    assert np.linalg.eigvalsh(nearest_psd(outer)).min() > 0
+    # with little noise the private head is the plain one's
+    big = class_stats(*bound_contribution(feats, labels, 1e3, 10_000, seed=0), 3)
+    w, _ = lda_head(big)
+    w_private, _ = lda_head(privatize_stats(big, 1e-9, 1e3, 10_000, np.random.default_rng(0)))
+    assert torch.allclose(w, w_private, rtol=1e-4, atol=1e-6)
 
 
 def test_federated_evaluation_every_n_rounds_and_always_in_the_last() -> None:

@@ -589,7 +589,13 @@ def test_privacy_spent_comes_from_the_accountant() -> None:
 def test_private_statistics_bound_each_client_and_add_noise_of_the_sensitivity() -> None:
     import torch
 
-    from fedtune.heads import bound_contribution, class_stats, lda_head, nearest_psd, privatize_stats
+    from fedtune.heads import (
+        bound_contribution,
+        class_stats,
+        lda_head,
+        nearest_psd,
+        privatize_stats,
+    )
 
     gen = torch.Generator().manual_seed(0)
     feats, labels = 30 * torch.randn(500, 6, generator=gen), torch.randint(0, 3, (500,), generator=gen)

@@ -157,6 +157,7 @@ class Deployment:
     auth: bool = False  # SuperNode authentication: only nodes whose public key is registered join
     simulation: bool = False  # the SuperLink runs Flower's simulation runtime (virtual SuperNodes; no SuperNode processes)
     dead: set[str] = field(default_factory=set)  # SuperNodes that exited during the run
+    reaper: subprocess.Popen | None = None  # takes the processes down if the launcher dies (reap_when_orphaned)
 
     def __post_init__(self) -> None:
         if self.auth and not self.tls:
@@ -172,7 +173,22 @@ class Deployment:
         handle = open(log, "wb")  # noqa: SIM115 - closed with the process in stop()
         proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir, start_new_session=True)
         self.procs.append((proc, log))
+        self._watch(proc.pid)
         return proc
+
+    def _watch(self, pid: int) -> None:
+        """The processes run in their own sessions (so a terminal's Ctrl-C reaches only the
+        launcher, which stops them in order); a reaper in its own session takes them down if
+        the launcher dies without doing so (SIGKILL, a crash)."""
+        import psutil
+
+        pidfile = self.workdir / "deployment.pids"
+        with open(pidfile, "a") as f:
+            f.write(f"{pid} {psutil.Process(pid).create_time()}\n")
+        if self.reaper is None:
+            code = f"from simulations.deploy import reap_when_orphaned; reap_when_orphaned({os.getpid()}, {str(pidfile)!r})"
+            self.reaper = subprocess.Popen([sys.executable, "-c", code], cwd=PROJECT, start_new_session=True,
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def security(self, server: bool) -> list[str]:
         if not self.tls:
@@ -271,12 +287,51 @@ class Deployment:
         for proc, _ in self.procs:
             if proc.stdout is not None:
                 proc.stdout.close()
+        (self.workdir / "deployment.pids").unlink(missing_ok=True)
+        if self.reaper is not None:
+            self.reaper.kill()
+            self.reaper.wait()
+            self.reaper = None
 
     def __enter__(self) -> Deployment:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def reap_when_orphaned(parent: int, pidfile: str, poll_s: float = 0.5) -> None:
+    """Wait while `parent` (the launcher) lives and `pidfile` exists; if the launcher dies first,
+    kill every process the file lists (pid and start time, so a reused pid is spared) and
+    all their descendants."""
+    import psutil
+
+    path = Path(pidfile)
+    while path.exists():
+        try:
+            if psutil.Process(parent).status() == psutil.STATUS_ZOMBIE:
+                break
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(poll_s)
+    else:
+        return
+    victims = []
+    for line in path.read_text().splitlines():
+        pid, started = line.split()
+        try:
+            proc = psutil.Process(int(pid))
+            if abs(proc.create_time() - float(started)) < 1e-3:
+                victims += [proc, *proc.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+    for proc in victims:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(victims, timeout=10)
+    path.unlink(missing_ok=True)
 
 
 def _toml_value(value: object) -> str:

@@ -109,3 +109,30 @@ def test_authenticated_deployment_refuses_an_unregistered_node_and_survives_a_ki
     assert "Failed to activate SuperNode" in intruder_log, intruder_log[-2000:]
     left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
     assert not left, f"every Flower process was stopped: {[p.cmdline() for p in left]}"
+
+
+def test_a_killed_launcher_leaves_no_superlink_behind(tmp_path):
+    """The SuperLink runs in its own session (a terminal's Ctrl-C reaches only the launcher);
+    when the launcher is SIGKILLed, the reaper takes the SuperLink and its children down."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import psutil
+
+    script = ("import sys, time\nfrom pathlib import Path\nfrom simulations.deploy import Deployment\n"
+              f"dep = Deployment(Path({str(tmp_path / 'dep')!r}), simulation=True)\ndep.start_superlink()\n"
+              "print(dep.procs[0][0].pid, flush=True)\ntime.sleep(600)\n")
+    launcher = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent)
+    superlink = psutil.Process(int(launcher.stdout.readline()))
+    assert superlink.is_running()
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait()
+    end = time.time() + 20
+    pids = tmp_path / "dep" / "deployment.pids"
+    while time.time() < end and (pids.exists() or (superlink.is_running() and superlink.status() != psutil.STATUS_ZOMBIE)):
+        time.sleep(0.2)
+    assert not superlink.is_running() or superlink.status() == psutil.STATUS_ZOMBIE, "the SuperLink outlived its launcher"
+    assert not pids.exists(), "the reaper finished"

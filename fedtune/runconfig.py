@@ -69,6 +69,7 @@ class FederationConfig:
     weighting: protocol.Weighting = "examples"  # examples | updates
     aggregation: Literal["mean", "median", "trimmed_mean"] = "mean"  # how each parameter is combined over the clients that sent it
     trim_fraction: float = 0.2  # trimmed_mean: share of the largest and of the smallest values dropped per coordinate
+    robust_absent: Literal["skip", "unchanged"] = "skip"  # median/trimmed_mean: skip: over a parameter's senders only | unchanged: a client that replied without it counts as a vote for no change
     clip_update_norm: float | None = None  # norm bounding: each client's update (over what it sent) scaled down to this L2 norm
     attack: AttackConfig = field(default_factory=AttackConfig)  # simulated attackers
     dp_noise_multiplier: float | None = None  # client-level DP: Gaussian noise of this multiple of clip_update_norm (per sampled client) on the aggregate; needs clip_update_norm

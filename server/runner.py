@@ -115,6 +115,7 @@ class ServerRunner:
             initial_on_clients=f.downlink == "sparse" and round_offset == 0,
             aggregation=f.aggregation,
             trim_fraction=f.trim_fraction,
+            robust_absent=f.robust_absent,
             clip_update_norm=f.clip_update_norm,
             dp_noise_multiplier=f.dp_noise_multiplier,
             resend_timeout=f.round_timeout_s,

@@ -36,6 +36,7 @@ from fedtune.heads import StatsSum
 
 from .downlink import FULL, Downlink
 
+ROBUST_ABSENT = ("skip", "unchanged")
 AGGREGATIONS = ("mean", "median", "trimmed_mean")  # how each parameter is combined over its senders
 IMPORTANCE_EMA_RATE = 0.5  # weight of the new round's mean in the running importance
 _STATE_VERSION = 1
@@ -102,6 +103,7 @@ class SparseFedAvg(FedAvg):
         trim_fraction: float = 0.2,
         clip_update_norm: float | None = None,
         dp_noise_multiplier: float | None = None,
+        robust_absent: str = "skip",
         **fedavg_kwargs: Any,
     ) -> None:
         if aggregation not in AGGREGATIONS:
@@ -112,7 +114,10 @@ class SparseFedAvg(FedAvg):
             raise ConfigError(f"clip_update_norm: must be positive or None, got {clip_update_norm}")
         if dp_noise_multiplier is not None and (clip_update_norm is None or aggregation != "mean" or not dp_noise_multiplier > 0):
             raise ConfigError("dp_noise_multiplier: needs clip_update_norm (the sensitivity), aggregation 'mean' and a positive multiplier")
+        if robust_absent not in ROBUST_ABSENT:
+            raise ConfigError(f"robust_absent: expected one of {ROBUST_ABSENT}, got {robust_absent!r}")
         self.aggregation, self.trim_fraction, self.clip_update_norm = aggregation, trim_fraction, clip_update_norm
+        self.robust_absent = robust_absent
         self.dp_noise_multiplier = dp_noise_multiplier
         self.dp_rng = np.random.default_rng()
         if weighting not in protocol.WEIGHTINGS:
@@ -611,7 +616,10 @@ class SparseFedAvg(FedAvg):
         return ArrayRecord(aggregated)
 
     def _robust_arrays(self, global_arrays: ArrayRecord, replies: list[_Reply]) -> ArrayRecord:
-        """Coordinate-wise median or trimmed mean (unweighted) of each parameter over its senders."""
+        """Coordinate-wise median or trimmed mean (unweighted) of each parameter over its senders;
+        with robust_absent 'unchanged', every client that replied this round and did not send
+        the parameter counts as a vote for its global value (no change), so attackers who are
+        many among a block's few senders but few among the round's clients are outvoted."""
         senders: dict[str, list[np.ndarray]] = {}
         for reply in replies:
             for name, value in reply.arrays.items():
@@ -622,6 +630,8 @@ class SparseFedAvg(FedAvg):
             if not values:
                 aggregated[name] = Array(dtype=reference.dtype, shape=tuple(reference.shape), stype=reference.stype, data=reference.data)
                 continue
+            if self.robust_absent == "unchanged":
+                values = values + [reference.numpy()] * (len(replies) - len(values))
             stack = np.stack([v.astype(np.float64) for v in values])
             if self.aggregation == "median":
                 combined = np.median(stack, axis=0)

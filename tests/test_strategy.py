@@ -530,6 +530,24 @@ def test_median_and_trimmed_mean_resist_one_outlier_per_parameter() -> None:
         np.testing.assert_array_equal(got["b"], as_numpy(g)["b"]), "nobody sent b"
 
 
+def test_absent_clients_vote_for_no_change_when_asked() -> None:
+    """Sparse replies: the attackers are half of c's senders but a third of the round's
+    clients. Over c's senders the median is theirs to move; with robust_absent 'unchanged' the
+    client that did not send c counts as a vote for its global value (0.1)."""
+    g = global_arrays()  # a = [1, 2], c = [0.1]
+    replies = [reply(1, arrays(a=[1.0, 2.0], c=[0.2])), reply(2, arrays(a=[1.5, 2.5])), reply(3, arrays(a=[9.0, 9.0], c=[50.0])),
+               reply(4, arrays(a=[1.2, 2.2])), reply(5, arrays(a=[9.0, 9.0], c=[50.0])), reply(6, arrays(a=[1.1, 2.1]))]
+    skip, unchanged = SparseFedAvg(aggregation="median"), SparseFedAvg(aggregation="median", robust_absent="unchanged")
+    for strategy in (skip, unchanged):
+        configured(strategy, g)
+    got_skip, got_unchanged = (as_numpy(st.aggregate_train(1, replies)[0]) for st in (skip, unchanged))
+    np.testing.assert_allclose(got_skip["c"], [50.0])  # the median of (0.2, 50, 50)
+    np.testing.assert_allclose(got_unchanged["c"], [0.15], rtol=1e-6)  # of (0.2, 50, 50, 0.1, 0.1, 0.1)
+    np.testing.assert_allclose(got_unchanged["a"], got_skip["a"])  # everyone sent a
+    with pytest.raises(ConfigError, match="robust_absent"):
+        SparseFedAvg(aggregation="median", robust_absent="zero")
+
+
 def test_norm_bounding_scales_long_updates_down() -> None:
     g = global_arrays()  # a = [1, 2]
     strategy = SparseFedAvg(clip_update_norm=1.0)

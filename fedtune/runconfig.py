@@ -165,7 +165,7 @@ class FederationConfig:
 class BackendConfig:
     cpus_per_client: float = 1.0  # Ray resources per virtual client
     torch_threads: int = 1  # torch threads inside each client
-    launcher: Literal["run_simulation", "flwr-run"] = "run_simulation"  # run_simulation: Flower's in-process launcher (deprecated in flwr 1.42) | flwr-run: a private SuperLink with Flower's simulation runtime and `flwr run`
+    launcher: Literal["run_simulation", "flwr-run"] = "flwr-run"  # flwr-run: a private SuperLink with Flower's simulation runtime and `flwr run` (the path Flower supports) | run_simulation: Flower's in-process launcher (deprecated in flwr 1.42)
 
 
 @dataclass

@@ -58,7 +58,8 @@ def simulate_flwr_run(cfg: RunConfig, out: Path, resume: bool = False, progress:
         write_json(out / "config.json", to_dict(cfg))
     write_json(out / "run-config.json", to_dict(cfg))  # what this invocation runs (a resume may extend the rounds)
     options = {"num-supernodes": cfg.federation.total_clients(),
-               "backend.client-resources.num-cpus": int(cfg.backend.cpus_per_client), "backend.client-resources.num-gpus": 0.0}
+               "backend.client-resources.num-cpus": int(cfg.backend.cpus_per_client), "backend.client-resources.num-gpus": 0.0,
+               "backend.init-args.logging-level": "INFO" if verbose else "ERROR", "backend.init-args.log-to-driver": verbose}
     run_config = {"config": str((out / "run-config.json").resolve()), "out": str(out.resolve()), "resume": resume,
                   "simulated": True, "state-dir": str((out / "client_state").resolve()), "progress": False}
     bar = None
@@ -151,6 +152,9 @@ def simulate(cfg: RunConfig, out: Path, resume: bool = False, progress: bool = T
     """Run `cfg` as a Flower simulation (Ray backend); return summary.json's content."""
     if cfg.federation.independent_tasks:
         return simulate_independent(cfg, Path(out), resume, progress, verbose)
+    cpus = os.cpu_count() or 1
+    if cfg.backend.cpus_per_client > cpus:
+        raise ConfigError(f"backend.cpus_per_client is {cfg.backend.cpus_per_client:g} but this machine has {cpus} CPU(s): no virtual client could start; use at most {cpus}")
     if cfg.backend.launcher == "flwr-run":
         return simulate_flwr_run(cfg, Path(out), resume, progress, verbose)
     from flwr.simulation import run_simulation
@@ -159,9 +163,6 @@ def simulate(cfg: RunConfig, out: Path, resume: bool = False, progress: bool = T
     from server.app import make_server_app
 
     out = Path(out)
-    cpus = os.cpu_count() or 1
-    if cfg.backend.cpus_per_client > cpus:
-        raise ConfigError(f"backend.cpus_per_client is {cfg.backend.cpus_per_client:g} but this machine has {cpus} CPU(s): no virtual client could start; use at most {cpus}")
     check_out(out, resume, cfg)
     out.mkdir(parents=True, exist_ok=True)
     if not resume:  # a resumed run keeps the config it started with

@@ -205,7 +205,7 @@ def test_the_flwr_run_launcher_gives_the_same_outputs(tmp_path):
     cfg = run_cfg(top={"backend": {"launcher": "flwr-run"}}, head_fit="lda")
     summary = simulate(cfg, tmp_path / "run", progress=False)
     assert summary["rounds"] == 2 and "error" not in summary and summary["accuracy_personalized"] is not None
-    reference = simulate(run_cfg(head_fit="lda"), tmp_path / "reference", progress=False)  # Flower's run_simulation
+    reference = simulate(run_cfg(top={"backend": {"launcher": "run_simulation"}}, head_fit="lda"), tmp_path / "reference", progress=False)  # Flower's run_simulation
     for key in ("accuracy_global_per_round", "accuracy_global", "accuracy_global_before_head_fit", "accuracy_personalized", "bytes_up_total", "bytes_down_total"):
         assert summary[key] == reference[key], key
     for name in ("metrics.jsonl", "checkpoint.safetensors", "final_evaluation.json", "config.json"):

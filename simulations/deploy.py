@@ -182,7 +182,7 @@ class Deployment:
         the launcher dies without doing so (SIGKILL, a crash)."""
         import psutil
 
-        pidfile = self.workdir / "deployment.pids"
+        pidfile = (self.workdir / "deployment.pids").resolve()  # the reaper runs from the project folder
         with open(pidfile, "a") as f:
             f.write(f"{pid} {psutil.Process(pid).create_time()}\n")
         if self.reaper is None:

@@ -37,7 +37,7 @@ from fedtune.model import checkpoint_meta, model_meta, read_state, save_checkpoi
 from fedtune.protocol import TrainMetrics
 from fedtune.report import append_jsonl, plot_run, read_jsonl, rss_bytes, write_json
 from fedtune.runconfig import RunConfig
-from fedtune.typedconfig import differences, to_dict
+from fedtune.typedconfig import differences, from_dict, to_dict
 
 from .strategy import SparseFedAvg
 
@@ -445,7 +445,12 @@ def resume_conflicts(path: Path, raw_meta: dict[str, str], cfg: RunConfig) -> No
     """Refuse to resume the checkpoint at `path` with a config that changes what its rounds
     compute, naming the keys that differ (RESUME_MAY_CHANGE may)."""
     meta = checkpoint_meta(raw_meta)
-    changed = [k for k in differences(meta.get("run", {}), to_dict(cfg)) if not k.startswith(RESUME_MAY_CHANGE)]
+    started = meta.get("run", {})
+    try:  # keys added to the config since the run started take their defaults, as the run had them
+        started = to_dict(from_dict(RunConfig, started))
+    except (ConfigError, TypeError, ValueError, KeyError):
+        pass  # a config this version cannot read: compare it as written
+    changed = [k for k in differences(started, to_dict(cfg)) if not k.startswith(RESUME_MAY_CHANGE)]
     if changed:
         raise CheckpointError(f"{path}: was written by a run whose config differs in {', '.join(changed[:8])}{' ...' if len(changed) > 8 else ''}; "
                               f"resume with the config it started with (config.json beside it); only {', '.join(RESUME_MAY_CHANGE)} may change")

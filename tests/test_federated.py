@@ -218,6 +218,16 @@ def test_a_failed_start_writes_nothing_into_an_existing_run(tmp_path):
     with pytest.raises(CheckpointError, match="differs in seed, train.lr; resume with the config"):
         simulate(other, run, resume=True)
     assert (run / "config.json").read_text() == "the original"
+    # a run started before a config key existed: the key's default is what it ran with
+    from fedtune.model import read_state
+    from server.runner import resume_conflicts
+
+    older = to_dict(cfg)
+    del older["federation"]["robust_absent"]
+    save_checkpoint(run / "checkpoint.safetensors", model.state_dict(), model_meta(cfg.model, {"digit": 10}, run=older, round=1, strategy={}, method="bsr"))
+    resume_conflicts(run / "checkpoint.safetensors", read_state(run / "checkpoint.safetensors")[1], cfg)
+    with pytest.raises(CheckpointError, match="differs in federation.robust_absent"):
+        resume_conflicts(run / "checkpoint.safetensors", read_state(run / "checkpoint.safetensors")[1], tiny_run(federation={**TINY_RUN["federation"], "robust_absent": "unchanged"}))
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="is a file"):
         simulate(tiny_run(), tmp_path / "file")

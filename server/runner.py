@@ -373,8 +373,8 @@ class ServerRunner:
             "wall_time_s": round(time.time() - self.started, 1),
             "peak_rss_bytes": int(peak),
             "rss_bytes_per_round": [r.get("rss_bytes_with_workers") for r in rounds],
-            # seconds each round took (the first includes the start: data, model, workers)
-            "round_time_s": [round(t - p, 2) for p, t in zip([0.0, *times][: len(times)], times, strict=True)],
+            # seconds each round took (the first, and the first after a resume, include the start: data, model, workers)
+            "round_time_s": [round(t - p if t >= p else t, 2) for p, t in zip([0.0, *times][: len(times)], times, strict=True)],
             "checkpoint": str(self._checkpoint_path()),
         }
         summary.update(self.client_summary(rounds))

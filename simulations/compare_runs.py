@@ -125,7 +125,7 @@ def plot_privacy(runs: list[tuple[str, Path]], path: Path) -> None:
         ax.annotate(label, (eps, acc), textcoords="offset points", xytext=(4, -10), fontsize=8)
     for acc, label in plain:
         ax.axhline(acc, ls="--", color="gray", lw=1)
-        ax.annotate(f"{label} (no noise)", (points[0][0], acc), textcoords="offset points", xytext=(0, 3), fontsize=8, color="gray")
+        ax.annotate(f"{label} (epsilon infinite)", (points[0][0], acc), textcoords="offset points", xytext=(0, 3), fontsize=8, color="gray")
     ax.set_xscale("log")
     ax.set_xlabel("epsilon (at the run's delta)")
     ax.set_ylabel("global accuracy (%)")

@@ -202,13 +202,15 @@ def test_the_flwr_run_launcher_gives_the_same_outputs(tmp_path):
 
     from simulations.run import simulate
 
+    before = {p.pid for p in psutil.Process().children(recursive=True)}  # e.g. a resource tracker an earlier test left
     cfg = run_cfg(top={"backend": {"launcher": "flwr-run"}}, head_fit="lda")
     summary = simulate(cfg, tmp_path / "run", progress=False)
     assert summary["rounds"] == 2 and "error" not in summary and summary["accuracy_personalized"] is not None
+    _, alive = psutil.wait_procs([p for p in psutil.Process().children(recursive=True) if p.pid not in before], timeout=20)
+    assert not alive, f"left running: {[p.cmdline() for p in alive]}"
     reference = simulate(run_cfg(top={"backend": {"launcher": "run_simulation"}}, head_fit="lda"), tmp_path / "reference", progress=False)  # Flower's run_simulation
     for key in ("accuracy_global_per_round", "accuracy_global", "accuracy_global_before_head_fit", "accuracy_personalized", "bytes_up_total", "bytes_down_total"):
         assert summary[key] == reference[key], key
     for name in ("metrics.jsonl", "checkpoint.safetensors", "final_evaluation.json", "config.json"):
         assert (tmp_path / "run" / name).is_file(), name
     assert sorted(p.name for p in (tmp_path / "run" / "client_state").iterdir()) == ["client-0", "client-1", "client-2"]
-    assert not psutil.Process().children(recursive=True)

@@ -379,10 +379,11 @@ class ServerRunner:
         }
         summary.update(self.client_summary(rounds))
         if self.cfg.federation.dp_noise_multiplier:
+            released = any(r.get("head_fit") for r in rounds)
             summary["dp"] = {"noise_multiplier": self.cfg.federation.dp_noise_multiplier, "clip_update_norm": self.cfg.federation.clip_update_norm,
                              "delta": self.cfg.federation.dp_delta,
-                             "epsilon": dp_epsilon(self.cfg, len(rounds) and rounds[-1]["round"], head_stats=any(r.get("head_fit") for r in rounds)),
-                             "head_stats_privatized": any(r.get("head_fit") for r in rounds),
+                             "epsilon": dp_epsilon(self.cfg, len(rounds) and rounds[-1]["round"], head_stats=released),
+                             "head_stats_privatized": released,
                              "dp_stats_feature_clip": self.cfg.federation.dp_stats_feature_clip, "dp_stats_max_examples": self.cfg.federation.dp_stats_max_examples,
                              "epsilon_per_round": [r.get("dp_epsilon") for r in rounds], "accountant": "dp_accounting RDP, Poisson-sampled Gaussian"}
         summary["empty_rounds"] = [r["round"] for r in rounds if r.get("accepted", 0) == 0]

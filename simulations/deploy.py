@@ -278,12 +278,7 @@ class Deployment:
                 except ProcessLookupError:
                     pass
                 proc.wait()
-        for child in descendants:
-            try:
-                child.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(descendants, timeout=10)
+        _kill_and_wait(descendants)
         for proc, _ in self.procs:
             if proc.stdout is not None:
                 proc.stdout.close()
@@ -325,13 +320,20 @@ def reap_when_orphaned(parent: int, pidfile: str, poll_s: float = 0.5) -> None:
                 victims += [proc, *proc.children(recursive=True)]
         except psutil.NoSuchProcess:
             continue
-    for proc in victims:
+    _kill_and_wait(victims)
+    path.unlink(missing_ok=True)
+
+
+def _kill_and_wait(procs: list, timeout: float = 10.0) -> None:
+    """SIGKILL each psutil.Process (gone ones are skipped) and wait for them to exit."""
+    import psutil
+
+    for proc in procs:
         try:
             proc.kill()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(victims, timeout=10)
-    path.unlink(missing_ok=True)
+    psutil.wait_procs(procs, timeout=timeout)
 
 
 def _toml_value(value: object) -> str:

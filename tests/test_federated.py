@@ -402,6 +402,11 @@ def test_simulated_attackers_send_what_their_attack_says():
     np.testing.assert_array_equal(other[name], honest2[name]), "clients not listed are honest"
     data = ClientRuntime(tiny_run(), 0).train_set
     assert (flipped_labels(data, "digit").labels["digit"] == 9 - data.labels["digit"]).all()
+    dp = {"num_clients": 4, "clip_update_norm": 1.0, "dp_noise_multiplier": 1.0}
+    with pytest.raises(ConfigError, match="dp_stats_max_examples: must be at least 1, got 0"):
+        tiny_run(federation={**dp, "dp_stats_max_examples": 0})
+    with pytest.raises(ConfigError, match="robust_absent"):
+        tiny_run(federation={"num_clients": 4, "robust_absent": "zero"})
     for attack, match in (({"kind": "noise"}, "name the attacking clients"), ({"kind": "sign_flip", "clients": [9]}, "partition id 9 out of range"),
                           ({"kind": "flip"}, "attack.kind")):
         with pytest.raises(ConfigError, match=match):
@@ -413,6 +418,9 @@ def test_a_simulation_no_client_can_start_in_fails_at_once(tmp_path):
 
     with pytest.raises(ConfigError, match="cpus_per_client is 100 but this machine has"):
         simulate(tiny_run(backend={"cpus_per_client": 100}), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match="cpus_per_client is 0.5: Flower's simulation runtime behind `flwr run` takes whole CPUs"):
+        simulate(tiny_run(backend={"cpus_per_client": 0.5, "launcher": "flwr-run"}), tmp_path / "run")
     assert not (tmp_path / "run").exists()
     with pytest.raises(ConfigError, match="min_clients"):
         tiny_run(federation={"num_clients": 4, "min_clients": 5})

@@ -222,7 +222,8 @@ class ServerRunner:
         head_fit = {}
         if self.strategy.head_stats and self.cfg.federation.head_fit == "lda" and rnd == self.cfg.federation.rounds:
             arrays, head_fit = self.fit_heads(self.strategy.head_stats)
-            head_fit.update(accuracy_global_before_head_fit=ev["accuracy"], bytes_up_head_stats=self.strategy.head_stats_bytes)
+            head_fit.update(accuracy_global_before_head_fit=ev["accuracy"], bytes_up_head_stats=self.strategy.head_stats_bytes,
+                            accuracy_per_task_before_head_fit={t: e["accuracy"] for t, e in per_task.items()})
             per_task, ev = self.evaluate_global()
         rec = {**self.round_record(rnd, per_task, ev), **head_fit}
         self.record(rec)
@@ -359,6 +360,7 @@ class ServerRunner:
             "bytes_up_total": int(sum(r["bytes_up"] + r.get("bytes_up_head_stats", 0) for r in rounds)),
             "head_fit": self.cfg.federation.head_fit,
             "accuracy_global_before_head_fit": last.get("accuracy_global_before_head_fit"),
+            "accuracy_per_task_before_head_fit": last.get("accuracy_per_task_before_head_fit"),
             "downlink": self.cfg.federation.downlink,
             "personalization": self.cfg.federation.personalization,
             "bytes_down_total": int(sum(r["bytes_down"] for r in rounds) + (self.final or {}).get("bytes_down", 0)),

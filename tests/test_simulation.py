@@ -69,6 +69,8 @@ def test_simulation_writes_outputs_and_survives_a_failing_client(tmp_path):
     assert summary["bytes_up_total"] == sum(summary["bytes_up_per_round"]) + rounds[2]["bytes_up_head_stats"] > sum(summary["bytes_up_per_round"])
     assert summary["accuracy_per_task"] == rounds[2]["accuracy_per_task"]
     assert summary["accuracy_global"] == pytest.approx(sum(summary["accuracy_per_task"].values()) / 2)
+    before = summary["accuracy_per_task_before_head_fit"]
+    assert set(before) == {"digit", "parity"} and summary["accuracy_global_before_head_fit"] == pytest.approx(sum(before.values()) / 2)
     for plot in ("accuracy.png", "bytes.png", "blocks.png", "experts_per_task.png", "experts_per_client.png"):
         assert (out / "plots" / plot).stat().st_size > 0
     assert (out / "checkpoint.safetensors").is_file()

@@ -45,7 +45,30 @@ ROBUST_KEYS = (  # attacks, robust aggregation and differential privacy (--table
     ("dp.epsilon", "DP epsilon", 1.0, 2),
     ("wall_time_s", "wall time (s)", 1.0, 0),
 )
-TABLES = {"runs": SUMMARY_KEYS, "pfl": PFL_KEYS, "robust": ROBUST_KEYS}
+TABLES = {"runs": SUMMARY_KEYS, "pfl": PFL_KEYS, "robust": ROBUST_KEYS, "tasks": ()}
+
+
+def task_keys(runs: list[tuple[str, Path]]) -> tuple:
+    """The multitask table's columns (--table tasks): each task's accuracy after and before
+    the server's head fit, their means, and the largest reply as a fraction of the model.
+    A folder with a probe.json (`fedtune probe`) gives the reference row: the head fit on
+    the starting model, no training."""
+    tasks: list[str] = []
+    for _, run in runs:
+        for task in _read(run).get("accuracy_per_task") or {}:
+            tasks += [task] if task not in tasks else []
+    keys = [(f"accuracy_per_task.{t}", f"{t} (%)", 100.0, 1) for t in tasks]
+    keys += [("accuracy_global", "mean (%)", 100.0, 1)]
+    keys += [(f"accuracy_per_task_before_head_fit.{t}", f"{t} before head fit (%)", 100.0, 1) for t in tasks]
+    keys += [("accuracy_global_before_head_fit", "mean before head fit (%)", 100.0, 1),
+             ("bytes_up_client_max_vs_model", "largest reply / model", 1.0, 3), ("wall_time_s", "wall time (s)", 1.0, 0)]
+    return tuple(keys)
+
+
+def _read(run: Path) -> dict:
+    """A run's summary.json, or a probe folder's probe.json."""
+    path = run / "summary.json"
+    return json.loads((path if path.is_file() else run / "probe.json").read_text())
 
 
 def _get(summary: dict, key: str):
@@ -83,7 +106,7 @@ def compare(runs: list[tuple[str, Path]], keys: tuple = SUMMARY_KEYS, blocks: bo
     by_label: dict[str, list[Path]] = {}
     for label, run in runs:
         by_label.setdefault(label, []).append(run)
-    summaries = {label: [json.loads((r / "summary.json").read_text()) for r in rs] for label, rs in by_label.items()}
+    summaries = {label: [_read(r) for r in rs] for label, rs in by_label.items()}
     lines = ["| run | runs | " + " | ".join(h for _, h, _, _ in keys) + " |", "|---|---|" + "---|" * len(keys)]
     for label, sums in summaries.items():
         cells = [_cell([_get(s, k) for s in sums], scale, dec) for k, _, scale, dec in keys]
@@ -139,18 +162,20 @@ def plot_privacy(runs: list[tuple[str, Path]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", help="LABEL=RUN_DIR (a folder fedtune simulate wrote)")
+    parser.add_argument("runs", nargs="+", help="LABEL=RUN_DIR (a folder fedtune simulate wrote; with --table tasks also a fedtune probe folder)")
     parser.add_argument("--out", help="write the markdown here too")
     parser.add_argument("--plot-privacy", metavar="PNG", help="also plot accuracy against the runs' DP epsilon")
-    parser.add_argument("--table", choices=tuple(TABLES), default="runs", help="runs: accuracy, bytes up and each client's blocks | pfl: the personalized-FL protocol's columns | robust: accuracy before and after the head fit, and DP's epsilon")
+    parser.add_argument("--table", choices=tuple(TABLES), default="runs", help="runs: accuracy, bytes up and each client's blocks | pfl: the personalized-FL protocol's columns | robust: accuracy before and after the head fit, and DP's epsilon | tasks: each task's accuracy before and after the head fit")
     args = parser.parse_args(argv)
     runs = []
     for spec in args.runs:
         label, sep, folder = spec.partition("=")
-        if not sep or not (Path(folder) / "summary.json").is_file():
+        probe = args.table == "tasks" and (Path(folder) / "probe.json").is_file()
+        if not sep or not ((Path(folder) / "summary.json").is_file() or probe):
             parser.error(f"{spec!r}: expected LABEL=RUN_DIR with a summary.json in RUN_DIR")
         runs.append((label, Path(folder)))
-    text = compare(runs, TABLES[args.table], blocks=args.table == "runs")
+    keys = task_keys(runs) if args.table == "tasks" else TABLES[args.table]
+    text = compare(runs, keys, blocks=args.table == "runs")
     if args.plot_privacy:
         plot_privacy(runs, Path(args.plot_privacy))
     print(text, end="")

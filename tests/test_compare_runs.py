@@ -51,3 +51,19 @@ def test_compare_runs_robust_table_reads_nested_epsilon(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "| plain | 1 | 80.0 | 90.0 | - | - | 10 |" in text
     assert "| dp | 1 | 40.0 | 50.0 | - | 4.00 | 10 |" in text and "Blocks" not in text
+
+
+def test_compare_runs_task_table_with_a_probe_reference(tmp_path, capsys):
+    a = fake_run(tmp_path / "moe", 0.8, [[0, 3], [0, 3]])
+    summary = json.loads((a / "summary.json").read_text())
+    summary.update(accuracy_per_task={"digit": 0.9, "garment": 0.7}, accuracy_per_task_before_head_fit={"digit": 0.8, "garment": 0.6},
+                   accuracy_global_before_head_fit=0.7, bytes_up_client_max_vs_model=0.25)
+    (a / "summary.json").write_text(json.dumps(summary))
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    (probe / "probe.json").write_text(json.dumps({"accuracy_per_task": {"digit": 0.85, "garment": 0.5}, "accuracy_global": 0.675}))
+    assert main([f"moe={a}", f"probe={probe}", "--table", "tasks"]) == 0
+    text = capsys.readouterr().out
+    assert "| run | runs | digit (%) | garment (%) | mean (%) | digit before head fit (%) | garment before head fit (%) |" in text
+    assert "| moe | 1 | 90.0 | 70.0 | 80.0 | 80.0 | 60.0 | 70.0 | 0.250 | 10 |" in text
+    assert "| probe | 1 | 85.0 | 50.0 | 67.5 | - | - | - | - | - |" in text and "Blocks" not in text

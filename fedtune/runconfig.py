@@ -100,6 +100,8 @@ class FederationConfig:
             raise ConfigError(f"{prefix}new_clients: must be >= 0, got {self.new_clients}")
         if self.new_clients and not self.final_evaluation:
             raise ConfigError(f"{prefix}new_clients: new clients are evaluated in the final evaluation only; set final_evaluation: true")
+        if self.new_clients and self.personalization in ("fedrod", "fedper", "fedrep", "local"):
+            raise ConfigError(f"{prefix}new_clients: a new client never trains, so it has no {self.personalization} personal model; use personalization lda, finetune or none")
         if self.clients_per_round is not None and not 1 <= self.clients_per_round <= self.num_clients:
             raise ConfigError(f"{prefix}clients_per_round: must be in 1..num_clients ({self.num_clients}), got {self.clients_per_round}")
         if not 1 <= self.rounds <= MAX_ROUNDS:

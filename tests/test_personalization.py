@@ -125,7 +125,8 @@ def test_each_personalization_reports_what_it_promises(mode):
 
 def test_bad_personalization_configs_are_clear_errors():
     for fed, match in (({"personalization": "ditto"}, "personalization"), ({"lda_shrink": -1}, "lda_shrink"),
-                       ({"finetune_epochs": 0}, "finetune_epochs"), ({"downlink": "delta"}, "downlink")):
+                       ({"finetune_epochs": 0}, "finetune_epochs"), ({"downlink": "delta"}, "downlink"),
+                       ({"new_clients": 2, "personalization": "fedrod"}, "a new client never trains, so it has no fedrod personal model")):
         with pytest.raises(ConfigError, match=match):
             tiny_run(federation={"num_clients": 4, **fed})
 

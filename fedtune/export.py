@@ -197,15 +197,20 @@ def export_run(run_dir: str | Path, task: str | None, out: str | Path, client: i
     exported = sum(v.numel() * v.element_size() for v in state.values())
     summary = {"out": str(out), "kind": kind, "task": task, "client": client, "bytes": exported, "run_model_bytes": full_bytes,
                "inference_flops_per_image": inference_flops(task_model, example[:1]), "onnx_max_abs_diff": onnx_diff, "experts": config["experts"]}
+    labels = split.test.for_task(task).labels[task]
+    with torch.no_grad():
+        mine = torch.cat([task_model(b).argmax(-1) for b in test_images.split(256)])
+    # the exported model on every test image of the task (the run's central test set)
+    summary.update(test_images=len(labels), test_accuracy=float((mine == labels).float().mean()))
     if kind == "moe":
         # the dense ViT of the same shape and its task head: what the MoE export is weighed against
         dense = TaskModel(copy.deepcopy(_dense_vit(cfg)), head).eval()
         summary["dense_bytes"] = sum(v.numel() * v.element_size() for k, v in dense.state_dict().items())
         summary["dense_inference_flops_per_image"] = inference_flops(dense, example[:1])
         with torch.no_grad():
-            mine = torch.cat([task_model(b).argmax(-1) for b in test_images[:ONNX_CHECK_IMAGES * 4].split(64)])
-            theirs = torch.cat([head(model.forward_features(b, full_plan(model.depth), task)[0]).argmax(-1) for b in test_images[:ONNX_CHECK_IMAGES * 4].split(64)])
+            theirs = torch.cat([head(model.forward_features(b, full_plan(model.depth), task)[0]).argmax(-1) for b in test_images.split(256)])
         summary["agreement_with_run_model"] = float((mine == theirs).float().mean())
+        summary["run_model_test_accuracy"] = float((theirs == labels).float().mean())
     (out / "export.json").write_text(json.dumps(summary, indent=2))
     return summary
 

@@ -130,6 +130,8 @@ def test_moe_task_export_with_one_expert_per_block_is_the_dense_models_size_and_
     assert one["bytes"] == one["dense_bytes"] and one["inference_flops_per_image"] == one["dense_inference_flops_per_image"]
     assert full["inference_flops_per_image"] > full["dense_inference_flops_per_image"], "every kept expert runs on every token"
     assert full["agreement_with_run_model"] == 1.0 and 0.0 <= one["agreement_with_run_model"] <= 1.0
+    assert full["test_accuracy"] == full["run_model_test_accuracy"] == one["run_model_test_accuracy"]
+    assert full["test_images"] == one["test_images"] > 0 and 0.0 <= one["test_accuracy"] <= 1.0
     assert one["onnx_max_abs_diff"] <= 1e-5
     with pytest.raises(ConfigError, match="experts-per-block"):
         export_run(run, "digit", tmp_path / "zero", experts_per_block=0)

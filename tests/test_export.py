@@ -161,3 +161,28 @@ def test_damaged_files_and_hand_edited_exports_are_clear_errors(tmp_path):
     ckpt.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="checksum mismatch"):
         export_run(run, None, tmp_path / "o6")
+
+
+def test_onnx_check_scales_with_the_logits(tmp_path, monkeypatch):
+    """The ONNX check allows float32 rounding relative to the logits' size (a discriminant
+    head's logits reach the hundreds) and still refuses a model that computes something else."""
+    import fedtune.export as export
+
+    class Fake:  # what onnxruntime would return: the module's logits plus an error
+        def __init__(self, path):
+            pass
+
+        def __call__(self, images):
+            return module(images).detach().numpy() + error
+
+    monkeypatch.setattr(export, "OnnxModel", Fake)
+    monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: None)
+    images = torch.randn(4, 3, 8, 8)
+    for scale, error, ok in ((500.0, 0.02, True), (1.0, 0.02, False), (500.0, 1.0, False)):
+        module = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 3))
+        torch.nn.init.constant_(module[1].bias, scale)
+        if ok:
+            assert export.write_onnx(module, images, images, tmp_path / "m.onnx") == pytest.approx(error, rel=1e-3)
+        else:
+            with pytest.raises(CheckpointError, match="the largest logit magnitude"):
+                export.write_onnx(module, images, images, tmp_path / "m.onnx")

@@ -122,31 +122,43 @@ def plot_run(rounds: list[dict[str, Any]], out: Path, depth: int, moe_blocks: li
 
 
 def _plot_experts(rounds: list[dict[str, Any]], out: Path, moe_blocks: list[int], plt) -> list[Path]:
+    """experts_per_task.png / experts_per_client.png: per MoE block, the share of each task's
+    (client's) routed tokens that went to each expert over the run, on one colour scale, with
+    the percentages written in the cells when the grid is small enough to read them."""
     per_task: dict[str, np.ndarray] = {}
     per_client: dict[int, np.ndarray] = {}
+    client_label: dict[int, str] = {}
     for r in rounds:
         for c in r.get("clients", []):
             for task, flat in (c.get("experts") or {}).items():
                 counts = np.asarray(flat, dtype=float).reshape(len(moe_blocks), -1)
                 per_task[task] = per_task.get(task, 0) + counts
                 per_client[c["partition_id"]] = per_client.get(c["partition_id"], 0) + counts
+                client_label[c["partition_id"]] = f"client {c['partition_id']} ({c.get('profile', '?')}: {', '.join(c.get('tasks') or (c.get('experts') or {}))})"
     if not per_task:
         return []
     paths = []
     for name, table in (("experts_per_task", per_task), ("experts_per_client", per_client)):
         keys = sorted(table, key=str)
-        fig, axes = plt.subplots(1, len(moe_blocks), figsize=(3.2 * len(moe_blocks), 0.5 * len(keys) + 1.5), squeeze=False)
+        shares = {b: np.array([table[k][j] / max(table[k][j].sum(), 1) for k in keys]) for j, b in enumerate(moe_blocks)}
+        top = max(float(m.max()) for m in shares.values()) or 1.0
+        experts = next(iter(shares.values())).shape[1]
+        annotate = experts <= 16 and len(keys) <= 16
+        fig, axes = plt.subplots(1, len(moe_blocks), figsize=(0.45 * experts * len(moe_blocks) + 3.5, 0.45 * len(keys) + 1.8), squeeze=False)
         for j, b in enumerate(moe_blocks):
-            rows = np.array([table[k][j] / max(table[k][j].sum(), 1) for k in keys])
             ax = axes[0, j]
-            ax.imshow(rows, aspect="auto", cmap="magma", vmin=0)
+            im = ax.imshow(100 * shares[b], aspect="auto", cmap="Blues", vmin=0, vmax=100 * top)
             ax.set_title(f"block {b}")
             ax.set_xlabel("expert")
+            ax.set_xticks(range(experts))
             ax.set_yticks(range(len(keys)))
-            ax.set_yticklabels([str(k) if name.endswith("task") else f"client {k}" for k in keys], fontsize=7)
-        fig.suptitle("share of routed tokens per expert (" + name.split("_")[-1] + ")")
-        fig.tight_layout()
+            ax.set_yticklabels([str(k) if name.endswith("task") else client_label.get(k, f"client {k}") for k in keys] if j == 0 else [], fontsize=7)
+            if annotate:
+                for (y, x), v in np.ndenumerate(shares[b]):
+                    ax.text(x, y, f"{100 * v:.0f}", ha="center", va="center", fontsize=6, color="white" if v > 0.6 * top else "black")
+        fig.colorbar(im, ax=list(axes[0]), label="% of the routed tokens", fraction=0.03)
+        fig.suptitle("share of each " + name.split("_")[-1] + "'s routed tokens per expert, over the run (uniform: " + f"{100 / experts:.3g}%)")
         paths.append(out / f"{name}.png")
-        fig.savefig(paths[-1], dpi=120)
+        fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
         plt.close(fig)
     return paths

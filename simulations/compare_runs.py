@@ -45,7 +45,18 @@ ROBUST_KEYS = (  # attacks, robust aggregation and differential privacy (--table
     ("dp.epsilon", "DP epsilon", 1.0, 2),
     ("wall_time_s", "wall time (s)", 1.0, 0),
 )
-TABLES = {"runs": SUMMARY_KEYS, "pfl": PFL_KEYS, "robust": ROBUST_KEYS, "tasks": ()}
+EXPORT_KEYS = (  # fedtune export folders (--table export): size, cost and accuracy against the dense model
+    ("test_accuracy", "test acc. (%)", 100.0, 1),
+    ("run_model_test_accuracy", "run model's test acc. (%)", 100.0, 1),
+    ("agreement_with_run_model", "agrees with run model", 1.0, 3),
+    ("bytes", "MiB", 2.0**-20, 2),
+    ("dense_bytes", "dense MiB", 2.0**-20, 2),
+    ("inference_flops_per_image", "MFLOP/image", 1e-6, 0),
+    ("dense_inference_flops_per_image", "dense MFLOP/image", 1e-6, 0),
+    ("onnx_max_abs_diff", "ONNX max diff", 1.0, 5),
+)
+TABLES = {"runs": SUMMARY_KEYS, "pfl": PFL_KEYS, "robust": ROBUST_KEYS, "tasks": (), "export": EXPORT_KEYS}
+RESULT_FILES = ("summary.json", "probe.json", "export.json")  # what a folder may hold, in this order
 
 
 def task_keys(runs: list[tuple[str, Path]]) -> tuple:
@@ -66,9 +77,9 @@ def task_keys(runs: list[tuple[str, Path]]) -> tuple:
 
 
 def _read(run: Path) -> dict:
-    """A run's summary.json, or a probe folder's probe.json."""
-    path = run / "summary.json"
-    return json.loads((path if path.is_file() else run / "probe.json").read_text())
+    """A run's summary.json, a probe folder's probe.json or an export folder's export.json."""
+    path = next((run / f for f in RESULT_FILES if (run / f).is_file()), run / "summary.json")
+    return json.loads(path.read_text())
 
 
 def _get(summary: dict, key: str):
@@ -162,17 +173,17 @@ def plot_privacy(runs: list[tuple[str, Path]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", help="LABEL=RUN_DIR (a folder fedtune simulate wrote; with --table tasks also a fedtune probe folder)")
+    parser.add_argument("runs", nargs="+", help="LABEL=RUN_DIR (a folder fedtune simulate wrote; with --table tasks also a fedtune probe folder; with --table export, fedtune export folders)")
     parser.add_argument("--out", help="write the markdown here too")
     parser.add_argument("--plot-privacy", metavar="PNG", help="also plot accuracy against the runs' DP epsilon")
-    parser.add_argument("--table", choices=tuple(TABLES), default="runs", help="runs: accuracy, bytes up and each client's blocks | pfl: the personalized-FL protocol's columns | robust: accuracy before and after the head fit, and DP's epsilon | tasks: each task's accuracy before and after the head fit")
+    parser.add_argument("--table", choices=tuple(TABLES), default="runs", help="runs: accuracy, bytes up and each client's blocks | pfl: the personalized-FL protocol's columns | robust: accuracy before and after the head fit, and DP's epsilon | tasks: each task's accuracy before and after the head fit | export: fedtune export folders' size, cost and accuracy")
     args = parser.parse_args(argv)
     runs = []
     for spec in args.runs:
         label, sep, folder = spec.partition("=")
-        probe = args.table == "tasks" and (Path(folder) / "probe.json").is_file()
-        if not sep or not ((Path(folder) / "summary.json").is_file() or probe):
-            parser.error(f"{spec!r}: expected LABEL=RUN_DIR with a summary.json in RUN_DIR")
+        wanted = {"tasks": RESULT_FILES[:2], "export": RESULT_FILES[2:]}.get(args.table, RESULT_FILES[:1])
+        if not sep or not any((Path(folder) / f).is_file() for f in wanted):
+            parser.error(f"{spec!r}: expected LABEL=FOLDER with {' or '.join(wanted)} in FOLDER")
         runs.append((label, Path(folder)))
     keys = task_keys(runs) if args.table == "tasks" else TABLES[args.table]
     text = compare(runs, keys, blocks=args.table == "runs")

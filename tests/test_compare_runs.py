@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from simulations.compare_runs import compare, main
 
 
@@ -67,3 +69,14 @@ def test_compare_runs_task_table_with_a_probe_reference(tmp_path, capsys):
     assert "| run | runs | digit (%) | garment (%) | mean (%) | digit before head fit (%) | garment before head fit (%) |" in text
     assert "| moe | 1 | 90.0 | 70.0 | 80.0 | 80.0 | 60.0 | 70.0 | 0.250 | 10 |" in text
     assert "| probe | 1 | 85.0 | 50.0 | 67.5 | - | - | - | - | - |" in text and "Blocks" not in text
+
+
+def test_compare_runs_export_table(tmp_path, capsys):
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "export.json").write_text(json.dumps({"test_accuracy": 0.9, "run_model_test_accuracy": 0.95, "agreement_with_run_model": 0.93, "bytes": 2**21,
+                                                    "dense_bytes": 2**20, "inference_flops_per_image": 2e6, "dense_inference_flops_per_image": 1e6, "onnx_max_abs_diff": 1e-4}))
+    assert main([f"digit={folder}", "--table", "export"]) == 0
+    assert "| digit | 1 | 90.0 | 95.0 | 0.930 | 2.00 | 1.00 | 2 | 1 | 0.00010 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([f"digit={folder}"])  # an export folder is not a run

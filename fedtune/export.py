@@ -153,11 +153,13 @@ def export_run(run_dir: str | Path, task: str | None, out: str | Path, client: i
     vit = copy.deepcopy(model.vit)
     kind = "dense"
     experts: dict[int, list[int]] = {}
+    split, _ = federated_data(cfg)  # the run's data: the MoE's routing survey and the checks below
+    test_set = split.test.for_task(task)
+    test_images, labels = test_set.images, test_set.labels[task]
     if hasattr(model, "moe_blocks"):
         from moe import experts_used, prune_for_task
 
         kind = "moe"
-        split, _ = federated_data(cfg)
         used = experts_used(model, split.train.for_task(task).images, task, most=experts_per_block)
         pruned = prune_for_task(model, task, used, reduce_top_k=experts_per_block is not None)
         experts = {b: list(pruned.moe_layers[b].expert_ids) for b in pruned.moe_blocks}
@@ -171,8 +173,6 @@ def export_run(run_dir: str | Path, task: str | None, out: str | Path, client: i
         state.update({"head.weight": head.weight, "head.bias": head.bias})
     else:
         state = task_model.state_dict()
-    split, _ = federated_data(cfg)
-    test_images = split.test.for_task(task).images
     example = test_images[:2]
     config = {
         "format": "fedtune-export",
@@ -197,7 +197,6 @@ def export_run(run_dir: str | Path, task: str | None, out: str | Path, client: i
     exported = sum(v.numel() * v.element_size() for v in state.values())
     summary = {"out": str(out), "kind": kind, "task": task, "client": client, "bytes": exported, "run_model_bytes": full_bytes,
                "inference_flops_per_image": inference_flops(task_model, example[:1]), "onnx_max_abs_diff": onnx_diff, "experts": config["experts"]}
-    labels = split.test.for_task(task).labels[task]
     with torch.no_grad():
         mine = torch.cat([task_model(b).argmax(-1) for b in test_images.split(256)])
     # the exported model on every test image of the task (the run's central test set)

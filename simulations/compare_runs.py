@@ -57,6 +57,7 @@ EXPORT_KEYS = (  # fedtune export folders (--table export): size, cost and accur
 )
 TABLES = {"runs": SUMMARY_KEYS, "pfl": PFL_KEYS, "robust": ROBUST_KEYS, "tasks": (), "export": EXPORT_KEYS}
 RESULT_FILES = ("summary.json", "probe.json", "export.json")  # what a folder may hold, in this order
+TABLE_FILES = {"tasks": RESULT_FILES[:2], "export": RESULT_FILES[2:]}  # the files a table reads (others: summary.json)
 
 
 def task_keys(runs: list[tuple[str, Path]]) -> tuple:
@@ -179,9 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--table", choices=tuple(TABLES), default="runs", help="runs: accuracy, bytes up and each client's blocks | pfl: the personalized-FL protocol's columns | robust: accuracy before and after the head fit, and DP's epsilon | tasks: each task's accuracy before and after the head fit | export: fedtune export folders' size, cost and accuracy")
     args = parser.parse_args(argv)
     runs = []
+    wanted = TABLE_FILES.get(args.table, RESULT_FILES[:1])
     for spec in args.runs:
         label, sep, folder = spec.partition("=")
-        wanted = {"tasks": RESULT_FILES[:2], "export": RESULT_FILES[2:]}.get(args.table, RESULT_FILES[:1])
         if not sep or not any((Path(folder) / f).is_file() for f in wanted):
             parser.error(f"{spec!r}: expected LABEL=FOLDER with {' or '.join(wanted)} in FOLDER")
         runs.append((label, Path(folder)))

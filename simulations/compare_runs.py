@@ -80,7 +80,12 @@ def task_keys(runs: list[tuple[str, Path]]) -> tuple:
 def _read(run: Path) -> dict:
     """A run's summary.json, a probe folder's probe.json or an export folder's export.json."""
     path = next((run / f for f in RESULT_FILES if (run / f).is_file()), run / "summary.json")
-    return json.loads(path.read_text())
+    summary = json.loads(path.read_text())
+    before = summary.get("accuracy_per_task_before_head_fit")
+    if summary.get("accuracy_global_before_head_fit") is None and before and None not in before.values():
+        # independent per-task federations summarised before they reported the mean themselves
+        summary["accuracy_global_before_head_fit"] = sum(before.values()) / len(before)
+    return summary
 
 
 def _get(summary: dict, key: str):

@@ -135,6 +135,7 @@ def simulate_independent(cfg: RunConfig, out: Path, resume: bool = False, progre
         "accuracy_per_task": {t: s["accuracy_global"] for t, s in subs.items()},
         "accuracy_global": sum(s["accuracy_global"] for s in subs.values()) / len(subs),
         "accuracy_per_task_before_head_fit": {t: s.get("accuracy_global_before_head_fit") for t, s in subs.items()},
+        "accuracy_global_before_head_fit": _mean_or_none([s.get("accuracy_global_before_head_fit") for s in subs.values()]),
         "accuracy_personalized_per_task": {t: s.get("accuracy_personalized") for t, s in subs.items()},
         "bytes_up_total": sum(s["bytes_up_total"] for s in subs.values()),
         "bytes_down_total": sum(s["bytes_down_total"] for s in subs.values()),
@@ -146,6 +147,11 @@ def simulate_independent(cfg: RunConfig, out: Path, resume: bool = False, progre
     summary["bytes_up_client_max_vs_model"] = summary["bytes_up_client_max"] / model_bytes
     write_json(out / "summary.json", summary)
     return summary
+
+
+def _mean_or_none(values: list) -> float | None:
+    """The mean of `values`, or None when one is missing (a run without a head fit)."""
+    return None if any(v is None for v in values) or not values else sum(values) / len(values)
 
 
 def simulate(cfg: RunConfig, out: Path, resume: bool = False, progress: bool = True, verbose: bool = False) -> dict:

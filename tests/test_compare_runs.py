@@ -69,6 +69,15 @@ def test_compare_runs_task_table_with_a_probe_reference(tmp_path, capsys):
     assert "| run | runs | digit (%) | garment (%) | mean (%) | digit before head fit (%) | garment before head fit (%) |" in text
     assert "| moe | 1 | 90.0 | 70.0 | 80.0 | 80.0 | 60.0 | 70.0 | 0.250 | 10 |" in text
     assert "| probe | 1 | 85.0 | 50.0 | 67.5 | - | - | - | - | - |" in text and "Blocks" not in text
+    # a summary with the tasks' accuracies before the head fit but not their mean (older
+    # independent per-task runs): the mean is taken from them
+    b = fake_run(tmp_path / "indep", 0.8, [[0, 3], [0, 3]])
+    summary = json.loads((b / "summary.json").read_text())
+    del summary["accuracy_global_before_head_fit"]
+    summary.update(accuracy_per_task={"digit": 0.9, "garment": 0.7}, accuracy_per_task_before_head_fit={"digit": 0.7, "garment": 0.5})
+    (b / "summary.json").write_text(json.dumps(summary))
+    assert main([f"indep={b}", "--table", "tasks"]) == 0
+    assert "| indep | 1 | 90.0 | 70.0 | 80.0 | 70.0 | 50.0 | 60.0 | - | 10 |" in capsys.readouterr().out
 
 
 def test_compare_runs_export_table(tmp_path, capsys):

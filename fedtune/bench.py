@@ -61,7 +61,7 @@ class BenchConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3, batch_size=64, head_lr=5e-3, flops_every=40))
     method: MethodConfig = field(default_factory=MethodConfig)  # options shared by all methods (name ignored)
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))  # name, name+lora, or a variant
-    variants: dict[str, dict] = field(default_factory=lambda: {k: dict(v) for k, v in DEFAULT_VARIANTS.items()})  # name -> method overrides
+    variants: dict[str, dict] = field(default_factory=dict)  # name -> method overrides, added to (or replacing) DEFAULT_VARIANTS
     seeds: list[int] = field(default_factory=lambda: [0, 1])  # accuracy is averaged over these
     task: str | None = None  # the task to fine-tune (None: the data set's first)
     headline: Headline = "lda"  # test_accuracy is every token with this head: lda (fitted after training) | none (as trained)
@@ -70,6 +70,10 @@ class BenchConfig:
     budget_seeds: list[int] | None = None  # seeds of the budget runs (None: all seeds)
     eval_autocast: bool = False  # evaluate (features for the head fit and the test) in bfloat16 autocast
     cost_steps: int = 3  # --cost-only: steps per method (the first counts FLOPs)
+
+    def __post_init__(self) -> None:
+        # a config's own variants add to the named ones (a name given again replaces that one)
+        self.variants = {**{k: dict(v) for k, v in DEFAULT_VARIANTS.items()}, **self.variants}
 
     def validate(self, prefix: str = "") -> None:
         for m in self.methods:

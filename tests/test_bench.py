@@ -64,3 +64,15 @@ def test_bench_cost_only(tmp_path):
 def test_bench_rejects_unknown_method(tmp_path, capsys):
     assert main(["bench", "--methods", "full,warp", "--out", str(tmp_path)]) == 2
     assert "unknown method 'warp'" in capsys.readouterr().err
+
+
+def test_bench_config_variants_add_to_the_named_ones():
+    from fedtune.bench import BenchConfig, method_config
+    from fedtune.cli import _load
+
+    cfg = _load(BenchConfig, None, ["methods=[full,alast_tight,alast_k4]", "variants.alast_k4={name: alast, alast: {k: 4, memory_fraction: 0.24}}", "variants.alast_fixed={name: alast, alast: {adapt: false}}"])
+    own = method_config(cfg.method, "alast_k4", cfg.variants).alast
+    assert own.k == 4 and own.memory_fraction == 0.24
+    assert method_config(cfg.method, "alast_tight", cfg.variants).alast.memory_fraction == 0.1  # a named one kept
+    fixed = method_config(cfg.method, "alast_fixed", cfg.variants).alast
+    assert fixed.adapt is False and fixed.select == "top"  # a name given again replaces that variant

@@ -181,6 +181,20 @@ def test_cost_estimates_track_measurements(tiny_model, images):
         assert est.activation_bytes == pytest.approx(meter.total, rel=0.35)
 
 
+def test_skipping_plans_save_what_the_cost_model_counts(tiny_model, images):
+    """ALaST's token skipping saves no per-channel copy of its token index: the saved bytes
+    match the estimate the planner caps (a gather with an expanded index overshot it)."""
+    from fedtune.accounting import SavedBytesMeter
+
+    cm = CostModel(tiny_model)
+    for plan in [Plan(depth=4, trained=frozenset({2, 3}), keep=(None, 10, 8, 6), skip=True), Plan(depth=4, trained=frozenset({1, 2, 3}), keep=(None, 5, 12, 9), skip=True)]:
+        set_trainable(tiny_model, plan)
+        meter = SavedBytesMeter(tiny_model)
+        with meter:
+            forward_plan(tiny_model, images, plan).sum().backward()
+        assert meter.total == pytest.approx(cm.estimate(plan, images.shape[0]).activation_bytes, rel=0.02)
+
+
 def test_impossible_budget_is_a_clear_error(tiny_model):
     with pytest.raises(PlanError, match="no full plan fits device profile 'mcu'"):
         make_method(MethodConfig(name="full"), tiny_model, "mcu", batch_size=4096)

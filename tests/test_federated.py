@@ -314,7 +314,8 @@ def test_head_fit_reference_is_the_pooled_lda_of_each_tasks_clients(tmp_path):
         w, b = lda_head(class_stats(*extract_features(model, pooled, task), model.heads[task].out_features))
         feats, labels = extract_features(model, split.test, task)
         want = float(((feats @ w.T + b).argmax(-1) == labels).float().mean())
-        assert got["accuracy_per_task"][task] == pytest.approx(want, abs=1e-9)
+        # within one test image: a near-tie argmax can flip with the CPU's float reduction order
+        assert got["accuracy_per_task"][task] == pytest.approx(want, abs=1.0 / len(labels) + 1e-9)
         assert got["head_fit_examples"][task] == len(pooled)
     # the CLI writes the same numbers to probe.json
     config = tmp_path / "run.yaml"

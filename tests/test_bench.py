@@ -76,3 +76,12 @@ def test_bench_config_variants_add_to_the_named_ones():
     assert method_config(cfg.method, "alast_tight", cfg.variants).alast.memory_fraction == 0.1  # a named one kept
     fixed = method_config(cfg.method, "alast_fixed", cfg.variants).alast
     assert fixed.adapt is False and fixed.select == "top"  # a name given again replaces that variant
+
+
+def test_bench_variant_without_a_method_name_is_a_clear_error():
+    from fedtune.bench import BenchConfig
+    from fedtune.cli import _load
+    from fedtune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"variants\.alast_k4: needs a 'name' key"):
+        _load(BenchConfig, None, ["variants.alast_k4={alast: {k: 4}}"])

@@ -78,8 +78,9 @@ def task_keys(runs: list[tuple[str, Path]]) -> tuple:
 
 
 def _read(run: Path) -> dict:
-    """A run's summary.json, a probe folder's probe.json or an export folder's export.json."""
-    path = next((run / f for f in RESULT_FILES if (run / f).is_file()), run / "summary.json")
+    """A run's summary.json, a probe folder's probe.json or an export folder's export.json;
+    `run` may also be such a file itself (a summary kept apart from its run folder)."""
+    path = run if run.is_file() else next((run / f for f in RESULT_FILES if (run / f).is_file()), run / "summary.json")
     summary = json.loads(path.read_text())
     before = summary.get("accuracy_per_task_before_head_fit")
     if summary.get("accuracy_global_before_head_fit") is None and before and None not in before.values():
@@ -149,7 +150,7 @@ def plot_privacy(runs: list[tuple[str, Path]], path: Path) -> None:
 
     points, plain = [], []
     for label, run in runs:
-        s = json.loads((run / "summary.json").read_text())
+        s = _read(run)
         acc = s.get("accuracy_global_before_head_fit") or s.get("accuracy_global")
         eps = _get(s, "dp.epsilon")
         if eps is None:
@@ -179,7 +180,7 @@ def plot_privacy(runs: list[tuple[str, Path]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", help="LABEL=RUN_DIR (a folder fedtune simulate wrote; with --table tasks also a fedtune probe folder; with --table export, fedtune export folders)")
+    parser.add_argument("runs", nargs="+", help="LABEL=RUN_DIR (a folder fedtune simulate wrote; with --table tasks also a fedtune probe folder; with --table export, fedtune export folders); every table but runs also takes LABEL=FILE.json, such a folder's result file copied elsewhere")
     parser.add_argument("--out", help="write the markdown here too")
     parser.add_argument("--plot-privacy", metavar="PNG", help="also plot accuracy against the runs' DP epsilon")
     parser.add_argument("--table", choices=tuple(TABLES), default="runs", help="runs: accuracy, bytes up and each client's blocks | pfl: the personalized-FL protocol's columns | robust: accuracy before and after the head fit, and DP's epsilon | tasks: each task's accuracy before and after the head fit | export: fedtune export folders' size, cost and accuracy")
@@ -188,8 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     wanted = TABLE_FILES.get(args.table, RESULT_FILES[:1])
     for spec in args.runs:
         label, sep, folder = spec.partition("=")
-        if not sep or not any((Path(folder) / f).is_file() for f in wanted):
-            parser.error(f"{spec!r}: expected LABEL=FOLDER with {' or '.join(wanted)} in FOLDER")
+        # a table without the block rows also reads a result file kept apart from its folder
+        as_file = args.table != "runs" and Path(folder).suffix == ".json" and Path(folder).is_file()
+        if not sep or not (as_file or any((Path(folder) / f).is_file() for f in wanted)):
+            files = " or ".join(wanted)
+            parser.error(f"{spec!r}: expected LABEL=FOLDER with {files} in FOLDER"
+                         + ("" if args.table == "runs" else ", or LABEL=FILE.json (such a file)"))
         runs.append((label, Path(folder)))
     keys = task_keys(runs) if args.table == "tasks" else TABLES[args.table]
     text = compare(runs, keys, blocks=args.table == "runs")

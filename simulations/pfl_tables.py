@@ -1,0 +1,71 @@
+"""The personalized-FL protocol's tables (README "Personalization on Fashion-MNIST"), one per
+split, built from the runs' summaries.
+
+    python -m simulations.pfl_tables [SUMMARIES] [--out DIR]
+
+SUMMARIES (default simulations/results/pfl_fmnist/summaries) holds each run's summary.json
+copied as METHOD_SPLIT_sSEED.json, e.g. `fedrep_a0.1_s1.json` for `fedtune simulate
+simulations/pfl/fedrep.yaml --set seed=1 --out runs/pfl/fedrep_a0.1_s1`. A row averages a
+method's seeds; a method without a summary for a split is left out of that split's table.
+Writes table_alpha0.1.md, table_alpha0.5.md and table_pathological.md into DIR (default:
+the folder above SUMMARIES).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+from simulations.compare_runs import PFL_KEYS, compare
+
+METHODS = (  # file-name key, row label (the configs in simulations/pfl/, then the default)
+    ("local", "local only (full FT, no federation)"),
+    ("fedavg", "FedAvg (full FT)"),
+    ("fedavg_ft", "FedAvg + local fine-tuning"),
+    ("fedper", "FedPer"),
+    ("fedrep", "FedRep"),
+    ("fedrod", "FedRoD (full FT)"),
+    ("alast_fedrod", "ALaST + FedRoD heads"),
+    ("alast", "ALaST + closed-form LDA head (default)"),
+)
+SPLITS = (("a0.1", "table_alpha0.1.md"), ("a0.5", "table_alpha0.5.md"), ("path", "table_pathological.md"))
+
+
+def runs_of(summaries: Path, method: str, split: str) -> list[Path]:
+    """The method's summaries for one split, by seed."""
+    pattern = re.compile(rf"{re.escape(method)}_{re.escape(split)}_s(\d+)\.json")
+    found = [(int(m.group(1)), p) for p in summaries.iterdir() if (m := pattern.fullmatch(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def build(summaries: Path, out: Path) -> list[Path]:
+    written = []
+    for split, name in SPLITS:
+        runs = [(label, p) for key, label in METHODS for p in runs_of(summaries, key, split)]
+        if runs:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / name).write_text(compare(runs, PFL_KEYS, blocks=False))
+            written.append(out / name)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("summaries", nargs="?", default="simulations/results/pfl_fmnist/summaries",
+                        help="folder of METHOD_SPLIT_sSEED.json summaries")
+    parser.add_argument("--out", help="folder for the tables (default: the one above SUMMARIES)")
+    args = parser.parse_args(argv)
+    summaries = Path(args.summaries)
+    if not summaries.is_dir():
+        parser.error(f"{summaries}: no such folder of summaries")
+    written = build(summaries, Path(args.out) if args.out else summaries.parent)
+    if not written:
+        parser.error(f"{summaries}: no METHOD_SPLIT_sSEED.json summary for any of {', '.join(k for k, _ in METHODS)}")
+    for path in written:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -7,7 +7,9 @@ measured metrics. The Flower apps in clients/ and server/ only turn Messages int
 Each client's personalized model follows `federation.personalization`:
 
 - fedrod: besides the global head (aggregated), the client trains a personal head of its
-  own on the same features (detached), kept in its state and never sent (FedRoD);
+  own on the same features (detached), kept in its state and never sent (FedRoD); with
+  `federation.balanced_loss` the shared model trains with balanced softmax, as FedRoD's
+  generic model does;
 - fedper: the task head itself is personal: trained with the body, never sent (FedPer);
 - fedrep: the task head is personal and trains first each round (`federation.rep_head_epochs`,
   body fixed), then the body trains with the head fixed (FedRep);
@@ -48,7 +50,7 @@ from .methods import Method, MethodConfig, make_method
 from .profiles import get_profile
 from .protocol import EvalMetrics, TrainMetrics
 from .runconfig import RunConfig
-from .trainer import Trainer
+from .trainer import Trainer, balanced_softmax_adjustment
 
 # --------------------------------------------------------------------------- a client's round
 
@@ -140,6 +142,8 @@ class ClientRuntime:
             data = self.train_set.for_task(task)
             if cfg.federation.attack.kind == "label_flip" and self.partition_id in cfg.federation.attack.clients:
                 data = flipped_labels(data, task)
+            if cfg.federation.balanced_loss:
+                trainer.logit_adjustment = balanced_softmax_adjustment(data.labels[task], data.num_classes[task])
             result = trainer.train(data)
             counts_all.update(result.update_counts)
             block_updates = [a + b for a, b in zip(block_updates, result.block_updates, strict=True)]

@@ -67,9 +67,9 @@ class FederationConfig:
     rounds: int = 5  # federated rounds
     send: Literal["updated", "all"] = "updated"  # updated: only what the client trained | all: full-model FedAvg
     weighting: protocol.Weighting = "examples"  # examples | updates
-    aggregation: Literal["mean", "median", "trimmed_mean"] = "mean"  # how each parameter is combined over the clients that sent it
-    trim_fraction: float = 0.2  # trimmed_mean: share of the largest and of the smallest values dropped per coordinate
-    robust_absent: Literal["skip", "unchanged"] = "skip"  # median/trimmed_mean: skip: over a parameter's senders only | unchanged: a client that replied without it counts as a vote for no change
+    aggregation: Literal["mean", "median", "trimmed_mean", "mean_around_median"] = "mean"  # how each parameter is combined over the clients that sent it
+    trim_fraction: float = 0.2  # trimmed_mean: share of the largest and of the smallest values dropped per coordinate | mean_around_median: share of the values farthest from the median dropped
+    robust_absent: Literal["skip", "unchanged"] = "skip"  # median/trimmed_mean/mean_around_median: skip: over a parameter's senders only | unchanged: a client that replied without it counts as a vote for no change
     clip_update_norm: float | None = None  # norm bounding: each client's update (over what it sent) scaled down to this L2 norm
     attack: AttackConfig = field(default_factory=AttackConfig)  # simulated attackers
     dp_noise_multiplier: float | None = None  # client-level DP: Gaussian noise of this multiple of clip_update_norm (per sampled client) on the aggregate; needs clip_update_norm
@@ -78,6 +78,7 @@ class FederationConfig:
     dp_stats_max_examples: int = 256  # DP with head_fit: lda: at most this many of a client's training examples (a seeded sample) enter its statistics
     personal: list[str] = field(default_factory=list)  # parameter-name prefixes that never leave a client
     personalization: Literal["fedrod", "fedper", "fedrep", "lda", "finetune", "local", "none"] = "fedrod"  # how each client's personalized model is made (see fedtune.client)
+    balanced_loss: bool = False  # the shared model trains with balanced softmax (the client's log class priors added to the logits in its loss, as FedRoD trains its generic model), so label-skewed clients pull the global head the same way
     lda_shrink: float = 1.0  # lda: pseudo-examples of the federation's class mean added to each of the client's class means
     finetune_epochs: int = 1  # finetune: local epochs on the global model in the final evaluation
     rep_head_epochs: int = 1  # fedrep: epochs of the head alone before the body's each round
@@ -102,6 +103,8 @@ class FederationConfig:
             raise ConfigError(f"{prefix}new_clients: new clients are evaluated in the final evaluation only; set final_evaluation: true")
         if self.new_clients and self.personalization in ("fedrod", "fedper", "fedrep", "local"):
             raise ConfigError(f"{prefix}new_clients: a new client never trains, so it has no {self.personalization} personal model; use personalization lda, finetune or none")
+        if self.balanced_loss and self.personalization in ("fedper", "fedrep", "local"):
+            raise ConfigError(f"{prefix}balanced_loss: with personalization {self.personalization} the task head is personal and fits the client's own labels; balanced_loss is for a shared head (fedrod, lda, finetune, none)")
         if self.clients_per_round is not None and not 1 <= self.clients_per_round <= self.num_clients:
             raise ConfigError(f"{prefix}clients_per_round: must be in 1..num_clients ({self.num_clients}), got {self.clients_per_round}")
         if not 1 <= self.rounds <= MAX_ROUNDS:

@@ -131,6 +131,27 @@ class TrainResult:
         }
 
 
+def balanced_softmax_adjustment(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Log class priors of `labels` for the balanced softmax loss (Ren et al. 2020; FedRoD's
+    balanced risk): cross-entropy on logits + log p(y) fits logits that stand for the
+    class-balanced posterior, so clients with skewed labels train towards the same head. A
+    class the client lacks has prior 0 (log -inf): it is left out of the loss, so its head
+    row gets no gradient at all (not even Adam's normalized step)."""
+    counts = torch.bincount(labels.long(), minlength=num_classes).double()
+    return (counts / max(len(labels), 1)).log().float()
+
+
+def _loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float, log_prior: torch.Tensor | None) -> torch.Tensor:
+    """Cross-entropy, or balanced softmax over the classes with a finite `log_prior`."""
+    if log_prior is None:
+        return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    present = torch.isfinite(log_prior)
+    remap = present.long().cumsum(0) - 1  # a present class's column among the present ones
+    if not bool(present[labels].all()):
+        raise ValueError("balanced softmax: a label of a class whose prior is 0")
+    return F.cross_entropy(logits[:, present] + log_prior[present], remap[labels], label_smoothing=label_smoothing)
+
+
 class Trainer:
     """Fine-tunes `model` on one task under `method`'s plans."""
 
@@ -152,6 +173,7 @@ class Trainer:
         self.global_step = 0
         self.total_steps = 0
         self.experts: tuple[tuple[int, tuple[int, ...]], ...] = ()  # MoE: the experts that train (the model's experts_to_train)
+        self.logit_adjustment: torch.Tensor | None = None  # [classes] log class priors: the loss is balanced softmax (balanced_softmax_adjustment)
 
     @torch.no_grad()
     def survey(self, data: ImageSet, max_batches: int) -> list[Trace]:
@@ -196,7 +218,7 @@ class Trainer:
             with meter:
                 feats, _ = model.forward_features(images, plan, self.task, trace=trace)
                 logits = model.forward_head(feats, self.task)
-                loss = F.cross_entropy(logits, labels, label_smoothing=self.cfg.label_smoothing)
+                loss = _loss(logits, labels, self.cfg.label_smoothing, self.logit_adjustment)
                 for extra in (trace.aux_loss, self.extra_loss(feats, labels)):
                     if extra is not None:
                         loss = loss + extra

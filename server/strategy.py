@@ -37,7 +37,7 @@ from fedtune.heads import StatsSum
 from .downlink import FULL, Downlink
 
 ROBUST_ABSENT = ("skip", "unchanged")
-AGGREGATIONS = ("mean", "median", "trimmed_mean")  # how each parameter is combined over its senders
+AGGREGATIONS = ("mean", "median", "trimmed_mean", "mean_around_median")  # how each parameter is combined over its senders
 IMPORTANCE_EMA_RATE = 0.5  # weight of the new round's mean in the running importance
 _STATE_VERSION = 1
 _NOT_AVERAGED = (protocol.NUM_EXAMPLES, "partition-id")  # evaluation metrics that are not means
@@ -616,7 +616,8 @@ class SparseFedAvg(FedAvg):
         return ArrayRecord(aggregated)
 
     def _robust_arrays(self, global_arrays: ArrayRecord, replies: list[_Reply]) -> ArrayRecord:
-        """Coordinate-wise median or trimmed mean (unweighted) of each parameter over its senders;
+        """Coordinate-wise median, trimmed mean or mean around the median (unweighted) of each
+        parameter over its senders;
         with robust_absent 'unchanged', every client that replied this round and did not send
         the parameter counts as a vote for its global value (no change), so attackers who are
         many among a block's few senders but few among the round's clients are outvoted."""
@@ -635,6 +636,13 @@ class SparseFedAvg(FedAvg):
             stack = np.stack([v.astype(np.float64) for v in values])
             if self.aggregation == "median":
                 combined = np.median(stack, axis=0)
+            elif self.aggregation == "mean_around_median":
+                # Xie et al. 2018: per coordinate, the mean of the values nearest the median
+                # (the trim_fraction share farthest from it dropped), so one-sided outliers are
+                # what is dropped, not honest values on the other side
+                k = int(math.floor(self.trim_fraction * len(values)))
+                nearest = np.argsort(np.abs(stack - np.median(stack, axis=0)), axis=0, kind="stable")[: len(values) - k]
+                combined = np.take_along_axis(stack, nearest, axis=0).mean(axis=0)
             else:
                 k = int(math.floor(self.trim_fraction * len(values)))
                 ordered = np.sort(stack, axis=0)

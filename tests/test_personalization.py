@@ -225,3 +225,43 @@ def test_a_new_node_builds_the_starting_model_instead_of_downloading_it():
     assert set(got) == {"a", "b"} and np.array_equal(got["b"], start["b"])
     other = Context(run_id=1, node_id=6, node_config={"partition-id": 1}, state=RecordDict(), run_config={})
     assert receive_global(instruction("0" * 64), other, lambda: dict(start)) is None, "a build that differs asks for the whole model"
+
+
+def test_balanced_softmax_is_cross_entropy_on_prior_adjusted_logits_over_present_classes():
+    from fedtune.trainer import _loss, balanced_softmax_adjustment
+
+    labels = torch.tensor([0, 0, 0, 2])
+    prior = balanced_softmax_adjustment(labels, 4)
+    assert torch.allclose(prior[[0, 2]], torch.tensor([0.75, 0.25]).log()) and torch.isinf(prior[[1, 3]]).all()
+    logits = torch.randn(4, 4, requires_grad=True)
+    loss = _loss(logits, labels, 0.1, prior)
+    # the reference rule written out: softmax over classes 0 and 2 of logit + log prior
+    z = logits[:, [0, 2]] + torch.tensor([0.75, 0.25]).log()
+    target = torch.tensor([0, 0, 0, 1])
+    logp = z.log_softmax(1)
+    ref = -(0.9 * logp.gather(1, target[:, None]).squeeze(1) + 0.1 * logp.mean(1)).mean()
+    assert torch.allclose(loss, ref)
+    loss.backward()
+    assert logits.grad[:, [1, 3]].abs().sum() == 0, "a class the client lacks gets no gradient"
+    with pytest.raises(ValueError, match="prior is 0"):
+        _loss(logits, torch.tensor([1, 0, 0, 0]), 0.0, prior)
+
+
+def test_balanced_loss_leaves_the_rows_of_classes_a_client_lacks_alone():
+    """FedRoD's balanced risk: a client's update of the shared head does not push down the
+    classes it has no examples of (plain cross-entropy does)."""
+    moved = {}
+    for balanced in (False, True):
+        cfg = tiny_run(train={"weight_decay": 0.0}, partition={"scheme": "pathological", "classes_per_partition": 2, "min_partition_size": 5},
+                       federation={"num_clients": 4, "rounds": 2, "balanced_loss": balanced, "personalization": "none"})
+        rt = ClientRuntime(cfg, partition_id=1)
+        absent = [c for c in range(10) if c not in set(rt.train_set.labels["digit"].tolist())]
+        assert absent, "the partition should lack some classes"
+        glob = state_to_numpy(global_model(cfg))
+        update, _, _, _ = rt.fit(glob, ClientState())
+        delta = update["heads.digit.weight"] - glob["heads.digit.weight"]
+        moved[balanced] = float(np.abs(delta[absent]).max())
+        assert np.abs(delta).max() > 0
+    assert moved[False] > 0 and moved[True] == 0
+    with pytest.raises(ConfigError, match="balanced_loss"):
+        tiny_run(federation={"num_clients": 4, "balanced_loss": True, "personalization": "fedper"})

@@ -530,6 +530,29 @@ def test_median_and_trimmed_mean_resist_one_outlier_per_parameter() -> None:
         np.testing.assert_array_equal(got["b"], as_numpy(g)["b"]), "nobody sent b"
 
 
+def test_mean_around_median_drops_the_values_farthest_from_the_median() -> None:
+    """Two one-sided attackers among six votes: the symmetric trimmed mean also drops the two
+    largest honest values, the mean around the median drops the attackers only."""
+    g = global_arrays()  # a = [1, 2]
+    honest = [reply(i, arrays(a=[v, 2.0])) for i, v in enumerate((1.0, 2.0, 3.0, 4.0), start=1)]
+    attackers = [reply(i, arrays(a=[-50.0, 2.0])) for i in (5, 6)]
+    got = {}
+    for kind in ("trimmed_mean", "mean_around_median"):
+        strategy = SparseFedAvg(aggregation=kind, trim_fraction=1 / 3)
+        configured(strategy, g)
+        got[kind] = as_numpy(strategy.aggregate_train(1, [*honest, *attackers])[0])["a"]
+    np.testing.assert_allclose(got["mean_around_median"], [2.5, 2.0], rtol=1e-6)  # the honest mean
+    np.testing.assert_allclose(got["trimmed_mean"], [1.5, 2.0], rtol=1e-6)  # of (1, 2): skewed towards the attackers
+    # a reference re-implementation on random votes: per coordinate, the n - k values nearest the median
+    rng = np.random.default_rng(0)
+    votes = rng.normal(size=(7, 5)).astype(np.float32)
+    strategy = SparseFedAvg(aggregation="mean_around_median", trim_fraction=0.3)
+    configured(strategy, ArrayRecord({"a": Array(np.zeros(5, np.float32))}))
+    out = as_numpy(strategy.aggregate_train(1, [reply(i + 1, ArrayRecord({"a": Array(v)})) for i, v in enumerate(votes)])[0])["a"]
+    want = [np.mean(sorted(col, key=lambda x: abs(x - np.median(col)))[:5]) for col in votes.T.astype(np.float64)]
+    np.testing.assert_allclose(out, want, rtol=1e-5)
+
+
 def test_absent_clients_vote_for_no_change_when_asked() -> None:
     """Sparse replies: the attackers are half of c's senders but a third of the round's
     clients. Over c's senders the median is theirs to move; with robust_absent 'unchanged' the

@@ -103,8 +103,8 @@ class FederationConfig:
             raise ConfigError(f"{prefix}new_clients: new clients are evaluated in the final evaluation only; set final_evaluation: true")
         if self.new_clients and self.personalization in ("fedrod", "fedper", "fedrep", "local"):
             raise ConfigError(f"{prefix}new_clients: a new client never trains, so it has no {self.personalization} personal model; use personalization lda, finetune or none")
-        if self.balanced_loss and self.personalization in ("fedper", "fedrep", "local"):
-            raise ConfigError(f"{prefix}balanced_loss: with personalization {self.personalization} the task head is personal and fits the client's own labels; balanced_loss is for a shared head (fedrod, lda, finetune, none)")
+        if self.balanced_loss and any("heads.".startswith(p) or p.startswith("heads.") for p in self.personal_prefixes()):
+            raise ConfigError(f"{prefix}balanced_loss: the task head is personal here (personalization {self.personalization}, personal {self.personal}) and fits the client's own labels; balanced_loss is for a shared head (fedrod, lda, finetune, none)")
         if self.clients_per_round is not None and not 1 <= self.clients_per_round <= self.num_clients:
             raise ConfigError(f"{prefix}clients_per_round: must be in 1..num_clients ({self.num_clients}), got {self.clients_per_round}")
         if not 1 <= self.rounds <= MAX_ROUNDS:
@@ -190,6 +190,8 @@ class RunConfig:
     task_data: dict[str, DataConfig] | None = None  # multidomain: each task's own data source (fedtune.data.multidomain); data gives the image size and channels
 
     def validate(self, prefix: str = "") -> None:
+        if self.federation.balanced_loss and self.train.head_fit != "none":
+            raise ConfigError(f"{prefix}federation.balanced_loss: train.head_fit {self.train.head_fit!r} would refit the shared head on the client's skewed labels, undoing the balanced loss; set train.head_fit: none")
         if self.seed < 0:
             raise ConfigError(f"{prefix}seed: must be >= 0, got {self.seed}")
         if self.model.img_size != self.data.img_size:

@@ -135,8 +135,10 @@ def balanced_softmax_adjustment(labels: torch.Tensor, num_classes: int) -> torch
     """Log class priors of `labels` for the balanced softmax loss (Ren et al. 2020; FedRoD's
     balanced risk): cross-entropy on logits + log p(y) fits logits that stand for the
     class-balanced posterior, so clients with skewed labels train towards the same head. A
-    class the client lacks has prior 0 (log -inf): it is left out of the loss, so its head
-    row gets no gradient at all (not even Adam's normalized step)."""
+    class the client lacks has prior 0 (log -inf): it is left out of the loss (label smoothing
+    spreads over the classes the client has), so its head row gets no gradient at all, not even
+    Adam's normalized step; only weight decay, where it applies, shrinks it. A client with a
+    single class then has a zero loss: it has nothing to say about the balanced posterior."""
     counts = torch.bincount(labels.long(), minlength=num_classes).double()
     return (counts / max(len(labels), 1)).log().float()
 
@@ -145,6 +147,7 @@ def _loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float, lo
     """Cross-entropy, or balanced softmax over the classes with a finite `log_prior`."""
     if log_prior is None:
         return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    log_prior = log_prior.to(logits.device)
     present = torch.isfinite(log_prior)
     remap = present.long().cumsum(0) - 1  # a present class's column among the present ones
     if not bool(present[labels].all()):

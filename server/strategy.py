@@ -551,8 +551,8 @@ class SparseFedAvg(FedAvg):
 
     def _aggregate_arrays(self, global_arrays: ArrayRecord, replies: list[_Reply]) -> ArrayRecord:
         """A new ArrayRecord with every global key, in the global order: each parameter
-        combined over the replies that sent it (weighted mean, coordinate-wise median or
-        trimmed mean), after norm bounding."""
+        combined over the replies that sent it (weighted mean, or coordinate-wise median, trimmed
+        mean or mean around the median), after norm bounding."""
         self.last_update_norms = []
         replies = self._bounded(global_arrays, replies)
         if self.dp_noise_multiplier is not None:

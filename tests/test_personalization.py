@@ -263,5 +263,9 @@ def test_balanced_loss_leaves_the_rows_of_classes_a_client_lacks_alone():
         moved[balanced] = float(np.abs(delta[absent]).max())
         assert np.abs(delta).max() > 0
     assert moved[False] > 0 and moved[True] == 0
-    with pytest.raises(ConfigError, match="balanced_loss"):
-        tiny_run(federation={"num_clients": 4, "balanced_loss": True, "personalization": "fedper"})
+    for fed in ({"personalization": "fedper"}, {"personalization": "fedrep"}, {"personalization": "local"}, {"personal": ["heads.digit"]}):
+        with pytest.raises(ConfigError, match="balanced_loss: the task head is personal"):
+            tiny_run(federation={"num_clients": 4, "balanced_loss": True, **fed})
+    with pytest.raises(ConfigError, match="would refit the shared head"):
+        tiny_run(train={"head_fit": "after"}, federation={"num_clients": 4, "balanced_loss": True})
+    tiny_run(federation={"num_clients": 4, "balanced_loss": True, "personal": ["vit.norm."]})  # a personal norm is fine

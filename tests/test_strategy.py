@@ -551,6 +551,10 @@ def test_mean_around_median_drops_the_values_farthest_from_the_median() -> None:
     out = as_numpy(strategy.aggregate_train(1, [reply(i + 1, ArrayRecord({"a": Array(v)})) for i, v in enumerate(votes)])[0])["a"]
     want = [np.mean(sorted(col, key=lambda x: abs(x - np.median(col)))[:5]) for col in votes.T.astype(np.float64)]
     np.testing.assert_allclose(out, want, rtol=1e-5)
+    strategy = SparseFedAvg(aggregation="mean_around_median", trim_fraction=0.0)  # nothing dropped: the plain mean
+    configured(strategy, ArrayRecord({"a": Array(np.zeros(5, np.float32))}))
+    out = as_numpy(strategy.aggregate_train(1, [reply(i + 1, ArrayRecord({"a": Array(v)})) for i, v in enumerate(votes)])[0])["a"]
+    np.testing.assert_allclose(out, votes.astype(np.float64).mean(0), rtol=1e-5)
 
 
 def test_absent_clients_vote_for_no_change_when_asked() -> None:

@@ -2,7 +2,6 @@
 step against the same step on the CPU. Skipped without a GPU (CI has none)."""
 
 import pytest
-import timm
 import torch
 
 from fedtune.engine import forward_plan, full_plan
@@ -11,6 +10,7 @@ from fedtune.model import ModelConfig, build_model
 from fedtune.trainer import TrainConfig, Trainer, _loss, balanced_softmax_adjustment
 
 from .conftest import TINY
+from .test_engine import timm_twin
 from .test_methods import method_cfg
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -18,13 +18,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 
 @pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "vit_base_patch16_224"])
 def test_engine_forward_equals_timm_on_cuda(name):
-    cfg = ModelConfig(name=name, img_size=32, patch_size=4, depth=2)
-    torch.manual_seed(0)
-    model = build_model(cfg, {"digit": 7}).eval()
-    ref = timm.create_model(name, pretrained=False, img_size=32, patch_size=4, depth=2, num_classes=7).eval()
-    state = {k.removeprefix("vit."): v for k, v in model.state_dict().items() if k.startswith("vit.")}
-    state["head.weight"], state["head.bias"] = model.heads["digit"].weight, model.heads["digit"].bias
-    ref.load_state_dict(state)
+    model, ref = timm_twin(name, 32)
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         on_cpu = forward_plan(model, x, full_plan(model.depth))

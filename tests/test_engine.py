@@ -19,16 +19,21 @@ from fedtune.errors import PlanError
 from fedtune.model import ModelConfig, build_model
 
 
-@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "deit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224"])
-def test_engine_forward_equals_timm(name):
-    cfg = ModelConfig(name=name, img_size=16, patch_size=4, depth=2)
+def timm_twin(name: str, img_size: int):
+    """A 2-block engine model and the timm model with the same weights, both in eval mode."""
+    cfg = ModelConfig(name=name, img_size=img_size, patch_size=4, depth=2)
     torch.manual_seed(0)
     model = build_model(cfg, {"digit": 7}).eval()
-    ref = timm.create_model(name, pretrained=False, img_size=16, patch_size=4, depth=2, num_classes=7).eval()
+    ref = timm.create_model(name, pretrained=False, img_size=img_size, patch_size=4, depth=2, num_classes=7).eval()
     state = {k.removeprefix("vit."): v for k, v in model.state_dict().items() if k.startswith("vit.")}
-    state["head.weight"] = model.heads["digit"].weight
-    state["head.bias"] = model.heads["digit"].bias
+    state["head.weight"], state["head.bias"] = model.heads["digit"].weight, model.heads["digit"].bias
     ref.load_state_dict(state)
+    return model, ref
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "deit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224"])
+def test_engine_forward_equals_timm(name):
+    model, ref = timm_twin(name, 16)
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         expected = ref(x)

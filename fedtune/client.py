@@ -143,7 +143,7 @@ class ClientRuntime:
             if cfg.federation.attack.kind == "label_flip" and self.partition_id in cfg.federation.attack.clients:
                 data = flipped_labels(data, task)
             if cfg.federation.balanced_loss:
-                trainer.logit_adjustment = balanced_softmax_adjustment(data.labels[task], data.num_classes[task])
+                trainer.log_prior = balanced_softmax_adjustment(data.labels[task], data.num_classes[task])
             result = trainer.train(data)
             counts_all.update(result.update_counts)
             block_updates = [a + b for a, b in zip(block_updates, result.block_updates, strict=True)]

@@ -176,7 +176,7 @@ class Trainer:
         self.global_step = 0
         self.total_steps = 0
         self.experts: tuple[tuple[int, tuple[int, ...]], ...] = ()  # MoE: the experts that train (the model's experts_to_train)
-        self.logit_adjustment: torch.Tensor | None = None  # [classes] log class priors: the loss is balanced softmax (balanced_softmax_adjustment)
+        self.log_prior: torch.Tensor | None = None  # [classes] the client's log class priors: the loss is balanced softmax (balanced_softmax_adjustment)
 
     @torch.no_grad()
     def survey(self, data: ImageSet, max_batches: int) -> list[Trace]:
@@ -221,7 +221,7 @@ class Trainer:
             with meter:
                 feats, _ = model.forward_features(images, plan, self.task, trace=trace)
                 logits = model.forward_head(feats, self.task)
-                loss = _loss(logits, labels, self.cfg.label_smoothing, self.logit_adjustment)
+                loss = _loss(logits, labels, self.cfg.label_smoothing, self.log_prior)
                 for extra in (trace.aux_loss, self.extra_loss(feats, labels)):
                     if extra is not None:
                         loss = loss + extra

@@ -634,17 +634,16 @@ class SparseFedAvg(FedAvg):
             if self.robust_absent == "unchanged":
                 values = values + [reference.numpy()] * (len(replies) - len(values))
             stack = np.stack([v.astype(np.float64) for v in values])
+            k = int(math.floor(self.trim_fraction * len(values)))  # trimmed_mean: dropped at each end | mean_around_median: dropped in all
             if self.aggregation == "median":
                 combined = np.median(stack, axis=0)
             elif self.aggregation == "mean_around_median":
                 # Xie et al. 2018: per coordinate, the mean of the values nearest the median
                 # (the trim_fraction share farthest from it dropped), so one-sided outliers are
                 # what is dropped, not honest values on the other side
-                k = int(math.floor(self.trim_fraction * len(values)))
                 nearest = np.argsort(np.abs(stack - np.median(stack, axis=0)), axis=0, kind="stable")[: len(values) - k]
                 combined = np.take_along_axis(stack, nearest, axis=0).mean(axis=0)
             else:
-                k = int(math.floor(self.trim_fraction * len(values)))
                 ordered = np.sort(stack, axis=0)
                 combined = ordered[k : len(values) - k].mean(axis=0)
             dtype = np.dtype(reference.dtype)

@@ -544,17 +544,16 @@ def test_mean_around_median_drops_the_values_farthest_from_the_median() -> None:
     np.testing.assert_allclose(got["mean_around_median"], [2.5, 2.0], rtol=1e-6)  # the honest mean
     np.testing.assert_allclose(got["trimmed_mean"], [1.5, 2.0], rtol=1e-6)  # of (1, 2): skewed towards the attackers
     # a reference re-implementation on random votes: per coordinate, the n - k values nearest the median
-    rng = np.random.default_rng(0)
-    votes = rng.normal(size=(7, 5)).astype(np.float32)
-    strategy = SparseFedAvg(aggregation="mean_around_median", trim_fraction=0.3)
-    configured(strategy, ArrayRecord({"a": Array(np.zeros(5, np.float32))}))
-    out = as_numpy(strategy.aggregate_train(1, [reply(i + 1, ArrayRecord({"a": Array(v)})) for i, v in enumerate(votes)])[0])["a"]
+    votes = np.random.default_rng(0).normal(size=(7, 5)).astype(np.float32)
+
+    def combined(trim_fraction: float) -> np.ndarray:
+        strategy = SparseFedAvg(aggregation="mean_around_median", trim_fraction=trim_fraction)
+        configured(strategy, ArrayRecord({"a": Array(np.zeros(5, np.float32))}))
+        return as_numpy(strategy.aggregate_train(1, [reply(i + 1, ArrayRecord({"a": Array(v)})) for i, v in enumerate(votes)])[0])["a"]
+
     want = [np.mean(sorted(col, key=lambda x: abs(x - np.median(col)))[:5]) for col in votes.T.astype(np.float64)]
-    np.testing.assert_allclose(out, want, rtol=1e-5)
-    strategy = SparseFedAvg(aggregation="mean_around_median", trim_fraction=0.0)  # nothing dropped: the plain mean
-    configured(strategy, ArrayRecord({"a": Array(np.zeros(5, np.float32))}))
-    out = as_numpy(strategy.aggregate_train(1, [reply(i + 1, ArrayRecord({"a": Array(v)})) for i, v in enumerate(votes)])[0])["a"]
-    np.testing.assert_allclose(out, votes.astype(np.float64).mean(0), rtol=1e-5)
+    np.testing.assert_allclose(combined(0.3), want, rtol=1e-5)
+    np.testing.assert_allclose(combined(0.0), votes.astype(np.float64).mean(0), rtol=1e-5)  # nothing dropped: the plain mean
 
 
 def test_absent_clients_vote_for_no_change_when_asked() -> None:

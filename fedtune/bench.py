@@ -70,6 +70,7 @@ class BenchConfig:
     budget_seeds: list[int] | None = None  # seeds of the budget runs (None: all seeds)
     eval_autocast: bool = False  # evaluate (features for the head fit and the test) in bfloat16 autocast
     cost_steps: int = 3  # --cost-only: steps per method (the first counts FLOPs)
+    device: Literal["cpu", "cuda"] = "cpu"  # where the accuracy runs train and evaluate (--cost-only uses CUDA when present)
 
     def __post_init__(self) -> None:
         # a config's own variants add to the named ones (a name given again replaces that one)
@@ -93,6 +94,8 @@ class BenchConfig:
                 raise ConfigError(f"{prefix}budgets: fractions of full's training FLOPs must be positive, got {b}")
         if self.head_fit_samples is not None and self.head_fit_samples < 2:
             raise ConfigError(f"{prefix}head_fit_samples: must be >= 2 or null, got {self.head_fit_samples}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"{prefix}device: 'cuda' but torch sees no CUDA device here; use 'cpu'")
         if self.cost_steps < 2:
             raise ConfigError(f"{prefix}cost_steps: must be >= 2 (one counts FLOPs, the rest are timed), got {self.cost_steps}")
 
@@ -145,7 +148,8 @@ def evaluate_method(model: FedViT, method: Method, train: ImageSet, test: ImageS
         counter = flop_counter_mode()
         with counter:
             fit_feats, fit_labels = extract_features(model, fit_set, task, bs, plan, cfg.eval_autocast)
-        w, b = lda_head(class_stats(fit_feats, fit_labels, head.out_features))
+        feats, labels = feats.cpu(), labels.cpu()
+        w, b = lda_head(class_stats(fit_feats.cpu(), fit_labels.cpu(), head.out_features))
         out[tokens] = {
             "no_head_fit": no_fit,
             "lda_head_fit": _accuracy(feats @ w.T + b, labels),
@@ -167,6 +171,7 @@ def _run_one(cfg: BenchConfig, model_cfg: ModelConfig, data, task: str, spec: st
     model = build_model(model_cfg, {task: data.train.num_classes[task]})
     mcfg = method_config(cfg.method, spec, cfg.variants)
     prepare_model(model, mcfg)
+    model.to(cfg.device)
     method = make_method(mcfg, model, None, cfg.train.batch_size, task, seed=seed)
     tcfg = replace(cfg.train, seed=seed)
     if max_steps is not None:
@@ -190,6 +195,8 @@ def run_bench(cfg: BenchConfig, out: Path, progress: bool = True) -> dict:
     cfg.validate("bench.")
     model_cfg = resolve_pretrained(cfg.model)
     data = load_data(cfg.data)
+    if cfg.device != "cpu":
+        data = replace(data, train=data.train.to(cfg.device), test=data.test.to(cfg.device))
     task = cfg.task or data.train.tasks[0]
     if task not in data.train.tasks:
         raise ConfigError(f"bench.task: {task!r} is not a task of the data set {cfg.data.name}; it has {', '.join(data.train.tasks)}")
@@ -240,6 +247,7 @@ def run_bench(cfg: BenchConfig, out: Path, progress: bool = True) -> dict:
         "epochs": cfg.train.epochs,
         "torch_threads": torch.get_num_threads(),
         "machine": platform.machine(),
+        "device": cfg.device if cfg.device == "cpu" else torch.cuda.get_device_name(0),
         "wall_time_s": round(time.time() - started, 1),
         "methods": results,
     }

@@ -85,3 +85,48 @@ def test_bench_variant_without_a_method_name_is_a_clear_error():
 
     with pytest.raises(ConfigError, match=r"variants\.alast_k4: needs a 'name' key"):
         _load(BenchConfig, None, ["variants.alast_k4={alast: {k: 4}}"])
+
+
+def test_bench_on_cuda_without_a_gpu_is_a_clear_error():
+    import torch
+
+    from fedtune.bench import BenchConfig
+    from fedtune.errors import ConfigError
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ConfigError, match=r"bench\.device: 'cuda' but torch sees no CUDA device"):
+        BenchConfig(device="cuda").validate("bench.")
+
+
+def test_sweep_trains_on_the_bench_subset_and_scores_on_other_training_images(tmp_path):
+    """The sweep's validation images are training images outside the bench's own training
+    subset (never the test set); each point's train and variant overrides take effect."""
+    import torch
+
+    from fedtune.data import DataConfig, load_data
+    from simulations.bench_sweep import main as sweep
+    from simulations.bench_sweep import split_train_val
+    from tests.test_data import _write_fashion
+
+    _write_fashion(tmp_path / "fm", gz=False, n_train=60, n_test=10)
+    cfg = DataConfig(name="fashion_mnist", root=str(tmp_path / "fm"), img_size=16, max_train=20)
+    split = split_train_val(cfg, val_size=25)
+    bench_train = load_data(cfg).train
+    assert torch.equal(split.train.images, bench_train.images) and len(split.test) == 25
+    flat_train, flat_val = split.train.images.flatten(1), split.test.images.flatten(1)
+    assert not (flat_val[:, None] == flat_train[None]).all(-1).any()  # no validation image is a training one
+
+    bench = tmp_path / "bench.yaml"
+    bench.write_text(TINY_BENCH.replace("data: {name: digits, img_size: 16, max_train: 64, max_test: 32}",
+                                        f"data: {{name: fashion_mnist, root: {tmp_path / 'fm'}, img_size: 16, max_train: 20}}"))
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(f"bench: {bench}\nseeds: [0]\nval_size: 25\npoints:\n  - {{name: full}}\n"
+                    "  - {name: full_1step, method: full, train: {max_steps: 1}}\n"
+                    "  - {name: alast_k1, method: alast, variant: {alast: {k: 1}}}\n")
+    sweep(["--grid", str(grid), "--out", str(tmp_path / "out")])
+    rows = {r["name"]: r for r in map(json.loads, (tmp_path / "out" / "sweep.jsonl").read_text().splitlines())}
+    assert set(rows) == {"full", "full_1step", "alast_k1"}
+    assert rows["full"]["runs"][0]["steps"] == 2 and rows["full_1step"]["runs"][0]["steps"] == 1  # the point's train override
+    assert rows["alast_k1"]["runs"][0]["blocks"] == 1.0  # the variant's k, not the bench's 2
+    assert "| alast_k1 |" in (tmp_path / "out" / "sweep.md").read_text()

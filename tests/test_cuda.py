@@ -67,3 +67,15 @@ def test_balanced_softmax_on_cuda_with_priors_from_cpu_labels():
     logits = torch.randn(5, 4)
     want = _loss(logits, labels, 0.1, prior)
     torch.testing.assert_close(_loss(logits.cuda(), labels.cuda(), 0.1, prior).cpu(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_bench_trains_and_evaluates_on_cuda(tmp_path):
+    """`bench.device: cuda`: data and model on the GPU, the same report as on the CPU."""
+    from fedtune.bench import BenchConfig, run_bench
+    from fedtune.data import DataConfig
+
+    cfg = BenchConfig(model=ModelConfig(**TINY), data=DataConfig(name="digits", img_size=16, max_train=64, max_test=32),
+                      train=TrainConfig(epochs=1, batch_size=16, flops_every=2), methods=["full", "alast"], seeds=[0], device="cuda")
+    report = run_bench(cfg, tmp_path, progress=False)
+    assert report["device"] != "cpu" and report["methods"]["alast"]["blocks_trained_mean"] > 0
+    assert 0.0 <= report["methods"]["full"]["test_accuracy"] <= 1.0

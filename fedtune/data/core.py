@@ -126,6 +126,7 @@ class _Batches:
             order = torch.randperm(n, generator=self._generator)
         else:
             order = torch.arange(n)
+        order = order.to(self.images.device)
         for start in range(0, n, self.batch_size):
             index = order[start : start + self.batch_size]
             # index_select copies, so in-place augmentation cannot alter the set
@@ -167,6 +168,15 @@ class ImageSet:
         return ImageSet(
             self.images[idx],
             {task: y[idx] for task, y in self.labels.items()},
+            dict(self.num_classes),
+            {task: list(names) for task, names in self.class_names.items()},
+        )
+
+    def to(self, device: str | torch.device) -> ImageSet:
+        """The same samples with images and labels on `device`."""
+        return ImageSet(
+            self.images.to(device),
+            {task: y.to(device) for task, y in self.labels.items()},
             dict(self.num_classes),
             {task: list(names) for task, names in self.class_names.items()},
         )

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from .accounting import flop_counter_mode
-from .data import DataConfig, ImageSet, load_data
+from .data import DataConfig, DataSplit, ImageSet, load_data
 from .errors import ConfigError
 from .heads import class_stats, extract_features, lda_head
 from .methods import METHOD_NAMES, Method, MethodConfig, make_method, prepare_model
@@ -191,12 +191,15 @@ def _run_one(cfg: BenchConfig, model_cfg: ModelConfig, data, task: str, spec: st
     return {**summary, "test_accuracy": headline_accuracy(evals, cfg.headline), "evaluations": evals, "seed": seed, "plan": method.describe()}
 
 
+def on_device(data: DataSplit, device: str) -> DataSplit:
+    """`data` with its train and test sets on `device` (itself on the CPU)."""
+    return data if device == "cpu" else replace(data, train=data.train.to(device), test=data.test.to(device))
+
+
 def run_bench(cfg: BenchConfig, out: Path, progress: bool = True) -> dict:
     cfg.validate("bench.")
     model_cfg = resolve_pretrained(cfg.model)
-    data = load_data(cfg.data)
-    if cfg.device != "cpu":
-        data = replace(data, train=data.train.to(cfg.device), test=data.test.to(cfg.device))
+    data = on_device(load_data(cfg.data), cfg.device)
     task = cfg.task or data.train.tasks[0]
     if task not in data.train.tasks:
         raise ConfigError(f"bench.task: {task!r} is not a task of the data set {cfg.data.name}; it has {', '.join(data.train.tasks)}")

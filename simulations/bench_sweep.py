@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from fedtune.bench import BenchConfig, _run_one
+from fedtune.bench import BenchConfig, _run_one, on_device
 from fedtune.cli import _load
 from fedtune.data import DataConfig, load_data
 from fedtune.data.core import DataSplit, _cap
@@ -55,9 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     base: BenchConfig = _load(BenchConfig, grid.get("bench", "simulations/bench_fmnist.yaml"), grid.get("set", []))
     base = replace(base, device=args.device)
     seeds = grid.get("seeds", base.seeds)
-    data = split_train_val(base.data, grid.get("val_size", 10_000))
-    if args.device != "cpu":
-        data = replace(data, train=data.train.to(args.device), test=data.test.to(args.device))
+    data = on_device(split_train_val(base.data, grid.get("val_size", 10_000)), args.device)
     task = base.task or data.train.tasks[0]
     model_cfg = resolve_pretrained(base.model)
     out = Path(args.out)

@@ -26,10 +26,12 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from fedtune.bench import BenchConfig, _run_one, on_device
+from fedtune.bench import DEFAULT_VARIANTS, BenchConfig, _run_one, on_device
 from fedtune.cli import _load
 from fedtune.data import DataConfig, load_data
 from fedtune.data.core import DataSplit, _cap
+from fedtune.errors import ConfigError
+from fedtune.methods import METHOD_NAMES
 from fedtune.typedconfig import deep_merge, from_dict, to_dict
 from fedtune.weights import resolve_pretrained
 
@@ -44,6 +46,21 @@ def split_train_val(cfg: DataConfig, val_size: int) -> DataSplit:
     return DataSplit(cfg.name, full.train.subset(train_idx), full.train.subset(val_idx))
 
 
+def check_grid(grid, path: str) -> None:
+    """A grid names its points, each once, each with a bench method or variant."""
+    if not isinstance(grid, dict) or not isinstance(grid.get("points"), list) or not grid["points"]:
+        raise ConfigError(f"{path}: a grid is a mapping with a non-empty list 'points'")
+    names = [p.get("name") if isinstance(p, dict) else None for p in grid["points"]]
+    for i, (point, name) in enumerate(zip(grid["points"], names, strict=True)):
+        if not name:
+            raise ConfigError(f"{path}: points[{i}] needs a 'name'")
+        if names.count(name) > 1:
+            raise ConfigError(f"{path}: point {name!r} is listed twice")
+        method = point.get("method", name)
+        if method not in METHOD_NAMES and method not in DEFAULT_VARIANTS and "variant" not in point:
+            raise ConfigError(f"{path}: point {name!r}: unknown method {method!r}; give 'method' (one of {', '.join(METHOD_NAMES)}) or a 'variant'")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--grid", required=True)
@@ -52,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--deadline-s", type=float, default=None, help="start no new point after this many seconds")
     args = ap.parse_args(argv)
     grid = yaml.safe_load(Path(args.grid).read_text())
+    check_grid(grid, args.grid)
     base: BenchConfig = _load(BenchConfig, grid.get("bench", "simulations/bench_fmnist.yaml"), grid.get("set", []))
     base = replace(base, device=args.device)
     seeds = grid.get("seeds", base.seeds)

@@ -130,3 +130,19 @@ def test_sweep_trains_on_the_bench_subset_and_scores_on_other_training_images(tm
     assert rows["full"]["runs"][0]["steps"] == 2 and rows["full_1step"]["runs"][0]["steps"] == 1  # the point's train override
     assert rows["alast_k1"]["runs"][0]["blocks"] == 1.0  # the variant's k, not the bench's 2
     assert "| alast_k1 |" in (tmp_path / "out" / "sweep.md").read_text()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("seeds: [0]\n", "non-empty list 'points'"),
+    ("points:\n  - {method: full}\n", r"points\[0\] needs a 'name'"),
+    ("points:\n  - {name: a, method: full}\n  - {name: a, method: alast}\n", "'a' is listed twice"),
+    ("points:\n  - {name: fulll}\n", "point 'fulll': unknown method 'fulll'"),
+])
+def test_sweep_grid_errors_name_the_problem(tmp_path, text, message):
+    from fedtune.errors import ConfigError
+    from simulations.bench_sweep import main as sweep
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        sweep(["--grid", str(grid), "--out", str(tmp_path / "out")])

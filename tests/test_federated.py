@@ -158,14 +158,17 @@ def test_simulation_configs_load():
     assert {k: v for k, v in moe.items() if k not in ("name", "moe")} == {k: v for k, v in dense.items() if k not in ("name", "moe")}
     # the multidomain overlays change only the model (and, for independent, the sharing)
     md = to_dict(load_run_config(HERE / "multidomain.yaml"))
-    for name in ("multidomain_dense", "multidomain_independent", "multidomain_tasklevel"):
+    for name in ("multidomain_dense", "multidomain_independent", "multidomain_learned"):
         cfg = to_dict(load_run_config(HERE / f"{name}.yaml"))
         assert cfg["name"] == name
         for key in ("data", "task_data", "partition", "method", "train", "seed", "model"):
             assert cfg[key] == md[key], (name, key)
         assert {k: v for k, v in cfg["federation"].items() if k != "independent_tasks"} == {k: v for k, v in md["federation"].items() if k != "independent_tasks"}, name
-    tasklevel = load_run_config(HERE / "multidomain_tasklevel.yaml").moe
-    assert (tasklevel.num_experts, tasklevel.top_k, tasklevel.aux_loss_weight) == (4, 1, 0.0) and tasklevel.task_prior > 0
+    # the default MoE routes each task to its own expert; the learned overlay spreads tokens over 8
+    tasklevel = load_run_config(HERE / "multidomain.yaml").moe
+    assert (tasklevel.num_experts, tasklevel.top_k, tasklevel.aux_loss_weight, tasklevel.train_experts) == (4, 1, 0.0, None) and tasklevel.task_prior > 0
+    learned = load_run_config(HERE / "multidomain_learned.yaml").moe
+    assert (learned.num_experts, learned.top_k, learned.task_prior, learned.train_experts) == (8, 2, 0.0, 3) and learned.aux_loss_weight > 0
 
 
 def test_bad_run_configs(tmp_path):

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from fedtune.bench import DEFAULT_VARIANTS, BenchConfig, _run_one, on_device
+from fedtune.bench import BenchConfig, _run_one, on_device
 from fedtune.cli import _load
 from fedtune.data import DataConfig, load_data
 from fedtune.data.core import DataSplit, _cap
@@ -46,8 +46,9 @@ def split_train_val(cfg: DataConfig, val_size: int) -> DataSplit:
     return DataSplit(cfg.name, full.train.subset(train_idx), full.train.subset(val_idx))
 
 
-def check_grid(grid, path: str) -> None:
-    """A grid names its points, each once, each with a bench method or variant."""
+def check_grid(grid, path: str, methods: list[str]) -> None:
+    """A grid names its points, each once, each with one of `methods` (the bench's methods and
+    the variants of its config) or a 'variant' of its own."""
     if not isinstance(grid, dict) or not isinstance(grid.get("points"), list) or not grid["points"]:
         raise ConfigError(f"{path}: a grid is a mapping with a non-empty list 'points'")
     names = [p.get("name") if isinstance(p, dict) else None for p in grid["points"]]
@@ -57,8 +58,8 @@ def check_grid(grid, path: str) -> None:
         if names.count(name) > 1:
             raise ConfigError(f"{path}: point {name!r} is listed twice")
         method = point.get("method", name)
-        if method not in METHOD_NAMES and method not in DEFAULT_VARIANTS and "variant" not in point:
-            raise ConfigError(f"{path}: point {name!r}: unknown method {method!r}; give 'method' (one of {', '.join(METHOD_NAMES)}) or a 'variant'")
+        if method not in methods and "variant" not in point:
+            raise ConfigError(f"{path}: point {name!r}: unknown method {method!r}; give 'method' (one of {', '.join(methods)}) or a 'variant'")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -69,8 +70,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--deadline-s", type=float, default=None, help="start no new point after this many seconds")
     args = ap.parse_args(argv)
     grid = yaml.safe_load(Path(args.grid).read_text())
-    check_grid(grid, args.grid)
-    base: BenchConfig = _load(BenchConfig, grid.get("bench", "simulations/bench_fmnist.yaml"), grid.get("set", []))
+    spec = grid if isinstance(grid, dict) else {}
+    base: BenchConfig = _load(BenchConfig, spec.get("bench", "simulations/bench_fmnist.yaml"), spec.get("set", []))
+    check_grid(grid, args.grid, [*METHOD_NAMES, *base.variants])  # base.variants: the defaults and the config's own
     base = replace(base, device=args.device)
     seeds = grid.get("seeds", base.seeds)
     data = on_device(split_train_val(base.data, grid.get("val_size", 10_000)), args.device)

@@ -146,3 +146,13 @@ def test_sweep_grid_errors_name_the_problem(tmp_path, text, message):
     grid.write_text(text)
     with pytest.raises(ConfigError, match=message):
         sweep(["--grid", str(grid), "--out", str(tmp_path / "out")])
+
+
+def test_sweep_grid_accepts_the_bench_configs_own_variants():
+    from fedtune.errors import ConfigError
+    from simulations.bench_sweep import check_grid
+
+    grid = {"points": [{"name": "mine"}, {"name": "alast_tight"}]}
+    check_grid(grid, "g.yaml", ["full", "alast", "alast_tight", "mine"])  # "mine": a variant of the bench config
+    with pytest.raises(ConfigError, match="unknown method 'mine'"):
+        check_grid(grid, "g.yaml", ["full", "alast", "alast_tight"])

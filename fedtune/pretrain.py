@@ -132,6 +132,80 @@ def _scan(ink: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return frame.reshape(8, 4, 8, 4).sum((1, 3)).astype(np.float32) / 16.0
 
 
+TEXTURES = ("solid", "h_stripes", "v_stripes", "diagonal", "checker", "dots", "gradient", "outline")
+
+
+def make_contours(num: int, size: int, seed: int, classes: int = 64, channels: int = 3) -> ImageSet:
+    """Formula-driven silhouettes (after the radial contours of Kataoka et al., CVPR 2022):
+    a closed contour r(t) = 1 + sum_j a_j cos(j t + p_j), j = 1..6, whose amplitudes and
+    phases define `classes` classes (task "contour"), filled with one of 8 textures (task
+    "texture": solid, stripes three ways, checker, dots, gradient, outline). Each image
+    perturbs its class's amplitudes (x0.85-1.15) and phases, and draws the shape at a random
+    scale, aspect, rotation, offset, period, contrast and brightness; drawn at 4x, area-
+    downsampled. No natural image is involved; the same seed gives the same images."""
+    from PIL import Image, ImageDraw
+
+    from .data.core import normalize_pixels
+
+    rng = np.random.default_rng(seed)
+    harm = np.arange(1, 7)
+    # the classes come from their own stream: the same `classes` give the same shapes whatever `num` is
+    crng = np.random.default_rng(10_007 * classes + 17)
+    amp = crng.uniform(0.0, 0.5, (classes, 6)) / harm**0.6
+    phase = crng.uniform(0.0, 2 * np.pi, (classes, 6))
+    stretch = crng.uniform(0.6, 1.0, classes)  # the class's own aspect (height against width)
+    label = rng.integers(0, classes, num)
+    texture = rng.integers(0, len(TEXTURES), num)
+    big = size * 4
+    t = np.linspace(0.0, 2 * np.pi, 96, endpoint=False)
+    yy, xx = np.mgrid[0:big, 0:big].astype(np.float32)
+    images = np.empty((num, size, size), dtype=np.float32)
+    for i in range(num):
+        c = label[i]
+        a = amp[c] * rng.uniform(0.85, 1.15, 6)
+        p = phase[c] + rng.normal(0.0, 0.15, 6)
+        r = 1.0 + (a[:, None] * np.cos(harm[:, None] * t + p[:, None])).sum(0)
+        r = r / r.max()
+        scale = rng.uniform(0.38, 0.5) * big
+        sx, sy = scale * rng.uniform(0.9, 1.1), scale * stretch[c] * rng.uniform(0.9, 1.1)
+        rot = rng.uniform(-0.35, 0.35)
+        px, py = r * np.cos(t) * sx, r * np.sin(t) * sy
+        cx, cy = big / 2 + rng.uniform(-0.08, 0.08) * big, big / 2 + rng.uniform(-0.08, 0.08) * big
+        pts = np.stack([cx + px * np.cos(rot) - py * np.sin(rot), cy + px * np.sin(rot) + py * np.cos(rot)], 1)
+        mask_im = Image.new("L", (big, big), 0)
+        kind = TEXTURES[texture[i]]
+        if kind == "outline":
+            ImageDraw.Draw(mask_im).line([tuple(q) for q in pts] + [tuple(pts[0])], fill=255, width=int(rng.integers(3, 7)))
+        else:
+            ImageDraw.Draw(mask_im).polygon([tuple(q) for q in pts], fill=255)
+        mask = np.asarray(mask_im, dtype=np.float32) / 255.0
+        period = rng.uniform(5.0, 12.0)
+        if kind == "h_stripes":
+            pattern = (yy // (period / 2)) % 2
+        elif kind == "v_stripes":
+            pattern = (xx // (period / 2)) % 2
+        elif kind == "diagonal":
+            pattern = ((xx + yy) // (period / 1.4)) % 2
+        elif kind == "checker":
+            pattern = ((xx // period) + (yy // period)) % 2
+        elif kind == "dots":
+            pattern = (((xx % period) - period / 2) ** 2 + ((yy % period) - period / 2) ** 2 < (period / 4) ** 2).astype(np.float32)
+        elif kind == "gradient":
+            angle = rng.uniform(0, 2 * np.pi)
+            g = (xx - cx) * np.cos(angle) + (yy - cy) * np.sin(angle)
+            pattern = (g - g.min()) / max(float(np.ptp(g)), 1.0)
+        else:  # solid, outline
+            pattern = np.ones_like(xx)
+        contrast = rng.uniform(0.35, 0.7) if kind not in ("solid", "outline") else 0.0
+        ink = rng.uniform(0.6, 1.0) * (1.0 - contrast * pattern)
+        canvas = rng.uniform(0.0, 0.1) + mask * ink
+        small = canvas.reshape(size, 4, size, 4).mean((1, 3))
+        images[i] = small + rng.normal(0.0, 0.02, small.shape)
+    x = torch.from_numpy(np.clip(images, 0.0, 1.0)).unsqueeze(1).repeat(1, channels, 1, 1)
+    labels = {"contour": torch.from_numpy(label.astype(np.int64)), "texture": torch.from_numpy(texture.astype(np.int64))}
+    return ImageSet(images=normalize_pixels(x), labels=labels, num_classes={"contour": classes, "texture": len(TEXTURES)})
+
+
 @dataclass
 class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)  # the backbone to pretrain
@@ -139,6 +213,8 @@ class PretrainConfig:
     scan_fraction: float = 0.0  # share of glyphs "scanned" to 8x8 like scikit-learn's digits
     init_from: str | None = None  # continue from this fedtune checkpoint (None: random init)
     shapes: int = 0  # generated shapes images (tasks shape, colour, count)
+    contours: int = 0  # formula-driven silhouettes (tasks contour, texture): `make_contours`
+    contour_classes: int = 64  # contour classes
     epochs: int = 4  # passes over both sets
     batch_size: int = 64  # batch size
     lr: float = 1e-3  # AdamW peak learning rate (cosine decay, warm-up)
@@ -149,8 +225,10 @@ class PretrainConfig:
     def validate(self, prefix: str = "") -> None:
         if self.model.pretrained:
             raise ConfigError(f"{prefix}model.pretrained: pretraining starts from random weights; leave it empty")
-        if self.glyphs < 0 or self.shapes < 0 or self.glyphs + self.shapes == 0:
-            raise ConfigError(f"{prefix}glyphs/shapes: need some pretraining images")
+        if min(self.glyphs, self.shapes, self.contours) < 0 or self.glyphs + self.shapes + self.contours == 0:
+            raise ConfigError(f"{prefix}glyphs/shapes/contours: need some pretraining images, none negative")
+        if self.contour_classes < 2:
+            raise ConfigError(f"{prefix}contour_classes: must be >= 2, got {self.contour_classes}")
         check_choices(self, prefix)
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError(f"{prefix}epochs/batch_size: must be >= 1")
@@ -160,7 +238,10 @@ class PretrainConfig:
             raise ConfigError(f"{prefix}init_from: no such checkpoint: {self.init_from}")
 
     def key(self) -> str:
-        text = json.dumps(to_dict(self), sort_keys=True)
+        d = to_dict(self)
+        if not self.contours:  # keys of configs from before contours existed stay the same
+            d.pop("contours"), d.pop("contour_classes")
+        text = json.dumps(d, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -173,6 +254,8 @@ def pretrain_sets(cfg: PretrainConfig) -> list[ImageSet]:
         # a seed offset keeps these images apart from the shapes set used for fine-tuning
         split = load_data(from_dict(DataConfig, {"name": "shapes", "img_size": m.img_size, "channels": m.in_chans, "num_samples": cfg.shapes, "test_fraction": 0.05, "seed": cfg.seed, "shapes_seed_offset": 100_003}))
         sets.append(split.train)
+    if cfg.contours:
+        sets.append(make_contours(cfg.contours, m.img_size, cfg.seed + 7, cfg.contour_classes, m.in_chans))
     return sets
 
 
@@ -264,7 +347,7 @@ def mimetic_init(model: FedViT, a_qk: float = 0.7, b_qk: float = 0.7, a_vo: floa
 
 def pretrain_accuracy(model: FedViT, cfg: PretrainConfig) -> dict[str, float]:
     """Accuracy of a pretrained model on freshly generated (held-out) pretraining-style data."""
-    held = replace(cfg, seed=cfg.seed + 1, glyphs=1000, shapes=1000)
+    held = replace(cfg, seed=cfg.seed + 1, glyphs=1000, shapes=1000 if cfg.shapes else 0, contours=1000 if cfg.contours else 0)
     out = {}
     model.eval()
     with torch.no_grad():

@@ -16,10 +16,15 @@ DEFAULT_BACKBONE = ASSETS / "vit_tiny_p4_32_pretrained.safetensors"  # made by `
 
 
 def default_backbone() -> Path | None:
-    """The shipped backbone: next to this module, or, when this module runs from a copy without
-    binary files (a Flower app bundle), in the installed fedtune distribution or the cache."""
-    name = DEFAULT_BACKBONE.name
-    candidates = [DEFAULT_BACKBONE]
+    """The shipped backbone (see `shipped_asset`)."""
+    return shipped_asset(DEFAULT_BACKBONE.name)
+
+
+def shipped_asset(name: str) -> Path | None:
+    """A file fedtune ships in `fedtune/assets/`: next to this module, or, when this module runs
+    from a copy without binary files (a Flower app bundle), in the installed fedtune
+    distribution or the cache."""
+    candidates = [ASSETS / name]
     try:
         from importlib import metadata
 
@@ -39,7 +44,15 @@ def cache_dir() -> Path:
 
 
 def resolve_pretrained(model: ModelConfig) -> ModelConfig:
-    """'default' means the shipped backbone (made by `fedtune pretrain`)."""
+    """'default' means the shipped backbone (made by `fedtune pretrain`); 'asset:NAME' another
+    file shipped in fedtune/assets/ (found wherever fedtune is installed)."""
+    if isinstance(model.pretrained, str) and model.pretrained.startswith("asset:"):
+        name = model.pretrained[len("asset:") :]
+        path = shipped_asset(name) if name and Path(name).name == name else None
+        if path is None:
+            shipped = sorted(p.name for p in ASSETS.glob("*.safetensors"))
+            raise ConfigError(f"model.pretrained: no shipped asset {name!r}; fedtune/assets/ has {', '.join(shipped) or 'none'}")
+        return replace(model, pretrained=str(path))
     if model.pretrained != "default":
         return model
     path = default_backbone()

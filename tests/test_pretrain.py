@@ -1,6 +1,7 @@
 """Pretraining data and the `fedtune pretrain` loop (tiny model, a few images)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +11,8 @@ from fedtune.cli import main
 from fedtune.errors import ConfigError
 from fedtune.pretrain import TEXTURES, PretrainConfig, make_contours, pretrain_sets
 from fedtune.typedconfig import from_dict
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_contours_are_seeded_labelled_and_class_shaped():
@@ -71,3 +74,25 @@ def test_pretrain_on_glyphs_and_contours_writes_a_loadable_checkpoint(tmp_path, 
     assert np.isfinite(state["heads.contour.weight"].numpy()).all()
     sets = pretrain_sets(from_dict(PretrainConfig, {"glyphs": 0, "contours": 4, "model": {"img_size": 16}}))
     assert [s.tasks for s in sets] == [["contour", "texture"]]
+
+
+def test_a_shipped_asset_is_found_by_name_and_a_wrong_name_is_a_clear_error():
+    from fedtune.model import ModelConfig
+    from fedtune.weights import ASSETS, resolve_pretrained
+
+    got = resolve_pretrained(ModelConfig(pretrained="asset:vit_tiny_p4_32_contours.safetensors"))
+    assert got.pretrained == str(ASSETS / "vit_tiny_p4_32_contours.safetensors")
+    for bad in ("asset:nope.safetensors", "asset:", "asset:../assets/vit_tiny_p4_32_contours.safetensors"):
+        with pytest.raises(ConfigError, match="no shipped asset.*vit_tiny_p4_32_pretrained.safetensors"):
+            resolve_pretrained(ModelConfig(pretrained=bad))
+
+
+def test_the_contours_bench_is_the_fmnist_bench_on_the_shipped_contours_backbone():
+    from fedtune.bench import BenchConfig
+    from fedtune.cli import _load
+
+    base = _load(BenchConfig, str(ROOT / "simulations/bench_fmnist.yaml"), [])
+    other = _load(BenchConfig, str(ROOT / "simulations/bench_fmnist_contours.yaml"), [])
+    other.validate()
+    assert other.model.pretrained == "asset:vit_tiny_p4_32_contours.safetensors"
+    assert (other.data, other.train, other.method, other.seeds) == (base.data, base.train, base.method, base.seeds)

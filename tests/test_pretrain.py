@@ -87,12 +87,21 @@ def test_a_shipped_asset_is_found_by_name_and_a_wrong_name_is_a_clear_error():
             resolve_pretrained(ModelConfig(pretrained=bad))
 
 
-def test_the_contours_bench_is_the_fmnist_bench_on_the_shipped_contours_backbone():
+def test_the_fmnist_benches_differ_as_their_headers_say():
     from fedtune.bench import BenchConfig
     from fedtune.cli import _load
 
-    base = _load(BenchConfig, str(ROOT / "simulations/bench_fmnist.yaml"), [])
-    other = _load(BenchConfig, str(ROOT / "simulations/bench_fmnist_contours.yaml"), [])
-    other.validate()
-    assert other.model.pretrained == "asset:vit_tiny_p4_32_contours.safetensors"
-    assert (other.data, other.train, other.method, other.seeds) == (base.data, base.train, base.method, base.seeds)
+    def load(name):
+        cfg = _load(BenchConfig, str(ROOT / "simulations" / name), [])
+        cfg.validate()
+        return cfg
+
+    main, shipped, contours = load("bench_fmnist.yaml"), load("bench_fmnist_shipped.yaml"), load("bench_fmnist_contours.yaml")
+    assert main.model.pretrained == contours.model.pretrained == "asset:vit_tiny_p4_32_contours.safetensors"
+    assert shipped.model.pretrained == "default"
+    # the glyph backbone's bench keeps ALaST's earlier setting; the contours pilot changes only the backbone
+    assert (shipped.method.alast.mean_budget, shipped.method.alast.rate) == (0.2, 0.1)
+    assert (main.method.alast.mean_budget, main.method.alast.rate) == (0.25, 0.3)
+    assert main.variants["alast_tight"]["alast"]["mean_budget"] == 0.2
+    assert (contours.data, contours.train, contours.method, contours.seeds) == (shipped.data, shipped.train, shipped.method, shipped.seeds)
+    assert (main.data, main.train, main.seeds, main.budgets) == (shipped.data, shipped.train, shipped.seeds, shipped.budgets)

@@ -104,6 +104,7 @@ class SparseFedAvg(FedAvg):
         clip_update_norm: float | None = None,
         dp_noise_multiplier: float | None = None,
         robust_absent: str = "skip",
+        nnm: bool = False,
         **fedavg_kwargs: Any,
     ) -> None:
         if aggregation not in AGGREGATIONS:
@@ -116,8 +117,12 @@ class SparseFedAvg(FedAvg):
             raise ConfigError("dp_noise_multiplier: needs clip_update_norm (the sensitivity), aggregation 'mean' and a positive multiplier")
         if robust_absent not in ROBUST_ABSENT:
             raise ConfigError(f"robust_absent: expected one of {ROBUST_ABSENT}, got {robust_absent!r}")
+        if nnm and (aggregation == "mean" or robust_absent != "unchanged"):
+            raise ConfigError(f"nnm: nearest-neighbour mixing comes before a robust rule over every client of the round: "
+                              f"it needs aggregation median, trimmed_mean or mean_around_median (got {aggregation!r}) "
+                              f"and robust_absent 'unchanged' (got {robust_absent!r})")
         self.aggregation, self.trim_fraction, self.clip_update_norm = aggregation, trim_fraction, clip_update_norm
-        self.robust_absent = robust_absent
+        self.robust_absent, self.nnm = robust_absent, nnm
         self.dp_noise_multiplier = dp_noise_multiplier
         self.dp_rng = np.random.default_rng()
         if weighting not in protocol.WEIGHTINGS:
@@ -174,6 +179,7 @@ class SparseFedAvg(FedAvg):
         self.last_rejections: list[tuple[int, str]] = []
         self.last_client_metrics: list[dict[str, Any]] = []
         self.last_update_norms: list[tuple[int, float]] = []  # (node, norm of its update) under norm bounding
+        self.last_nnm_neighbours: list[tuple[int, list[int]]] = []  # (node, the nodes whose updates its mixed update averages) under nnm
         self.sampled_round = 0  # nodes sent a train instruction this round (the DP average's denominator)
         # Counters across rounds, saved by state_dict().
         self.last_round = 0
@@ -554,6 +560,7 @@ class SparseFedAvg(FedAvg):
         combined over the replies that sent it (weighted mean, or coordinate-wise median, trimmed
         mean or mean around the median), after norm bounding."""
         self.last_update_norms = []
+        self.last_nnm_neighbours = []
         replies = self._bounded(global_arrays, replies)
         if self.dp_noise_multiplier is not None:
             return self._private_arrays(global_arrays, replies)
@@ -620,37 +627,80 @@ class SparseFedAvg(FedAvg):
         parameter over its senders;
         with robust_absent 'unchanged', every client that replied this round and did not send
         the parameter counts as a vote for its global value (no change), so attackers who are
-        many among a block's few senders but few among the round's clients are outvoted."""
+        many among a block's few senders but few among the round's clients are outvoted.
+        With nnm, each client's update is first replaced by the mean of its nearest neighbours'
+        (_nnm_weights), and the rule combines those."""
         senders: dict[str, list[np.ndarray]] = {}
         for reply in replies:
             for name, value in reply.arrays.items():
                 senders.setdefault(name, []).append(value)
+        mixing = self._nnm_weights(global_arrays, replies) if self.nnm else None
         aggregated: dict[str, Array] = {}
         for name, reference in global_arrays.items():
             values = senders.get(name)
             if not values:
                 aggregated[name] = Array(dtype=reference.dtype, shape=tuple(reference.shape), stype=reference.stype, data=reference.data)
                 continue
-            if self.robust_absent == "unchanged":
-                values = values + [reference.numpy()] * (len(replies) - len(values))
-            stack = np.stack([v.astype(np.float64) for v in values])
-            k = int(math.floor(self.trim_fraction * len(values)))  # trimmed_mean: dropped at each end | mean_around_median: dropped in all
-            if self.aggregation == "median":
-                combined = np.median(stack, axis=0)
-            elif self.aggregation == "mean_around_median":
-                # Xie et al. 2018: per coordinate, the mean of the values nearest the median
-                # (the trim_fraction share farthest from it dropped), so one-sided outliers are
-                # what is dropped, not honest values on the other side
-                nearest = np.argsort(np.abs(stack - np.median(stack, axis=0)), axis=0, kind="stable")[: len(values) - k]
-                combined = np.take_along_axis(stack, nearest, axis=0).mean(axis=0)
-            else:
-                ordered = np.sort(stack, axis=0)
-                combined = ordered[k : len(values) - k].mean(axis=0)
             dtype = np.dtype(reference.dtype)
+            if mixing is not None and np.issubdtype(dtype, np.inexact):
+                base = reference.numpy().astype(np.float64)
+                stack = self._deltas(name, base, replies)
+                combined = base + self._combine(np.tensordot(mixing, stack, axes=1))
+            else:
+                if self.robust_absent == "unchanged":
+                    values = values + [reference.numpy()] * (len(replies) - len(values))
+                combined = self._combine(np.stack([v.astype(np.float64) for v in values]))
             if not np.issubdtype(dtype, np.inexact):
                 combined = np.rint(combined)
             aggregated[name] = Array(np.asarray(combined.astype(dtype)))
         return ArrayRecord(aggregated)
+
+    def _combine(self, stack: np.ndarray) -> np.ndarray:
+        """The robust rule over the votes stacked on axis 0."""
+        n = stack.shape[0]
+        k = int(math.floor(self.trim_fraction * n))  # trimmed_mean: dropped at each end | mean_around_median: dropped in all
+        if self.aggregation == "median":
+            return np.median(stack, axis=0)
+        if self.aggregation == "mean_around_median":
+            # Xie et al. 2018: per coordinate, the mean of the values nearest the median
+            # (the trim_fraction share farthest from it dropped), so one-sided outliers are
+            # what is dropped, not honest values on the other side
+            nearest = np.argsort(np.abs(stack - np.median(stack, axis=0)), axis=0, kind="stable")[: n - k]
+            return np.take_along_axis(stack, nearest, axis=0).mean(axis=0)
+        return np.sort(stack, axis=0)[k : n - k].mean(axis=0)
+
+    @staticmethod
+    def _deltas(name: str, base: np.ndarray, replies: list[_Reply]) -> np.ndarray:
+        """Each reply's change to parameter `name` (zero where it did not send it), stacked."""
+        stack = np.zeros((len(replies), *base.shape), dtype=np.float64)
+        for i, reply in enumerate(replies):
+            if name in reply.arrays:
+                stack[i] = reply.arrays[name].astype(np.float64) - base
+        return stack
+
+    def _nnm_weights(self, global_arrays: ArrayRecord, replies: list[_Reply]) -> np.ndarray:
+        """Nearest-neighbour mixing (Allouah et al. 2023, "Fixing by Mixing"): row i averages the
+        n - f updates nearest to client i's (itself included; L2 over every float parameter sent
+        this round, an unsent one counting as no change), f = floor(trim_fraction * n). Honest
+        clients' mixed updates then sit close to the honest mean, however skewed their data, so
+        the coordinate-wise rule after it no longer has to pick one client's value."""
+        n = len(replies)
+        f = int(math.floor(self.trim_fraction * n))
+        gram = np.zeros((n, n), dtype=np.float64)
+        names = {name for reply in replies for name, v in reply.arrays.items() if np.issubdtype(v.dtype, np.inexact)}
+        for name in sorted(names):
+            flat = self._deltas(name, global_arrays[name].numpy().astype(np.float64), replies).reshape(n, -1)
+            gram += flat @ flat.T
+        sq = np.diag(gram)
+        distances = sq[:, None] + sq[None, :] - 2.0 * gram
+        weights = np.zeros((n, n), dtype=np.float64)
+        for i in range(n):
+            nearest = np.argsort(distances[i], kind="stable")[: n - f]
+            if i not in nearest:  # ties at zero distance: a client is always its own neighbour
+                nearest[-1] = i
+            weights[i, nearest] = 1.0 / (n - f)
+        self.last_nnm_neighbours = [(replies[i].node_id, sorted(replies[j].node_id for j in np.flatnonzero(weights[i]))) for i in range(n)]
+        return weights
 
     def _update_importance(self, replies: list[_Reply]) -> None:
         """Fold the examples-weighted mean importance of the round into the EMA."""

@@ -205,6 +205,7 @@ class ServerRunner:
         evals = [{"node_id": e["node_id"], "new": e["node_id"] in s.exclude_nodes, **{k.replace("-", "_"): v for k, v in e["metrics"].to_dict().items()}} for e in s.last_eval_metrics]
         self.final = {
             "round": f.rounds, "clients_asked": len(nodes), "client_evaluations": evals,
+            "eval_rejected": [{"node_id": n, "reason": r} for n, r in s.last_eval_rejections],
             "bytes_down": s.bytes_down_round, "bytes_down_full_fedavg": self.full_bytes * s.messages_round,
             "time_s": round(time.time() - started, 2),
         }
@@ -261,6 +262,7 @@ class ServerRunner:
             "bytes_down_full_fedavg": int(self.full_bytes * s.messages_round),
             "accepted": len(accepted),
             "rejected": [{"node_id": n, "reason": r} for n, r in s.last_rejections],
+            "eval_rejected": [{"node_id": n, "reason": r} for n, r in s.last_eval_rejections],
             "clients": clients,
             "client_evaluations": evals,
             "global_importance": s.global_importance,

@@ -149,6 +149,7 @@ class SparseFedAvg(FedAvg):
         self.sample_seed = sample_seed
         self.round_offset = round_offset
         self.last_eval_metrics: list[dict[str, Any]] = []  # node_id, metrics (protocol.EvalMetrics)
+        self.last_eval_rejections: list[tuple[int, str]] = []  # (node, reason) of evaluate replies left out
         # The round (counted over the whole run) whose evaluate replies carry feature
         # statistics for the server's head fit; what they summed to and their size.
         self.head_stats_round = head_stats_round
@@ -271,9 +272,11 @@ class SparseFedAvg(FedAvg):
 
         Clients of different tasks report different per-task keys, so unlike FedAvg's
         (which requires every reply to carry the same keys) a key need not be in every
-        reply. Each client's metrics are kept in last_eval_metrics.
+        reply. Each client's metrics are kept in last_eval_metrics, and each reply left out
+        with its reason in last_eval_rejections.
         """
         self.last_eval_metrics = []
+        self.last_eval_rejections = []
         self._stats = StatsSum()
         replies = self._settle_downlink(list(replies), MessageType.EVALUATE)
         sums: dict[str, float] = {}
@@ -282,14 +285,18 @@ class SparseFedAvg(FedAvg):
             if msg.has_error():
                 log(WARNING, "evaluate reply from node %s is an error (code %s): %s",
                     msg.metadata.src_node_id, msg.error.code, msg.error.reason)
+                self.last_eval_rejections.append((msg.metadata.src_node_id, f"error reply (code {msg.error.code}): {msg.error.reason}"))
                 continue
             if protocol.METRICS not in msg.content.metric_records:
+                log(WARNING, "evaluate reply from node %s left out: no %r metric record", msg.metadata.src_node_id, protocol.METRICS)
+                self.last_eval_rejections.append((msg.metadata.src_node_id, f"no {protocol.METRICS!r} metric record"))
                 continue
             metrics = {k: v for k, v in msg.content.metric_records[protocol.METRICS].items()}
             try:
                 typed = protocol.EvalMetrics.from_dict(metrics)
             except (KeyError, TypeError, ValueError) as err:
                 log(WARNING, "evaluate reply from node %s left out: %s", msg.metadata.src_node_id, err)
+                self.last_eval_rejections.append((msg.metadata.src_node_id, f"malformed metrics: {err}"))
                 continue
             self.last_eval_metrics.append({"node_id": msg.metadata.src_node_id, "metrics": typed})
             if protocol.HEAD_STATS in msg.content.array_records:

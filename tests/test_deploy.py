@@ -1,7 +1,8 @@
 """The real deployment on loopback: a SuperLink and SuperNodes as separate processes, `flwr run`.
 
-Each test starts real Flower processes (~1 minute on 2 cores), so there are two: insecure
-(with a SuperNode whose node config names an unknown profile) and TLS.
+Each test starts real Flower processes (~1 minute on 2 cores): insecure (with a SuperNode
+whose node config names an unknown profile), TLS, TLS with authentication and a killed node,
+a server that fails at start, and a killed launcher.
 """
 
 import json
@@ -107,6 +108,25 @@ def test_authenticated_deployment_refuses_an_unregistered_node_and_survives_a_ki
     assert all(r["accepted"] == 2 for r in rounds[3:]), "after the kill the other two go on"
     intruder_log = (out / "deploy" / "supernode-3.log").read_text()
     assert "Failed to activate SuperNode" in intruder_log, intruder_log[-2000:]
+    left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    assert not left, f"every Flower process was stopped: {[p.cmdline() for p in left]}"
+
+
+def test_a_server_that_fails_at_start_fails_the_deployment_within_seconds(tmp_path):
+    """The ServerApp cannot build its model (a pretrained file that does not exist, which only
+    the running server reads): the launcher reports the failure with the log's tail soon after
+    `flwr run` ends, not after the whole --timeout, and leaves nothing running."""
+    import time
+
+    import psutil
+
+    from simulations.deploy import DeployError, run_local
+
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    started = time.time()
+    with pytest.raises(DeployError, match="ServerApp failed|`flwr run` failed"):
+        run_local(tmp_path / "run", 2, tiny_config(tmp_path, rounds=1), ["model.pretrained=/nonexistent/backbone.safetensors"], timeout=900)
+    assert time.time() - started < 300, "failed fast, not at the 900 s timeout"
     left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
     assert not left, f"every Flower process was stopped: {[p.cmdline() for p in left]}"
 

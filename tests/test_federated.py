@@ -440,9 +440,13 @@ def test_a_simulation_no_client_can_start_in_fails_at_once(tmp_path):
         tiny_run(federation={"num_clients": 4, "min_clients": 5})
 
 
-def test_more_bad_input_is_a_clear_error():
+def test_more_bad_input_is_a_clear_error(tmp_path):
     from fedtune.bench import BenchConfig, run_bench
 
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("name: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="latin1.yaml: not UTF-8 text \\(byte 9\\)"):
+        load_run_config(latin1)
     with pytest.raises(ConfigError, match="override 'x=\\[1': the value is not valid YAML"):
         load_run_config(None, ["x=[1"])
     with pytest.raises(ConfigError, match="model.img_size \\(48\\) and data.img_size \\(16\\) differ"):

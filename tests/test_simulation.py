@@ -82,6 +82,25 @@ def _simulate_cmd(config, out, *extra):
     return [sys.executable, "-m", "fedtune.cli", "simulate", str(config), "--out", str(out), "--no-progress", *extra]
 
 
+def test_a_run_in_which_no_client_can_train_exits_non_zero(tmp_path):
+    """Every client fails (BSR asked to train block 40 of a 4-block model): `fedtune simulate`
+    exits 3 with the clients' reason in summary.json, not 0 with the untrained model's accuracy."""
+    import subprocess
+
+    import yaml
+
+    data = {**TINY_RUN, "federation": {"num_clients": 2, "rounds": 1}, "method": {"name": "bsr", "bsr": {"train_blocks": [40]}}}
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(data))
+    out = tmp_path / "run"
+    done = subprocess.run(_simulate_cmd(config, out), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 3, done.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["empty_rounds"] == [1]
+    assert "round(s) [1] had no accepted client reply" in summary["error"] and "40" in summary["error"]
+    assert "no accepted client reply" in done.stderr
+
+
 def test_killed_simulation_resumes_to_the_same_result(tmp_path):
     """A run killed (SIGKILL, Ray and all) after round 2 of 4 resumes from its checkpoint, loses
     no completed round, and ends exactly where the uninterrupted run ends."""

@@ -463,6 +463,8 @@ def test_a_malformed_evaluate_reply_is_left_out() -> None:
     assert [e["node_id"] for e in strategy.last_eval_metrics] == [1, 3]
     first, third = (e["metrics"] for e in strategy.last_eval_metrics)
     assert first.accuracy_personal == 0.6 and third.accuracy_personal is None
+    assert [n for n, _ in strategy.last_eval_rejections] == [2]
+    assert "accuracy-global" in strategy.last_eval_rejections[0][1]
 
 
 def test_train_metrics_round_trip() -> None:
@@ -582,7 +584,7 @@ def test_nearest_neighbour_mixing_lets_median_and_trimmed_mean_find_the_honest_m
     g = global_arrays()  # a = [1, 2], c = [0.1]
     honest_a = np.array([[1, 0], [0, 1], [1, 1], [2, 0], [0, 2], [1, 1]], dtype=np.float64) * 0.1
     honest_c = {1: 0.5, 2: 0.3}  # the senders of c among the honest
-    replies, want_c = [], np.zeros(1)
+    replies = []
     for i, d in enumerate(honest_a):
         extra = {"c": [0.1 + honest_c[i]]} if i in honest_c else {}
         replies.append(reply(i + 1, arrays(a=list(np.array([1.0, 2.0]) + d), **extra)))

@@ -396,6 +396,25 @@ def test_a_run_whose_round_accepted_no_reply_fails_loudly(tmp_path, allow):
         assert "round(s) [2] had no accepted client reply" in summary["error"] and "device crash" in summary["error"]
 
 
+def test_a_private_run_reports_the_accountants_epsilon_in_its_summary(tmp_path):
+    """summary.json's dp block: the accountant's epsilon after the last round (with the head
+    fit's release of statistics counted when it happened) and the per-round values recorded."""
+    from server.runner import ServerRunner, dp_epsilon
+
+    cfg = tiny_run(federation={"num_clients": 4, "rounds": 2, "clip_update_norm": 1.0, "dp_noise_multiplier": 1.1,
+                               "head_fit": "lda", "dp_stats_feature_clip": 1.0})
+    runner = ServerRunner(cfg, tmp_path / "run")
+    runner.out.mkdir()
+    base = {"accuracy_global": 0.5, "loss_global": 1.0, "accuracy_per_task": {"digit": 0.5}, "bytes_up": 0, "bytes_down": 0, "bytes_up_full_fedavg": 0, "accepted": 4, "rejected": []}
+    runner.rounds = [{"round": 0, **base}, {"round": 1, **base, "dp_epsilon": dp_epsilon(cfg, 1)},
+                     {"round": 2, **base, "dp_epsilon": dp_epsilon(cfg, 2, head_stats=True), "head_fit": "lda"}]
+    dp = runner.finish()["dp"]
+    assert dp["epsilon"] == pytest.approx(dp_epsilon(cfg, 2, head_stats=True)) and dp["head_stats_privatized"]
+    assert dp_epsilon(cfg, 1) < dp_epsilon(cfg, 2) < dp["epsilon"] < 100  # more rounds and the statistics' release spend more
+    assert dp["delta"] == 1e-5 and dp["epsilon_per_round"] == [dp_epsilon(cfg, 1), dp["epsilon"]]  # rounds 1 and 2
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["dp"]["epsilon"] == dp["epsilon"]
+
+
 def test_simulated_attackers_send_what_their_attack_says():
     from fedtune.client import attacked_update, flipped_labels
     from fedtune.runconfig import AttackConfig

@@ -70,7 +70,7 @@ class FederationConfig:
     aggregation: Literal["mean", "median", "trimmed_mean", "mean_around_median"] = "mean"  # how each parameter is combined over the clients that sent it
     trim_fraction: float = 0.2  # trimmed_mean: share of the largest and of the smallest values dropped per coordinate | mean_around_median: share of the values farthest from the median dropped | nnm: the share of clients assumed attackers
     robust_absent: Literal["skip", "unchanged"] = "skip"  # median/trimmed_mean/mean_around_median: skip: over a parameter's senders only | unchanged: a client that replied without it counts as a vote for no change
-    nnm: bool = False  # nearest-neighbour mixing before median/trimmed_mean/mean_around_median (Allouah et al. 2023): each client's update replaced by the mean of the n - f nearest (f = floor(trim_fraction * n)); needs robust_absent: unchanged
+    nnm: bool = False  # nearest-neighbour mixing before median/trimmed_mean/mean_around_median (Allouah et al. 2023): each client's update replaced by the mean of the n - f nearest (f = floor(trim_fraction * n); robust_absent skip: per parameter over the neighbours that sent it | unchanged: a neighbour that did not counts as no change)
     clip_update_norm: float | None = None  # norm bounding: each client's update (over what it sent) scaled down to this L2 norm
     attack: AttackConfig = field(default_factory=AttackConfig)  # simulated attackers
     dp_noise_multiplier: float | None = None  # client-level DP: Gaussian noise of this multiple of clip_update_norm (per sampled client) on the aggregate; needs clip_update_norm
@@ -130,9 +130,8 @@ class FederationConfig:
             raise ConfigError(f"{prefix}profiles: give at least one device profile")
         if not 0.0 <= self.trim_fraction < 0.5:
             raise ConfigError(f"{prefix}trim_fraction: must be in [0, 0.5), got {self.trim_fraction}")
-        if self.nnm and (self.aggregation == "mean" or self.robust_absent != "unchanged"):
-            raise ConfigError(f"{prefix}nnm: nearest-neighbour mixing needs aggregation median, trimmed_mean or mean_around_median "
-                              f"(got {self.aggregation!r}) and robust_absent: unchanged (got {self.robust_absent!r})")
+        if self.nnm and self.aggregation == "mean":
+            raise ConfigError(f"{prefix}nnm: nearest-neighbour mixing needs aggregation median, trimmed_mean or mean_around_median (got 'mean')")
         if self.clip_update_norm is not None and not self.clip_update_norm > 0:
             raise ConfigError(f"{prefix}clip_update_norm: must be positive or null, got {self.clip_update_norm}")
         if self.dp_noise_multiplier is not None:

@@ -117,10 +117,9 @@ class SparseFedAvg(FedAvg):
             raise ConfigError("dp_noise_multiplier: needs clip_update_norm (the sensitivity), aggregation 'mean' and a positive multiplier")
         if robust_absent not in ROBUST_ABSENT:
             raise ConfigError(f"robust_absent: expected one of {ROBUST_ABSENT}, got {robust_absent!r}")
-        if nnm and (aggregation == "mean" or robust_absent != "unchanged"):
-            raise ConfigError(f"nnm: nearest-neighbour mixing comes before a robust rule over every client of the round: "
-                              f"it needs aggregation median, trimmed_mean or mean_around_median (got {aggregation!r}) "
-                              f"and robust_absent 'unchanged' (got {robust_absent!r})")
+        if nnm and aggregation == "mean":
+            raise ConfigError("nnm: nearest-neighbour mixing comes before a robust rule: it needs aggregation "
+                              "median, trimmed_mean or mean_around_median (got 'mean')")
         self.aggregation, self.trim_fraction, self.clip_update_norm = aggregation, trim_fraction, clip_update_norm
         self.robust_absent, self.nnm = robust_absent, nnm
         self.dp_noise_multiplier = dp_noise_multiplier
@@ -636,7 +635,9 @@ class SparseFedAvg(FedAvg):
         the parameter counts as a vote for its global value (no change), so attackers who are
         many among a block's few senders but few among the round's clients are outvoted.
         With nnm, each client's update is first replaced by the mean of its nearest neighbours'
-        (_nnm_weights), and the rule combines those."""
+        (_nnm_weights; with robust_absent 'skip', per parameter the mean over the neighbours
+        that sent it, with 'unchanged' a neighbour that did not counts as no change), and the
+        rule combines those."""
         senders: dict[str, list[np.ndarray]] = {}
         for reply in replies:
             for name, value in reply.arrays.items():
@@ -652,7 +653,14 @@ class SparseFedAvg(FedAvg):
             if mixing is not None and np.issubdtype(dtype, np.inexact):
                 base = reference.numpy().astype(np.float64)
                 stack = self._deltas(name, base, replies)
-                combined = base + self._combine(np.tensordot(mixing, stack, axes=1))
+                if self.robust_absent == "unchanged":  # a neighbour that did not send it counts as no change
+                    combined = base + self._combine(np.tensordot(mixing, stack, axes=1))
+                else:  # the mean over the neighbours that sent it; a client none of whose neighbours did does not vote
+                    sent = np.array([name in r.arrays for r in replies], dtype=np.float64)
+                    share = mixing * sent[None, :]
+                    voters = share.sum(axis=1) > 0
+                    mixed = np.tensordot(share[voters] / share[voters].sum(axis=1, keepdims=True), stack, axes=1)
+                    combined = base + self._combine(mixed)
             else:
                 if self.robust_absent == "unchanged":
                     values = values + [reference.numpy()] * (len(replies) - len(values))

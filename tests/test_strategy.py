@@ -580,7 +580,9 @@ def test_nearest_neighbour_mixing_lets_median_and_trimmed_mean_find_the_honest_m
     """Six honest clients with skewed updates and two sign-flip attackers (x10), who are half
     of c's senders. Per coordinate the plain median picks one skewed honest value or is pulled
     by the attackers; after nearest-neighbour mixing every honest client's update is the
-    honest mean, and so is the median and the trimmed mean of the mixed updates."""
+    honest mean, and so is the median and the trimmed mean of the mixed updates: for c, the
+    mean over its honest senders (robust_absent 'skip') or over all six honest clients, the
+    four that did not send it counting as no change ('unchanged')."""
     g = global_arrays()  # a = [1, 2], c = [0.1]
     honest_a = np.array([[1, 0], [0, 1], [1, 1], [2, 0], [0, 2], [1, 1]], dtype=np.float64) * 0.1
     honest_c = {1: 0.5, 2: 0.3}  # the senders of c among the honest
@@ -591,26 +593,25 @@ def test_nearest_neighbour_mixing_lets_median_and_trimmed_mean_find_the_honest_m
     attack = -10 * np.array([0.1, 0.1])
     replies += [reply(i, arrays(a=list(np.array([1.0, 2.0]) + attack), c=[0.1 - 10 * 0.4])) for i in (7, 8)]
     honest_mean_a = np.array([1.0, 2.0]) + honest_a.mean(0)
-    honest_mean_c = 0.1 + sum(honest_c.values()) / 6  # the four honest who did not send c vote for no change
+    want_c = {"skip": 0.1 + sum(honest_c.values()) / 2, "unchanged": 0.1 + sum(honest_c.values()) / 6}
     for kind in ("median", "trimmed_mean"):
-        mixed = SparseFedAvg(aggregation=kind, trim_fraction=0.25, robust_absent="unchanged", nnm=True)
-        plain = SparseFedAvg(aggregation=kind, trim_fraction=0.25, robust_absent="unchanged")
-        for strategy in (mixed, plain):
-            configured(strategy, g)
-        got, got_plain = (as_numpy(st.aggregate_train(1, replies)[0]) for st in (mixed, plain))
-        np.testing.assert_allclose(got["a"], honest_mean_a, rtol=1e-6)
-        np.testing.assert_allclose(got["c"], [honest_mean_c], rtol=1e-5)
-        assert abs(got_plain["a"][0] - honest_mean_a[0]) > 0.02 or abs(got_plain["c"][0] - honest_mean_c) > 0.02
-        np.testing.assert_array_equal(got["b"], as_numpy(g)["b"])  # nobody sent b
-        assert dict(mixed.last_nnm_neighbours)[1] == [1, 2, 3, 4, 5, 6]
+        for absent in ("skip", "unchanged"):
+            mixed = SparseFedAvg(aggregation=kind, trim_fraction=0.25, robust_absent=absent, nnm=True)
+            plain = SparseFedAvg(aggregation=kind, trim_fraction=0.25, robust_absent=absent)
+            for strategy in (mixed, plain):
+                configured(strategy, g)
+            got, got_plain = (as_numpy(st.aggregate_train(1, replies)[0]) for st in (mixed, plain))
+            np.testing.assert_allclose(got["a"], honest_mean_a, rtol=1e-6)
+            np.testing.assert_allclose(got["c"], [want_c[absent]], rtol=1e-5)
+            assert abs(got_plain["a"][0] - honest_mean_a[0]) > 0.02 or abs(got_plain["c"][0] - want_c[absent]) > 0.02
+            np.testing.assert_array_equal(got["b"], as_numpy(g)["b"])  # nobody sent b
+            assert dict(mixed.last_nnm_neighbours)[1] == [1, 2, 3, 4, 5, 6]
     with pytest.raises(ConfigError, match="nnm"):
-        SparseFedAvg(aggregation="median", nnm=True)  # robust_absent skip
-    with pytest.raises(ConfigError, match="nnm"):
-        SparseFedAvg(robust_absent="unchanged", nnm=True)  # aggregation mean
+        SparseFedAvg(nnm=True)  # aggregation mean
     from .test_federated import tiny_run
 
     with pytest.raises(ConfigError, match="nnm"):
-        tiny_run(federation={"num_clients": 4, "aggregation": "median", "nnm": True})
+        tiny_run(federation={"num_clients": 4, "nnm": True})
 
 
 def test_norm_bounding_scales_long_updates_down() -> None:

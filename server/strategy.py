@@ -282,20 +282,16 @@ class SparseFedAvg(FedAvg):
         weights: dict[str, float] = {}
         for msg in replies:
             if msg.has_error():
-                log(WARNING, "evaluate reply from node %s is an error (code %s): %s",
-                    msg.metadata.src_node_id, msg.error.code, msg.error.reason)
-                self.last_eval_rejections.append((msg.metadata.src_node_id, f"error reply (code {msg.error.code}): {msg.error.reason}"))
+                self._leave_out(msg.metadata.src_node_id, f"error reply (code {msg.error.code}): {msg.error.reason}")
                 continue
             if protocol.METRICS not in msg.content.metric_records:
-                log(WARNING, "evaluate reply from node %s left out: no %r metric record", msg.metadata.src_node_id, protocol.METRICS)
-                self.last_eval_rejections.append((msg.metadata.src_node_id, f"no {protocol.METRICS!r} metric record"))
+                self._leave_out(msg.metadata.src_node_id, f"no {protocol.METRICS!r} metric record")
                 continue
             metrics = {k: v for k, v in msg.content.metric_records[protocol.METRICS].items()}
             try:
                 typed = protocol.EvalMetrics.from_dict(metrics)
             except (KeyError, TypeError, ValueError) as err:
-                log(WARNING, "evaluate reply from node %s left out: %s", msg.metadata.src_node_id, err)
-                self.last_eval_rejections.append((msg.metadata.src_node_id, f"malformed metrics: {err}"))
+                self._leave_out(msg.metadata.src_node_id, f"malformed metrics: {err}")
                 continue
             self.last_eval_metrics.append({"node_id": msg.metadata.src_node_id, "metrics": typed})
             if protocol.HEAD_STATS in msg.content.array_records:
@@ -424,6 +420,11 @@ class SparseFedAvg(FedAvg):
     def _reject(self, node_id: int, reason: str) -> None:
         log(WARNING, "aggregate_train: rejected reply from node %d: %s", node_id, reason)
         self.last_rejections.append((node_id, reason))
+
+    def _leave_out(self, node_id: int, reason: str) -> None:
+        """An evaluate reply that does not count: logged and kept in last_eval_rejections."""
+        log(WARNING, "aggregate_evaluate: left out the reply from node %d: %s", node_id, reason)
+        self.last_eval_rejections.append((node_id, reason))
 
     def _validate(
         self, msg: Message, global_arrays: ArrayRecord, importance_len: int | None
@@ -652,7 +653,7 @@ class SparseFedAvg(FedAvg):
             dtype = np.dtype(reference.dtype)
             if mixing is not None and np.issubdtype(dtype, np.inexact):
                 base = reference.numpy().astype(np.float64)
-                stack = self._deltas(name, base, replies)
+                stack = self._deltas(name, base, replies)  # built again, not kept from _nnm_weights: one parameter's at a time in memory
                 if self.robust_absent == "unchanged":  # a neighbour that did not send it counts as no change
                     combined = base + self._combine(np.tensordot(mixing, stack, axes=1))
                 else:  # the mean over the neighbours that sent it; a client none of whose neighbours did does not vote

@@ -17,6 +17,9 @@ Each client's personalized model follows `federation.personalization`:
   model's features shrunk towards the federation's, with the client's class priors;
 - finetune: the global model fine-tuned locally (`federation.finetune_epochs`) in the final
   evaluation (FedAvg + fine-tuning);
+- fedbabu: the task head never trains during the federation (it stays as initialized, or as
+  the server last set it); only the body learns and is averaged. In the final evaluation the
+  whole global model is fine-tuned locally, as under finetune (FedBABU);
 - local: nothing is sent; each client trains its own model (local training only);
 - none: the global model only.
 
@@ -75,7 +78,7 @@ class PersonalHeadTrainer(Trainer):
 
 
 class HeadFixed:
-    """A method whose every plan leaves the task head as it is (FedRep's body phase)."""
+    """A method whose every plan leaves the task head as it is (FedRep's body phase, FedBABU)."""
 
     def __init__(self, method: Method) -> None:
         self._method = method
@@ -137,6 +140,7 @@ class ClientRuntime:
                 # FedRep: the (personal) head first, on the received body; then the body, head fixed
                 head_only = make_method(MethodConfig(name="head"), self.model, self.profile, cfg.train.batch_size, task, seed=seed + i)
                 Trainer(self.model, head_only, replace(tcfg, epochs=cfg.federation.rep_head_epochs), task).train(self.train_set.for_task(task))
+            if cfg.federation.personalization in ("fedrep", "fedbabu"):
                 method = HeadFixed(method)
             trainer = PersonalHeadTrainer(self.model, method, tcfg, task, personal_head=self.personal_heads.get(task))
             data = self.train_set.for_task(task)
@@ -209,10 +213,10 @@ class ClientRuntime:
 
         The personalized model follows `federation.personalization` (module docstring); the
         "lda" head is built here, from this client's class statistics on its training data
-        shrunk towards the federation's (`fed_stats`), and "finetune" trains a copy of the
-        global model locally, in the final evaluation only. Returns the metrics, this client's
-        class statistics when `want_stats` (what the server's head fit sums) and, when the
-        evaluation built a personal head, the state that keeps it (else None)."""
+        shrunk towards the federation's (`fed_stats`), and "finetune" and "fedbabu" train a
+        copy of the global model locally, in the final evaluation only. Returns the metrics,
+        this client's class statistics when `want_stats` (what the server's head fit sums)
+        and, when the evaluation built a personal head, the state that keeps it (else None)."""
         fed = self.cfg.federation
         mode = fed.personalization
         sets = {t: self.test_set.for_task(t) if self.test_set.count(t) else self.train_set.for_task(t) for t in self.tasks}
@@ -241,7 +245,7 @@ class ClientRuntime:
                 feats, labels = extract_features(self.model, sets[task], task, 256, plan) if personal else global_feats[task]
                 head = self.personal_heads.get(task)
                 out.per_task_personal[task] = _accuracy(head(feats) if head is not None else self.model.forward_head(feats, task), labels)
-        elif mode == "finetune" and final:
+        elif mode in ("finetune", "fedbabu") and final:
             with torch.enable_grad():
                 for i, task in enumerate(self.tasks):
                     load_numpy_state(self.model, global_arrays)

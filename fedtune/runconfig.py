@@ -78,10 +78,10 @@ class FederationConfig:
     dp_stats_feature_clip: float | None = None  # DP with head_fit: lda: each feature vector in a client's statistics scaled down to this L2 norm (needed then)
     dp_stats_max_examples: int = 256  # DP with head_fit: lda: at most this many of a client's training examples (a seeded sample) enter its statistics
     personal: list[str] = field(default_factory=list)  # parameter-name prefixes that never leave a client
-    personalization: Literal["fedrod", "fedper", "fedrep", "lda", "finetune", "local", "none"] = "fedrod"  # how each client's personalized model is made (see fedtune.client)
+    personalization: Literal["fedrod", "fedper", "fedrep", "fedbabu", "lda", "finetune", "local", "none"] = "fedrod"  # how each client's personalized model is made (see fedtune.client)
     balanced_loss: bool = False  # the shared model trains with balanced softmax (the client's log class priors added to the logits in its loss, as FedRoD trains its generic model), so label-skewed clients pull the global head the same way
     lda_shrink: float = 1.0  # lda: pseudo-examples of the federation's class mean added to each of the client's class means
-    finetune_epochs: int = 1  # finetune: local epochs on the global model in the final evaluation
+    finetune_epochs: int = 1  # finetune, fedbabu: local epochs on the global model in the final evaluation
     rep_head_epochs: int = 1  # fedrep: epochs of the head alone before the body's each round
     downlink: Literal["sparse", "full"] = "sparse"  # sparse: clients keep the global model and get only what changed | full: the whole model in every instruction
     independent_tasks: bool = False  # one federation per task (each its own model, over the clients holding that task), run one after another; summary.json combines them
@@ -103,9 +103,9 @@ class FederationConfig:
         if self.new_clients and not self.final_evaluation:
             raise ConfigError(f"{prefix}new_clients: new clients are evaluated in the final evaluation only; set final_evaluation: true")
         if self.new_clients and self.personalization in ("fedrod", "fedper", "fedrep", "local"):
-            raise ConfigError(f"{prefix}new_clients: a new client never trains, so it has no {self.personalization} personal model; use personalization lda, finetune or none")
+            raise ConfigError(f"{prefix}new_clients: a new client never trains, so it has no {self.personalization} personal model; use personalization lda, finetune, fedbabu or none")
         if self.balanced_loss and any("heads.".startswith(p) or p.startswith("heads.") for p in self.personal_prefixes()):
-            raise ConfigError(f"{prefix}balanced_loss: the task head is personal here (personalization {self.personalization}, personal {self.personal}) and fits the client's own labels; balanced_loss is for a shared head (fedrod, lda, finetune, none)")
+            raise ConfigError(f"{prefix}balanced_loss: the task head is personal here (personalization {self.personalization}, personal {self.personal}) and fits the client's own labels; balanced_loss is for a shared head (fedrod, fedbabu, lda, finetune, none)")
         if self.clients_per_round is not None and not 1 <= self.clients_per_round <= self.num_clients:
             raise ConfigError(f"{prefix}clients_per_round: must be in 1..num_clients ({self.num_clients}), got {self.clients_per_round}")
         if not 1 <= self.rounds <= MAX_ROUNDS:

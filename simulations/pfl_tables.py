@@ -25,6 +25,7 @@ METHODS = (  # file-name key, row label (the configs in simulations/pfl/, then t
     ("fedavg_ft", "FedAvg + local fine-tuning"),
     ("fedper", "FedPer"),
     ("fedrep", "FedRep"),
+    ("fedbabu", "FedBABU"),
     ("fedrod", "FedRoD (full FT)"),
     ("alast_fedrod", "ALaST + FedRoD heads"),
     ("alast", "ALaST + closed-form LDA head (default)"),

@@ -90,7 +90,7 @@ def test_personal_lda_head_own_means_and_priors_the_federations_covariance():
     assert (x @ w2.T + b2).argmax(1).tolist() == [0, 0, 0]
 
 
-@pytest.mark.parametrize("mode", ["lda", "fedper", "fedrep", "local", "finetune", "none"])
+@pytest.mark.parametrize("mode", ["lda", "fedper", "fedrep", "fedbabu", "local", "finetune", "none"])
 def test_each_personalization_reports_what_it_promises(mode):
     cfg = tiny_run(federation={"num_clients": 4, "rounds": 2, "personalization": mode})
     rt = ClientRuntime(cfg, partition_id=1)
@@ -109,6 +109,10 @@ def test_each_personalization_reports_what_it_promises(mode):
 
         assert make_method(cfg.method, rt.model, rt.profile, 16, "digit").plan().train_head
         assert not HeadFixed(make_method(cfg.method, rt.model, rt.profile, 16, "digit")).plan().train_head
+    if mode == "fedbabu":
+        # the body learned, the head stayed as the server sent it
+        assert any(k.startswith("vit.blocks.") and not np.array_equal(v, glob[k]) for k, v in update.items())
+        assert all(np.array_equal(v, glob[k]) for k, v in state_to_numpy(rt.model).items() if k.startswith("heads."))
     ev, stats, kept = rt.evaluate(glob, state, want_stats=True, final=True)
     assert set(stats) == {"digit.count", "digit.sum", "digit.outer"}
     assert ev.accuracy_global is not None
@@ -117,7 +121,7 @@ def test_each_personalization_reports_what_it_promises(mode):
     else:
         assert 0.0 <= ev.accuracy_personal <= 1.0
     assert (kept is not None) == (mode == "lda"), "the final lda head is kept for export"
-    if mode == "finetune":
+    if mode in ("finetune", "fedbabu"):
         assert rt.evaluate(glob, state)[0].accuracy_personal is None, "fine-tuning runs in the final evaluation only"
         # the shared model is left holding the global parameters
         assert all(np.array_equal(v, glob[k]) for k, v in state_to_numpy(rt.model).items())

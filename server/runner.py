@@ -197,7 +197,7 @@ class ServerRunner:
         nodes += new
         arrays = numpy_to_arrays(state_to_numpy(self.model))
         s.downlink.observe(arrays)
-        s.bytes_down_round, s.messages_round = 0, 0
+        s.bytes_down_round, s.messages_round, s.start_messages_round = 0, 0, 0
         config = ConfigRecord({protocol.SERVER_ROUND: f.rounds, protocol.FINAL: True})
         messages = s.instructions(RecordDict({protocol.ARRAYS: arrays, protocol.CONFIG: config}), nodes, MessageType.EVALUATE)
         started = time.time()
@@ -207,6 +207,7 @@ class ServerRunner:
             "round": f.rounds, "clients_asked": len(nodes), "client_evaluations": evals,
             "eval_rejected": [{"node_id": n, "reason": r} for n, r in s.last_eval_rejections],
             "bytes_down": s.bytes_down_round, "bytes_down_full_fedavg": self.full_bytes * s.messages_round,
+            "bytes_down_full_fedavg_same_start": self.full_bytes * (s.messages_round - s.start_messages_round),
             "time_s": round(time.time() - started, 2),
         }
         write_json(self.out / "final_evaluation.json", self.final)
@@ -260,6 +261,7 @@ class ServerRunner:
             "bytes_down": int(s.bytes_down_round),
             "bytes_up_full_fedavg": int(self.full_bytes * len(accepted)),
             "bytes_down_full_fedavg": int(self.full_bytes * s.messages_round),
+            "bytes_down_full_fedavg_same_start": int(self.full_bytes * (s.messages_round - s.start_messages_round)),
             "accepted": len(accepted),
             "rejected": [{"node_id": n, "reason": r} for n, r in s.last_rejections],
             "eval_rejected": [{"node_id": n, "reason": r} for n, r in s.last_eval_rejections],
@@ -370,6 +372,9 @@ class ServerRunner:
             "bytes_down_total": int(sum(r["bytes_down"] for r in rounds) + (self.final or {}).get("bytes_down", 0)),
             "bytes_up_full_fedavg": int(sum(r["bytes_up_full_fedavg"] for r in rounds)),
             "bytes_down_full_fedavg": int(sum(r.get("bytes_down_full_fedavg", 0) for r in rounds) + (self.final or {}).get("bytes_down_full_fedavg", 0)),
+            # full FedAvg whose clients also build the starting model themselves (no first download), as this run's do
+            "bytes_down_full_fedavg_same_start": int(sum(r.get("bytes_down_full_fedavg_same_start", r.get("bytes_down_full_fedavg", 0)) for r in rounds)
+                                                     + (self.final or {}).get("bytes_down_full_fedavg_same_start", 0)),
             "bytes_up_per_round": [r["bytes_up"] for r in rounds],
             "bytes_down_per_round": [r["bytes_down"] for r in rounds],
             "model_bytes": self.full_bytes,
@@ -402,6 +407,8 @@ class ServerRunner:
         summary["bytes_up_ratio_vs_full_fedavg"] = summary["bytes_up_total"] / summary["bytes_up_full_fedavg"] if summary["bytes_up_full_fedavg"] else None
         full_total = summary["bytes_up_full_fedavg"] + summary["bytes_down_full_fedavg"]
         summary["traffic_ratio_vs_full_fedavg"] = (summary["bytes_up_total"] + summary["bytes_down_total"]) / full_total if full_total else None
+        same_start = summary["bytes_up_full_fedavg"] + summary["bytes_down_full_fedavg_same_start"]
+        summary["traffic_ratio_vs_full_fedavg_same_start"] = (summary["bytes_up_total"] + summary["bytes_down_total"]) / same_start if same_start else None
         write_json(self.out / "summary.json", summary)
         plot_run(self.rounds, self.out / "plots", self.model.depth, getattr(self.model, "moe_blocks", None))
         return summary

@@ -166,6 +166,9 @@ class SparseFedAvg(FedAvg):
         self.resend_timeout = resend_timeout
         self.bytes_down_round = 0
         self.messages_round = 0  # instructions sent this round (for full FedAvg's downlink bytes)
+        # of them, instructions of the starting model to nodes that built it themselves: a full
+        # FedAvg whose clients also start from that model would send those nothing
+        self.start_messages_round = 0
         self._grid: Grid | None = None
         self._records: dict[str, RecordDict] = {}
         # Nodes never sampled for a round (new clients, who join in the final evaluation).
@@ -234,7 +237,9 @@ class SparseFedAvg(FedAvg):
             extra = {f"{task}.{part}": Array(np.asarray(v, dtype=np.float32)) for task, parts in self.fed_stats.items() for part, v in parts.items()}
         messages = []
         for node_id in node_ids:
+            from_start = node_id not in self.downlink.held
             arrays, base = self.downlink.payload(node_id, record[protocol.ARRAYS])
+            from_start = from_start and base == 0 and self.downlink.version == 0  # it is sent nothing: it holds what it would get
             config = ConfigRecord(dict(record[protocol.CONFIG]))
             config[protocol.BASE_VERSION] = base
             config[protocol.MODEL_VERSION] = self.downlink.version if self.downlink.sparse else FULL
@@ -245,6 +250,7 @@ class SparseFedAvg(FedAvg):
                 content[protocol.FED_STATS] = ArrayRecord(dict(extra))
             self.bytes_down_round += sum(int(a.numpy().nbytes) for rec in content.array_records.values() for a in rec.values())
             self.messages_round += 1
+            self.start_messages_round += from_start
             messages.append(Message(content=content, message_type=message_type, dst_node_id=node_id))
         return messages
 
@@ -338,7 +344,7 @@ class SparseFedAvg(FedAvg):
         self.current_arrays = arrays
         self._grid = grid
         self.downlink.observe(arrays)
-        self.bytes_down_round, self.messages_round = 0, 0
+        self.bytes_down_round, self.messages_round, self.start_messages_round = 0, 0, 0
         self.sampled_round = 0
         server_round += self.round_offset
         self._seed_sampling(server_round, 0)

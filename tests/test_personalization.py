@@ -154,7 +154,21 @@ def test_downlink_sends_what_changed_since_the_version_a_node_holds():
     assert Downlink(sparse=False).payload(7, g1)[1] == FULL
 
 
-def test_strategy_resends_the_whole_model_to_a_node_that_lost_its_copy():
+def train_reply(node, need_full=False):
+    """A node's reply to a train instruction: its update of "b", or that it needs the whole model."""
+    instruction = Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
+    metrics = {protocol.NEED_FULL_MODEL: 1} if need_full else {protocol.NUM_EXAMPLES: 5}
+    content = RecordDict({protocol.METRICS: MetricRecord(metrics)})
+    if not need_full:
+        content[protocol.ARRAYS] = record_of({"b": np.full(3, float(node), np.float32)})
+    return Message(content, reply_to=instruction)
+
+
+def test_strategy_resends_the_whole_model_to_a_node_that_lost_its_copy(monkeypatch):
+    import server.strategy
+
+    logged = Mock(wraps=server.strategy.log)
+    monkeypatch.setattr(server.strategy, "log", logged)
     strategy = SparseFedAvg(sparse_downlink=True)
     grid = Mock()
     grid.get_node_ids.return_value = [1, 2]
@@ -162,15 +176,6 @@ def test_strategy_resends_the_whole_model_to_a_node_that_lost_its_copy():
     first = list(strategy.configure_train(1, g0, ConfigRecord(), grid))
     assert all(m.content[protocol.CONFIG][protocol.BASE_VERSION] == FULL for m in first)
     full_bytes = strategy.bytes_down_round
-
-    def train_reply(node, need_full=False):
-        instruction = Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
-        metrics = {protocol.NEED_FULL_MODEL: 1} if need_full else {protocol.NUM_EXAMPLES: 5}
-        content = RecordDict({protocol.METRICS: MetricRecord(metrics)})
-        if not need_full:
-            content[protocol.ARRAYS] = record_of({"b": np.full(3, float(node), np.float32)})
-        return Message(content, reply_to=instruction)
-
     g1, _ = strategy.aggregate_train(1, [train_reply(1), train_reply(2)])
     second = list(strategy.configure_train(2, g1, ConfigRecord(), grid))
     assert all(list(m.content[protocol.ARRAYS].keys()) == ["b"] and m.content[protocol.CONFIG][protocol.BASE_VERSION] == 0 for m in second)
@@ -182,6 +187,23 @@ def test_strategy_resends_the_whole_model_to_a_node_that_lost_its_copy():
     assert [m.metadata.dst_node_id for m in resent] == [2]
     assert resent[0].content[protocol.CONFIG][protocol.BASE_VERSION] == FULL and set(resent[0].content[protocol.ARRAYS].keys()) == {"a", "b"}
     assert metrics[protocol.REPLIES_ACCEPTED] == 2
+    assert any("lost their model copy" in str(c.args[1]) for c in logged.call_args_list), "the recovery is logged"
+
+
+def test_full_fedavgs_downlink_from_the_same_start_leaves_out_only_the_starting_model_clients_built():
+    strategy = SparseFedAvg(sparse_downlink=True, initial_on_clients=True)
+    grid = Mock()
+    grid.get_node_ids.return_value = [1, 2]
+    g0 = record_of({"a": np.zeros(2, np.float32), "b": np.ones(3, np.float32)})
+    list(strategy.configure_train(1, g0, ConfigRecord(), grid))
+    assert (strategy.bytes_down_round, strategy.messages_round, strategy.start_messages_round) == (0, 2, 2)
+    g1, _ = strategy.aggregate_train(1, [train_reply(1), train_reply(2)])
+    list(strategy.configure_train(2, g1, ConfigRecord(), grid))
+    assert (strategy.messages_round, strategy.start_messages_round) == (2, 0), "after round 1 FedAvg sends the whole model"
+    # a node first met after the model changed (a new client) would get the whole model from FedAvg too
+    grid.get_node_ids.return_value = [1, 2, 3]
+    strategy.instructions(RecordDict({protocol.ARRAYS: g1, protocol.CONFIG: ConfigRecord()}), [3], MessageType.EVALUATE)
+    assert (strategy.messages_round, strategy.start_messages_round) == (3, 0)
 
 
 def test_client_completes_a_sparse_instruction_and_asks_for_all_when_it_cannot(tmp_path):

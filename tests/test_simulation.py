@@ -212,6 +212,12 @@ def test_protocol_run_with_sparse_downlink_lost_copy_and_a_new_client(tmp_path):
     model = summary["model_bytes"]
     assert 0 < rounds[1]["bytes_down"] <= 3 * model < rounds[1]["bytes_down_full_fedavg"]
     assert model < rounds[2]["bytes_down"] < rounds[2]["bytes_down_full_fedavg"]
+    # full FedAvg from the same start leaves out only round 1's three train instructions: they
+    # carried the starting model, which every client built (the new client gets the final one)
+    assert rounds[1]["bytes_down_full_fedavg_same_start"] == rounds[1]["bytes_down_full_fedavg"] - 3 * model
+    assert rounds[2]["bytes_down_full_fedavg_same_start"] == rounds[2]["bytes_down_full_fedavg"]
+    assert summary["bytes_down_full_fedavg_same_start"] == summary["bytes_down_full_fedavg"] - 3 * model
+    assert summary["traffic_ratio_vs_full_fedavg"] < summary["traffic_ratio_vs_full_fedavg_same_start"] < 1
     final = json.loads((out / "final_evaluation.json").read_text())
     assert final["clients_asked"] == 4
 

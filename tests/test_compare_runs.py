@@ -115,3 +115,42 @@ def test_pfl_tables_from_summary_files(tmp_path, capsys):
         main([f"x={summaries / 'fedrep_a0.1_s0.json'}"])
     with pytest.raises(SystemExit):
         tables([str(tmp_path / "missing")])
+
+
+def test_pfl_runs_gives_one_command_per_table_row_and_runs_only_what_is_missing(tmp_path, capsys):
+    """simulations.pfl_runs: every row's runs with their configs and split settings; --run
+    runs the missing ones one at a time, keeps their summaries and rebuilds the tables; a
+    failed run is reported and exits non-zero."""
+    from pathlib import Path
+
+    from simulations.pfl_runs import config_of
+    from simulations.pfl_runs import main as pfl_runs
+    from simulations.pfl_tables import METHODS
+
+    assert all(config_of(k).is_file() for k, _ in METHODS), "every table row has its config"
+    summaries, runs = tmp_path / "summaries", tmp_path / "runs"
+    summaries.mkdir()
+    (summaries / "fedrep_a0.5_s0.json").write_text(json.dumps({"accuracy_personalized": 0.7}))
+    calls = []
+
+    def simulate(cmd):
+        calls.append(cmd)
+        out = Path(cmd[-1])
+        if out.name.endswith("_s2"):
+            return 1  # this run fails
+        out.mkdir(parents=True)
+        (out / "summary.json").write_text(json.dumps({"accuracy_personalized": 0.8, "wall_time_s": 1.0}))
+        return 0
+
+    common = ["--method", "fedrep", "--split", "a0.5", "--summaries", str(summaries), "--runs", str(runs)]
+    assert pfl_runs(common, simulate=simulate) == 0 and calls == []
+    listed = capsys.readouterr().out.splitlines()
+    assert listed[0].startswith("done ") and listed[1].startswith("to do")
+    assert "simulations/pfl/fedrep.yaml --set seed=1 --set partition.alpha=0.5 --out " + str(runs / "fedrep_a0.5_s1") in listed[1]
+    assert pfl_runs([*common, "--run"], simulate=simulate) == 1, "seed 2 failed"
+    assert [Path(c[-1]).name for c in calls] == ["fedrep_a0.5_s1", "fedrep_a0.5_s2"], "seed 0 was done"
+    assert sorted(p.name for p in summaries.iterdir()) == ["fedrep_a0.5_s0.json", "fedrep_a0.5_s1.json"]
+    assert "| FedRep | 2 |" in (tmp_path / "table_alpha0.5.md").read_text()
+    assert "fedrep_a0.5_s2 (exit 1" in capsys.readouterr().err
+    pfl_runs(["--method", "alast", "--split", "path", "--seeds", "1", "--summaries", str(summaries), "--runs", str(runs)], simulate=simulate)
+    assert "pfl_fmnist.yaml --set seed=0 --set partition.scheme=pathological" in capsys.readouterr().out

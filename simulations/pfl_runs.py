@@ -1,0 +1,96 @@
+"""The runs behind the personalized-FL tables (README "Personalization on Fashion-MNIST"):
+one command per table row.
+
+    python -m simulations.pfl_runs                                   # every row's runs: done or to do
+    python -m simulations.pfl_runs --method fedrep --split a0.5 --run  # one row: its seeds, one run at a time
+    python -m simulations.pfl_runs --run                             # every row still to do
+
+METHOD is a row of the tables (the overlays in simulations/pfl/, and `alast`, the default
+simulations/pfl_fmnist.yaml); SPLIT is a0.1 (Dirichlet 0.1), a0.5 (Dirichlet 0.5) or path
+(2 classes per client). A run writes runs/pfl/METHOD_SPLIT_sSEED (`--runs`); its summary.json
+is copied into the summaries folder as METHOD_SPLIT_sSEED.json, what `simulations.pfl_tables`
+reads, and the tables are rebuilt after each run. A run whose summary is already there is
+skipped unless `--force`. The runs are long (5-15 minutes each on 2 CPU cores): run one
+row at a time, and never two of these commands at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from simulations.pfl_tables import METHODS, build
+
+ROOT = Path(__file__).resolve().parent
+SPLITS = {"a0.1": [], "a0.5": ["partition.alpha=0.5"], "path": ["partition.scheme=pathological"]}
+SEEDS = (0, 1, 2)
+
+
+def config_of(method: str) -> Path:
+    """The run config of a table row."""
+    return ROOT / "pfl_fmnist.yaml" if method == "alast" else ROOT / "pfl" / f"{method}.yaml"
+
+
+def command(method: str, split: str, seed: int, runs: Path) -> list[str]:
+    """`fedtune simulate` for one run of a row."""
+    sets = [f"seed={seed}", *SPLITS[split]]
+    return ["fedtune", "simulate", os.path.relpath(config_of(method)), *[a for s in sets for a in ("--set", s)], "--out", str(runs / f"{method}_{split}_s{seed}")]
+
+
+def plan(methods: list[str], splits: list[str], seeds: list[int], summaries: Path, runs: Path) -> list[tuple[str, list[str], bool]]:
+    """(name, command, done) for every run asked for, rows in the tables' order."""
+    return [(f"{m}_{sp}_s{s}", command(m, sp, s, runs), (summaries / f"{m}_{sp}_s{s}.json").is_file())
+            for m in methods for sp in splits for s in seeds]
+
+
+def _simulate(cmd: list[str]) -> int:
+    exe = shutil.which("fedtune") or shutil.which("fedtune", path=str(Path(sys.executable).parent))
+    if exe is None:
+        raise SystemExit("fedtune: command not found (install the project: pip install -e .)")
+    return subprocess.run([exe, *cmd[1:]], check=False).returncode
+
+
+def main(argv: list[str] | None = None, simulate: Callable[[list[str]], int] = _simulate) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    keys = [k for k, _ in METHODS]
+    parser.add_argument("--method", action="append", choices=keys, help="a table row (repeatable; default: every row)")
+    parser.add_argument("--split", action="append", choices=list(SPLITS), help="a split (repeatable; default: all three)")
+    parser.add_argument("--seeds", type=int, default=len(SEEDS), help="seeds 0..N-1 (default 3)")
+    parser.add_argument("--run", action="store_true", help="run what is not done yet (without it: only list)")
+    parser.add_argument("--force", action="store_true", help="with --run: run again what is done")
+    parser.add_argument("--runs", default="runs/pfl", help="folder of the run folders (default runs/pfl)")
+    parser.add_argument("--summaries", default=str(ROOT / "results" / "pfl_fmnist" / "summaries"),
+                        help="folder of METHOD_SPLIT_sSEED.json summaries (default: the stored ones)")
+    args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error("--seeds: must be at least 1")
+    summaries, runs = Path(args.summaries), Path(args.runs)
+    todo = plan(args.method or keys, args.split or list(SPLITS), list(range(args.seeds)), summaries, runs)
+    failed = []
+    for name, cmd, done in todo:
+        if not args.run or (done and not args.force):
+            print(f"{'done' if done else 'to do':5}  {' '.join(cmd)}")
+            continue
+        print(f"run    {' '.join(cmd)}", flush=True)
+        rc = simulate(cmd)
+        out = Path(cmd[-1]) / "summary.json"
+        if rc != 0 or not out.is_file():
+            failed.append(f"{name} (exit {rc}; see {cmd[-1]})")
+            continue
+        summaries.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out, summaries / f"{name}.json")
+        for table in build(summaries, summaries.parent):
+            print(f"       {table}")
+    if failed:
+        print("failed: " + "; ".join(failed), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -147,6 +147,9 @@ def export_run(run_dir: str | Path, task: str | None, out: str | Path, client: i
             head.load_state_dict(saved)
         elif cfg.federation.personalization in ("fedrod", "lda"):
             raise ConfigError(f"client {client} has no personal head for task {task!r} (its tasks: {personal_head_tasks(personal)})")
+        elif cfg.federation.personalization in ("finetune", "fedbabu") and not params:
+            raise ConfigError(f"client {client}: personalization {cfg.federation.personalization} fine-tunes the global model in the final evaluation and keeps "
+                              "no personal model; export the global model (without --client)")
     if has_lora(model):
         merge_lora(model)
     model.eval()

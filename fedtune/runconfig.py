@@ -102,6 +102,10 @@ class FederationConfig:
             raise ConfigError(f"{prefix}new_clients: must be >= 0, got {self.new_clients}")
         if self.new_clients and not self.final_evaluation:
             raise ConfigError(f"{prefix}new_clients: new clients are evaluated in the final evaluation only; set final_evaluation: true")
+        if self.personalization in ("finetune", "fedbabu") and not self.final_evaluation:
+            raise ConfigError(f"{prefix}personalization: {self.personalization} fine-tunes the final global model in the final evaluation; set final_evaluation: true")
+        if self.personalization == "fedbabu" and self.dp_noise_multiplier and self.send == "all":
+            raise ConfigError(f"{prefix}personalization: fedbabu with dp_noise_multiplier and send: all: the server's noise would move the task head FedBABU holds fixed; use send: updated")
         if self.new_clients and self.personalization in ("fedrod", "fedper", "fedrep", "local"):
             raise ConfigError(f"{prefix}new_clients: a new client never trains, so it has no {self.personalization} personal model; use personalization lda, finetune, fedbabu or none")
         if self.balanced_loss and any("heads.".startswith(p) or p.startswith("heads.") for p in self.personal_prefixes()):
@@ -193,6 +197,8 @@ class RunConfig:
     task_data: dict[str, DataConfig] | None = None  # multidomain: each task's own data source (fedtune.data.multidomain); data gives the image size and channels
 
     def validate(self, prefix: str = "") -> None:
+        if self.federation.personalization == "fedbabu" and self.train.head_fit != "none":
+            raise ConfigError(f"{prefix}federation.personalization: fedbabu holds the task head at its initialization during the federation; train.head_fit {self.train.head_fit!r} would refit it on each client, set train.head_fit: none")
         if self.federation.balanced_loss and self.train.head_fit != "none":
             raise ConfigError(f"{prefix}federation.balanced_loss: train.head_fit {self.train.head_fit!r} would refit the shared head on the client's skewed labels, undoing the balanced loss; set train.head_fit: none")
         if self.seed < 0:

@@ -227,10 +227,12 @@ class SparseFedAvg(FedAvg):
         """The messages of `record` to `node_ids` as this strategy sends them (sparse downlink, statistics)."""
         return list(self._construct_messages(record, node_ids, message_type))
 
-    def _construct_messages(self, record: RecordDict, node_ids: list[int], message_type: str) -> Iterable[Message]:
+    def _construct_messages(self, record: RecordDict, node_ids: list[int], message_type: str, resend: bool = False) -> Iterable[Message]:
         """One instruction per node: the global arrays that node lacks (the sparse downlink),
         with the versions in its config; evaluate instructions also carry the federation's
-        latest feature statistics when clients personalize from them."""
+        latest feature statistics when clients personalize from them. A `resend` (the whole
+        model, to a node that lost its copy) counts in the bytes sent but not in full
+        FedAvg's instructions, which never need one."""
         self._records[message_type] = record
         extra: dict[str, Array] = {}
         if message_type == MessageType.EVALUATE and self.fed_stats:
@@ -249,8 +251,9 @@ class SparseFedAvg(FedAvg):
             if extra:
                 content[protocol.FED_STATS] = ArrayRecord(dict(extra))
             self.bytes_down_round += sum(int(a.numpy().nbytes) for rec in content.array_records.values() for a in rec.values())
-            self.messages_round += 1
-            self.start_messages_round += from_start
+            if not resend:
+                self.messages_round += 1
+                self.start_messages_round += from_start
             messages.append(Message(content=content, message_type=message_type, dst_node_id=node_id))
         return messages
 
@@ -262,7 +265,7 @@ class SparseFedAvg(FedAvg):
             for m in need:
                 self.downlink.forget(m.metadata.src_node_id, "it holds no copy of the version the server assumed")
             log(WARNING, "downlink: %d node(s) lost their model copy; resending them the whole model", len(need))
-            resend = [msg for m in need for msg in self._construct_messages(self._records[message_type], [m.metadata.src_node_id], message_type)]
+            resend = [msg for m in need for msg in self._construct_messages(self._records[message_type], [m.metadata.src_node_id], message_type, resend=True)]
             skip = {id(m) for m in need}
             replies = [m for m in replies if id(m) not in skip] + list(self._grid.send_and_receive(resend, timeout=self.resend_timeout))
         for m in replies:

@@ -85,6 +85,9 @@ def test_export_bad_input(tmp_path):
         export_run(run, None, tmp_path / "o2", client=7)
     with pytest.raises(CheckpointError, match="no checkpoint.safetensors"):
         export_run(tmp_path, None, tmp_path / "o3")
+    babu, *_ = make_run(tmp_path / "babu", federation={"num_clients": 4, "rounds": 2, "personalization": "fedbabu"})
+    with pytest.raises(ConfigError, match="client 0: personalization fedbabu .* keeps no personal model; export the global model"):
+        export_run(babu, None, tmp_path / "o4", client=0)
     good = export_run(run, None, tmp_path / "o5")
     (tmp_path / "o5" / "model.onnx").write_bytes(b"not an onnx model")
     with pytest.raises(CheckpointError, match="model.onnx: checksum mismatch"):

@@ -113,6 +113,7 @@ def test_each_personalization_reports_what_it_promises(mode):
         # the body learned, the head stayed as the server sent it
         assert any(k.startswith("vit.blocks.") and not np.array_equal(v, glob[k]) for k, v in update.items())
         assert all(np.array_equal(v, glob[k]) for k, v in state_to_numpy(rt.model).items() if k.startswith("heads."))
+        assert not any(k.startswith("heads.") for k in update), "an unchanged head is not sent (send: updated)"
     ev, stats, kept = rt.evaluate(glob, state, want_stats=True, final=True)
     assert set(stats) == {"digit.count", "digit.sum", "digit.outer"}
     assert ev.accuracy_global is not None
@@ -130,9 +131,15 @@ def test_each_personalization_reports_what_it_promises(mode):
 def test_bad_personalization_configs_are_clear_errors():
     for fed, match in (({"personalization": "ditto"}, "personalization"), ({"lda_shrink": -1}, "lda_shrink"),
                        ({"finetune_epochs": 0}, "finetune_epochs"), ({"downlink": "delta"}, "downlink"),
-                       ({"new_clients": 2, "personalization": "fedrod"}, "a new client never trains, so it has no fedrod personal model")):
+                       ({"new_clients": 2, "personalization": "fedrod"}, "a new client never trains, so it has no fedrod personal model"),
+                       ({"personalization": "fedbabu", "final_evaluation": False}, "fedbabu fine-tunes the final global model in the final evaluation"),
+                       ({"personalization": "finetune", "final_evaluation": False}, "set final_evaluation: true"),
+                       ({"personalization": "fedbabu", "send": "all", "dp_noise_multiplier": 1.0, "clip_update_norm": 1.0}, "noise would move the task head")):
         with pytest.raises(ConfigError, match=match):
             tiny_run(federation={"num_clients": 4, **fed})
+    with pytest.raises(ConfigError, match="fedbabu holds the task head at its initialization.*train.head_fit 'before'"):
+        tiny_run(federation={"num_clients": 4, "personalization": "fedbabu"}, train={"epochs": 1, "batch_size": 16, "head_fit": "before"})
+    assert tiny_run(federation={"num_clients": 4, "new_clients": 2, "personalization": "fedbabu"}).federation.new_clients == 2, "a new client fine-tunes as the others do"
 
 
 # --------------------------------------------------------------------------- the sparse downlink

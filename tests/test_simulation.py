@@ -216,6 +216,7 @@ def test_protocol_run_with_sparse_downlink_lost_copy_and_a_new_client(tmp_path):
     # carried the starting model, which every client built (the new client gets the final one)
     assert rounds[1]["bytes_down_full_fedavg_same_start"] == rounds[1]["bytes_down_full_fedavg"] - 3 * model
     assert rounds[2]["bytes_down_full_fedavg_same_start"] == rounds[2]["bytes_down_full_fedavg"]
+    assert rounds[2]["bytes_down_full_fedavg"] == rounds[1]["bytes_down_full_fedavg"], "the resend is not one of full FedAvg's instructions"
     assert summary["bytes_down_full_fedavg_same_start"] == summary["bytes_down_full_fedavg"] - 3 * model
     assert summary["traffic_ratio_vs_full_fedavg"] < summary["traffic_ratio_vs_full_fedavg_same_start"] < 1
     final = json.loads((out / "final_evaluation.json").read_text())

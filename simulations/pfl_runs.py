@@ -10,7 +10,9 @@ simulations/pfl_fmnist.yaml); SPLIT is a0.1 (Dirichlet 0.1), a0.5 (Dirichlet 0.5
 (2 classes per client). A run writes runs/pfl/METHOD_SPLIT_sSEED (`--runs`); its summary.json
 is copied into the summaries folder as METHOD_SPLIT_sSEED.json, what `simulations.pfl_tables`
 reads, and the tables are rebuilt after each run. A run whose summary is already there is
-skipped unless `--force`. The runs are long (5-15 minutes each on 2 CPU cores): run one
+skipped unless `--force`; a run folder that already holds a finished run only has its
+summary copied, one left by an interrupted run is resumed (`--resume`), and with `--force`
+an existing run folder is moved aside (to NAME.old-TIME), never overwritten. The runs are long (5-15 minutes each on 2 CPU cores): run one
 row at a time, and never two of these commands at once.
 """
 
@@ -21,6 +23,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -76,11 +79,22 @@ def main(argv: list[str] | None = None, simulate: Callable[[list[str]], int] = _
         if not args.run or (done and not args.force):
             print(f"{'done' if done else 'to do':5}  {' '.join(cmd)}")
             continue
-        print(f"run    {' '.join(cmd)}", flush=True)
-        rc = simulate(cmd)
-        out = Path(cmd[-1]) / "summary.json"
+        folder = Path(cmd[-1])
+        if folder.exists() and args.force:
+            aside = folder.with_name(f"{folder.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+            folder.rename(aside)
+            print(f"moved  {folder} -> {aside}")
+        if (folder / "summary.json").is_file():
+            print(f"copy   {folder / 'summary.json'} (finished earlier)")
+            rc = 0
+        else:
+            if (folder / "metrics.jsonl").is_file() or (folder / "checkpoint.safetensors").is_file():
+                cmd = [*cmd, "--resume"]  # an interrupted run: go on from its last completed round
+            print(f"run    {' '.join(cmd)}", flush=True)
+            rc = simulate(cmd)
+        out = folder / "summary.json"
         if rc != 0 or not out.is_file():
-            failed.append(f"{name} (exit {rc}; see {cmd[-1]})")
+            failed.append(f"{name} (exit {rc}; see {folder})")
             continue
         summaries.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(out, summaries / f"{name}.json")

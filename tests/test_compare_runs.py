@@ -135,10 +135,10 @@ def test_pfl_runs_gives_one_command_per_table_row_and_runs_only_what_is_missing(
 
     def simulate(cmd):
         calls.append(cmd)
-        out = Path(cmd[-1])
-        if out.name.endswith("_s2"):
-            return 1  # this run fails
-        out.mkdir(parents=True)
+        out = Path(cmd[cmd.index("--out") + 1])
+        if out.name.endswith("_s2") and "--resume" not in cmd:
+            return 1  # this run fails (and is then resumed)
+        out.mkdir(parents=True, exist_ok=True)
         (out / "summary.json").write_text(json.dumps({"accuracy_personalized": 0.8, "wall_time_s": 1.0}))
         return 0
 
@@ -152,5 +152,19 @@ def test_pfl_runs_gives_one_command_per_table_row_and_runs_only_what_is_missing(
     assert sorted(p.name for p in summaries.iterdir()) == ["fedrep_a0.5_s0.json", "fedrep_a0.5_s1.json"]
     assert "| FedRep | 2 |" in (tmp_path / "table_alpha0.5.md").read_text()
     assert "fedrep_a0.5_s2 (exit 1" in capsys.readouterr().err
+    # a finished run folder only has its summary copied; an interrupted one is resumed; --force moves the old folder aside
+    (runs / "fedrep_a0.5_s2").mkdir()
+    (runs / "fedrep_a0.5_s2" / "metrics.jsonl").write_text("{}\n")
+    calls.clear()
+    (summaries / "fedrep_a0.5_s1.json").unlink()
+    assert pfl_runs([*common, "--run"], simulate=simulate) == 0
+    assert [(Path(c[c.index("--out") + 1]).name, c[-1]) for c in calls] == [("fedrep_a0.5_s2", "--resume")], "s1's folder held its summary: copied, not run again"
+    assert (summaries / "fedrep_a0.5_s1.json").is_file()
+    calls.clear()
+    (runs / "fedrep_a0.5_s0").mkdir()
+    (runs / "fedrep_a0.5_s0" / "summary.json").write_text("{}")
+    assert pfl_runs([*common, "--run", "--force", "--seeds", "1"], simulate=simulate) == 0
+    assert len(calls) == 1 and "--resume" not in calls[0]
+    assert [p.name.split(".old-")[0] for p in runs.iterdir() if ".old-" in p.name] == ["fedrep_a0.5_s0"]
     pfl_runs(["--method", "alast", "--split", "path", "--seeds", "1", "--summaries", str(summaries), "--runs", str(runs)], simulate=simulate)
     assert "pfl_fmnist.yaml --set seed=0 --set partition.scheme=pathological" in capsys.readouterr().out

@@ -239,9 +239,9 @@ class SparseFedAvg(FedAvg):
             extra = {f"{task}.{part}": Array(np.asarray(v, dtype=np.float32)) for task, parts in self.fed_stats.items() for part, v in parts.items()}
         messages = []
         for node_id in node_ids:
-            from_start = node_id not in self.downlink.held
             arrays, base = self.downlink.payload(node_id, record[protocol.ARRAYS])
-            from_start = from_start and base == 0 and self.downlink.version == 0  # it is sent nothing: it holds what it would get
+            # the starting model, to a node that built it itself: full FedAvg from the same start sends it nothing
+            from_start = base == 0 and self.downlink.version == 0 and node_id not in self.downlink.held
             config = ConfigRecord(dict(record[protocol.CONFIG]))
             config[protocol.BASE_VERSION] = base
             config[protocol.MODEL_VERSION] = self.downlink.version if self.downlink.sparse else FULL

@@ -12,8 +12,9 @@ is copied into the summaries folder as METHOD_SPLIT_sSEED.json, what `simulation
 reads, and the tables are rebuilt after each run. A run whose summary is already there is
 skipped unless `--force`; a run folder that already holds a finished run only has its
 summary copied, one left by an interrupted run is resumed (`--resume`), and with `--force`
-an existing run folder is moved aside (to NAME.old-TIME), never overwritten. The runs are long (5-15 minutes each on 2 CPU cores): run one
-row at a time, and never two of these commands at once.
+an existing run folder is moved aside (to NAME.old-TIME), never overwritten. The runs are
+long (5-15 minutes each on 2 CPU cores): run one row at a time, and never two of these
+commands at once.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from simulations.pfl_tables import METHODS, build
 
 ROOT = Path(__file__).resolve().parent
 SPLITS = {"a0.1": [], "a0.5": ["partition.alpha=0.5"], "path": ["partition.scheme=pathological"]}
-SEEDS = (0, 1, 2)
 
 
 def config_of(method: str) -> Path:
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None, simulate: Callable[[list[str]], int] = _
     keys = [k for k, _ in METHODS]
     parser.add_argument("--method", action="append", choices=keys, help="a table row (repeatable; default: every row)")
     parser.add_argument("--split", action="append", choices=list(SPLITS), help="a split (repeatable; default: all three)")
-    parser.add_argument("--seeds", type=int, default=len(SEEDS), help="seeds 0..N-1 (default 3)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
     parser.add_argument("--run", action="store_true", help="run what is not done yet (without it: only list)")
     parser.add_argument("--force", action="store_true", help="with --run: run again what is done")
     parser.add_argument("--runs", default="runs/pfl", help="folder of the run folders (default runs/pfl)")

@@ -65,6 +65,7 @@ class ALaSTConfig:
     reselect: Literal["step", "round"] = "step"  # step: new trained blocks every step | round: keep the first plan's blocks while this planner trains
     survey_batches: int = 0  # before training, look at this many batches without autograd and start the budgets from their class-token deltas
     federation_weight: float = 0.5  # weight of the federation's importance against the client's own when budgets start from both
+    shared_blocks: bool = False  # with the federation's importance: train only blocks among its top-K (those that fit), so a round's clients update at most K blocks between them
     select: Literal["top", "sample", "last"] = "top"  # top: the K highest budgets that fit | sample: K drawn with probability ~ budget (seeded), as ALaST's layer sampling | last: the K last blocks that fit
 
 
@@ -338,6 +339,9 @@ class ALaST(Method):
             order = np.arange(self.depth)[::-1]
         else:
             order = np.argsort(-self.budgets, kind="stable")
+        if c.shared_blocks and self._prior is not None:
+            shared = set(np.argsort(-self._prior, kind="stable")[: c.k].tolist())
+            order = np.array([b for b in order if int(b) in shared], dtype=np.int64)
         for b in order:
             if len(trained) == c.k:
                 break

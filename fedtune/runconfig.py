@@ -201,6 +201,8 @@ class RunConfig:
             raise ConfigError(f"{prefix}federation.personalization: fedbabu holds the task head at its initialization during the federation; train.head_fit {self.train.head_fit!r} would refit it on each client, set train.head_fit: none")
         if self.federation.balanced_loss and self.train.head_fit != "none":
             raise ConfigError(f"{prefix}federation.balanced_loss: train.head_fit {self.train.head_fit!r} would refit the shared head on the client's skewed labels, undoing the balanced loss; set train.head_fit: none")
+        if self.method.name == "alast" and self.method.alast.shared_blocks and not self.federation.feed_importance:
+            raise ConfigError(f"{prefix}method.alast.shared_blocks: the shared blocks are the federation's top-K by importance, which clients get only with federation.feed_importance: true")
         if self.seed < 0:
             raise ConfigError(f"{prefix}seed: must be >= 0, got {self.seed}")
         if self.model.img_size != self.data.img_size:

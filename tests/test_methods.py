@@ -98,6 +98,27 @@ def test_alast_round_selection_follows_restored_and_federation_importance(tiny_m
     assert state["budgets"] == [float(b) for b in method.budgets] and state["importance"] == [1.0, 1.0, 3.0, 3.0]
 
 
+def test_alast_shared_blocks_stay_within_the_federations_top_k(tiny_model):
+    """shared_blocks: a client trains only blocks among the federation's top-K, those that fit
+    it, whatever its own budgets prefer; so a round's clients update at most K blocks between
+    them. Before the federation's importance arrives, the client's own choice stands."""
+    cfg = from_dict(MethodConfig, {"name": "alast", "alast": {"k": 2, "reselect": "round", "memory_fraction": None, "federation_weight": 0.0, "shared_blocks": True}})
+    method = make_method(cfg, tiny_model, None, 4)
+    method.load_state_dict({"budgets": [0.3, 0.3, 0.9, 0.9], "importance": [1.0, 1.0, 3.0, 3.0]})
+    assert method.plan().trained == frozenset({2, 3})  # no federation importance yet: its own
+    method.set_importance([10.0, 9.0, 0.1, 0.1])  # weight 0: the budgets still follow its own
+    assert method.budgets[2] > method.budgets[0]
+    assert method.plan().trained == frozenset({0, 1})
+    small = make_method(cfg, tiny_model, None, 4)
+    small.set_importance([10.0, 9.0, 0.1, 0.1])
+    small.fits = lambda plan: 0 not in plan.trained  # a device that cannot train block 0
+    assert small.plan().trained == frozenset({1})  # not {1, 2}: block 2 is outside the shared two
+    free = make_method(from_dict(MethodConfig, {"name": "alast", "alast": {"k": 2, "memory_fraction": None}}), tiny_model, None, 4)
+    free.set_importance([10.0, 9.0, 0.1, 0.1])
+    free.fits = lambda plan: 0 not in plan.trained
+    assert free.plan().trained == frozenset({1, 2})  # without shared_blocks it fills K from the rest
+
+
 def test_alast_survey_starts_budgets_from_the_data(tiny_model):
     """survey_batches: the trainer looks at batches without autograd first; the budgets start
     from their class-token deltas, and the round's blocks follow them."""

@@ -140,6 +140,8 @@ def test_bad_personalization_configs_are_clear_errors():
     with pytest.raises(ConfigError, match="fedbabu holds the task head at its initialization.*train.head_fit 'before'"):
         tiny_run(federation={"num_clients": 4, "personalization": "fedbabu"}, train={"epochs": 1, "batch_size": 16, "head_fit": "before"})
     assert tiny_run(federation={"num_clients": 4, "new_clients": 2, "personalization": "fedbabu"}).federation.new_clients == 2, "a new client fine-tunes as the others do"
+    with pytest.raises(ConfigError, match="shared_blocks.*federation.feed_importance: true"):
+        tiny_run(federation={"num_clients": 4, "feed_importance": False}, method={"name": "alast", "alast": {"shared_blocks": True}})
 
 
 # --------------------------------------------------------------------------- the sparse downlink

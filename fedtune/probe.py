@@ -9,6 +9,7 @@ import numpy as np
 from .client import ClientRuntime
 from .client_state import ClientState
 from .federated import federated_data, global_model, state_to_numpy
+from .report import protocol_numbers
 from .runconfig import RunConfig
 
 # --------------------------------------------------------------------------- reference
@@ -22,14 +23,22 @@ def head_fit_reference(cfg: RunConfig) -> dict[str, Any]:
     A run with the head fit that ends near this number learnt its accuracy from the head fit,
     not from fine-tuning. One process plays every client (a simulation-side tool); every
     task has a client (RunConfig.validate checks federation.client_tasks).
+
+    In the personalized-FL protocol (`partition.pool` with `federation.personalization: lda`)
+    it also gives what the run's final evaluation reports, on the starting model: each
+    client's closed-form personal head (its own statistics shrunk towards the federation's)
+    and the fitted global model on the client's local test split, with their means, spreads,
+    worst 10% and per-client numbers (`accuracy_personalized`, `accuracy_global_local`, ...).
+    What a run's personalized accuracy gains over this, its rounds of training gave.
     """
     from .heads import evaluate, lda_head, set_head
 
     model = global_model(cfg)
     arrays = state_to_numpy(model)
     totals: dict[str, dict[str, np.ndarray]] = {}
-    for pid in range(cfg.federation.num_clients):
-        for key, value in ClientRuntime(cfg, pid).head_stats(arrays, ClientState()).items():
+    runtimes = [ClientRuntime(cfg, pid) for pid in range(cfg.federation.num_clients)]
+    for rt in runtimes:
+        for key, value in rt.head_stats(arrays, ClientState()).items():
             task, _, part = key.rpartition(".")
             parts = totals.setdefault(task, {})
             parts[part] = parts[part] + value if part in parts else value.copy()
@@ -39,10 +48,18 @@ def head_fit_reference(cfg: RunConfig) -> dict[str, Any]:
         set_head(model.heads[task], *lda_head(totals[task]))
         per_task[task] = evaluate(model, split.test, task)["accuracy"]
         examples[task] = int(totals[task]["count"].sum())
-    return {
+    result: dict[str, Any] = {
         "name": cfg.name,
         "accuracy_per_task": per_task,
         "accuracy_global": float(np.mean(list(per_task.values()))),
         "head_fit_examples": examples,
         "test_size": len(split.test),
     }
+    if cfg.partition.pool and cfg.federation.personalization == "lda":
+        fitted = state_to_numpy(model)
+        evals = []
+        for rt in runtimes:
+            ev, _, _ = rt.evaluate(fitted, ClientState(), fed_stats=totals)
+            evals.append({"partition_id": rt.partition_id, "num_examples": ev.num_examples, "accuracy_global": ev.accuracy_global, "accuracy_personal": ev.accuracy_personal})
+        result.update(protocol_numbers(evals))
+    return result

@@ -162,3 +162,23 @@ def _plot_experts(rounds: list[dict[str, Any]], out: Path, moe_blocks: list[int]
         fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
         plt.close(fig)
     return paths
+
+
+def protocol_numbers(evals: list[dict[str, Any]]) -> dict[str, Any]:
+    """Over the clients' evaluations: each client's global and personalized accuracy on its
+    local test split, their examples-weighted means, standard deviations and worst-10% means."""
+    clients = sorted(({"partition_id": int(e.get("partition_id", -1)), "num_examples": e.get("num_examples"),
+                       "accuracy_global_local": e.get("accuracy_global"), "accuracy_personalized": e.get("accuracy_personal")} for e in evals),
+                     key=lambda c: c["partition_id"])
+    out: dict[str, Any] = {"clients": clients}
+    for key in ("accuracy_global_local", "accuracy_personalized"):
+        have = [c for c in clients if c[key] is not None]
+        accs = np.array([c[key] for c in have], dtype=float)
+        weights = np.array([c["num_examples"] for c in have], dtype=float)
+        worst = np.sort(accs)[: max(1, int(np.ceil(0.1 * len(accs))))] if len(accs) else accs
+        out[key] = float((accs * weights).sum() / weights.sum()) if len(accs) and weights.sum() > 0 else None
+        out[f"{key}_std"] = float(accs.std()) if len(accs) else None
+        out[f"{key}_worst10"] = float(worst.mean()) if len(worst) else None
+    both = [c for c in clients if c["accuracy_personalized"] is not None and c["accuracy_global_local"] is not None]
+    out["personalized_at_least_global_fraction"] = sum(c["accuracy_personalized"] >= c["accuracy_global_local"] for c in both) / len(both) if both else None
+    return out

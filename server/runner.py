@@ -35,7 +35,14 @@ from fedtune.heads import (
 )
 from fedtune.model import checkpoint_meta, model_meta, read_state, save_checkpoint
 from fedtune.protocol import TrainMetrics
-from fedtune.report import append_jsonl, plot_run, read_jsonl, rss_bytes, write_json
+from fedtune.report import (
+    append_jsonl,
+    plot_run,
+    protocol_numbers,
+    read_jsonl,
+    rss_bytes,
+    write_json,
+)
 from fedtune.runconfig import RunConfig
 from fedtune.typedconfig import differences, from_dict, to_dict
 
@@ -330,13 +337,13 @@ class ServerRunner:
         return numpy_to_arrays(state_to_numpy(self.model)), {"head_fit": "lda", "head_fit_tasks": fitted, "head_fit_examples": {t: int(stats[t]["count"].sum()) for t in fitted}}
 
     def client_summary(self, rounds: list[dict[str, Any]]) -> dict[str, Any]:
-        """The personalized-FL protocol's numbers (_protocol_numbers), from the final evaluation
+        """The personalized-FL protocol's numbers (protocol_numbers), from the final evaluation
         (else the last round's), for the training clients and apart for the new ones."""
         evals = self.final["client_evaluations"] if self.final else next((r["client_evaluations"] for r in reversed(rounds) if r.get("client_evaluations")), [])
         out: dict[str, Any] = {"clients_evaluated_in": "final evaluation" if self.final else "last round"}
-        out.update(_protocol_numbers([e for e in evals if not e.get("new")]))
+        out.update(protocol_numbers([e for e in evals if not e.get("new")]))
         if self.cfg.federation.new_clients:
-            out["new_clients"] = _protocol_numbers([e for e in evals if e.get("new")])
+            out["new_clients"] = protocol_numbers([e for e in evals if e.get("new")])
         return out
 
     def finish(self) -> dict[str, Any]:
@@ -412,26 +419,6 @@ class ServerRunner:
         write_json(self.out / "summary.json", summary)
         plot_run(self.rounds, self.out / "plots", self.model.depth, getattr(self.model, "moe_blocks", None))
         return summary
-
-
-def _protocol_numbers(evals: list[dict[str, Any]]) -> dict[str, Any]:
-    """Over the clients' evaluations: each client's global and personalized accuracy on its
-    local test split, their examples-weighted means, standard deviations and worst-10% means."""
-    clients = sorted(({"partition_id": int(e.get("partition_id", -1)), "num_examples": e.get("num_examples"),
-                       "accuracy_global_local": e.get("accuracy_global"), "accuracy_personalized": e.get("accuracy_personal")} for e in evals),
-                     key=lambda c: c["partition_id"])
-    out: dict[str, Any] = {"clients": clients}
-    for key in ("accuracy_global_local", "accuracy_personalized"):
-        have = [c for c in clients if c[key] is not None]
-        accs = np.array([c[key] for c in have], dtype=float)
-        weights = np.array([c["num_examples"] for c in have], dtype=float)
-        worst = np.sort(accs)[: max(1, int(np.ceil(0.1 * len(accs))))] if len(accs) else accs
-        out[key] = float((accs * weights).sum() / weights.sum()) if len(accs) and weights.sum() > 0 else None
-        out[f"{key}_std"] = float(accs.std()) if len(accs) else None
-        out[f"{key}_worst10"] = float(worst.mean()) if len(worst) else None
-    both = [c for c in clients if c["accuracy_personalized"] is not None and c["accuracy_global_local"] is not None]
-    out["personalized_at_least_global_fraction"] = sum(c["accuracy_personalized"] >= c["accuracy_global_local"] for c in both) / len(both) if both else None
-    return out
 
 
 def dp_epsilon(cfg: RunConfig, rounds: int, head_stats: bool = False) -> float:

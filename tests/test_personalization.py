@@ -144,6 +144,38 @@ def test_bad_personalization_configs_are_clear_errors():
         tiny_run(federation={"num_clients": 4, "feed_importance": False}, method={"name": "alast", "alast": {"shared_blocks": True}})
 
 
+def test_probe_reports_the_protocols_numbers_on_the_starting_model():
+    """`fedtune probe` of a pooled lda run: each client's closed-form personal head from its
+    own statistics and the federation's, and the fitted global model, on its local test split
+    of the starting model; no such numbers where the run has no local tests."""
+    from fedtune.heads import extract_features
+    from fedtune.probe import head_fit_reference
+
+    cfg = tiny_run(partition={"scheme": "dirichlet", "alpha": 0.3, "min_partition_size": 5, "local_test_fraction": 0.25, "pool": True},
+                   federation={"num_clients": 4, "personalization": "lda"})
+    got = head_fit_reference(cfg)
+    assert [c["partition_id"] for c in got["clients"]] == [0, 1, 2, 3]
+    model = global_model(cfg)
+    task = model.tasks[0]
+    per_client = [client_data(cfg, pid) for pid in range(4)]
+    own = [class_stats(*extract_features(model, train, task), 10) for train, _ in per_client]
+    fed = {k: sum(o[k] for o in own) for k in own[0]}
+    gw, gb = lda_head(fed)
+    weights, pers, glob = [], [], []
+    for (_, test), stats in zip(per_client, own, strict=True):
+        feats, labels = extract_features(model, test, task)
+        w, b = personal_lda_head(stats, fed, cfg.federation.lda_shrink)
+        pers.append(float(((feats @ w.T + b).argmax(-1) == labels).float().mean()))
+        glob.append(float(((feats @ gw.T + gb).argmax(-1) == labels).float().mean()))
+        weights.append(len(labels))
+    for c, p, g in zip(got["clients"], pers, glob, strict=True):
+        assert c["accuracy_personalized"] == pytest.approx(p, abs=1.0 / c["num_examples"] + 1e-9)  # a near tie may flip
+        assert c["accuracy_global_local"] == pytest.approx(g, abs=1.0 / c["num_examples"] + 1e-9)
+    assert got["accuracy_personalized"] == pytest.approx(np.average([c["accuracy_personalized"] for c in got["clients"]], weights=weights))
+    assert got["accuracy_personalized_worst10"] == min(c["accuracy_personalized"] for c in got["clients"])
+    assert "accuracy_personalized" not in head_fit_reference(tiny_run()), "no local test splits: no protocol numbers"
+
+
 # --------------------------------------------------------------------------- the sparse downlink
 
 

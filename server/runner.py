@@ -33,6 +33,7 @@ from fedtune.heads import (
     privatize_stats,
     set_head,
 )
+from fedtune.lora import is_lora_name
 from fedtune.model import checkpoint_meta, model_meta, read_state, save_checkpoint
 from fedtune.protocol import TrainMetrics
 from fedtune.report import (
@@ -77,7 +78,8 @@ class ServerRunner:
         self.bar = None
         self.started = time.time()
         self.final: dict[str, Any] | None = None
-        self.full_bytes = int(sum(v.numel() * v.element_size() for v in self.model.state_dict().values()))
+        # what full-model FedAvg sends per model: every tensor but LoRA adapters (it trains the weights they adapt)
+        self.full_bytes = int(sum(v.numel() * v.element_size() for k, v in self.model.state_dict().items() if not is_lora_name(k)))
 
     # -- checkpoints
     def _checkpoint_path(self) -> Path:

@@ -396,6 +396,18 @@ def test_a_run_whose_round_accepted_no_reply_fails_loudly(tmp_path, allow):
         assert "round(s) [2] had no accepted client reply" in summary["error"] and "device crash" in summary["error"]
 
 
+def test_full_fedavgs_model_leaves_lora_adapters_out(tmp_path):
+    """Full-model FedAvg trains the weights themselves: its reference model is the plain one,
+    whatever adapters the run's own model carries."""
+    from server.runner import ServerRunner
+
+    plain = ServerRunner(tiny_run(), tmp_path / "plain")
+    lora = ServerRunner(tiny_run(method={"name": "bsr", "bsr": {"train_blocks": [2, 3]}, "lora": {"enabled": True}}), tmp_path / "lora")
+    adapters = sum(v.numel() * v.element_size() for k, v in lora.model.state_dict().items() if "lora_" in k)
+    assert adapters > 0
+    assert lora.full_bytes == plain.full_bytes == sum(v.numel() * v.element_size() for v in plain.model.state_dict().values())
+
+
 def test_a_private_run_reports_the_accountants_epsilon_in_its_summary(tmp_path):
     """summary.json's dp block: the accountant's epsilon after the last round (with the head
     fit's release of statistics counted when it happened) and the per-round values recorded."""

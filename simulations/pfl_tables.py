@@ -27,8 +27,10 @@ METHODS = (  # file-name key, row label (the configs in simulations/pfl/, then t
     ("fedrep", "FedRep"),
     ("fedbabu", "FedBABU"),
     ("fedrod", "FedRoD (full FT)"),
-    ("alast_fedrod", "ALaST + FedRoD heads"),
-    ("alast", "ALaST + closed-form LDA head (default)"),
+    ("alast_fedrod", "ALaST, own blocks + FedRoD heads"),
+    ("alast_own", "ALaST, own blocks + closed-form LDA head"),
+    ("alast_lora", "ALaST + LoRA, shared blocks + closed-form LDA head"),
+    ("alast", "ALaST, shared blocks + closed-form LDA head (default)"),
 )
 SPLITS = (("a0.1", "table_alpha0.1.md"), ("a0.5", "table_alpha0.5.md"), ("path", "table_pathological.md"))
 

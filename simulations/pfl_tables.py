@@ -7,6 +7,8 @@ SUMMARIES (default simulations/results/pfl_fmnist/summaries) holds each run's su
 copied as METHOD_SPLIT_sSEED.json, e.g. `fedrep_a0.1_s1.json` for `fedtune simulate
 simulations/pfl/fedrep.yaml --set seed=1 --out runs/pfl/fedrep_a0.1_s1`. A row averages a
 method's seeds; a method without a summary for a split is left out of that split's table.
+The starting model's probe (`probe_SPLIT_sSEED.json`, a copy of `fedtune probe`'s probe.json)
+comes first, as the reference of no training.
 Writes table_alpha0.1.md, table_alpha0.5.md and table_pathological.md into DIR (default:
 the folder above SUMMARIES).
 """
@@ -32,6 +34,10 @@ METHODS = (  # file-name key, row label (the configs in simulations/pfl/, then t
     ("alast_lora", "ALaST + LoRA, shared blocks + closed-form LDA head"),
     ("alast", "ALaST, shared blocks + closed-form LDA head (default)"),
 )
+# Reference rows from files that are not runs: `probe_SPLIT_sSEED.json` is `fedtune probe
+# simulations/pfl_fmnist.yaml --set seed=SEED [split settings]` (its probe.json), the starting
+# model with each client's closed-form head and no training; first in each table.
+REFERENCES = (("probe", "starting model + closed-form head, no training (fedtune probe)"),)
 SPLITS = (("a0.1", "table_alpha0.1.md"), ("a0.5", "table_alpha0.5.md"), ("path", "table_pathological.md"))
 
 
@@ -45,7 +51,7 @@ def runs_of(summaries: Path, method: str, split: str) -> list[Path]:
 def build(summaries: Path, out: Path) -> list[Path]:
     written = []
     for split, name in SPLITS:
-        runs = [(label, p) for key, label in METHODS for p in runs_of(summaries, key, split)]
+        runs = [(label, p) for key, label in REFERENCES + METHODS for p in runs_of(summaries, key, split)]
         if runs:
             out.mkdir(parents=True, exist_ok=True)
             (out / name).write_text(compare(runs, PFL_KEYS, blocks=False))

@@ -101,13 +101,16 @@ def test_pfl_tables_from_summary_files(tmp_path, capsys):
     for name, acc in (("alast_a0.1_s1", 0.8), ("alast_a0.1_s0", 0.9), ("fedrep_a0.1_s0", 0.7),
                       ("alast_r20_a0.1_s0", 0.1), ("alast_own_a0.1_s0", 0.95), ("alast_fedrod_path_s0", 0.6)):
         (summaries / f"{name}.json").write_text(json.dumps({"accuracy_personalized": acc, "wall_time_s": 5.0}))
+    (summaries / "probe_path_s0.json").write_text(json.dumps({"accuracy_personalized": 0.5}))
     assert tables([str(summaries)]) == 0
     a01 = (tmp_path / "table_alpha0.1.md").read_text().splitlines()
     assert a01[2].startswith("| FedRep | 1 | - | - | - | 70.0 |")
     assert a01[3].startswith("| ALaST, own blocks + closed-form LDA head | 1 | - | - | - | 95.0 |")
     assert a01[4].startswith("| ALaST, shared blocks + closed-form LDA head (default) | 2 | - | - | - | 85.0 ± 7.1 (90.0, 80.0) |")
     assert len(a01) == 5  # alast_r20 is another run shape, not a seed of the default
-    assert "| ALaST, own blocks + FedRoD heads | 1 |" in (tmp_path / "table_pathological.md").read_text()
+    path = (tmp_path / "table_pathological.md").read_text().splitlines()
+    assert path[2].startswith("| starting model + closed-form head, no training (fedtune probe) | 1 | - | - | - | 50.0 |")
+    assert path[3].startswith("| ALaST, own blocks + FedRoD heads | 1 |")
     assert not (tmp_path / "table_alpha0.5.md").exists()
     # a summary file given directly to compare_runs reads the same
     assert main([f"x={summaries / 'fedrep_a0.1_s0.json'}", "--table", "pfl"]) == 0

@@ -29,7 +29,9 @@ def head_fit_reference(cfg: RunConfig) -> dict[str, Any]:
     client's closed-form personal head (its own statistics shrunk towards the federation's)
     and the fitted global model on the client's local test split, with their means, spreads,
     worst 10% and per-client numbers (`accuracy_personalized`, `accuracy_global_local`, ...).
-    What a run's personalized accuracy gains over this, its rounds of training gave.
+    What a run's personalized accuracy gains over this, its rounds of training gave. New
+    clients (`federation.new_clients`) are reported apart under `new_clients`, as the run
+    does. Under DP the run's head fit adds noise to the statistics; the probe's does not.
     """
     from .heads import evaluate, lda_head, set_head
 
@@ -57,9 +59,16 @@ def head_fit_reference(cfg: RunConfig) -> dict[str, Any]:
     }
     if cfg.partition.pool and cfg.federation.personalization == "lda":
         fitted = state_to_numpy(model)
-        evals = []
-        for rt in runtimes:
-            ev, _, _ = rt.evaluate(fitted, ClientState(), fed_stats=totals)
-            evals.append({"partition_id": rt.partition_id, "num_examples": ev.num_examples, "accuracy_global": ev.accuracy_global, "accuracy_personal": ev.accuracy_personal})
-        result.update(protocol_numbers(evals))
+
+        def evals(clients: list[ClientRuntime]) -> list[dict[str, Any]]:
+            out = []
+            for rt in clients:
+                ev, _, _ = rt.evaluate(fitted, ClientState(), fed_stats=totals)
+                out.append({"partition_id": rt.partition_id, "num_examples": ev.num_examples, "accuracy_global": ev.accuracy_global, "accuracy_personal": ev.accuracy_personal})
+            return out
+
+        result.update(protocol_numbers(evals(runtimes)))
+        fed = cfg.federation
+        if fed.new_clients:  # as in the run: their heads lean on the training clients' statistics
+            result["new_clients"] = protocol_numbers(evals([ClientRuntime(cfg, pid) for pid in range(fed.num_clients, fed.total_clients())]))
     return result

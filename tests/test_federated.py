@@ -357,6 +357,27 @@ def test_alast_client_blocks_follow_its_state_and_the_federations_importance():
     assert blocks == [2]
 
 
+def test_shared_blocks_keep_a_rounds_clients_within_k_blocks():
+    """shared_blocks: clients whose own importance points at different blocks all train
+    within the federation's top-K once it is fed, so the round changes at most K blocks."""
+    alast = {"name": "alast", "alast": {"k": 2, "reselect": "round", "memory_fraction": None, "federation_weight": 0.5}}
+    own = [[4.0, 1.0, 4.0, 1.0], [1.0, 1.0, 4.0, 4.0], [4.0, 4.0, 1.0, 1.0], [1.0, 4.0, 1.0, 4.0]]
+    fed_importance = [1.0, 1.6, 1.0, 1.4]
+
+    def union(shared: bool) -> set[int]:
+        cfg = tiny_run(method={**alast, "alast": {**alast["alast"], "shared_blocks": shared}})
+        glob = state_to_numpy(global_model(cfg))
+        blocks: set[int] = set()
+        for pid, imp in enumerate(own):
+            state = ClientState(method={"budgets": [0.6] * 4, "importance": imp})
+            _, _, metrics, _ = ClientRuntime(cfg, partition_id=pid, profile="workstation").fit(glob, state, fed_importance, server_round=2)
+            blocks |= {b for b, n in enumerate(metrics.block_updates) if n}
+        return blocks
+
+    assert union(True) == {1, 3}
+    assert len(union(False)) > 2, "each client's own importance spreads the blocks"
+
+
 def test_yaml_overlays_extend_a_base(tmp_path):
     base = tmp_path / "base.yaml"
     base.write_text("name: base\ntrain: {epochs: 3, lr: 0.01}\nfederation: {profiles: [rpi, phone]}\n")

@@ -20,7 +20,7 @@ from fedtune.model import (
 )
 from fedtune.profiles import DeviceProfile, get_profile
 from fedtune.trainer import TrainConfig, Trainer
-from fedtune.typedconfig import from_dict
+from fedtune.typedconfig import from_dict, to_dict
 
 from .conftest import TINY
 
@@ -113,7 +113,7 @@ def test_alast_shared_blocks_stay_within_the_federations_top_k(tiny_model):
     small.set_importance([10.0, 9.0, 0.1, 0.1])
     small.fits = lambda plan: 0 not in plan.trained  # a device that cannot train block 0
     assert small.plan().trained == frozenset({1})  # not {1, 2}: block 2 is outside the shared two
-    free = make_method(from_dict(MethodConfig, {"name": "alast", "alast": {"k": 2, "memory_fraction": None}}), tiny_model, None, 4)
+    free = make_method(from_dict(MethodConfig, {"name": "alast", "alast": {**to_dict(cfg.alast), "shared_blocks": False}}), tiny_model, None, 4)
     free.set_importance([10.0, 9.0, 0.1, 0.1])
     free.fits = lambda plan: 0 not in plan.trained
     assert free.plan().trained == frozenset({1, 2})  # without shared_blocks it fills K from the rest

@@ -23,6 +23,7 @@ from fedtune.client_state import ClientState
 from fedtune.errors import ConfigError
 from fedtune.federated import client_data, federated_data, global_model, state_to_numpy
 from fedtune.heads import class_moments, class_stats, discriminant, lda_head
+from fedtune.typedconfig import to_dict
 from server.downlink import FULL, Downlink
 from server.strategy import SparseFedAvg
 from tests.test_federated import tiny_run
@@ -174,7 +175,7 @@ def test_probe_reports_the_protocols_numbers_on_the_starting_model():
     assert got["accuracy_personalized"] == pytest.approx(np.average([c["accuracy_personalized"] for c in got["clients"]], weights=weights))
     assert got["accuracy_personalized_worst10"] == min(c["accuracy_personalized"] for c in got["clients"])
     assert "accuracy_personalized" not in head_fit_reference(tiny_run()), "no local test splits: no protocol numbers"
-    with_new = head_fit_reference(tiny_run(partition=cfg.partition.__dict__, federation={"num_clients": 3, "new_clients": 1, "personalization": "lda"}))
+    with_new = head_fit_reference(tiny_run(partition=to_dict(cfg.partition), federation={"num_clients": 3, "new_clients": 1, "personalization": "lda"}))
     assert [c["partition_id"] for c in with_new["clients"]] == [0, 1, 2]
     assert [c["partition_id"] for c in with_new["new_clients"]["clients"]] == [3]
 

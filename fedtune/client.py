@@ -20,6 +20,10 @@ Each client's personalized model follows `federation.personalization`:
 - fedbabu: the task head never trains during the federation (it stays as initialized, or as
   the server last set it); only the body learns and is averaged. In the final evaluation the
   whole global model is fine-tuned locally, as under finetune (FedBABU);
+- ditto: each client keeps a whole model of its own besides the global one, and each round
+  trains it (`federation.ditto_epochs`, with the run's method) on its data with the pull
+  `federation.ditto_lambda` / 2 * ||v - w||^2 towards the global model w it received, before
+  training w as usual; only w's update is sent (Ditto, Li et al. 2021);
 - local: nothing is sent; each client trains its own model (local training only);
 - none: the global model only.
 
@@ -37,7 +41,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .client_state import PERSONAL_HEAD, ClientState, personal_head, personal_params
+from .client_state import (
+    PERSONAL_HEAD,
+    PERSONAL_MODEL,
+    ClientState,
+    personal_head,
+    personal_model,
+    personal_params,
+)
 from .engine import Plan, full_plan
 from .errors import ConfigError
 from .federated import (
@@ -75,6 +86,22 @@ class PersonalHeadTrainer(Trainer):
         if self.personal_head is None:
             return None
         return F.cross_entropy(self.personal_head(feats.detach()), labels)
+
+
+class ProximalTrainer(Trainer):
+    """Trainer whose loss adds `strength` / 2 times the squared distance of the trained
+    parameters from `anchor` (Ditto's personal objective; FedProx's local one)."""
+
+    def __init__(self, *args, anchor: dict[str, torch.Tensor], strength: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.anchor = anchor
+        self.strength = strength
+
+    def extra_loss(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
+        if not self.strength:
+            return None
+        terms = [(p - self.anchor[n]).pow(2).sum() for n, p in self.model.named_parameters() if p.requires_grad and n in self.anchor]
+        return 0.5 * self.strength * torch.stack(terms).sum() if terms else None
 
 
 class HeadFixed:
@@ -120,9 +147,10 @@ class ClientRuntime:
     def fit(self, global_arrays: dict[str, np.ndarray], state: ClientState, importance: list[float] | None = None, server_round: int = 0) -> tuple[dict[str, np.ndarray], dict[str, int], TrainMetrics, ClientState]:
         """Train one round on each of the client's tasks; return (update, update counts, metrics, new state)."""
         start = time.perf_counter()
-        self._load(global_arrays, state)
         cfg = self.cfg
         seed = cfg.seed * 7919 + self.partition_id * 31 + server_round
+        own_model = self._train_own_model(global_arrays, state, seed) if cfg.federation.personalization == "ditto" else {}
+        self._load(global_arrays, state)
         kept = state.method
         counts_all: Counter = Counter()
         block_updates = [0] * self.model.depth
@@ -169,7 +197,7 @@ class ClientRuntime:
             update = attacked_update(update, global_arrays, attack, seed)
         counts = {n: int(counts_all.get(n, 0)) for n in names}
         heads = {f"{PERSONAL_HEAD}{t}.{k}": v.detach().numpy().copy() for t, h in self.personal_heads.items() for k, v in h.state_dict().items()}
-        new_state = ClientState(personal={**state_to_numpy(self.model, [n for n in self.model.state_dict() if is_personal(n, personal)]), **heads}, method=kept)
+        new_state = ClientState(personal={**state_to_numpy(self.model, [n for n in self.model.state_dict() if is_personal(n, personal)]), **heads, **own_model}, method=kept)
         flops = [s.train_flops for s in steps if s.train_flops is not None]
         metrics = TrainMetrics(
             num_examples=examples,
@@ -191,6 +219,23 @@ class ClientRuntime:
             experts={task: [c for b in sorted(per_block) for c in per_block[b]] for task, per_block in expert_counts.items()},
         )
         return update, counts, metrics, new_state
+
+    def _train_own_model(self, global_arrays: dict[str, np.ndarray], state: ClientState, seed: int) -> dict[str, np.ndarray]:
+        """Ditto's personal step: the client's own model (the received global one in its first
+        round) trained on each of its tasks with the pull towards the received global model;
+        returned as state entries under PERSONAL_MODEL."""
+        fed = self.cfg.federation
+        load_numpy_state(self.model, global_arrays)
+        anchor = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+        own = personal_model(state.personal)
+        if own:
+            load_numpy_state(self.model, own, "client state")
+        for i, task in enumerate(self.tasks):
+            method = make_method(self.cfg.method, self.model, self.profile, self.cfg.train.batch_size, task, seed=seed + 101 + i)
+            tcfg = replace(self.cfg.train, epochs=fed.ditto_epochs, seed=seed + 101 + i)
+            torch.manual_seed(seed + 101 + i)
+            ProximalTrainer(self.model, method, tcfg, task, anchor=anchor, strength=fed.ditto_lambda).train(self.train_set.for_task(task))
+        return {f"{PERSONAL_MODEL}{k}": v for k, v in state_to_numpy(self.model).items()}
 
     @torch.no_grad()
     def head_stats(self, global_arrays: dict[str, np.ndarray], state: ClientState) -> dict[str, np.ndarray]:
@@ -245,6 +290,14 @@ class ClientRuntime:
                 feats, labels = extract_features(self.model, sets[task], task, 256, plan) if personal else global_feats[task]
                 head = self.personal_heads.get(task)
                 out.per_task_personal[task] = _accuracy(head(feats) if head is not None else self.model.forward_head(feats, task), labels)
+        elif mode == "ditto":
+            own = personal_model(state.personal)
+            if own:  # else the client has not trained yet: its own model would start from the global one
+                load_numpy_state(self.model, own, "client state")
+            for task in self.tasks:
+                feats, labels = extract_features(self.model, sets[task], task, 256, plan) if own else global_feats[task]
+                out.per_task_personal[task] = _accuracy(self.model.forward_head(feats, task), labels)
+            load_numpy_state(self.model, global_arrays)
         elif mode in ("finetune", "fedbabu") and final:
             with torch.enable_grad():
                 for i, task in enumerate(self.tasks):

@@ -24,6 +24,7 @@ import torch
 from .errors import CheckpointError
 
 PERSONAL_HEAD = "personal_head."
+PERSONAL_MODEL = "personal_model."  # Ditto: the client's whole personal model, every entry of the model's state_dict under this prefix
 KEEP_FILES = 2  # rounds kept on disk: the newest, and one before it for a repeated round
 
 
@@ -47,8 +48,13 @@ def state_from(personal: dict[str, np.ndarray], meta: dict[str, Any]) -> ClientS
 
 
 def personal_params(personal: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The model's personal parameters (everything but the personal heads)."""
-    return {k: v for k, v in personal.items() if not k.startswith(PERSONAL_HEAD)}
+    """The model's personal parameters (everything but the personal heads and a Ditto personal model)."""
+    return {k: v for k, v in personal.items() if not k.startswith((PERSONAL_HEAD, PERSONAL_MODEL))}
+
+
+def personal_model(personal: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The client's own whole model (Ditto), under the model's names (empty when it has none)."""
+    return {k.removeprefix(PERSONAL_MODEL): v for k, v in personal.items() if k.startswith(PERSONAL_MODEL)}
 
 
 def personal_head(personal: dict[str, np.ndarray], task: str) -> dict[str, torch.Tensor]:

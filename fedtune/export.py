@@ -28,7 +28,13 @@ import torch
 import yaml
 from torch import nn
 
-from .client_state import personal_head, personal_head_tasks, personal_params, read_client_state
+from .client_state import (
+    personal_head,
+    personal_head_tasks,
+    personal_model,
+    personal_params,
+    read_client_state,
+)
 from .data import PIXEL_MEAN, PIXEL_STD
 from .engine import full_plan
 from .errors import CheckpointError, ConfigError
@@ -139,9 +145,10 @@ def export_run(run_dir: str | Path, task: str | None, out: str | Path, client: i
     head = copy.deepcopy(model.heads[task])
     if client is not None:
         personal = _client_state(run_dir, client)
-        params = personal_params(personal)
+        params = {**personal_params(personal), **personal_model(personal)}  # a Ditto client's own model is whole, its head included
         if params:
             load_numpy_state(model, params, f"client {client} state")
+            head = copy.deepcopy(model.heads[task])
         saved = personal_head(personal, task)
         if saved:
             head.load_state_dict(saved)

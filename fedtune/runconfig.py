@@ -78,11 +78,13 @@ class FederationConfig:
     dp_stats_feature_clip: float | None = None  # DP with head_fit: lda: each feature vector in a client's statistics scaled down to this L2 norm (needed then)
     dp_stats_max_examples: int = 256  # DP with head_fit: lda: at most this many of a client's training examples (a seeded sample) enter its statistics
     personal: list[str] = field(default_factory=list)  # parameter-name prefixes that never leave a client
-    personalization: Literal["fedrod", "fedper", "fedrep", "fedbabu", "lda", "finetune", "local", "none"] = "fedrod"  # how each client's personalized model is made (see fedtune.client)
+    personalization: Literal["fedrod", "fedper", "fedrep", "fedbabu", "ditto", "lda", "finetune", "local", "none"] = "fedrod"  # how each client's personalized model is made (see fedtune.client)
     balanced_loss: bool = False  # the shared model trains with balanced softmax (the client's log class priors added to the logits in its loss, as FedRoD trains its generic model), so label-skewed clients pull the global head the same way
     lda_shrink: float = 1.0  # lda: pseudo-examples of the federation's class mean added to each of the client's class means
     finetune_epochs: int = 1  # finetune, fedbabu: local epochs on the global model in the final evaluation
     rep_head_epochs: int = 1  # fedrep: epochs of the head alone before the body's each round
+    ditto_lambda: float = 0.1  # ditto: strength of the pull of each client's own model towards the global model it received (the loss adds lambda/2 * ||v - w||^2)
+    ditto_epochs: int = 1  # ditto: local epochs of the client's own model each round, besides the global model's
     downlink: Literal["sparse", "full"] = "sparse"  # sparse: clients keep the global model and get only what changed | full: the whole model in every instruction
     independent_tasks: bool = False  # one federation per task (each its own model, over the clients holding that task), run one after another; summary.json combines them
     final_evaluation: bool = True  # after the last round, every client evaluates the final global model (after the head fit) and its personalized one
@@ -106,7 +108,7 @@ class FederationConfig:
             raise ConfigError(f"{prefix}personalization: {self.personalization} fine-tunes the final global model in the final evaluation; set final_evaluation: true")
         if self.personalization == "fedbabu" and self.dp_noise_multiplier and self.send == "all":
             raise ConfigError(f"{prefix}personalization: fedbabu with dp_noise_multiplier and send: all: the server's noise would move the task head FedBABU holds fixed; use send: updated")
-        if self.new_clients and self.personalization in ("fedrod", "fedper", "fedrep", "local"):
+        if self.new_clients and self.personalization in ("fedrod", "fedper", "fedrep", "ditto", "local"):
             raise ConfigError(f"{prefix}new_clients: a new client never trains, so it has no {self.personalization} personal model; use personalization lda, finetune, fedbabu or none")
         if self.balanced_loss and any("heads.".startswith(p) or p.startswith("heads.") for p in self.personal_prefixes()):
             raise ConfigError(f"{prefix}balanced_loss: the task head is personal here (personalization {self.personalization}, personal {self.personal}) and fits the client's own labels; balanced_loss is for a shared head (fedrod, fedbabu, lda, finetune, none)")
@@ -160,6 +162,10 @@ class FederationConfig:
             raise ConfigError(f"{prefix}rep_head_epochs: must be >= 1, got {self.rep_head_epochs}")
         if self.finetune_epochs < 1:
             raise ConfigError(f"{prefix}finetune_epochs: must be >= 1, got {self.finetune_epochs}")
+        if not self.ditto_lambda >= 0:
+            raise ConfigError(f"{prefix}ditto_lambda: must be >= 0 (0: each client's own model trains without the pull to the global one), got {self.ditto_lambda}")
+        if self.ditto_epochs < 1:
+            raise ConfigError(f"{prefix}ditto_epochs: must be >= 1, got {self.ditto_epochs}")
 
     def total_clients(self) -> int:
         """Partitions and SuperNodes: the training clients and the new ones."""

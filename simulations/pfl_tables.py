@@ -28,6 +28,7 @@ METHODS = (  # file-name key, row label (the configs in simulations/pfl/, then t
     ("fedper", "FedPer"),
     ("fedrep", "FedRep"),
     ("fedbabu", "FedBABU"),
+    ("ditto", "Ditto (full FT)"),
     ("fedrod", "FedRoD (full FT)"),
     ("alast_fedrod", "ALaST, own blocks + FedRoD heads"),
     ("alast_own", "ALaST, own blocks + closed-form LDA head"),

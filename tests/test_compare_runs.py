@@ -172,7 +172,7 @@ def test_pfl_runs_gives_one_command_per_table_row_and_runs_only_what_is_missing(
     assert [p.name.split(".old-")[0] for p in runs.iterdir() if ".old-" in p.name] == ["fedrep_a0.5_s0"]
     pfl_runs(["--method", "alast", "--split", "path", "--seeds", "1", "--summaries", str(summaries), "--runs", str(runs)], simulate=simulate)
     assert "pfl_fmnist.yaml --set seed=0 --set partition.scheme=pathological" in capsys.readouterr().out
-    for bad in (["--seeds", "0"], ["--method", "ditto"]):
+    for bad in (["--seeds", "0"], ["--method", "pfedme"]):
         with pytest.raises(SystemExit):
             pfl_runs(bad, simulate=simulate)
     assert "--seeds: must be at least 1" in capsys.readouterr().err

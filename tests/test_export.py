@@ -55,6 +55,27 @@ def test_dense_export_round_trip(tmp_path):
     assert summary["onnx_max_abs_diff"] <= 1e-5 and summary["inference_flops_per_image"] > 0
 
 
+@pytest.mark.parametrize("mode", ["ditto", "fedper"])
+def test_client_export_is_the_clients_own_model(tmp_path, mode):
+    """A Ditto client's export is its own whole model; a FedPer client's, the global body with its own head."""
+    from fedtune.client_state import personal_model
+    from fedtune.federated import load_numpy_state
+
+    run, cfg, glob, state = make_run(tmp_path, federation={"num_clients": 4, "rounds": 2, "personalization": mode})
+    export_run(run, None, tmp_path / "export", client=0)
+    module, _ = load_exported(tmp_path / "export")
+    model = global_model(cfg)
+    load_numpy_state(model, glob)
+    load_numpy_state(model, personal_model(state.personal) if mode == "ditto" else state.personal)
+    model.eval()
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        expected = model(x, "digit")
+        torch.testing.assert_close(torch.from_numpy(module(x)), expected, atol=1e-5, rtol=0)
+        load_numpy_state(model, glob)
+        assert not torch.allclose(model(x, "digit"), expected, atol=1e-4), "not the global model"
+
+
 @pytest.mark.parametrize("shared", [0, 1])
 def test_moe_export_is_smaller_and_predicts_the_same(tmp_path, shared):
     run, cfg, glob, state = make_run(tmp_path, tasks=["digit", "parity"], moe={"num_experts": 4, "top_k": 2, "blocks": [1, 3], "shared_experts": shared}, federation={"num_clients": 4, "client_tasks": [["digit"], ["parity"]]})

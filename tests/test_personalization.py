@@ -19,7 +19,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedtune import protocol
 from fedtune.client import ClientRuntime, personal_lda_head
-from fedtune.client_state import ClientState
+from fedtune.client_state import PERSONAL_MODEL, ClientState, personal_model, personal_params
 from fedtune.errors import ConfigError
 from fedtune.federated import client_data, federated_data, global_model, state_to_numpy
 from fedtune.heads import class_moments, class_stats, discriminant, lda_head
@@ -91,7 +91,7 @@ def test_personal_lda_head_own_means_and_priors_the_federations_covariance():
     assert (x @ w2.T + b2).argmax(1).tolist() == [0, 0, 0]
 
 
-@pytest.mark.parametrize("mode", ["lda", "fedper", "fedrep", "fedbabu", "local", "finetune", "none"])
+@pytest.mark.parametrize("mode", ["lda", "fedper", "fedrep", "fedbabu", "ditto", "local", "finetune", "none"])
 def test_each_personalization_reports_what_it_promises(mode):
     cfg = tiny_run(federation={"num_clients": 4, "rounds": 2, "personalization": mode})
     rt = ClientRuntime(cfg, partition_id=1)
@@ -99,6 +99,12 @@ def test_each_personalization_reports_what_it_promises(mode):
     update, _, _, state = rt.fit(glob, ClientState())
     if mode == "local":
         assert update == {} and "vit.cls_token" in state.personal
+    if mode == "ditto":
+        own = personal_model(state.personal)
+        assert set(own) == set(glob), "the client keeps a whole model of its own"
+        assert not any(k.startswith(PERSONAL_MODEL) for k in update) and personal_params(state.personal) == {}
+        trained = state_to_numpy(rt.model)
+        assert any(not np.array_equal(own[k], glob[k]) for k in glob) and any(not np.array_equal(own[k], trained[k]) for k in update)
     if mode in ("fedper", "fedrep"):
         assert not any(k.startswith("heads.") for k in update) and "heads.digit.weight" in state.personal
     if mode == "fedrep":
@@ -129,8 +135,45 @@ def test_each_personalization_reports_what_it_promises(mode):
         assert all(np.array_equal(v, glob[k]) for k, v in state_to_numpy(rt.model).items())
 
 
+def test_ditto_trains_the_clients_own_model_with_the_pull_to_the_global_one():
+    from fedtune.client import ProximalTrainer
+    from fedtune.engine import full_plan
+    from fedtune.federated import load_numpy_state
+    from fedtune.heads import extract_features
+    from fedtune.methods import MethodConfig, make_method
+
+    cfg = tiny_run(federation={"num_clients": 4, "personalization": "ditto", "ditto_lambda": 2.0})
+    rt = ClientRuntime(cfg, partition_id=1)
+    glob = state_to_numpy(global_model(cfg))
+    # the loss term is lambda / 2 * ||v - w||^2 over the parameters that train
+    anchor = {n: p.detach().clone() for n, p in rt.model.named_parameters()}
+    with torch.no_grad():
+        rt.model.heads["digit"].weight.add_(0.5)
+    trainer = ProximalTrainer(rt.model, make_method(MethodConfig(name="full"), rt.model, rt.profile, 16, "digit"), cfg.train, "digit", anchor=anchor, strength=2.0)
+    expected = sum(float(((p.detach() - anchor[n]) ** 2).sum()) for n, p in rt.model.named_parameters())
+    assert float(trainer.extra_loss(None, None)) == pytest.approx(expected, rel=1e-5) and expected > 0
+    # round 1 starts the client's own model from the global one, round 2 from the kept one
+    _, _, _, state = rt.fit(glob, ClientState(), server_round=1)
+    first = personal_model(state.personal)
+    _, _, _, state2 = rt.fit(glob, state, server_round=2)
+    second = personal_model(state2.personal)
+    def dist(a):
+        return sum(float(np.sum((a[k] - glob[k]) ** 2)) for k in glob if np.issubdtype(glob[k].dtype, np.floating))
+    assert dist(second) > dist(first) > 0, "the kept model trains on from where it was"
+    # without the pull it strays further from the global model
+    free = tiny_run(federation={"num_clients": 4, "personalization": "ditto", "ditto_lambda": 0.0})
+    assert dist(personal_model(ClientRuntime(free, partition_id=1).fit(glob, ClientState(), server_round=1)[3].personal)) > dist(first)
+    # the personalized accuracy is the client's own model's, on its local test split
+    ev, _, _ = rt.evaluate(glob, state2)
+    load_numpy_state(rt.model, second)
+    test = rt.test_set.for_task("digit")
+    feats, labels = extract_features(rt.model, test, "digit", 256, full_plan(rt.model.depth))
+    assert ev.accuracy_personal == pytest.approx(float((rt.model.forward_head(feats, "digit").argmax(-1) == labels).float().mean()))
+
+
 def test_bad_personalization_configs_are_clear_errors():
-    for fed, match in (({"personalization": "ditto"}, "personalization"), ({"lda_shrink": -1}, "lda_shrink"),
+    for fed, match in (({"personalization": "pfedme"}, "personalization"), ({"ditto_lambda": -0.1}, "ditto_lambda"), ({"ditto_epochs": 0}, "ditto_epochs"),
+                       ({"new_clients": 2, "personalization": "ditto"}, "no ditto personal model"), ({"lda_shrink": -1}, "lda_shrink"),
                        ({"finetune_epochs": 0}, "finetune_epochs"), ({"downlink": "delta"}, "downlink"),
                        ({"new_clients": 2, "personalization": "fedrod"}, "a new client never trains, so it has no fedrod personal model"),
                        ({"personalization": "fedbabu", "final_evaluation": False}, "fedbabu fine-tunes the final global model in the final evaluation"),

@@ -149,12 +149,11 @@ class ClientRuntime:
         start = time.perf_counter()
         cfg = self.cfg
         seed = cfg.seed * 7919 + self.partition_id * 31 + server_round
-        own_model = self._train_own_model(global_arrays, state, seed) if cfg.federation.personalization == "ditto" else {}
+        own_model, steps = self._train_own_model(global_arrays, state, seed) if cfg.federation.personalization == "ditto" else ({}, [])
         self._load(global_arrays, state)
         kept = state.method
         counts_all: Counter = Counter()
         block_updates = [0] * self.model.depth
-        steps: list = []
         expert_counts: dict[str, dict[int, list[int]]] = {}
         examples, loss_sum, correct = 0, 0.0, 0.0
         for i, task in enumerate(self.tasks):
@@ -220,22 +219,24 @@ class ClientRuntime:
         )
         return update, counts, metrics, new_state
 
-    def _train_own_model(self, global_arrays: dict[str, np.ndarray], state: ClientState, seed: int) -> dict[str, np.ndarray]:
+    def _train_own_model(self, global_arrays: dict[str, np.ndarray], state: ClientState, seed: int) -> tuple[dict[str, np.ndarray], list]:
         """Ditto's personal step: the client's own model (the received global one in its first
-        round) trained on each of its tasks with the pull towards the received global model;
-        returned as state entries under PERSONAL_MODEL."""
+        round) trained on each of its tasks with the pull towards the received global model.
+        Returns it as state entries under PERSONAL_MODEL, and its steps' stats (the round's
+        reported steps and FLOPs include them)."""
         fed = self.cfg.federation
         load_numpy_state(self.model, global_arrays)
         anchor = {n: p.detach().clone() for n, p in self.model.named_parameters()}
         own = personal_model(state.personal)
         if own:
             load_numpy_state(self.model, own, "client state")
+        steps: list = []
         for i, task in enumerate(self.tasks):
             method = make_method(self.cfg.method, self.model, self.profile, self.cfg.train.batch_size, task, seed=seed + 101 + i)
             tcfg = replace(self.cfg.train, epochs=fed.ditto_epochs, seed=seed + 101 + i)
             torch.manual_seed(seed + 101 + i)
-            ProximalTrainer(self.model, method, tcfg, task, anchor=anchor, strength=fed.ditto_lambda).train(self.train_set.for_task(task))
-        return {f"{PERSONAL_MODEL}{k}": v for k, v in state_to_numpy(self.model).items()}
+            steps += ProximalTrainer(self.model, method, tcfg, task, anchor=anchor, strength=fed.ditto_lambda).train(self.train_set.for_task(task)).steps
+        return {f"{PERSONAL_MODEL}{k}": v for k, v in state_to_numpy(self.model).items()}, steps
 
     @torch.no_grad()
     def head_stats(self, global_arrays: dict[str, np.ndarray], state: ClientState) -> dict[str, np.ndarray]:

@@ -157,6 +157,9 @@ def export_run(run_dir: str | Path, task: str | None, out: str | Path, client: i
         elif cfg.federation.personalization in ("finetune", "fedbabu") and not params:
             raise ConfigError(f"client {client}: personalization {cfg.federation.personalization} fine-tunes the global model in the final evaluation and keeps "
                               "no personal model; export the global model (without --client)")
+        elif cfg.federation.personalization == "ditto" and not personal_model(personal):
+            raise ConfigError(f"client {client}: personalization ditto, but the client's state holds no model of its own (it has not trained yet); "
+                              "export the global model (without --client)")
     if has_lora(model):
         merge_lora(model)
     model.eval()

@@ -74,6 +74,10 @@ def test_client_export_is_the_clients_own_model(tmp_path, mode):
         torch.testing.assert_close(torch.from_numpy(module(x)), expected, atol=1e-5, rtol=0)
         load_numpy_state(model, glob)
         assert not torch.allclose(model(x, "digit"), expected, atol=1e-4), "not the global model"
+    if mode == "ditto":
+        write_client_state(run / "client_state" / "client-1", ClientState(), 1)
+        with pytest.raises(ConfigError, match="client 1: personalization ditto, but the client's state holds no model of its own"):
+            export_run(run, None, tmp_path / "export1", client=1)
 
 
 @pytest.mark.parametrize("shared", [0, 1])

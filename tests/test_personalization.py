@@ -135,36 +135,46 @@ def test_each_personalization_reports_what_it_promises(mode):
         assert all(np.array_equal(v, glob[k]) for k, v in state_to_numpy(rt.model).items())
 
 
-def test_ditto_trains_the_clients_own_model_with_the_pull_to_the_global_one():
+def test_ditto_trains_the_clients_own_model_with_the_pull_to_the_global_one(monkeypatch):
+    from fedtune import client as client_module
     from fedtune.client import ProximalTrainer
     from fedtune.engine import full_plan
     from fedtune.federated import load_numpy_state
     from fedtune.heads import extract_features
     from fedtune.methods import MethodConfig, make_method
 
-    cfg = tiny_run(federation={"num_clients": 4, "personalization": "ditto", "ditto_lambda": 2.0})
+    cfg = tiny_run(federation={"num_clients": 4, "personalization": "ditto", "ditto_lambda": 3.0})
     rt = ClientRuntime(cfg, partition_id=1)
     glob = state_to_numpy(global_model(cfg))
     # the loss term is lambda / 2 * ||v - w||^2 over the parameters that train
     anchor = {n: p.detach().clone() for n, p in rt.model.named_parameters()}
     with torch.no_grad():
         rt.model.heads["digit"].weight.add_(0.5)
-    trainer = ProximalTrainer(rt.model, make_method(MethodConfig(name="full"), rt.model, rt.profile, 16, "digit"), cfg.train, "digit", anchor=anchor, strength=2.0)
-    expected = sum(float(((p.detach() - anchor[n]) ** 2).sum()) for n, p in rt.model.named_parameters())
+    trainer = ProximalTrainer(rt.model, make_method(MethodConfig(name="full"), rt.model, rt.profile, 16, "digit"), cfg.train, "digit", anchor=anchor, strength=3.0)
+    expected = 1.5 * sum(float(((p.detach() - anchor[n]) ** 2).sum()) for n, p in rt.model.named_parameters())
     assert float(trainer.extra_loss(None, None)) == pytest.approx(expected, rel=1e-5) and expected > 0
-    # round 1 starts the client's own model from the global one, round 2 from the kept one
-    _, _, _, state = rt.fit(glob, ClientState(), server_round=1)
+    # round 1 starts the client's own model from the global one
+    anchors = []
+    monkeypatch.setattr(client_module, "ProximalTrainer", lambda *a, anchor, **k: anchors.append(anchor) or ProximalTrainer(*a, anchor=anchor, **k))
+    _, _, metrics, state = rt.fit(glob, ClientState(), server_round=1)
     first = personal_model(state.personal)
-    _, _, _, state2 = rt.fit(glob, state, server_round=2)
+    plain = ClientRuntime(tiny_run(federation={"num_clients": 4, "personalization": "none"}), partition_id=1).fit(glob, ClientState(), server_round=1)[2]
+    assert metrics.steps == 2 * plain.steps, "the round's steps count the own model's epoch too"
+    # round 2, with a new global model: the kept model trains on, pulled towards the new global one
+    glob2 = {k: v + np.float32(0.01) if np.issubdtype(v.dtype, np.floating) else v for k, v in glob.items()}
+    _, _, _, state2 = rt.fit(glob2, state, server_round=2)
     second = personal_model(state2.personal)
-    def dist(a):
-        return sum(float(np.sum((a[k] - glob[k]) ** 2)) for k in glob if np.issubdtype(glob[k].dtype, np.floating))
-    assert dist(second) > dist(first) > 0, "the kept model trains on from where it was"
+    assert all(np.allclose(anchors[1][n].numpy(), glob2[n]) for n in anchors[1]) and len(anchors[1]) == len(list(rt.model.named_parameters()))
+    fresh = personal_model(ClientRuntime(cfg, partition_id=1).fit(glob2, ClientState(), server_round=2)[3].personal)
+    assert any(not np.allclose(second[k], fresh[k]) for k in second), "round 2 trains the kept model, not a fresh copy of the global one"
+    def dist(a, g):
+        return sum(float(np.sum((a[k] - g[k]) ** 2)) for k in g if np.issubdtype(g[k].dtype, np.floating))
+    assert dist(first, glob) > 0
     # without the pull it strays further from the global model
     free = tiny_run(federation={"num_clients": 4, "personalization": "ditto", "ditto_lambda": 0.0})
-    assert dist(personal_model(ClientRuntime(free, partition_id=1).fit(glob, ClientState(), server_round=1)[3].personal)) > dist(first)
+    assert dist(personal_model(ClientRuntime(free, partition_id=1).fit(glob, ClientState(), server_round=1)[3].personal), glob) > dist(first, glob)
     # the personalized accuracy is the client's own model's, on its local test split
-    ev, _, _ = rt.evaluate(glob, state2)
+    ev, _, _ = rt.evaluate(glob2, state2)
     load_numpy_state(rt.model, second)
     test = rt.test_set.for_task("digit")
     feats, labels = extract_features(rt.model, test, "digit", 256, full_plan(rt.model.depth))

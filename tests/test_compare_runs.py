@@ -176,3 +176,58 @@ def test_pfl_runs_gives_one_command_per_table_row_and_runs_only_what_is_missing(
         with pytest.raises(SystemExit):
             pfl_runs(bad, simulate=simulate)
     assert "--seeds: must be at least 1" in capsys.readouterr().err
+
+
+def test_pfl_ceiling_trains_outside_the_pool_and_scores_every_client(tmp_path):
+    """simulations.pfl_ceiling: the backbone never sees an image of the protocol's pool (any
+    client's train or test image), its frozen starting model scores exactly what `fedtune
+    probe` reports, and each seed's result is written as JSON and a table."""
+    import torch
+
+    from fedtune.federated import federated_data, global_model
+    from fedtune.probe import head_fit_reference
+    from simulations import pfl_ceiling
+    from tests.test_data import _write_fashion
+
+    _write_fashion(tmp_path / "fm", gz=False, n_train=200, n_test=40)
+    sets = [f"data.root={tmp_path / 'fm'}", "data.max_train=80", "data.max_test=20", "data.seed=3", "federation.num_clients=4",
+            "partition.alpha=1.0", "partition.min_partition_size=5"]
+    cfg = pfl_ceiling.load_run_config("simulations/pfl_fmnist.yaml", [*sets, "seed=1"])
+    train_x, _, test_x, _ = pfl_ceiling.outside_pool(cfg)
+    assert (len(train_x), len(test_x)) == (120, 20)
+    pool = federated_data(cfg)[0].train.images  # the protocol's own pool: every client's train and test images
+    assert len(pool) == 100
+    seen = {x.numpy().tobytes() for x in pool}
+    assert not seen & {x.numpy().tobytes() for x in torch.cat([train_x, test_x])}, "a pool image in the backbone's data"
+
+    model = global_model(cfg).eval()
+    got, probe = pfl_ceiling.score(cfg, lambda x: model.forward_features(x)[0]), head_fit_reference(cfg)
+    for key in ("accuracy_personalized", "accuracy_personalized_worst10", "accuracy_global_local", "personalized_at_least_global_fraction"):
+        assert got[key] == pytest.approx(probe[key], abs=1e-9), key
+
+    out = tmp_path / "ceiling"
+    pfl_ceiling.main(["--backbone", "cnn", "--epochs", "1", "--seeds", "2", "--out", str(out), *[a for s in sets for a in ("--set", s)]])
+    result = json.loads((out / "ceiling_cnn_e1.json").read_text())
+    assert (result["backbone_train_images"], result["backbone_test_images"]) == (120, 20) and set(result["seeds"]) == {"0", "1"}
+    for seed in result["seeds"].values():
+        assert set(seed) == {"pixels", "start", "trained"} and set(seed["pixels"]) == {"knn5"}
+        assert 0.0 <= seed["trained"]["accuracy_personalized"] <= 1.0 and seed["trained"]["accuracy_global_local"] is not None
+    rows = (out / "ceiling_cnn_e1.md").read_text().splitlines()
+    assert rows[-1].startswith("| cnn trained on the 120 images outside the pool |") and len(rows) == 9
+    with pytest.raises(SystemExit, match="outside the pool"):  # caps that take every image leave nothing to train on
+        pfl_ceiling.outside_pool(pfl_ceiling.load_run_config("simulations/pfl_fmnist.yaml", [*sets, "data.max_train=500"]))
+
+
+def test_pfl_ceiling_knn_votes_and_breaks_ties_by_the_nearer_class():
+    import torch
+
+    from simulations.pfl_ceiling import knn_accuracy
+
+    train = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [0.2, 0.8]])
+    labels = torch.tensor([3, 3, 7, 7, 7])
+    test = torch.tensor([[1.0, 0.05], [0.05, 1.0]])
+    assert knn_accuracy(test, torch.tensor([3, 7]), train, labels, k=3) == 1.0
+    assert knn_accuracy(test, torch.tensor([3, 7]), train, labels, k=5) == 0.5  # all 5 vote: 7 wins both
+    # 2-2 ties go to the class whose neighbours are nearer, whichever its index
+    assert knn_accuracy(torch.tensor([[0.05, 0.95]]), torch.tensor([7]), train[:4], labels[:4], k=4) == 1.0
+    assert knn_accuracy(torch.tensor([[0.95, 0.05]]), torch.tensor([3]), train[:4], labels[:4], k=4) == 1.0

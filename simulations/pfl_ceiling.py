@@ -153,7 +153,7 @@ def report(result: dict[str, Any]) -> str:
             f"training images outside the protocol's pool, {result['epochs']} epochs; {100 * result['backbone_test_accuracy']:.1f}% on the "
             f"{result['backbone_test_images']:,} official test images outside the pool. Frozen features from in-domain labels: one "
             "measured point, not an upper bound, and not a federated result. Mean ± standard deviation over the seeds (each seed's "
-            "value).\n\n" + table(result))
+            "value)." + (f" {result['note']}" if result.get("note") else "") + "\n\n" + table(result))
 
 
 def table(result: dict[str, Any]) -> str:

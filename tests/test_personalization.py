@@ -152,7 +152,7 @@ def test_ditto_trains_the_clients_own_model_with_the_pull_to_the_global_one(monk
         rt.model.heads["digit"].weight.add_(0.5)
     trainer = ProximalTrainer(rt.model, make_method(MethodConfig(name="full"), rt.model, rt.profile, 16, "digit"), cfg.train, "digit", anchor=anchor, strength=3.0)
     expected = 1.5 * sum(float(((p.detach() - anchor[n]) ** 2).sum()) for n, p in rt.model.named_parameters())
-    assert float(trainer.extra_loss(None, None)) == pytest.approx(expected, rel=1e-5) and expected > 0
+    assert float(trainer.extra_loss(None, None).detach()) == pytest.approx(expected, rel=1e-5) and expected > 0
     # round 1 starts the client's own model from the global one
     anchors = []
     monkeypatch.setattr(client_module, "ProximalTrainer", lambda *a, anchor, **k: anchors.append(anchor) or ProximalTrainer(*a, anchor=anchor, **k))

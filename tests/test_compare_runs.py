@@ -178,7 +178,7 @@ def test_pfl_runs_gives_one_command_per_table_row_and_runs_only_what_is_missing(
     assert "--seeds: must be at least 1" in capsys.readouterr().err
 
 
-def test_pfl_ceiling_trains_outside_the_pool_and_scores_every_client(tmp_path):
+def test_pfl_ceiling_trains_outside_the_pool_and_scores_every_client(tmp_path, capsys):
     """simulations.pfl_ceiling: the backbone never sees an image of the protocol's pool (any
     client's train or test image), its frozen starting model scores exactly what `fedtune
     probe` reports, and each seed's result is written as JSON and a table."""
@@ -216,6 +216,11 @@ def test_pfl_ceiling_trains_outside_the_pool_and_scores_every_client(tmp_path):
     assert rows[-1].startswith("| cnn trained on the 120 images outside the pool |") and len(rows) == 9
     with pytest.raises(SystemExit, match="outside the pool"):  # caps that take every image leave nothing to train on
         pfl_ceiling.outside_pool(pfl_ceiling.load_run_config("simulations/pfl_fmnist.yaml", [*sets, "data.max_train=500"]))
+    with pytest.raises(SystemExit, match="must pool Fashion-MNIST"):  # the protocol's pool is what it leaves out
+        pfl_ceiling.outside_pool(pfl_ceiling.load_run_config("simulations/pfl_fmnist.yaml", [*sets, "partition.pool=false"]))
+    with pytest.raises(SystemExit):
+        pfl_ceiling.main(["--epochs", "0", "--out", str(out)])
+    assert "--epochs and --seeds must be at least 1" in capsys.readouterr().err
 
 
 def test_pfl_ceiling_knn_votes_and_breaks_ties_by_the_nearer_class():

@@ -38,10 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedtune.client import ClientRuntime, personal_lda_head
+from fedtune.client import personal_lda_head
 from fedtune.data import load_data
 from fedtune.data.core import _cap
-from fedtune.federated import global_model
+from fedtune.federated import client_data, global_model
 from fedtune.heads import class_stats, lda_head
 from fedtune.report import protocol_numbers
 from fedtune.runconfig import RunConfig, load_run_config
@@ -104,34 +104,32 @@ def batched(fn: Features, images: torch.Tensor) -> torch.Tensor:
     return torch.cat([fn(images[i : i + 512]).float() for i in range(0, len(images), 512)])
 
 
-def knn_accuracy(test: torch.Tensor, test_y: torch.Tensor, train: torch.Tensor, train_y: torch.Tensor, k: int = 5) -> float:
+def knn_accuracy(test: torch.Tensor, test_y: torch.Tensor, train: torch.Tensor, train_y: torch.Tensor, k: int = 5, classes: int = 10) -> float:
     """The share of `test` whose k nearest `train` features (cosine) vote for its label; a tie
     goes to the tied class whose neighbours rank nearer."""
     sim = F.normalize(test, dim=1) @ F.normalize(train, dim=1).T
     k = min(k, len(train))
     near = 1e-3 / torch.arange(1, k + 1, dtype=torch.float32)  # less than one vote in all
-    votes = (F.one_hot(train_y[sim.topk(k, dim=1).indices], 10).float() * (1.0 + near[None, :, None])).sum(1)
+    votes = (F.one_hot(train_y[sim.topk(k, dim=1).indices], classes).float() * (1.0 + near[None, :, None])).sum(1)
     return float((votes.argmax(1) == test_y).float().mean())
 
 
 def score(cfg: RunConfig, fn: Features, heads: bool = True) -> dict[str, Any]:
     """The protocol's per-client numbers with features `fn`, frozen: the closed-form personal
     and global heads (when `heads`) and the 5-NN vote, each summarized like a run's."""
-    clients = [ClientRuntime(cfg, pid) for pid in range(cfg.federation.num_clients)]
-    task = clients[0].tasks[0]
-    data = []
-    for rt in clients:
-        train, test = rt.train_set.for_task(task), rt.test_set.for_task(task)
-        data.append((batched(fn, train.images), train.labels[task], batched(fn, test.images), test.labels[task]))
-    own = [class_stats(tr, ty, 10) for tr, ty, _, _ in data]
+    splits = [client_data(cfg, pid) for pid in range(cfg.federation.num_clients)]
+    task = splits[0][0].tasks[0]
+    classes = splits[0][0].num_classes[task]
+    data = [(batched(fn, train.images), train.labels[task], batched(fn, test.images), test.labels[task]) for train, test in splits]
+    own = [class_stats(tr, ty, classes) for tr, ty, _, _ in data]
     fed = {part: sum(o[part] for o in own) for part in own[0]}
     glob = lda_head(fed) if heads else None
     evals, knn = [], []
-    for rt, (tr, ty, te, tey), o in zip(clients, data, own, strict=True):
-        knn.append({"partition_id": rt.partition_id, "num_examples": len(tey), "accuracy_personal": knn_accuracy(te, tey, tr, ty)})
+    for pid, ((tr, ty, te, tey), o) in enumerate(zip(data, own, strict=True)):
+        knn.append({"partition_id": pid, "num_examples": len(tey), "accuracy_personal": knn_accuracy(te, tey, tr, ty, classes=classes)})
         if heads:
             w, b = personal_lda_head(o, fed, cfg.federation.lda_shrink)
-            evals.append({"partition_id": rt.partition_id, "num_examples": len(tey),
+            evals.append({"partition_id": pid, "num_examples": len(tey),
                           "accuracy_global": float(((te @ glob[0].T + glob[1]).argmax(1) == tey).float().mean()),
                           "accuracy_personal": float(((te @ w.T + b).argmax(1) == tey).float().mean())})
     out = {"knn5": protocol_numbers(knn)["accuracy_personalized"]}

@@ -77,7 +77,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from .runconfig import load_run_config
 
     cfg = load_run_config(args.config or DEFAULT_CONFIG, args.set)
-    result = head_fit_reference(cfg)
+    result = head_fit_reference(cfg, progress=lambda line: print(line, file=sys.stderr, flush=True))
     out = Path(args.out or f"runs/{cfg.name}-probe")
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "probe.json", result)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -15,7 +17,7 @@ from .runconfig import RunConfig
 # --------------------------------------------------------------------------- reference
 
 
-def head_fit_reference(cfg: RunConfig) -> dict[str, Any]:
+def head_fit_reference(cfg: RunConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """What the run's starting model scores with no training: each task's head fitted (LDA)
     from the summed feature statistics of that task's clients, exactly as `federation.head_fit:
     lda` fits it after the last round, then evaluated on the central test set.
@@ -32,24 +34,35 @@ def head_fit_reference(cfg: RunConfig) -> dict[str, Any]:
     What a run's personalized accuracy gains over this, its rounds of training gave. New
     clients (`federation.new_clients`) are reported apart under `new_clients`, as the run
     does. Under DP the run's head fit adds noise to the statistics; the probe's does not.
+
+    `progress`, when given, is called with a line after each client's statistics and each
+    client's evaluation (the probe of a large pool takes minutes).
     """
     from .heads import evaluate, lda_head, set_head
+
+    start = time.time()
+
+    def say(line: str) -> None:
+        if progress is not None:
+            progress(f"probe: {line} ({time.time() - start:.0f} s)")
 
     model = global_model(cfg)
     arrays = state_to_numpy(model)
     totals: dict[str, dict[str, np.ndarray]] = {}
     runtimes = [ClientRuntime(cfg, pid) for pid in range(cfg.federation.num_clients)]
-    for rt in runtimes:
+    for n, rt in enumerate(runtimes, 1):
         for key, value in rt.head_stats(arrays, ClientState()).items():
             task, _, part = key.rpartition(".")
             parts = totals.setdefault(task, {})
             parts[part] = parts[part] + value if part in parts else value.copy()
+        say(f"client {n}/{len(runtimes)} class statistics")
     split, _ = federated_data(cfg)
     per_task, examples = {}, {}
     for task in model.tasks:
         set_head(model.heads[task], *lda_head(totals[task]))
         per_task[task] = evaluate(model, split.test, task)["accuracy"]
         examples[task] = int(totals[task]["count"].sum())
+        say(f"task {task}: central test {per_task[task]:.4f}")
     result: dict[str, Any] = {
         "name": cfg.name,
         "accuracy_per_task": per_task,
@@ -62,8 +75,9 @@ def head_fit_reference(cfg: RunConfig) -> dict[str, Any]:
 
         def evals(clients: list[ClientRuntime]) -> list[dict[str, Any]]:
             out = []
-            for rt in clients:
+            for n, rt in enumerate(clients, 1):
                 ev, _, _ = rt.evaluate(fitted, ClientState(), fed_stats=totals)
+                say(f"client {rt.partition_id} evaluated ({n}/{len(clients)})")
                 out.append({"partition_id": rt.partition_id, "num_examples": ev.num_examples, "accuracy_global": ev.accuracy_global, "accuracy_personal": ev.accuracy_personal})
             return out
 

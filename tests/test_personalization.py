@@ -207,8 +207,12 @@ def test_probe_reports_the_protocols_numbers_on_the_starting_model():
 
     cfg = tiny_run(partition={"scheme": "dirichlet", "alpha": 0.3, "min_partition_size": 5, "local_test_fraction": 0.25, "pool": True},
                    federation={"num_clients": 4, "personalization": "lda"})
-    got = head_fit_reference(cfg)
+    lines: list[str] = []
+    got = head_fit_reference(cfg, progress=lines.append)
     assert [c["partition_id"] for c in got["clients"]] == [0, 1, 2, 3]
+    assert [line.rsplit(" (", 1)[0] for line in lines] == [f"probe: client {n}/4 class statistics" for n in range(1, 5)] + [
+        f"probe: task {task}: central test {got['accuracy_per_task'][task]:.4f}" for task in got["accuracy_per_task"]] + [
+        f"probe: client {pid} evaluated ({pid + 1}/4)" for pid in range(4)], "progress: each client's statistics, each task, each client's evaluation"
     model = global_model(cfg)
     task = model.tasks[0]
     per_client = [client_data(cfg, pid) for pid in range(4)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 from fedtune.errors import ConfigError
@@ -78,7 +79,10 @@ def simulate_flwr_run(cfg: RunConfig, out: Path, resume: bool = False, progress:
                 dep.check_alive()
                 if bar is not None and (out / "metrics.jsonl").is_file():
                     done = max(0, sum(1 for _ in open(out / "metrics.jsonl")) - 1)
-                    bar.update(max(0, done - bar.n))
+                    if done > bar.n:
+                        bar.update(done - bar.n)
+                    elif sys.stderr.isatty():  # the elapsed time ticks on a terminal; a log file gets a line per round
+                        bar.refresh()
                 time.sleep(1.0)
             if bar is not None:
                 bar.close()

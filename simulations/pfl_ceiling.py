@@ -1,5 +1,5 @@
 """How far the personalized-FL protocol's closed-form heads go with features learnt from
-Fashion-MNIST itself: a diagnostic bound, not a method.
+Fashion-MNIST itself: a diagnostic, not a method.
 
     python -m simulations.pfl_ceiling [--backbone vit|cnn] [--epochs N] [--seeds 3] [--set KEY=VALUE ...]
 
@@ -43,7 +43,7 @@ from fedtune.data import load_data
 from fedtune.data.core import _cap
 from fedtune.federated import client_data, global_model
 from fedtune.heads import class_stats, lda_head
-from fedtune.report import protocol_numbers
+from fedtune.report import protocol_numbers, write_json
 from fedtune.runconfig import RunConfig, load_run_config
 
 Features = Callable[[torch.Tensor], torch.Tensor]  # model images [N, C, H, W] -> features [N, d]
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
         f" --max-images {args.max_images}" if args.max_images else "") + "".join(f" --set {o}" for o in args.overrides)
     out, name = Path(args.out), f"ceiling_{args.backbone}_e{args.epochs}"
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2))
+    write_json(out / f"{name}.json", result)
     (out / f"{name}.md").write_text(report(result))
     print(f"wrote {out / name}.json and .md", flush=True)
 

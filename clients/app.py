@@ -21,6 +21,7 @@ from flwr.supercore import log
 from fedtune import protocol
 from fedtune.client import ClientRuntime
 from fedtune.client_state import (
+    KEEP_FILES,
     ClientState,
     arrays_sha256,
     read_client_state,
@@ -73,12 +74,13 @@ def load_state(context: Context, default_dir: Path | None = None, before_round: 
     return (read_client_state(folder, before_round) if folder is not None else None) or ClientState()
 
 
-def save_state(context: Context, state: ClientState, default_dir: Path | None = None, server_round: int = 0) -> None:
+def save_state(context: Context, state: ClientState, default_dir: Path | None = None, server_round: int = 0, keep: int = KEEP_FILES) -> None:
+    """Keep `state` in the context and, with a state-dir, on disk (the newest `keep` rounds)."""
     context.state[STATE_ARRAYS] = numpy_to_arrays(state.personal)
     context.state[STATE_CONFIG] = ConfigRecord({"json": json.dumps(state_meta(state, server_round))})
     folder = _state_dir(context, default_dir)
     if folder is not None:
-        write_client_state(folder, state, server_round)
+        write_client_state(folder, state, server_round, keep)
 
 
 def receive_global(msg: Message, context: Context, initial=None) -> dict[str, np.ndarray] | None:
@@ -86,7 +88,9 @@ def receive_global(msg: Message, context: Context, initial=None) -> dict[str, np
     holds when the server sent only what changed (protocol.BASE_VERSION); None when the node
     holds no copy of that version (it then asks for the whole model). A node with no copy
     that is sent changes to version 0 builds the run's starting model with `initial()` and
-    uses it when its checksum is the one the server sent (protocol.INITIAL_SHA256).
+    uses it when its checksum is the one the server sent (protocol.INITIAL_SHA256); a saved
+    version 0 whose checksum is not that one (left by another run in the same state-dir) is
+    set aside the same way.
 
     The copy is kept in the node's state-dir when the node config gives one (a device keeps
     it across restarts), else in the context (a simulated node)."""
@@ -97,6 +101,9 @@ def receive_global(msg: Message, context: Context, initial=None) -> dict[str, np
     if base >= 0:
         held = read_global_copy(folder) if folder is not None else _context_copy(context)
         want = config.get(protocol.INITIAL_SHA256)
+        if held is not None and held[1] == 0 and base == 0 and want and arrays_sha256(held[0]) != want:
+            log(30, "node %s: its saved version 0 is not this run's starting model (a copy left by another run?): set aside", context.node_id)
+            held = None
         if held is None and base == 0 and want and initial is not None:
             built = initial()
             if arrays_sha256(built) == want:
@@ -184,7 +191,8 @@ def make_client_app(cfg: RunConfig | None = None, state_dir: Path | None = None)
         importance = config.get(protocol.IMPORTANCE)
         server_round = int(config.get(protocol.SERVER_ROUND, 0))
         update, counts, metrics, state = rt.fit(global_arrays, load_state(context, state_dir, server_round), list(importance) if importance else None, server_round)
-        save_state(context, state, state_dir, server_round)
+        # every round since the server's last checkpoint may be repeated after a crash
+        save_state(context, state, state_dir, server_round, keep=rt.cfg.federation.checkpoint_every + 1)
         metrics.bytes_received = int(sum(r.count_bytes() for r in msg.content.array_records.values()))
         reply = RecordDict(
             {
@@ -213,7 +221,7 @@ def make_client_app(cfg: RunConfig | None = None, state_dir: Path | None = None)
         want_stats = bool(config.get(protocol.WANT_HEAD_STATS))
         metrics, stats, kept = rt.evaluate(global_arrays, state, fed_stats, final=bool(config.get(protocol.FINAL, False)), want_stats=want_stats)
         if kept is not None:  # the final evaluation built a personal head: keep it (export --client reads it)
-            save_state(context, kept, state_dir, server_round)
+            save_state(context, kept, state_dir, server_round, keep=rt.cfg.federation.checkpoint_every + 1)
         content = RecordDict({protocol.METRICS: metric_record(metrics.to_dict())})
         if want_stats:
             content[protocol.HEAD_STATS] = numpy_to_arrays(stats)

@@ -7,7 +7,9 @@ measured metrics. The Flower apps in clients/ and server/ only turn Messages int
 Each client's personalized model follows `federation.personalization`:
 
 - fedrod: besides the global head (aggregated), the client trains a personal head of its
-  own on the same features (detached), kept in its state and never sent (FedRoD); with
+  own on the same features (detached), kept in its state and never sent, that predicts alone
+  (FedRoD-style: FedRoD's personalized predictor is the generic head's logits plus the
+  personal head's, the personal head trained on that sum); with
   `federation.balanced_loss` the shared model trains with balanced softmax, as FedRoD's
   generic model does;
 - fedper: the task head itself is personal: trained with the body, never sent (FedPer);
@@ -243,14 +245,21 @@ class ClientRuntime:
         """Per task, the class statistics of the global model's features (every block, every
         token) on this client's training data: what the server's discriminant head fit sums."""
         self._load(global_arrays, state)
-        fed, out = self.cfg.federation, {}
+        out = {}
         for task in self.tasks:
             feats, labels = extract_features(self.model, self.train_set, task)
-            if fed.dp_noise_multiplier and fed.dp_stats_feature_clip:  # bounded contribution: the server adds the noise (heads.privatize_stats)
-                feats, labels = bound_contribution(feats, labels, fed.dp_stats_feature_clip, fed.dp_stats_max_examples, seed=self.cfg.seed * 7919 + self.partition_id)
-            for part, value in class_stats(feats, labels, self.model.heads[task].out_features).items():
+            for part, value in self._stats_to_send(task, feats, labels).items():
                 out[f"{task}.{part}"] = value
         return out
+
+    def _stats_to_send(self, task: str, feats: torch.Tensor, labels: torch.Tensor) -> dict[str, np.ndarray]:
+        """The class statistics of `feats` this client sends the server; under differential
+        privacy from a bounded contribution (a seeded sample of examples, each feature vector
+        clipped), to which the server adds the noise (heads.privatize_stats)."""
+        fed = self.cfg.federation
+        if fed.dp_noise_multiplier and fed.dp_stats_feature_clip:
+            feats, labels = bound_contribution(feats, labels, fed.dp_stats_feature_clip, fed.dp_stats_max_examples, seed=self.cfg.seed * 7919 + self.partition_id)
+        return class_stats(feats, labels, self.model.heads[task].out_features)
 
     @torch.no_grad()
     def evaluate(self, global_arrays: dict[str, np.ndarray], state: ClientState, fed_stats: dict[str, dict[str, np.ndarray]] | None = None,
@@ -279,7 +288,9 @@ class ClientRuntime:
             if want_stats or mode == "lda":
                 train_feats, train_labels = extract_features(self.model, self.train_set, task, 256, plan)
                 own = class_stats(train_feats, train_labels, self.model.heads[task].out_features)
-                stats.update({f"{task}.{k}": v for k, v in own.items()})
+                if want_stats:
+                    sent = self._stats_to_send(task, train_feats, train_labels) if self.cfg.federation.dp_noise_multiplier else own
+                    stats.update({f"{task}.{k}": v for k, v in sent.items()})
                 if mode == "lda":
                     weight, bias = personal_lda_head(own, (fed_stats or {}).get(task), fed.lda_shrink)
                     out.per_task_personal[task] = _accuracy(feats @ weight.T + bias, labels)
@@ -363,7 +374,8 @@ def personal_lda_head(own: dict[str, np.ndarray], fed: dict[str, np.ndarray] | N
     if fed is not None and float(np.sum(fed["count"])) > 0:
         fed_count, fed_means, fed_cov = class_moments(fed)
         cov = fed_cov
-        means = (count[:, None] * means + shrink * fed_means) / np.maximum(count[:, None] + shrink, 1e-12)
+        pull = np.where(fed_count > 0, shrink, 0.0)[:, None]  # a class the federation's statistics lack has no mean to pull towards
+        means = (count[:, None] * means + pull * fed_means) / np.maximum(count[:, None] + pull, 1e-12)
     if present.sum() < 2:  # one class known: it is the prediction
         return torch.zeros(means.shape, dtype=torch.float32), torch.from_numpy(np.where(present, 0.0, -1e4)).float()
     return discriminant(means, cov, count / count.sum(), present)

@@ -85,14 +85,16 @@ def state_files(folder: Path, before_round: int | None = None) -> list[Path]:
     return files
 
 
-def write_client_state(folder: Path, state: ClientState, server_round: int) -> Path:
-    """Write `state` as the file of `server_round` atomically; keep the newest KEEP_FILES rounds."""
+def write_client_state(folder: Path, state: ClientState, server_round: int, keep: int = KEEP_FILES) -> Path:
+    """Write `state` as the file of `server_round` atomically; keep the newest `keep` rounds (at
+    least KEEP_FILES: a server that checkpoints every N rounds may repeat the last N after a
+    crash, so it needs N + 1)."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"round-{server_round:06d}.npz"
     tmp = folder / f"tmp-{server_round:06d}.npz"
     np.savez(tmp, __meta__=np.array(json.dumps(state_meta(state, server_round))), __sha256__=np.array(arrays_sha256(state.personal)), **state.personal)
     os.replace(tmp, path)
-    for old in state_files(folder)[:-KEEP_FILES]:
+    for old in state_files(folder)[: -max(KEEP_FILES, keep)]:
         old.unlink(missing_ok=True)
     return path
 

@@ -174,6 +174,7 @@ def discriminant(means: np.ndarray, cov: np.ndarray, priors: np.ndarray, present
     cov = (1 - shrink) * cov + shrink * np.trace(cov) / len(cov) * np.eye(len(cov))
     prec_means = np.linalg.solve(cov, means.T).T  # [C, d]
     bias = -0.5 * (means * prec_means).sum(1) + np.log(np.where(present, priors, 1.0))
+    prec_means[~present] = 0.0  # an absent class's logit is its bias alone, whatever the features' scale
     bias[~present] = -1e4
     return torch.from_numpy(prec_means).float(), torch.from_numpy(bias).float()
 

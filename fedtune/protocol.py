@@ -58,6 +58,19 @@ def _key(field_name: str) -> str:
     return field_name.replace("_", "-")
 
 
+def _whole(value: Any, key: str) -> int:
+    """`value` as an int, when it is a whole number (a metric record holds ints and floats)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+        raise ValueError(f"{key!r} is not a whole number: {value!r}")
+    return int(value)
+
+
+def _wholes(values: Any, key: str) -> list[int]:
+    if not isinstance(values, list):
+        raise TypeError(f"{key!r} is not a list: {values!r}")
+    return [_whole(v, key) for v in values]
+
+
 @dataclass
 class TrainMetrics:
     """The METRICS record of a train reply, typed. Keys on the wire are the field names with
@@ -92,12 +105,15 @@ class TrainMetrics:
 
     @classmethod
     def from_dict(cls, m: Mapping[str, Any]) -> TrainMetrics:
-        """From a reply's metrics; keys it lacks keep their defaults (a rejected reply may lack any)."""
+        """From a reply's metrics; keys it lacks keep their defaults (a rejected reply may lack any).
+        Raises ValueError or TypeError naming the key whose value is not what the field holds."""
         known = {f.name: m[_key(f.name)] for f in fields(cls) if f.name != "experts" and _key(f.name) in m}
+        if "partition_id" in known:
+            known["partition_id"] = _whole(known["partition_id"], "partition-id")
         for name in ("task_ids", "block_updates"):
             if name in known:
-                known[name] = [int(v) for v in known[name]]
-        experts = {k.removeprefix("experts-"): [int(v) for v in c] for k, c in m.items() if k.startswith("experts-")}
+                known[name] = _wholes(known[name], _key(name))
+        experts = {k.removeprefix("experts-"): _wholes(c, k) for k, c in m.items() if k.startswith("experts-")}
         return cls(**known, experts=experts)
 
 

@@ -32,8 +32,8 @@ class PartitionConfig:
 
     def validate(self, prefix: str = "") -> None:
         check_choices(self, prefix)
-        if not 0.0 <= self.local_test_fraction < 1.0:
-            raise ConfigError(f"{prefix}local_test_fraction: must be in [0, 1), got {self.local_test_fraction}")
+        if not 0.0 < self.local_test_fraction < 1.0:  # 0 would leave clients nothing to test the personalized models on
+            raise ConfigError(f"{prefix}local_test_fraction: must be in (0, 1), got {self.local_test_fraction}")
 
 
 MAX_ROUNDS = 100_000  # more is a typo, not a run

@@ -50,6 +50,7 @@ from fedtune.typedconfig import differences, from_dict, to_dict
 from .strategy import SparseFedAvg
 
 CHECKPOINT = "checkpoint.safetensors"
+FED_STATS = "fed_stats.safetensors"  # the federation's latest summed statistics (personalization: lda), beside the checkpoint
 # Config keys a resumed run may change: they do not change what the rounds compute.
 RESUME_MAY_CHANGE = ("name", "federation.rounds", "federation.round_timeout_s", "federation.connect_timeout_s",
                      "federation.checkpoint_every", "federation.final_evaluation", "backend")
@@ -89,7 +90,32 @@ class ServerRunner:
         state = {k: torch.from_numpy(np.array(v.numpy())) for k, v in arrays.items()}
         meta = model_meta(self.cfg.model, {t: int(self.model.heads[t].out_features) for t in self.tasks},
                           run=to_dict(self.cfg), round=server_round, strategy=strategy.state_dict(), method=self.cfg.method.name)
+        if strategy.fed_stats:  # written first: a crash between the two leaves it newer, and a resume sets it aside
+            save_checkpoint(self.out / FED_STATS, {f"{t}.{p}": torch.from_numpy(np.ascontiguousarray(v)) for t, parts in strategy.fed_stats.items() for p, v in parts.items()},
+                            {"round": server_round})
         save_checkpoint(self._checkpoint_path(), state, meta)
+
+    def load_fed_stats(self) -> dict[str, dict[str, np.ndarray]]:
+        """The federation's statistics as the checkpoint's round left them (the next evaluate
+        instruction carries them); none when there are none, or, with a warning, when the
+        file is damaged or newer than the checkpoint (the next evaluation collects them again)."""
+        path = self.out / FED_STATS
+        if not path.is_file():
+            return {}
+        try:
+            state, raw = read_state(path)
+            written = int(checkpoint_meta(raw).get("round", -1))
+        except (CheckpointError, TypeError, ValueError) as err:
+            log(30, "resume: %s set aside (%s); clients build their personal heads without the federation's statistics until the next evaluation", path, err)
+            return {}
+        if written > self.done_rounds:
+            log(30, "resume: %s is from round %d, after the checkpoint's %d: set aside", path, written, self.done_rounds)
+            return {}
+        stats: dict[str, dict[str, np.ndarray]] = {}
+        for key, value in state.items():
+            task, _, part = key.rpartition(".")
+            stats.setdefault(task, {})[part] = value.numpy()
+        return stats
 
     def load_checkpoint(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         path = self._checkpoint_path()
@@ -147,6 +173,7 @@ class ServerRunner:
             metrics_path.write_text("".join(json.dumps(r) + "\n" for r in self.rounds))
             strategy = self.make_strategy(self.done_rounds)
             strategy.load_state_dict(meta["strategy"])
+            strategy.fed_stats = self.load_fed_stats()
             log(30, "resuming %s from round %d of %d", self.out, self.done_rounds, f.rounds)
         else:
             if metrics_path.exists() or self._checkpoint_path().exists():
@@ -155,10 +182,20 @@ class ServerRunner:
             strategy = self.make_strategy(0)
         remaining = f.rounds - self.done_rounds
         self.strategy = strategy
-        if remaining > 0:
+        final_path = self.out / "final_evaluation.json"
+        # a run stopped after its last checkpoint but before its final evaluation does it on --resume
+        final_due = f.final_evaluation and (remaining > 0 or not final_path.is_file())
+        if f.final_evaluation and not final_due:
+            try:
+                self.final = json.loads(final_path.read_text())
+            except (OSError, ValueError) as err:
+                log(30, "resume: %s unreadable (%s): the final evaluation runs again", final_path, err)
+                final_due = True
+        if remaining > 0 or final_due:
             wait_for_nodes(grid, f.total_clients(), f.connect_timeout_s)
             if f.new_clients:
                 self.strategy.exclude_nodes = self.new_client_nodes(grid)
+        if remaining > 0:
             if self.progress:
                 from tqdm.auto import tqdm
 
@@ -174,8 +211,8 @@ class ServerRunner:
             )
             if self.bar is not None:
                 self.bar.close()
-            if f.final_evaluation:
-                self.final_evaluation(grid)
+        if final_due:
+            self.final_evaluation(grid)
         return self.finish()
 
     def new_client_nodes(self, grid: Grid) -> set[int]:
@@ -232,12 +269,15 @@ class ServerRunner:
                 self.record({"round": 0, "accuracy_global": ev["accuracy"], "loss_global": ev["loss"], "accuracy_per_task": {t: e["accuracy"] for t, e in per_task.items()}, "bytes_up": 0, "bytes_down": 0, "bytes_up_full_fedavg": 0})
             return MetricRecord({"accuracy": ev["accuracy"]})
         head_fit = {}
+        # the statistics this round's evaluation replies carried (for the head fit, or for the
+        # clients' personal heads in every evaluated round): uplink bytes like any other
+        stats_bytes = self.strategy.head_stats_bytes
         if self.strategy.head_stats and self.cfg.federation.head_fit == "lda" and rnd == self.cfg.federation.rounds:
             arrays, head_fit = self.fit_heads(self.strategy.head_stats)
-            head_fit.update(accuracy_global_before_head_fit=ev["accuracy"], bytes_up_head_stats=self.strategy.head_stats_bytes,
+            head_fit.update(accuracy_global_before_head_fit=ev["accuracy"],
                             accuracy_per_task_before_head_fit={t: e["accuracy"] for t, e in per_task.items()})
             per_task, ev = self.evaluate_global()
-        rec = {**self.round_record(rnd, per_task, ev), **head_fit}
+        rec = {**self.round_record(rnd, per_task, ev), **head_fit, **({"bytes_up_head_stats": stats_bytes} if stats_bytes else {})}
         self.record(rec)
         if rnd % self.cfg.federation.checkpoint_every == 0 or rnd == self.cfg.federation.rounds:
             self.save_checkpoint(arrays, self.strategy, rnd)
@@ -266,7 +306,7 @@ class ServerRunner:
             "accuracy_per_task": {t: e["accuracy"] for t, e in per_task.items()},
             "accuracy_personalized": _weighted_mean(evals, "accuracy_personal"),
             "accuracy_global_on_client_tests": _weighted_mean(evals, "accuracy_global"),
-            "bytes_up": int(sum(c["bytes_sent"] or 0 for c in accepted)),
+            "bytes_up": int(s.bytes_up_round),  # as the server received them, not as clients report
             "bytes_down": int(s.bytes_down_round),
             "bytes_up_full_fedavg": int(self.full_bytes * len(accepted)),
             "bytes_down_full_fedavg": int(self.full_bytes * s.messages_round),
@@ -287,7 +327,10 @@ class ServerRunner:
 
     def client_record(self, c: dict[str, Any]) -> dict[str, Any]:
         """One client's train reply as metrics.jsonl records it."""
-        m = TrainMetrics.from_dict(c.get("metrics", {}))
+        try:
+            m = TrainMetrics.from_dict(c.get("metrics", {}))
+        except (TypeError, ValueError):  # a rejected reply's malformed metrics (its reason says so)
+            m = TrainMetrics()
         return {
             "node_id": c.get("node_id"), "accepted": c.get("accepted"), "reason": c.get("reason"),
             "partition_id": m.partition_id, "profile": self.cfg.profile_of(max(m.partition_id, 0)),
@@ -295,7 +338,7 @@ class ServerRunner:
             "steps": m.steps, "flops_per_step": m.flops_per_step, "activation_bytes": m.activation_bytes,
             "trainable_params": m.trainable_params, "time_s": m.time_s, "bytes_sent": m.bytes_sent,
             "bytes_received": m.bytes_received, "block_updates": m.block_updates, "importance": m.importance,
-            "tasks": [self.tasks[i] for i in m.task_ids],
+            "tasks": [self.tasks[i] if 0 <= i < len(self.tasks) else f"unknown task id {i}" for i in m.task_ids],
             "experts": m.experts,
         }
 

@@ -157,7 +157,8 @@ class SparseFedAvg(FedAvg):
         self.evaluate_every, self.final_round = evaluate_every, last_round
         self._stats = StatsSum()
         # The federation's summed statistics of the latest round that collected them, sent
-        # with the next evaluate instruction (clients shrink their personal heads towards them).
+        # with the next evaluate instruction when clients build personal heads from them
+        # (head_stats_every_round: personalization lda); otherwise kept from the clients.
         self.fed_stats: dict[str, dict[str, np.ndarray]] = {}
 
         # What each node holds of the global model (server/downlink.py), the bytes sent down
@@ -165,6 +166,7 @@ class SparseFedAvg(FedAvg):
         self.downlink = Downlink(sparse_downlink, initial_on_clients)
         self.resend_timeout = resend_timeout
         self.bytes_down_round = 0
+        self.bytes_up_round = 0  # tensor bytes of the accepted train replies, as received
         self.messages_round = 0  # instructions sent this round (for full FedAvg's downlink bytes)
         # of them, instructions of the starting model to nodes that built it themselves: a full
         # FedAvg whose clients also start from that model would send those nothing
@@ -313,7 +315,7 @@ class SparseFedAvg(FedAvg):
                     continue
                 sums[key] = sums.get(key, 0.0) + float(value) * weight
                 weights[key] = weights.get(key, 0.0) + weight
-        if self._stats.tasks:
+        if self._stats.tasks and self.head_stats_every_round:  # only clients that personalize from them are sent them
             self.fed_stats = {t: {k: v.copy() for k, v in parts.items()} for t, parts in self._stats.tasks.items()}
         if not sums:
             return None
@@ -325,7 +327,14 @@ class SparseFedAvg(FedAvg):
         stats: dict[str, dict[str, np.ndarray]] = {}
         for key, array in record.items():
             task, _, part = key.rpartition(".")
-            stats.setdefault(task, {})[part] = np.asarray(array.numpy(), dtype=np.float64)
+            try:
+                value = array.numpy()
+                if not isinstance(value, np.ndarray):
+                    raise TypeError(f"decodes to {type(value).__name__}, not an array")
+                stats.setdefault(task, {})[part] = np.asarray(value, dtype=np.float64)
+            except Exception as err:  # a client's bytes: anything may fail to decode
+                log(WARNING, "head statistics from node %s left out: cannot decode %r: %s: %s", node_id, key, type(err).__name__, err)
+                return
         for problem in self._stats.add(stats):
             log(WARNING, "head statistics from node %s left out: %s", node_id, problem)
 
@@ -370,9 +379,12 @@ class SparseFedAvg(FedAvg):
                 "SparseFedAvg.aggregate_train called before configure_train: "
                 "the global arrays are unknown"
             )
+        server_round += self.round_offset  # the run's round, as configure_train numbered it
         replies = self._settle_downlink(list(replies), MessageType.TRAIN)
         self.last_rejections = []
         self.last_client_metrics = []
+        self.last_update_norms = []
+        self.last_nnm_neighbours = []
         if not replies:
             return None, None
 
@@ -400,6 +412,7 @@ class SparseFedAvg(FedAvg):
             self._record_client_metrics(server_round, msg, accepted=True, reason=None)
 
         bytes_up = sum(r.nbytes for r in accepted)
+        self.bytes_up_round = bytes_up
         self.last_round = server_round
         self.total_accepted += len(accepted)
         self.total_rejected += len(self.last_rejections)
@@ -457,14 +470,21 @@ class SparseFedAvg(FedAvg):
         if num_examples <= 0:
             raise _Rejected(f"non-positive {protocol.NUM_EXAMPLES!r}: {num_examples!r}")
 
+        try:
+            protocol.TrainMetrics.from_dict(metrics)
+        except (TypeError, ValueError) as err:
+            raise _Rejected(f"malformed {protocol.METRICS!r}: {err}") from err
+
         arrays: dict[str, np.ndarray] = {}
         nbytes = 0
         personal: list[str] = []
         for name, array in record.items():
             try:
                 value = array.numpy()
-            except (TypeError, ValueError) as err:
-                raise _Rejected(f"cannot decode parameter {name!r}: {err}") from err
+            except Exception as err:  # a client's bytes: empty, truncated, another format
+                raise _Rejected(f"cannot decode parameter {name!r}: {type(err).__name__}: {err}") from err
+            if not isinstance(value, np.ndarray):
+                raise _Rejected(f"parameter {name!r} does not decode to an array (got {type(value).__name__})")
             nbytes += value.nbytes
             if self.is_personal(name):
                 personal.append(name)

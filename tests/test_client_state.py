@@ -71,3 +71,15 @@ def test_a_state_file_whose_bytes_changed_falls_back_to_the_previous_one(tmp_pat
         state = read_client_state(tmp_path)
     assert np.array_equal(state.personal["w"], np.zeros(4, np.float32))
     assert any("checksum mismatch" in str(w.message) for w in caught)
+
+
+def test_a_server_that_checkpoints_every_n_rounds_finds_the_state_it_repeats_from(tmp_path):
+    """With checkpoints every 3 rounds a crash in round 6 repeats rounds 4-6: the client keeps
+    4 rounds, so the state before round 4 (written in round 3) is still there."""
+    for r in range(1, 7):
+        write_client_state(tmp_path, ClientState(method={"budgets": [float(r)]}), r, keep=4)
+    assert [p.name for p in sorted(tmp_path.glob("round-*.npz"))] == [f"round-00000{r}.npz" for r in (3, 4, 5, 6)]
+    assert read_client_state(tmp_path, before_round=4).method == {"budgets": [3.0]}
+    for r in range(7, 9):
+        write_client_state(tmp_path, ClientState(), r)  # the default keeps the newest 2
+    assert [p.name for p in sorted(tmp_path.glob("round-*.npz"))] == ["round-000007.npz", "round-000008.npz"]

@@ -69,7 +69,8 @@ def test_client_round_sends_only_what_it_trained():
 
 def test_head_statistics_under_dp_are_bounded_per_client():
     """With client-level DP and the server's head fit, a client's statistics come from at most
-    dp_stats_max_examples examples with features of norm at most dp_stats_feature_clip."""
+    dp_stats_max_examples examples with features of norm at most dp_stats_feature_clip: the
+    ones the evaluation sends (what the ClientApp replies with) as well."""
     plain = ClientRuntime(tiny_run(), partition_id=0)
     private = ClientRuntime(tiny_run(federation={**TINY_RUN["federation"], "head_fit": "lda", "clip_update_norm": 1.0, "dp_noise_multiplier": 1.0,
                                                  "dp_stats_feature_clip": 0.5, "dp_stats_max_examples": 7}), partition_id=0)
@@ -78,6 +79,12 @@ def test_head_statistics_under_dp_are_bounded_per_client():
     assert a["digit.count"].sum() > 7 and b["digit.count"].sum() == 7
     assert np.linalg.norm(b["digit.sum"]) <= 7 * 0.5 + 1e-5 and np.trace(b["digit.outer"]) <= 7 * 0.25 + 1e-5
     assert np.trace(a["digit.outer"]) > 7 * 0.25
+    _, sent, _ = private.evaluate(glob, ClientState(), want_stats=True)
+    assert set(sent) == set(b)
+    for k in b:
+        np.testing.assert_allclose(sent[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    _, sent_plain, _ = plain.evaluate(glob, ClientState(), want_stats=True)
+    assert sent_plain["digit.count"].sum() == a["digit.count"].sum()
 
 
 def test_full_fedavg_client_sends_everything():

@@ -89,6 +89,20 @@ def test_personal_lda_head_own_means_and_priors_the_federations_covariance():
     # a client with one class predicts that class
     w2, b2 = personal_lda_head(class_stats(*sample([5, 0, 0]), 3), None, 1.0)
     assert (x @ w2.T + b2).argmax(1).tolist() == [0, 0, 0]
+    assert torch.all(w1[2] == 0), "an absent class's logit is its bias alone"
+    # a class the federation's statistics lack (sampled evaluation) keeps the client's own mean
+    partial = class_stats(*sample([300, 0, 300]), 3)
+    w3, b3 = personal_lda_head(own, partial, 1.0)
+    _, part_means, part_cov = class_moments(partial)
+    pull = np.array([1.0, 0.0, 1.0])[:, None]
+    w_ref, b_ref = discriminant((count[:, None] * own_means + pull * part_means) / np.maximum(count[:, None] + pull, 1e-12), part_cov, count / count.sum(), count > 0)
+    torch.testing.assert_close(w3, w_ref)
+    torch.testing.assert_close(b3, b_ref)
+
+
+def test_a_protocol_without_local_tests_is_refused():
+    with pytest.raises(ConfigError, match="local_test_fraction: must be in"):
+        tiny_run(partition={"scheme": "dirichlet", "alpha": 0.3, "local_test_fraction": 0.0, "pool": True})
 
 
 @pytest.mark.parametrize("mode", ["lda", "fedper", "fedrep", "fedbabu", "ditto", "local", "finetune", "none"])
@@ -353,6 +367,25 @@ def test_a_new_node_builds_the_starting_model_instead_of_downloading_it():
     assert set(got) == {"a", "b"} and np.array_equal(got["b"], start["b"])
     other = Context(run_id=1, node_id=6, node_config={"partition-id": 1}, state=RecordDict(), run_config={})
     assert receive_global(instruction("0" * 64), other, lambda: dict(start)) is None, "a build that differs asks for the whole model"
+
+
+def test_a_saved_version_0_from_another_run_is_set_aside(tmp_path):
+    """A state-dir keeps version 0 of an earlier run (stopped in its round 1): a new run's
+    version 0 has another checksum, so the node builds this run's starting model instead."""
+    from clients.app import receive_global
+    from fedtune.client_state import arrays_sha256, read_global_copy, write_global_copy
+
+    start, stale = {"a": np.zeros(2, np.float32)}, {"a": np.full(2, 7, np.float32)}
+    folder = tmp_path / "client-0"
+    write_global_copy(folder, stale, 0)
+    context = Context(run_id=2, node_id=5, node_config={"partition-id": 0, "state-dir": str(tmp_path)}, state=RecordDict(), run_config={})
+    msg = Message(RecordDict({protocol.ARRAYS: record_of({}), protocol.CONFIG: ConfigRecord(
+        {protocol.BASE_VERSION: 0, protocol.MODEL_VERSION: 0, protocol.INITIAL_SHA256: arrays_sha256(start)})}), dst_node_id=5, message_type=MessageType.TRAIN)
+    got = receive_global(msg, context, lambda: dict(start))
+    np.testing.assert_array_equal(got["a"], start["a"])
+    np.testing.assert_array_equal(read_global_copy(folder)[0]["a"], start["a"])
+    write_global_copy(folder, stale, 0)
+    assert receive_global(msg, context, None) is None, "with nothing to build from, it asks for the whole model"
 
 
 def test_balanced_softmax_is_cross_entropy_on_prior_adjusted_logits_over_present_classes():

@@ -103,7 +103,9 @@ def test_a_run_in_which_no_client_can_train_exits_non_zero(tmp_path):
 
 def test_killed_simulation_resumes_to_the_same_result(tmp_path):
     """A run killed (SIGKILL, Ray and all) after round 2 of 4 resumes from its checkpoint, loses
-    no completed round, and ends exactly where the uninterrupted run ends."""
+    no completed round, and ends exactly where the uninterrupted run ends: the personal heads of
+    the rounds after the resume are built from the federation's statistics as before it. A run
+    stopped before its final evaluation does that evaluation on --resume."""
     import os
     import signal
     import subprocess
@@ -115,7 +117,8 @@ def test_killed_simulation_resumes_to_the_same_result(tmp_path):
 
     from fedtune.model import read_state
 
-    data = {**TINY_RUN, "federation": {"num_clients": 3, "rounds": 4}, "method": {"name": "alast", "alast": {"k": 2, "memory_fraction": None, "reselect": "round"}}}
+    data = {**TINY_RUN, "federation": {"num_clients": 3, "rounds": 4, "personalization": "lda"},
+            "method": {"name": "alast", "alast": {"k": 2, "memory_fraction": None, "reselect": "round"}}}
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(data))
     whole, killed = tmp_path / "whole", tmp_path / "killed"
@@ -149,6 +152,18 @@ def test_killed_simulation_resumes_to_the_same_result(tmp_path):
     after = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in after] == [0, 1, 2, 3, 4]
     assert after[: done + 1] == before[: done + 1]  # completed rounds kept as they were
+    each = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("accuracy_personalized") for r in after] == [r.get("accuracy_personalized") for r in each]
+    # every evaluated round's statistics count as bytes up, not only the head fit's
+    assert all(r["bytes_up_head_stats"] > 0 for r in each[1:]) and b["bytes_up_total"] == a["bytes_up_total"]
+    assert a["bytes_up_total"] == sum(r["bytes_up"] + r.get("bytes_up_head_stats", 0) for r in each)
+    final = (killed / "final_evaluation.json").read_text()
+    (killed / "final_evaluation.json").unlink()
+    (killed / "summary.json").unlink()
+    subprocess.run(_simulate_cmd(config, killed, "--resume"), check=True, capture_output=True, timeout=600)
+    again = json.loads((killed / "summary.json").read_text())
+    assert again["accuracy_personalized"] == a["accuracy_personalized"] and again["clients"] == a["clients"]
+    assert json.loads((killed / "final_evaluation.json").read_text())["client_evaluations"] == json.loads(final)["client_evaluations"]
     wa, wb = read_state(whole / "checkpoint.safetensors")[0], read_state(ckpt)[0]
     assert set(wa) == set(wb)
     for k in wa:

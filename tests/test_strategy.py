@@ -202,6 +202,9 @@ def test_weighting_by_updates_falls_back_to_examples() -> None:
         (lambda: reply(9, arrays(a=[1.0, 1.0]), num_examples=0), "non-positive 'num-examples'"),
         (lambda: reply(9, None), "missing ArrayRecord 'arrays'"),
         (lambda: error_reply(9), "error reply"),
+        (lambda: reply(9, ArrayRecord({"a": Array(dtype="float32", shape=(2,), stype="numpy.ndarray", data=b"")})), "cannot decode parameter 'a'"),
+        (lambda: reply(9, arrays(a=[1.0, 1.0]), **{"task-ids": 0}), "'task-ids' is not a list"),
+        (lambda: reply(9, arrays(a=[1.0, 1.0]), **{"partition-id": 2.5}), "'partition-id' is not a whole number"),
     ],
     ids=[
         "nan",
@@ -213,6 +216,9 @@ def test_weighting_by_updates_falls_back_to_examples() -> None:
         "zero-examples",
         "no-arrays",
         "error-reply",
+        "undecodable-bytes",
+        "task-ids-not-a-list",
+        "fractional-partition-id",
     ],
 )
 def test_bad_reply_is_rejected_and_the_rest_aggregated(make_bad, reason: str) -> None:
@@ -423,12 +429,14 @@ def test_head_statistics_are_requested_in_the_last_round_and_summed() -> None:
         msg.content[protocol.HEAD_STATS] = ArrayRecord({f"digit.{k}": Array(v) for k, v in parts.items()})
         return msg
 
-    strategy.aggregate_evaluate(3, [stats_reply(1, slice(0, 12)), stats_reply(2, slice(12, 30)), stats_reply(3, slice(0, 30), bad=True)])
+    undecodable = stats_reply(4, slice(0, 30))
+    undecodable.content[protocol.HEAD_STATS]["digit.count"] = Array(dtype="float64", shape=(3,), stype="numpy.ndarray", data=b"")
+    strategy.aggregate_evaluate(3, [stats_reply(1, slice(0, 12)), stats_reply(2, slice(12, 30)), stats_reply(3, slice(0, 30), bad=True), undecodable])
     whole = class_stats(feats, labels, 3)
     assert set(strategy.head_stats) == {"digit"}
     for k, v in whole.items():
         np.testing.assert_allclose(strategy.head_stats["digit"][k], v, rtol=1e-12, err_msg=k)
-    assert strategy.head_stats_bytes == 2 * sum(v.nbytes for v in whole.values()), "the corrupt reply is left out"
+    assert strategy.head_stats_bytes == 2 * sum(v.nbytes for v in whole.values()), "the corrupt and the undecodable replies are left out"
 
 
 def test_discriminant_head_equals_scikit_learn_lda() -> None:

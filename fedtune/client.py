@@ -6,12 +6,15 @@ measured metrics. The Flower apps in clients/ and server/ only turn Messages int
 
 Each client's personalized model follows `federation.personalization`:
 
-- fedrod: besides the global head (aggregated), the client trains a personal head of its
-  own on the same features (detached), kept in its state and never sent, that predicts alone
-  (FedRoD-style: FedRoD's personalized predictor is the generic head's logits plus the
-  personal head's, the personal head trained on that sum); with
-  `federation.balanced_loss` the shared model trains with balanced softmax, as FedRoD's
-  generic model does;
+- fedrod: besides the global (generic) head, aggregated, the client trains a personal head
+  of its own, kept in its state and never sent; the personalized prediction is the generic
+  head's logits plus the personal head's, and the personal head trains on that sum with the
+  generic logits and the features detached (it starts at zero: the personalized model starts
+  as the global one). With `federation.balanced_loss` the shared model trains with balanced
+  softmax, as FedRoD's generic model does (FedRoD, Chen & Chao 2022);
+- local_head: a personal linear head trained beside the global one on the same detached
+  features, started from the global head and predicting alone (a local linear probe that
+  follows the federation's features; fedtune's `fedrod` before it added the generic logits);
 - fedper: the task head itself is personal: trained with the body, never sent (FedPer);
 - fedrep: the task head is personal and trains first each round (`federation.rep_head_epochs`,
   body fixed), then the body trains with the head fixed (FedRep);
@@ -72,22 +75,30 @@ from .trainer import Trainer, balanced_softmax_adjustment
 
 
 class PersonalHeadTrainer(Trainer):
-    """Trainer that also fits the client's personal head on the detached features (FedRoD)."""
+    """Trainer that also fits the client's personal head on the detached features: on its own
+    (local_head) or, when `additive`, added to the generic head's detached logits (FedRoD)."""
 
-    def __init__(self, *args, personal_head: nn.Linear | None = None, **kwargs):
+    def __init__(self, *args, personal_head: nn.Linear | None = None, additive: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.personal_head = personal_head
+        self.additive = additive
         if personal_head is not None:
             self.optimizer.add_param_group({"params": list(personal_head.parameters()), "lr": self.head_lr})
             self._base_lrs.append(self.head_lr)
 
     def heads_to_fit(self) -> list[nn.Linear]:
-        return super().heads_to_fit() + ([self.personal_head] if self.personal_head is not None else [])
+        # an additive head is fitted to what the generic head leaves, not refitted on its own
+        own = self.personal_head is not None and not self.additive
+        return super().heads_to_fit() + ([self.personal_head] if own else [])
 
     def extra_loss(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
         if self.personal_head is None:
             return None
-        return F.cross_entropy(self.personal_head(feats.detach()), labels)
+        feats = feats.detach()
+        logits = self.personal_head(feats)
+        if self.additive:
+            logits = logits + self.model.forward_head(feats, self.task).detach()
+        return F.cross_entropy(logits, labels)
 
 
 class ProximalTrainer(Trainer):
@@ -134,7 +145,7 @@ class ClientRuntime:
         for task in self.tasks:
             self.model.check_task(task)
         dim = self.model.vit.embed_dim
-        self.personal_heads = {t: nn.Linear(dim, self.model.heads[t].out_features) for t in self.tasks} if cfg.federation.personalization == "fedrod" else {}
+        self.personal_heads = {t: nn.Linear(dim, self.model.heads[t].out_features) for t in self.tasks} if cfg.federation.personalization in ("fedrod", "local_head") else {}
         self.personal_prefixes = cfg.federation.personal_prefixes()
 
     def _load(self, global_arrays: dict[str, np.ndarray], state: ClientState) -> None:
@@ -143,8 +154,14 @@ class ClientRuntime:
         if personal:
             load_numpy_state(self.model, personal, "client state")
         for task, head in self.personal_heads.items():
-            # start the personal head from the global one
-            head.load_state_dict(personal_head(state.personal, task) or self.model.heads[task].state_dict())
+            saved = personal_head(state.personal, task)
+            if saved:
+                head.load_state_dict(saved)
+            elif self.cfg.federation.personalization == "fedrod":  # added to the generic logits: zero changes nothing
+                nn.init.zeros_(head.weight)
+                nn.init.zeros_(head.bias)
+            else:  # local_head: start from the global head
+                head.load_state_dict(self.model.heads[task].state_dict())
 
     def fit(self, global_arrays: dict[str, np.ndarray], state: ClientState, importance: list[float] | None = None, server_round: int = 0) -> tuple[dict[str, np.ndarray], dict[str, int], TrainMetrics, ClientState]:
         """Train one round on each of the client's tasks; return (update, update counts, metrics, new state)."""
@@ -171,7 +188,8 @@ class ClientRuntime:
                 Trainer(self.model, head_only, replace(tcfg, epochs=cfg.federation.rep_head_epochs), task).train(self.train_set.for_task(task))
             if cfg.federation.personalization in ("fedrep", "fedbabu"):
                 method = HeadFixed(method)
-            trainer = PersonalHeadTrainer(self.model, method, tcfg, task, personal_head=self.personal_heads.get(task))
+            trainer = PersonalHeadTrainer(self.model, method, tcfg, task, personal_head=self.personal_heads.get(task),
+                                          additive=self.cfg.federation.personalization == "fedrod")
             data = self.train_set.for_task(task)
             if cfg.federation.attack.kind == "label_flip" and self.partition_id in cfg.federation.attack.clients:
                 data = flipped_labels(data, task)
@@ -295,13 +313,16 @@ class ClientRuntime:
                     weight, bias = personal_lda_head(own, (fed_stats or {}).get(task), fed.lda_shrink)
                     out.per_task_personal[task] = _accuracy(feats @ weight.T + bias, labels)
                     new_heads.update({f"{PERSONAL_HEAD}{task}.weight": weight.numpy(), f"{PERSONAL_HEAD}{task}.bias": bias.numpy()})
-        if mode in ("fedrod", "fedper", "fedrep", "local"):
+        if mode in ("fedrod", "local_head", "fedper", "fedrep", "local"):
             self._load(global_arrays, state)
             personal = bool(personal_params(state.personal))
             for task in self.tasks:
                 feats, labels = extract_features(self.model, sets[task], task, 256, plan) if personal else global_feats[task]
                 head = self.personal_heads.get(task)
-                out.per_task_personal[task] = _accuracy(head(feats) if head is not None else self.model.forward_head(feats, task), labels)
+                logits = self.model.forward_head(feats, task)
+                if head is not None:
+                    logits = logits + head(feats) if mode == "fedrod" else head(feats)
+                out.per_task_personal[task] = _accuracy(logits, labels)
         elif mode == "ditto":
             own = personal_model(state.personal)
             if own:  # else the client has not trained yet: its own model would start from the global one

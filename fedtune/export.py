@@ -151,8 +151,11 @@ def export_run(run_dir: str | Path, task: str | None, out: str | Path, client: i
             head = copy.deepcopy(model.heads[task])
         saved = personal_head(personal, task)
         if saved:
+            if cfg.federation.personalization == "fedrod":  # generic logits plus personal ones: one linear head
+                generic = head.state_dict()
+                saved = {k: generic[k] + torch.as_tensor(v, dtype=generic[k].dtype) for k, v in saved.items()}
             head.load_state_dict(saved)
-        elif cfg.federation.personalization in ("fedrod", "lda"):
+        elif cfg.federation.personalization in ("fedrod", "local_head", "lda"):
             raise ConfigError(f"client {client} has no personal head for task {task!r} (its tasks: {personal_head_tasks(personal)})")
         elif cfg.federation.personalization in ("finetune", "fedbabu") and not params:
             raise ConfigError(f"client {client}: personalization {cfg.federation.personalization} fine-tunes the global model in the final evaluation and keeps "

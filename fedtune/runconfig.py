@@ -78,7 +78,7 @@ class FederationConfig:
     dp_stats_feature_clip: float | None = None  # DP with head_fit: lda: each feature vector in a client's statistics scaled down to this L2 norm (needed then)
     dp_stats_max_examples: int = 256  # DP with head_fit: lda: at most this many of a client's training examples (a seeded sample) enter its statistics
     personal: list[str] = field(default_factory=list)  # parameter-name prefixes that never leave a client
-    personalization: Literal["fedrod", "fedper", "fedrep", "fedbabu", "ditto", "lda", "finetune", "local", "none"] = "fedrod"  # how each client's personalized model is made (see fedtune.client)
+    personalization: Literal["local_head", "fedrod", "fedper", "fedrep", "fedbabu", "ditto", "lda", "finetune", "local", "none"] = "local_head"  # how each client's personalized model is made (see fedtune.client)
     balanced_loss: bool = False  # the shared model trains with balanced softmax (the client's log class priors added to the logits in its loss, as FedRoD trains its generic model), so label-skewed clients pull the global head the same way
     lda_shrink: float = 1.0  # lda: pseudo-examples of the federation's class mean added to each of the client's class means
     finetune_epochs: int = 1  # finetune, fedbabu: local epochs on the global model in the final evaluation
@@ -108,10 +108,10 @@ class FederationConfig:
             raise ConfigError(f"{prefix}personalization: {self.personalization} fine-tunes the final global model in the final evaluation; set final_evaluation: true")
         if self.personalization == "fedbabu" and self.dp_noise_multiplier and self.send == "all":
             raise ConfigError(f"{prefix}personalization: fedbabu with dp_noise_multiplier and send: all: the server's noise would move the task head FedBABU holds fixed; use send: updated")
-        if self.new_clients and self.personalization in ("fedrod", "fedper", "fedrep", "ditto", "local"):
+        if self.new_clients and self.personalization in ("fedrod", "local_head", "fedper", "fedrep", "ditto", "local"):
             raise ConfigError(f"{prefix}new_clients: a new client never trains, so it has no {self.personalization} personal model; use personalization lda, finetune, fedbabu or none")
         if self.balanced_loss and any("heads.".startswith(p) or p.startswith("heads.") for p in self.personal_prefixes()):
-            raise ConfigError(f"{prefix}balanced_loss: the task head is personal here (personalization {self.personalization}, personal {self.personal}) and fits the client's own labels; balanced_loss is for a shared head (fedrod, fedbabu, lda, finetune, none)")
+            raise ConfigError(f"{prefix}balanced_loss: the task head is personal here (personalization {self.personalization}, personal {self.personal}) and fits the client's own labels; balanced_loss is for a shared head (fedrod, local_head, fedbabu, lda, finetune, none)")
         if self.clients_per_round is not None and not 1 <= self.clients_per_round <= self.num_clients:
             raise ConfigError(f"{prefix}clients_per_round: must be in 1..num_clients ({self.num_clients}), got {self.clients_per_round}")
         if not 1 <= self.rounds <= MAX_ROUNDS:

@@ -203,7 +203,7 @@ def test_pfl_ceiling_trains_outside_the_pool_and_scores_every_client(tmp_path, c
     model = global_model(cfg).eval()
     got, probe = pfl_ceiling.score(cfg, lambda x: model.forward_features(x)[0]), head_fit_reference(cfg)
     for key in ("accuracy_personalized", "accuracy_personalized_worst10", "accuracy_global_local", "personalized_at_least_global_fraction"):
-        assert got[key] == pytest.approx(probe[key], abs=1e-9), key
+        assert got[key] == pytest.approx(probe[key], abs=1e-6), key  # float32 means against exact ratios
 
     out = tmp_path / "ceiling"
     pfl_ceiling.main(["--backbone", "cnn", "--epochs", "1", "--seeds", "2", "--out", str(out), *[a for s in sets for a in ("--set", s)]])

@@ -55,6 +55,23 @@ def test_dense_export_round_trip(tmp_path):
     assert summary["onnx_max_abs_diff"] <= 1e-5 and summary["inference_flops_per_image"] > 0
 
 
+def test_a_fedrod_clients_export_adds_its_head_to_the_generic_one(tmp_path):
+    """FedRoD predicts with the generic logits plus the personal ones: the export folds the two
+    linear heads into one."""
+    run, cfg, glob, state = make_run(tmp_path, federation={"num_clients": 4, "rounds": 2, "personalization": "fedrod"})
+    export_run(run, None, tmp_path / "export", client=0)
+    module, _ = load_exported(tmp_path / "export")
+    rt = ClientRuntime(cfg, 0)
+    rt._load(glob, state)
+    rt.model.eval()
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        feats, _ = rt.model.forward_features(x, task="digit")
+        expected = rt.model.forward_head(feats, "digit") + rt.personal_heads["digit"](feats)
+        assert not torch.allclose(expected, rt.personal_heads["digit"](feats), atol=1e-3)
+        torch.testing.assert_close(torch.from_numpy(module(x)), expected, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("mode", ["ditto", "fedper"])
 def test_client_export_is_the_clients_own_model(tmp_path, mode):
     """A Ditto client's export is its own whole model; a FedPer client's, the global body with its own head."""

@@ -5,6 +5,7 @@ from unittest.mock import Mock
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -16,6 +17,7 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.supercore.task_identity import TaskIdentity
+from torch import nn
 
 from fedtune import protocol
 from fedtune.client import ClientRuntime, personal_lda_head
@@ -105,7 +107,7 @@ def test_a_protocol_without_local_tests_is_refused():
         tiny_run(partition={"scheme": "dirichlet", "alpha": 0.3, "local_test_fraction": 0.0, "pool": True})
 
 
-@pytest.mark.parametrize("mode", ["lda", "fedper", "fedrep", "fedbabu", "ditto", "local", "finetune", "none"])
+@pytest.mark.parametrize("mode", ["lda", "fedrod", "local_head", "fedper", "fedrep", "fedbabu", "ditto", "local", "finetune", "none"])
 def test_each_personalization_reports_what_it_promises(mode):
     cfg = tiny_run(federation={"num_clients": 4, "rounds": 2, "personalization": mode})
     rt = ClientRuntime(cfg, partition_id=1)
@@ -147,6 +149,46 @@ def test_each_personalization_reports_what_it_promises(mode):
         assert rt.evaluate(glob, state)[0].accuracy_personal is None, "fine-tuning runs in the final evaluation only"
         # the shared model is left holding the global parameters
         assert all(np.array_equal(v, glob[k]) for k, v in state_to_numpy(rt.model).items())
+
+
+def test_fedrod_adds_the_personal_logits_to_the_generic_ones_and_trains_on_the_sum():
+    """FedRoD: the personal head starts at zero (the personalized model is the global one),
+    trains on the generic head's detached logits plus its own, and predicts with the sum;
+    local_head starts from the global head and predicts alone."""
+    from fedtune.client import PersonalHeadTrainer
+    from fedtune.engine import full_plan
+    from fedtune.heads import extract_features
+
+    cfg = tiny_run(federation={"num_clients": 4, "personalization": "fedrod"})
+    rt = ClientRuntime(cfg, partition_id=1)
+    glob = state_to_numpy(global_model(cfg))
+    rt._load(glob, ClientState())
+    head = rt.personal_heads["digit"]
+    assert torch.all(head.weight == 0) and torch.all(head.bias == 0)
+    start = rt.evaluate(glob, ClientState())[0]
+    assert start.accuracy_personal == start.accuracy_global, "a zero personal head adds nothing"
+    # the loss it trains on: cross-entropy of the generic head's detached logits plus its own
+    nn.init.normal_(head.weight, std=0.1)
+    feats = torch.randn(6, rt.model.vit.embed_dim, requires_grad=True)
+    labels = torch.arange(6) % 10
+    probe = PersonalHeadTrainer.__new__(PersonalHeadTrainer)  # its loss alone, without an optimizer
+    probe.personal_head, probe.additive, probe.model, probe.task = head, True, rt.model, "digit"
+    loss = probe.extra_loss(feats, labels)
+    expected = F.cross_entropy(rt.model.forward_head(feats, "digit").detach() + head(feats.detach()), labels)
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert feats.grad is None and rt.model.heads["digit"].weight.grad is None, "neither the features nor the generic head learn from it"
+    assert head.weight.grad is not None
+    _, _, _, state = rt.fit(glob, ClientState())
+    ev = rt.evaluate(glob, state)[0]
+    rt._load(glob, state)
+    x, y = extract_features(rt.model, rt.test_set.for_task("digit"), "digit", 256, full_plan(rt.model.depth))
+    summed = ((rt.model.forward_head(x, "digit") + rt.personal_heads["digit"](x)).argmax(-1) == y).float().mean()
+    assert ev.accuracy_personal == pytest.approx(float(summed))
+    # local_head: from the global head, predicting alone
+    lh = ClientRuntime(tiny_run(federation={"num_clients": 4, "personalization": "local_head"}), partition_id=1)
+    lh._load(glob, ClientState())
+    torch.testing.assert_close(lh.personal_heads["digit"].weight, lh.model.heads["digit"].weight)
 
 
 def test_ditto_trains_the_clients_own_model_with_the_pull_to_the_global_one(monkeypatch):

@@ -398,6 +398,9 @@ class ServerRunner:
         for r in rounds:
             for e in r.get("client_evaluations", []):
                 per_client[int(e.get("partition_id", -1))] = {"accuracy_global": e.get("accuracy_global"), "accuracy_personalized": e.get("accuracy_personal"), "round": r["round"], "num_examples": e.get("num_examples")}
+        for e in (self.final or {}).get("client_evaluations", []):  # the final evaluation is each client's latest (round: "final")
+            if not e.get("new"):
+                per_client[int(e.get("partition_id", -1))] = {"accuracy_global": e.get("accuracy_global"), "accuracy_personalized": e.get("accuracy_personal"), "round": "final", "num_examples": e.get("num_examples")}
         peak = max([r.get("rss_bytes_with_workers", 0) for r in self.rounds] + [rss_bytes()[1]])
         times = [r["elapsed_s"] for r in rounds if "elapsed_s" in r]
         summary = {

@@ -217,6 +217,10 @@ def test_protocol_run_with_sparse_downlink_lost_copy_and_a_new_client(tmp_path):
     assert rounds[2]["accepted"] == 3 and "error" not in summary
     assert [c["partition_id"] for c in summary["clients"]] == [0, 1, 2]
     assert [c["partition_id"] for c in summary["new_clients"]["clients"]] == [3]
+    for c in summary["clients"]:  # each client's latest numbers are the final evaluation's
+        latest = summary["accuracy_per_client"][str(c["partition_id"])]
+        assert latest["round"] == "final" and latest["accuracy_personalized"] == c["accuracy_personalized"]
+    assert "3" not in summary["accuracy_per_client"], "a new client is reported under new_clients"
     for key in ("accuracy_personalized", "accuracy_global_local", "bytes_up_total", "bytes_down_total", "bytes_up_full_fedavg", "bytes_down_full_fedavg"):
         assert summary[key] is not None, key
     assert summary["clients_evaluated_in"] == "final evaluation"

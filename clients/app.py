@@ -32,6 +32,7 @@ from fedtune.client_state import (
     write_global_copy,
 )
 from fedtune.errors import ConfigError
+from fedtune.heads import split_stats
 from fedtune.profiles import AUTO
 from fedtune.runconfig import RunConfig, load_run_config
 
@@ -137,12 +138,9 @@ def need_full_model(msg: Message) -> Message:
 
 def _fed_stats(msg: Message) -> dict[str, dict[str, np.ndarray]]:
     """The federation's feature statistics sent with an evaluate instruction, per task."""
-    out: dict[str, dict[str, np.ndarray]] = {}
-    if protocol.FED_STATS in msg.content.array_records:
-        for key, value in arrays_to_numpy(msg.content.array_records[protocol.FED_STATS]).items():
-            task, _, part = key.rpartition(".")
-            out.setdefault(task, {})[part] = value.astype(np.float64)
-    return out
+    if protocol.FED_STATS not in msg.content.array_records:
+        return {}
+    return split_stats({k: v.astype(np.float64) for k, v in arrays_to_numpy(msg.content.array_records[protocol.FED_STATS]).items()})
 
 
 def node_profile(context: Context, simulated: bool) -> str | None:

@@ -307,8 +307,7 @@ class ClientRuntime:
                 train_feats, train_labels = extract_features(self.model, self.train_set, task, 256, plan)
                 own = class_stats(train_feats, train_labels, self.model.heads[task].out_features)
                 if want_stats:
-                    sent = self._stats_to_send(task, train_feats, train_labels) if self.cfg.federation.dp_noise_multiplier else own
-                    stats.update({f"{task}.{k}": v for k, v in sent.items()})
+                    stats.update({f"{task}.{k}": v for k, v in self._stats_to_send(task, train_feats, train_labels).items()})
                 if mode == "lda":
                     weight, bias = personal_lda_head(own, (fed_stats or {}).get(task), fed.lda_shrink)
                     out.per_task_personal[task] = _accuracy(feats @ weight.T + bias, labels)

@@ -153,7 +153,7 @@ def export_run(run_dir: str | Path, task: str | None, out: str | Path, client: i
         if saved:
             if cfg.federation.personalization == "fedrod":  # generic logits plus personal ones: one linear head
                 generic = head.state_dict()
-                saved = {k: generic[k] + torch.as_tensor(v, dtype=generic[k].dtype) for k, v in saved.items()}
+                saved = {k: generic[k] + v.to(generic[k].dtype) for k, v in saved.items()}
             head.load_state_dict(saved)
         elif cfg.federation.personalization in ("fedrod", "local_head", "lda"):
             raise ConfigError(f"client {client} has no personal head for task {task!r} (its tasks: {personal_head_tasks(personal)})")

@@ -63,6 +63,20 @@ def set_head(head: nn.Linear, weight: torch.Tensor, bias: torch.Tensor) -> None:
     head.bias.copy_(bias)
 
 
+def split_stats(flat: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    """Statistics as they travel and are saved, {"TASK.PART": array}, per task: {TASK: {PART: array}}."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in flat.items():
+        task, _, part = key.rpartition(".")
+        out.setdefault(task, {})[part] = value
+    return out
+
+
+def join_stats(stats: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The inverse of `split_stats`."""
+    return {f"{task}.{part}": value for task, parts in stats.items() for part, value in parts.items()}
+
+
 @torch.no_grad()
 def class_stats(feats: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, np.ndarray]:
     """Sufficient statistics of features per class, in float64: counts [C], sums [C, d] and the

@@ -11,6 +11,7 @@ import numpy as np
 from .client import ClientRuntime
 from .client_state import ClientState
 from .federated import federated_data, global_model, state_to_numpy
+from .heads import split_stats
 from .report import protocol_numbers
 from .runconfig import RunConfig
 
@@ -51,10 +52,10 @@ def head_fit_reference(cfg: RunConfig, progress: Callable[[str], None] | None = 
     totals: dict[str, dict[str, np.ndarray]] = {}
     runtimes = [ClientRuntime(cfg, pid) for pid in range(cfg.federation.num_clients)]
     for n, rt in enumerate(runtimes, 1):
-        for key, value in rt.head_stats(arrays, ClientState()).items():
-            task, _, part = key.rpartition(".")
+        for task, client_parts in split_stats(rt.head_stats(arrays, ClientState())).items():
             parts = totals.setdefault(task, {})
-            parts[part] = parts[part] + value if part in parts else value.copy()
+            for part, value in client_parts.items():
+                parts[part] = parts[part] + value if part in parts else value.copy()
         say(f"client {n}/{len(runtimes)} class statistics")
     split, _ = federated_data(cfg)
     per_task, examples = {}, {}

@@ -28,10 +28,12 @@ from fedtune.heads import (
     class_moments,
     discriminant,
     evaluate,
+    join_stats,
     lda_head,
     nearest_psd,
     privatize_stats,
     set_head,
+    split_stats,
 )
 from fedtune.lora import is_lora_name
 from fedtune.model import checkpoint_meta, model_meta, read_state, save_checkpoint
@@ -91,7 +93,7 @@ class ServerRunner:
         meta = model_meta(self.cfg.model, {t: int(self.model.heads[t].out_features) for t in self.tasks},
                           run=to_dict(self.cfg), round=server_round, strategy=strategy.state_dict(), method=self.cfg.method.name)
         if strategy.fed_stats:  # written first: a crash between the two leaves it newer, and a resume sets it aside
-            save_checkpoint(self.out / FED_STATS, {f"{t}.{p}": torch.from_numpy(np.ascontiguousarray(v)) for t, parts in strategy.fed_stats.items() for p, v in parts.items()},
+            save_checkpoint(self.out / FED_STATS, {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in join_stats(strategy.fed_stats).items()},
                             {"round": server_round})
         save_checkpoint(self._checkpoint_path(), state, meta)
 
@@ -111,11 +113,7 @@ class ServerRunner:
         if written > self.done_rounds:
             log(30, "resume: %s is from round %d, after the checkpoint's %d: set aside", path, written, self.done_rounds)
             return {}
-        stats: dict[str, dict[str, np.ndarray]] = {}
-        for key, value in state.items():
-            task, _, part = key.rpartition(".")
-            stats.setdefault(task, {})[part] = value.numpy()
-        return stats
+        return split_stats({k: v.numpy() for k, v in state.items()})
 
     def load_checkpoint(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         path = self._checkpoint_path()

@@ -32,7 +32,7 @@ from flwr.supercore import log
 
 from fedtune import protocol
 from fedtune.errors import CheckpointError, ConfigError
-from fedtune.heads import StatsSum
+from fedtune.heads import StatsSum, join_stats
 
 from .downlink import FULL, Downlink
 
@@ -238,7 +238,7 @@ class SparseFedAvg(FedAvg):
         self._records[message_type] = record
         extra: dict[str, Array] = {}
         if message_type == MessageType.EVALUATE and self.fed_stats:
-            extra = {f"{task}.{part}": Array(np.asarray(v, dtype=np.float32)) for task, parts in self.fed_stats.items() for part, v in parts.items()}
+            extra = {k: Array(np.asarray(v, dtype=np.float32)) for k, v in join_stats(self.fed_stats).items()}
         messages = []
         for node_id in node_ids:
             arrays, base = self.downlink.payload(node_id, record[protocol.ARRAYS])
@@ -328,12 +328,9 @@ class SparseFedAvg(FedAvg):
         for key, array in record.items():
             task, _, part = key.rpartition(".")
             try:
-                value = array.numpy()
-                if not isinstance(value, np.ndarray):
-                    raise TypeError(f"decodes to {type(value).__name__}, not an array")
-                stats.setdefault(task, {})[part] = np.asarray(value, dtype=np.float64)
-            except Exception as err:  # a client's bytes: anything may fail to decode
-                log(WARNING, "head statistics from node %s left out: cannot decode %r: %s: %s", node_id, key, type(err).__name__, err)
+                stats.setdefault(task, {})[part] = np.asarray(_decoded(array), dtype=np.float64)
+            except ValueError as err:
+                log(WARNING, "head statistics from node %s left out: cannot decode %r: %s", node_id, key, err)
                 return
         for problem in self._stats.add(stats):
             log(WARNING, "head statistics from node %s left out: %s", node_id, problem)
@@ -480,11 +477,9 @@ class SparseFedAvg(FedAvg):
         personal: list[str] = []
         for name, array in record.items():
             try:
-                value = array.numpy()
-            except Exception as err:  # a client's bytes: empty, truncated, another format
-                raise _Rejected(f"cannot decode parameter {name!r}: {type(err).__name__}: {err}") from err
-            if not isinstance(value, np.ndarray):
-                raise _Rejected(f"parameter {name!r} does not decode to an array (got {type(value).__name__})")
+                value = _decoded(array)
+            except ValueError as err:
+                raise _Rejected(f"cannot decode parameter {name!r}: {err}") from err
             nbytes += value.nbytes
             if self.is_personal(name):
                 personal.append(name)
@@ -802,6 +797,18 @@ class SparseFedAvg(FedAvg):
         self.global_importance = None if importance is None else [float(v) for v in importance]
         for key in counters:
             setattr(self, key, state[key])
+
+
+def _decoded(array: Array) -> np.ndarray:
+    """A client's array as numpy; ValueError (naming what failed) when its bytes do not decode
+    to an array (empty, truncated, another format)."""
+    try:
+        value = array.numpy()
+    except Exception as err:  # numpy's loaders raise many types on bad bytes
+        raise ValueError(f"{type(err).__name__}: {err}") from err
+    if not isinstance(value, np.ndarray):
+        raise ValueError(f"decodes to {type(value).__name__}, not an array")
+    return value
 
 
 class _Sampled:

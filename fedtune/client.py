@@ -292,7 +292,9 @@ class ClientRuntime:
         and, when the evaluation built a personal head, the state that keeps it (else None)."""
         fed = self.cfg.federation
         mode = fed.personalization
-        sets = {t: self.test_set.for_task(t) if self.test_set.count(t) else self.train_set.for_task(t) for t in self.tasks}
+        # a task without a local test example is not measured (its head is still built, and its
+        # statistics still sent); a client with none reports num-examples 0 and no accuracy
+        sets = {t: self.test_set.for_task(t) for t in self.tasks if self.test_set.count(t)}
         out = EvalMetrics(num_examples=sum(len(d) for d in sets.values()), partition_id=self.partition_id)
         load_numpy_state(self.model, global_arrays)
         plan = full_plan(self.model.depth)
@@ -300,9 +302,10 @@ class ClientRuntime:
         new_heads: dict[str, np.ndarray] = {}
         global_feats = {}
         for task in self.tasks:
-            feats, labels = extract_features(self.model, sets[task], task, 256, plan)
-            global_feats[task] = (feats, labels)
-            out.per_task_global[task] = _accuracy(self.model.forward_head(feats, task), labels)
+            if task in sets:
+                feats, labels = extract_features(self.model, sets[task], task, 256, plan)
+                global_feats[task] = (feats, labels)
+                out.per_task_global[task] = _accuracy(self.model.forward_head(feats, task), labels)
             if want_stats or mode == "lda":
                 train_feats, train_labels = extract_features(self.model, self.train_set, task, 256, plan)
                 own = class_stats(train_feats, train_labels, self.model.heads[task].out_features)
@@ -310,12 +313,13 @@ class ClientRuntime:
                     stats.update({f"{task}.{k}": v for k, v in self._stats_to_send(task, train_feats, train_labels).items()})
                 if mode == "lda":
                     weight, bias = personal_lda_head(own, (fed_stats or {}).get(task), fed.lda_shrink)
-                    out.per_task_personal[task] = _accuracy(feats @ weight.T + bias, labels)
+                    if task in sets:
+                        out.per_task_personal[task] = _accuracy(global_feats[task][0] @ weight.T + bias, global_feats[task][1])
                     new_heads.update({f"{PERSONAL_HEAD}{task}.weight": weight.numpy(), f"{PERSONAL_HEAD}{task}.bias": bias.numpy()})
         if mode in ("fedrod", "local_head", "fedper", "fedrep", "local"):
             self._load(global_arrays, state)
             personal = bool(personal_params(state.personal))
-            for task in self.tasks:
+            for task in sets:
                 feats, labels = extract_features(self.model, sets[task], task, 256, plan) if personal else global_feats[task]
                 head = self.personal_heads.get(task)
                 logits = self.model.forward_head(feats, task)
@@ -326,13 +330,15 @@ class ClientRuntime:
             own = personal_model(state.personal)
             if own:  # else the client has not trained yet: its own model would start from the global one
                 load_numpy_state(self.model, own, "client state")
-            for task in self.tasks:
+            for task in sets:
                 feats, labels = extract_features(self.model, sets[task], task, 256, plan) if own else global_feats[task]
                 out.per_task_personal[task] = _accuracy(self.model.forward_head(feats, task), labels)
             load_numpy_state(self.model, global_arrays)
         elif mode in ("finetune", "fedbabu") and final:
             with torch.enable_grad():
                 for i, task in enumerate(self.tasks):
+                    if task not in sets:
+                        continue
                     load_numpy_state(self.model, global_arrays)
                     method = make_method(self.cfg.method, self.model, self.profile, self.cfg.train.batch_size, task, seed=self.cfg.seed + i)
                     tcfg = replace(self.cfg.train, epochs=fed.finetune_epochs, seed=self.cfg.seed * 7919 + self.partition_id * 31 + i)
@@ -340,8 +346,8 @@ class ClientRuntime:
                     feats, labels = extract_features(self.model, sets[task], task, 256, plan)
                     out.per_task_personal[task] = _accuracy(self.model.forward_head(feats, task), labels)
             load_numpy_state(self.model, global_arrays)
-        out.accuracy_global = sum(out.per_task_global.values()) / len(self.tasks)
-        out.accuracy_personal = sum(out.per_task_personal.values()) / len(self.tasks) if out.per_task_personal else None
+        out.accuracy_global = sum(out.per_task_global.values()) / len(sets) if sets else None
+        out.accuracy_personal = sum(out.per_task_personal.values()) / len(sets) if out.per_task_personal else None
         kept = ClientState(personal={**state.personal, **new_heads}, method=state.method) if new_heads and final else None
         return out, stats, kept
 

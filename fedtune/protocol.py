@@ -121,17 +121,20 @@ class TrainMetrics:
 class EvalMetrics:
     """The METRICS record of an evaluate reply, typed: accuracies on the client's local test
     split, of the global model and of the client's personalized one, mean over its tasks and
-    per task (`accuracy-global-<task>`, `accuracy-personal-<task>` on the wire)."""
+    per task (`accuracy-global-<task>`, `accuracy-personal-<task>` on the wire). A client
+    whose local test split is empty reports num-examples 0 and no accuracy."""
 
     num_examples: int = 0
     partition_id: int = -1
-    accuracy_global: float = 0.0
+    accuracy_global: float | None = 0.0  # None: no local test example to measure it on
     accuracy_personal: float | None = None  # None: the client has no personalized model to report
     per_task_global: dict[str, float] = field(default_factory=dict)
     per_task_personal: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {NUM_EXAMPLES: self.num_examples, "partition-id": self.partition_id, "accuracy-global": self.accuracy_global}
+        out: dict[str, Any] = {NUM_EXAMPLES: self.num_examples, "partition-id": self.partition_id}
+        if self.accuracy_global is not None:
+            out["accuracy-global"] = self.accuracy_global
         if self.accuracy_personal is not None:
             out["accuracy-personal"] = self.accuracy_personal
         out.update({f"accuracy-global-{t}": a for t, a in self.per_task_global.items()})
@@ -140,15 +143,20 @@ class EvalMetrics:
 
     @classmethod
     def from_dict(cls, m: Mapping[str, Any]) -> EvalMetrics:
-        """From a reply's metrics; raises KeyError naming a missing required key."""
-        missing = [k for k in (NUM_EXAMPLES, "accuracy-global") if k not in m]
-        if missing:
-            raise KeyError(f"evaluate reply without {', '.join(missing)}")
-        personal = m.get("accuracy-personal")
+        """From a reply's metrics; raises KeyError naming a missing required key (the global
+        accuracy is required of a reply that measured it on some example)."""
+        if NUM_EXAMPLES not in m:
+            raise KeyError(f"evaluate reply without {NUM_EXAMPLES}")
+        num_examples = _whole(m[NUM_EXAMPLES], NUM_EXAMPLES)
+        if num_examples < 0:
+            raise ValueError(f"{NUM_EXAMPLES} is negative: {num_examples}")
+        if num_examples and "accuracy-global" not in m:
+            raise KeyError("evaluate reply without accuracy-global")
+        glob, personal = m.get("accuracy-global"), m.get("accuracy-personal")
         return cls(
-            num_examples=int(m[NUM_EXAMPLES]),
-            partition_id=int(m.get("partition-id", -1)),
-            accuracy_global=float(m["accuracy-global"]),
+            num_examples=num_examples,
+            partition_id=_whole(m.get("partition-id", -1), "partition-id"),
+            accuracy_global=None if glob is None else float(glob),
             accuracy_personal=None if personal is None else float(personal),
             per_task_global={k.removeprefix("accuracy-global-"): float(v) for k, v in m.items() if k.startswith("accuracy-global-")},
             per_task_personal={k.removeprefix("accuracy-personal-"): float(v) for k, v in m.items() if k.startswith("accuracy-personal-")},

@@ -254,6 +254,34 @@ def test_bad_personalization_configs_are_clear_errors():
         tiny_run(federation={"num_clients": 4, "feed_importance": False}, method={"name": "alast", "alast": {"shared_blocks": True}})
 
 
+def test_a_client_without_local_test_examples_reports_no_accuracy():
+    """Nothing to measure on is not measured on the training data instead: the client reports
+    num-examples 0 and no accuracy (its head is still built and its statistics still sent),
+    and the protocol's numbers are taken over the clients that were measured."""
+    from fedtune.report import protocol_numbers
+
+    cfg = tiny_run(federation={"num_clients": 4, "personalization": "lda"})
+    rt = ClientRuntime(cfg, partition_id=1)
+    glob = state_to_numpy(global_model(cfg))
+    measured = rt.evaluate(glob, ClientState(), want_stats=True, final=True)[0]
+    rt.test_set = rt.test_set.subset(np.zeros(0, dtype=np.int64))
+    ev, stats, kept = rt.evaluate(glob, ClientState(), want_stats=True, final=True)
+    assert (ev.num_examples, ev.accuracy_global, ev.accuracy_personal) == (0, None, None)
+    assert set(stats) == {"digit.count", "digit.sum", "digit.outer"} and kept is not None
+    wire = ev.to_dict()
+    assert "accuracy-global" not in wire and protocol.EvalMetrics.from_dict(wire) == ev
+    with pytest.raises(KeyError, match="accuracy-global"):
+        protocol.EvalMetrics.from_dict({k: v for k, v in measured.to_dict().items() if k != "accuracy-global"})
+    with pytest.raises(ValueError, match="num-examples"):
+        protocol.EvalMetrics.from_dict({**wire, "num-examples": 2.5})
+    numbers = protocol_numbers([{"partition_id": 1, "num_examples": measured.num_examples,
+                                 "accuracy_global": measured.accuracy_global, "accuracy_personal": measured.accuracy_personal},
+                                {"partition_id": 2, "num_examples": 0, "accuracy_global": None, "accuracy_personal": None}])
+    assert numbers["accuracy_personalized"] == measured.accuracy_personal and numbers["accuracy_global_local"] == measured.accuracy_global
+    assert numbers["accuracy_personalized_worst10"] == measured.accuracy_personal and numbers["personalized_at_least_global_fraction"] in (0.0, 1.0)
+    assert [c["partition_id"] for c in numbers["clients"]] == [1, 2]
+
+
 def test_probe_reports_the_protocols_numbers_on_the_starting_model():
     """`fedtune probe` of a pooled lda run: each client's closed-form personal head from its
     own statistics and the federation's, and the fitted global model, on its local test split

@@ -54,7 +54,7 @@ from .client_state import (
     personal_model,
     personal_params,
 )
-from .engine import Plan, full_plan
+from .engine import Plan, dense_plan
 from .errors import ConfigError
 from .federated import (
     client_data,
@@ -297,7 +297,7 @@ class ClientRuntime:
         sets = {t: self.test_set.for_task(t) for t in self.tasks if self.test_set.count(t)}
         out = EvalMetrics(num_examples=sum(len(d) for d in sets.values()), partition_id=self.partition_id)
         load_numpy_state(self.model, global_arrays)
-        plan = full_plan(self.model.depth)
+        plan = dense_plan(self.model)
         stats: dict[str, np.ndarray] = {}
         new_heads: dict[str, np.ndarray] = {}
         global_feats = {}

@@ -417,6 +417,16 @@ def full_plan(depth: int, **kw) -> Plan:
     return Plan(depth=depth, trained=frozenset(range(depth)), train_embed=True, **kw)
 
 
+def dense_plan(model: FedViT) -> Plan:
+    """Every block and every token through the model's own path: what evaluation, the head
+    fits and export run. A model with SHERL's consolidator runs it (its early blocks feed
+    it, the late blocks take its output); any other model is full_plan's."""
+    at = model.consolidate_at
+    if at is None:
+        return full_plan(model.depth)
+    return Plan(depth=model.depth, trained=frozenset(range(at, model.depth)), consolidate_at=at)
+
+
 def check_blocks(blocks: list[int], depth: int, key: str) -> list[int]:
     """`blocks` sorted and unique; a ConfigError naming `key` when one is not a block of a `depth`-block model."""
     for b in blocks:

@@ -6,7 +6,10 @@ folder:
 
 - `model.safetensors`: the weights. A dense model uses plain timm key names
   (the task's head as timm's `head`), so `timm.create_model(name, **config)`
-  loads them; an MoE model keeps only the experts the task's router uses;
+  loads them; an MoE model keeps only the experts the task's router uses; a
+  SHERL model (kind `sherl`) adds its consolidator's weights (`consolidator.*`),
+  which timm's forward has no place for; export.json reports how often an MoE or
+  SHERL export's predictions agree with the run's own model;
 - `config.yaml`: what is needed to rebuild and feed the model (timm name and
   kwargs, classes, normalisation, the source run);
 - `model.onnx`: the model (images -> logits, any batch size) for onnxruntime or any ONNX
@@ -36,7 +39,7 @@ from .client_state import (
     read_client_state,
 )
 from .data import PIXEL_MEAN, PIXEL_STD
-from .engine import full_plan
+from .engine import dense_plan
 from .errors import CheckpointError, ConfigError
 from .lora import has_lora, merge_lora
 from .model import FedViT, checkpoint_meta, read_state, save_checkpoint
@@ -75,15 +78,28 @@ class DenseMoE(nn.Module):
 
 
 class TaskModel(nn.Module):
-    """images -> logits of one task: the backbone, its (MoE-densified) MLPs and one head."""
+    """images -> logits of one task: the backbone, its (MoE-densified) MLPs and one head; a
+    SHERL model's consolidator between its early and late blocks, as it trained."""
 
-    def __init__(self, vit: nn.Module, head: nn.Module):
+    def __init__(self, vit: nn.Module, head: nn.Module, consolidator: nn.Module | None = None):
         super().__init__()
         self.vit = vit
         self.head = head
+        self.consolidator = consolidator
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.vit.forward_head(self.vit.forward_features(images), pre_logits=True))
+        if self.consolidator is None:
+            return self.head(self.vit.forward_head(self.vit.forward_features(images), pre_logits=True))
+        vit, at = self.vit, self.consolidator.num_inputs - 1
+        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
+        early = [x]  # the embedding output, then each early block's
+        for i, blk in enumerate(vit.blocks):
+            if i == at:
+                x = self.consolidator(early)
+            x = blk(x)
+            if i < at:
+                early.append(x)
+        return self.head(vit.forward_head(vit.norm(x), pre_logits=True))
 
 
 def _dense_vit(cfg: Any) -> nn.Module:
@@ -182,7 +198,10 @@ def export_run(run_dir: str | Path, task: str | None, out: str | Path, client: i
         vit = copy.deepcopy(pruned.vit)
         for b in pruned.moe_blocks:
             vit.blocks[b].mlp = DenseMoE(pruned.vit.blocks[b].mlp, task)
-    task_model = TaskModel(vit, head).eval()
+    consolidator = copy.deepcopy(model.consolidator)
+    if consolidator is not None and kind == "dense":
+        kind = "sherl"  # timm's forward has no place for the consolidator: its keys are the export's own
+    task_model = TaskModel(vit, head, consolidator).eval()
     out.mkdir(parents=True, exist_ok=True)
     if kind == "dense":
         state = {k.removeprefix("vit."): v for k, v in task_model.state_dict().items() if k.startswith("vit.")}
@@ -217,15 +236,16 @@ def export_run(run_dir: str | Path, task: str | None, out: str | Path, client: i
         mine = torch.cat([task_model(b).argmax(-1) for b in test_images.split(256)])
     # the exported model on every test image of the task (the run's central test set)
     summary.update(test_images=len(labels), test_accuracy=float((mine == labels).float().mean()))
+    if kind != "dense":
+        with torch.no_grad():
+            theirs = torch.cat([head(model.forward_features(b, dense_plan(model), task)[0]).argmax(-1) for b in test_images.split(256)])
+        summary["agreement_with_run_model"] = float((mine == theirs).float().mean())
+        summary["run_model_test_accuracy"] = float((theirs == labels).float().mean())
     if kind == "moe":
         # the dense ViT of the same shape and its task head: what the MoE export is weighed against
         dense = TaskModel(copy.deepcopy(_dense_vit(cfg)), head).eval()
         summary["dense_bytes"] = sum(v.numel() * v.element_size() for k, v in dense.state_dict().items())
         summary["dense_inference_flops_per_image"] = inference_flops(dense, example[:1])
-        with torch.no_grad():
-            theirs = torch.cat([head(model.forward_features(b, full_plan(model.depth), task)[0]).argmax(-1) for b in test_images.split(256)])
-        summary["agreement_with_run_model"] = float((mine == theirs).float().mean())
-        summary["run_model_test_accuracy"] = float((theirs == labels).float().mean())
     (out / "export.json").write_text(json.dumps(summary, indent=2))
     return summary
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import ImageSet
-from .engine import Plan
+from .engine import Plan, dense_plan
 from .model import FedViT
 
 
@@ -22,7 +22,7 @@ def extract_features(model: FedViT, data: ImageSet, task: str, batch_size: int =
     matmuls in bfloat16 (fast on CPUs with AMX); the features come back in float32."""
     was_training = model.training
     model.eval()
-    plan = Plan(depth=model.depth) if plan is None else plan
+    plan = dense_plan(model) if plan is None else plan
     feats, labels = [], []
     for images, y in data.loader(batch_size, shuffle=False, task=task):
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=autocast):

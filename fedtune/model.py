@@ -89,6 +89,11 @@ class FedViT(nn.Module):
     def num_patches(self) -> int:
         return self.vit.patch_embed.num_patches
 
+    @property
+    def consolidate_at(self) -> int | None:
+        """The block that takes SHERL's consolidated input (None: no consolidator)."""
+        return None if self.consolidator is None else self.consolidator.num_inputs - 1
+
     def check_task(self, task: str | None) -> str:
         if task is None:
             return self.tasks[0]
@@ -104,9 +109,12 @@ class FedViT(nn.Module):
         """Pre-logit features and what the forward observed (an engine.Trace: class-token
         deltas, tokens per block, and for the MoE ViT routing counts and the load-balancing
         loss in `aux_loss`). With a `plan` the engine runs it (trained, frozen and no-grad
-        blocks, dropped or skipped tokens); without one, timm's own forward (every block,
-        every token), which observes nothing. `trace` is filled when given, else a new one."""
+        blocks, dropped or skipped tokens); without one, every block and every token: timm's
+        own forward, which observes nothing, or with SHERL's consolidator the engine's dense
+        path through it. `trace` is filled when given, else a new one."""
         trace = engine.Trace() if trace is None else trace
+        if plan is None and self.consolidator is not None:
+            plan = engine.dense_plan(self)
         if plan is None:
             return self.vit.forward_head(self.vit.forward_features(images), pre_logits=True), trace
         return engine.forward_features(self, images, plan, task, trace=trace), trace

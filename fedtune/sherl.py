@@ -42,7 +42,7 @@ class Consolidator(nn.Module):
         unit = nn.functional.normalize(shallow, dim=-1, eps=1e-8)
         redundancy = (unit @ unit.transpose(-1, -2)).relu().sum(-1, keepdim=True)  # [B, N, L, 1], >= 1
         w = self.score(shallow * guide.unsqueeze(2)).relu() / redundancy
-        return w / (w.abs().sum(dim=2, keepdim=True) + 1e-8)
+        return w / w.abs().sum(dim=2, keepdim=True).clamp_min(1e-8)  # not `+ 1e-8`: the ONNX export loses so small a constant, and 0/0 follows
 
     def forward(self, outputs: list[torch.Tensor]) -> torch.Tensor:
         if len(outputs) != self.num_inputs:

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from fedtune.engine import full_plan
+from fedtune.engine import dense_plan
 from fedtune.errors import ConfigError
 
 from .vit import MoEViT, moe_forward
@@ -60,7 +60,7 @@ def expert_counts(
     counts = {b: torch.zeros(layer.num_experts, dtype=torch.long) for b, layer in model.moe_layers.items()}
     was_training = model.training
     model.eval()
-    plan = full_plan(model.depth)
+    plan = dense_plan(model)
     try:
         for images in _batches(data, batch_size):
             _, stats = moe_forward(model, images, plan, task)

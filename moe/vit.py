@@ -24,8 +24,8 @@ from fedtune.engine import (
     Trace,
     block_forward,
     check_blocks,
+    dense_plan,
     forward_features,
-    full_plan,
     no_scope,
 )
 from fedtune.errors import ConfigError
@@ -85,7 +85,7 @@ class MoEViT(FedViT):
         expert counts (`extra["expert_counts"]`) and the weighted load-balancing loss of the
         MoE blocks that train (`aux_loss`)."""
         trace = Trace() if trace is None else trace
-        feats, stats = moe_features(self, images, full_plan(self.depth) if plan is None else plan, task, trace=trace)
+        feats, stats = moe_features(self, images, dense_plan(self) if plan is None else plan, task, trace=trace)
         trace.extra["expert_counts"] = {b: s.expert_counts for b, s in zip(self.moe_blocks, stats, strict=True)}
         trace.aux_loss = moe_aux_loss(self, stats, plan)
         return feats, trace

@@ -97,6 +97,28 @@ def test_client_export_is_the_clients_own_model(tmp_path, mode):
             export_run(run, None, tmp_path / "export1", client=1)
 
 
+def test_sherl_export_runs_the_trained_consolidator(tmp_path):
+    """A SHERL run trains the consolidator (and the head); the export carries it and predicts
+    as the run's model does through it, not as the backbone alone would."""
+    from fedtune.federated import load_numpy_state
+
+    run, cfg, glob, state = make_run(tmp_path, method={"name": "sherl"})
+    assert any(k.startswith("consolidator.") for k in glob)
+    summary = export_run(run, None, tmp_path / "export")
+    assert summary["kind"] == "sherl" and summary["agreement_with_run_model"] == 1.0
+    module, _ = load_exported(tmp_path / "export")
+    model = global_model(cfg)
+    load_numpy_state(model, glob)
+    model.eval()
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(module(x)), model(x, "digit"), atol=1e-5, rtol=0)
+        without = model.heads["digit"](model.vit.forward_head(model.vit.forward_features(x), pre_logits=True))
+    assert not torch.allclose(torch.from_numpy(module(x)), without, atol=1e-4), "the consolidator is in the export"
+    with pytest.raises(ConfigError, match="not a plain timm model"):
+        load_timm(tmp_path / "export")
+
+
 @pytest.mark.parametrize("shared", [0, 1])
 def test_moe_export_is_smaller_and_predicts_the_same(tmp_path, shared):
     run, cfg, glob, state = make_run(tmp_path, tasks=["digit", "parity"], moe={"num_experts": 4, "top_k": 2, "blocks": [1, 3], "shared_experts": shared}, federation={"num_clients": 4, "client_tasks": [["digit"], ["parity"]]})

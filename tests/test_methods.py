@@ -321,6 +321,32 @@ def test_sherl_late_blocks_train_only_when_asked(tiny_model):
         assert model.consolidator.num_inputs == plan.consolidate_at + 1
 
 
+def test_sherl_models_are_evaluated_and_head_fit_through_their_consolidator(tiny_model, images):
+    """What SHERL trains (the consolidator) is in every dense path: the model's plain forward,
+    extract_features (the evaluations and head fits) and the device's inference plan agree,
+    and differ from the backbone without the consolidator."""
+    from fedtune.engine import dense_plan
+    from fedtune.heads import extract_features
+
+    cfg = method_cfg("sherl")
+    prepare_model(tiny_model, cfg)
+    with torch.no_grad():
+        tiny_model.consolidator.gate.fill_(0.3)
+        for p in tiny_model.consolidator.fc_out.parameters():
+            p.add_(0.5)
+    tiny_model.eval()
+    method = make_method(cfg, tiny_model, None, 4)
+    assert dense_plan(tiny_model).consolidate_at == method.plan().consolidate_at == tiny_model.consolidate_at
+    with torch.no_grad():
+        device = tiny_model.forward_features(images, method.inference_plan(False), "digit")[0]
+        plain = tiny_model.forward_features(images, None, "digit")[0]
+        without = tiny_model.vit.forward_head(tiny_model.vit.forward_features(images), pre_logits=True)
+    torch.testing.assert_close(plain, device)
+    data = ImageSet(images, {"digit": torch.arange(len(images)) % 10}, {"digit": 10})
+    torch.testing.assert_close(extract_features(tiny_model, data, "digit")[0], device)
+    assert (without - device).abs().max() > 1e-3, "the consolidator changes the features"
+
+
 def test_fit_linear_head_matches_scikit_learn_logistic_regression():
     from sklearn.linear_model import LogisticRegression
 

@@ -210,6 +210,7 @@ class Trainer:
         if self.experts:
             plan = replace(plan, experts=self.experts)
         set_trainable(model, plan, self.task)
+        self._drop_frozen_state()
         self._set_lr()
         self.optimizer.zero_grad(set_to_none=True)
         trace = Trace()
@@ -249,6 +250,14 @@ class Trainer:
             blocks_trained=len(plan.trained),
         )
         return stats, plan, logits.detach()
+
+    def _drop_frozen_state(self) -> None:
+        """Free the optimizer state (AdamW's moments) of parameters this step does not train:
+        the memory a plan is budgeted for holds the state of what it trains, not of every
+        block an adaptive method trained before (ALaST's selection moves between steps). A
+        block that trains again starts its moments afresh."""
+        for p in [p for p in self.optimizer.state if not p.requires_grad]:
+            del self.optimizer.state[p]
 
     def extra_loss(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
         """A loss term subclasses add on the pre-logit features (None: none)."""

@@ -157,6 +157,27 @@ def test_alast_layer_sampling_is_seeded_and_follows_the_budgets(tiny_model):
         make_method(from_dict(MethodConfig, {"name": "alast", "alast": {"select": "best"}}), tiny_model, None, 4)
 
 
+def test_optimizer_state_is_held_only_for_what_the_step_trains(tiny_model):
+    """ALaST moves between blocks from step to step: the optimizer keeps moments only for the
+    parameters the current plan trains, so the memory is what the plan is budgeted for."""
+    from fedtune.accounting import OPTIMIZER_SLOTS
+
+    cfg = from_dict(MethodConfig, {"name": "alast", "alast": {"k": 1, "select": "sample", "mean_budget": 1.0, "memory_fraction": None}})
+    method = make_method(cfg, tiny_model, None, 8, seed=0)
+    method.budgets = np.ones(4)
+    trainer = Trainer(tiny_model, method, TrainConfig(epochs=1, batch_size=8, lr=1e-2))
+    blocks, data = set(), tiny_data(n=64)
+    for images, labels in data.loader(8, shuffle=False, task="digit"):
+        stats, plan, _ = trainer.train_step(images, labels)
+        blocks |= plan.trained
+        held = {id(p) for p in trainer.optimizer.state}
+        assert held == {id(p) for p in tiny_model.parameters() if p.requires_grad}
+        slot_bytes = sum(t.numel() * t.element_size() for st in trainer.optimizer.state.values() for k, t in st.items() if k != "step")
+        grad_bytes = sum(p.numel() * p.element_size() for p in tiny_model.parameters() if p.requires_grad)
+        assert slot_bytes + grad_bytes == stats.trainable_state_bytes and OPTIMIZER_SLOTS == 2
+    assert len(blocks) > 1, "the sampled selection moved between blocks"
+
+
 def test_alast_fits_a_small_profile_by_training_later_blocks(tiny_model):
     cm = CostModel(tiny_model)
     full = cm.estimate(Plan(depth=4, trained=frozenset(range(4)), train_embed=True), 8)

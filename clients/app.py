@@ -60,28 +60,32 @@ def _state_dir(context: Context, default_dir: Path | None = None) -> Path | None
     return Path(str(state_dir)) / f"client-{context.node_config.get('partition-id', context.node_id)}"
 
 
-def load_state(context: Context, default_dir: Path | None = None, before_round: int | None = None) -> ClientState:
-    """The client's personal state: from the context (same process) or the device's disk.
+def load_state(context: Context, default_dir: Path | None = None, before_round: int | None = None, run: str | None = None) -> ClientState:
+    """The client's personal state in run `run` (the server's run token): from the context
+    (same process) or the device's disk.
 
-    On disk, one file per round is kept; the newest one written before `before_round`
-    is used, so a server that repeats a round after a crash gets the same client state.
+    On disk, one file per round is kept; the newest one of the run written before
+    `before_round` is used, so a server that repeats a round after a crash gets the same
+    client state, and a state-dir that held another run gives this one nothing of it.
     """
     if STATE_CONFIG in context.state.config_records:
         meta = json.loads(str(context.state.config_records[STATE_CONFIG]["json"]))
-        if before_round is None or meta.get("round", 0) < before_round:
+        if (before_round is None or meta.get("round", 0) < before_round) and (run is None or meta.get("run") in (None, run)):
             personal = arrays_to_numpy(context.state.array_records[STATE_ARRAYS]) if STATE_ARRAYS in context.state.array_records else {}
             return state_from(personal, meta)
     folder = _state_dir(context, default_dir)
-    return (read_client_state(folder, before_round) if folder is not None else None) or ClientState()
+    return (read_client_state(folder, before_round, run) if folder is not None else None) or ClientState()
 
 
-def save_state(context: Context, state: ClientState, default_dir: Path | None = None, server_round: int = 0, keep: int = KEEP_FILES) -> None:
-    """Keep `state` in the context and, with a state-dir, on disk (the newest `keep` rounds)."""
+def save_state(context: Context, state: ClientState, default_dir: Path | None = None, server_round: int = 0, keep: int = KEEP_FILES,
+               run: str | None = None) -> None:
+    """Keep `state` of run `run` in the context and, with a state-dir, on disk (the run's
+    newest `keep` rounds; another run's files there are set aside)."""
     context.state[STATE_ARRAYS] = numpy_to_arrays(state.personal)
-    context.state[STATE_CONFIG] = ConfigRecord({"json": json.dumps(state_meta(state, server_round))})
+    context.state[STATE_CONFIG] = ConfigRecord({"json": json.dumps(state_meta(state, server_round, run))})
     folder = _state_dir(context, default_dir)
     if folder is not None:
-        write_client_state(folder, state, server_round, keep)
+        write_client_state(folder, state, server_round, keep, run)
 
 
 def receive_global(msg: Message, context: Context, initial=None) -> dict[str, np.ndarray] | None:
@@ -130,6 +134,11 @@ def _context_copy(context: Context) -> tuple[dict[str, np.ndarray], int] | None:
     if GLOBAL_ARRAYS not in context.state.array_records or GLOBAL_VERSION not in context.state.config_records:
         return None
     return arrays_to_numpy(context.state.array_records[GLOBAL_ARRAYS]), int(context.state.config_records[GLOBAL_VERSION]["version"])
+
+
+def _run_token(config: ConfigRecord) -> str | None:
+    token = config.get(protocol.RUN_TOKEN)
+    return str(token) if token else None
 
 
 def need_full_model(msg: Message) -> Message:
@@ -188,9 +197,10 @@ def make_client_app(cfg: RunConfig | None = None, state_dir: Path | None = None)
         config = msg.content.config_records.get(protocol.CONFIG, ConfigRecord())
         importance = config.get(protocol.IMPORTANCE)
         server_round = int(config.get(protocol.SERVER_ROUND, 0))
-        update, counts, metrics, state = rt.fit(global_arrays, load_state(context, state_dir, server_round), list(importance) if importance else None, server_round)
+        run = _run_token(config)
+        update, counts, metrics, state = rt.fit(global_arrays, load_state(context, state_dir, server_round, run), list(importance) if importance else None, server_round)
         # every round since the server's last checkpoint may be repeated after a crash
-        save_state(context, state, state_dir, server_round, keep=rt.cfg.federation.checkpoint_every + 1)
+        save_state(context, state, state_dir, server_round, keep=rt.cfg.federation.checkpoint_every + 1, run=run)
         metrics.bytes_received = int(sum(r.count_bytes() for r in msg.content.array_records.values()))
         reply = RecordDict(
             {
@@ -214,12 +224,13 @@ def make_client_app(cfg: RunConfig | None = None, state_dir: Path | None = None)
             return need_full_model(msg)
         config = msg.content.config_records.get(protocol.CONFIG, ConfigRecord())
         server_round = int(config.get(protocol.SERVER_ROUND, 0))
-        state = load_state(context, state_dir, server_round + 1 if server_round else None)
+        run = _run_token(config)
+        state = load_state(context, state_dir, server_round + 1 if server_round else None, run)
         fed_stats = _fed_stats(msg)
         want_stats = bool(config.get(protocol.WANT_HEAD_STATS))
         metrics, stats, kept = rt.evaluate(global_arrays, state, fed_stats, final=bool(config.get(protocol.FINAL, False)), want_stats=want_stats)
         if kept is not None:  # the final evaluation built a personal head: keep it (export --client reads it)
-            save_state(context, kept, state_dir, server_round, keep=rt.cfg.federation.checkpoint_every + 1)
+            save_state(context, kept, state_dir, server_round, keep=rt.cfg.federation.checkpoint_every + 1, run=run)
         content = RecordDict({protocol.METRICS: metric_record(metrics.to_dict())})
         if want_stats:
             content[protocol.HEAD_STATS] = numpy_to_arrays(stats)

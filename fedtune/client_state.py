@@ -3,8 +3,11 @@
 A client's state is its personal parameters (`federation.personal` prefixes and the
 personal heads, under `personal_head.<task>.`) and its planner's `state_dict` (ALaST:
 budgets and importance). On a device it is written after every round as
-`round-NNNNNN.npz` in the client's folder: the arrays, plus a JSON `__meta__` entry. The
-client app reads it back after a restart; `fedtune export --client` reads it too.
+`round-NNNNNN.npz` in the client's folder: the arrays, plus a JSON `__meta__` entry that
+names the run (the server's run token, kept across --resume). The client app reads it back
+after a restart; `fedtune export --client` reads it too. A device's folder outlives a run:
+files of another run are never read as this run's, nor pruned as its older rounds; the
+first write of a new run moves them into `other-runs/<token>/`.
 """
 
 from __future__ import annotations
@@ -34,9 +37,12 @@ class ClientState:
     method: dict[str, Any] = field(default_factory=dict)  # the planner's state_dict (ALaST: budgets, importance)
 
 
-def state_meta(state: ClientState, server_round: int) -> dict[str, Any]:
-    """The JSON part of a saved state."""
-    return {"method": state.method, "round": server_round}
+OTHER_RUNS = "other-runs"  # where a folder's files of earlier runs are set aside
+
+
+def state_meta(state: ClientState, server_round: int, run: str | None = None) -> dict[str, Any]:
+    """The JSON part of a saved state (`run`: the run token; None outside a federation)."""
+    return {"method": state.method, "round": server_round, **({"run": run} if run else {})}
 
 
 def state_from(personal: dict[str, np.ndarray], meta: dict[str, Any]) -> ClientState:
@@ -77,32 +83,57 @@ def arrays_sha256(arrays: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def state_files(folder: Path, before_round: int | None = None) -> list[Path]:
-    """The saved rounds in `folder`, oldest first (only those before `before_round` when given)."""
+def file_run(path: Path) -> str | None:
+    """The run token a state file was written in: "" for a file that names no run (written
+    outside a federation, or before run tokens), None when its metadata does not read (a
+    damaged file, which read_client_state then reports)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            run = json.loads(str(z["__meta__"])).get("run", "")
+    except (OSError, ValueError, KeyError, EOFError, AttributeError, zipfile.BadZipFile):
+        return None
+    return run if isinstance(run, str) else ""
+
+
+def state_files(folder: Path, before_round: int | None = None, run: str | None = None) -> list[Path]:
+    """The saved rounds in `folder`, oldest first (only those before `before_round` when given;
+    with `run`, only that run's, and damaged ones, which the reader reports)."""
     files = sorted(folder.glob("round-*.npz")) if folder.is_dir() else []
     if before_round is not None:
         files = [f for f in files if int(f.stem.split("-")[1]) < before_round]
+    if run is not None:
+        files = [f for f in files if file_run(f) in (None, run)]  # None: unreadable metadata
     return files
 
 
-def write_client_state(folder: Path, state: ClientState, server_round: int, keep: int = KEEP_FILES) -> Path:
-    """Write `state` as the file of `server_round` atomically; keep the newest `keep` rounds (at
-    least KEEP_FILES: a server that checkpoints every N rounds may repeat the last N after a
-    crash, so it needs N + 1)."""
+def write_client_state(folder: Path, state: ClientState, server_round: int, keep: int = KEEP_FILES, run: str | None = None) -> Path:
+    """Write `state` as the file of `server_round` of `run` atomically; keep the newest `keep`
+    rounds of the run (at least KEEP_FILES: a server that checkpoints every N rounds may
+    repeat the last N after a crash, so it needs N + 1). Files another run left in the
+    folder are moved into other-runs/<token>/ first, with a warning."""
     folder.mkdir(parents=True, exist_ok=True)
+    if run is not None:
+        for other in sorted(folder.glob("round-*.npz")):
+            theirs = file_run(other)
+            if theirs not in (None, run):
+                aside = folder / OTHER_RUNS / (theirs or "unnamed")
+                aside.mkdir(parents=True, exist_ok=True)
+                os.replace(other, aside / other.name)
+                warnings.warn(f"client state {other} is from another run ({theirs}): moved into {aside}", stacklevel=2)
     path = folder / f"round-{server_round:06d}.npz"
     tmp = folder / f"tmp-{server_round:06d}.npz"
-    np.savez(tmp, __meta__=np.array(json.dumps(state_meta(state, server_round))), __sha256__=np.array(arrays_sha256(state.personal)), **state.personal)
+    np.savez(tmp, __meta__=np.array(json.dumps(state_meta(state, server_round, run))), __sha256__=np.array(arrays_sha256(state.personal)), **state.personal)
     os.replace(tmp, path)
-    for old in state_files(folder)[: -max(KEEP_FILES, keep)]:
+    for old in state_files(folder, run=run)[: -max(KEEP_FILES, keep)]:
         old.unlink(missing_ok=True)
     return path
 
 
-def read_client_state(folder: Path, before_round: int | None = None) -> ClientState | None:
-    """The newest readable state saved in `folder` (before `before_round`), or None when there
-    is none. A damaged newest file is skipped, with a warning, for the one kept before it."""
-    files = state_files(folder, before_round)
+def read_client_state(folder: Path, before_round: int | None = None, run: str | None = None) -> ClientState | None:
+    """The newest readable state saved in `folder` (before `before_round`; with `run`, of that
+    run only), or None when there is none. A damaged newest file is skipped, with a
+    warning, for the one kept before it."""
+    files = state_files(folder, before_round, run)
     if not files:
         return None
     errors = []

@@ -130,8 +130,8 @@ def _run_model(run_dir: Path) -> tuple[FedViT, dict[str, Any]]:
     return model, {"cfg": cfg, "meta": meta}
 
 
-def _client_state(run_dir: Path, client: int) -> dict[str, np.ndarray]:
-    state = read_client_state(run_dir / "client_state" / f"client-{client}")
+def _client_state(run_dir: Path, client: int, run: str | None = None) -> dict[str, np.ndarray]:
+    state = read_client_state(run_dir / "client_state" / f"client-{client}", run=run)
     if state is None:
         known = sorted(p.name.removeprefix("client-") for p in (run_dir / "client_state").glob("client-*")) if (run_dir / "client_state").is_dir() else []
         raise ConfigError(f"client {client}: the run {run_dir} has no state for it" + (f"; clients with state: {', '.join(known[:20])}" if known else ""))
@@ -160,7 +160,7 @@ def export_run(run_dir: str | Path, task: str | None, out: str | Path, client: i
         raise ConfigError(f"task {task!r}: the run has tasks {', '.join(model.tasks)}")
     head = copy.deepcopy(model.heads[task])
     if client is not None:
-        personal = _client_state(run_dir, client)
+        personal = _client_state(run_dir, client, (info["meta"].get("strategy") or {}).get("run_token"))
         params = {**personal_params(personal), **personal_model(personal)}  # a Ditto client's own model is whole, its head included
         if params:
             load_numpy_state(model, params, f"client {client} state")

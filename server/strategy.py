@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import random
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from logging import INFO, WARNING
@@ -124,6 +125,7 @@ class SparseFedAvg(FedAvg):
         self.robust_absent, self.nnm = robust_absent, nnm
         self.dp_noise_multiplier = dp_noise_multiplier
         self.dp_rng = np.random.default_rng()
+        self.run_token = uuid.uuid4().hex  # the run's identity in every instruction (state_dict keeps it across --resume)
         if weighting not in protocol.WEIGHTINGS:
             raise ConfigError(f"weighting: expected one of {protocol.WEIGHTINGS}, got {weighting!r}")
         if isinstance(personal_keys, str):
@@ -245,6 +247,7 @@ class SparseFedAvg(FedAvg):
             # the starting model, to a node that built it itself: full FedAvg from the same start sends it nothing
             from_start = base == 0 and self.downlink.version == 0 and node_id not in self.downlink.held
             config = ConfigRecord(dict(record[protocol.CONFIG]))
+            config[protocol.RUN_TOKEN] = self.run_token
             config[protocol.BASE_VERSION] = base
             config[protocol.MODEL_VERSION] = self.downlink.version if self.downlink.sparse else FULL
             if base == 0 and self.downlink.initial_sha256 is not None:
@@ -772,11 +775,15 @@ class SparseFedAvg(FedAvg):
             "total_bytes_up": self.total_bytes_up,
             "total_accepted": self.total_accepted,
             "total_rejected": self.total_rejected,
+            "run_token": self.run_token,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the state written by state_dict()."""
         expected = set(self.state_dict())
+        state = {"run_token": self.run_token, **state}  # checkpoints before the run token: this run's new one
+        if not isinstance(state["run_token"], str) or not state["run_token"]:
+            raise CheckpointError(f"strategy state: run_token is not a non-empty string: {state['run_token']!r}")
         missing, unknown = sorted(expected - set(state)), sorted(set(state) - expected)
         if missing or unknown:
             raise CheckpointError(f"strategy state: missing keys {missing}, unknown keys {unknown}")
@@ -790,7 +797,8 @@ class SparseFedAvg(FedAvg):
             and all(isinstance(v, int | float) and math.isfinite(v) for v in importance)
         ):
             raise CheckpointError("strategy state: global_importance is not a list of numbers")
-        counters = [k for k in expected if k not in ("version", "global_importance")]
+        self.run_token = state["run_token"]
+        counters = [k for k in expected if k not in ("version", "global_importance", "run_token")]
         for key in counters:
             if not isinstance(state[key], int) or isinstance(state[key], bool):
                 raise CheckpointError(f"strategy state: {key} is not an int: {state[key]!r}")

@@ -83,3 +83,28 @@ def test_a_server_that_checkpoints_every_n_rounds_finds_the_state_it_repeats_fro
     for r in range(7, 9):
         write_client_state(tmp_path, ClientState(), r)  # the default keeps the newest 2
     assert [p.name for p in sorted(tmp_path.glob("round-*.npz"))] == ["round-000007.npz", "round-000008.npz"]
+
+
+def test_a_devices_state_folder_keeps_each_runs_files_apart(tmp_path):
+    """A device keeps one state-dir across runs: a new run reads nothing of the last one (nor
+    of files that name no run), and its first write sets the other run's files aside instead
+    of pruning its own newer round as the older one."""
+    import warnings as _w
+
+    from fedtune.client_state import OTHER_RUNS
+
+    for r in range(1, 6):
+        write_client_state(tmp_path, ClientState(personal={"h": np.full(2, 100.0 + r)}), r, run="old")
+    write_client_state(tmp_path / "legacy", ClientState(personal={"h": np.zeros(2)}), 9)
+    assert read_client_state(tmp_path, before_round=6, run="new") is None
+    assert read_client_state(tmp_path / "legacy", run="new") is None and read_client_state(tmp_path / "legacy") is not None
+    with _w.catch_warnings(record=True) as caught:
+        _w.simplefilter("always")
+        write_client_state(tmp_path, ClientState(personal={"h": np.ones(2)}), 1, run="new")
+    assert any("from another run (old)" in str(w.message) for w in caught)
+    assert [p.name for p in tmp_path.glob("round-*.npz")] == ["round-000001.npz"]
+    assert sorted(p.name for p in (tmp_path / OTHER_RUNS / "old").glob("*.npz")) == [f"round-00000{r}.npz" for r in (4, 5)], "set aside, not deleted"
+    assert np.array_equal(read_client_state(tmp_path, before_round=2, run="new").personal["h"], np.ones(2))
+    write_client_state(tmp_path, ClientState(personal={"h": np.full(2, 2.0)}), 2, run="new")
+    assert np.array_equal(read_client_state(tmp_path, before_round=5, run="new").personal["h"], np.full(2, 2.0))
+    assert read_client_state(tmp_path / OTHER_RUNS / "old", run="old").personal["h"][0] == 105.0, "the old run's newest state is still there"

@@ -376,6 +376,28 @@ def test_strategy_resends_the_whole_model_to_a_node_that_lost_its_copy(monkeypat
     assert any("lost their model copy" in str(c.args[1]) for c in logged.call_args_list), "the recovery is logged"
 
 
+def test_every_instruction_names_the_run_and_a_resumed_strategy_keeps_its_token():
+    from fedtune.errors import CheckpointError
+
+    strategy = SparseFedAvg(sparse_downlink=True)
+    grid = Mock()
+    grid.get_node_ids.return_value = [1, 2]
+    g0 = record_of({"a": np.zeros(2, np.float32)})
+    sent = list(strategy.configure_train(1, g0, ConfigRecord(), grid))
+    assert {m.content[protocol.CONFIG][protocol.RUN_TOKEN] for m in sent} == {strategy.run_token}
+    resumed = SparseFedAvg(sparse_downlink=True)
+    assert resumed.run_token != strategy.run_token, "each run its own"
+    resumed.load_state_dict(strategy.state_dict())
+    assert resumed.run_token == strategy.run_token
+    older = {k: v for k, v in strategy.state_dict().items() if k != "run_token"}
+    fresh = SparseFedAvg()
+    token = fresh.run_token
+    fresh.load_state_dict(older)  # a checkpoint written before run tokens
+    assert fresh.run_token == token
+    with pytest.raises(CheckpointError, match="run_token"):
+        fresh.load_state_dict({**older, "run_token": 5})
+
+
 def test_full_fedavgs_downlink_from_the_same_start_leaves_out_only_the_starting_model_clients_built():
     strategy = SparseFedAvg(sparse_downlink=True, initial_on_clients=True)
     grid = Mock()

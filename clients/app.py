@@ -102,9 +102,9 @@ def receive_global(msg: Message, context: Context, initial=None) -> dict[str, np
     arrays = arrays_to_numpy(msg.content.array_records[protocol.ARRAYS])
     config = msg.content.config_records.get(protocol.CONFIG, ConfigRecord())
     base, version = int(config.get(protocol.BASE_VERSION, -1)), int(config.get(protocol.MODEL_VERSION, -1))
-    folder = _state_dir(context)
+    folder, run = _state_dir(context), _run_token(config)
     if base >= 0:
-        held = read_global_copy(folder) if folder is not None else _context_copy(context)
+        held = read_global_copy(folder, run) if folder is not None else _context_copy(context)
         want = config.get(protocol.INITIAL_SHA256)
         if held is not None and held[1] == 0 and base == 0 and want and arrays_sha256(held[0]) != want:
             log(30, "node %s: its saved version 0 is not this run's starting model (a copy left by another run?): set aside", context.node_id)
@@ -123,7 +123,7 @@ def receive_global(msg: Message, context: Context, initial=None) -> dict[str, np
         arrays = {**{n: held[0][n] for n in missing}, **arrays}
     if version >= 0:
         if folder is not None:
-            write_global_copy(folder, arrays, version)
+            write_global_copy(folder, arrays, version, run)
         else:
             context.state[GLOBAL_ARRAYS] = numpy_to_arrays(arrays)
             context.state[GLOBAL_VERSION] = ConfigRecord({"version": version})

@@ -155,24 +155,28 @@ def read_client_state(folder: Path, before_round: int | None = None, run: str | 
 GLOBAL_COPY = "global-model.npz"  # the global model a client holds (the sparse downlink), beside its state files
 
 
-def write_global_copy(folder: Path, arrays: dict[str, np.ndarray], version: int) -> Path:
-    """Keep the global model the client holds, with its version, atomically."""
+def write_global_copy(folder: Path, arrays: dict[str, np.ndarray], version: int, run: str | None = None) -> Path:
+    """Keep the global model the client holds, with its version (and run token), atomically."""
     folder.mkdir(parents=True, exist_ok=True)
     path, tmp = folder / GLOBAL_COPY, folder / f"tmp-{GLOBAL_COPY}"
-    np.savez(tmp, __version__=np.array(version), **arrays)
+    np.savez(tmp, __version__=np.array(version), __run__=np.array(run or ""), **arrays)
     os.replace(tmp, path)
     return path
 
 
-def read_global_copy(folder: Path) -> tuple[dict[str, np.ndarray], int] | None:
-    """The global model the client holds and its version; None when it has none or the file
-    is damaged (the server then sends the whole model)."""
+def read_global_copy(folder: Path, run: str | None = None) -> tuple[dict[str, np.ndarray], int] | None:
+    """The global model the client holds and its version; None when it has none, the file is
+    damaged, or, with `run`, it was kept in another run (the server then sends the whole model)."""
     path = folder / GLOBAL_COPY
     if not path.is_file():
         return None
     try:
         with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files if k != "__version__"}, int(z["__version__"])
+            theirs = str(z["__run__"]) if "__run__" in z.files else ""
+            if run is not None and theirs and theirs != run:
+                warnings.warn(f"global model copy {path} is from another run ({theirs}): not used", stacklevel=2)
+                return None
+            return {k: z[k] for k in z.files if k not in ("__version__", "__run__")}, int(z["__version__"])
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         warnings.warn(f"damaged global model copy {path} ({exc}); asking the server for the whole model", stacklevel=2)
         return None

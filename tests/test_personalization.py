@@ -478,6 +478,14 @@ def test_a_saved_version_0_from_another_run_is_set_aside(tmp_path):
     np.testing.assert_array_equal(read_global_copy(folder)[0]["a"], start["a"])
     write_global_copy(folder, stale, 0)
     assert receive_global(msg, context, None) is None, "with nothing to build from, it asks for the whole model"
+    # a copy of version 3 kept in another run is not completed by this run's changes to its version 3
+    write_global_copy(folder, stale, 3, run="old")
+    changes = Message(RecordDict({protocol.ARRAYS: record_of({}), protocol.CONFIG: ConfigRecord(
+        {protocol.BASE_VERSION: 3, protocol.MODEL_VERSION: 4, protocol.RUN_TOKEN: "new"})}), dst_node_id=5, message_type=MessageType.TRAIN)
+    with pytest.warns(UserWarning, match="from another run"):
+        assert receive_global(changes, context, None) is None
+    write_global_copy(folder, stale, 3, run="new")
+    np.testing.assert_array_equal(receive_global(changes, context, None)["a"], stale["a"])
 
 
 def test_balanced_softmax_is_cross_entropy_on_prior_adjusted_logits_over_present_classes():

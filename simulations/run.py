@@ -116,17 +116,38 @@ def task_federations(cfg: RunConfig) -> dict[str, tuple[RunConfig, list[int]]]:
 def simulate_independent(cfg: RunConfig, out: Path, resume: bool = False, progress: bool = True, verbose: bool = False) -> dict:
     """One federation per task (out/<task>/), then summary.json combining them: each task's
     accuracy from its own model, bytes summed, and per client and round the bytes it sent
-    over all its tasks' federations."""
-    check_out(out, resume)
+    over all its tasks' federations.
+
+    Without `resume`, `out` must hold none of them; with it, each task's federation that
+    started continues from its checkpoint (checked against its config), one that finished its
+    rounds is read back, and one that never started runs."""
+    from server.runner import CHECKPOINT
+
+    feds = task_federations(cfg)
+    started = {task: (out / task / CHECKPOINT).exists() for task in feds}
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder")
+    if resume:
+        if not any(started.values()):
+            raise ConfigError(f"--resume: {out} holds no task federation to continue (no {out}/<task>/{CHECKPOINT} for tasks {', '.join(feds)})")
+        for task, (sub_cfg, _) in feds.items():
+            if started[task]:
+                check_out(out / task, True, sub_cfg)
+    else:
+        for task in feds:
+            check_out(out / task, False)
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
         write_json(out / "config.json", to_dict(cfg))
     subs = {}
     per_client_round: dict[tuple[int, int], int] = {}
-    for task, (sub_cfg, holders) in task_federations(cfg).items():
+    for task, (sub_cfg, holders) in feds.items():
         sub_out = out / task
-        done = (sub_out / "summary.json").is_file()
-        subs[task] = json.loads((sub_out / "summary.json").read_text()) if done else simulate(sub_cfg, sub_out, resume=resume and (sub_out / "checkpoint.safetensors").exists(), progress=progress, verbose=verbose)
+        finished = json.loads((sub_out / "summary.json").read_text()) if resume and started[task] and (sub_out / "summary.json").is_file() else None
+        if finished is not None and finished.get("rounds") == sub_cfg.federation.rounds:
+            subs[task] = finished
+        else:
+            subs[task] = simulate(sub_cfg, sub_out, resume=resume and started[task], progress=progress, verbose=verbose)
         for line in (sub_out / "metrics.jsonl").read_text().splitlines():
             rec = json.loads(line)
             for c in rec.get("clients", []):

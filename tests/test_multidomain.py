@@ -110,3 +110,45 @@ def test_independent_task_federations_keep_each_clients_data_and_profile():
         joint, _ = client_data(cfg, pid)
         alone, _ = client_data(sub, i)
         assert np.array_equal(joint.for_task("digit").images.numpy(), alone.images.numpy())
+
+
+def test_independent_runs_refuse_a_used_out_and_resume_each_task_federation(tmp_path, monkeypatch):
+    """Each task's federation is checked as a run of its own: a new run refuses an --out that
+    holds one, --resume needs one to continue and refuses a changed config, and a federation
+    that finished its rounds is read back instead of run again."""
+    import json
+
+    import torch
+
+    import simulations.run as sim
+    from fedtune.errors import CheckpointError
+    from fedtune.model import model_meta, save_checkpoint
+    from fedtune.typedconfig import to_dict
+
+    cfg = multidomain(federation={"num_clients": 4, "rounds": 1, "client_tasks": [["digit"], ["shape", "colour"], ["digit", "colour"]], "independent_tasks": True})
+    feds = sim.task_federations(cfg)
+    ran = []
+    summary = {"rounds": 1, "accuracy_global": 0.5, "bytes_up_total": 1, "bytes_down_total": 2, "model_bytes": 4, "wall_time_s": 1.0}
+    monkeypatch.setattr(sim, "simulate", lambda sub, out, resume=False, **kw: ran.append((out.name, resume)) or dict(summary))
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match="holds no task federation to continue"):
+        sim.simulate_independent(cfg, out, resume=True)
+    (out / "shape").mkdir(parents=True)
+    (out / "shape" / "metrics.jsonl").write_text("")
+    with pytest.raises(ConfigError, match="already holds a run"):
+        sim.simulate_independent(cfg, out)
+    assert ran == [] and not (out / "config.json").exists(), "nothing written"
+    for task, (sub, _) in feds.items():
+        run_cfg = sub if task != "colour" else multidomain(seed=9)
+        meta = model_meta(sub.model, {task: 2}, run=to_dict(run_cfg), round=1, strategy={}, method=sub.method.name)
+        save_checkpoint(out / task / "checkpoint.safetensors", {"w": torch.zeros(1)}, meta)
+    with pytest.raises(CheckpointError, match="config differs"):
+        sim.simulate_independent(cfg, out, resume=True)
+    (out / "colour" / "checkpoint.safetensors").unlink()
+    (out / "digit" / "summary.json").write_text(json.dumps({**summary, "accuracy_global": 0.9}))
+    for task in feds:
+        (out / task).mkdir(exist_ok=True)
+        (out / task / "metrics.jsonl").write_text("")
+    got = sim.simulate_independent(cfg, out, resume=True)
+    assert got["accuracy_per_task"] == {"digit": 0.9, "shape": 0.5, "colour": 0.5}
+    assert ran == [("shape", True), ("colour", False)], "digit finished and was read back; shape continues; colour never started"

@@ -19,13 +19,13 @@ def _load(cls, path: str | None, overrides: list[str]):
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import BenchConfig, quick, run_bench, run_cost
 
-    cfg = _load(BenchConfig, args.config, args.set)
-    if args.methods:
-        cfg.methods = args.methods.split(",")
+    # the flags are overrides like --set's, so they are validated with the rest of the config
+    flags = [f"methods={json.dumps(args.methods.split(','))}"] if args.methods else []
     if args.seeds is not None:
-        cfg.seeds = list(range(args.seeds))
+        flags.append(f"seeds={json.dumps(list(range(args.seeds)))}")
     if args.epochs is not None:
-        cfg.train.epochs = args.epochs
+        flags.append(f"train.epochs={args.epochs}")
+    cfg = _load(BenchConfig, args.config, [*(args.set or []), *flags])
     if args.quick:
         cfg = quick(cfg)
     run = run_cost if args.cost_only else run_bench

@@ -34,6 +34,12 @@ class PartitionConfig:
         check_choices(self, prefix)
         if not 0.0 < self.local_test_fraction < 1.0:  # 0 would leave clients nothing to test the personalized models on
             raise ConfigError(f"{prefix}local_test_fraction: must be in (0, 1), got {self.local_test_fraction}")
+        if not self.alpha > 0:
+            raise ConfigError(f"{prefix}alpha: the Dirichlet concentration must be > 0, got {self.alpha}")
+        if self.classes_per_partition < 1:
+            raise ConfigError(f"{prefix}classes_per_partition: must be >= 1, got {self.classes_per_partition}")
+        if self.min_partition_size < 0:
+            raise ConfigError(f"{prefix}min_partition_size: must be >= 0, got {self.min_partition_size}")
 
 
 MAX_ROUNDS = 100_000  # more is a typo, not a run

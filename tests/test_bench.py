@@ -64,6 +64,8 @@ def test_bench_cost_only(tmp_path):
 def test_bench_rejects_unknown_method(tmp_path, capsys):
     assert main(["bench", "--methods", "full,warp", "--out", str(tmp_path)]) == 2
     assert "unknown method 'warp'" in capsys.readouterr().err
+    assert main(["bench", "--epochs", "-1", "--out", str(tmp_path)]) == 2
+    assert "train.epochs" in capsys.readouterr().err, "the flags are validated like the config they override"
 
 
 def test_bench_config_variants_add_to_the_named_ones():

@@ -460,7 +460,7 @@ def test_pathological_classes_per_partition() -> None:
         np.array_equal(np.sort(a), np.sort(b)) for a, b in zip(parts, other, strict=True)
     )
     rand = partition_indices(
-        LABELS, 4, "pathological", classes_per_partition=3, seed=0, class_assignment="random"
+        LABELS, 10, "pathological", classes_per_partition=3, seed=0, class_assignment="random"
     )
     assert all(len(set(LABELS[p].tolist())) == 3 for p in rand)
 
@@ -495,6 +495,22 @@ def test_dirichlet_that_cannot_meet_min_size_is_a_clear_error() -> None:
     # feasible in principle (10 x 55 <= 600) but near-impossible with a tiny alpha
     with pytest.raises(ConfigError, match="could not give all 10 partitions .*raise alpha"):
         partition_indices(LABELS, 10, "dirichlet", alpha=0.01, min_partition_size=55)
+
+
+def test_pathological_partitions_that_leave_a_class_to_no_client_are_refused() -> None:
+    with pytest.raises(ConfigError, match=r"gives classes \[9\] to no client \(8 clients x 2 classes"):
+        partition_indices(LABELS, 8, "pathological", classes_per_partition=2, seed=0)
+
+
+def test_bad_partition_and_split_values_are_config_errors_naming_the_key() -> None:
+    from fedtune.runconfig import PartitionConfig
+
+    for over, key in (({"alpha": 0.0}, "alpha"), ({"alpha": -1.0}, "alpha"), ({"classes_per_partition": 0}, "classes_per_partition"),
+                      ({"min_partition_size": -3}, "min_partition_size")):
+        with pytest.raises(ConfigError, match=f"partition.{key}: "):
+            PartitionConfig(**over).validate("partition.")
+    with pytest.raises(ConfigError, match="data.hf_test_split: 'train' is the training split too"):
+        DataConfig(name="hf:x", hf_train_split="train", hf_test_split="train").validate("data.")
 
 
 def test_pathological_too_many_partitions_per_class() -> None:

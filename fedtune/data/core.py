@@ -106,6 +106,9 @@ class DataConfig:
             raise ConfigError(f"{prefix}hf_train_split: must not be empty")
         if self.hf_test_split == "":
             raise ConfigError(f"{prefix}hf_test_split: must be a split name or null")
+        if self.hf_test_split == self.hf_train_split:
+            raise ConfigError(f"{prefix}hf_test_split: {self.hf_test_split!r} is the training split too: the test set would be the training images; "
+                              "name another split, or null to hold out test_fraction of the training split")
 
 
 class _Batches:

@@ -102,7 +102,7 @@ def partition_indices(
         # Dirichlet warns on every resampling; if all attempts fail it raises, handled below.
         warnings.filterwarnings("ignore", message="The specified min_partition_size")
         try:
-            return [
+            parts = [
                 np.asarray(partitioner.load_partition(i)["index"], dtype=np.int64).reshape(-1)
                 for i in range(num_partitions)
             ]
@@ -115,3 +115,12 @@ def partition_indices(
                     "min_partition_size or use fewer partitions"
                 ) from exc
             raise ConfigError(f"{scheme} partitioning failed: {exc}") from exc
+    if scheme == "pathological":
+        unused = sorted(set(np.unique(labels).tolist()) - set(np.unique(labels[np.concatenate(parts)]).tolist()))
+        if unused:
+            raise ConfigError(
+                f"pathological partitioning ({class_assignment}) gives classes {unused} to no client "
+                f"({num_partitions} clients x {classes_per_partition} classes, {len(np.unique(labels))} classes in the data): "
+                "they would never train, though the test set has them; use more clients or classes_per_partition, or another class_assignment"
+            )
+    return parts

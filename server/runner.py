@@ -462,8 +462,12 @@ class ServerRunner:
         summary["traffic_ratio_vs_full_fedavg"] = (summary["bytes_up_total"] + summary["bytes_down_total"]) / full_total if full_total else None
         same_start = summary["bytes_up_full_fedavg"] + summary["bytes_down_full_fedavg_same_start"]
         summary["traffic_ratio_vs_full_fedavg_same_start"] = (summary["bytes_up_total"] + summary["bytes_down_total"]) / same_start if same_start else None
+        # summary.json last: it marks the run complete (deploy local stops the server when it appears)
+        try:
+            plot_run(self.rounds, self.out / "plots", self.model.depth, getattr(self.model, "moe_blocks", None))
+        except Exception as err:  # a plot that fails loses no result
+            log(30, "plots of %s not written: %s: %s", self.out, type(err).__name__, err)
         write_json(self.out / "summary.json", summary)
-        plot_run(self.rounds, self.out / "plots", self.model.depth, getattr(self.model, "moe_blocks", None))
         return summary
 
 

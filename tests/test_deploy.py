@@ -67,6 +67,7 @@ def test_deployment_over_loopback_with_tls(tmp_path):
     out = tmp_path / "run"
     summary = run_local(out, 2, tiny_config(tmp_path, rounds=1), tls=True, timeout=400)
     assert summary["rounds"] == 1 and summary["bytes_up_total"] > 0
+    assert (out / "plots" / "accuracy.png").is_file(), "the run's plots are written before it counts as done"
     assert (out / "deploy" / "certs" / "ca.crt").is_file()
     assert "https://" in (out / "deploy" / "superlink.log").read_text()
     check_checkpoint(out, rounds=1)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +126,15 @@ def _run_model(run_dir: Path) -> tuple[FedViT, dict[str, Any]]:
     from .runconfig import RunConfig
 
     cfg = from_dict(RunConfig, meta["run"])
-    model = global_model(cfg)
+    from dataclasses import replace
+
+    # the run's shape without its pretrained file (the checkpoint holds every weight): an
+    # export works where that file, or the hub, is not at hand
+    model = global_model(replace(cfg, model=replace(cfg.model, pretrained=None)))
+    missing = sorted(set(model.state_dict()) - set(state))
+    if missing:
+        raise CheckpointError(f"{path}: lacks {len(missing)} of the run model's tensors ({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}); "
+                              "is it a complete run checkpoint?")
     load_numpy_state(model, {k: v.numpy() for k, v in state.items()}, f"checkpoint {path}")
     return model, {"cfg": cfg, "meta": meta}
 
@@ -192,6 +201,10 @@ def export_run(run_dir: str | Path, task: str | None, out: str | Path, client: i
         from moe import experts_used, prune_for_task
 
         kind = "moe"
+        if cfg.moe.eval_capacity_factor is not None:
+            warnings.warn(f"the run evaluates its MoE blocks with moe.eval_capacity_factor {cfg.moe.eval_capacity_factor}: tokens over an expert's "
+                          "capacity are dropped, depending on the rest of the batch; the export routes every token to its top-k experts, "
+                          "so its predictions can differ (export.json: agreement_with_run_model)", stacklevel=2)
         used = experts_used(model, split.train.for_task(task).images, task, most=experts_per_block)
         pruned = prune_for_task(model, task, used, reduce_top_k=experts_per_block is not None)
         experts = {b: list(pruned.moe_layers[b].expert_ids) for b in pruned.moe_blocks}
@@ -220,6 +233,10 @@ def export_run(run_dir: str | Path, task: str | None, out: str | Path, client: i
         "normalize": {"mean": PIXEL_MEAN, "std": PIXEL_STD},
         "channels": cfg.model.in_chans,
         "experts": {str(b): e for b, e in experts.items()},
+        # how the kept experts combine (an MoE export): top-k routing over them, the router's kind, the always-on shared experts
+        "moe": None if kind != "moe" else {"blocks": sorted(experts), "top_k": min(int(pruned.moe_layers[b].top_k) for b in pruned.moe_blocks),
+                                           "router": cfg.moe.router, "shared_experts": cfg.moe.shared_experts},
+        "consolidate_at": model.consolidate_at,  # SHERL: the block that takes the consolidator's output (None: none)
         "source_run": str(run_dir),
         "round": info["meta"].get("round"),
     }
@@ -232,6 +249,8 @@ def export_run(run_dir: str | Path, task: str | None, out: str | Path, client: i
     exported = sum(v.numel() * v.element_size() for v in state.values())
     summary = {"out": str(out), "kind": kind, "task": task, "client": client, "bytes": exported, "run_model_bytes": full_bytes,
                "inference_flops_per_image": inference_flops(task_model, example[:1]), "onnx_max_abs_diff": onnx_diff, "experts": config["experts"]}
+    if kind == "moe":
+        summary["run_eval_capacity_factor"] = cfg.moe.eval_capacity_factor  # None: the run routed every token too
     with torch.no_grad():
         mine = torch.cat([task_model(b).argmax(-1) for b in test_images.split(256)])
     # the exported model on every test image of the task (the run's central test set)

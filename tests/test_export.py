@@ -125,7 +125,9 @@ def test_moe_export_is_smaller_and_predicts_the_same(tmp_path, shared):
     out = tmp_path / "export"
     summary = export_run(run, "digit", out)
     assert summary["kind"] == "moe" and summary["bytes"] < summary["run_model_bytes"]
-    module, _ = load_exported(out)
+    module, config = load_exported(out)
+    assert config["moe"] == {"blocks": [1, 3], "top_k": 2, "router": "per_task", "shared_experts": shared}, "how the kept experts combine"
+    assert summary["run_eval_capacity_factor"] is None
     model = global_model(cfg)
     from fedtune.federated import load_numpy_state
 
@@ -161,6 +163,29 @@ def test_export_bad_input(tmp_path):
     ckpt.write_bytes(ckpt.read_bytes()[:64])
     with pytest.raises(CheckpointError, match="corrupt or unreadable"):
         export_run(run, None, tmp_path / "o4")
+
+
+def test_export_needs_the_checkpoint_not_the_runs_pretrained_file(tmp_path):
+    """The checkpoint holds every weight: a run folder exports where its pretrained backbone
+    file is gone (moved to another machine, an offline hub); a checkpoint lacking tensors is
+    refused, naming them."""
+    from safetensors.torch import save_file
+
+    from fedtune.model import read_state
+    from tests.test_federated import TINY_RUN
+
+    backbone = tmp_path / "backbone.safetensors"
+    model_cfg = {**TINY_RUN["model"], "pretrained": str(backbone)}
+    donor = global_model(tiny_run())
+    save_file({k: v.contiguous() for k, v in donor.vit.state_dict().items()}, str(backbone))
+    run, *_ = make_run(tmp_path, model=model_cfg)
+    backbone.unlink()
+    assert export_run(run, None, tmp_path / "export")["kind"] == "dense"
+    state, raw = read_state(run / "checkpoint.safetensors")
+    state.pop("vit.norm.weight")
+    save_checkpoint(run / "checkpoint.safetensors", state, raw)
+    with pytest.raises(CheckpointError, match=r"lacks 1 of the run model's tensors \(vit.norm.weight\)"):
+        export_run(run, None, tmp_path / "export2")
 
 
 def test_lora_run_sends_adapters_and_exports_merged(tmp_path):

@@ -50,6 +50,19 @@ class CostModel:
         # and scores it with a router.
         self._mlp_mult = [float(getattr(b.mlp, "top_k", 1) + getattr(b.mlp, "num_shared", 0)) for b in vit.blocks]
         self._router_flops = [2.0 * self.dim * getattr(b.mlp, "num_experts", 0) for b in vit.blocks]
+        # LoRA adapters: forward FLOPs per token, attention's and the MLP's (2 per adapter
+        # weight; an MoE expert's adapters count for the share of tokens routed to it)
+        self._lora_attn = [0.0] * len(vit.blocks)
+        self._lora_mlp = [0.0] * len(vit.blocks)
+        for i, b in enumerate(vit.blocks):
+            for name, p in b.named_parameters():
+                if "lora_" not in name:
+                    continue
+                if name.startswith("attn."):
+                    self._lora_attn[i] += 2.0 * p.numel()
+                else:
+                    share = self._mlp_mult[i] / max(getattr(b.mlp, "num_experts", 1), 1) if ".experts." in f".{name}" else 1.0
+                    self._lora_mlp[i] += 2.0 * p.numel() * share
         self.prefix = vit.num_prefix_tokens
         self.num_patches = model.num_patches
         self._per_token: dict[tuple[str, bool], list[float]] = {}
@@ -87,10 +100,15 @@ class CostModel:
         for i, (n_in, n_out) in enumerate(self._tokens(plan)):
             mode = plan.block_mode(i)
             f = self.block_flops(n_in, n_out, i)
+            adapters = n_in * self._lora_attn[i] + n_out * self._lora_mlp[i]
+            total += adapters * {"train": 3.0, "grad": 2.0}.get(mode, 1.0)  # they train in a trained block of a LoRA plan
             if mode == "train":
-                mult = 2.0 if i == plan.first_grad else 3.0
-                if plan.lora:
-                    mult -= 1.0  # no weight gradients for the frozen base weights
+                # forward, the gradients of every layer's input inside the block (the weights
+                # after the first need them), and the weights' own (not for LoRA's frozen
+                # base weights; the adapters' are small)
+                mult = 2.0 if plan.lora else 3.0
+                if not plan.needs_input_grad(i):  # the block's own input needs none: qkv's input gradient is skipped
+                    total -= 2.0 * n_in * self.dim * 3 * self.attn_dim
             elif mode == "grad":
                 mult = 2.0
             else:
@@ -145,6 +163,8 @@ class CostModel:
         if plan.consolidate_at is not None:  # what the merge saves: per token and early output, its projection (and norm)
             hidden = self.model.consolidator.score.in_features if self.model.consolidator is not None else self.dim // 2
             total += (plan.consolidate_at + 1) * (self.num_patches + self.prefix) * (self.dim + 4 * hidden) * 4
+        if plan.train_head and not self._per_token:  # the head's bytes come from the calibration, whatever the blocks' modes
+            self._calibrate(plan.lora)
         return (total + (self._head_bytes if plan.train_head else 0.0)) * batch_size
 
     def state_bytes(self, plan: Plan) -> int:

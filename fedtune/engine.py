@@ -89,10 +89,17 @@ class Plan:
         return True
 
     def block_mode(self, block: int) -> str:
-        """'train', 'grad' (frozen, gradients pass through) or 'nograd'."""
+        """'train', 'grad' (frozen, gradients pass through) or 'nograd'. A frozen block at
+        first_grad is SHERL's at the consolidation point: it runs with autograd, so the
+        gradient reaches the consolidator."""
         if block in self.trained:
             return "train"
-        return "grad" if block > self.first_grad else "nograd"
+        return "grad" if block >= self.first_grad else "nograd"
+
+    def needs_input_grad(self, block: int) -> bool:
+        """Whether the backward pass computes the gradient of block `block`'s input: something
+        before it trains (an earlier block, the embeddings, SHERL's consolidator)."""
+        return block > self.first_grad or (self.consolidate_at is not None and block == self.consolidate_at)
 
     def tokens(self, num_patches: int) -> list[int]:
         """Non-class tokens each block's MLP processes (a fused token included).

@@ -41,7 +41,7 @@ class ModelConfig:
     def validate(self, prefix: str = "") -> None:
         if not any(s in self.name for s in ("vit", "deit")):
             raise ConfigError(f"{prefix}name: {self.name!r} is not a ViT/DeiT model name")
-        if self.name not in timm.list_models():
+        if self.name.split(".", 1)[0] not in timm.list_models():  # a pretrained tag (name.augreg_in21k) picks hub weights
             close = [m for m in timm.list_models(self.name.split("_")[0] + "*")][:8]
             raise ConfigError(
                 f"{prefix}name: unknown timm model {self.name!r}"
@@ -159,6 +159,11 @@ def build_model(cfg: ModelConfig, num_classes: dict[str, int]) -> FedViT:
         vit = timm.create_model(cfg.name, pretrained=hub, **_timm_kwargs(cfg))
     except (RuntimeError, ValueError, TypeError, AssertionError) as exc:
         raise ConfigError(f"model: timm could not build {cfg.name!r} with {_timm_kwargs(cfg)}: {exc}") from exc
+    if getattr(vit, "cls_token", None) is None or getattr(vit, "num_prefix_tokens", 1) != 1:
+        # token dropping, skipping and the class-token deltas take token 0 as the class token and the rest as patches
+        raise ConfigError(f"model.name: {cfg.name!r} has {getattr(vit, 'num_prefix_tokens', '?')} prefix token(s), "
+                          f"{'one of them a' if getattr(vit, 'cls_token', None) is not None else 'and no'} class token; fedtune's token dropping "
+                          "needs exactly one prefix token, the class token: use a ViT/DeiT without register or distillation tokens")
     model = FedViT(vit, num_classes)
     if cfg.pretrained and not hub:
         load_backbone(model, cfg.pretrained, strict=cfg.strict_pretrained)

@@ -306,6 +306,15 @@ def test_bad_model_config(data, match):
         from_dict(ModelConfig, data)
 
 
+def test_backbones_whose_token_0_is_not_the_only_prefix_token_are_refused():
+    small = {"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2}
+    with pytest.raises(ConfigError, match="has 4 prefix token.*and no class token"):
+        build_model(ModelConfig(name="vit_base_patch16_reg4_gap_256", **small), {"a": 2})
+    with pytest.raises(ConfigError, match="has 2 prefix token.*one of them a class token"):
+        build_model(ModelConfig(name="deit_tiny_distilled_patch16_224", **small), {"a": 2})
+    assert build_model(ModelConfig(name="vit_tiny_patch16_224.augreg_in21k", **small), {"a": 2}).depth == 1, "a pretrained tag is a timm name"
+
+
 def test_checkpoint_round_trip_and_errors(tmp_path, tiny_cfg, tiny_model):
     path = save_checkpoint(tmp_path / "m.safetensors", tiny_model.state_dict(), model_meta(tiny_cfg, {"digit": 10}))
     again, meta = model_from_checkpoint(path)

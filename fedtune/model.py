@@ -263,11 +263,13 @@ def load_backbone(model: FedViT, path: str | Path, strict: bool = False) -> list
     state, _ = read_state(path)
     own = model.vit.state_dict()
     loaded: dict[str, torch.Tensor] = {}
+    unused: list[str] = []
     for key, value in state.items():
         name = key[4:] if key.startswith("vit.") else key
         if name.startswith(("head.", "heads.", "fc_norm.")) and name not in own:
             continue
         if name not in own:
+            unused.append(key)
             continue
         target = own[name]
         if value.shape != target.shape:
@@ -284,6 +286,13 @@ def load_backbone(model: FedViT, path: str | Path, strict: bool = False) -> list
     missing = sorted(set(own) - set(loaded))
     if strict and missing:
         raise CheckpointError(f"{path}: missing backbone keys: {', '.join(missing[:5])}")
+    if missing or unused:  # a partial load: the rest keeps its random initialization
+        import warnings
+
+        warnings.warn(f"{path}: loaded {len(loaded)} of the backbone's {len(own)} tensors; {len(missing)} keep their random initialization"
+                      + (f" ({', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''})" if missing else "")
+                      + (f"; {len(unused)} of the file's are not the model's ({', '.join(unused[:4])}{' ...' if len(unused) > 4 else ''})" if unused else "")
+                      + " (model.strict_pretrained: true makes this an error)", stacklevel=2)
     model.vit.load_state_dict(loaded, strict=False)
     return missing
 

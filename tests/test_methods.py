@@ -332,6 +332,13 @@ def test_checkpoint_round_trip_and_errors(tmp_path, tiny_cfg, tiny_model):
     torch.save({"w": torch.zeros(2)}, tmp_path / "foreign.pt")
     with pytest.raises(CheckpointError, match="no key matches"):
         load_backbone(other, tmp_path / "foreign.pt")
+    # a shallower backbone's file: its blocks load, the rest keep their initialization, said aloud
+    deeper = build_model(ModelConfig(**{**TINY, "depth": 6}), {"digit": 10})
+    with pytest.warns(UserWarning, match=r"loaded \d+ of the backbone's \d+ tensors; \d+ keep their random initialization \(blocks.4"):
+        missing = load_backbone(deeper, path)
+    assert missing and all(m.startswith(("blocks.4.", "blocks.5.")) for m in missing)
+    with pytest.raises(CheckpointError, match="missing backbone keys: blocks.4"):
+        load_backbone(deeper, path, strict=True)
 
 
 def test_backbone_loads_from_torch_file_and_resamples_pos_embed(tmp_path, tiny_model):

@@ -186,6 +186,9 @@ def test_bad_run_configs(tmp_path):
     bad.write_text("federation:\n  num_clients: 4\n  roundz: 3\n")
     with pytest.raises(ConfigError, match="unknown key federation.roundz"):
         load_run_config(bad)
+    bad.write_text("federation:\n  1: 4\n  roundz: 3\n")  # keys of mixed types: still a ConfigError
+    with pytest.raises(ConfigError, match="unknown key federation.1 \\(and federation.roundz\\)"):
+        load_run_config(bad)
     bad.write_text("federation:\n  profiles: [rpi, toaster]\n")
     with pytest.raises(ConfigError, match="unknown device profile 'toaster'"):
         load_run_config(bad)

@@ -513,7 +513,7 @@ def test_balanced_loss_leaves_the_rows_of_classes_a_client_lacks_alone():
     classes it has no examples of (plain cross-entropy does)."""
     moved = {}
     for balanced in (False, True):
-        cfg = tiny_run(train={"weight_decay": 0.0}, partition={"scheme": "pathological", "classes_per_partition": 2, "min_partition_size": 5},
+        cfg = tiny_run(train={"weight_decay": 0.0}, partition={"scheme": "pathological", "classes_per_partition": 7, "min_partition_size": 5},
                        federation={"num_clients": 4, "rounds": 2, "balanced_loss": balanced, "personalization": "none"})
         rt = ClientRuntime(cfg, partition_id=1)
         absent = [c for c in range(10) if c not in set(rt.train_set.labels["digit"].tolist())]

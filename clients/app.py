@@ -137,8 +137,13 @@ def _context_copy(context: Context) -> tuple[dict[str, np.ndarray], int] | None:
 
 
 def _run_token(config: ConfigRecord) -> str | None:
+    """The instruction's run token (None: the server sends none, a run from before tokens)."""
     token = config.get(protocol.RUN_TOKEN)
-    return str(token) if token else None
+    if token is None:
+        return None
+    if not protocol.valid_run_token(token):
+        raise ConfigError(f"instruction: {protocol.RUN_TOKEN} {token!r} is not a run token (letters, digits, - and _)")
+    return str(token)
 
 
 def need_full_model(msg: Message) -> Message:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .errors import CheckpointError
+from .protocol import valid_run_token
 
 PERSONAL_HEAD = "personal_head."
 PERSONAL_MODEL = "personal_model."  # Ditto: the client's whole personal model, every entry of the model's state_dict under this prefix
@@ -92,7 +93,9 @@ def file_run(path: Path) -> str | None:
             run = json.loads(str(z["__meta__"])).get("run", "")
     except (OSError, ValueError, KeyError, EOFError, AttributeError, zipfile.BadZipFile):
         return None
-    return run if isinstance(run, str) else ""
+    if run == "":
+        return ""
+    return run if valid_run_token(run) else "unnamed"  # a tampered name never becomes a path
 
 
 def state_files(folder: Path, before_round: int | None = None, run: str | None = None) -> list[Path]:

@@ -61,7 +61,7 @@ class CostModel:
                 if name.startswith("attn."):
                     self._lora_attn[i] += 2.0 * p.numel()
                 else:
-                    share = self._mlp_mult[i] / max(getattr(b.mlp, "num_experts", 1), 1) if ".experts." in f".{name}" else 1.0
+                    share = getattr(b.mlp, "top_k", 1) / max(getattr(b.mlp, "num_experts", 1), 1) if ".experts." in f".{name}" else 1.0
                     self._lora_mlp[i] += 2.0 * p.numel() * share
         self.prefix = vit.num_prefix_tokens
         self.num_patches = model.num_patches

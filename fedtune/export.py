@@ -7,8 +7,8 @@ folder:
 - `model.safetensors`: the weights. A dense model uses plain timm key names
   (the task's head as timm's `head`), so `timm.create_model(name, **config)`
   loads them; an MoE model keeps only the experts the task's router uses; a
-  SHERL model (kind `sherl`) adds its consolidator's weights (`consolidator.*`),
-  which timm's forward has no place for; export.json reports how often an MoE or
+  SHERL model (kind `sherl`; an MoE one stays `moe`) adds its consolidator's
+  weights (`consolidator.*`), which timm's forward has no place for; export.json reports how often an MoE or
   SHERL export's predictions agree with the run's own model;
 - `config.yaml`: what is needed to rebuild and feed the model (timm name and
   kwargs, classes, normalisation, the source run);

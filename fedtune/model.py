@@ -292,7 +292,7 @@ def load_backbone(model: FedViT, path: str | Path, strict: bool = False) -> list
         warnings.warn(f"{path}: loaded {len(loaded)} of the backbone's {len(own)} tensors; {len(missing)} keep their random initialization"
                       + (f" ({', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''})" if missing else "")
                       + (f"; {len(unused)} of the file's are not the model's ({', '.join(unused[:4])}{' ...' if len(unused) > 4 else ''})" if unused else "")
-                      + " (model.strict_pretrained: true makes this an error)", stacklevel=2)
+                      + (" (model.strict_pretrained: true makes missing tensors an error)" if missing else ""), stacklevel=2)
     model.vit.load_state_dict(loaded, strict=False)
     return missing
 

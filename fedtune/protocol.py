@@ -39,6 +39,11 @@ INITIAL_SHA256 = "initial-sha256"  # str: checksum of version 0 when clients may
 FINAL = "final"  # in an evaluate instruction: the run's final evaluation (every client personalizes fully)
 RUN_TOKEN = "run-token"  # str: the run's identity (kept across --resume); a client keeps state only from files of its run
 
+
+def valid_run_token(token: object) -> bool:
+    """A run token names a folder on the device (other-runs/<token>): letters, digits, - and _ only."""
+    return isinstance(token, str) and 0 < len(token) <= 64 and all(c.isascii() and (c.isalnum() or c in "-_") for c in token)
+
 # Metric keys in a reply that carries no result.
 NEED_FULL_MODEL = "need-full-model"  # 1: the client holds no copy of BASE_VERSION; the server resends the whole model
 

@@ -125,7 +125,7 @@ class SparseFedAvg(FedAvg):
         self.robust_absent, self.nnm = robust_absent, nnm
         self.dp_noise_multiplier = dp_noise_multiplier
         self.dp_rng = np.random.default_rng()
-        self.run_token = uuid.uuid4().hex  # the run's identity in every instruction (state_dict keeps it across --resume)
+        self.run_token: str | None = uuid.uuid4().hex  # the run's identity in every instruction (state_dict keeps it across --resume)
         if weighting not in protocol.WEIGHTINGS:
             raise ConfigError(f"weighting: expected one of {protocol.WEIGHTINGS}, got {weighting!r}")
         if isinstance(personal_keys, str):
@@ -247,7 +247,8 @@ class SparseFedAvg(FedAvg):
             # the starting model, to a node that built it itself: full FedAvg from the same start sends it nothing
             from_start = base == 0 and self.downlink.version == 0 and node_id not in self.downlink.held
             config = ConfigRecord(dict(record[protocol.CONFIG]))
-            config[protocol.RUN_TOKEN] = self.run_token
+            if self.run_token is not None:
+                config[protocol.RUN_TOKEN] = self.run_token
             config[protocol.BASE_VERSION] = base
             config[protocol.MODEL_VERSION] = self.downlink.version if self.downlink.sparse else FULL
             if base == 0 and self.downlink.initial_sha256 is not None:
@@ -781,9 +782,11 @@ class SparseFedAvg(FedAvg):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the state written by state_dict()."""
         expected = set(self.state_dict())
-        state = {"run_token": self.run_token, **state}  # checkpoints before the run token: this run's new one
-        if not isinstance(state["run_token"], str) or not state["run_token"]:
-            raise CheckpointError(f"strategy state: run_token is not a non-empty string: {state['run_token']!r}")
+        # a checkpoint from before run tokens resumes without one: its clients' state files
+        # name no run, and a token would set them aside
+        state = {"run_token": None, **state}
+        if state["run_token"] is not None and not protocol.valid_run_token(state["run_token"]):
+            raise CheckpointError(f"strategy state: run_token is not a token of letters, digits, - and _: {state['run_token']!r}")
         missing, unknown = sorted(expected - set(state)), sorted(set(state) - expected)
         if missing or unknown:
             raise CheckpointError(f"strategy state: missing keys {missing}, unknown keys {unknown}")

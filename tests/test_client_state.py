@@ -108,3 +108,8 @@ def test_a_devices_state_folder_keeps_each_runs_files_apart(tmp_path):
     write_client_state(tmp_path, ClientState(personal={"h": np.full(2, 2.0)}), 2, run="new")
     assert np.array_equal(read_client_state(tmp_path, before_round=5, run="new").personal["h"], np.full(2, 2.0))
     assert read_client_state(tmp_path / OTHER_RUNS / "old", run="old").personal["h"][0] == 105.0, "the old run's newest state is still there"
+    write_client_state(tmp_path, ClientState(), 7, run="../../evil")  # a tampered run name never becomes a path
+    with _w.catch_warnings(record=True):
+        _w.simplefilter("always")
+        write_client_state(tmp_path, ClientState(), 3, run="new")
+    assert [p.name for p in (tmp_path / OTHER_RUNS / "unnamed").glob("*.npz")] == ["round-000007.npz"]

@@ -129,7 +129,13 @@ def test_independent_runs_refuse_a_used_out_and_resume_each_task_federation(tmp_
     feds = sim.task_federations(cfg)
     ran = []
     summary = {"rounds": 1, "accuracy_global": 0.5, "bytes_up_total": 1, "bytes_down_total": 2, "model_bytes": 4, "wall_time_s": 1.0}
-    monkeypatch.setattr(sim, "simulate", lambda sub, out, resume=False, **kw: ran.append((out.name, resume)) or dict(summary))
+    def fake_simulate(sub, out, resume=False, **kw):  # what a finished run leaves
+        ran.append((out.name, resume))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.jsonl").write_text("")
+        return dict(summary)
+
+    monkeypatch.setattr(sim, "simulate", fake_simulate)
     out = tmp_path / "run"
     with pytest.raises(ConfigError, match="holds no task federation to continue"):
         sim.simulate_independent(cfg, out, resume=True)
@@ -138,6 +144,12 @@ def test_independent_runs_refuse_a_used_out_and_resume_each_task_federation(tmp_
     with pytest.raises(ConfigError, match="already holds a run"):
         sim.simulate_independent(cfg, out)
     assert ran == [] and not (out / "config.json").exists(), "nothing written"
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "metrics.jsonl").write_text("")
+    for resume in (False, True):
+        with pytest.raises(ConfigError, match="holds a run of one federation"):
+            sim.simulate_independent(cfg, plain, resume=resume)
     for task, (sub, _) in feds.items():
         run_cfg = sub if task != "colour" else multidomain(seed=9)
         meta = model_meta(sub.model, {task: 2}, run=to_dict(run_cfg), round=1, strategy={}, method=sub.method.name)
@@ -146,9 +158,12 @@ def test_independent_runs_refuse_a_used_out_and_resume_each_task_federation(tmp_
         sim.simulate_independent(cfg, out, resume=True)
     (out / "colour" / "checkpoint.safetensors").unlink()
     (out / "digit" / "summary.json").write_text(json.dumps({**summary, "accuracy_global": 0.9}))
-    for task in feds:
-        (out / task).mkdir(exist_ok=True)
+    for task in ("digit", "shape", "colour"):
         (out / task / "metrics.jsonl").write_text("")
+    with pytest.raises(ConfigError, match="colour stopped before its first checkpoint"):
+        sim.simulate_independent(cfg, out, resume=True)
+    assert ran == []
+    (out / "colour" / "metrics.jsonl").unlink()
     got = sim.simulate_independent(cfg, out, resume=True)
     assert got["accuracy_per_task"] == {"digit": 0.9, "shape": 0.5, "colour": 0.5}
     assert ran == [("shape", True), ("colour", False)], "digit finished and was read back; shape continues; colour never started"

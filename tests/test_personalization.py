@@ -390,12 +390,18 @@ def test_every_instruction_names_the_run_and_a_resumed_strategy_keeps_its_token(
     resumed.load_state_dict(strategy.state_dict())
     assert resumed.run_token == strategy.run_token
     older = {k: v for k, v in strategy.state_dict().items() if k != "run_token"}
-    fresh = SparseFedAvg()
-    token = fresh.run_token
-    fresh.load_state_dict(older)  # a checkpoint written before run tokens
-    assert fresh.run_token == token
-    with pytest.raises(CheckpointError, match="run_token"):
-        fresh.load_state_dict({**older, "run_token": 5})
+    fresh = SparseFedAvg(sparse_downlink=True)
+    fresh.load_state_dict(older)  # a checkpoint written before run tokens: its clients' files name no run
+    assert fresh.run_token is None
+    assert all(protocol.RUN_TOKEN not in m.content[protocol.CONFIG] for m in fresh.configure_train(2, g0, ConfigRecord(), grid)), "no token: clients keep their files"
+    for bad in (5, "", "../../x"):
+        with pytest.raises(CheckpointError, match="run_token"):
+            fresh.load_state_dict({**older, "run_token": bad})
+    from clients.app import _run_token
+
+    with pytest.raises(ConfigError, match="not a run token"):
+        _run_token(ConfigRecord({protocol.RUN_TOKEN: "../../x"}))
+    assert _run_token(ConfigRecord({})) is None
 
 
 def test_full_fedavgs_downlink_from_the_same_start_leaves_out_only_the_starting_model_clients_built():

@@ -121,6 +121,6 @@ def partition_indices(
             raise ConfigError(
                 f"pathological partitioning ({class_assignment}) gives classes {unused} to no client "
                 f"({num_partitions} clients x {classes_per_partition} classes, {len(np.unique(labels))} classes in the data): "
-                "they would never train, though the test set has them; use more clients or classes_per_partition, or another class_assignment"
+                "no client would ever train on them; use more clients or classes_per_partition, or another class_assignment"
             )
     return parts

@@ -43,6 +43,13 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     cfg = _load(PretrainConfig, args.config, args.set)
     out = Path(args.out) if args.out else cache_dir() / "pretrained" / f"{cfg.key()}.safetensors"
     if out.exists() and not args.force:
+        from .errors import ConfigError
+        from .typedconfig import differences, to_dict
+
+        _, meta = model_from_checkpoint(out)
+        changed = differences(meta.get("pretrain") or {}, to_dict(cfg))
+        if changed:  # the held-out set below is built from the config: it must be the file's own
+            raise ConfigError(f"{out} holds a pretraining of another config (differs in {', '.join(changed[:6])}); use --force to train again, or another --out")
         print(f"cached: {out} (use --force to train again)")
     else:
         pretrain(cfg, out, progress=not args.no_progress)

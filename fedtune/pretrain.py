@@ -241,6 +241,8 @@ class PretrainConfig:
         d = to_dict(self)
         if not self.contours:  # keys of configs from before contours existed stay the same
             d.pop("contours"), d.pop("contour_classes")
+        if self.init_from:  # the file's contents, not only its path
+            d["init_from_sha256"] = hashlib.sha256(Path(self.init_from).read_bytes()).hexdigest()
         text = json.dumps(d, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 

@@ -98,6 +98,8 @@ def plot_run(rounds: list[dict[str, Any]], out: Path, depth: int, moe_blocks: li
     rows, labels = [], []
     for x in rr:
         for c in sorted(x.get("clients", []), key=lambda c: c.get("partition_id", -1)):
+            if c.get("accepted") is False:  # a rejected reply trained nothing the model kept
+                continue
             updates = c.get("block_updates")
             if updates:
                 steps = max(1, c.get("steps", 1))
@@ -130,6 +132,8 @@ def _plot_experts(rounds: list[dict[str, Any]], out: Path, moe_blocks: list[int]
     client_label: dict[int, str] = {}
     for r in rounds:
         for c in r.get("clients", []):
+            if c.get("accepted") is False:
+                continue
             for task, flat in (c.get("experts") or {}).items():
                 counts = np.asarray(flat, dtype=float).reshape(len(moe_blocks), -1)
                 per_task[task] = per_task.get(task, 0) + counts

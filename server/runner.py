@@ -77,9 +77,10 @@ class ServerRunner:
         self.split, _ = federated_data(cfg)
         self.rounds: list[dict[str, Any]] = []
         self.done_rounds = 0
-        self.dp_stats_rng = np.random.default_rng(cfg.seed + 104_729)  # the head fit's noise under DP
+        self.dp_stats_rng = np.random.default_rng()  # the head fit's noise under DP: secret (fresh entropy), never derived from the config
         self.bar = None
         self.started = time.time()
+        self.time_before = 0.0  # a resumed run: the seconds its earlier processes ran (their last kept round's elapsed_s)
         self.final: dict[str, Any] | None = None
         # what full-model FedAvg sends per model: every tensor but LoRA adapters (it trains the weights they adapt)
         self.full_bytes = int(sum(v.numel() * v.element_size() for k, v in self.model.state_dict().items() if not is_lora_name(k)))
@@ -138,7 +139,9 @@ class ServerRunner:
             weighting=f.weighting,
             personal_keys=f.personal_prefixes(),
             feed_importance=f.feed_importance,
-            sample_seed=self.cfg.seed,
+            # DP's accountant counts the privacy of a secret sample of clients: under DP the
+            # sample is drawn from fresh entropy, not from the config's seed
+            sample_seed=None if f.dp_noise_multiplier else self.cfg.seed,
             round_offset=round_offset,
             head_stats_round=f.rounds if f.head_fit == "lda" else None,
             head_stats_every_round=f.personalization == "lda",
@@ -168,6 +171,7 @@ class ServerRunner:
             arrays_np, meta = self.load_checkpoint()
             self.done_rounds = int(meta["round"])
             self.rounds = [r for r in read_jsonl(metrics_path) if r.get("round", 0) <= self.done_rounds]
+            self.time_before = max([float(r.get("elapsed_s", 0.0)) for r in self.rounds] + [0.0])
             metrics_path.write_text("".join(json.dumps(r) + "\n" for r in self.rounds))
             strategy = self.make_strategy(self.done_rounds)
             strategy.load_state_dict(meta["strategy"])
@@ -320,7 +324,7 @@ class ServerRunner:
             **({"nnm_neighbours": [{"node_id": n, "neighbours": nb} for n, nb in s.last_nnm_neighbours]} if s.nnm else {}),
             "rss_bytes": proc_rss,
             "rss_bytes_with_workers": total_rss,
-            "elapsed_s": round(time.time() - self.started, 2),
+            "elapsed_s": round(self.time_before + time.time() - self.started, 2),
         }
 
     def client_record(self, c: dict[str, Any]) -> dict[str, Any]:
@@ -434,7 +438,7 @@ class ServerRunner:
             # the largest reply one client sent in one round (accepted replies)
             "bytes_up_client_max": int(max((c.get("bytes_sent") or 0 for r in rounds for c in r.get("clients", []) if c.get("accepted")), default=0)),
             "rejected_replies": int(sum(len(r.get("rejected", [])) for r in rounds)),
-            "wall_time_s": round(time.time() - self.started, 1),
+            "wall_time_s": round(self.time_before + time.time() - self.started, 1),  # over every process of a resumed run
             "peak_rss_bytes": int(peak),
             "rss_bytes_per_round": [r.get("rss_bytes_with_workers") for r in rounds],
             # seconds each round took (the first, and the first after a resume, include the start: data, model, workers)
@@ -487,7 +491,7 @@ def dp_epsilon(cfg: RunConfig, rounds: int, head_stats: bool = False) -> float:
     accountant = rdp.RdpAccountant()
     accountant.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(f.dp_noise_multiplier)), rounds))
     if head_stats:
-        q_eval = min(f.eval_clients_per_round or f.num_clients, f.num_clients) / f.num_clients
+        q_eval = min(f.eval_clients_per_round or f.clients_per_round or f.num_clients, f.num_clients) / f.num_clients  # the sample the run evaluates
         accountant.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(q_eval, dp_accounting.GaussianDpEvent(f.dp_noise_multiplier)), 3))
     return float(accountant.get_epsilon(f.dp_delta))
 
@@ -521,9 +525,10 @@ def wait_for_nodes(grid: Grid, needed: int, timeout_s: float, poll_s: float = 1.
             return connected
         if time.monotonic() >= deadline:
             raise ConfigError(
-                f"federation.num_clients is {needed} but only {connected} node(s) connected within "
-                f"federation.connect_timeout_s={timeout_s:g} s: start {needed} SuperNodes (under `flwr run`, "
-                f"options.num-supernodes={needed} in the connection's config) or set federation.num_clients={connected}"
+                f"the run needs {needed} nodes (federation.num_clients plus federation.new_clients) but only {connected} "
+                f"connected within federation.connect_timeout_s={timeout_s:g} s: start {needed} SuperNodes (under `flwr run`, "
+                f"options.num-supernodes={needed} in the connection's config) or lower federation.num_clients / new_clients "
+                f"to {connected} nodes in all"
             )
         if connected != logged:
             log(20, "waiting for nodes: %d of %d connected", connected, needed)

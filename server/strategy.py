@@ -359,6 +359,7 @@ class SparseFedAvg(FedAvg):
         self.downlink.observe(arrays)
         self.bytes_down_round, self.messages_round, self.start_messages_round = 0, 0, 0
         self.sampled_round = 0
+        self.bytes_up_round = 0  # a round without replies receives nothing (aggregate_train returns early then)
         server_round += self.round_offset
         self._seed_sampling(server_round, 0)
         # A copy: FedAvg writes into the config it gets, and the caller reuses its own.

@@ -111,13 +111,17 @@ def trained_blocks(run: Path) -> dict[tuple[int, str], dict[int, list[int]]]:
 
 
 def _cell(values: list[float], scale: float, decimals: int) -> str:
-    values = [v * scale for v in values if v is not None]
-    if not values:
+    """Mean ± sd (each run's value); a run without the value shows as "-" among them, so a
+    cell never averages fewer runs than the row names unseen."""
+    have = [v * scale for v in values if v is not None]
+    if not have:
         return "-"
     if len(values) == 1:
-        return f"{values[0]:.{decimals}f}"
-    each = ", ".join(f"{v:.{decimals}f}" for v in values)
-    return f"{statistics.mean(values):.{decimals}f} ± {statistics.stdev(values):.{decimals}f} ({each})"
+        return f"{have[0]:.{decimals}f}"
+    each = ", ".join("-" if v is None else f"{v * scale:.{decimals}f}" for v in values)
+    if len(have) == 1:
+        return f"{have[0]:.{decimals}f} ({each})"
+    return f"{statistics.mean(have):.{decimals}f} ± {statistics.stdev(have):.{decimals}f} ({each})"
 
 
 def compare(runs: list[tuple[str, Path]], keys: tuple = SUMMARY_KEYS, blocks: bool = True) -> str:

@@ -20,6 +20,7 @@ commands at once.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -88,13 +89,21 @@ def main(argv: list[str] | None = None, simulate: Callable[[list[str]], int] = _
             print(f"copy   {folder / 'summary.json'} (finished earlier)")
             rc = 0
         else:
-            if (folder / "metrics.jsonl").is_file() or (folder / "checkpoint.safetensors").is_file():
+            if (folder / "checkpoint.safetensors").is_file():
                 cmd = [*cmd, "--resume"]  # an interrupted run: go on from its last completed round
+            elif (folder / "metrics.jsonl").is_file():  # stopped before its first checkpoint: nothing to go on from
+                aside = folder.with_name(f"{folder.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+                folder.rename(aside)
+                print(f"moved  {folder} -> {aside} (stopped before its first checkpoint)")
             print(f"run    {' '.join(cmd)}", flush=True)
             rc = simulate(cmd)
         out = folder / "summary.json"
         if rc != 0 or not out.is_file():
             failed.append(f"{name} (exit {rc}; see {folder})")
+            continue
+        error = json.loads(out.read_text()).get("error")
+        if error:  # a run that failed (rounds without an accepted reply) still writes its summary: never a table row
+            failed.append(f"{name} ({error}; see {folder}; --force runs it again)")
             continue
         summaries.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(out, summaries / f"{name}.json")

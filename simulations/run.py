@@ -25,11 +25,15 @@ def check_out(out: Path, resume: bool, cfg: RunConfig | None = None) -> None:
 
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder")
+    stopped_early = (out / "metrics.jsonl").exists() and not (out / CHECKPOINT).exists()
+    if stopped_early:  # the run wrote its round-0 record, then stopped before its first checkpoint
+        raise ConfigError(f"{out} holds a run that stopped before its first checkpoint (metrics.jsonl, no {CHECKPOINT}): "
+                          "nothing to continue from; delete the folder or choose another --out")
     if resume:
         _, meta = read_state(out / CHECKPOINT)  # a CheckpointError naming the file
         if cfg is not None:
             resume_conflicts(out / CHECKPOINT, meta, cfg)
-    elif (out / "metrics.jsonl").exists() or (out / CHECKPOINT).exists():
+    elif (out / CHECKPOINT).exists():
         raise ConfigError(f"{out} already holds a run (metrics.jsonl/checkpoint); use --resume to continue it or choose another --out")
 
 

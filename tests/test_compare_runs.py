@@ -236,3 +236,11 @@ def test_pfl_ceiling_knn_votes_and_breaks_ties_by_the_nearer_class():
     # 2-2 ties go to the class whose neighbours are nearer, whichever its index
     assert knn_accuracy(torch.tensor([[0.05, 0.95]]), torch.tensor([7]), train[:4], labels[:4], k=4) == 1.0
     assert knn_accuracy(torch.tensor([[0.95, 0.05]]), torch.tensor([3]), train[:4], labels[:4], k=4) == 1.0
+
+
+def test_a_cell_shows_the_runs_that_lack_its_value():
+    from simulations.compare_runs import _cell
+
+    assert _cell([0.5, None, 0.7], 100.0, 1) == "60.0 ± 14.1 (50.0, -, 70.0)"
+    assert _cell([None, 0.7], 100.0, 1) == "70.0 (-, 70.0)"
+    assert _cell([None, None], 100.0, 1) == "-"

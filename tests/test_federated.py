@@ -229,6 +229,12 @@ def test_a_failed_start_writes_nothing_into_an_existing_run(tmp_path):
     with pytest.raises(CheckpointError, match="checkpoint.safetensors"):
         simulate(tiny_run(), run, resume=True)
     assert (run / "config.json").read_text() == "the original"
+    early = tmp_path / "early"  # stopped in round 1: its round-0 record, no checkpoint
+    early.mkdir()
+    (early / "metrics.jsonl").write_text("{}\n")
+    for resume in (False, True):
+        with pytest.raises(ConfigError, match="stopped before its first checkpoint .*delete the folder"):
+            simulate(tiny_run(), early, resume=resume)
     # a readable checkpoint written by another config: the keys that differ are named
     from fedtune.federated import global_model
     from fedtune.model import model_meta, save_checkpoint
@@ -301,7 +307,7 @@ def test_server_fails_clearly_when_too_few_nodes_connect():
     assert wait_for_nodes(grid, 3, timeout_s=10, poll_s=0) == 3
     grid.get_node_ids.side_effect = None
     grid.get_node_ids.return_value = [1, 2]
-    with pytest.raises(ConfigError, match=r"num_clients is 8 but only 2 node\(s\).*num-supernodes=8"):
+    with pytest.raises(ConfigError, match=r"needs 8 nodes \(federation.num_clients plus federation.new_clients\) but only 2 connected.*num-supernodes=8"):
         wait_for_nodes(grid, 8, timeout_s=0)
     with pytest.raises(ConfigError, match="connect_timeout_s"):
         tiny_run(federation={"num_clients": 4, "connect_timeout_s": -1}).validate()

@@ -141,7 +141,7 @@ def test_independent_runs_refuse_a_used_out_and_resume_each_task_federation(tmp_
         sim.simulate_independent(cfg, out, resume=True)
     (out / "shape").mkdir(parents=True)
     (out / "shape" / "metrics.jsonl").write_text("")
-    with pytest.raises(ConfigError, match="already holds a run"):
+    with pytest.raises(ConfigError, match="holds a run"):
         sim.simulate_independent(cfg, out)
     assert ran == [] and not (out / "config.json").exists(), "nothing written"
     plain = tmp_path / "plain"

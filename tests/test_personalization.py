@@ -376,6 +376,19 @@ def test_strategy_resends_the_whole_model_to_a_node_that_lost_its_copy(monkeypat
     assert any("lost their model copy" in str(c.args[1]) for c in logged.call_args_list), "the recovery is logged"
 
 
+def test_a_round_without_replies_receives_no_bytes():
+    """Its bytes up are 0, not the previous round's again."""
+    strategy = SparseFedAvg(sparse_downlink=True)
+    grid = Mock()
+    grid.get_node_ids.return_value = [1, 2]
+    g0 = record_of({"a": np.zeros(2, np.float32), "b": np.ones(3, np.float32)})
+    list(strategy.configure_train(1, g0, ConfigRecord(), grid))
+    g1, _ = strategy.aggregate_train(1, [train_reply(1), train_reply(2)])
+    assert strategy.bytes_up_round > 0
+    list(strategy.configure_train(2, g1, ConfigRecord(), grid))
+    assert strategy.aggregate_train(2, []) == (None, None) and strategy.bytes_up_round == 0
+
+
 def test_every_instruction_names_the_run_and_a_resumed_strategy_keeps_its_token():
     from fedtune.errors import CheckpointError
 

@@ -74,6 +74,14 @@ def test_pretrain_on_glyphs_and_contours_writes_a_loadable_checkpoint(tmp_path, 
     assert np.isfinite(state["heads.contour.weight"].numpy()).all()
     sets = pretrain_sets(from_dict(PretrainConfig, {"glyphs": 0, "contours": 4, "model": {"img_size": 16}}))
     assert [s.tasks for s in sets] == [["contour", "texture"]]
+    # the file is kept for its own config only: another seed would score it on its training glyphs
+    assert main(["pretrain", "--config", str(cfg), "--out", str(out), "--no-progress"]) == 0
+    assert main(["pretrain", "--config", str(cfg), "--set", "seed=5", "--out", str(out), "--no-progress"]) == 2
+    assert "holds a pretraining of another config (differs in seed)" in capsys.readouterr().err
+    moved = from_dict(PretrainConfig, {"init_from": str(out)})
+    before = moved.key()
+    out.write_bytes(out.read_bytes() + b" ")
+    assert moved.key() != before, "the cache key follows the init_from file's contents"
 
 
 def test_a_shipped_asset_is_found_by_name_and_a_wrong_name_is_a_clear_error():

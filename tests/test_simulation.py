@@ -152,6 +152,7 @@ def test_killed_simulation_resumes_to_the_same_result(tmp_path):
     after = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in after] == [0, 1, 2, 3, 4]
     assert after[: done + 1] == before[: done + 1]  # completed rounds kept as they were
+    assert after[done + 1]["elapsed_s"] > after[done]["elapsed_s"] and b["wall_time_s"] >= after[-1]["elapsed_s"], "time counts over both processes"
     each = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("accuracy_personalized") for r in after] == [r.get("accuracy_personalized") for r in each]
     # every evaluated round's statistics count as bytes up, not only the head fit's

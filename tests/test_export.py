@@ -31,6 +31,22 @@ def make_run(tmp_path, **over):
     return run, cfg, glob, state
 
 
+def run_model_and_exported(cfg, glob, out, batch=4):
+    """The run's model (its global arrays) in eval mode, random images, and the exported ONNX
+    model's logits on them, checked equal to the run model's."""
+    from fedtune.federated import load_numpy_state
+
+    module, config = load_exported(out)
+    model = global_model(cfg)
+    load_numpy_state(model, glob)
+    model.eval()
+    x = torch.randn(batch, 3, 16, 16)
+    logits = torch.from_numpy(module(x))
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model(x, "digit"), atol=1e-5, rtol=0)
+    return model, x, logits, config
+
+
 def test_dense_export_round_trip(tmp_path):
     run, cfg, glob, state = make_run(tmp_path)
     out = tmp_path / "export"
@@ -100,21 +116,14 @@ def test_client_export_is_the_clients_own_model(tmp_path, mode):
 def test_sherl_export_runs_the_trained_consolidator(tmp_path):
     """A SHERL run trains the consolidator (and the head); the export carries it and predicts
     as the run's model does through it, not as the backbone alone would."""
-    from fedtune.federated import load_numpy_state
-
     run, cfg, glob, state = make_run(tmp_path, method={"name": "sherl"})
     assert any(k.startswith("consolidator.") for k in glob)
     summary = export_run(run, None, tmp_path / "export")
     assert summary["kind"] == "sherl" and summary["agreement_with_run_model"] == 1.0
-    module, _ = load_exported(tmp_path / "export")
-    model = global_model(cfg)
-    load_numpy_state(model, glob)
-    model.eval()
-    x = torch.randn(4, 3, 16, 16)
+    model, x, logits, _ = run_model_and_exported(cfg, glob, tmp_path / "export")
     with torch.no_grad():
-        torch.testing.assert_close(torch.from_numpy(module(x)), model(x, "digit"), atol=1e-5, rtol=0)
         without = model.heads["digit"](model.vit.forward_head(model.vit.forward_features(x), pre_logits=True))
-    assert not torch.allclose(torch.from_numpy(module(x)), without, atol=1e-4), "the consolidator is in the export"
+    assert not torch.allclose(logits, without, atol=1e-4), "the consolidator is in the export"
     with pytest.raises(ConfigError, match="not a plain timm model"):
         load_timm(tmp_path / "export")
 
@@ -125,17 +134,9 @@ def test_moe_export_is_smaller_and_predicts_the_same(tmp_path, shared):
     out = tmp_path / "export"
     summary = export_run(run, "digit", out)
     assert summary["kind"] == "moe" and summary["bytes"] < summary["run_model_bytes"]
-    module, config = load_exported(out)
+    _, _, _, config = run_model_and_exported(cfg, glob, out, batch=5)
     assert config["moe"] == {"blocks": [1, 3], "top_k": 2, "router": "per_task", "shared_experts": shared}, "how the kept experts combine"
     assert summary["run_eval_capacity_factor"] is None
-    model = global_model(cfg)
-    from fedtune.federated import load_numpy_state
-
-    load_numpy_state(model, glob)
-    model.eval()
-    x = torch.randn(5, 3, 16, 16)
-    with torch.no_grad():
-        torch.testing.assert_close(torch.from_numpy(module(x)), model(x, "digit"), atol=1e-5, rtol=0)
     assert summary["onnx_max_abs_diff"] <= 1e-5
 
 

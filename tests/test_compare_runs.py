@@ -125,6 +125,7 @@ def test_pfl_runs_gives_one_command_per_table_row_and_runs_only_what_is_missing(
     """simulations.pfl_runs: every row's runs with their configs and split settings; --run
     runs the missing ones one at a time, keeps their summaries and rebuilds the tables; a
     failed run is reported and exits non-zero."""
+    import shutil
     from pathlib import Path
 
     from simulations.pfl_runs import config_of
@@ -156,14 +157,30 @@ def test_pfl_runs_gives_one_command_per_table_row_and_runs_only_what_is_missing(
     assert sorted(p.name for p in summaries.iterdir()) == ["fedrep_a0.5_s0.json", "fedrep_a0.5_s1.json"]
     assert "| FedRep | 2 |" in (tmp_path / "table_alpha0.5.md").read_text()
     assert "fedrep_a0.5_s2 (exit 1" in capsys.readouterr().err
-    # a finished run folder only has its summary copied; an interrupted one is resumed; --force moves the old folder aside
+    # a finished run folder only has its summary copied; an interrupted one is resumed from its
+    # checkpoint; one stopped before its first checkpoint is set aside and run again; --force
+    # moves the old folder aside; a summary that records a failure never becomes a table row
     (runs / "fedrep_a0.5_s2").mkdir()
     (runs / "fedrep_a0.5_s2" / "metrics.jsonl").write_text("{}\n")
+    (runs / "fedrep_a0.5_s2" / "checkpoint.safetensors").write_text("")
     calls.clear()
     (summaries / "fedrep_a0.5_s1.json").unlink()
     assert pfl_runs([*common, "--run"], simulate=simulate) == 0
     assert [(Path(c[c.index("--out") + 1]).name, c[-1]) for c in calls] == [("fedrep_a0.5_s2", "--resume")], "s1's folder held its summary: copied, not run again"
     assert (summaries / "fedrep_a0.5_s1.json").is_file()
+    (summaries / "fedrep_a0.5_s2.json").unlink()
+    (runs / "fedrep_a0.5_s2" / "summary.json").unlink()
+    (runs / "fedrep_a0.5_s2" / "checkpoint.safetensors").unlink()
+    calls.clear()
+    assert pfl_runs([*common, "--run"], simulate=simulate) == 1, "without --resume the stub fails s2"
+    assert calls and "--resume" not in calls[0] and any(p.name.startswith("fedrep_a0.5_s2.old-") for p in runs.iterdir())
+    (runs / "fedrep_a0.5_s2").mkdir(exist_ok=True)
+    (runs / "fedrep_a0.5_s2" / "summary.json").write_text(json.dumps({"error": "round(s) [1] had no accepted client reply"}))
+    assert pfl_runs([*common, "--run"], simulate=simulate) == 1
+    assert "had no accepted client reply" in capsys.readouterr().err and not (summaries / "fedrep_a0.5_s2.json").exists()
+    for p in runs.iterdir():
+        if p.name.startswith("fedrep_a0.5_s2.old-"):
+            shutil.rmtree(p)
     calls.clear()
     (runs / "fedrep_a0.5_s0").mkdir()
     (runs / "fedrep_a0.5_s0" / "summary.json").write_text("{}")

@@ -53,6 +53,13 @@ def federated_data(cfg: RunConfig) -> tuple[DataSplit, list[np.ndarray]]:
                 classes_per_partition=p.classes_per_partition, seed=cfg.seed, min_partition_size=p.min_partition_size,
                 class_assignment=p.class_assignment,
             )
+            if p.scheme == "pathological" and cfg.federation.new_clients:  # the new clients never train: their classes must be others' too
+                labels = pooled.labels[task].numpy()
+                trained = set(np.unique(labels[np.concatenate(parts[: cfg.federation.num_clients])]).tolist())
+                unused = sorted(set(np.unique(labels).tolist()) - trained)
+                if unused:
+                    raise ConfigError(f"partition: the pathological split gives classes {unused} to new clients only (federation.new_clients "
+                                      f"{cfg.federation.new_clients}): no training client would train on them; use more clients or another class_assignment")
         if p.pool:
             # the personalized-FL protocol: partition train and test together; each client's
             # 25% (local_test_fraction) is its test split, and the central test set is the union

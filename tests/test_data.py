@@ -497,9 +497,21 @@ def test_dirichlet_that_cannot_meet_min_size_is_a_clear_error() -> None:
         partition_indices(LABELS, 10, "dirichlet", alpha=0.01, min_partition_size=55)
 
 
+@pytest.mark.filterwarnings("ignore:Classes.*will NOT be used")
 def test_pathological_partitions_that_leave_a_class_to_no_client_are_refused() -> None:
     with pytest.raises(ConfigError, match=r"gives classes \[9\] to no client \(8 clients x 2 classes"):
         partition_indices(LABELS, 8, "pathological", classes_per_partition=2, seed=0)
+    # nor to new clients only: they never train
+    from fedtune.federated import federated_data
+    from tests.test_federated import tiny_run
+
+    def run(k):
+        return tiny_run(partition={"scheme": "pathological", "classes_per_partition": k, "min_partition_size": 1},
+                        federation={"num_clients": 8, "new_clients": 2, "personalization": "lda"})
+
+    with pytest.raises(ConfigError, match=r"gives classes \[9\] to new clients only"):
+        federated_data(run(2))
+    assert len(federated_data(run(3))[1]) == 10
 
 
 def test_bad_partition_and_split_values_are_config_errors_naming_the_key() -> None:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .data import DataSplit, ImageSet, concat_sets, load_data, partition_indices
+from .data.partition import classes_left_out
 from .errors import ConfigError
 from .methods import prepare_model
 from .model import FedViT, build_model
@@ -54,9 +55,7 @@ def federated_data(cfg: RunConfig) -> tuple[DataSplit, list[np.ndarray]]:
                 class_assignment=p.class_assignment,
             )
             if p.scheme == "pathological" and cfg.federation.new_clients:  # the new clients never train: their classes must be others' too
-                labels = pooled.labels[task].numpy()
-                trained = set(np.unique(labels[np.concatenate(parts[: cfg.federation.num_clients])]).tolist())
-                unused = sorted(set(np.unique(labels).tolist()) - trained)
+                unused = classes_left_out(pooled.labels[task].numpy(), parts[: cfg.federation.num_clients])
                 if unused:
                     raise ConfigError(f"partition: the pathological split gives classes {unused} to new clients only (federation.new_clients "
                                       f"{cfg.federation.new_clients}): no training client would train on them; use more clients or another class_assignment")

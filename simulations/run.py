@@ -133,17 +133,10 @@ def simulate_independent(cfg: RunConfig, out: Path, resume: bool = False, progre
         raise ConfigError(f"--out {out} is a file; give a folder")
     if (out / "metrics.jsonl").exists() or (out / CHECKPOINT).exists():
         raise ConfigError(f"--out {out} holds a run of one federation (metrics.jsonl/checkpoint), not independent task federations; choose another --out")
-    if resume:
-        if not any(started.values()):
-            raise ConfigError(f"--resume: {out} holds no task federation to continue (no {out}/<task>/{CHECKPOINT} for tasks {', '.join(feds)})")
-        for task, (sub_cfg, _) in feds.items():
-            if started[task]:
-                check_out(out / task, True, sub_cfg)
-            elif (out / task / "metrics.jsonl").exists():
-                raise ConfigError(f"--resume: {out / task} stopped before its first checkpoint, so it cannot continue; delete that folder to run the task's federation again")
-    else:
-        for task in feds:
-            check_out(out / task, False)
+    if resume and not any(started.values()):
+        raise ConfigError(f"--resume: {out} holds no task federation to continue (no {out}/<task>/{CHECKPOINT} for tasks {', '.join(feds)})")
+    for task, (sub_cfg, _) in feds.items():  # each as a run of its own: a started one resumes, the others start afresh
+        check_out(out / task, resume and started[task], sub_cfg)
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
         write_json(out / "config.json", to_dict(cfg))

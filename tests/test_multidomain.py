@@ -160,7 +160,7 @@ def test_independent_runs_refuse_a_used_out_and_resume_each_task_federation(tmp_
     (out / "digit" / "summary.json").write_text(json.dumps({**summary, "accuracy_global": 0.9}))
     for task in ("digit", "shape", "colour"):
         (out / task / "metrics.jsonl").write_text("")
-    with pytest.raises(ConfigError, match="colour stopped before its first checkpoint"):
+    with pytest.raises(ConfigError, match="colour holds a run that stopped before its first checkpoint"):
         sim.simulate_independent(cfg, out, resume=True)
     assert ran == []
     (out / "colour" / "metrics.jsonl").unlink()

@@ -116,7 +116,7 @@ def partition_indices(
                 ) from exc
             raise ConfigError(f"{scheme} partitioning failed: {exc}") from exc
     if scheme == "pathological":
-        unused = sorted(set(np.unique(labels).tolist()) - set(np.unique(labels[np.concatenate(parts)]).tolist()))
+        unused = classes_left_out(labels, parts)
         if unused:
             raise ConfigError(
                 f"pathological partitioning ({class_assignment}) gives classes {unused} to no client "
@@ -124,3 +124,9 @@ def partition_indices(
                 "no client would ever train on them; use more clients or classes_per_partition, or another class_assignment"
             )
     return parts
+
+
+def classes_left_out(labels: np.ndarray, parts: list[np.ndarray]) -> list[int]:
+    """The classes of `labels` that no partition in `parts` holds an example of."""
+    held = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    return sorted(set(np.unique(labels).tolist()) - set(np.unique(labels[held]).tolist()))

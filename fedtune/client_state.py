@@ -26,6 +26,7 @@ import torch
 
 from .errors import CheckpointError
 from .protocol import valid_run_token
+from .report import replace_durably
 
 PERSONAL_HEAD = "personal_head."
 PERSONAL_MODEL = "personal_model."  # Ditto: the client's whole personal model, every entry of the model's state_dict under this prefix
@@ -126,7 +127,10 @@ def write_client_state(folder: Path, state: ClientState, server_round: int, keep
     path = folder / f"round-{server_round:06d}.npz"
     tmp = folder / f"tmp-{server_round:06d}.npz"
     np.savez(tmp, __meta__=np.array(json.dumps(state_meta(state, server_round, run))), __sha256__=np.array(arrays_sha256(state.personal)), **state.personal)
-    os.replace(tmp, path)
+    replace_durably(tmp, path)
+    for stray in folder.glob("tmp-*.npz"):  # left by a write a crash cut short (one writer per folder)
+        if stray.name != f"tmp-{GLOBAL_COPY}":
+            stray.unlink(missing_ok=True)
     for old in state_files(folder, run=run)[: -max(KEEP_FILES, keep)]:
         old.unlink(missing_ok=True)
     return path
@@ -163,7 +167,7 @@ def write_global_copy(folder: Path, arrays: dict[str, np.ndarray], version: int,
     folder.mkdir(parents=True, exist_ok=True)
     path, tmp = folder / GLOBAL_COPY, folder / f"tmp-{GLOBAL_COPY}"
     np.savez(tmp, __version__=np.array(version), __run__=np.array(run or ""), **arrays)
-    os.replace(tmp, path)
+    replace_durably(tmp, path)
     return path
 
 

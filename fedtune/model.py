@@ -21,6 +21,7 @@ from torch import nn
 
 from . import engine
 from .errors import CheckpointError, ConfigError
+from .report import replace_durably
 from .typedconfig import from_dict, to_dict
 
 
@@ -229,7 +230,7 @@ def save_checkpoint(path: str | Path, state: dict[str, torch.Tensor], meta: dict
     flat_meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
     flat_meta["sha256"] = tensors_sha256(state)
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp), metadata=flat_meta)
-    tmp.replace(path)
+    replace_durably(tmp, path)
     return path
 
 

@@ -45,10 +45,29 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+def replace_durably(tmp: Path, path: Path) -> None:
+    """Move a fully written `tmp` onto `path` so that a crash or power loss leaves either the
+    old file or the new one: the data reach the disk before the rename, the rename before
+    returning."""
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:  # a platform whose folders cannot be opened (Windows): the rename stands
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
+    replace_durably(tmp, path)
 
 
 def plot_run(rounds: list[dict[str, Any]], out: Path, depth: int, moe_blocks: list[int] | None = None) -> list[Path]:

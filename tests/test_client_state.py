@@ -33,6 +33,17 @@ def test_round_trip_keeps_the_newest_rounds(tmp_path):
     assert personal_head_tasks(state.personal) == ["digit"]
 
 
+def test_a_write_cut_short_leaves_no_stray_file(tmp_path):
+    """A crash between writing the temporary file and renaming it leaves `tmp-NNNNNN.npz`;
+    the next round's write removes it (and never reads it as a state)."""
+    write_client_state(tmp_path, ClientState(method={"budgets": [1]}), 1)
+    (tmp_path / "tmp-000002.npz").write_bytes(b"cut short")
+    (tmp_path / "tmp-global-model.npz").write_bytes(b"the global copy's own temporary file")
+    assert read_client_state(tmp_path).method == {"budgets": [1]}
+    write_client_state(tmp_path, ClientState(method={"budgets": [3]}), 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["round-000001.npz", "round-000003.npz", "tmp-global-model.npz"]
+
+
 def test_earlier_files_and_corrupt_files(tmp_path):
     # files written before the planner state had its own key kept budgets and importance at the top
     np.savez(tmp_path / "round-000001.npz", __meta__=np.array(json.dumps({"budgets": [0.5], "importance": None, "rounds": 1, "round": 1})))

@@ -23,7 +23,10 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import math
+import sys
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
@@ -42,23 +45,40 @@ BACKEND_NAMES = ("native", "tutel", "auto")
 
 
 @functools.cache
-def tutel_available() -> bool:
-    """Whether tutel (and its compiled kernels) can be imported."""
+def tutel_problem() -> str | None:
+    """Why tutel cannot serve as a backend here (None when it can): not importable, or a
+    version whose dispatcher takes no per-call capacity (tutel < 0.2)."""
     try:
-        import tutel.moe  # noqa: F401
-    except (ImportError, OSError):
-        return False
-    return True
+        from tutel import moe as tutel_moe
+    except (ImportError, OSError) as exc:
+        return f"tutel is not importable ({exc})"
+    update = getattr(getattr(tutel_moe, "fast_dispatcher", None), "update", None)
+    try:
+        ok = update is not None and "capacity" in inspect.signature(update).parameters
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        version = getattr(sys.modules.get("tutel"), "__version__", "unknown")
+        return f"tutel {version} has no fast_dispatcher.update(..., capacity=...) (tutel >= 0.2 has)"
+    return None
+
+
+def tutel_available() -> bool:
+    """Whether tutel can serve as a backend here (importable, a version fedtune can call)."""
+    return tutel_problem() is None
 
 
 def resolve_backend(name: str, key: str = "backend") -> str:
-    """'auto' -> 'tutel' when importable, else 'native'; an unusable name is a ConfigError."""
+    """'auto' -> 'tutel' when usable, else 'native'; 'tutel' where it is not usable falls back
+    to 'native' with a warning (the same weights and outputs: a run or an export made with
+    tutel still loads where tutel is missing); an unknown name is a ConfigError."""
     if name not in BACKEND_NAMES:
         raise ConfigError(f"{key}: unknown MoE backend {name!r}; choose from {', '.join(BACKEND_NAMES)}")
     if name == "auto":
         return "tutel" if tutel_available() else "native"
     if name == "tutel" and not tutel_available():
-        raise ConfigError(f"{key}: 'tutel' is not importable here; install tutel or use 'native' (or 'auto')")
+        warnings.warn(f"{key}: 'tutel' is not usable here ({tutel_problem()}): using 'native', which gives the same outputs", stacklevel=2)
+        return "native"
     return name
 
 
@@ -93,11 +113,16 @@ class MoEConfig:
             raise ConfigError(f"{prefix}aux_loss_weight: must be >= 0, got {self.aux_loss_weight}")
         if not (math.isfinite(self.task_prior) and self.task_prior >= 0):
             raise ConfigError(f"{prefix}task_prior: must be a finite number >= 0, got {self.task_prior}")
+        for key in ("capacity_factor", "eval_capacity_factor"):
+            f = getattr(self, key)
+            if f is not None and not math.isfinite(f):
+                raise ConfigError(f"{prefix}{key}: must be a finite number or null (no limit), got {f}")
         if self.task_prior > 0 and self.router != "per_task":
             raise ConfigError(f"{prefix}task_prior: needs router: per_task (got router: {self.router})")
         if self.blocks is not None and any(b < 0 for b in self.blocks):
             raise ConfigError(f"{prefix}blocks: block indices must be >= 0, got {self.blocks}")
-        resolve_backend(self.backend, f"{prefix}backend")
+        if self.backend not in BACKEND_NAMES:
+            raise ConfigError(f"{prefix}backend: unknown MoE backend {self.backend!r}; choose from {', '.join(BACKEND_NAMES)}")
 
 
 @dataclass
@@ -143,7 +168,10 @@ def route(logits: torch.Tensor, top_k: int, cap: int | None) -> tuple[Routing, M
     logits = logits.float()
     T, E = logits.shape
     top_logits, indices = logits.topk(top_k, dim=-1)
-    gates = top_logits.softmax(dim=-1)
+    # top-1: the gate is exactly 1 and carries no gradient; leaving the logits out of it keeps
+    # the router's grad None (not a zero tensor), so a router only the task loss would
+    # train is neither counted as updated, nor sent, nor decayed by AdamW
+    gates = top_logits.softmax(dim=-1) if top_k > 1 else torch.ones_like(top_logits)
     onehot = F.one_hot(indices.t().reshape(-1), E)  # [k*T, E], rank-major
     slot = onehot.cumsum(dim=0) - 1
     locations = (slot * onehot).sum(dim=-1).view(top_k, T).t()
@@ -179,28 +207,29 @@ def native_combine(x: torch.Tensor, experts: nn.ModuleList, r: Routing) -> torch
 
 
 def tutel_combine(x: torch.Tensor, experts: nn.ModuleList, r: Routing) -> torch.Tensor:
-    """The same as `native_combine`, with tutel's fast dispatch kernels.
+    """The same as `native_combine`, with tutel's fast dispatch kernels (tutel >= 0.2).
 
-    tutel's "critical data" is (E, [indices per choice], [locations per choice],
-    [gates per choice], capacity, tokens dispatched per expert), as its
-    extract_critical returns it; its kernels skip an assignment whose location
-    is >= capacity, which is how ours marks the dropped ones.
+    tutel's dispatcher takes, per choice, every token's expert, its slot in that expert's
+    buffer and its gate; its kernels skip an assignment whose slot is >= capacity, which is
+    how ours marks the dropped ones. Slots fill from 0, so expert e's tokens are the first
+    n_e rows of its buffer: only those rows go through it, and an expert that got no token
+    is not run at all (no gradient, as with the native backend).
     """
     from tutel import moe as tutel_moe
 
     k = r.indices.shape[1]
     cap = r.capacity if r.capacity is not None else int(r.locations.max()) + 1
-    critical = (
-        r.num_experts,
+    dispatcher = tutel_moe.fast_dispatcher(r.num_experts, cap, x.shape[-1], x.dtype)
+    dispatcher.update(
         [r.indices[:, j].to(torch.int32).contiguous() for j in range(k)],
         [r.locations[:, j].to(torch.int32).contiguous() for j in range(k)],
         [r.gates[:, j].contiguous() for j in range(k)],
-        cap,
-        torch.bincount(r.indices[r.locations < cap].flatten().long(), minlength=r.num_experts).to(torch.int32),
+        capacity=cap,
     )
-    dispatched = tutel_moe.fast_encode(x.contiguous(), critical)  # [E, cap, D]
-    y = torch.stack([experts[e](dispatched[e]) for e in range(r.num_experts)])
-    return tutel_moe.fast_decode(y, critical).view(x.shape)
+    dispatched = dispatcher.encode(x.contiguous()).view(r.num_experts, cap, -1)
+    sizes = torch.bincount(r.indices[r.kept], minlength=r.num_experts).clamp(max=cap).tolist()
+    y = torch.stack([F.pad(experts[e](dispatched[e, :n]), (0, 0, 0, cap - n)) if n else dispatched.new_zeros(cap, dispatched.shape[-1]) for e, n in enumerate(sizes)])
+    return dispatcher.decode(y.contiguous()).view(x.shape).to(x.dtype)
 
 
 Combine = Callable[[torch.Tensor, nn.ModuleList, Routing], torch.Tensor]
@@ -245,6 +274,8 @@ class MoEMlp(nn.Module):
             prior = cfg.task_prior > 0
             self.routers = nn.ModuleDict({t: nn.Linear(dim, num_experts, bias=prior) for t in tasks})
             if prior:
+                if len(tasks) > num_experts:
+                    raise ConfigError(f"moe.task_prior: {len(tasks)} tasks but {num_experts} experts: every task needs an expert of its own to start on")
                 with torch.no_grad():
                     groups = torch.arange(num_experts).tensor_split(len(tasks))
                     for t, group in zip(tasks, groups, strict=True):
@@ -350,6 +381,6 @@ class MoEMlp(nn.Module):
 
 def total_aux_loss(stats: Sequence[MoEStats], weight: float) -> torch.Tensor | None:
     """weight * the sum of the layers' load-balancing losses (None when there are none)."""
-    if not stats:
+    if not stats or weight == 0:  # none: the routers get no gradient from it, not a zero one
         return None
     return weight * torch.stack([s.aux_loss for s in stats]).sum()

@@ -36,6 +36,8 @@ def experts_used(
     """Per MoE block, the sorted ids of the experts `task`'s router sends some token of `data`
     to (with `most`, only that many of them, those with the most tokens)."""
     counts = expert_counts(model, data, task, batch_size)
+    if counts and not any(int(c.sum()) for c in counts.values()):
+        raise ConfigError(f"no token of task {task!r} was routed: the data to count expert use on is empty")
     out = {}
     for b, c in counts.items():
         used = torch.nonzero(c).flatten().tolist()

@@ -53,11 +53,22 @@ def run_config_from_context(context: Context) -> RunConfig:
     return load_run_config(path or None, overrides)
 
 
+def run_config_flag(context: Context, key: str, default: bool) -> bool:
+    """A true/false key of the Flower run config (`--run-config 'resume=false'`; Flower passes
+    a quoted "false" as a string, which bool() would read as true)."""
+    value = context.run_config.get(key, default)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ConfigError(f"run config {key}: must be true or false, got {value!r}")
+
+
 def _state_dir(context: Context, default_dir: Path | None = None) -> Path | None:
     state_dir = context.node_config.get("state-dir") or default_dir or context.run_config.get("state-dir")
     if not state_dir:
         return None
-    return Path(str(state_dir)) / f"client-{context.node_config.get('partition-id', context.node_id)}"
+    return Path(str(state_dir)).expanduser() / f"client-{context.node_config.get('partition-id', context.node_id)}"
 
 
 def load_state(context: Context, default_dir: Path | None = None, before_round: int | None = None, run: str | None = None) -> ClientState:
@@ -88,7 +99,7 @@ def save_state(context: Context, state: ClientState, default_dir: Path | None = 
         write_client_state(folder, state, server_round, keep, run)
 
 
-def receive_global(msg: Message, context: Context, initial=None) -> dict[str, np.ndarray] | None:
+def receive_global(msg: Message, context: Context, initial=None, default_dir: Path | None = None) -> dict[str, np.ndarray] | None:
     """The whole global model of an instruction: its arrays, completed from the copy this node
     holds when the server sent only what changed (protocol.BASE_VERSION); None when the node
     holds no copy of that version (it then asks for the whole model). A node with no copy
@@ -97,12 +108,13 @@ def receive_global(msg: Message, context: Context, initial=None) -> dict[str, np
     version 0 whose checksum is not that one (left by another run in the same state-dir) is
     set aside the same way.
 
-    The copy is kept in the node's state-dir when the node config gives one (a device keeps
-    it across restarts), else in the context (a simulated node)."""
+    The copy is kept in the node's state-dir when there is one (the node config's, else
+    `default_dir`, else the run config's: a device keeps it across restarts, a simulated run
+    across --resume, on either launcher), else in the context."""
     arrays = arrays_to_numpy(msg.content.array_records[protocol.ARRAYS])
     config = msg.content.config_records.get(protocol.CONFIG, ConfigRecord())
     base, version = int(config.get(protocol.BASE_VERSION, -1)), int(config.get(protocol.MODEL_VERSION, -1))
-    folder, run = _state_dir(context), _run_token(config)
+    folder, run = _state_dir(context, default_dir), _run_token(config)
     if base >= 0:
         held = read_global_copy(folder, run) if folder is not None else _context_copy(context)
         want = config.get(protocol.INITIAL_SHA256)
@@ -167,9 +179,15 @@ def node_profile(context: Context, simulated: bool) -> str | None:
     return None if simulated else AUTO
 
 
-def _partition_id(context: Context) -> int:
+def _partition_id(context: Context, cfg: RunConfig | None = None) -> int:
+    """The node's partition id; with `cfg`, a `num-partitions` the node config gives must be the
+    run's (a device set up for another federation's size would train on another split)."""
     if "partition-id" not in context.node_config:
         raise ConfigError("node config has no partition-id (start the SuperNode with --node-config \"partition-id=0 num-partitions=N\")")
+    given = context.node_config.get("num-partitions")
+    if cfg is not None and given is not None and int(given) != cfg.federation.total_clients():
+        raise ConfigError(f"node config num-partitions={given}, but the run has {cfg.federation.total_clients()} clients "
+                          "(federation.num_clients plus new_clients): restart the SuperNode with the run's count")
     return int(context.node_config["partition-id"])
 
 
@@ -190,13 +208,13 @@ def make_client_app(cfg: RunConfig | None = None, state_dir: Path | None = None)
     def runtime(context: Context) -> ClientRuntime:
         run_cfg = cfg if cfg is not None else run_config_from_context(context)
         torch.set_num_threads(max(1, run_cfg.backend.torch_threads))
-        simulated = cfg is not None or bool(context.run_config.get("simulated", False))
-        return ClientRuntime(run_cfg, _partition_id(context), node_profile(context, simulated=simulated))
+        simulated = cfg is not None or run_config_flag(context, "simulated", False)
+        return ClientRuntime(run_cfg, _partition_id(context, run_cfg), node_profile(context, simulated=simulated))
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         rt = runtime(context)  # a misconfigured node fails here, before it keeps anything
-        global_arrays = receive_global(msg, context, starting_model(context))
+        global_arrays = receive_global(msg, context, starting_model(context), state_dir)
         if global_arrays is None:
             return need_full_model(msg)
         config = msg.content.config_records.get(protocol.CONFIG, ConfigRecord())
@@ -224,7 +242,7 @@ def make_client_app(cfg: RunConfig | None = None, state_dir: Path | None = None)
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         rt = runtime(context)
-        global_arrays = receive_global(msg, context, starting_model(context))
+        global_arrays = receive_global(msg, context, starting_model(context), state_dir)
         if global_arrays is None:
             return need_full_model(msg)
         config = msg.content.config_records.get(protocol.CONFIG, ConfigRecord())

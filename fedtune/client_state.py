@@ -110,6 +110,26 @@ def state_files(folder: Path, before_round: int | None = None, run: str | None =
     return files
 
 
+def claim_folder(folder: Path, run: str) -> None:
+    """Make `folder` run `run`'s: files of other runs go into other-runs/<token>/ (with a
+    warning), and files of `run` set aside earlier (another run used the folder in between,
+    then this one resumed) come back."""
+    if not folder.is_dir():
+        return
+    for other in sorted(folder.glob("round-*.npz")):
+        theirs = file_run(other)
+        if theirs not in (None, run):
+            aside = folder / OTHER_RUNS / (theirs or "unnamed")
+            aside.mkdir(parents=True, exist_ok=True)
+            os.replace(other, aside / other.name)
+            warnings.warn(f"client state {other} is from another run ({theirs}): moved into {aside}", stacklevel=3)
+    if valid_run_token(run):
+        mine = folder / OTHER_RUNS / run
+        for back in sorted(mine.glob("round-*.npz")) if mine.is_dir() else []:
+            os.replace(back, folder / back.name)
+            warnings.warn(f"client state {back.name} of this run, set aside while another run used {folder}, is back in use", stacklevel=3)
+
+
 def write_client_state(folder: Path, state: ClientState, server_round: int, keep: int = KEEP_FILES, run: str | None = None) -> Path:
     """Write `state` as the file of `server_round` of `run` atomically; keep the newest `keep`
     rounds of the run (at least KEEP_FILES: a server that checkpoints every N rounds may
@@ -117,13 +137,7 @@ def write_client_state(folder: Path, state: ClientState, server_round: int, keep
     folder are moved into other-runs/<token>/ first, with a warning."""
     folder.mkdir(parents=True, exist_ok=True)
     if run is not None:
-        for other in sorted(folder.glob("round-*.npz")):
-            theirs = file_run(other)
-            if theirs not in (None, run):
-                aside = folder / OTHER_RUNS / (theirs or "unnamed")
-                aside.mkdir(parents=True, exist_ok=True)
-                os.replace(other, aside / other.name)
-                warnings.warn(f"client state {other} is from another run ({theirs}): moved into {aside}", stacklevel=2)
+        claim_folder(folder, run)
     path = folder / f"round-{server_round:06d}.npz"
     tmp = folder / f"tmp-{server_round:06d}.npz"
     np.savez(tmp, __meta__=np.array(json.dumps(state_meta(state, server_round, run))), __sha256__=np.array(arrays_sha256(state.personal)), **state.personal)
@@ -138,8 +152,10 @@ def write_client_state(folder: Path, state: ClientState, server_round: int, keep
 
 def read_client_state(folder: Path, before_round: int | None = None, run: str | None = None) -> ClientState | None:
     """The newest readable state saved in `folder` (before `before_round`; with `run`, of that
-    run only), or None when there is none. A damaged newest file is skipped, with a
-    warning, for the one kept before it."""
+    run only, after claim_folder), or None when there is none. A damaged newest file is
+    skipped, with a warning, for the one kept before it."""
+    if run is not None:
+        claim_folder(folder, run)
     files = state_files(folder, before_round, run)
     if not files:
         return None

@@ -7,7 +7,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from clients.app import run_config_from_context
+from clients.app import run_config_flag, run_config_from_context
 from fedtune.runconfig import RunConfig
 
 from .runner import ServerRunner
@@ -21,8 +21,8 @@ def make_server_app(cfg: RunConfig | None = None, out: Path | None = None, resum
     def main(grid: Grid, context: Context) -> None:
         run_cfg = cfg if cfg is not None else run_config_from_context(context)
         out_dir = out if out is not None else Path(str(context.run_config.get("out", "runs/flwr")))
-        do_resume = resume or bool(context.run_config.get("resume", False))
-        show = progress and bool(context.run_config.get("progress", True))
+        do_resume = resume or run_config_flag(context, "resume", False)
+        show = progress and run_config_flag(context, "progress", True)
         ServerRunner(run_cfg, out_dir, do_resume, show).run(grid)
 
     return app

@@ -26,6 +26,7 @@ import datetime as dt
 import ipaddress
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -129,7 +130,7 @@ def wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 60.
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
         time.sleep(0.2)
-    raise DeployError(f"{log.stem} did not listen on port {port} within {timeout:.0f} s; see {log}")
+    raise DeployError(f"{log.stem} did not listen on port {port} within {timeout:.0f} s; see {log}:\n{_tail(log)}")
 
 
 def _tail(path: Path, lines: int = 20) -> str:
@@ -158,10 +159,15 @@ class Deployment:
     simulation: bool = False  # the SuperLink runs Flower's simulation runtime (virtual SuperNodes; no SuperNode processes)
     dead: set[str] = field(default_factory=set)  # SuperNodes that exited during the run
     reaper: subprocess.Popen | None = None  # takes the processes down if the launcher dies (reap_when_orphaned)
+    logs: list = field(default_factory=list)  # the processes' open log files, closed in stop()
 
     def __post_init__(self) -> None:
         if self.auth and not self.tls:
             raise DeployError("SuperNode authentication needs TLS (--tls)")
+        # absolute: the processes run from the launcher's folder (so a run config's relative
+        # paths mean what they mean under run_simulation), flwr from the project's
+        self.workdir = Path(self.workdir).resolve()
+        self.cwd = Path.cwd()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.env = {**os.environ, "FLWR_HOME": str(self.workdir / "flwr-home"), "PYTHONUNBUFFERED": "1"}
         if self.tls:
@@ -169,9 +175,10 @@ class Deployment:
 
     def _start(self, name: str, cmd: list[str]) -> subprocess.Popen:
         log = self.workdir / f"{name}.log"
-        (self.workdir / f"{name}.cmd").write_text(" ".join(cmd) + "\n")
-        handle = open(log, "wb")  # noqa: SIM115 - closed with the process in stop()
-        proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir, start_new_session=True)
+        (self.workdir / f"{name}.cmd").write_text(shlex.join(cmd) + "\n")
+        handle = open(log, "wb")  # noqa: SIM115 - closed in stop()
+        self.logs.append(handle)
+        proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd, start_new_session=True)
         self.procs.append((proc, log))
         self._watch(proc.pid)
         return proc
@@ -223,8 +230,11 @@ class Deployment:
     def register(self, public_key: Path) -> None:
         """Register a SuperNode's public key with the SuperLink (its Control API)."""
         log = self.workdir / f"register-{public_key.stem}.log"
-        result = subprocess.run([_bin("flwr"), "supernode", "register", str(public_key), CONNECTION], env=self.env, cwd=self.workdir,
-                                capture_output=True, text=True, timeout=60)
+        try:
+            result = subprocess.run([_bin("flwr"), "supernode", "register", str(public_key), CONNECTION], env=self.env, cwd=self.workdir,
+                                    capture_output=True, text=True, timeout=60)
+        except subprocess.TimeoutExpired as exc:
+            raise DeployError(f"registering {public_key.name} with the SuperLink did not finish within 60 s (is the SuperLink up? see {self.workdir / 'superlink.log'})") from exc
         log.write_text(result.stdout + result.stderr)
         if result.returncode != 0:
             raise DeployError(f"registering {public_key.name} with the SuperLink failed (code {result.returncode}); see {log}:\n{_tail(log)}")
@@ -279,9 +289,9 @@ class Deployment:
                     pass
                 proc.wait()
         _kill_and_wait(descendants)
-        for proc, _ in self.procs:
-            if proc.stdout is not None:
-                proc.stdout.close()
+        for handle in self.logs:
+            handle.close()
+        self.logs.clear()
         (self.workdir / "deployment.pids").unlink(missing_ok=True)
         if self.reaper is not None:
             self.reaper.kill()
@@ -375,12 +385,19 @@ def run_local(
     they are refused. `on_started(deployment)` is called once `flwr run` is submitted.
     """
     from fedtune.runconfig import load_run_config
+    from simulations.run import check_out
 
     out = out.resolve()
     count = nodes if isinstance(nodes, int) else len(nodes)
+    for o in overrides:  # they travel in one TOML string, split at ';' by the apps
+        if '"' in o or ";" in o:
+            raise DeployError(f"override {o!r}: a deployed run's overrides cannot hold '\"' or ';' (write the value into the config file instead)")
     new = load_run_config(config, overrides).federation.new_clients  # fails here, before any process starts, on a bad config
+    if count <= new:
+        raise DeployError(f"{count} node(s) but federation.new_clients={new}: the nodes past the training clients are the new clients, so start more than {new}")
     overrides = [*overrides, f"federation.num_clients={count - new}"]  # the last `new` nodes join for the final evaluation only
     cfg = load_run_config(config, overrides)
+    check_out(out, resume, cfg)  # a folder holding another run is refused before any process starts
     if isinstance(nodes, int):
         nodes = node_configs(nodes, profiles or list(cfg.federation.profiles), out / "deploy" / "node-state")
     with Deployment(out / "deploy", tls=tls, auth=auth) as dep:
@@ -394,14 +411,14 @@ def run_local(
         cmd = [_bin("flwr"), "run", str(PROJECT), CONNECTION, "--stream",
                "--run-config", " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())]
         log = dep.workdir / "flwr-run.log"
-        (dep.workdir / "flwr-run.cmd").write_text(" ".join(cmd) + "\n")
+        (dep.workdir / "flwr-run.cmd").write_text(shlex.join(cmd) + "\n")
         with open(log, "wb") as handle:
             run = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=dep.env, cwd=PROJECT, start_new_session=True)
             summary_path = out / "summary.json"
             start, end = time.time(), time.time() + timeout
-            if on_started is not None:
-                on_started(dep)
             try:
+                if on_started is not None:
+                    on_started(dep)
                 ended = None
                 while time.time() < end:
                     dep.check_alive()
@@ -423,6 +440,7 @@ def run_local(
                         run.wait(timeout=10)
                     except subprocess.TimeoutExpired:
                         os.killpg(run.pid, signal.SIGKILL)
+                        run.wait()
         return json.loads(summary_path.read_text())
 
 
@@ -458,6 +476,9 @@ def main(argv: list[str] | None = None) -> int:
     keys = ("rounds", "accuracy_global", "accuracy_personalized", "bytes_up_total", "wall_time_s")
     print(json.dumps({k: summary.get(k) for k in keys}, indent=2))
     print(f"wrote {Path(args.out) / 'summary.json'}")
+    if summary.get("error"):  # the run ended without a result worth the name (as `fedtune simulate`, code 3)
+        print(f"error: {summary['error']}", file=sys.stderr)
+        return 3
     return 0
 
 

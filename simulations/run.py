@@ -68,6 +68,7 @@ def simulate_flwr_run(cfg: RunConfig, out: Path, resume: bool = False, progress:
     run_config = {"config": str((out / "run-config.json").resolve()), "out": str(out.resolve()), "resume": resume,
                   "simulated": True, "state-dir": str((out / "client_state").resolve()), "progress": False}
     bar = None
+    start = time.time()
     with Deployment(out / "flwr", simulation=True) as dep:
         dep.start_superlink()
         dep.write_connection(options)
@@ -75,22 +76,34 @@ def simulate_flwr_run(cfg: RunConfig, out: Path, resume: bool = False, progress:
         log = dep.workdir / "flwr-run.log"
         with open(log, "wb") as handle:
             run = subprocess.Popen(cmd, stdout=None if verbose else handle, stderr=subprocess.STDOUT, env={**dep.env, "RAY_DEDUP_LOGS": "1"}, cwd=PROJECT)
-            if progress:
-                from tqdm.auto import tqdm
+            try:
+                if progress:
+                    from tqdm.auto import tqdm
 
-                bar = tqdm(total=cfg.federation.rounds, desc=cfg.name, unit="round")
-            while run.poll() is None:
-                dep.check_alive()
-                if bar is not None and (out / "metrics.jsonl").is_file():
-                    done = max(0, sum(1 for _ in open(out / "metrics.jsonl")) - 1)
-                    if done > bar.n:
-                        bar.update(done - bar.n)
-                    elif sys.stderr.isatty():  # the elapsed time ticks on a terminal; a log file gets a line per round
-                        bar.refresh()
-                time.sleep(1.0)
-            if bar is not None:
-                bar.close()
-        if run.returncode != 0 or not (out / "summary.json").is_file():
+                    bar = tqdm(total=cfg.federation.rounds, desc=cfg.name, unit="round")
+                while run.poll() is None:
+                    dep.check_alive()
+                    if bar is not None and (out / "metrics.jsonl").is_file():
+                        done = max(0, sum(1 for _ in open(out / "metrics.jsonl")) - 1)
+                        if done > bar.n:
+                            bar.update(done - bar.n)
+                        elif sys.stderr.isatty():  # the elapsed time ticks on a terminal; a log file gets a line per round
+                            bar.refresh()
+                    time.sleep(1.0)
+            finally:
+                if bar is not None:
+                    bar.close()
+                if run.poll() is None:  # the SuperLink died, or Ctrl-C: `flwr run` goes with it
+                    run.terminate()
+                    try:
+                        run.wait(timeout=10)
+                    except subprocess.TimeoutExpired:
+                        run.kill()
+                        run.wait()
+        summary = out / "summary.json"
+        # `flwr run` exits 0 also when its ServerApp failed: a summary from before this
+        # invocation (a --resume of a finished run) is not this run's result
+        if run.returncode != 0 or not summary.is_file() or summary.stat().st_mtime < start:
             raise DeployError(f"`flwr run` ended (code {run.returncode}) without writing {out / 'summary.json'}; see {log}:\n{_tail(log)}")
     return json.loads((out / "summary.json").read_text())
 

@@ -107,10 +107,10 @@ def test_a_devices_state_folder_keeps_each_runs_files_apart(tmp_path):
     for r in range(1, 6):
         write_client_state(tmp_path, ClientState(personal={"h": np.full(2, 100.0 + r)}), r, run="old")
     write_client_state(tmp_path / "legacy", ClientState(personal={"h": np.zeros(2)}), 9)
-    assert read_client_state(tmp_path, before_round=6, run="new") is None
-    assert read_client_state(tmp_path / "legacy", run="new") is None and read_client_state(tmp_path / "legacy") is not None
     with _w.catch_warnings(record=True) as caught:
         _w.simplefilter("always")
+        assert read_client_state(tmp_path, before_round=6, run="new") is None
+        assert read_client_state(tmp_path / "legacy") is not None and read_client_state(tmp_path / "legacy", run="new") is None
         write_client_state(tmp_path, ClientState(personal={"h": np.ones(2)}), 1, run="new")
     assert any("from another run (old)" in str(w.message) for w in caught)
     assert [p.name for p in tmp_path.glob("round-*.npz")] == ["round-000001.npz"]
@@ -124,3 +124,19 @@ def test_a_devices_state_folder_keeps_each_runs_files_apart(tmp_path):
         _w.simplefilter("always")
         write_client_state(tmp_path, ClientState(), 3, run="new")
     assert [p.name for p in (tmp_path / OTHER_RUNS / "unnamed").glob("*.npz")] == ["round-000007.npz"]
+
+
+def test_a_run_resumed_after_another_used_the_folder_gets_its_state_back(tmp_path):
+    """Run A, then run B in the same state-dir (A's files set aside), then A resumed: A reads
+    its own newest round again, and B's files are set aside in turn."""
+    from fedtune.client_state import OTHER_RUNS
+
+    with pytest.warns(UserWarning):
+        for r in (1, 2):
+            write_client_state(tmp_path, ClientState(personal={"h": np.full(2, float(r))}), r, run="A")
+        write_client_state(tmp_path, ClientState(personal={"h": np.full(2, 10.0)}), 1, run="B")
+        state = read_client_state(tmp_path, before_round=3, run="A")
+    assert state is not None and state.personal["h"][0] == 2.0
+    assert sorted(p.name for p in tmp_path.glob("round-*.npz")) == ["round-000001.npz", "round-000002.npz"]
+    assert [p.name for p in (tmp_path / OTHER_RUNS / "B").glob("*.npz")] == ["round-000001.npz"]
+    assert not list((tmp_path / OTHER_RUNS / "A").glob("*.npz"))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import platform
-import resource
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -31,7 +31,7 @@ import torch
 
 from .accounting import flop_counter_mode
 from .data import DataConfig, DataSplit, ImageSet, load_data
-from .errors import ConfigError
+from .errors import ConfigError, FedtuneError
 from .heads import class_stats, extract_features, lda_head
 from .methods import METHOD_NAMES, Method, MethodConfig, make_method, prepare_model
 from .model import FedViT, ModelConfig, build_model
@@ -69,7 +69,7 @@ class BenchConfig:
     budgets: list[float] = field(default_factory=list)  # also run each method at these fractions of full's total training FLOPs
     budget_seeds: list[int] | None = None  # seeds of the budget runs (None: all seeds)
     eval_autocast: bool = False  # evaluate (features for the head fit and the test) in bfloat16 autocast
-    cost_steps: int = 3  # --cost-only: steps per method (the first counts FLOPs)
+    cost_steps: int = 6  # --cost-only: steps per method (the first counts FLOPs and warms up; the median of the rest is the step time)
     device: Literal["cpu", "cuda"] = "cpu"  # where the accuracy runs train and evaluate (--cost-only uses CUDA when present)
 
     def __post_init__(self) -> None:
@@ -84,6 +84,13 @@ class BenchConfig:
         for name, spec in self.variants.items():
             if not isinstance(spec, dict) or spec.get("name") not in METHOD_NAMES:
                 raise ConfigError(f"{prefix}variants.{name}: needs a 'name' key naming one of {', '.join(METHOD_NAMES)}")
+        for m in self.methods:  # each method's settings read now, not when its turn comes after hours of the others
+            try:
+                method_config(self.method, m, self.variants)
+            except ConfigError as exc:
+                raise ConfigError(f"{prefix}methods: {m}: {exc}") from exc
+        if self.train.epochs < 1:
+            raise ConfigError(f"{prefix}train.epochs: must be >= 1 (the bench trains every method for them), got {self.train.epochs}")
         if "full" not in self.methods:
             raise ConfigError(f"{prefix}methods: must include 'full' (ratios are against it)")
         if not self.seeds:
@@ -96,8 +103,8 @@ class BenchConfig:
             raise ConfigError(f"{prefix}head_fit_samples: must be >= 2 or null, got {self.head_fit_samples}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"{prefix}device: 'cuda' but torch sees no CUDA device here; use 'cpu'")
-        if self.cost_steps < 2:
-            raise ConfigError(f"{prefix}cost_steps: must be >= 2 (one counts FLOPs, the rest are timed), got {self.cost_steps}")
+        if self.cost_steps < 3:
+            raise ConfigError(f"{prefix}cost_steps: must be >= 3 (the first counts FLOPs and warms up, the rest are timed), got {self.cost_steps}")
 
 
 def quick(cfg: BenchConfig) -> BenchConfig:
@@ -196,7 +203,7 @@ def on_device(data: DataSplit, device: str) -> DataSplit:
     return data if device == "cpu" else replace(data, train=data.train.to(device), test=data.test.to(device))
 
 
-def run_bench(cfg: BenchConfig, out: Path, progress: bool = True) -> dict:
+def run_bench(cfg: BenchConfig, out: Path, progress: bool = True, command: str | None = None) -> dict:
     cfg.validate("bench.")
     model_cfg = resolve_pretrained(cfg.model)
     data = on_device(load_data(cfg.data), cfg.device)
@@ -252,6 +259,7 @@ def run_bench(cfg: BenchConfig, out: Path, progress: bool = True) -> dict:
         "machine": platform.machine(),
         "device": cfg.device if cfg.device == "cpu" else torch.cuda.get_device_name(0),
         "wall_time_s": round(time.time() - started, 1),
+        **provenance(command),
         "methods": results,
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -259,6 +267,26 @@ def run_bench(cfg: BenchConfig, out: Path, progress: bool = True) -> dict:
     (out / "bench.md").write_text(markdown_table(report))
     plot_bench(report, out / "plots")
     return report
+
+
+def provenance(command: str | None = None) -> dict:
+    """How a result was made: the command line (`command`, else this process's), the fedtune
+    commit (where it runs from a git checkout) and the versions that decide the numbers."""
+    import subprocess
+
+    import timm
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "command": command or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "commit": commit,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+                     "cuda": torch.version.cuda if torch.cuda.is_available() else None},
+    }
 
 
 def _log(enabled: bool, line: str) -> None:
@@ -317,7 +345,7 @@ def markdown_table(report: dict) -> str:
     lines = [
         f"Model {report['model']} ({Path(str(report['pretrained'])).name if report['pretrained'] else 'random init'}), data {report['data']} "
         f"(task {report['task']}: {report['train_size']} train / {report['test_size']} test images), batch {report['batch_size']}, "
-        f"{report['epochs']} epochs, seeds {report['seeds']}, {report['torch_threads']} CPU threads, {report['wall_time_s']:.0f} s in all. "
+        f"{report['epochs']} epochs, seeds {report['seeds']}, {report['device']}, {report['torch_threads']} CPU threads, {report['wall_time_s']:.0f} s in all. "
         "Ratios against full fine-tuning measured in the same run. Test accuracy (mean ± sd over the seeds) with every token "
         "and with the method's own tokens dropped at test time ('=': the method drops none), each with the head as trained "
         f"and with a discriminant head fitted on the training features; Δ is the headline (every token, {headline}) against full.",
@@ -422,6 +450,32 @@ def _tick(bar, done: int, total: int, stats) -> None:
 # --------------------------------------------------------------------------- cost only
 
 
+def _reset_peak_rss() -> bool:
+    """Set this process's peak RSS back to its current RSS (Linux >= 4.0: clear_refs 5), so the
+    peak measured next is that of what follows (the training steps), not of the set-up before
+    them (the planner's calibration copies the model once); False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes() -> int:
+    """This process's peak RSS: VmHWM where /proc has it, else getrusage (KiB on Linux, bytes on macOS)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
 def _cost_worker(args: tuple) -> dict:
     cfg_dict, spec, device = args
     cfg = from_dict(BenchConfig, cfg_dict)
@@ -437,6 +491,7 @@ def _cost_worker(args: tuple) -> dict:
     size, chans = cfg.model.img_size, cfg.model.in_chans
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    steps_only = _reset_peak_rss()
     stats = []
     for step in range(cfg.cost_steps):
         x = torch.randn(cfg.train.batch_size, chans, size, size, generator=g).to(device)
@@ -452,25 +507,34 @@ def _cost_worker(args: tuple) -> dict:
         "trainable_params": int(stats[0].trainable_params),
         "trainable_state_bytes": int(stats[0].trainable_state_bytes),
         "step_time_s": float(np.median(timed)),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "step_time_range_s": [float(min(timed)), float(max(timed))],
+        "peak_rss_bytes": _peak_rss_bytes(),
+        "peak_rss_scope": "training steps" if steps_only else "whole process (set-up included)",
         "cuda_max_allocated_bytes": int(torch.cuda.max_memory_allocated()) if device == "cuda" else None,
         "plan": method.describe(),
     }
 
 
-def run_cost(cfg: BenchConfig, out: Path, progress: bool = True) -> dict:
+def run_cost(cfg: BenchConfig, out: Path, progress: bool = True, command: str | None = None) -> dict:
     """Costs alone at the model's size: each method in its own process (so its peak RSS is its own)."""
     import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     cfg.validate("bench.")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     started = time.time()
     results: dict[str, dict] = {}
     ctx = mp.get_context("spawn")
-    for spec in cfg.methods:
+    for i, spec in enumerate(cfg.methods):
         t0 = time.time()
-        with ctx.Pool(1) as pool:
-            results[spec] = pool.apply(_cost_worker, ((to_dict(cfg), spec, device),))
+        _log(progress, f"[{i + 1}/{len(cfg.methods)}] {spec}: {cfg.cost_steps} steps ...")
+        with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+            try:
+                results[spec] = pool.submit(_cost_worker, (to_dict(cfg), spec, device)).result()
+            except BrokenProcessPool as exc:  # killed (the OOM killer at a paper's scale), not an exception it raised
+                raise FedtuneError(f"bench --cost-only: the process measuring {spec!r} died ({exc}); out of memory? "
+                                   f"try a smaller train.batch_size (now {cfg.train.batch_size}); methods done: {', '.join(results) or 'none'}") from exc
         _log(progress, f"{spec}: {results[spec]['step_time_s']:.3f} s/step ({time.time() - t0:.0f} s)")
     full = results["full"]
     for r in results.values():
@@ -493,7 +557,9 @@ def run_cost(cfg: BenchConfig, out: Path, progress: bool = True) -> dict:
         "batch_size": cfg.train.batch_size,
         "device": device if device == "cpu" else torch.cuda.get_device_name(0),
         "torch_threads": torch.get_num_threads(),
+        "machine": platform.machine(),
         "wall_time_s": round(time.time() - started, 1),
+        **provenance(command),
         "methods": results,
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -506,7 +572,9 @@ def cost_table(report: dict) -> str:
     gpu = report["device"] != "cpu"
     lines = [
         f"Costs only: {report['model']} at {report['img_size']}x{report['img_size']} ({report['tokens']} tokens), random weights, "
-        f"batch {report['batch_size']}, {report['device']}, {report['torch_threads']} CPU threads; one process per method; ratios against full in the same run.",
+        f"batch {report['batch_size']}, {report['device']}, {report['torch_threads']} CPU threads; one process per method; ratios against full in the same run. "
+        f"Step time: the median of the steps after the first (their range in bench.json); peak RSS: "
+        f"{next(iter(report['methods'].values())).get('peak_rss_scope', 'whole process (set-up included)')}.",
         "",
         "| method | train GFLOP/step | FLOPs vs full | activation MiB | act. vs full | trainable state MiB | step time (s) | speed-up | peak RSS MiB | RSS vs full |"
         + (" CUDA max alloc. MiB | vs full |" if gpu else ""),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -29,7 +30,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.quick:
         cfg = quick(cfg)
     run = run_cost if args.cost_only else run_bench
-    report = run(cfg, Path(args.out), progress=not args.no_progress)
+    report = run(cfg, Path(args.out), progress=not args.no_progress, command=shlex.join(["fedtune", *args.argv]))
     print((Path(args.out) / "bench.md").read_text())
     print(f"wrote {Path(args.out) / 'bench.json'} ({report['wall_time_s']} s)")
     return 0
@@ -131,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML bench config (default: the embedded default)")
     p.add_argument("--out", default="runs/bench", help="output folder")
     p.add_argument("--quick", action="store_true", help="a few steps per method (under a minute)")
-    p.add_argument("--cost-only", action="store_true", help="measure costs alone (random weights and images, bench.cost_steps steps per method, one process each): FLOPs, activations, state, step time, peak memory")
+    p.add_argument("--cost-only", action="store_true", help="measure costs alone (random weights and images, cost_steps (a bench config key) steps per method, one process each): FLOPs, activations, state, step time, peak memory")
     p.add_argument("--methods", help="comma-separated methods, e.g. full,bsr,alast,alast+lora")
     p.add_argument("--seeds", type=int, help="number of seeds (0..N-1)")
     p.add_argument("--epochs", type=int, help="epochs per method")
@@ -182,7 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the command line, for the results that record it
     try:
         return args.func(args)
     except FedtuneError as exc:

@@ -113,6 +113,11 @@ class CostModel:
                 mult = 2.0
             else:
                 mult = 1.0
+            if mode in ("train", "grad"):
+                # attention's two matmuls (QK^T, AV) have no weights, but both their operands
+                # need gradients, and fused attention recomputes the scores: its backward is
+                # 5 such matmuls to the forward's 2 (torch's counter books it so), 3.5x in all
+                total += 4.0 * n_in * n_in * self.attn_dim * (3.5 - mult)
             total += f * mult + self.rank_flops(plan, i)
         return total + self.consolidator_flops(plan)
 

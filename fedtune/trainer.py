@@ -238,6 +238,8 @@ class Trainer:
         plan_time += time.perf_counter() - observe_start
         self.last_trace = trace
         self.global_step += 1
+        if images.is_cuda:  # the GPU's queued backward and optimizer step belong to this step's time
+            torch.cuda.synchronize(images.device)
         stats = StepStats(
             step_time_s=time.perf_counter() - start,
             activation_bytes=meter.total,

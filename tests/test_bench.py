@@ -50,13 +50,17 @@ def test_bench_writes_json_table_and_plots(tmp_path):
 
 def test_bench_cost_only(tmp_path):
     cfg = tmp_path / "bench.yaml"
-    cfg.write_text(TINY_BENCH + "methods: [full, bsr, alast]\ncost_steps: 2\n")
+    cfg.write_text(TINY_BENCH + "methods: [full, bsr, alast]\ncost_steps: 3\n")
     out = tmp_path / "cost"
     assert main(["bench", "--cost-only", "--config", str(cfg), "--out", str(out), "--no-progress"]) == 0
     report = json.loads((out / "bench.json").read_text())
     assert report["cost_only"] and report["tokens"] == 17
+    assert report["command"].endswith("--no-progress") and report["versions"]["torch"]  # how it was made
     full, bsr = report["methods"]["full"], report["methods"]["bsr"]
-    assert full["peak_rss_bytes"] > 0 and full["step_time_s"] > 0
+    lo, hi = full["step_time_range_s"]
+    assert 0 < lo <= full["step_time_s"] <= hi
+    assert full["peak_rss_scope"] == "training steps"  # Linux: the set-up's peak (the planner's calibration copy) left out
+    assert full["peak_rss_bytes"] > 50 * 2**20  # torch alone is resident: a peak read in the wrong unit would not be
     assert bsr["ratios_vs_full"]["train_flops"] < 1.0 and bsr["ratios_vs_full"]["activation_bytes"] < 1.0
     assert "| alast |" in (out / "bench.md").read_text()
 
@@ -66,6 +70,15 @@ def test_bench_rejects_unknown_method(tmp_path, capsys):
     assert "unknown method 'warp'" in capsys.readouterr().err
     assert main(["bench", "--epochs", "-1", "--out", str(tmp_path)]) == 2
     assert "train.epochs" in capsys.readouterr().err, "the flags are validated like the config they override"
+    assert main(["bench", "--epochs", "0", "--out", str(tmp_path)]) == 2
+    assert "train.epochs: must be >= 1" in capsys.readouterr().err
+    # a variant's settings are read before anything trains, not when its turn comes
+    assert main(["bench", "--set", "methods=[full,x]", "--set", "variants.x={name: alast, alast: {kk: 4}}", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "methods: x:" in err and "kk" in err
+    assert main(["bench", "--cost-only", "--set", "cost_steps=2", "--out", str(tmp_path)]) == 2
+    assert "cost_steps: must be >= 3" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir()), "nothing written for a refused config"
 
 
 def test_bench_config_variants_add_to_the_named_ones():

@@ -240,6 +240,23 @@ def test_cost_estimates_track_measurements(spec, tiny_cfg, images):
         assert est.activation_bytes == pytest.approx(meter.total, rel=0.35), plan
 
 
+def test_flop_estimates_hold_on_long_sequences():
+    """257 tokens (32x32, patch 2): attention's matmuls weigh more than at 17, and their
+    backward (5 matmuls to the forward's 2) is counted as torch counts it."""
+    from fedtune.accounting import flop_counter_mode
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**{**TINY, "img_size": 32, "patch_size": 2}), {"digit": 10})
+    x = torch.randn(2, 3, 32, 32)
+    cm = CostModel(model)
+    for plan in (Plan(depth=4, trained={0}), Plan(depth=4, trained=frozenset(range(4)), train_embed=True), Plan(depth=4, trained={3}),
+                 Plan(depth=4, trained={2, 3}, keep=(None, 100, None, 50))):
+        set_trainable(model, plan)
+        with flop_counter_mode() as counter:
+            forward_plan(model, x, plan).sum().backward()
+        assert cm.estimate(plan, 2).train_flops_per_sample * 2 == pytest.approx(counter.get_total_flops(), rel=0.05), plan
+
+
 def test_skipping_plans_save_what_the_cost_model_counts(tiny_model, images):
     """ALaST's token skipping saves no per-channel copy of its token index: the saved bytes
     match the estimate the planner caps (a gather with an expanded index overshot it)."""

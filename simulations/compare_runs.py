@@ -101,6 +101,8 @@ def _get(summary: dict, key: str):
 def trained_blocks(run: Path) -> dict[tuple[int, str], dict[int, list[int]]]:
     """(partition id, profile) -> round -> the blocks that client trained (accepted replies)."""
     rows: dict[tuple[int, str], dict[int, list[int]]] = {}
+    if not (run / "metrics.jsonl").is_file():
+        raise SystemExit(f"{run}: no metrics.jsonl (the per-round records this table reads)")
     for line in (run / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
         for c in rec.get("clients", []):
@@ -155,7 +157,9 @@ def plot_privacy(runs: list[tuple[str, Path]], path: Path) -> None:
     points, plain = [], []
     for label, run in runs:
         s = _read(run)
-        acc = s.get("accuracy_global_before_head_fit") or s.get("accuracy_global")
+        # before the server's head fit where the run made one (what DP's noise does to the
+        # trained model); a run without one has a single accuracy
+        acc = s["accuracy_global_before_head_fit"] if s.get("accuracy_global_before_head_fit") is not None else s.get("accuracy_global")
         eps = _get(s, "dp.epsilon")
         if eps is None:
             plain.append((100 * acc, label))

@@ -82,10 +82,15 @@ class ServerRunner:
         self.started = time.time()
         self.time_before = 0.0  # a resumed run: the seconds its earlier processes ran (their last kept round's elapsed_s)
         self.final: dict[str, Any] | None = None
+        self.strategy: SparseFedAvg | None = None  # made by run()
         # what full-model FedAvg sends per model: every tensor but LoRA adapters (it trains the weights they adapt)
         self.full_bytes = int(sum(v.numel() * v.element_size() for k, v in self.model.state_dict().items() if not is_lora_name(k)))
 
     # -- checkpoints
+    def _repeated(self) -> int:
+        """Rounds a --resume repeated (DP: their first noisy models count in the privacy spent)."""
+        return self.strategy.dp_rounds_repeated if self.strategy is not None else 0
+
     def _checkpoint_path(self) -> Path:
         return self.out / CHECKPOINT
 
@@ -155,6 +160,9 @@ class ServerRunner:
             nnm=f.nnm,
             clip_update_norm=f.clip_update_norm,
             dp_noise_multiplier=f.dp_noise_multiplier,
+            dp_sample_rate=per_round / f.num_clients if f.dp_noise_multiplier else None,
+            dp_eval_sample_rate=min(per_eval, f.num_clients) / f.num_clients if f.dp_noise_multiplier else None,
+            dp_population=f.num_clients,
             resend_timeout=f.round_timeout_s,
             fraction_train=per_round / f.num_clients,
             min_train_nodes=min(per_round, need),
@@ -170,11 +178,15 @@ class ServerRunner:
         if self.resume:
             arrays_np, meta = self.load_checkpoint()
             self.done_rounds = int(meta["round"])
-            self.rounds = [r for r in read_jsonl(metrics_path) if r.get("round", 0) <= self.done_rounds]
+            records = read_jsonl(metrics_path)
+            self.rounds = [r for r in records if r.get("round", 0) <= self.done_rounds]
+            # rounds run after the checkpoint, which this run repeats: their models went out
+            repeated = len({r["round"] for r in records if isinstance(r.get("round"), int) and r["round"] > self.done_rounds})
             self.time_before = max([float(r.get("elapsed_s", 0.0)) for r in self.rounds] + [0.0])
             metrics_path.write_text("".join(json.dumps(r) + "\n" for r in self.rounds))
             strategy = self.make_strategy(self.done_rounds)
             strategy.load_state_dict(meta["strategy"])
+            strategy.dp_rounds_repeated += repeated
             strategy.fed_stats = self.load_fed_stats()
             log(30, "resuming %s from round %d of %d", self.out, self.done_rounds, f.rounds)
         else:
@@ -319,7 +331,7 @@ class ServerRunner:
             "clients": clients,
             "client_evaluations": evals,
             "global_importance": s.global_importance,
-            **({"dp_epsilon": dp_epsilon(self.cfg, rnd, head_stats=self._stats_released(rnd))} if self.cfg.federation.dp_noise_multiplier else {}),
+            **({"dp_epsilon": dp_epsilon(self.cfg, rnd + self._repeated(), head_stats=self._stats_released(rnd))} if self.cfg.federation.dp_noise_multiplier else {}),
             **({"update_norms": [{"node_id": n, "norm": round(v, 6)} for n, v in s.last_update_norms]} if s.clip_update_norm is not None else {}),
             **({"nnm_neighbours": [{"node_id": n, "neighbours": nb} for n, nb in s.last_nnm_neighbours]} if s.nnm else {}),
             "rss_bytes": proc_rss,
@@ -450,7 +462,8 @@ class ServerRunner:
             released = any(r.get("head_fit") for r in rounds)
             summary["dp"] = {"noise_multiplier": self.cfg.federation.dp_noise_multiplier, "clip_update_norm": self.cfg.federation.clip_update_norm,
                              "delta": self.cfg.federation.dp_delta,
-                             "epsilon": dp_epsilon(self.cfg, len(rounds) and rounds[-1]["round"], head_stats=released),
+                             "epsilon": dp_epsilon(self.cfg, (len(rounds) and rounds[-1]["round"]) + self._repeated(), head_stats=released),
+                             "rounds_repeated_after_resume": self._repeated(),
                              "head_stats_privatized": released,
                              "dp_stats_feature_clip": self.cfg.federation.dp_stats_feature_clip, "dp_stats_max_examples": self.cfg.federation.dp_stats_max_examples,
                              "epsilon_per_round": [r.get("dp_epsilon") for r in rounds], "accountant": "dp_accounting RDP, Poisson-sampled Gaussian"}
@@ -478,9 +491,10 @@ class ServerRunner:
 def dp_epsilon(cfg: RunConfig, rounds: int, head_stats: bool = False) -> float:
     """The privacy spent after `rounds` rounds (epsilon at federation.dp_delta), by Google's
     dp_accounting RDP accountant: each round a Gaussian mechanism of the configured noise
-    multiplier on a sample of clients_per_round / num_clients (treated as Poisson sampling);
-    with `head_stats`, also the head fit's release of the statistics: three Gaussian
-    mechanisms (counts, sums, second moment) on the clients that evaluated."""
+    multiplier on a Poisson sample of rate clients_per_round / num_clients (the server samples
+    so under DP, with a fixed denominator); with `head_stats`, also the head fit's release of
+    the statistics: three Gaussian mechanisms (counts, sums, second moment) per task a client
+    holds (the most any client holds), on the clients that evaluated."""
     import dp_accounting
     from dp_accounting import rdp
 
@@ -492,7 +506,10 @@ def dp_epsilon(cfg: RunConfig, rounds: int, head_stats: bool = False) -> float:
     accountant.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(f.dp_noise_multiplier)), rounds))
     if head_stats:
         q_eval = min(f.eval_clients_per_round or f.clients_per_round or f.num_clients, f.num_clients) / f.num_clients  # the sample the run evaluates
-        accountant.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(q_eval, dp_accounting.GaussianDpEvent(f.dp_noise_multiplier)), 3))
+        from fedtune.federated import client_tasks
+
+        per_client = max(len(client_tasks(cfg, pid)) for pid in range(f.num_clients))
+        accountant.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(q_eval, dp_accounting.GaussianDpEvent(f.dp_noise_multiplier)), 3 * per_client))
     return float(accountant.get_epsilon(f.dp_delta))
 
 

@@ -104,6 +104,9 @@ class SparseFedAvg(FedAvg):
         trim_fraction: float = 0.2,
         clip_update_norm: float | None = None,
         dp_noise_multiplier: float | None = None,
+        dp_sample_rate: float | None = None,
+        dp_eval_sample_rate: float | None = None,
+        dp_population: int = 0,
         robust_absent: str = "skip",
         nnm: bool = False,
         **fedavg_kwargs: Any,
@@ -125,6 +128,19 @@ class SparseFedAvg(FedAvg):
         self.robust_absent, self.nnm = robust_absent, nnm
         self.dp_noise_multiplier = dp_noise_multiplier
         self.dp_rng = np.random.default_rng()
+        # Under DP with a fraction of the clients a round: Poisson sampling (each client in
+        # with probability q, from the OS's entropy) and a fixed denominator (q times the
+        # clients), DP-FedAvg's estimator, which the accountant's sampled Gaussian assumes
+        if dp_sample_rate is not None and not (dp_noise_multiplier is not None and 0 < dp_sample_rate <= 1):
+            raise ConfigError(f"dp_sample_rate: needs dp_noise_multiplier and a rate in (0, 1], got {dp_sample_rate}")
+        self.dp_sample_rate = dp_sample_rate if dp_sample_rate is not None and dp_sample_rate < 1 else None
+        if self.dp_sample_rate is not None and dp_population < 1:
+            raise ConfigError("dp_sample_rate: needs dp_population, the number of clients (public), for the fixed denominator")
+        self.dp_population = dp_population
+        # the head fit's statistics come from the evaluation: the same sampling there
+        self.dp_eval_sample_rate = dp_eval_sample_rate if dp_noise_multiplier is not None and dp_eval_sample_rate is not None and dp_eval_sample_rate < 1 else None
+        self.dp_sampler = random.SystemRandom()
+        self.dp_rounds_repeated = 0  # rounds a --resume made the server run again: their noisy models were released once already
         self.run_token: str | None = uuid.uuid4().hex  # the run's identity in every instruction (state_dict keeps it across --resume)
         if weighting not in protocol.WEIGHTINGS:
             raise ConfigError(f"weighting: expected one of {protocol.WEIGHTINGS}, got {weighting!r}")
@@ -225,7 +241,17 @@ class SparseFedAvg(FedAvg):
             config[protocol.WANT_HEAD_STATS] = True
         self._grid = grid
         self.downlink.observe(arrays)
+        if self.dp_eval_sample_rate is not None:
+            config["server-round"] = server_round
+            record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+            return list(self._construct_messages(record, self._poisson_nodes(grid, self.dp_eval_sample_rate), MessageType.EVALUATE))
         return super().configure_evaluate(server_round, arrays, config, _Sampled(grid, self.exclude_nodes))
+
+    def _poisson_nodes(self, grid: Grid, rate: float) -> list[int]:
+        """Each node (but the excluded ones) in with probability `rate`, from the OS's entropy."""
+        nodes = [n for n in _Sampled(grid, self.exclude_nodes).get_node_ids() if self.dp_sampler.random() < rate]
+        log(INFO, "Poisson-sampled %s nodes (rate %.3f, DP)", len(nodes), rate)
+        return nodes
 
     def instructions(self, record: RecordDict, node_ids: list[int], message_type: str) -> list[Message]:
         """The messages of `record` to `node_ids` as this strategy sends them (sparse downlink, statistics)."""
@@ -366,7 +392,12 @@ class SparseFedAvg(FedAvg):
         config = ConfigRecord(dict(config))
         if self.feed_importance and self.global_importance is not None:
             config[protocol.IMPORTANCE] = [float(v) for v in self.global_importance]
-        messages = list(super().configure_train(server_round, arrays, config, _Sampled(grid, self.exclude_nodes)))
+        if self.dp_sample_rate is not None:
+            config["server-round"] = server_round
+            record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+            messages = list(self._construct_messages(record, self._poisson_nodes(grid, self.dp_sample_rate), MessageType.TRAIN))
+        else:
+            messages = list(super().configure_train(server_round, arrays, config, _Sampled(grid, self.exclude_nodes)))
         self.sampled_round = len(messages)
         return messages
 
@@ -636,11 +667,15 @@ class SparseFedAvg(FedAvg):
 
     def _private_arrays(self, global_arrays: ArrayRecord, replies: list[_Reply]) -> ArrayRecord:
         """Client-level DP (DP-FedAvg, McMahan et al. 2018) for sparse updates: each sampled
-        client's clipped update counts with weight 1/m (m: the clients sampled this round; a
-        client that did not send a parameter contributes a zero change to it), and Gaussian
-        noise of std noise_multiplier * clip / m is added to every coordinate of every
-        parameter some client sent this round. The set of parameters sent is not privatized."""
-        m = max(self.sampled_round, len(replies), 1)
+        client's clipped update counts with weight 1/m (m: every client when all train each
+        round; under Poisson sampling the expected sample, q times the clients, whatever the
+        round drew; a client that did not send a parameter contributes a zero change to it),
+        and Gaussian noise of std noise_multiplier * clip / m is added to every coordinate of
+        every parameter some client sent this round. The set of parameters sent is not privatized."""
+        if self.dp_sample_rate is not None:
+            m = max(self.dp_sample_rate * self.dp_population, 1e-12)
+        else:
+            m = max(self.sampled_round, len(replies), 1)
         sums: dict[str, np.ndarray] = {}
         for reply in replies:
             for name, value in reply.arrays.items():
@@ -778,6 +813,7 @@ class SparseFedAvg(FedAvg):
             "total_accepted": self.total_accepted,
             "total_rejected": self.total_rejected,
             "run_token": self.run_token,
+            "dp_rounds_repeated": self.dp_rounds_repeated,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -785,7 +821,7 @@ class SparseFedAvg(FedAvg):
         expected = set(self.state_dict())
         # a checkpoint from before run tokens resumes without one: its clients' state files
         # name no run, and a token would set them aside
-        state = {"run_token": None, **state}
+        state = {"run_token": None, "dp_rounds_repeated": 0, **state}
         if state["run_token"] is not None and not protocol.valid_run_token(state["run_token"]):
             raise CheckpointError(f"strategy state: run_token is not a token of letters, digits, - and _: {state['run_token']!r}")
         missing, unknown = sorted(expected - set(state)), sorted(set(state) - expected)
@@ -802,6 +838,7 @@ class SparseFedAvg(FedAvg):
         ):
             raise CheckpointError("strategy state: global_importance is not a list of numbers")
         self.run_token = state["run_token"]
+        self.dp_rounds_repeated = int(state["dp_rounds_repeated"])
         counters = [k for k in expected if k not in ("version", "global_importance", "run_token")]
         for key in counters:
             if not isinstance(state[key], int) or isinstance(state[key], bool):

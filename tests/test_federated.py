@@ -462,6 +462,14 @@ def test_a_private_run_reports_the_accountants_epsilon_in_its_summary(tmp_path):
     assert dp_epsilon(cfg, 1) < dp_epsilon(cfg, 2) < dp["epsilon"] < 100  # more rounds and the statistics' release spend more
     assert dp["delta"] == 1e-5 and dp["epsilon_per_round"] == [dp_epsilon(cfg, 1), dp["epsilon"]]  # rounds 1 and 2
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["dp"]["epsilon"] == dp["epsilon"]
+    # a --resume that repeated a round (its first noisy model went out) pays for it
+    runner.strategy = runner.make_strategy(0)
+    state = runner.strategy.state_dict()
+    runner.strategy.load_state_dict({**state, "dp_rounds_repeated": 1})
+    assert runner.finish()["dp"]["epsilon"] == pytest.approx(dp_epsilon(cfg, 3, head_stats=True))
+    old = {k: v for k, v in state.items() if k != "dp_rounds_repeated"}  # a checkpoint from before the count
+    runner.strategy.load_state_dict(old)
+    assert runner.strategy.dp_rounds_repeated == 0
 
 
 def test_simulated_attackers_send_what_their_attack_says():

@@ -659,6 +659,26 @@ def test_client_level_dp_clips_averages_over_the_sampled_and_adds_calibrated_noi
         SparseFedAvg(dp_noise_multiplier=1.0)
 
 
+def test_dp_with_a_fraction_of_clients_samples_poisson_with_a_fixed_denominator() -> None:
+    """What the accountant's sampled Gaussian assumes: each client in with probability q (a
+    sample of varying size, from the OS's entropy), the sum divided by q times the clients."""
+    g = global_arrays()  # a = [1, 2]
+    strategy = SparseFedAvg(clip_update_norm=10.0, dp_noise_multiplier=1e-9, dp_sample_rate=0.5, dp_eval_sample_rate=0.5, dp_population=8)
+    grid = Mock()
+    grid.get_node_ids.return_value = list(range(1, 9))
+    sizes = [len(list(strategy.configure_train(r, g, ConfigRecord(), grid))) for r in range(1, 61)]
+    assert len(set(sizes)) > 2 and 3.0 < sum(sizes) / len(sizes) < 5.0, sizes
+    evals = [len(list(strategy.configure_evaluate(r, g, ConfigRecord(), grid))) for r in range(1, 31)]
+    assert len(set(evals)) > 1
+    strategy.sampled_round = 1  # whatever this round drew, the denominator is 0.5 * 8
+    out, _ = strategy.aggregate_train(1, [reply(1, arrays(a=[5.0, 2.0]))])
+    np.testing.assert_allclose(as_numpy(out)["a"], [1.0 + 4.0 / 4, 2.0], rtol=1e-6)
+    with pytest.raises(ConfigError, match="dp_population"):
+        SparseFedAvg(clip_update_norm=1.0, dp_noise_multiplier=1.0, dp_sample_rate=0.5)
+    everyone = SparseFedAvg(clip_update_norm=1.0, dp_noise_multiplier=1.0, dp_sample_rate=1.0, dp_population=8)
+    assert everyone.dp_sample_rate is None, "all clients every round: no sampling"
+
+
 def test_privacy_spent_comes_from_the_accountant() -> None:
     from fedtune.runconfig import RunConfig
     from fedtune.typedconfig import from_dict
@@ -676,6 +696,10 @@ def test_privacy_spent_comes_from_the_accountant() -> None:
     with_stats = from_dict(RunConfig, {"federation": {"num_clients": 8, "clients_per_round": 4, "clip_update_norm": 1.0, "dp_noise_multiplier": 1.0,
                                                       "head_fit": "lda", "dp_stats_feature_clip": 5.0}})
     assert dp_epsilon(with_stats, 5, head_stats=True) > dp_epsilon(with_stats, 5) == eps[2]  # the statistics' release is paid for
+    # a client holding two tasks releases statistics twice
+    two = from_dict(RunConfig, {"tasks": ["a", "b"], "federation": {"num_clients": 8, "clients_per_round": 4, "clip_update_norm": 1.0,
+                                "dp_noise_multiplier": 1.0, "head_fit": "lda", "dp_stats_feature_clip": 5.0}})
+    assert dp_epsilon(two, 5, head_stats=True) > dp_epsilon(with_stats, 5, head_stats=True)
 
 
 def test_private_statistics_bound_each_client_and_add_noise_of_the_sensitivity() -> None:

@@ -85,7 +85,7 @@ def load_state(context: Context, default_dir: Path | None = None, before_round: 
             personal = arrays_to_numpy(context.state.array_records[STATE_ARRAYS]) if STATE_ARRAYS in context.state.array_records else {}
             return state_from(personal, meta)
     folder = _state_dir(context, default_dir)
-    return (read_client_state(folder, before_round, run) if folder is not None else None) or ClientState()
+    return (read_client_state(folder, before_round, run, claim=True) if folder is not None else None) or ClientState()
 
 
 def save_state(context: Context, state: ClientState, default_dir: Path | None = None, server_round: int = 0, keep: int = KEEP_FILES,
@@ -185,6 +185,8 @@ def _partition_id(context: Context, cfg: RunConfig | None = None) -> int:
     if "partition-id" not in context.node_config:
         raise ConfigError("node config has no partition-id (start the SuperNode with --node-config \"partition-id=0 num-partitions=N\")")
     given = context.node_config.get("num-partitions")
+    if given is not None and not str(given).strip().isdigit():
+        raise ConfigError(f"node config num-partitions={given!r}: must be a whole number")
     if cfg is not None and given is not None and int(given) != cfg.federation.total_clients():
         raise ConfigError(f"node config num-partitions={given}, but the run has {cfg.federation.total_clients()} clients "
                           "(federation.num_clients plus new_clients): restart the SuperNode with the run's count")

@@ -277,8 +277,11 @@ def provenance(command: str | None = None) -> dict:
     import timm
 
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
+        here = Path(__file__).resolve().parent
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=here, capture_output=True, text=True, timeout=10).stdout.strip()
+        # fedtune's own checkout only (not a repository it happens to be installed inside), marked -dirty when it has changes
+        commit = (subprocess.run(["git", "describe", "--always", "--dirty"], cwd=here, capture_output=True, text=True, timeout=10).stdout.strip()
+                  if top and Path(top) == here.parent else "") or None
     except (OSError, subprocess.SubprocessError):
         commit = None
     return {
@@ -453,7 +456,16 @@ def _tick(bar, done: int, total: int, stats) -> None:
 def _reset_peak_rss() -> bool:
     """Set this process's peak RSS back to its current RSS (Linux >= 4.0: clear_refs 5), so the
     peak measured next is that of what follows (the training steps), not of the set-up before
-    them (the planner's calibration copies the model once); False where it cannot."""
+    them (the planner's calibration copies the model once; glibc keeps part of what was freed
+    resident until it is trimmed); False where it cannot."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")

@@ -150,11 +150,12 @@ def write_client_state(folder: Path, state: ClientState, server_round: int, keep
     return path
 
 
-def read_client_state(folder: Path, before_round: int | None = None, run: str | None = None) -> ClientState | None:
+def read_client_state(folder: Path, before_round: int | None = None, run: str | None = None, claim: bool = False) -> ClientState | None:
     """The newest readable state saved in `folder` (before `before_round`; with `run`, of that
-    run only, after claim_folder), or None when there is none. A damaged newest file is
-    skipped, with a warning, for the one kept before it."""
-    if run is not None:
+    run only; with `claim`, the client's own reading, after claim_folder: a reader such as
+    export leaves the folder as it is), or None when there is none. A damaged newest file
+    is skipped, with a warning, for the one kept before it."""
+    if run is not None and claim:
         claim_folder(folder, run)
     files = state_files(folder, before_round, run)
     if not files:

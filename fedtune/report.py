@@ -49,8 +49,11 @@ def replace_durably(tmp: Path, path: Path) -> None:
     """Move a fully written `tmp` onto `path` so that a crash or power loss leaves either the
     old file or the new one: the data reach the disk before the rename, the rename before
     returning."""
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
+    fd = os.open(tmp, os.O_RDWR)  # fsync needs a handle open for writing on Windows
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     os.replace(tmp, path)
     try:
         fd = os.open(path.parent, os.O_RDONLY)

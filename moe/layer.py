@@ -25,7 +25,6 @@ import copy
 import functools
 import inspect
 import math
-import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -46,20 +45,20 @@ BACKEND_NAMES = ("native", "tutel", "auto")
 
 @functools.cache
 def tutel_problem() -> str | None:
-    """Why tutel cannot serve as a backend here (None when it can): not importable, or a
-    version whose dispatcher takes no per-call capacity (tutel < 0.2)."""
+    """Why tutel cannot serve as a backend here (None when it can): not importable (its
+    import may fail in many ways, e.g. an old build asserting CUDA), or older than 0.2 (no
+    fast_encode, and a dispatcher that compiles kernels per instance)."""
     try:
         from tutel import moe as tutel_moe
-    except (ImportError, OSError) as exc:
-        return f"tutel is not importable ({exc})"
+    except Exception as exc:  # noqa: BLE001 - any failure to import means: not usable
+        return f"tutel is not importable ({type(exc).__name__}: {exc})"
     update = getattr(getattr(tutel_moe, "fast_dispatcher", None), "update", None)
     try:
-        ok = update is not None and "capacity" in inspect.signature(update).parameters
+        ok = hasattr(tutel_moe, "fast_encode") and update is not None and "capacity" in inspect.signature(update).parameters
     except (TypeError, ValueError):
         ok = False
     if not ok:
-        version = getattr(sys.modules.get("tutel"), "__version__", "unknown")
-        return f"tutel {version} has no fast_dispatcher.update(..., capacity=...) (tutel >= 0.2 has)"
+        return "this tutel is older than 0.2 (no tutel.moe.fast_encode, or a dispatcher without a per-call capacity)"
     return None
 
 

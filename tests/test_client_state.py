@@ -135,7 +135,8 @@ def test_a_run_resumed_after_another_used_the_folder_gets_its_state_back(tmp_pat
         for r in (1, 2):
             write_client_state(tmp_path, ClientState(personal={"h": np.full(2, float(r))}), r, run="A")
         write_client_state(tmp_path, ClientState(personal={"h": np.full(2, 10.0)}), 1, run="B")
-        state = read_client_state(tmp_path, before_round=3, run="A")
+        assert read_client_state(tmp_path, before_round=3, run="A") is None, "a reader (export) moves nothing"
+        state = read_client_state(tmp_path, before_round=3, run="A", claim=True)  # the client app's reading
     assert state is not None and state.personal["h"][0] == 2.0
     assert sorted(p.name for p in tmp_path.glob("round-*.npz")) == ["round-000001.npz", "round-000002.npz"]
     assert [p.name for p in (tmp_path / OTHER_RUNS / "B").glob("*.npz")] == ["round-000001.npz"]

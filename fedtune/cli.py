@@ -37,18 +37,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
+    from .errors import ConfigError
     from .model import model_from_checkpoint
     from .pretrain import PretrainConfig, pretrain, pretrain_accuracy
     from .weights import cache_dir
 
     cfg = _load(PretrainConfig, args.config, args.set)
     out = Path(args.out) if args.out else cache_dir() / "pretrained" / f"{cfg.key()}.safetensors"
+    if out.suffix != ".safetensors":  # it is written as safetensors, and read back by its suffix
+        raise ConfigError(f"--out {out}: the pretrained file is written as safetensors; give a name ending in .safetensors")
     if out.exists() and not args.force:
-        from .errors import ConfigError
-        from .typedconfig import differences, to_dict
+        from .pretrain import made_by_another
 
         _, meta = model_from_checkpoint(out)
-        changed = differences(meta.get("pretrain") or {}, to_dict(cfg))
+        changed = made_by_another(meta, cfg)
         if changed:  # the held-out set below is built from the config: it must be the file's own
             raise ConfigError(f"{out} holds a pretraining of another config (differs in {', '.join(changed[:6])}); use --force to train again, or another --out")
         print(f"cached: {out} (use --force to train again)")

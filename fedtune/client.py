@@ -64,7 +64,14 @@ from .federated import (
     shared_model,
     state_to_numpy,
 )
-from .heads import bound_contribution, class_moments, class_stats, discriminant, extract_features
+from .heads import (
+    ABSENT_CLASS_BIAS,
+    bound_contribution,
+    class_moments,
+    class_stats,
+    discriminant,
+    extract_features,
+)
 from .methods import Method, MethodConfig, make_method
 from .profiles import get_profile
 from .protocol import EvalMetrics, TrainMetrics
@@ -403,5 +410,5 @@ def personal_lda_head(own: dict[str, np.ndarray], fed: dict[str, np.ndarray] | N
         pull = np.where(fed_count > 0, shrink, 0.0)[:, None]  # a class the federation's statistics lack has no mean to pull towards
         means = (count[:, None] * means + pull * fed_means) / np.maximum(count[:, None] + pull, 1e-12)
     if present.sum() < 2:  # one class known: it is the prediction
-        return torch.zeros(means.shape, dtype=torch.float32), torch.from_numpy(np.where(present, 0.0, -1e4)).float()
+        return torch.zeros(means.shape, dtype=torch.float32), torch.from_numpy(np.where(present, 0.0, ABSENT_CLASS_BIAS)).float()
     return discriminant(means, cov, count / count.sum(), present)

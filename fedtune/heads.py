@@ -181,15 +181,19 @@ def class_moments(stats: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray,
     return count, means, within / max(count.sum() - present.sum(), 1.0)
 
 
+ABSENT_CLASS_BIAS = -1e30  # below any logit a present class can reach (finite in float32 and bfloat16)
+
+
 def discriminant(means: np.ndarray, cov: np.ndarray, priors: np.ndarray, present: np.ndarray, shrink: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
     """The linear head of Gaussian classes with one covariance (shrunk by `shrink` toward its
     mean variance): W = means cov^-1, b = -means cov^-1 means / 2 + log priors; classes not
     `present` get a bias no logit reaches."""
-    cov = (1 - shrink) * cov + shrink * np.trace(cov) / len(cov) * np.eye(len(cov))
+    scale = max(np.trace(cov) / len(cov), 1e-12)  # the mean variance; a floor for features that never vary
+    cov = (1 - shrink) * cov + max(shrink, 1e-12) * scale * np.eye(len(cov))
     prec_means = np.linalg.solve(cov, means.T).T  # [C, d]
     bias = -0.5 * (means * prec_means).sum(1) + np.log(np.where(present, priors, 1.0))
     prec_means[~present] = 0.0  # an absent class's logit is its bias alone, whatever the features' scale
-    bias[~present] = -1e4
+    bias[~present] = ABSENT_CLASS_BIAS
     return torch.from_numpy(prec_means).float(), torch.from_numpy(bias).float()
 
 

@@ -160,6 +160,10 @@ def build_model(cfg: ModelConfig, num_classes: dict[str, int]) -> FedViT:
         vit = timm.create_model(cfg.name, pretrained=hub, **_timm_kwargs(cfg))
     except (RuntimeError, ValueError, TypeError, AssertionError) as exc:
         raise ConfigError(f"model: timm could not build {cfg.name!r} with {_timm_kwargs(cfg)}: {exc}") from exc
+    except OSError as exc:  # the hub's weights: not downloadable here (offline, no such file) and not cached
+        raise ConfigError(f"model.pretrained: hub: timm could not fetch the weights of {cfg.name!r} ({type(exc).__name__}: {exc}); "
+                          "without internet, download them once elsewhere (they are cached under ~/.cache/huggingface) or give a "
+                          "local file (model.pretrained: PATH.safetensors / .pth)") from exc
     if getattr(vit, "cls_token", None) is None or getattr(vit, "num_prefix_tokens", 1) != 1:
         # token dropping, skipping and the class-token deltas take token 0 as the class token and the rest as patches
         raise ConfigError(f"model.name: {cfg.name!r} has {getattr(vit, 'num_prefix_tokens', '?')} prefix token(s), "

@@ -18,6 +18,7 @@ import json
 import math
 import string
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -37,7 +38,7 @@ from .model import (
     read_state,
     save_checkpoint,
 )
-from .typedconfig import check_choices, from_dict, to_dict
+from .typedconfig import check_choices, differences, from_dict, to_dict
 from .weights import cache_dir
 
 GLYPHS = string.digits + string.ascii_uppercase
@@ -234,17 +235,40 @@ class PretrainConfig:
             raise ConfigError(f"{prefix}epochs/batch_size: must be >= 1")
         if not 0.0 <= self.scan_fraction <= 1.0:
             raise ConfigError(f"{prefix}scan_fraction: must be in [0, 1], got {self.scan_fraction}")
+        if not (math.isfinite(self.lr) and self.lr > 0) or not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"{prefix}lr/weight_decay: need lr > 0 and weight_decay >= 0, got {self.lr} and {self.weight_decay}")
         if self.init_from and not Path(self.init_from).is_file():
             raise ConfigError(f"{prefix}init_from: no such checkpoint: {self.init_from}")
 
-    def key(self) -> str:
-        d = to_dict(self)
-        if not self.contours:  # keys of configs from before contours existed stay the same
-            d.pop("contours"), d.pop("contour_classes")
-        if self.init_from:  # the file's contents, not only its path
+    def identity(self) -> dict:
+        """What decides the pretrained file: the config (without the silhouettes' keys when it
+        has none, as configs from before they existed) and `init_from`'s contents, not only its path."""
+        d = comparable_pretrain(to_dict(self))
+        if self.init_from:
             d["init_from_sha256"] = hashlib.sha256(Path(self.init_from).read_bytes()).hexdigest()
-        text = json.dumps(d, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
+        return d
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def made_by_another(meta: dict, cfg: PretrainConfig) -> list[str]:
+    """The keys in which the pretraining that wrote a file (its metadata `meta`) differs from
+    `cfg` ([] when it is the same): the config compared across versions, and, where the file
+    records it, `init_from`'s contents."""
+    changed = differences(comparable_pretrain(meta.get("pretrain") or {}), comparable_pretrain(to_dict(cfg)))
+    if not changed and meta.get("pretrain_key") not in (None, cfg.key()):
+        changed = ["init_from (its contents)"]
+    return changed
+
+
+def comparable_pretrain(d: dict) -> dict:
+    """A pretraining config as written in a file's metadata, comparable across versions: a
+    config with no silhouettes compares without their keys (older files lack them)."""
+    d = dict(d)
+    if not d.get("contours"):
+        d.pop("contours", None), d.pop("contour_classes", None)
+    return d
 
 
 def pretrain_sets(cfg: PretrainConfig) -> list[ImageSet]:
@@ -265,6 +289,11 @@ def pretrain(cfg: PretrainConfig, out: Path | None = None, progress: bool = True
     """Pretrain the backbone on every task of the pretraining sets; write a safetensors checkpoint."""
     cfg.validate("pretrain.")
     out = Path(out) if out else cache_dir() / "pretrained" / f"{cfg.key()}.safetensors"
+    partial = out.with_name(out.stem + ".partial.safetensors")
+    if partial.exists():  # an interrupted run's checkpoint: this run would overwrite it at its step 500
+        kept = partial.with_name(f"{out.stem}.partial-{time.strftime('%Y%m%d-%H%M%S')}.safetensors")
+        partial.replace(kept)
+        warnings.warn(f"{partial} (an interrupted run's checkpoint) kept as {kept}; this run starts from step 0", stacklevel=2)
     torch.manual_seed(cfg.seed)
     sets = pretrain_sets(cfg)
     num_classes = {t: n for s in sets for t, n in s.num_classes.items()}
@@ -318,7 +347,7 @@ def pretrain(cfg: PretrainConfig, out: Path | None = None, progress: bool = True
             save_checkpoint(partial, model.state_dict(), model_meta(cfg.model, num_classes, pretrain=to_dict(cfg), step=step + 1))
     if bar is not None:
         bar.close()
-    meta = model_meta(cfg.model, num_classes, pretrain=to_dict(cfg), seconds=round(time.time() - start, 1))
+    meta = model_meta(cfg.model, num_classes, pretrain=to_dict(cfg), pretrain_key=cfg.key(), seconds=round(time.time() - start, 1))
     save_checkpoint(out, model.state_dict(), meta)
     out.with_name(out.stem + ".partial.safetensors").unlink(missing_ok=True)
     return out

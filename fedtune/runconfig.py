@@ -159,9 +159,10 @@ class FederationConfig:
                 raise ConfigError(f"{prefix}dp_stats_max_examples: must be at least 1, got {self.dp_stats_max_examples}")
         if not 0 < self.dp_delta < 1:
             raise ConfigError(f"{prefix}dp_delta: must be in (0, 1), got {self.dp_delta}")
-        bad = [c for c in self.attack.clients if not 0 <= c < self.total_clients()]
+        bad = [c for c in self.attack.clients if not 0 <= c < self.num_clients]
         if bad:
-            raise ConfigError(f"{prefix}attack.clients: partition id {bad[0]} out of range 0..{self.total_clients() - 1}")
+            raise ConfigError(f"{prefix}attack.clients: partition id {bad[0]} is not a training client (0..{self.num_clients - 1}; "
+                              "new clients never train, so they cannot attack)")
         if not self.lda_shrink >= 0:
             raise ConfigError(f"{prefix}lda_shrink: must be >= 0 (0: the client's own statistics only), got {self.lda_shrink}")
         if self.rep_head_epochs < 1:
@@ -190,6 +191,13 @@ class BackendConfig:
     cpus_per_client: float = 1.0  # Ray resources per virtual client
     torch_threads: int = 1  # torch threads inside each client
     launcher: Literal["run_simulation", "flwr-run"] = "flwr-run"  # flwr-run: a private SuperLink with Flower's simulation runtime and `flwr run` (the path Flower supports) | run_simulation: Flower's in-process launcher (deprecated in flwr 1.42)
+
+    def validate(self, prefix: str = "") -> None:
+        check_choices(self, prefix)
+        if not self.cpus_per_client > 0:
+            raise ConfigError(f"{prefix}cpus_per_client: must be > 0 (Ray's CPUs per virtual client), got {self.cpus_per_client}")
+        if self.torch_threads < 1:
+            raise ConfigError(f"{prefix}torch_threads: must be >= 1, got {self.torch_threads}")
 
 
 @dataclass

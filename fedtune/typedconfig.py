@@ -9,6 +9,7 @@ dataclass's `validate()` method, which `from_dict` calls when present.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -79,12 +80,17 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             # YAML 1.1 reads "1e9" as a string; accept numeric strings.
+            number = None
             if isinstance(value, str):
                 try:
-                    return float(value)
+                    number = float(value)
                 except ValueError:
                     pass
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
+            if number is None:
+                raise ConfigError(f"{key}: expected a number, got {value!r}")
+            value = number
+        if not math.isfinite(value):  # .inf / .nan would pass every >= check and break later
+            raise ConfigError(f"{key}: expected a finite number, got {value!r} (where a key allows no limit, it takes null)")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -261,5 +267,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {text!r}: {part} is not a mapping")
-        node[path[-1]] = value
+        old = node.get(path[-1])
+        # a mapping merges into the mapping it names (as `extends:` does): `method={alast: {k: 4}}`
+        # changes k, not the rest of method
+        node[path[-1]] = deep_merge(old, value) if isinstance(value, dict) and isinstance(old, dict) else value
     return out

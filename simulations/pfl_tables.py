@@ -16,7 +16,9 @@ the folder above SUMMARIES).
 from __future__ import annotations
 
 import argparse
+import json
 import re
+import sys
 from pathlib import Path
 
 from simulations.compare_runs import PFL_KEYS, compare
@@ -51,10 +53,24 @@ def runs_of(summaries: Path, method: str, split: str) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def check_runs(runs: list[tuple[str, Path]], split: str) -> None:
+    """Refuse a table that would average a failed run; warn when its rows are over different seeds."""
+    seeds: dict[str, list[int]] = {}
+    for label, p in runs:
+        if "error" in json.loads(p.read_text()):
+            raise SystemExit(f"{p}: a failed run (its summary has 'error'); remove it or run it again")
+        seeds.setdefault(label, []).append(int(p.stem.rsplit("_s", 1)[1]))
+    sets = {tuple(v) for v in seeds.values()}
+    if len(sets) > 1:
+        print(f"warning: split {split}: the rows are over different seeds ({'; '.join(f'{k}: {v}' for k, v in seeds.items())}); "
+              "compare methods on the same seeds", file=sys.stderr)
+
+
 def build(summaries: Path, out: Path) -> list[Path]:
     written = []
     for split, name in SPLITS:
         runs = [(label, p) for key, label in REFERENCES + METHODS for p in runs_of(summaries, key, split)]
+        check_runs(runs, split)
         if runs:
             out.mkdir(parents=True, exist_ok=True)
             (out / name).write_text(compare(runs, PFL_KEYS, blocks=False))

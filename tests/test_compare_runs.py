@@ -103,6 +103,7 @@ def test_pfl_tables_from_summary_files(tmp_path, capsys):
         (summaries / f"{name}.json").write_text(json.dumps({"accuracy_personalized": acc, "wall_time_s": 5.0}))
     (summaries / "probe_path_s0.json").write_text(json.dumps({"accuracy_personalized": 0.5}))
     assert tables([str(summaries)]) == 0
+    assert "split a0.1: the rows are over different seeds" in capsys.readouterr().err
     a01 = (tmp_path / "table_alpha0.1.md").read_text().splitlines()
     assert a01[2].startswith("| FedRep | 1 | - | - | - | 70.0 |")
     assert a01[3].startswith("| ALaST, own blocks + closed-form LDA head | 1 | - | - | - | 95.0 |")
@@ -119,6 +120,9 @@ def test_pfl_tables_from_summary_files(tmp_path, capsys):
         main([f"x={summaries / 'fedrep_a0.1_s0.json'}"])
     with pytest.raises(SystemExit):
         tables([str(tmp_path / "missing")])
+    (summaries / "fedrep_a0.1_s1.json").write_text(json.dumps({"accuracy_personalized": 0.7, "error": "every round empty"}))
+    with pytest.raises(SystemExit, match="a failed run"):
+        tables([str(summaries)])
 
 
 def test_pfl_runs_gives_one_command_per_table_row_and_runs_only_what_is_missing(tmp_path, capsys):

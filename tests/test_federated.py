@@ -208,9 +208,26 @@ def test_bad_run_configs(tmp_path):
         ("train.weight_decay=-1", "weight_decay: must be >= 0"),
         ("train.label_smoothing=5", "label_smoothing: must be in"),
         ("seed=-1", "seed: must be >= 0"),
+        ("federation.lda_shrink=.inf", "lda_shrink: expected a finite number"),
+        ("train.lr=.nan", "train.lr: expected a finite number"),
+        ("partition.alpha=inf", "partition.alpha: expected a finite number"),
+        ("backend.cpus_per_client=0", "cpus_per_client: must be > 0"),
+        ("backend.torch_threads=0", "torch_threads: must be >= 1"),
+        ("federation.attack.clients=[99]", "partition id 99 is not a training client"),
     ]:
         with pytest.raises(ConfigError, match=match):
             load_run_config(None, [override])
+
+
+def test_a_mapping_override_merges_into_the_section_it_names():
+    """`--set 'method={alast: {k: 4}}'` changes k and keeps the rest of method, as extends: does."""
+    from simulations.run import HERE
+
+    cfg = load_run_config(HERE / "pfl_fmnist.yaml", ["method={alast: {k: 4}}"])
+    base = load_run_config(HERE / "pfl_fmnist.yaml")
+    assert cfg.method.alast.k == 4 and cfg.method.name == base.method.name
+    assert cfg.method.alast.shared_blocks == base.method.alast.shared_blocks and cfg.method.alast.memory_fraction == base.method.alast.memory_fraction
+    assert load_run_config(None, ["federation.profiles=[rpi]"]).federation.profiles == ["rpi"], "a list still replaces"
 
 
 def test_a_failed_start_writes_nothing_into_an_existing_run(tmp_path):
@@ -497,7 +514,7 @@ def test_simulated_attackers_send_what_their_attack_says():
         tiny_run(federation={**dp, "dp_stats_max_examples": 0})
     with pytest.raises(ConfigError, match="robust_absent"):
         tiny_run(federation={"num_clients": 4, "robust_absent": "zero"})
-    for attack, match in (({"kind": "noise"}, "name the attacking clients"), ({"kind": "sign_flip", "clients": [9]}, "partition id 9 out of range"),
+    for attack, match in (({"kind": "noise"}, "name the attacking clients"), ({"kind": "sign_flip", "clients": [9]}, "partition id 9 is not a training client"),
                           ({"kind": "flip"}, "attack.kind")):
         with pytest.raises(ConfigError, match=match):
             tiny_run(federation={"num_clients": 4, "attack": attack})

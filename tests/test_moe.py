@@ -255,7 +255,7 @@ def test_top1_routers_get_no_gradient_from_the_task_loss_alone():
 def test_bad_moe_settings_are_named():
     for key in ("capacity_factor", "eval_capacity_factor"):
         for bad in (float("inf"), float("nan")):
-            with pytest.raises(ConfigError, match=f"moe.{key}: must be a finite number or null"):
+            with pytest.raises(ConfigError, match=f"moe.{key}: expected a finite number"):
                 from_dict(MoEConfig, {key: bad}, prefix="moe.")
     with pytest.raises(ConfigError, match="3 tasks but 2 experts"):
         MoEMlp.fresh(8, 16, ["a", "b", "c"], MoEConfig(num_experts=2, top_k=1, task_prior=5.0, capacity_factor=None))

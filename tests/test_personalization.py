@@ -24,7 +24,7 @@ from fedtune.client import ClientRuntime, personal_lda_head
 from fedtune.client_state import PERSONAL_MODEL, ClientState, personal_model, personal_params
 from fedtune.errors import ConfigError
 from fedtune.federated import client_data, federated_data, global_model, state_to_numpy
-from fedtune.heads import class_moments, class_stats, discriminant, lda_head
+from fedtune.heads import ABSENT_CLASS_BIAS, class_moments, class_stats, discriminant, lda_head
 from fedtune.typedconfig import to_dict
 from server.downlink import FULL, Downlink
 from server.strategy import SparseFedAvg
@@ -85,7 +85,7 @@ def test_personal_lda_head_own_means_and_priors_the_federations_covariance():
     w_ref, b_ref = discriminant(mixed, fed_cov, count / count.sum(), count > 0)
     torch.testing.assert_close(w1, w_ref)
     torch.testing.assert_close(b1, b_ref)
-    assert b1[2] == -1e4, "a class the client never saw is left out"
+    assert b1[2] == ABSENT_CLASS_BIAS, "a class the client never saw is left out"
     x = torch.from_numpy(means).float()
     assert (x @ w1.T + b1).argmax(1)[:2].tolist() == [0, 1]
     # a client with one class predicts that class

@@ -64,7 +64,11 @@ def test_pretrain_on_glyphs_and_contours_writes_a_loadable_checkpoint(tmp_path, 
         "glyphs: 32\ncontours: 32\ncontour_classes: 4\nepochs: 1\nbatch_size: 16\n"
     )
     out = tmp_path / "w.safetensors"
-    assert main(["pretrain", "--config", str(cfg), "--out", str(out), "--no-progress"]) == 0
+    (tmp_path / "w.partial.safetensors").write_bytes(b"an interrupted run's checkpoint")
+    with pytest.warns(UserWarning, match="interrupted run's checkpoint"):
+        assert main(["pretrain", "--config", str(cfg), "--out", str(out), "--no-progress"]) == 0
+    kept = list(tmp_path.glob("w.partial-*.safetensors"))
+    assert len(kept) == 1 and kept[0].read_bytes() == b"an interrupted run's checkpoint", "kept, not overwritten"
     report = json.loads(capsys.readouterr().out)
     assert set(report["held_out_accuracy"]) == {"glyph", "contour", "texture"}
     from fedtune.model import read_state
@@ -82,6 +86,40 @@ def test_pretrain_on_glyphs_and_contours_writes_a_loadable_checkpoint(tmp_path, 
     before = moved.key()
     out.write_bytes(out.read_bytes() + b" ")
     assert moved.key() != before, "the cache key follows the init_from file's contents"
+
+
+def test_readmes_stage_two_command_matches_the_shipped_file(tmp_path, monkeypatch):
+    """The shipped glyph backbone predates the silhouettes' keys: README's command that made it
+    is its config still (not "another config"), while a real change, or another init_from
+    file's contents where the file records them, is named."""
+    from fedtune.cli import _load
+    from fedtune.model import checkpoint_meta, read_state
+    from fedtune.pretrain import made_by_another
+    from fedtune.weights import ASSETS
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "pre").mkdir(parents=True)
+    (tmp_path / "runs" / "pre" / "stage1.safetensors").write_bytes(b"stage 1")
+    readme = ["init_from=runs/pre/stage1.safetensors", "scan_fraction=0.7", "epochs=6", "lr=5e-4"]
+    _, raw = read_state(ASSETS / "vit_tiny_p4_32_pretrained.safetensors")
+    meta = checkpoint_meta(raw)
+    assert "contours" not in meta["pretrain"]
+    assert made_by_another(meta, _load(PretrainConfig, None, readme)) == []
+    assert made_by_another(meta, _load(PretrainConfig, None, [*readme, "epochs=5"])) == ["epochs"]
+    cfg = _load(PretrainConfig, None, readme)
+    recorded = {**meta, "pretrain_key": cfg.key()}
+    assert made_by_another(recorded, cfg) == []
+    (tmp_path / "runs" / "pre" / "stage1.safetensors").write_bytes(b"another stage 1")
+    assert made_by_another(recorded, _load(PretrainConfig, None, readme)) == ["init_from (its contents)"]
+
+
+def test_pretrain_refuses_what_it_could_not_read_back_or_train(tmp_path, capsys):
+    assert main(["pretrain", "--out", str(tmp_path / "w.pt"), "--no-progress"]) == 2
+    assert "ending in .safetensors" in capsys.readouterr().err
+    for bad in ("lr=0", "lr=-1e-3", "weight_decay=-0.1"):
+        assert main(["pretrain", "--set", bad, "--out", str(tmp_path / "w.safetensors"), "--no-progress"]) == 2
+        assert "lr/weight_decay" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
 
 
 def test_a_shipped_asset_is_found_by_name_and_a_wrong_name_is_a_clear_error():

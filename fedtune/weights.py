@@ -57,5 +57,6 @@ def resolve_pretrained(model: ModelConfig) -> ModelConfig:
         return model
     path = default_backbone()
     if path is None:
-        raise ConfigError(f"model.pretrained: the default backbone {DEFAULT_BACKBONE} is missing; run `fedtune pretrain --out {DEFAULT_BACKBONE}`")
+        raise ConfigError(f"model.pretrained: the default backbone {DEFAULT_BACKBONE} is missing (a damaged install?); reinstall fedtune, "
+                          "or rebuild it with README's two pretrain commands (section 'Pretrained backbone'), or give another file")
     return replace(model, pretrained=str(path))

@@ -612,7 +612,10 @@ class SparseFedAvg(FedAvg):
         for reply in replies:
             deltas = {n: v.astype(np.float64) - global_arrays[n].numpy().astype(np.float64) for n, v in reply.arrays.items() if np.issubdtype(v.dtype, np.inexact)}
             norm = math.sqrt(sum(float((d * d).sum()) for d in deltas.values()))
-            scale = min(1.0, self.clip_update_norm / norm) if norm > 0 else 1.0
+            # under DP a hair below the bound: the scaled update is stored back in float32, and
+            # its rounding must not take the norm (the sensitivity) past clip_update_norm
+            bound = self.clip_update_norm * (1 - 1e-6 if self.dp_noise_multiplier is not None else 1.0)
+            scale = min(1.0, bound / norm) if norm > 0 else 1.0
             self.last_update_norms.append((reply.node_id, norm))
             if scale < 1.0:
                 arrays = dict(reply.arrays)

@@ -181,7 +181,7 @@ def class_moments(stats: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray,
     return count, means, within / max(count.sum() - present.sum(), 1.0)
 
 
-ABSENT_CLASS_BIAS = -1e30  # below any logit a present class can reach (finite in float32 and bfloat16)
+ABSENT_CLASS_BIAS = -1e15  # below any logit a present class reaches; its square (a proximal term, an L2 norm) stays finite in float32
 
 
 def discriminant(means: np.ndarray, cov: np.ndarray, priors: np.ndarray, present: np.ndarray, shrink: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,6 +9,7 @@ strategy's state, so a killed run resumes from its last completed round.
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from pathlib import Path
@@ -52,6 +53,7 @@ from fedtune.typedconfig import differences, from_dict, to_dict
 from .strategy import SparseFedAvg
 
 CHECKPOINT = "checkpoint.safetensors"
+DP_LEDGER = "dp_ledger.json"  # under DP: rounds a --resume repeated (their first models went out), written before metrics.jsonl is cut
 FED_STATS = "fed_stats.safetensors"  # the federation's latest summed statistics (personalization: lda), beside the checkpoint
 # Config keys a resumed run may change: they do not change what the rounds compute.
 RESUME_MAY_CHANGE = ("name", "federation.rounds", "federation.round_timeout_s", "federation.connect_timeout_s",
@@ -183,10 +185,16 @@ class ServerRunner:
             # rounds run after the checkpoint, which this run repeats: their models went out
             repeated = len({r["round"] for r in records if isinstance(r.get("round"), int) and r["round"] > self.done_rounds})
             self.time_before = max([float(r.get("elapsed_s", 0.0)) for r in self.rounds] + [0.0])
-            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in self.rounds))
             strategy = self.make_strategy(self.done_rounds)
             strategy.load_state_dict(meta["strategy"])
-            strategy.dp_rounds_repeated += repeated
+            # the count is written before the records it comes from are cut: a second crash
+            # before the next checkpoint still knows it
+            ledger = self.out / DP_LEDGER
+            before = json.loads(ledger.read_text()).get("rounds_repeated", 0) if ledger.is_file() else 0
+            strategy.dp_rounds_repeated = max(strategy.dp_rounds_repeated, int(before)) + repeated
+            if f.dp_noise_multiplier:
+                write_json(ledger, {"rounds_repeated": strategy.dp_rounds_repeated})
+            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in self.rounds))
             strategy.fed_stats = self.load_fed_stats()
             log(30, "resuming %s from round %d of %d", self.out, self.done_rounds, f.rounds)
         else:
@@ -325,6 +333,7 @@ class ServerRunner:
             "bytes_up_full_fedavg": int(self.full_bytes * len(accepted)),
             "bytes_down_full_fedavg": int(self.full_bytes * s.messages_round),
             "bytes_down_full_fedavg_same_start": int(self.full_bytes * (s.messages_round - s.start_messages_round)),
+            "sampled": int(s.sampled_round),
             "accepted": len(accepted),
             "rejected": [{"node_id": n, "reason": r} for n, r in s.last_rejections],
             "eval_rejected": [{"node_id": n, "reason": r} for n, r in s.last_eval_rejections],
@@ -467,7 +476,9 @@ class ServerRunner:
                              "head_stats_privatized": released,
                              "dp_stats_feature_clip": self.cfg.federation.dp_stats_feature_clip, "dp_stats_max_examples": self.cfg.federation.dp_stats_max_examples,
                              "epsilon_per_round": [r.get("dp_epsilon") for r in rounds], "accountant": "dp_accounting RDP, Poisson-sampled Gaussian"}
-        summary["empty_rounds"] = [r["round"] for r in rounds if r.get("accepted", 0) == 0]
+        # a round whose DP Poisson sample drew nobody is the mechanism at work, not a failure
+        poisson = bool(self.cfg.federation.dp_noise_multiplier) and (self.cfg.federation.clients_per_round or self.cfg.federation.num_clients) < self.cfg.federation.num_clients
+        summary["empty_rounds"] = [r["round"] for r in rounds if r.get("accepted", 0) == 0 and not (poisson and r.get("sampled") == 0)]
         if summary["empty_rounds"] and not self.cfg.federation.allow_empty_rounds:
             reasons = sorted({x["reason"] for r in rounds if r["round"] in summary["empty_rounds"] for x in r.get("rejected", [])})
             summary["error"] = (f"round(s) {summary['empty_rounds']} had no accepted client reply, so the model did not train there"
@@ -494,7 +505,7 @@ def dp_epsilon(cfg: RunConfig, rounds: int, head_stats: bool = False) -> float:
     multiplier on a Poisson sample of rate clients_per_round / num_clients (the server samples
     so under DP, with a fixed denominator); with `head_stats`, also the head fit's release of
     the statistics: three Gaussian mechanisms (counts, sums, second moment) per task a client
-    holds (the most any client holds), on the clients that evaluated."""
+    holds (the most any client holds), all on the one sample of clients that evaluated."""
     import dp_accounting
     from dp_accounting import rdp
 
@@ -509,7 +520,10 @@ def dp_epsilon(cfg: RunConfig, rounds: int, head_stats: bool = False) -> float:
         from fedtune.federated import client_tasks
 
         per_client = max(len(client_tasks(cfg, pid)) for pid in range(f.num_clients))
-        accountant.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(q_eval, dp_accounting.GaussianDpEvent(f.dp_noise_multiplier)), 3 * per_client))
+        # the 3 * per_client releases share one sample (the evaluation that feeds the head fit):
+        # together one sampled Gaussian, of multiplier z / sqrt(3 * per_client)
+        joint = f.dp_noise_multiplier / math.sqrt(3 * per_client)
+        accountant.compose(dp_accounting.PoissonSampledDpEvent(q_eval, dp_accounting.GaussianDpEvent(joint)))
     return float(accountant.get_epsilon(f.dp_delta))
 
 

@@ -484,6 +484,15 @@ def test_a_private_run_reports_the_accountants_epsilon_in_its_summary(tmp_path):
     state = runner.strategy.state_dict()
     runner.strategy.load_state_dict({**state, "dp_rounds_repeated": 1})
     assert runner.finish()["dp"]["epsilon"] == pytest.approx(dp_epsilon(cfg, 3, head_stats=True))
+    # a Poisson sample that drew nobody is not a failed round
+    sampled = tiny_run(federation={"num_clients": 4, "clients_per_round": 2, "rounds": 2, "clip_update_norm": 1.0, "dp_noise_multiplier": 1.1})
+    poisson = ServerRunner(sampled, tmp_path / "poisson")
+    poisson.out.mkdir()
+    poisson.rounds = [{"round": 0, **base}, {"round": 1, **base, "accepted": 0, "sampled": 0}, {"round": 2, **base}]
+    summary = poisson.finish()
+    assert summary["empty_rounds"] == [] and "error" not in summary
+    poisson.rounds[1]["sampled"] = 2  # sampled, and nobody's reply accepted: that is a failed round
+    assert poisson.finish()["empty_rounds"] == [1]
     old = {k: v for k, v in state.items() if k != "dp_rounds_repeated"}  # a checkpoint from before the count
     runner.strategy.load_state_dict(old)
     assert runner.strategy.dp_rounds_repeated == 0

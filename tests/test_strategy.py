@@ -696,6 +696,15 @@ def test_privacy_spent_comes_from_the_accountant() -> None:
     with_stats = from_dict(RunConfig, {"federation": {"num_clients": 8, "clients_per_round": 4, "clip_update_norm": 1.0, "dp_noise_multiplier": 1.0,
                                                       "head_fit": "lda", "dp_stats_feature_clip": 5.0}})
     assert dp_epsilon(with_stats, 5, head_stats=True) > dp_epsilon(with_stats, 5) == eps[2]  # the statistics' release is paid for
+    # the three releases share one sample: one sampled Gaussian of z / sqrt(3), which costs more
+    # than three independently sampled ones would when the sample is a fraction
+    import dp_accounting
+    from dp_accounting import rdp
+
+    acc = rdp.RdpAccountant()
+    acc.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(0.5, dp_accounting.GaussianDpEvent(1.0)), 5))
+    acc.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(0.5, dp_accounting.GaussianDpEvent(1.0)), 3))
+    assert dp_epsilon(with_stats, 5, head_stats=True) > acc.get_epsilon(1e-5)
     # a client holding two tasks releases statistics twice
     two = from_dict(RunConfig, {"tasks": ["a", "b"], "federation": {"num_clients": 8, "clients_per_round": 4, "clip_update_norm": 1.0,
                                 "dp_noise_multiplier": 1.0, "head_fit": "lda", "dp_stats_feature_clip": 5.0}})

@@ -476,12 +476,11 @@ def _reset_peak_rss() -> bool:
 
 def _peak_rss_bytes() -> int:
     """This process's peak RSS: VmHWM where /proc has it, else getrusage (KiB on Linux, bytes on macOS)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    from .profiles import proc_kib_field
+
+    peak = proc_kib_field("/proc/self/status", "VmHWM")
+    if peak is not None:
+        return peak
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -74,14 +74,22 @@ PROFILES: dict[str, DeviceProfile] = {
 AUTO = "auto"  # measure this device instead of naming a profile
 
 
+def proc_kib_field(path: str, key: str) -> int | None:
+    """A `key:  N kB` line of a Linux /proc file, in bytes (None where there is none)."""
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(f"{key}:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def available_memory_bytes() -> int:
     """Memory this device has available now (Linux MemAvailable; else free physical pages)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    available = proc_kib_field("/proc/meminfo", "MemAvailable")
+    if available is not None:
+        return available
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):

@@ -189,6 +189,12 @@ def test_bad_run_configs(tmp_path):
     bad.write_text("federation:\n  1: 4\n  roundz: 3\n")  # keys of mixed types: still a ConfigError
     with pytest.raises(ConfigError, match="unknown key federation.1 \\(and federation.roundz\\)"):
         load_run_config(bad)
+    bad.write_text("train:\n  ? [1, 2]\n  : 3\n")  # a complex key: a ConfigError, not a TypeError
+    with pytest.raises(ConfigError, match="a mapping key must be a name"):
+        load_run_config(bad)
+    bad.write_text("federation: &f {num_clients: 4}\ntrain: {epochs: 1}\nmodel: {name: vit_tiny_patch16_224}\n"
+                   "partition: {<<: {alpha: 0.3}}\n")  # YAML merge keys read as YAML says
+    assert load_run_config(bad).partition.alpha == 0.3
     bad.write_text("federation:\n  profiles: [rpi, toaster]\n")
     with pytest.raises(ConfigError, match="unknown device profile 'toaster'"):
         load_run_config(bad)

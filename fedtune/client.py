@@ -394,7 +394,8 @@ def personal_lda_head(own: dict[str, np.ndarray], fed: dict[str, np.ndarray] | N
 
     - the covariance is the federation's pooled within-class covariance (estimated from every
       client's data; a client's own few hundred examples estimate a d x d matrix poorly), the
-      client's own when no federation statistics have arrived yet;
+      client's own, shrunk by d / (n + d) towards its mean variance, when no federation
+      statistics have arrived yet (a run's first evaluation);
     - each class mean is the client's own, pulled towards the federation's by `shrink`
       pseudo-examples (so a class the client has one or two examples of leans on the
       federation);
@@ -404,11 +405,18 @@ def personal_lda_head(own: dict[str, np.ndarray], fed: dict[str, np.ndarray] | N
     """
     count, means, cov = class_moments(own)
     present = count > 0
+    cov_shrink = 1e-4
     if fed is not None and float(np.sum(fed["count"])) > 0:
         fed_count, fed_means, fed_cov = class_moments(fed)
         cov = fed_cov
         pull = np.where(fed_count > 0, shrink, 0.0)[:, None]  # a class the federation's statistics lack has no mean to pull towards
         means = (count[:, None] * means + pull * fed_means) / np.maximum(count[:, None] + pull, 1e-12)
+    else:
+        # the client's own covariance: n examples estimate d x d poorly (n < d is common), so it
+        # is shrunk towards its mean variance by d / (n + d) (on the starting model's features,
+        # Fashion-MNIST, 20 clients: +1.0 to +7.0 points over a token shrinkage)
+        n, d = float(count.sum()), cov.shape[0]
+        cov_shrink = d / (n + d)
     if present.sum() < 2:  # one class known: it is the prediction
         return torch.zeros(means.shape, dtype=torch.float32), torch.from_numpy(np.where(present, 0.0, ABSENT_CLASS_BIAS)).float()
-    return discriminant(means, cov, count / count.sum(), present)
+    return discriminant(means, cov, count / count.sum(), present, cov_shrink)

@@ -72,11 +72,14 @@ def test_personal_lda_head_own_means_and_priors_the_federations_covariance():
         return torch.from_numpy(means[y] + rng.normal(size=(len(y), 4))), torch.from_numpy(y)
     fed = class_stats(*sample([300, 300, 300]), 3)
     own = class_stats(*sample([50, 2, 0]), 3)
-    # without the federation: plain LDA of the client's own statistics (the absent class left out)
+    # without the federation: LDA of the client's own statistics (the absent class left out), its
+    # covariance shrunk by d / (n + d) towards its mean variance (52 examples, 4 features)
     w0, b0 = personal_lda_head(own, None, 1.0)
-    w_ref, b_ref = lda_head(own)
+    count, own_means, own_cov = class_moments(own)
+    w_ref, b_ref = discriminant(own_means, own_cov, count / count.sum(), count > 0, 4 / (52 + 4))
     torch.testing.assert_close(w0, w_ref)
     torch.testing.assert_close(b0, b_ref)
+    assert not torch.allclose(w0, lda_head(own)[0]), "not the token shrinkage of the federation's fit"
     # with it: the federation's covariance, the client's means pulled by one pseudo-example, its priors
     w1, b1 = personal_lda_head(own, fed, 1.0)
     count, own_means, _ = class_moments(own)

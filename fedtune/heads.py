@@ -181,6 +181,12 @@ def class_moments(stats: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray,
     return count, means, within / max(count.sum() - present.sum(), 1.0)
 
 
+def own_covariance_shrink(n: float, d: int) -> float:
+    """How far a client's own within-class covariance (n examples, d features; n < d is common)
+    is shrunk towards its mean variance when it has no better one: d / (n + d)."""
+    return d / (n + d)
+
+
 ABSENT_CLASS_BIAS = -1e15  # below any logit a present class reaches; its square (a proximal term, an L2 norm) stays finite in float32
 
 

@@ -343,13 +343,12 @@ def pretrain(cfg: PretrainConfig, out: Path | None = None, progress: bool = True
                 model.train()
                 bar.write(f"step {step + 1}: held-out glyph accuracy {acc:.3f}")
         if (step + 1) % 500 == 0 and step + 1 < len(plan):  # a long run leaves a usable checkpoint
-            partial = out.with_name(out.stem + ".partial.safetensors")
             save_checkpoint(partial, model.state_dict(), model_meta(cfg.model, num_classes, pretrain=to_dict(cfg), step=step + 1))
     if bar is not None:
         bar.close()
     meta = model_meta(cfg.model, num_classes, pretrain=to_dict(cfg), pretrain_key=cfg.key(), seconds=round(time.time() - start, 1))
     save_checkpoint(out, model.state_dict(), meta)
-    out.with_name(out.stem + ".partial.safetensors").unlink(missing_ok=True)
+    partial.unlink(missing_ok=True)
     return out
 
 

@@ -242,16 +242,17 @@ class SparseFedAvg(FedAvg):
         self._grid = grid
         self.downlink.observe(arrays)
         if self.dp_eval_sample_rate is not None:
-            config["server-round"] = server_round
-            record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-            return list(self._construct_messages(record, self._poisson_nodes(grid, self.dp_eval_sample_rate), MessageType.EVALUATE))
+            return self._poisson_instructions(server_round, arrays, config, grid, self.dp_eval_sample_rate, MessageType.EVALUATE)
         return super().configure_evaluate(server_round, arrays, config, _Sampled(grid, self.exclude_nodes))
 
-    def _poisson_nodes(self, grid: Grid, rate: float) -> list[int]:
-        """Each node (but the excluded ones) in with probability `rate`, from the OS's entropy."""
+    def _poisson_instructions(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid, rate: float,
+                              message_type: str) -> list[Message]:
+        """FedAvg's instructions, to a Poisson sample instead of its fixed-size one: each node (but
+        the excluded ones) in with probability `rate`, from the OS's entropy."""
         nodes = [n for n in _Sampled(grid, self.exclude_nodes).get_node_ids() if self.dp_sampler.random() < rate]
         log(INFO, "Poisson-sampled %s nodes (rate %.3f, DP)", len(nodes), rate)
-        return nodes
+        config["server-round"] = server_round
+        return list(self._construct_messages(RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config}), nodes, message_type))
 
     def instructions(self, record: RecordDict, node_ids: list[int], message_type: str) -> list[Message]:
         """The messages of `record` to `node_ids` as this strategy sends them (sparse downlink, statistics)."""
@@ -393,9 +394,7 @@ class SparseFedAvg(FedAvg):
         if self.feed_importance and self.global_importance is not None:
             config[protocol.IMPORTANCE] = [float(v) for v in self.global_importance]
         if self.dp_sample_rate is not None:
-            config["server-round"] = server_round
-            record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-            messages = list(self._construct_messages(record, self._poisson_nodes(grid, self.dp_sample_rate), MessageType.TRAIN))
+            messages = self._poisson_instructions(server_round, arrays, config, grid, self.dp_sample_rate, MessageType.TRAIN)
         else:
             messages = list(super().configure_train(server_round, arrays, config, _Sampled(grid, self.exclude_nodes)))
         self.sampled_round = len(messages)
@@ -841,7 +840,6 @@ class SparseFedAvg(FedAvg):
         ):
             raise CheckpointError("strategy state: global_importance is not a list of numbers")
         self.run_token = state["run_token"]
-        self.dp_rounds_repeated = int(state["dp_rounds_repeated"])
         counters = [k for k in expected if k not in ("version", "global_importance", "run_token")]
         for key in counters:
             if not isinstance(state[key], int) or isinstance(state[key], bool):

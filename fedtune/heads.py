@@ -98,6 +98,26 @@ def bound_contribution(feats: torch.Tensor, labels: torch.Tensor, clip: float, m
     return feats * (clip / norms).clamp(max=1.0), labels
 
 
+def project_contribution(stats: dict[str, np.ndarray], clip: float, max_examples: int) -> tuple[dict[str, np.ndarray], list[str]]:
+    """One client's `class_stats` held to the bounds that bound_contribution gives an honest
+    client (counts summing to at most max_examples, sums of L2 norm at most max_examples * clip,
+    a second moment of Frobenius norm at most max_examples * clip^2), each part scaled down onto
+    its bound where it exceeds it: privatize_stats' sensitivities then hold whatever a client
+    sends. Returns the statistics and the parts that had to be scaled."""
+    n = float(max_examples)
+    limits = {"count": n, "sum": n * clip, "outer": n * clip**2}
+    out, scaled = {}, []
+    for part, value in stats.items():
+        size = float(value.sum()) if part == "count" else float(np.linalg.norm(value))
+        limit = limits.get(part)
+        if limit is not None and size > limit * (1 + 1e-9):
+            out[part] = value * (limit / size)
+            scaled.append(f"{part} ({size:.4g} > {limit:.4g})")
+        else:
+            out[part] = value
+    return out, scaled
+
+
 def privatize_stats(stats: dict[str, np.ndarray], noise_multiplier: float, clip: float, max_examples: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """The Gaussian mechanism on summed `class_stats` whose clients bounded their contribution
     (bound_contribution): noise of `noise_multiplier` times each part's sensitivity (three

@@ -165,6 +165,7 @@ class ServerRunner:
             dp_sample_rate=per_round / f.num_clients if f.dp_noise_multiplier else None,
             dp_eval_sample_rate=min(per_eval, f.num_clients) / f.num_clients if f.dp_noise_multiplier else None,
             dp_population=f.num_clients,
+            dp_stats_bounds=(f.dp_stats_feature_clip, f.dp_stats_max_examples) if f.dp_noise_multiplier and f.head_fit == "lda" else None,
             resend_timeout=f.round_timeout_s,
             fraction_train=per_round / f.num_clients,
             min_train_nodes=min(per_round, need),

@@ -33,7 +33,7 @@ from flwr.supercore import log
 
 from fedtune import protocol
 from fedtune.errors import CheckpointError, ConfigError
-from fedtune.heads import StatsSum, join_stats
+from fedtune.heads import StatsSum, join_stats, project_contribution
 
 from .downlink import FULL, Downlink
 
@@ -107,6 +107,7 @@ class SparseFedAvg(FedAvg):
         dp_sample_rate: float | None = None,
         dp_eval_sample_rate: float | None = None,
         dp_population: int = 0,
+        dp_stats_bounds: tuple[float, int] | None = None,
         robust_absent: str = "skip",
         nnm: bool = False,
         **fedavg_kwargs: Any,
@@ -140,6 +141,11 @@ class SparseFedAvg(FedAvg):
         # the head fit's statistics come from the evaluation: the same sampling there
         self.dp_eval_sample_rate = dp_eval_sample_rate if dp_noise_multiplier is not None and dp_eval_sample_rate is not None and dp_eval_sample_rate < 1 else None
         self.dp_sampler = random.SystemRandom()
+        # Under DP with the head fit: (feature clip, max examples), the bounds each client's
+        # statistics are projected onto before they are summed (fedtune.heads.project_contribution)
+        if dp_stats_bounds is not None and not (dp_noise_multiplier is not None and dp_stats_bounds[0] > 0 and dp_stats_bounds[1] >= 1):
+            raise ConfigError(f"dp_stats_bounds: needs dp_noise_multiplier, a positive feature clip and at least 1 example, got {dp_stats_bounds}")
+        self.dp_stats_bounds = dp_stats_bounds
         self.dp_rounds_repeated = 0  # rounds a --resume made the server run again: their noisy models were released once already
         self.run_token: str | None = uuid.uuid4().hex  # the run's identity in every instruction (state_dict keeps it across --resume)
         if weighting not in protocol.WEIGHTINGS:
@@ -363,6 +369,11 @@ class SparseFedAvg(FedAvg):
             except ValueError as err:
                 log(WARNING, "head statistics from node %s left out: cannot decode %r: %s", node_id, key, err)
                 return
+        if self.dp_stats_bounds is not None:  # the noise's sensitivity holds whatever the client sent
+            for task, parts in stats.items():
+                stats[task], scaled = project_contribution(parts, *self.dp_stats_bounds)
+                if scaled:
+                    log(WARNING, "head statistics from node %s, task %r, exceed the DP bounds; scaled onto them: %s", node_id, task, ", ".join(scaled))
         for problem in self._stats.add(stats):
             log(WARNING, "head statistics from node %s left out: %s", node_id, problem)
 

@@ -439,6 +439,35 @@ def test_head_statistics_are_requested_in_the_last_round_and_summed() -> None:
     assert strategy.head_stats_bytes == 2 * sum(v.nbytes for v in whole.values()), "the corrupt and the undecodable replies are left out"
 
 
+def test_under_dp_each_clients_statistics_are_held_to_the_bounds_the_noise_assumes(caplog) -> None:
+    from fedtune.heads import bound_contribution, class_stats
+
+    strategy = SparseFedAvg(head_stats_round=1, clip_update_norm=1.0, dp_noise_multiplier=1.0, dp_stats_bounds=(2.0, 10))
+    g = torch.Generator().manual_seed(0)
+    feats, labels = 5 * torch.randn(40, 4, generator=g), torch.arange(40) % 3
+    honest = class_stats(*bound_contribution(feats, labels, 2.0, 10, seed=0), 3)
+    greedy = class_stats(feats, labels, 3)  # 40 unclipped examples: over every bound
+
+    def stats_reply(node_id: int, parts: dict) -> Message:
+        msg = reply(node_id, None, 10, **{"accuracy-global": 0.5})
+        msg.content[protocol.HEAD_STATS] = ArrayRecord({f"digit.{k}": Array(v) for k, v in parts.items()})
+        return msg
+
+    with caplog.at_level("WARNING"):
+        strategy.aggregate_evaluate(1, [stats_reply(1, honest)])
+    for k, v in honest.items():
+        np.testing.assert_array_equal(strategy.head_stats["digit"][k], v, err_msg=f"an honest client's {k} is left as it is")
+    assert "exceed the DP bounds" not in caplog.text
+    with caplog.at_level("WARNING"):
+        strategy.aggregate_evaluate(1, [stats_reply(2, greedy)])
+    got = strategy.head_stats["digit"]
+    assert "node 2" in caplog.text and "exceed the DP bounds" in caplog.text
+    assert got["count"].sum() == pytest.approx(10) and np.linalg.norm(got["sum"]) == pytest.approx(10 * 2.0) and np.linalg.norm(got["outer"]) == pytest.approx(10 * 4.0)
+    np.testing.assert_allclose(got["sum"] / np.linalg.norm(got["sum"]), greedy["sum"] / np.linalg.norm(greedy["sum"]), err_msg="scaled, not changed in direction")
+    with pytest.raises(ConfigError, match="dp_stats_bounds"):
+        SparseFedAvg(dp_stats_bounds=(2.0, 10))
+
+
 def test_discriminant_head_equals_scikit_learn_lda() -> None:
     from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 

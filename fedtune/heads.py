@@ -103,18 +103,16 @@ def project_contribution(stats: dict[str, np.ndarray], clip: float, max_examples
     client (counts summing to at most max_examples, sums of L2 norm at most max_examples * clip,
     a second moment of Frobenius norm at most max_examples * clip^2), each part scaled down onto
     its bound where it exceeds it: privatize_stats' sensitivities then hold whatever a client
-    sends. Returns the statistics and the parts that had to be scaled."""
+    sends. Returns the statistics and the parts that exceeded their bound by more than rounding."""
     n = float(max_examples)
     limits = {"count": n, "sum": n * clip, "outer": n * clip**2}
     out, scaled = {}, []
     for part, value in stats.items():
         size = float(value.sum()) if part == "count" else float(np.linalg.norm(value))
         limit = limits.get(part)
-        if limit is not None and size > limit * (1 + 1e-9):
-            out[part] = value * (limit / size)
+        out[part] = value * (limit / size) if limit is not None and size > limit else value
+        if limit is not None and size > limit * (1 + 1e-5):  # not float32 rounding of clipped features
             scaled.append(f"{part} ({size:.4g} > {limit:.4g})")
-        else:
-            out[part] = value
     return out, scaled
 
 

@@ -157,3 +157,21 @@ def test_saved_bytes_meter_frees_graphs_and_keeps_gradients():
     del y
     gc.collect()
     assert ref() is None
+
+
+def test_hub_weights_offline_and_uncached_are_a_config_error_that_says_what_to_do(tmp_path):
+    # huggingface_hub reads HF_HUB_OFFLINE when imported: a fresh interpreter with an empty cache
+    import os
+    import subprocess
+    import sys
+
+    code = ("from fedtune.errors import ConfigError\n"
+            "from fedtune.model import ModelConfig, build_model\n"
+            "try:\n"
+            "    build_model(ModelConfig(name='vit_tiny_patch16_224', img_size=32, patch_size=4, pretrained='hub'), {'x': 10})\n"
+            "except ConfigError as exc:\n"
+            "    print('ConfigError:', exc)\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "TORCH_HOME": str(tmp_path / "torch")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "ConfigError: model.pretrained: hub" in out.stdout and "vit_tiny_patch16_224" in out.stdout and "local file" in out.stdout

@@ -65,6 +65,26 @@ def test_bench_cost_only(tmp_path):
     assert "| alast |" in (out / "bench.md").read_text()
 
 
+def _killed(args):  # a cost worker that the OOM killer takes (in the spawned process)
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_bench_cost_only_worker_killed_is_an_error_naming_the_method(tmp_path, monkeypatch, capsys):
+    import fedtune.bench
+
+    monkeypatch.setattr(fedtune.bench, "_cost_worker", _killed)
+    cfg = tmp_path / "bench.yaml"
+    cfg.write_text(TINY_BENCH + "methods: [full, bsr]\ncost_steps: 3\n")
+    out = tmp_path / "cost"
+    assert main(["bench", "--cost-only", "--config", str(cfg), "--out", str(out), "--no-progress"]) != 0
+    err = capsys.readouterr().err
+    assert "'full' died" in err and "out of memory?" in err and "train.batch_size" in err
+    assert not (out / "bench.json").exists()
+
+
 def test_bench_rejects_unknown_method(tmp_path, capsys):
     assert main(["bench", "--methods", "full,warp", "--out", str(tmp_path)]) == 2
     assert "unknown method 'warp'" in capsys.readouterr().err

@@ -23,6 +23,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -42,6 +45,7 @@ from .client_state import (
 from .data import PIXEL_MEAN, PIXEL_STD
 from .engine import dense_plan
 from .errors import CheckpointError, ConfigError
+from .heads import ABSENT_CLASS_BIAS
 from .lora import has_lora, merge_lora
 from .model import FedViT, checkpoint_meta, read_state, save_checkpoint
 
@@ -139,8 +143,17 @@ def _run_model(run_dir: Path) -> tuple[FedViT, dict[str, Any]]:
     return model, {"cfg": cfg, "meta": meta}
 
 
-def _client_state(run_dir: Path, client: int, run: str | None = None) -> dict[str, np.ndarray]:
-    state = read_client_state(run_dir / "client_state" / f"client-{client}", run=run)
+# the personalization modes whose evaluation loads a client's personal parameters (fedtune.client.evaluate)
+PERSONAL_PARAM_MODES = ("fedrod", "local_head", "fedper", "fedrep", "local", "none")
+
+
+def _next_round(meta: dict[str, Any]) -> int | None:
+    rnd = meta.get("round")
+    return rnd + 1 if isinstance(rnd, int) else None
+
+
+def _client_state(run_dir: Path, client: int, run: str | None = None, before_round: int | None = None) -> dict[str, np.ndarray]:
+    state = read_client_state(run_dir / "client_state" / f"client-{client}", before_round=before_round, run=run)
     if state is None:
         known = sorted(p.name.removeprefix("client-") for p in (run_dir / "client_state").glob("client-*")) if (run_dir / "client_state").is_dir() else []
         raise ConfigError(f"client {client}: the run {run_dir} has no state for it" + (f"; clients with state: {', '.join(known[:20])}" if known else ""))
@@ -160,6 +173,8 @@ def export_run(run_dir: str | Path, task: str | None, out: str | Path, client: i
     from .federated import federated_data, load_numpy_state
 
     run_dir, out = Path(run_dir), Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder for the export")
     if (out / "checkpoint.safetensors").exists() or (out / "metrics.jsonl").exists():
         raise ConfigError(f"--out {out} holds a run (checkpoint/metrics); export into a folder of its own so nothing of the run is overwritten")
     model, info = _run_model(run_dir)
@@ -168,24 +183,28 @@ def export_run(run_dir: str | Path, task: str | None, out: str | Path, client: i
     if task not in model.tasks:
         raise ConfigError(f"task {task!r}: the run has tasks {', '.join(model.tasks)}")
     head = copy.deepcopy(model.heads[task])
+    mode = cfg.federation.personalization
     if client is not None:
-        personal = _client_state(run_dir, client, (info["meta"].get("strategy") or {}).get("run_token"))
-        params = {**personal_params(personal), **personal_model(personal)}  # a Ditto client's own model is whole, its head included
+        if mode in ("finetune", "fedbabu"):
+            raise ConfigError(f"client {client}: personalization {mode} fine-tunes the global model in the final evaluation and keeps "
+                              "no personal model; export the global model (without --client)")
+        # the client's state as of the checkpoint's round (a run stopped after it may have saved later ones)
+        personal = _client_state(run_dir, client, (info["meta"].get("strategy") or {}).get("run_token"), before_round=_next_round(info["meta"]))
+        # what the client's evaluation used: its personal parameters in the modes that load them
+        # (an lda head is built on, and applied to, the global model's features), a Ditto client's own whole model
+        params = {**(personal_params(personal) if mode in PERSONAL_PARAM_MODES else {}), **personal_model(personal)}
         if params:
             load_numpy_state(model, params, f"client {client} state")
             head = copy.deepcopy(model.heads[task])
         saved = personal_head(personal, task)
         if saved:
-            if cfg.federation.personalization == "fedrod":  # generic logits plus personal ones: one linear head
+            if mode == "fedrod":  # generic logits plus personal ones: one linear head
                 generic = head.state_dict()
                 saved = {k: generic[k] + v.to(generic[k].dtype) for k, v in saved.items()}
             head.load_state_dict(saved)
-        elif cfg.federation.personalization in ("fedrod", "local_head", "lda"):
+        elif mode in ("fedrod", "local_head", "lda"):
             raise ConfigError(f"client {client} has no personal head for task {task!r} (its tasks: {personal_head_tasks(personal)})")
-        elif cfg.federation.personalization in ("finetune", "fedbabu") and not params:
-            raise ConfigError(f"client {client}: personalization {cfg.federation.personalization} fine-tunes the global model in the final evaluation and keeps "
-                              "no personal model; export the global model (without --client)")
-        elif cfg.federation.personalization == "ditto" and not personal_model(personal):
+        elif mode == "ditto" and not personal_model(personal):
             raise ConfigError(f"client {client}: personalization ditto, but the client's state holds no model of its own (it has not trained yet); "
                               "export the global model (without --client)")
     if has_lora(model):
@@ -215,13 +234,14 @@ def export_run(run_dir: str | Path, task: str | None, out: str | Path, client: i
     if consolidator is not None and kind == "dense":
         kind = "sherl"  # timm's forward has no place for the consolidator: its keys are the export's own
     task_model = TaskModel(vit, head, consolidator).eval()
-    out.mkdir(parents=True, exist_ok=True)
+    if not len(test_images):
+        raise ConfigError(f"task {task!r}: the run's test set has no image of it, and the export checks its ONNX model on them")
     if kind == "dense":
         state = {k.removeprefix("vit."): v for k, v in task_model.state_dict().items() if k.startswith("vit.")}
         state.update({"head.weight": head.weight, "head.bias": head.bias})
     else:
         state = task_model.state_dict()
-    example = test_images[:2]
+    example = test_images[:2] if len(test_images) > 1 else test_images[:1].repeat(2, 1, 1, 1)  # a batch of 1 would fix the ONNX batch size
     config = {
         "format": "fedtune-export",
         "kind": kind,
@@ -240,11 +260,36 @@ def export_run(run_dir: str | Path, task: str | None, out: str | Path, client: i
         "source_run": str(run_dir),
         "round": info["meta"].get("round"),
     }
-    save_checkpoint(out / "model.safetensors", state, {"format": "fedtune-export", "config": config})
-    (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    onnx_diff = write_onnx(task_model, example, test_images[:ONNX_CHECK_IMAGES], out / "model.onnx")
-    config["onnx_sha256"] = file_sha256(out / "model.onnx")  # load_exported (predict) verifies it
-    (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    # every file is written and checked in a staging folder first and moved in at the end,
+    # config.yaml (which predict reads first) last: a failed export leaves `out` as it was
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
+    try:
+        summary = _write_export(stage, out, task_model, model, state, config, example, test_images, labels, head, cfg)
+        _publish(stage, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return summary
+
+
+EXPORT_FILES = ("model.safetensors", "model.onnx", "export.json", "config.yaml")  # the order they are moved in
+
+
+def _publish(stage: Path, out: Path) -> None:
+    """Move the staged export's files into `out`: the old config.yaml goes first (so the
+    folder is no export while the files change) and the new one comes last."""
+    (out / "config.yaml").unlink(missing_ok=True)
+    for name in EXPORT_FILES:
+        os.replace(stage / name, out / name)
+
+
+def _write_export(stage: Path, out: Path, task_model: nn.Module, model: FedViT, state: dict[str, torch.Tensor], config: dict[str, Any],
+                  example: torch.Tensor, test_images: torch.Tensor, labels: torch.Tensor, head: nn.Module, cfg: Any) -> dict[str, Any]:
+    """Write the export's files into `stage` (check the ONNX model against `task_model`) and return export.json's summary."""
+    task, kind, client = config["task"], config["kind"], config["client"]
+    save_checkpoint(stage / "model.safetensors", state, {"format": "fedtune-export", "config": config})
+    onnx_diff = write_onnx(task_model, example, test_images[:ONNX_CHECK_IMAGES], stage / "model.onnx")
+    config["onnx_sha256"] = file_sha256(stage / "model.onnx")  # load_exported (predict) verifies it
     full_bytes = sum(v.numel() * v.element_size() for v in model.state_dict().values())
     exported = sum(v.numel() * v.element_size() for v in state.values())
     summary = {"out": str(out), "kind": kind, "task": task, "client": client, "bytes": exported, "run_model_bytes": full_bytes,
@@ -265,7 +310,8 @@ def export_run(run_dir: str | Path, task: str | None, out: str | Path, client: i
         dense = TaskModel(copy.deepcopy(_dense_vit(cfg)), head).eval()
         summary["dense_bytes"] = sum(v.numel() * v.element_size() for k, v in dense.state_dict().items())
         summary["dense_inference_flops_per_image"] = inference_flops(dense, example[:1])
-    (out / "export.json").write_text(json.dumps(summary, indent=2))
+    (stage / "export.json").write_text(json.dumps(summary, indent=2))
+    (stage / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return summary
 
 
@@ -289,8 +335,13 @@ def write_onnx(module: nn.Module, example: torch.Tensor, check: torch.Tensor, pa
     with torch.no_grad():
         want = module(check).numpy()
     got = OnnxModel(path)(check)
-    diff = float(np.abs(got - want).max())
-    scale = max(1.0, float(np.abs(want).max()))
+    # a class a discriminant head never saw has a bias of ABSENT_CLASS_BIAS: its logits are
+    # compared only in that they stay that low, the others on the present classes' scale
+    absent = want < ABSENT_CLASS_BIAS / 2
+    if (got[absent] >= ABSENT_CLASS_BIAS / 2).any() or not np.isfinite(got).all():
+        raise CheckpointError(f"{path}: the ONNX model's logits are not the framework's (an absent class's logit is not far below the others, or one is not finite)")
+    diff = float(np.abs(got - want)[~absent].max(initial=0.0))
+    scale = max(1.0, float(np.abs(want[~absent]).max(initial=0.0)))
     if not diff <= ONNX_TOLERANCE * scale:
         raise CheckpointError(f"{path}: the ONNX model's logits differ from the framework's by {diff:.3g} (> {ONNX_TOLERANCE} x {scale:.3g}, the largest logit magnitude)")
     return diff
@@ -364,7 +415,9 @@ def load_exported(folder: str | Path) -> tuple[OnnxModel, dict[str, Any]]:
     if not cfg_path.is_file() or not onnx_path.is_file():
         raise CheckpointError(f"{folder}: not an exported model (needs config.yaml and model.onnx from `fedtune export`)")
     config = read_export_config(folder)
-    if "onnx_sha256" in config and file_sha256(onnx_path) != config["onnx_sha256"]:
+    if "onnx_sha256" not in config:
+        raise CheckpointError(f"{cfg_path}: has no onnx_sha256 (an export that did not finish, or one made before the export checked its model); export the model again")
+    if file_sha256(onnx_path) != config["onnx_sha256"]:
         raise CheckpointError(f"{onnx_path}: checksum mismatch with config.yaml (the file is damaged); export the model again")
     return OnnxModel(onnx_path), config
 

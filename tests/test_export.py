@@ -279,3 +279,89 @@ def test_onnx_check_scales_with_the_logits(tmp_path, monkeypatch):
         else:
             with pytest.raises(CheckpointError, match="the largest logit magnitude"):
                 export.write_onnx(module, images, images, tmp_path / "m.onnx")
+    # a discriminant head's absent class (bias ABSENT_CLASS_BIAS) does not set the scale: an
+    # error on the present classes is still caught, and the absent class must stay far below
+    from fedtune.heads import ABSENT_CLASS_BIAS
+
+    module = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 3))
+    with torch.no_grad():
+        module[1].bias.copy_(torch.tensor([0.0, 0.0, ABSENT_CLASS_BIAS]))
+    error = np.array([0.0, 0.0, 0.0], dtype=np.float32)
+    assert export.write_onnx(module, images, images, tmp_path / "m.onnx") == 0.0
+    error = np.array([1.0, 0.0, 0.0], dtype=np.float32)
+    with pytest.raises(CheckpointError, match="the largest logit magnitude"):
+        export.write_onnx(module, images, images, tmp_path / "m.onnx")
+    error = np.array([0.0, 0.0, -ABSENT_CLASS_BIAS], dtype=np.float32)
+    with pytest.raises(CheckpointError, match="absent class"):
+        export.write_onnx(module, images, images, tmp_path / "m.onnx")
+
+
+def test_a_failed_export_leaves_the_previous_one_as_it_was(tmp_path, monkeypatch):
+    import yaml
+
+    import fedtune.export as export
+
+    run, *_ = make_run(tmp_path)
+    out = tmp_path / "export"
+    export_run(run, None, out)
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+
+    def broken(*args, **kwargs):
+        raise CheckpointError("the ONNX model's logits differ")
+
+    monkeypatch.setattr(export, "write_onnx", broken)
+    with pytest.raises(CheckpointError, match="differ"):
+        export_run(run, None, out, client=0)
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before, "no staging folder left, no file changed"
+    monkeypatch.undo()
+    load_exported(out)  # still the complete export it was
+    # an export whose config lacks the model's checksum (unfinished, or from before the check) is refused
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    del config["onnx_sha256"]
+    (out / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(CheckpointError, match="no onnx_sha256"):
+        load_exported(out)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        export_run(run, None, tmp_path / "afile")
+
+
+def test_an_lda_clients_export_is_its_head_on_the_global_models_features(tmp_path):
+    """The closed-form personal head is built on, and scored with, the global model's features:
+    the export applies it to them even where the client also keeps personal parameters."""
+    from fedtune.client_state import personal_params
+    from fedtune.federated import load_numpy_state
+
+    run, cfg, glob, state = make_run(tmp_path, federation={"num_clients": 4, "rounds": 1, "personalization": "lda", "personal": ["vit.norm."]})
+    assert personal_params(state.personal), "the client keeps its own final norm"
+    rt = ClientRuntime(cfg, 0)
+    _, _, kept = rt.evaluate(glob, state, final=True)
+    write_client_state(run / "client_state" / "client-0", kept, 1)
+    export_run(run, None, tmp_path / "export", client=0)
+    module, _ = load_exported(tmp_path / "export")
+    model = global_model(cfg)
+    load_numpy_state(model, glob)
+    model.eval()
+    weight, bias = kept.personal["personal_head.digit.weight"], kept.personal["personal_head.digit.bias"]
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        feats, _ = model.forward_features(x, task="digit")
+        expected = feats @ torch.from_numpy(weight).T + torch.from_numpy(bias)
+    torch.testing.assert_close(torch.from_numpy(module(x)), expected, atol=1e-4, rtol=1e-5)
+
+
+def test_a_clients_export_takes_its_state_as_of_the_checkpoints_round(tmp_path):
+    """A run stopped after its checkpoint's round may have saved later client states: the
+    export pairs the checkpoint with the client's state of that round."""
+    run, cfg, glob, state = make_run(tmp_path)
+    later = ClientState(personal={k: v + 1.0 if k.startswith("personal_head.") else v for k, v in state.personal.items()}, method=state.method)
+    write_client_state(run / "client_state" / "client-0", later, 2)  # the checkpoint is round 1's
+    export_run(run, None, tmp_path / "export", client=0)
+    module, _ = load_exported(tmp_path / "export")
+    rt = ClientRuntime(cfg, 0)
+    rt._load(glob, state)
+    rt.model.eval()
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        feats, _ = rt.model.forward_features(x, task="digit")
+        torch.testing.assert_close(torch.from_numpy(module(x)), rt.personal_heads["digit"](feats), atol=1e-5, rtol=0)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -99,10 +100,19 @@ def file_run(path: Path) -> str | None:
     return run if valid_run_token(run) else "unnamed"  # a tampered name never becomes a path
 
 
+_ROUND_FILE = re.compile(r"round-\d+\.npz")
+
+
+def round_files(folder: Path) -> list[Path]:
+    """The files `folder` holds named as write_client_state names them, oldest first (a copy a
+    user or a sync tool made, round-000003 (1).npz, is not one)."""
+    return sorted(f for f in folder.glob("round-*.npz") if _ROUND_FILE.fullmatch(f.name)) if folder.is_dir() else []
+
+
 def state_files(folder: Path, before_round: int | None = None, run: str | None = None) -> list[Path]:
     """The saved rounds in `folder`, oldest first (only those before `before_round` when given;
     with `run`, only that run's, and damaged ones, which the reader reports)."""
-    files = sorted(folder.glob("round-*.npz")) if folder.is_dir() else []
+    files = round_files(folder)
     if before_round is not None:
         files = [f for f in files if int(f.stem.split("-")[1]) < before_round]
     if run is not None:
@@ -116,7 +126,7 @@ def claim_folder(folder: Path, run: str) -> None:
     then this one resumed) come back."""
     if not folder.is_dir():
         return
-    for other in sorted(folder.glob("round-*.npz")):
+    for other in round_files(folder):
         theirs = file_run(other)
         if theirs not in (None, run):
             aside = folder / OTHER_RUNS / (theirs or "unnamed")
@@ -125,7 +135,7 @@ def claim_folder(folder: Path, run: str) -> None:
             warnings.warn(f"client state {other} is from another run ({theirs}): moved into {aside}", stacklevel=3)
     if valid_run_token(run):
         mine = folder / OTHER_RUNS / run
-        for back in sorted(mine.glob("round-*.npz")) if mine.is_dir() else []:
+        for back in round_files(mine):
             os.replace(back, folder / back.name)
             warnings.warn(f"client state {back.name} of this run, set aside while another run used {folder}, is back in use", stacklevel=3)
 

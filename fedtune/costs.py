@@ -20,7 +20,7 @@ import torch
 
 from .accounting import OPTIMIZER_SLOTS, SavedBytesMeter
 from .engine import Plan, forward_plan, param_groups, set_trainable, wants_grad
-from .lora import has_lora
+from .lora import has_lora, is_lora_name
 from .model import FedViT
 
 
@@ -56,7 +56,7 @@ class CostModel:
         self._lora_mlp = [0.0] * len(vit.blocks)
         for i, b in enumerate(vit.blocks):
             for name, p in b.named_parameters():
-                if "lora_" not in name:
+                if not is_lora_name(name):
                     continue
                 if name.startswith("attn."):
                     self._lora_attn[i] += 2.0 * p.numel()

@@ -9,6 +9,8 @@ into plain `nn.Linear` layers for export.
 
 from __future__ import annotations
 
+import re
+
 from torch import nn
 
 from .errors import ConfigError
@@ -32,9 +34,13 @@ def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, targets: li
     return inject_adapter_in_model(config, model)
 
 
+_ADAPTER = re.compile(r"(^|\.)lora_(A|B|embedding_A|embedding_B|magnitude_vector)(\.|$)")
+
+
 def is_lora_name(name: str) -> bool:
-    """A LoRA adapter's parameter (peft names them lora_A / lora_B)."""
-    return "lora_" in name
+    """A LoRA adapter's parameter: peft's module names (lora_A / lora_B ...) as a part of the
+    name, not any name with "lora_" in it (a task called flora_type is no adapter)."""
+    return _ADAPTER.search(name) is not None
 
 
 def has_lora(model: nn.Module) -> bool:

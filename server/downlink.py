@@ -25,12 +25,14 @@ FULL = -1  # BASE_VERSION of an instruction that carries the whole model
 
 
 class Downlink:
-    def __init__(self, sparse: bool, initial_on_clients: bool = False) -> None:
+    def __init__(self, sparse: bool, initial_on_clients: bool = False, first_version: int = 0) -> None:
         self.sparse = sparse
         self.initial_on_clients = initial_on_clients
         self.initial_sha256: str | None = None  # version 0's checksum, when clients may build it
         self.lost: set[int] = set()  # nodes that said they hold no usable copy
-        self.version = 0
+        # a resumed server numbers its versions from a random start (first_version): a client's
+        # copy, or an instruction still queued, from the process before it never matches one of them
+        self.version = first_version
         self.changed: dict[str, int] = {}  # parameter -> version in which it last changed
         self.held: dict[int, int] = {}  # node -> version it holds
         self._previous: dict[str, bytes] | None = None
@@ -39,7 +41,7 @@ class Downlink:
         """Note the global arrays about to be sent; a new version if any parameter changed."""
         current = {name: bytes(array.data) for name, array in arrays.items()}
         if self._previous is None:
-            self.changed = dict.fromkeys(current, 0)
+            self.changed = dict.fromkeys(current, self.version)
             if self.initial_on_clients:
                 from fedtune.client_state import arrays_sha256
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import random
+import secrets
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -187,7 +188,7 @@ class SparseFedAvg(FedAvg):
 
         # What each node holds of the global model (server/downlink.py), the bytes sent down
         # this round (instructions' tensors), and what a node that lost its copy is resent.
-        self.downlink = Downlink(sparse_downlink, initial_on_clients)
+        self.downlink = Downlink(sparse_downlink, initial_on_clients, first_version=0 if round_offset == 0 else secrets.randbelow(2**31) << 20)
         self.resend_timeout = resend_timeout
         self.bytes_down_round = 0
         self.bytes_up_round = 0  # tensor bytes of the accepted train replies, as received

@@ -44,6 +44,16 @@ def test_a_write_cut_short_leaves_no_stray_file(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["round-000001.npz", "round-000003.npz", "tmp-global-model.npz"]
 
 
+def test_a_copy_of_a_state_file_under_another_name_is_not_read_as_a_round(tmp_path):
+    """A sync tool's or a user's copy (round-000001 (1).npz) neither stops the client nor counts as a state."""
+    write_client_state(tmp_path, ClientState(method={"budgets": [1]}), 1)
+    (tmp_path / "round-000001 (1).npz").write_bytes((tmp_path / "round-000001.npz").read_bytes())
+    assert read_client_state(tmp_path, before_round=5).method == {"budgets": [1]}
+    write_client_state(tmp_path, ClientState(method={"budgets": [2]}), 2, run="a" * 32)
+    assert read_client_state(tmp_path, run="a" * 32).method == {"budgets": [2]}
+    assert (tmp_path / "round-000001 (1).npz").exists(), "left as the user made it"
+
+
 def test_earlier_files_and_corrupt_files(tmp_path):
     # files written before the planner state had its own key kept budgets and importance at the top
     np.savez(tmp_path / "round-000001.npz", __meta__=np.array(json.dumps({"budgets": [0.5], "importance": None, "rounds": 1, "round": 1})))

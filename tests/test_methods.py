@@ -382,6 +382,17 @@ def test_lora_starts_equal_and_merges_exactly(tiny_model, images):
         torch.testing.assert_close(tiny_model(images), adapted, rtol=1e-3, atol=1e-4)
 
 
+def test_lora_names_are_peft_adapters_not_any_name_with_lora_in_it(tiny_model):
+    from fedtune.lora import has_lora, is_lora_name
+
+    assert not has_lora(tiny_model)
+    prepare_model(tiny_model, method_cfg("alast+lora"))
+    adapters = [n for n, _ in tiny_model.named_parameters() if is_lora_name(n)]
+    assert adapters and all(".lora_A." in n or ".lora_B." in n for n in adapters) and has_lora(tiny_model)
+    # a task or parameter whose name merely contains "lora_" (a task called flora_type) is no adapter
+    assert not is_lora_name("heads.flora_type.weight") and not is_lora_name("vit.blocks.0.mlp.routers.flora_type.weight")
+
+
 def test_sherl_late_blocks_train_only_when_asked(tiny_model):
     for extra, trained, lora in (({}, set(), False), ({"sherl": {"train_late": True, "tuned_blocks": 2}}, {2, 3}, False), ({"lora": {"enabled": True}}, {3}, True)):
         cfg = from_dict(MethodConfig, {"name": "sherl", **extra})

@@ -343,6 +343,22 @@ def test_downlink_sends_what_changed_since_the_version_a_node_holds():
     assert Downlink(sparse=False).payload(7, g1)[1] == FULL
 
 
+def test_a_resumed_server_numbers_its_versions_apart_from_the_process_before_it():
+    """After --resume the run token is the same: a copy (or a queued instruction) of the old
+    process's version k must not pass for the new process's version k."""
+    fresh = SparseFedAvg(sparse_downlink=True)
+    resumed = SparseFedAvg(sparse_downlink=True, round_offset=3)
+    g0 = record_of({"a": np.zeros(2, np.float32)})
+    assert fresh.downlink.observe(g0) == 0
+    start = resumed.downlink.observe(g0)
+    assert start > 0 and resumed.downlink.observe(record_of({"a": np.ones(2, np.float32)})) == start + 1
+    assert resumed.downlink.payload(7, g0)[1] == FULL, "an unknown node gets everything"
+    resumed.downlink.delivered(7)
+    sent, base = resumed.downlink.payload(7, record_of({"a": np.ones(2, np.float32)}))
+    assert base == start + 1 and not list(sent.keys())
+    assert SparseFedAvg(sparse_downlink=True, round_offset=3).downlink.version != start, "a random start per process"
+
+
 def train_reply(node, need_full=False):
     """A node's reply to a train instruction: its update of "b", or that it needs the whole model."""
     instruction = Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)

@@ -455,14 +455,23 @@ def preprocess(paths: list[str | Path], config: dict[str, Any]) -> np.ndarray:
     return np.stack(batch).astype(np.float32)
 
 
+PREDICT_BATCH = 64  # images read and run at a time: memory stays flat however many files are given
+
+
 def predict(folder: str | Path, paths: list[str | Path]) -> list[dict[str, Any]]:
     """Class, id and probability of each image file, from the folder's ONNX model (onnxruntime)."""
     module, config = load_exported(folder)
-    logits = module(preprocess(paths, config))
-    probs = np.exp(logits - logits.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
+    if not paths:
+        raise ConfigError("predict: no image files given")
     out = []
-    for p, row in zip(paths, probs, strict=True):
-        k = int(row.argmax())
-        out.append({"image": str(p), "class_id": k, "class": config["classes"][k], "probability": float(row[k])})
+    for start in range(0, len(paths), PREDICT_BATCH):
+        chunk = paths[start : start + PREDICT_BATCH]
+        logits = module(preprocess(chunk, config))
+        if logits.shape[-1] != len(config["classes"]):
+            raise CheckpointError(f"{folder}: the model gives {logits.shape[-1]} logits, config.yaml names {len(config['classes'])} classes; export the model again")
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        for p, row in zip(chunk, probs, strict=True):
+            k = int(row.argmax())
+            out.append({"image": str(p), "class_id": k, "class": config["classes"][k], "probability": float(row[k])})
     return out

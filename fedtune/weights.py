@@ -30,8 +30,11 @@ def shipped_asset(name: str) -> Path | None:
 
         dist = metadata.distribution("fedtune")
         direct = json.loads(dist.read_text("direct_url.json") or "{}")
-        if direct.get("url", "").startswith("file://"):
-            candidates.append(Path(direct["url"][7:]) / "fedtune" / "assets" / name)
+        if direct.get("url", "").startswith("file://"):  # percent-encoded (a path with spaces)
+            from urllib.parse import urlparse
+            from urllib.request import url2pathname
+
+            candidates.append(Path(url2pathname(urlparse(direct["url"]).path)) / "fedtune" / "assets" / name)
         candidates.append(Path(str(dist.locate_file(f"fedtune/assets/{name}"))))
     except (ImportError, metadata.PackageNotFoundError, ValueError):
         pass

@@ -365,3 +365,27 @@ def test_a_clients_export_takes_its_state_as_of_the_checkpoints_round(tmp_path):
     with torch.no_grad():
         feats, _ = rt.model.forward_features(x, task="digit")
         torch.testing.assert_close(torch.from_numpy(module(x)), rt.personal_heads["digit"](feats), atol=1e-5, rtol=0)
+
+
+def test_predict_runs_many_images_in_batches_and_checks_the_classes(tmp_path):
+    import yaml
+
+    import fedtune.export as export
+
+    run, *_ = make_run(tmp_path)
+    out = tmp_path / "export"
+    export_run(run, None, out)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(export.PREDICT_BATCH + 6):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray((rng.random((16, 16)) * 255).astype(np.uint8)).save(paths[-1])
+    rows = predict(out, paths)
+    module, config = load_exported(out)
+    assert [r["class_id"] for r in rows] == [int(k) for k in module(preprocess(paths, config)).argmax(-1)]
+    with pytest.raises(ConfigError, match="no image files"):
+        predict(out, [])
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    (out / "config.yaml").write_text(yaml.safe_dump({**config, "classes": config["classes"][:3]}))
+    with pytest.raises(CheckpointError, match="names 3 classes"):
+        predict(out, paths[:1])

@@ -242,6 +242,39 @@ def test_imagefolder_single_folder_is_split(tmp_path: Path) -> None:
     assert sorted(split.test.labels["label"].tolist()) == [0, 0, 1, 1]  # stratified
 
 
+def test_imagefolder_16_bit_and_float_images_are_rescaled_not_clipped(tmp_path: Path) -> None:
+    """PIL's convert("L") clips a 16-bit or float image: a ramp 0..60000 would come out all
+    white, a float image in 0..1 all black."""
+    ramp = np.linspace(0, 60000, 64, dtype=np.uint16).reshape(8, 8)
+    for cls, image in (("a", Image.fromarray(ramp)), ("b", Image.fromarray((ramp / 65535.0).astype(np.float32), mode="F"))):
+        (tmp_path / "train" / cls).mkdir(parents=True)
+        (tmp_path / "test" / cls).mkdir(parents=True)
+        for part in ("train", "test"):
+            image.save(tmp_path / part / cls / ("0.png" if cls == "a" else "0.tiff"))
+    split = load_data(DataConfig(name="imagefolder", root=str(tmp_path), img_size=8, channels=1))
+    want = torch.from_numpy(ramp / 65535.0).float() * 2 - 1
+    for i in range(2):
+        torch.testing.assert_close(split.train.images[i, 0], want, atol=1e-4, rtol=0)
+
+
+def test_pixel_scale_is_decided_once_per_set_not_per_image_size() -> None:
+    from fedtune.data.core import _stack_images
+
+    small, large = np.full((4, 4), 200, dtype=np.int64), np.full((6, 6), 1000, dtype=np.int64)
+    out = _stack_images([small, large], channels=1, size=4)
+    # both on the 16-bit scale the set's brightest pixel calls for
+    assert torch.allclose(out[0], torch.tensor(200 / 65535 * 2 - 1)) and torch.allclose(out[1], torch.tensor(1000 / 65535 * 2 - 1))
+
+
+def test_imagefolder_truncated_image_is_an_error_naming_the_file(tmp_path: Path) -> None:
+    _write_folder(tmp_path, 3)
+    bad = tmp_path / "red" / "1.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(bad)
+    bad.write_bytes(bad.read_bytes()[:2000])  # cut short: the header reads, the pixels do not
+    with pytest.raises(ConfigError, match="cannot read image .*red/1.png"):
+        load_data(DataConfig(name="imagefolder", root=str(tmp_path), test_fraction=0.4))
+
+
 def test_imagefolder_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="data.root: data set 'imagefolder' needs data.root"):
         load_data(DataConfig(name="imagefolder"))
@@ -332,6 +365,19 @@ def test_hf_errors(tmp_path: Path) -> None:
         load_data(DataConfig(name=f"hf:{dict_path}", hf_image_key="img", hf_train_split="fit"))
     with pytest.raises(ConfigError, match="cannot load Hugging Face data set"):
         load_data(DataConfig(name=f"hf:{tmp_path / 'missing'}"))
+    # a test split that is not there (misspelt) is named, not replaced by part of train
+    with pytest.raises(ConfigError, match="hf_test_split: no split 'validation'.*it has: train"):
+        load_data(DataConfig(name=f"hf:{dict_path}", hf_image_key="img", hf_test_split="validation"))
+    # a column the test split lacks is named with the test split's columns
+    both = tmp_path / "hfboth"
+    datasets.DatasetDict({"train": _hf_set(4), "test": _hf_set(4).remove_columns("kind")}).save_to_disk(str(both))
+    with pytest.raises(ConfigError, match="no column 'kind' in split 'test'.*its columns: img, label$"):
+        load_data(DataConfig(name=f"hf:{both}", hf_image_key="img", hf_label_keys=["label", "kind"]))
+    # hidden labels (a ClassLabel of -1, as benchmarks' test splits have) are refused, not dropped
+    hidden = tmp_path / "hfhidden"
+    datasets.DatasetDict({"train": _hf_set(4), "test": _hf_set(3).map(lambda r: {"label": -1})}).save_to_disk(str(hidden))
+    with pytest.raises(ConfigError, match="the test split has 3 label\\(s\\) of -1"):
+        load_data(DataConfig(name=f"hf:{hidden}", hf_image_key="img"))
 
 
 # --- torchvision ------------------------------------------------------------------------------

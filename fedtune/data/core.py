@@ -285,8 +285,22 @@ def _to_model_images(
     return out
 
 
+_WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}  # 16/32-bit integer and float grey images
+
+
 def _pil_to_array(image: Any, channels: int) -> np.ndarray:
-    """A PIL image as an [H, W] (grey) or [H, W, 3] uint8 array."""
+    """A PIL image as an [H, W] (grey) or [H, W, 3] uint8 array; a 16-bit, 32-bit or float grey
+    image as float32 in 0..1 (PIL's convert("L") would clip it, not rescale it)."""
+    if image.mode in _WIDE_MODES:
+        array = np.asarray(image).astype(np.float32)
+        peak = float(array.max()) if array.size else 0.0
+        if image.mode.startswith("I;16"):
+            scale = 65535.0
+        elif image.mode == "F" and peak <= 1.0:
+            scale = 1.0
+        else:
+            scale = 255.0 if peak <= 255 else 65535.0
+        return np.clip(array / scale, 0.0, 1.0)
     grey = channels == 1 or image.mode in _GREY_MODES
     return np.asarray(image.convert("L" if grey else "RGB"))
 
@@ -311,15 +325,21 @@ def _item_to_array(item: Any, channels: int) -> np.ndarray:
 
 
 def _stack_images(arrays: Sequence[np.ndarray], channels: int, size: int) -> torch.Tensor:
-    """Images of any sizes ([H, W] or [H, W, C]) -> float32 [N, channels, size, size]."""
+    """Images of any sizes ([H, W] or [H, W, C]) -> float32 [N, channels, size, size]. A white
+    pixel's value is decided once for the whole set per kind of dtype (uint8, integer, float),
+    not per group of equal shapes, so every image of a set is scaled alike."""
     out = torch.empty((len(arrays), channels, size, size), dtype=torch.float32)
     groups: dict[tuple[Any, ...], list[int]] = {}
+    peaks: dict[str, float] = {}
     for i, array in enumerate(arrays):
         groups.setdefault((array.shape, array.dtype.str), []).append(i)
+        if array.size:
+            peaks[array.dtype.kind] = max(peaks.get(array.dtype.kind, 0.0), float(array.max()))
     for index in groups.values():
         batch = np.stack([arrays[i] for i in index])
         batch = batch[:, None] if batch.ndim == 3 else batch.transpose(0, 3, 1, 2)
-        out[torch.tensor(index)] = _to_model_images(batch, channels, size)
+        scale = _pixel_scale(np.array([peaks.get(batch.dtype.kind, 0.0)], dtype=batch.dtype)) if batch.dtype != np.uint8 else 255.0
+        out[torch.tensor(index)] = _to_model_images(batch, channels, size, scale)
     return out
 
 

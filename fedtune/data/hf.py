@@ -21,8 +21,8 @@ from .core import (
 # --- Hugging Face -----------------------------------------------------------------------------
 
 
-def _open_hf(cfg: DataConfig) -> dict[str, Any]:
-    """The splits of the hf: set, by name."""
+def _open_hf(cfg: DataConfig) -> tuple[dict[str, Any], bool]:
+    """The splits of the hf: set, by name, and whether it came as one split (no test split of its own)."""
     import datasets
 
     name = cfg.source
@@ -35,8 +35,8 @@ def _open_hf(cfg: DataConfig) -> dict[str, Any]:
     except (OSError, ValueError) as exc:  # missing files, no connection, a malformed name
         raise ConfigError(f"data.name: cannot load Hugging Face data set {name!r}: {exc}") from exc
     if isinstance(loaded, datasets.Dataset):
-        return {cfg.hf_train_split: loaded}
-    return dict(loaded)
+        return {cfg.hf_train_split: loaded}, True
+    return dict(loaded), False
 
 
 def _encode_labels(
@@ -46,6 +46,14 @@ def _encode_labels(
     import datasets
 
     if isinstance(feature, datasets.ClassLabel):
+        for part, values in (("train", train), ("test", test)):
+            if len(values) and values.min() < 0:
+                # a ClassLabel of -1 is a hidden label (a benchmark's test split)
+                raise ConfigError(
+                    f"data.hf_label_keys: the {part} split has {int((values < 0).sum())} label(s) of -1 "
+                    "(hidden labels); use a split with labels (data.hf_test_split: null holds out "
+                    "data.test_fraction of train)"
+                )
         return (
             train.astype(np.int64),
             test.astype(np.int64),
@@ -66,22 +74,33 @@ def _encode_labels(
 
 
 def _load_hf(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
-    splits = _open_hf(cfg)
+    splits, single = _open_hf(cfg)
     if cfg.hf_train_split not in splits:
         raise ConfigError(
             f"data.hf_train_split: no split {cfg.hf_train_split!r} in {cfg.source!r}; "
             f"it has: {', '.join(splits)}"
         )
     train_ds = splits[cfg.hf_train_split]
+    only_train = single or set(splits) == {cfg.hf_train_split}
+    if cfg.hf_test_split and cfg.hf_test_split not in splits and not (only_train and cfg.hf_test_split == "test"):
+        # a misspelt split would otherwise quietly hold out part of train instead; the default
+        # ("test") on a set that has a train split only holds out data.test_fraction, as documented
+        raise ConfigError(
+            f"data.hf_test_split: no split {cfg.hf_test_split!r} in {cfg.source!r}; it has: "
+            f"{', '.join(splits)} (null: hold out data.test_fraction of the train split)"
+        )
     test_ds = splits.get(cfg.hf_test_split) if cfg.hf_test_split else None
-    columns = train_ds.column_names
-    for key, value in [("hf_image_key", cfg.hf_image_key)] + [
-        ("hf_label_keys", k) for k in cfg.hf_label_keys
-    ]:
-        if value not in columns or (test_ds is not None and value not in test_ds.column_names):
-            raise ConfigError(
-                f"data.{key}: no column {value!r} in {cfg.source!r}; columns: {', '.join(columns)}"
-            )
+    for split, ds in ((cfg.hf_train_split, train_ds), (cfg.hf_test_split, test_ds)):
+        if ds is None:
+            continue
+        for key, value in [("hf_image_key", cfg.hf_image_key)] + [
+            ("hf_label_keys", k) for k in cfg.hf_label_keys
+        ]:
+            if value not in ds.column_names:
+                raise ConfigError(
+                    f"data.{key}: no column {value!r} in split {split!r} of {cfg.source!r}; "
+                    f"its columns: {', '.join(ds.column_names)}"
+                )
 
     def column(ds: Any, key: str) -> np.ndarray:
         return np.asarray(list(ds[key]))

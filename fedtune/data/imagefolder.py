@@ -60,8 +60,11 @@ def _load_imagefolder(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
     def build(all_paths: list[str], all_labels: np.ndarray, index: np.ndarray) -> ImageSet:
         arrays = []
         for i in index:
-            with Image.open(all_paths[i]) as image:
-                arrays.append(_pil_to_array(image, cfg.channels))
+            try:
+                with Image.open(all_paths[i]) as image:
+                    arrays.append(_pil_to_array(image, cfg.channels))
+            except (OSError, ValueError) as exc:  # truncated, undecodable or not an image
+                raise ConfigError(f"data.root: cannot read image {all_paths[i]}: {exc}") from exc
         return ImageSet(
             _stack_images(arrays, cfg.channels, cfg.img_size),
             _labels_to_tensors({"label": all_labels[index]}),

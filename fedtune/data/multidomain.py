@@ -41,7 +41,29 @@ def source_groups(task_data: dict[str, DataConfig], base: DataConfig) -> list[So
         key = json.dumps(to_dict(data), sort_keys=True)
         group = groups.setdefault(key, SourceGroup(data, {}))
         group.tasks[task] = src.tasks[0] if src.tasks else ""
+    _same_source_same_split(list(groups.values()))
     return list(groups.values())
+
+
+_CAPS = ("max_train", "max_test")  # subsets of one split: they may differ between tasks of a source
+
+
+def _same_source_same_split(groups: list[SourceGroup]) -> None:
+    """Tasks that read one source (its name and root) must split it alike: with another seed or
+    test fraction one task's test images would be among another's training images, and the
+    shared backbone would be scored on what it trained on."""
+    seen: dict[tuple, SourceGroup] = {}
+    for group in groups:
+        key = (group.data.name, group.data.root)
+        other = seen.setdefault(key, group)
+        if other is group:
+            continue
+        a, b = to_dict(other.data), to_dict(group.data)
+        differ = sorted(k for k in a if a[k] != b.get(k) and k not in _CAPS)
+        if differ:
+            raise ConfigError(f"task_data: tasks {', '.join(map(repr, other.tasks))} and {', '.join(map(repr, group.tasks))} read {group.data.name!r} "
+                              f"with different {', '.join(differ)}; tasks of one source must split it alike (their test images could be in "
+                              "each other's training data): give them the same settings (max_train and max_test may differ)")
 
 
 def load_task_sources(task_data: dict[str, DataConfig], base: DataConfig) -> tuple[DataSplit, np.ndarray]:

@@ -633,6 +633,19 @@ def test_fashion_mnist_errors(tmp_path: Path) -> None:
         load_data(DataConfig(name="fashion_mnist", root=str(tmp_path)))
 
 
+def test_fashion_mnist_without_root_finds_an_earlier_download(tmp_path: Path, monkeypatch) -> None:
+    """data.download: true without data.root puts the files in the cache; a later run without
+    download finds them there when Debian's package is not installed."""
+    import fedtune.data.fashion_mnist as fm
+
+    monkeypatch.setattr(fm, "FASHION_DEBIAN_ROOT", tmp_path / "debian")
+    monkeypatch.setattr(fm, "DOWNLOAD_ROOT", tmp_path / "cache")
+    with pytest.raises(ConfigError, match="debian or .*cache \\(no data.root given\\)"):
+        load_data(DataConfig(name="fashion_mnist"))
+    _write_fashion(tmp_path / "cache" / "FashionMNIST" / "raw", gz=True)
+    assert len(load_data(DataConfig(name="fashion_mnist")).train) == 30
+
+
 def test_fashion_mnist_debian_package() -> None:
     """The real files from Debian's dataset-fashion-mnist (CI installs it): a seeded subset."""
     from fedtune.data import FASHION_DEBIAN_ROOT

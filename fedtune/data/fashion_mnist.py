@@ -53,6 +53,9 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 
+DOWNLOAD_ROOT = Path.home() / ".cache" / "fedtune" / "data"  # data.download: true without data.root
+
+
 def _idx_path(folder: Path, stem: str) -> Path | None:
     for name in (stem, stem + ".gz"):
         if (folder / name).is_file():
@@ -66,15 +69,15 @@ def fashion_mnist_folder(cfg: DataConfig) -> Path:
     if cfg.root is not None:
         root = Path(cfg.root).expanduser()
         candidates = [root, root / "FashionMNIST" / "raw", root / "raw"]  # the last two: torchvision's layout
-    else:
-        candidates = [FASHION_DEBIAN_ROOT]
+    else:  # Debian's package, then where data.download: true without a root puts it
+        candidates = [FASHION_DEBIAN_ROOT, DOWNLOAD_ROOT / "FashionMNIST" / "raw"]
     for folder in candidates:
         if all(_idx_path(folder, s) for s in stems):
             return folder
     if cfg.download:
         import torchvision
 
-        root = Path(cfg.root).expanduser() if cfg.root else Path.home() / ".cache" / "fedtune" / "data"
+        root = Path(cfg.root).expanduser() if cfg.root else DOWNLOAD_ROOT
         try:
             torchvision.datasets.FashionMNIST(str(root), train=True, download=True)
             torchvision.datasets.FashionMNIST(str(root), train=False, download=True)
@@ -86,7 +89,7 @@ def fashion_mnist_folder(cfg: DataConfig) -> Path:
         if present:
             missing = next(s for s in stems if not _idx_path(folder, s))
             raise ConfigError(f"data.root: {folder} has no {missing} (or {missing}.gz), one of Fashion-MNIST's four idx files")
-    where = f"data.root {cfg.root!r}" if cfg.root is not None else f"{FASHION_DEBIAN_ROOT} (no data.root given)"
+    where = f"data.root {cfg.root!r}" if cfg.root is not None else f"{FASHION_DEBIAN_ROOT} or {DOWNLOAD_ROOT} (no data.root given)"
     raise ConfigError(
         f"Fashion-MNIST not found in {where}. Get it one of three ways: point data.root at a folder "
         f"with the idx files ({', '.join(stems)}, gzipped or not); `apt-get install "

@@ -7,6 +7,7 @@ The client's side of a round is `fedtune.client.ClientRuntime`; the run config i
 from __future__ import annotations
 
 import json
+import warnings
 import zlib
 
 import numpy as np
@@ -159,6 +160,10 @@ def client_data(cfg: RunConfig, partition_id: int) -> tuple[ImageSet, ImageSet]:
     if not 0 <= partition_id < len(parts):
         raise ConfigError(f"partition-id {partition_id} out of range: the run has {len(parts)} clients")
     train, test = _local_split(cfg, partition_id, parts[partition_id])
+    if not len(test) and cfg.partition.local_test_fraction > 0:
+        warnings.warn(f"client {partition_id}: its partition of {len(parts[partition_id])} image(s) leaves no local test image at "
+                      f"partition.local_test_fraction {cfg.partition.local_test_fraction}; its accuracy is not measured "
+                      "(raise partition.min_partition_size)", stacklevel=2)
     return split.train.subset(train), split.train.subset(test)
 
 

@@ -28,7 +28,7 @@ from fedtune.heads import ABSENT_CLASS_BIAS, class_moments, class_stats, discrim
 from fedtune.typedconfig import to_dict
 from server.downlink import FULL, Downlink
 from server.strategy import SparseFedAvg
-from tests.test_federated import tiny_run
+from tests.test_federated import TINY_RUN, tiny_run
 
 
 @pytest.fixture(autouse=True)
@@ -283,6 +283,16 @@ def test_a_client_without_local_test_examples_reports_no_accuracy():
     assert numbers["accuracy_personalized"] == measured.accuracy_personal and numbers["accuracy_global_local"] == measured.accuracy_global
     assert numbers["accuracy_personalized_worst10"] == measured.accuracy_personal and numbers["personalized_at_least_global_fraction"] in (0.0, 1.0)
     assert [c["partition_id"] for c in numbers["clients"]] == [1, 2]
+
+
+def test_a_partition_too_small_for_a_local_test_is_named_in_a_warning():
+    from fedtune.federated import client_data
+
+    cfg = tiny_run(data={**TINY_RUN["data"], "max_train": 24}, federation={"num_clients": 12},
+                   partition={"scheme": "iid", "local_test_fraction": 0.2})
+    with pytest.warns(UserWarning, match="client 0: its partition of 2 image\\(s\\) leaves no local test image"):
+        train, test = client_data(cfg, 0)
+    assert len(test) == 0 and len(train) == 2
 
 
 def test_probe_reports_the_protocols_numbers_on_the_starting_model():

@@ -12,7 +12,7 @@ from .client import ClientRuntime
 from .client_state import ClientState
 from .federated import federated_data, global_model, state_to_numpy
 from .heads import split_stats
-from .report import protocol_numbers
+from .report import protocol_numbers, run_identity
 from .runconfig import RunConfig
 
 # --------------------------------------------------------------------------- reference
@@ -66,6 +66,7 @@ def head_fit_reference(cfg: RunConfig, progress: Callable[[str], None] | None = 
         say(f"task {task}: central test {per_task[task]:.4f}")
     result: dict[str, Any] = {
         "name": cfg.name,
+        **run_identity(cfg),
         "accuracy_per_task": per_task,
         "accuracy_global": float(np.mean(list(per_task.values()))),
         "head_fit_examples": examples,

@@ -190,6 +190,16 @@ def _plot_experts(rounds: list[dict[str, Any]], out: Path, moe_blocks: list[int]
     return paths
 
 
+def run_identity(cfg: Any) -> dict[str, Any]:
+    """What makes two runs' numbers comparable: the seed, the partition and the data (source,
+    seed, caps, size). Summaries and probes carry it; simulations.pfl_tables checks it."""
+    from .typedconfig import to_dict
+
+    data = to_dict(cfg.data)
+    return {"seed": cfg.seed, "partition": to_dict(cfg.partition),
+            "data": {k: data[k] for k in ("name", "seed", "max_train", "max_test", "img_size")}}
+
+
 def protocol_numbers(evals: list[dict[str, Any]]) -> dict[str, Any]:
     """Over the clients' evaluations: each client's global and personalized accuracy on its
     local test split, their examples-weighted means, standard deviations and worst-10% means."""

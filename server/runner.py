@@ -45,6 +45,7 @@ from fedtune.report import (
     protocol_numbers,
     read_jsonl,
     rss_bytes,
+    run_identity,
     write_json,
 )
 from fedtune.runconfig import RunConfig
@@ -429,6 +430,7 @@ class ServerRunner:
         times = [r["elapsed_s"] for r in rounds if "elapsed_s" in r]
         summary = {
             "name": self.cfg.name,
+            **run_identity(self.cfg),  # seed, partition, data: what makes two runs comparable
             "method": self.cfg.method.name + ("+lora" if self.cfg.method.lora.enabled else ""),
             "send": self.cfg.federation.send,
             "rounds": len(rounds),

@@ -53,24 +53,46 @@ def runs_of(summaries: Path, method: str, split: str) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def check_runs(runs: list[tuple[str, Path]], split: str) -> None:
-    """Refuse a table that would average a failed run; warn when its rows are over different seeds."""
+def _split_key(partition: dict) -> str:
+    """A summary's partition as the file names' split key (a0.1, a0.5, path)."""
+    return "path" if partition.get("scheme") == "pathological" else f"a{partition.get('alpha')}"
+
+
+def check_runs(runs: list[tuple[str, Path]], split: str, mixed_seeds: bool = False) -> None:
+    """Refuse a table that would average a failed run, rows over different seeds (unless
+    `mixed_seeds`), or a file whose name says another seed or split than its run had: a summary
+    records its seed and partition (older ones do not, so then the clients' local test sizes of
+    every file of one seed must agree, as one partition gives them)."""
     seeds: dict[str, list[int]] = {}
+    clients: dict[int, tuple[Path, list]] = {}
     for label, p in runs:
-        if "error" in json.loads(p.read_text()):
+        summary = json.loads(p.read_text())
+        if "error" in summary:
             raise SystemExit(f"{p}: a failed run (its summary has 'error'); remove it or run it again")
-        seeds.setdefault(label, []).append(int(p.stem.rsplit("_s", 1)[1]))
+        seed = int(p.stem.rsplit("_s", 1)[1])
+        if "seed" in summary and summary["seed"] != seed:
+            raise SystemExit(f"{p}: named seed {seed}, but its run had seed {summary['seed']}")
+        if "partition" in summary and _split_key(summary["partition"]) != split:
+            raise SystemExit(f"{p}: named split {split}, but its run's partition is {_split_key(summary['partition'])}")
+        shape = sorted((c["partition_id"], c["num_examples"]) for c in summary.get("clients", []))
+        first = clients.setdefault(seed, (p, shape))
+        if shape != first[1]:
+            raise SystemExit(f"{p}: its clients' local test sizes differ from {first[0].name}'s, of the same split and seed: "
+                             "not the same partition (a file under the wrong name?)")
+        seeds.setdefault(label, []).append(seed)
     sets = {tuple(v) for v in seeds.values()}
     if len(sets) > 1:
-        print(f"warning: split {split}: the rows are over different seeds ({'; '.join(f'{k}: {v}' for k, v in seeds.items())}); "
-              "compare methods on the same seeds", file=sys.stderr)
+        message = f"split {split}: the rows are over different seeds ({'; '.join(f'{k}: {v}' for k, v in seeds.items())})"
+        if not mixed_seeds:
+            raise SystemExit(f"{message}; compare methods on the same seeds, or pass --mixed-seeds")
+        print(f"warning: {message}", file=sys.stderr)
 
 
-def build(summaries: Path, out: Path) -> list[Path]:
+def build(summaries: Path, out: Path, mixed_seeds: bool = False) -> list[Path]:
     written = []
     for split, name in SPLITS:
         runs = [(label, p) for key, label in REFERENCES + METHODS for p in runs_of(summaries, key, split)]
-        check_runs(runs, split)
+        check_runs(runs, split, mixed_seeds)
         if runs:
             out.mkdir(parents=True, exist_ok=True)
             (out / name).write_text(compare(runs, PFL_KEYS, blocks=False))
@@ -83,11 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("summaries", nargs="?", default="simulations/results/pfl_fmnist/summaries",
                         help="folder of METHOD_SPLIT_sSEED.json summaries")
     parser.add_argument("--out", help="folder for the tables (default: the one above SUMMARIES)")
+    parser.add_argument("--mixed-seeds", action="store_true", help="build tables whose rows are over different seeds (with a warning)")
     args = parser.parse_args(argv)
     summaries = Path(args.summaries)
     if not summaries.is_dir():
         parser.error(f"{summaries}: no such folder of summaries")
-    written = build(summaries, Path(args.out) if args.out else summaries.parent)
+    written = build(summaries, Path(args.out) if args.out else summaries.parent, args.mixed_seeds)
     if not written:
         parser.error(f"{summaries}: no METHOD_SPLIT_sSEED.json summary for any of {', '.join(k for k, _ in METHODS)}")
     for path in written:

@@ -102,8 +102,10 @@ def test_pfl_tables_from_summary_files(tmp_path, capsys):
                       ("alast_r20_a0.1_s0", 0.1), ("alast_own_a0.1_s0", 0.95), ("alast_fedrod_path_s0", 0.6)):
         (summaries / f"{name}.json").write_text(json.dumps({"accuracy_personalized": acc, "wall_time_s": 5.0}))
     (summaries / "probe_path_s0.json").write_text(json.dumps({"accuracy_personalized": 0.5}))
-    assert tables([str(summaries)]) == 0
-    assert "split a0.1: the rows are over different seeds" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="split a0.1: the rows are over different seeds.*--mixed-seeds"):
+        tables([str(summaries)])
+    assert tables([str(summaries), "--mixed-seeds"]) == 0
+    assert "warning: split a0.1: the rows are over different seeds" in capsys.readouterr().err
     a01 = (tmp_path / "table_alpha0.1.md").read_text().splitlines()
     assert a01[2].startswith("| FedRep | 1 | - | - | - | 70.0 |")
     assert a01[3].startswith("| ALaST, own blocks + closed-form LDA head | 1 | - | - | - | 95.0 |")
@@ -122,7 +124,19 @@ def test_pfl_tables_from_summary_files(tmp_path, capsys):
         tables([str(tmp_path / "missing")])
     (summaries / "fedrep_a0.1_s1.json").write_text(json.dumps({"accuracy_personalized": 0.7, "error": "every round empty"}))
     with pytest.raises(SystemExit, match="a failed run"):
-        tables([str(summaries)])
+        tables([str(summaries), "--mixed-seeds"])
+    # a file under another seed's or split's name: caught by what the summary records, or
+    # (older summaries) by its clients' local test sizes against the other files of that seed
+    (summaries / "fedrep_a0.1_s1.json").write_text(json.dumps({"accuracy_personalized": 0.7, "seed": 0}))
+    with pytest.raises(SystemExit, match="named seed 1, but its run had seed 0"):
+        tables([str(summaries), "--mixed-seeds"])
+    (summaries / "fedrep_a0.1_s1.json").write_text(json.dumps({"accuracy_personalized": 0.7, "partition": {"scheme": "dirichlet", "alpha": 0.5}}))
+    with pytest.raises(SystemExit, match="named split a0.1, but its run's partition is a0.5"):
+        tables([str(summaries), "--mixed-seeds"])
+    (summaries / "fedrep_a0.1_s1.json").unlink()
+    (summaries / "fedrep_a0.1_s0.json").write_text(json.dumps({"accuracy_personalized": 0.7, "clients": [{"partition_id": 0, "num_examples": 9}]}))
+    with pytest.raises(SystemExit, match="local test sizes differ from"):
+        tables([str(summaries), "--mixed-seeds"])
 
 
 def test_pfl_runs_gives_one_command_per_table_row_and_runs_only_what_is_missing(tmp_path, capsys):

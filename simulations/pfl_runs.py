@@ -52,6 +52,28 @@ def plan(methods: list[str], splits: list[str], seeds: list[int], summaries: Pat
             for m in methods for sp in splits for s in seeds]
 
 
+# config keys that do not change what a run computes
+SAME_RUN = ("name", "backend", "federation.round_timeout_s", "federation.connect_timeout_s", "federation.checkpoint_every")
+
+
+def config_changes(folder: Path, cmd: list[str]) -> list[str]:
+    """The config keys in which the finished run in `folder` differs from what `cmd` would run
+    (its run-config.json, else config.json; a folder with neither: ["config.json"])."""
+    from fedtune.runconfig import RunConfig, load_run_config
+    from fedtune.typedconfig import differences, from_dict, to_dict
+
+    path = next((p for p in (folder / "run-config.json", folder / "config.json") if p.is_file()), None)
+    if path is None:
+        return ["config.json (missing)"]
+    sets = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--set"]
+    want = to_dict(load_run_config(cmd[2], sets))
+    try:
+        have = to_dict(from_dict(RunConfig, json.loads(path.read_text())))  # keys added since take their defaults
+    except (ValueError, TypeError, KeyError) as exc:
+        return [f"{path.name} (unreadable: {exc})"]
+    return [k for k in differences(have, want) if not k.startswith(SAME_RUN)]
+
+
 def _simulate(cmd: list[str]) -> int:
     exe = shutil.which("fedtune") or shutil.which("fedtune", path=str(Path(sys.executable).parent))
     if exe is None:
@@ -86,6 +108,10 @@ def main(argv: list[str] | None = None, simulate: Callable[[list[str]], int] = _
             folder.rename(aside)
             print(f"moved  {folder} -> {aside}")
         if (folder / "summary.json").is_file():
+            changed = config_changes(folder, cmd)
+            if changed:  # a stale run (an older config, another row's run) never becomes this row
+                failed.append(f"{name} ({folder} holds a run whose config differs in {', '.join(changed[:6])}; --force runs it again)")
+                continue
             print(f"copy   {folder / 'summary.json'} (finished earlier)")
             rc = 0
         else:

@@ -146,6 +146,8 @@ def test_pfl_runs_gives_one_command_per_table_row_and_runs_only_what_is_missing(
     import shutil
     from pathlib import Path
 
+    from fedtune.runconfig import load_run_config
+    from fedtune.typedconfig import to_dict
     from simulations.pfl_runs import config_of
     from simulations.pfl_runs import main as pfl_runs
     from simulations.pfl_tables import METHODS
@@ -163,6 +165,8 @@ def test_pfl_runs_gives_one_command_per_table_row_and_runs_only_what_is_missing(
             return 1  # this run fails (and is then resumed)
         out.mkdir(parents=True, exist_ok=True)
         (out / "summary.json").write_text(json.dumps({"accuracy_personalized": 0.8, "wall_time_s": 1.0}))
+        sets = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--set"]
+        (out / "run-config.json").write_text(json.dumps(to_dict(load_run_config(cmd[2], sets))))  # as fedtune simulate writes it
         return 0
 
     common = ["--method", "fedrep", "--split", "a0.5", "--summaries", str(summaries), "--runs", str(runs)]
@@ -183,6 +187,12 @@ def test_pfl_runs_gives_one_command_per_table_row_and_runs_only_what_is_missing(
     (runs / "fedrep_a0.5_s2" / "checkpoint.safetensors").write_text("")
     calls.clear()
     (summaries / "fedrep_a0.5_s1.json").unlink()
+    # a finished folder whose run had another config (here another seed) is not copied
+    good = (runs / "fedrep_a0.5_s1" / "run-config.json").read_text()
+    (runs / "fedrep_a0.5_s1" / "run-config.json").write_text(json.dumps({**json.loads(good), "seed": 7}))
+    assert pfl_runs([*common, "--run", "--seeds", "2"], simulate=simulate) == 1
+    assert "holds a run whose config differs in seed" in capsys.readouterr().err and not (summaries / "fedrep_a0.5_s1.json").exists()
+    (runs / "fedrep_a0.5_s1" / "run-config.json").write_text(good)
     assert pfl_runs([*common, "--run"], simulate=simulate) == 0
     assert [(Path(c[c.index("--out") + 1]).name, c[-1]) for c in calls] == [("fedrep_a0.5_s2", "--resume")], "s1's folder held its summary: copied, not run again"
     assert (summaries / "fedrep_a0.5_s1.json").is_file()
@@ -194,6 +204,7 @@ def test_pfl_runs_gives_one_command_per_table_row_and_runs_only_what_is_missing(
     assert calls and "--resume" not in calls[0] and any(p.name.startswith("fedrep_a0.5_s2.old-") for p in runs.iterdir())
     (runs / "fedrep_a0.5_s2").mkdir(exist_ok=True)
     (runs / "fedrep_a0.5_s2" / "summary.json").write_text(json.dumps({"error": "round(s) [1] had no accepted client reply"}))
+    (runs / "fedrep_a0.5_s2" / "run-config.json").write_text(json.dumps(to_dict(load_run_config(config_of("fedrep"), ["seed=2", "partition.alpha=0.5"]))))
     assert pfl_runs([*common, "--run"], simulate=simulate) == 1
     assert "had no accepted client reply" in capsys.readouterr().err and not (summaries / "fedrep_a0.5_s2.json").exists()
     for p in runs.iterdir():
@@ -201,7 +212,7 @@ def test_pfl_runs_gives_one_command_per_table_row_and_runs_only_what_is_missing(
             shutil.rmtree(p)
     calls.clear()
     (runs / "fedrep_a0.5_s0").mkdir()
-    (runs / "fedrep_a0.5_s0" / "summary.json").write_text("{}")
+    (runs / "fedrep_a0.5_s0" / "summary.json").write_text("{}")  # no config beside it: --force runs it again
     assert pfl_runs([*common, "--run", "--force", "--seeds", "1"], simulate=simulate) == 0
     assert len(calls) == 1 and "--resume" not in calls[0]
     assert [p.name.split(".old-")[0] for p in runs.iterdir() if ".old-" in p.name] == ["fedrep_a0.5_s0"]

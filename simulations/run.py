@@ -158,7 +158,7 @@ def simulate_independent(cfg: RunConfig, out: Path, resume: bool = False, progre
     for task, (sub_cfg, holders) in feds.items():
         sub_out = out / task
         finished = json.loads((sub_out / "summary.json").read_text()) if resume and started[task] and (sub_out / "summary.json").is_file() else None
-        if finished is not None and finished.get("rounds") == sub_cfg.federation.rounds:
+        if finished is not None and finished.get("rounds") == sub_cfg.federation.rounds and not finished.get("error"):
             subs[task] = finished
         else:
             subs[task] = simulate(sub_cfg, sub_out, resume=resume and started[task], progress=progress, verbose=verbose)
@@ -184,6 +184,13 @@ def simulate_independent(cfg: RunConfig, out: Path, resume: bool = False, progre
         "wall_time_s": round(sum(s["wall_time_s"] for s in subs.values()), 1),
     }
     summary["bytes_up_client_max_vs_model"] = summary["bytes_up_client_max"] / model_bytes
+    # a task federation that failed (rounds without an accepted reply) fails the whole run
+    empty = {t: s["empty_rounds"] for t, s in subs.items() if s.get("empty_rounds")}
+    if empty:
+        summary["empty_rounds"] = empty
+    errors = [f"task {t}: {s['error']}" for t, s in subs.items() if s.get("error")]
+    if errors:
+        summary["error"] = "; ".join(errors)
     write_json(out / "summary.json", summary)
     return summary
 

@@ -171,3 +171,14 @@ def test_independent_runs_refuse_a_used_out_and_resume_each_task_federation(tmp_
     got = sim.simulate_independent(cfg, out, resume=True)
     assert got["accuracy_per_task"] == {"digit": 0.9, "shape": 0.5, "colour": 0.5}
     assert ran == [("shape", True), ("colour", False)], "digit finished and was read back; shape continues; colour never started"
+    assert "error" not in got
+    # a task federation that failed fails the run (fedtune simulate exits 3 on it); on --resume it runs again
+    ran.clear()
+    import shutil
+
+    shutil.rmtree(out / "colour")
+    (out / "digit" / "summary.json").write_text(json.dumps({**summary, "error": "round(s) [1] had no accepted client reply", "empty_rounds": [1]}))
+    summary.update(error="round(s) [1] had no accepted client reply", empty_rounds=[1])
+    got = sim.simulate_independent(cfg, out, resume=True)
+    assert ("digit", True) in ran, "a failed federation is not read back as finished"
+    assert got["error"].startswith("task digit: round(s) [1] had no accepted client reply") and got["empty_rounds"]["shape"] == [1]

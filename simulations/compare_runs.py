@@ -131,6 +131,14 @@ def compare(runs: list[tuple[str, Path]], keys: tuple = SUMMARY_KEYS, blocks: bo
     for label, run in runs:
         by_label.setdefault(label, []).append(run)
     summaries = {label: [_read(r) for r in rs] for label, rs in by_label.items()}
+    for label, rs in by_label.items():
+        for run, summary in zip(rs, summaries[label], strict=True):
+            if summary.get("error"):
+                raise SystemExit(f"{run}: a failed run (its summary has 'error': {summary['error']}); it is no row of a comparison")
+            if keys and all(_get(summary, k) is None for k, _, _, _ in keys):
+                raise SystemExit(f"{run}: has none of this table's columns ({', '.join(k for k, _, _, _ in keys[:4])} ...): not a result of this kind")
+            if blocks and "rounds" not in summary:
+                raise SystemExit(f"{run}: its summary has no 'rounds' (independent task federations? use --table tasks)")
     lines = ["| run | runs | " + " | ".join(h for _, h, _, _ in keys) + " |", "|---|---|" + "---|" * len(keys)]
     for label, sums in summaries.items():
         cells = [_cell([_get(s, k) for s in sums], scale, dec) for k, _, scale, dec in keys]

@@ -290,3 +290,18 @@ def test_a_cell_shows_the_runs_that_lack_its_value():
     assert _cell([0.5, None, 0.7], 100.0, 1) == "60.0 ± 14.1 (50.0, -, 70.0)"
     assert _cell([None, 0.7], 100.0, 1) == "70.0 (-, 70.0)"
     assert _cell([None, None], 100.0, 1) == "-"
+
+
+def test_compare_runs_refuses_failed_runs_and_files_of_another_kind(tmp_path):
+    a = fake_run(tmp_path / "a", 0.9, [[0, 3], [0, 3]])
+    summary = json.loads((a / "summary.json").read_text())
+    (a / "summary.json").write_text(json.dumps({**summary, "error": "round(s) [1] had no accepted client reply"}))
+    with pytest.raises(SystemExit, match="a failed run"):
+        main([f"x={a}"])
+    other = tmp_path / "final_evaluation.json"
+    other.write_text(json.dumps({"client_evaluations": []}))
+    with pytest.raises(SystemExit, match="none of this table's columns"):
+        main([f"x={other}", "--table", "pfl"])
+    (a / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "rounds"}))
+    with pytest.raises(SystemExit, match="no 'rounds'.*--table tasks"):
+        main([f"x={a}"])

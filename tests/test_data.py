@@ -416,6 +416,8 @@ def test_torchvision_errors(tmp_path: Path) -> None:
         load_data(DataConfig(name="torchvision:NoSuchSet", root=str(tmp_path)))
     with pytest.raises(ConfigError, match="data.root: .*needs data.root"):
         load_data(DataConfig(name="torchvision:MNIST"))
+    with pytest.raises(ConfigError, match="torchvision:EMNIST could not be built with .*'split': 'train'.*imagefolder or hf:"):
+        load_data(DataConfig(name="torchvision:EMNIST", root=str(tmp_path)))
 
 
 # --- config validation ------------------------------------------------------------------------

@@ -48,6 +48,11 @@ def _open_torchvision(cfg: DataConfig, train: bool) -> Any:
         kwargs["download"] = cfg.download
     try:
         return cls(cfg.root, **kwargs)
+    except (ValueError, TypeError) as exc:  # e.g. EMNIST's split= names a subset, OxfordIIITPet's is trainval/test
+        raise ConfigError(
+            f"data.name: torchvision:{name} could not be built with {kwargs}: {exc}; a set whose split= names a "
+            "subset (EMNIST) or other splits (OxfordIIITPet) loads with imagefolder or hf: instead"
+        ) from exc
     except (RuntimeError, OSError) as exc:  # torchvision reports missing files as RuntimeError
         hint = (
             "the download failed; check the connection or point data.root at the files"

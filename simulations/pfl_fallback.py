@@ -41,19 +41,26 @@ def measure(overrides: list[str]) -> dict:
         tests.append(extract_features(model, test, task, 256, plan))
     _, _, fed_cov = class_moments({k: sum(o[k] for o in owns) for k in owns[0]})
     correct = {k: 0 for k in ("federation's covariance", *SHRINKS)}
-    total = 0
+    total = scored = single = 0
     for own, (feats, labels) in zip(owns, tests, strict=True):
         count, means, cov = class_moments(own)
         present = count > 0
-        if present.sum() < 2 or not len(labels):
+        if not len(labels):
+            continue
+        scored += 1
+        total += len(labels)
+        if present.sum() < 2:  # one class known: every head predicts it (fedtune.client.personal_lda_head)
+            single += 1
+            for k in correct:
+                correct[k] += int((labels == int(present.argmax())).sum())
             continue
         priors, n, d = count / count.sum(), float(count.sum()), cov.shape[0]
         heads = {"federation's covariance": discriminant(means, fed_cov, priors, present)}
         heads.update({k: discriminant(means, cov, priors, present, f(n, d)) for k, f in SHRINKS.items()})
         for k, (w, b) in heads.items():
             correct[k] += int(((feats @ w.T + b).argmax(-1) == labels).sum())
-        total += len(labels)
-    return {"overrides": overrides, "test_images": total, "accuracy": {k: round(100 * c / total, 2) for k, c in correct.items()}}
+    return {"overrides": overrides, "test_images": total, "clients": scored, "clients_with_one_class": single,
+            "accuracy": {k: round(100 * c / total, 2) for k, c in correct.items()}}
 
 
 def main(argv: list[str] | None = None) -> int:

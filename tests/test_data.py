@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import os
 import struct
-import time
 from pathlib import Path
 
 import numpy as np
@@ -141,12 +141,9 @@ def test_make_shapes_count_is_exact() -> None:
         assert ndimage.label(mask)[1] == count + 1
 
 
-def test_shapes_fast_and_grey() -> None:
-    start = time.perf_counter()
+def test_shapes_grey() -> None:
     split = load_data(DataConfig(name="shapes", channels=1))
-    elapsed = time.perf_counter() - start
     assert split.train.images.shape == (1600, 1, 32, 32)
-    assert elapsed < 4.0  # < 2 s on an idle machine; slack for loaded CI
 
 
 # --- ImageSet ---------------------------------------------------------------------------------
@@ -653,6 +650,8 @@ def test_fashion_mnist_debian_package() -> None:
     from fedtune.data import FASHION_DEBIAN_ROOT
 
     if not FASHION_DEBIAN_ROOT.is_dir():
+        # CI installs the package and sets FEDTUNE_REQUIRE_FMNIST: there a missing install fails
+        assert not os.environ.get("FEDTUNE_REQUIRE_FMNIST"), f"FEDTUNE_REQUIRE_FMNIST is set but {FASHION_DEBIAN_ROOT} is missing"
         pytest.skip("dataset-fashion-mnist is not installed (apt-get install dataset-fashion-mnist)")
     split = load_data(DataConfig(name="fashion_mnist", max_train=200, max_test=100))
     assert len(split.train) == 200 and len(split.test) == 100

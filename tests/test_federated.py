@@ -1,7 +1,6 @@
 """A client's round without Flower, the ClientApp's Messages, configs and bad input."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -535,9 +534,12 @@ def test_simulated_attackers_send_what_their_attack_says():
             tiny_run(federation={"num_clients": 4, "attack": attack})
 
 
-def test_a_simulation_no_client_can_start_in_fails_at_once(tmp_path):
+def test_a_simulation_no_client_can_start_in_fails_at_once(tmp_path, monkeypatch):
+    import os
+
     from simulations.run import simulate
 
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)  # on any runner: fewer CPUs than a client asks for
     with pytest.raises(ConfigError, match="cpus_per_client is 100 but this machine has"):
         simulate(tiny_run(backend={"cpus_per_client": 100}), tmp_path / "run")
     assert not (tmp_path / "run").exists()
@@ -562,4 +564,4 @@ def test_more_bad_input_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="rounds: must be in 1..100000"):
         tiny_run(federation={"num_clients": 4, "rounds": 10**12})
     with pytest.raises(ConfigError, match="bench.task: 'color' is not a task of the data set digits"):
-        run_bench(from_dict(BenchConfig, {"task": "color", "methods": ["full"], "seeds": [0], "data": {"max_train": 20, "max_test": 10}}), Path("/nonexistent"))
+        run_bench(from_dict(BenchConfig, {"task": "color", "methods": ["full"], "seeds": [0], "data": {"max_train": 20, "max_test": 10}}), tmp_path / "bench")

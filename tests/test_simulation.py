@@ -3,6 +3,7 @@
 Ray takes ~10 s to start, so this file runs few simulations on a tiny model.
 """
 
+import contextlib
 import json
 
 import pytest
@@ -101,6 +102,15 @@ def test_a_run_in_which_no_client_can_train_exits_non_zero(tmp_path):
     assert "no accepted client reply" in done.stderr
 
 
+def _descendants(pid: int) -> set[int]:
+    import psutil
+
+    try:
+        return {c.pid for c in psutil.Process(pid).children(recursive=True)}
+    except psutil.Error:
+        return set()
+
+
 def test_killed_simulation_resumes_to_the_same_result(tmp_path):
     """A run killed (SIGKILL, Ray and all) after round 2 of 4 resumes from its checkpoint, loses
     no completed round, and ends exactly where the uninterrupted run ends: the personal heads of
@@ -133,12 +143,18 @@ def test_killed_simulation_resumes_to_the_same_result(tmp_path):
                 break
             time.sleep(0.05)
     finally:
+        ours = _descendants(proc.pid)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        # Ray's workers live outside the killed process group: take them down too, as a crash would
-        for p in psutil.process_iter(["pid", "cmdline"]):
-            if p.pid not in before_kill and any("ray" in part for part in (p.info["cmdline"] or [])[:2]):
-                p.kill()
+        # Ray's workers live outside the killed process group (some are re-parented): take them
+        # down too, as a crash would; only this user's Ray processes started during the run
+        me = os.getuid()
+        for p in psutil.process_iter(["pid", "cmdline", "uids"]):
+            cmd = p.info["cmdline"] or []
+            ray = any(part.startswith("ray::") or "/ray/" in part for part in cmd[:2])
+            if p.pid in ours or (p.pid not in before_kill and ray and p.info["uids"] and p.info["uids"].real == me):
+                with contextlib.suppress(psutil.Error):
+                    p.kill()
     assert not (killed / "summary.json").exists(), "the run finished before it could be killed"
     done = json.loads(read_state(ckpt)[1]["round"])
     assert 2 <= done < 4

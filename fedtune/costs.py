@@ -66,7 +66,7 @@ class CostModel:
         self.prefix = vit.num_prefix_tokens
         self.num_patches = model.num_patches
         self._per_token: dict[tuple[str, bool], list[float]] = {}
-        self._head_bytes = 0.0
+        self._head_bytes: dict[bool, float] = {}  # saved bytes of the final norm and head, by whether the norm keeps its input
         self._state_cache: dict[tuple, int] = {}
 
     # -- FLOPs
@@ -148,7 +148,14 @@ class CostModel:
             with meter:
                 forward_plan(model, x, plan, self.task, scope=meter.scope)
             self._per_token[(mode, lora)] = [meter.by_scope.get(f"block{i}", 0) / n for i in range(depth)]
-            self._head_bytes = float(meter.by_scope.get("head", 0))
+            self._head_bytes[True] = float(meter.by_scope.get("head", 0))  # the final norm keeps its input
+        # the head alone (a linear probe): the final norm frozen keeps nothing, the head its input
+        plan = Plan(depth=depth, trained=frozenset(), lora=lora, train_norm=False)
+        set_trainable(model, plan, self.task)
+        meter = SavedBytesMeter(model)
+        with meter:
+            forward_plan(model, x, plan, self.task, scope=meter.scope)
+        self._head_bytes[False] = float(meter.by_scope.get("head", 0))
 
     def per_token_bytes(self, mode: str, lora: bool) -> list[float]:
         if (mode, lora) not in self._per_token:
@@ -170,7 +177,9 @@ class CostModel:
             total += (plan.consolidate_at + 1) * (self.num_patches + self.prefix) * (self.dim + 4 * hidden) * 4
         if plan.train_head and not self._per_token:  # the head's bytes come from the calibration, whatever the blocks' modes
             self._calibrate(plan.lora)
-        return (total + (self._head_bytes if plan.train_head else 0.0)) * batch_size
+        # the final norm keeps its input when it trains or a block below it needs gradients
+        norm_saves = plan.train_norm or plan.block_mode(plan.depth - 1) != "nograd"
+        return (total + (self._head_bytes[norm_saves] if plan.train_head else 0.0)) * batch_size
 
     def state_bytes(self, plan: Plan) -> int:
         """Gradients + AdamW state of what `plan` trains (the same rule as set_trainable, without setting anything)."""

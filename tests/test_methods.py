@@ -263,7 +263,9 @@ def test_skipping_plans_save_what_the_cost_model_counts(tiny_model, images):
     from fedtune.accounting import SavedBytesMeter
 
     cm = CostModel(tiny_model)
-    for plan in [Plan(depth=4, trained=frozenset({2, 3}), keep=(None, 10, 8, 6), skip=True), Plan(depth=4, trained=frozenset({1, 2, 3}), keep=(None, 5, 12, 9), skip=True)]:
+    for plan in [Plan(depth=4, trained=frozenset({2, 3}), keep=(None, 10, 8, 6), skip=True), Plan(depth=4, trained=frozenset({1, 2, 3}), keep=(None, 5, 12, 9), skip=True),
+                 Plan(depth=4, trained=frozenset(), train_norm=False),  # the head method (a linear probe): the frozen norm keeps nothing
+                 Plan(depth=4, trained=frozenset({3}), train_norm=False)]:  # a frozen norm over a trained block keeps its input
         set_trainable(tiny_model, plan)
         meter = SavedBytesMeter(tiny_model)
         with meter:

@@ -204,6 +204,18 @@ def block_forward(
     return x, cls_attn, index
 
 
+def qkv_weight(qkv: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weight and bias the attention's qkv projection applies: a peft LoRA layer's base
+    weight plus its active adapters' delta (unless merged into it already or disabled)."""
+    base = qkv.get_base_layer() if hasattr(qkv, "get_base_layer") else qkv
+    w = base.weight
+    if base is not qkv and not getattr(qkv, "merged", False) and not getattr(qkv, "disable_adapters", False):
+        for name in qkv.active_adapters:
+            if name in getattr(qkv, "lora_A", {}):
+                w = w + qkv.get_delta_weight(name).to(w.dtype)
+    return w, base.bias
+
+
 @torch.no_grad()
 def rank_for_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The class token's attention over all tokens as `block` would compute it: [B, N].
@@ -215,7 +227,7 @@ def rank_for_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     h = block.norm1(x)
     B, N, D = h.shape
     dim = attn.num_heads * attn.head_dim
-    w, b = attn.qkv.weight, attn.qkv.bias
+    w, b = qkv_weight(attn.qkv)
     q = F.linear(h[:, :1], w[:dim], None if b is None else b[:dim])
     k = F.linear(h, w[dim : 2 * dim], None if b is None else b[dim : 2 * dim])
     q = attn.q_norm(q.reshape(B, 1, attn.num_heads, attn.head_dim).transpose(1, 2))

@@ -69,6 +69,24 @@ def test_class_token_attention_matches_manual_attention(tiny_model, images):
     torch.testing.assert_close(class_token_attention(blk.attn, q, k), full[:, :, 0].mean(1))
 
 
+def test_skipping_ranks_tokens_with_the_blocks_own_attention_lora_adapters_included(tiny_model, images):
+    """ALaST's token skipping chooses tokens with the block's own query and keys: with LoRA,
+    the base weights plus the trained adapters, as the block's attention computes them."""
+    from fedtune.engine import _attention, rank_for_block
+    from fedtune.lora import apply_lora
+
+    apply_lora(tiny_model, rank=4)
+    with torch.no_grad():
+        for n, p in tiny_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    blk = tiny_model.vit.blocks[1]
+    x = tiny_model.vit._pos_embed(tiny_model.vit.patch_embed(images))
+    with torch.no_grad():
+        _, own = _attention(blk.attn, blk.norm1(x), True)
+        torch.testing.assert_close(rank_for_block(blk, x), own, atol=1e-5, rtol=1e-4)
+
+
 def test_dropped_tokens_are_the_lowest_attention_ones(tiny_model, images):
     plan = Plan(depth=4, keep=(5, None, None, None), rank_tokens=True)
     trace = Trace()

@@ -405,7 +405,7 @@ class ALaST(Method):
         for _ in range(20):  # clip to [min, 1] and restore the mean
             b = np.clip(b, c.min_budget, 1.0)
             gap = c.mean_budget * len(b) - b.sum()
-            free = (b > c.min_budget) & (b < 1.0) if gap < 0 else b < 1.0
+            free = b > c.min_budget if gap < 0 else b < 1.0  # lowering: blocks at 1.0 too, or the mean stays above
             if abs(gap) < 1e-9 or not free.any():
                 break
             b = b + gap * free / free.sum()

@@ -19,6 +19,7 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.layers import DropPath
 from torch import nn
 
 from .accounting import (
@@ -185,7 +186,10 @@ class Trainer:
         if max_batches < 1 or len(data) == 0:
             return []
         was_training = self.model.training
-        self.model.train()
+        self.model.train()  # as training routes (an MoE block's training capacity) ...
+        for module in self.model.modules():  # ... but without randomness: no stochastic depth, no dropout
+            if isinstance(module, (DropPath, nn.Dropout)):
+                module.eval()
         plan = self.method.plan()
         traces = []
         loader = data.loader(self.cfg.batch_size, shuffle=True, seed=self.cfg.seed, task=self.task)

@@ -74,6 +74,10 @@ def test_alast_budgets_follow_importance_and_keep_their_mean(tiny_model):
         method.budgets = method.follow(method.budgets, delta)
     assert method.budgets[3] > method.budgets[2] > method.budgets[0]
     assert method.budgets.mean() == pytest.approx(0.5, abs=1e-6)
+    # budgets clipped to [min_budget, 1] keep the mean, blocks at 1.0 lowered too when needed
+    low = from_dict(MethodConfig, {"name": "alast", "alast": {"k": 2, "mean_budget": 0.6, "min_budget": 0.3, "memory_fraction": None}})
+    squeezed = make_method(low, tiny_model, None, 4)._normalize(np.array([0.0, 0.0, 1.2, 1.2]))
+    assert squeezed.mean() == pytest.approx(0.6, abs=1e-9) and squeezed.min() >= 0.3 and squeezed.max() <= 1.0
     plan = method.plan()
     assert plan.trained == frozenset({2, 3})  # the top-K budgets
     tokens = plan.tokens(tiny_model.num_patches)
@@ -137,6 +141,10 @@ def test_alast_survey_starts_budgets_from_the_data(tiny_model):
     assert chosen == [int(np.argmax(observed))] and result.block_updates[chosen[0]] == len(result.steps)
     with pytest.raises(ConfigError, match="survey_batches"):
         make_method(from_dict(MethodConfig, {"name": "alast", "alast": {"survey_batches": -1}}), tiny_model, None, 4)
+    # stochastic depth does not reach the survey: the same batches give the same deltas
+    deep = build_model(ModelConfig(**{**TINY, "drop_path_rate": 0.5}), {"digit": 10})
+    again = [Trainer(deep, make_method(cfg, deep, None, 8), TrainConfig(epochs=1, batch_size=8)).survey(tiny_data(), 2) for _ in range(2)]
+    torch.testing.assert_close(again[0][0].cls_delta, again[1][0].cls_delta)
     with pytest.raises(ConfigError, match="federation_weight"):
         make_method(from_dict(MethodConfig, {"name": "alast", "alast": {"federation_weight": 1.5}}), tiny_model, None, 4)
 

@@ -84,7 +84,7 @@ class MethodConfig:
     bsr: BSRConfig = field(default_factory=BSRConfig)
     alast: ALaSTConfig = field(default_factory=ALaSTConfig)
     sherl: SHERLConfig = field(default_factory=SHERLConfig)
-    fit_to_profile: bool = True  # bsr/sherl: drop trained blocks (earliest first) until the plan fits
+    fit_to_profile: bool = True  # bsr: drop trained blocks (earliest first) until the plan fits (sherl keeps its plan or fails)
 
     def validate(self, prefix: str = "") -> None:
         check_choices(self, prefix)

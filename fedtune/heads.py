@@ -216,6 +216,11 @@ def discriminant(means: np.ndarray, cov: np.ndarray, priors: np.ndarray, present
     cov = (1 - shrink) * cov + max(shrink, 1e-12) * scale * np.eye(len(cov))
     prec_means = np.linalg.solve(cov, means.T).T  # [C, d]
     bias = -0.5 * (means * prec_means).sum(1) + np.log(np.where(present, priors, 1.0))
+    # what every present class shares (a row, a bias) cancels between their logits: taken out in
+    # float64, the float32 head keeps the differences (features with a common offset and a poorly
+    # conditioned covariance give rows and biases of 1e7-1e9 whose difference is what decides)
+    prec_means[present] -= prec_means[present].mean(0)
+    bias[present] -= bias[present].mean()
     prec_means[~present] = 0.0  # an absent class's logit is its bias alone, whatever the features' scale
     bias[~present] = ABSENT_CLASS_BIAS
     return torch.from_numpy(prec_means).float(), torch.from_numpy(bias).float()

@@ -274,7 +274,8 @@ class SparseFedAvg(FedAvg):
         self._records[message_type] = record
         extra: dict[str, Array] = {}
         if message_type == MessageType.EVALUATE and self.fed_stats:
-            extra = {k: Array(np.asarray(v, dtype=np.float32)) for k, v in join_stats(self.fed_stats).items()}
+            # float64: the client subtracts n mu mu^T from the summed second moment, which float32 rounding ruins on poorly conditioned features
+            extra = {k: Array(np.asarray(v, dtype=np.float64)) for k, v in join_stats(self.fed_stats).items()}
         messages = []
         for node_id in node_ids:
             arrays, base = self.downlink.payload(node_id, record[protocol.ARRAYS])

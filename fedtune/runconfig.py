@@ -13,6 +13,7 @@ from moe.layer import MoEConfig
 from . import protocol
 from .data import DataConfig
 from .errors import ConfigError
+from .heads import ABSENT_CLASS_BIAS
 from .methods import MethodConfig
 from .model import ModelConfig
 from .profiles import AUTO, PROFILES
@@ -219,6 +220,14 @@ class RunConfig:
     def validate(self, prefix: str = "") -> None:
         if self.federation.personalization == "fedbabu" and self.train.head_fit != "none":
             raise ConfigError(f"{prefix}federation.personalization: fedbabu holds the task head at its initialization during the federation; train.head_fit {self.train.head_fit!r} would refit it on each client, set train.head_fit: none")
+        if self.federation.personalization == "fedrep" and self.train.head_fit != "none":
+            raise ConfigError(f"{prefix}federation.personalization: fedrep trains the personal head first and then the body with the head fixed; train.head_fit {self.train.head_fit!r} "
+                              "would refit the head inside the body's phase, set train.head_fit: none")
+        heads_shared = not any(p == "" or "heads.".startswith(p) or p.startswith("heads.") for p in self.federation.personal_prefixes())
+        if heads_shared and self.train.head_fit != "none" and self.train.head_fit_kind == "lda":
+            raise ConfigError(f"{prefix}train.head_fit_kind: lda on a client gives the classes it has no example of a bias of {ABSENT_CLASS_BIAS:g}, which averaging the shared "
+                              "head spreads to the whole federation; use head_fit_kind: logistic, federation.head_fit: lda (the server's fit from every client's statistics), "
+                              "or keep the heads personal (federation.personal: [heads.])")
         if self.federation.balanced_loss and self.train.head_fit != "none":
             raise ConfigError(f"{prefix}federation.balanced_loss: train.head_fit {self.train.head_fit!r} would refit the shared head on the client's skewed labels, undoing the balanced loss; set train.head_fit: none")
         if self.method.name == "alast" and self.method.alast.shared_blocks and not self.federation.feed_importance:

@@ -252,6 +252,12 @@ def test_bad_personalization_configs_are_clear_errors():
             tiny_run(federation={"num_clients": 4, **fed})
     with pytest.raises(ConfigError, match="fedbabu holds the task head at its initialization.*train.head_fit 'before'"):
         tiny_run(federation={"num_clients": 4, "personalization": "fedbabu"}, train={"epochs": 1, "batch_size": 16, "head_fit": "before"})
+    with pytest.raises(ConfigError, match="fedrep trains the personal head first.*train.head_fit 'after'"):
+        tiny_run(federation={"num_clients": 4, "personalization": "fedrep"}, train={"epochs": 1, "batch_size": 16, "head_fit": "after"})
+    lda_fit = {"epochs": 1, "batch_size": 16, "head_fit": "before", "head_fit_kind": "lda"}
+    with pytest.raises(ConfigError, match="head_fit_kind: lda on a client .*averaging the shared head"):
+        tiny_run(federation={"num_clients": 4}, train=lda_fit)
+    assert tiny_run(federation={"num_clients": 4, "personalization": "fedper"}, train=lda_fit).train.head_fit_kind == "lda", "a personal head is never averaged"
     assert tiny_run(federation={"num_clients": 4, "new_clients": 2, "personalization": "fedbabu"}).federation.new_clients == 2, "a new client fine-tunes as the others do"
     with pytest.raises(ConfigError, match="shared_blocks.*federation.feed_importance: true"):
         tiny_run(federation={"num_clients": 4, "feed_importance": False}, method={"name": "alast", "alast": {"shared_blocks": True}})

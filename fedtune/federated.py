@@ -63,9 +63,10 @@ def federated_data(cfg: RunConfig) -> tuple[DataSplit, list[np.ndarray]]:
         if p.pool:
             # the personalized-FL protocol: partition train and test together; each client's
             # 25% (local_test_fraction) is its test split, and the central test set is the union
-            # of those splits, so no test image is ever trained on
+            # of the training clients' splits, so no test image is ever trained on (new clients,
+            # who join after the federation, are reported apart)
             split = DataSplit(split.name, pooled, pooled)
-            local_tests = [_local_split(cfg, pid, idx)[1] for pid, idx in enumerate(parts)]
+            local_tests = [_local_split(cfg, pid, idx)[1] for pid, idx in enumerate(parts[: cfg.federation.num_clients])]
             split = DataSplit(split.name, pooled, pooled.subset(np.concatenate(local_tests)))
         _DATA_CACHE.clear()
         _DATA_CACHE[key] = (split, parts)
@@ -73,7 +74,7 @@ def federated_data(cfg: RunConfig) -> tuple[DataSplit, list[np.ndarray]]:
 
 
 def _data_key(cfg: RunConfig) -> str:
-    return json.dumps([to_dict(cfg.data), to_dict(cfg.task_data), to_dict(cfg.partition), cfg.federation.total_clients(), cfg.seed, cfg.run_tasks(),
+    return json.dumps([to_dict(cfg.data), to_dict(cfg.task_data), to_dict(cfg.partition), cfg.federation.num_clients, cfg.federation.total_clients(), cfg.seed, cfg.run_tasks(),
                        cfg.federation.client_tasks], sort_keys=True)
 
 

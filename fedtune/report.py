@@ -191,12 +191,12 @@ def _plot_experts(rounds: list[dict[str, Any]], out: Path, moe_blocks: list[int]
 
 
 def run_identity(cfg: Any) -> dict[str, Any]:
-    """What makes two runs' numbers comparable: the seed, the partition and the data (source,
-    seed, caps, size). Summaries and probes carry it; simulations.pfl_tables checks it."""
+    """What makes two runs' numbers comparable: the seed, the partition, the clients (training
+    and new: the partition is over both) and the data (source, seed, caps, size). Summaries and probes carry it; simulations.pfl_tables checks it."""
     from .typedconfig import to_dict
 
     data = to_dict(cfg.data)
-    return {"seed": cfg.seed, "partition": to_dict(cfg.partition),
+    return {"seed": cfg.seed, "partition": to_dict(cfg.partition), "num_clients": cfg.federation.num_clients, "new_clients": cfg.federation.new_clients,
             "data": {k: data[k] for k in ("name", "seed", "max_train", "max_test", "img_size")}}
 
 

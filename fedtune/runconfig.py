@@ -115,6 +115,9 @@ class FederationConfig:
             raise ConfigError(f"{prefix}personalization: {self.personalization} fine-tunes the final global model in the final evaluation; set final_evaluation: true")
         if self.personalization == "fedbabu" and self.dp_noise_multiplier and self.send == "all":
             raise ConfigError(f"{prefix}personalization: fedbabu with dp_noise_multiplier and send: all: the server's noise would move the task head FedBABU holds fixed; use send: updated")
+        if self.personal and self.personalization in ("lda", "finetune", "fedbabu"):
+            raise ConfigError(f"{prefix}personal: personalization {self.personalization} builds each client's model from the global one (its features, or a fine-tuned "
+                              f"copy) and would leave the client's own parameters {self.personal} out of it; use personal with fedrod, local_head, fedper, fedrep or none")
         if self.new_clients and self.personalization in ("fedrod", "local_head", "fedper", "fedrep", "ditto", "local"):
             raise ConfigError(f"{prefix}new_clients: a new client never trains, so it has no {self.personalization} personal model; use personalization lda, finetune, fedbabu or none")
         if self.balanced_loss and any("heads.".startswith(p) or p.startswith("heads.") for p in self.personal_prefixes()):

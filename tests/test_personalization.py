@@ -258,6 +258,8 @@ def test_bad_personalization_configs_are_clear_errors():
             tiny_run(federation={"num_clients": 4, **fed})
     with pytest.raises(ConfigError, match="fedbabu holds the task head at its initialization.*train.head_fit 'before'"):
         tiny_run(federation={"num_clients": 4, "personalization": "fedbabu"}, train={"epochs": 1, "batch_size": 16, "head_fit": "before"})
+    with pytest.raises(ConfigError, match="personal: personalization lda builds each client's model from the global one"):
+        tiny_run(federation={"num_clients": 4, "personalization": "lda", "personal": ["vit.norm."]})
     with pytest.raises(ConfigError, match="fedrep trains the personal head first.*train.head_fit 'after'"):
         tiny_run(federation={"num_clients": 4, "personalization": "fedrep"}, train={"epochs": 1, "batch_size": 16, "head_fit": "after"})
     lda_fit = {"epochs": 1, "batch_size": 16, "head_fit": "before", "head_fit_kind": "lda"}

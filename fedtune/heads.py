@@ -30,6 +30,9 @@ def extract_features(model: FedViT, data: ImageSet, task: str, batch_size: int =
         feats.append(out.float())
         labels.append(y)
     model.train(was_training)
+    if not feats:  # no image of the task (a multidomain client without data of one of its tasks): no features, no statistics
+        width = model.heads[task].in_features
+        return torch.zeros(0, width), torch.zeros(0, dtype=torch.int64)
     return torch.cat(feats), torch.cat(labels)
 
 

@@ -284,6 +284,11 @@ def test_a_client_without_local_test_examples_reports_no_accuracy():
     rt.test_set = rt.test_set.subset(np.zeros(0, dtype=np.int64))
     ev, stats, kept = rt.evaluate(glob, ClientState(), want_stats=True, final=True)
     assert (ev.num_examples, ev.accuracy_global, ev.accuracy_personal) == (0, None, None)
+    # nor training examples of a task (a multidomain client): zero statistics, not a crash
+    from fedtune.heads import extract_features
+
+    feats, labels = extract_features(rt.model, rt.train_set.subset(np.zeros(0, dtype=np.int64)), "digit")
+    assert feats.shape == (0, rt.model.heads["digit"].in_features) and labels.shape == (0,)
     assert set(stats) == {"digit.count", "digit.sum", "digit.outer"} and kept is not None
     wire = ev.to_dict()
     assert "accuracy-global" not in wire and protocol.EvalMetrics.from_dict(wire) == ev

@@ -1,5 +1,7 @@
 """Methods, planners, device budgets, LoRA, SHERL, cost estimates and bad input."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -532,3 +534,26 @@ def test_named_parameter_groups_drive_trainability_and_the_optimizer(tiny_model)
     no_decay = {id(q) for g in groups if g["weight_decay"] == 0.0 for q in g["params"]}
     assert no_decay == {id(q) for n, q in p.items() if q.ndim <= 1 or n in ("vit.pos_embed", "vit.cls_token")}
     assert {id(q) for g in groups if g["lr"] == 0.1 for q in g["params"]} == {id(p["heads.digit.weight"]), id(p["heads.digit.bias"])}
+
+
+def test_learning_rate_warms_up_then_follows_a_cosine_to_zero():
+    from fedtune.trainer import lr_at
+
+    cfg = TrainConfig(warmup_steps=3)
+    got = [lr_at(s, 11, cfg) for s in range(11)]
+    assert got[:3] == pytest.approx([0.25, 0.5, 0.75])  # (s + 1) / (warmup + 1): never 0, never a jump to 1
+    assert got[3] == pytest.approx(1.0) and got[7] == pytest.approx(0.5)  # the cosine starts at 1, half-way at 0.5
+    assert all(a > b for a, b in zip(got[3:-1], got[4:], strict=True)) and got[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 8)))
+    assert lr_at(50, 11, cfg) == pytest.approx(0.0, abs=1e-12)  # past the end: stays at 0
+    assert [lr_at(s, 11, TrainConfig(warmup_steps=3, schedule="constant")) for s in (3, 10)] == [1.0, 1.0]
+    assert lr_at(2, 2, TrainConfig(warmup_steps=0)) == pytest.approx(0.0, abs=1e-12) and lr_at(0, 2, TrainConfig(warmup_steps=0)) == 1.0
+
+
+def test_proc_fields_are_read_in_bytes(tmp_path):
+    from fedtune.profiles import proc_kib_field
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24576000 kB\nMemAvailable:   12288000 kB\nBroken: x kB\n")
+    assert proc_kib_field(str(meminfo), "MemAvailable") == 12288000 * 1024
+    assert proc_kib_field(str(meminfo), "MemFree") is None and proc_kib_field(str(meminfo), "Broken") is None
+    assert proc_kib_field(str(tmp_path / "missing"), "MemAvailable") is None

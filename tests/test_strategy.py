@@ -481,7 +481,7 @@ def test_discriminant_head_keeps_its_decisions_in_float32() -> None:
         a = q * np.sqrt(np.logspace(0, np.log10(decay), d))
         mu = rng.normal(0, 1, (c, d)) @ a.T * 0.45 + offset * rng.uniform(0.5, 1.5, d)
 
-        def draw(n):
+        def draw(n, mu=mu, a=a):
             y = rng.integers(0, c, n)
             return mu[y] + rng.normal(0, 1, (n, d)) @ a.T, y
 

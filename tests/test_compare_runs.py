@@ -87,8 +87,9 @@ def test_compare_runs_export_table(tmp_path, capsys):
                                                     "dense_bytes": 2**20, "inference_flops_per_image": 2e6, "dense_inference_flops_per_image": 1e6, "onnx_max_abs_diff": 1e-4}))
     assert main([f"digit={folder}", "--table", "export"]) == 0
     assert "| digit | 1 | 90.0 | 95.0 | 0.930 | 2.00 | 1.00 | 2 | 1 | 0.00010 |" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exc:
         main([f"digit={folder}"])  # an export folder is not a run
+    assert exc.value.code == 2 and "expected LABEL=FOLDER with summary.json in FOLDER" in capsys.readouterr().err
 
 
 def test_pfl_tables_from_summary_files(tmp_path, capsys):
@@ -118,10 +119,12 @@ def test_pfl_tables_from_summary_files(tmp_path, capsys):
     # a summary file given directly to compare_runs reads the same
     assert main([f"x={summaries / 'fedrep_a0.1_s0.json'}", "--table", "pfl"]) == 0
     assert "| x | 1 | - | - | - | 70.0 |" in capsys.readouterr().out
-    with pytest.raises(SystemExit):  # the runs table needs the run folder (its blocks)
+    with pytest.raises(SystemExit) as exc:  # the runs table needs the run folder (its blocks)
         main([f"x={summaries / 'fedrep_a0.1_s0.json'}"])
-    with pytest.raises(SystemExit):
+    assert exc.value.code == 2 and "expected LABEL=FOLDER with summary.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
         tables([str(tmp_path / "missing")])
+    assert exc.value.code == 2 and "missing: no such folder of summaries" in capsys.readouterr().err
     (summaries / "fedrep_a0.1_s1.json").write_text(json.dumps({"accuracy_personalized": 0.7, "error": "every round empty"}))
     with pytest.raises(SystemExit, match="a failed run"):
         tables([str(summaries), "--mixed-seeds"])
@@ -218,10 +221,10 @@ def test_pfl_runs_gives_one_command_per_table_row_and_runs_only_what_is_missing(
     assert [p.name.split(".old-")[0] for p in runs.iterdir() if ".old-" in p.name] == ["fedrep_a0.5_s0"]
     pfl_runs(["--method", "alast", "--split", "path", "--seeds", "1", "--summaries", str(summaries), "--runs", str(runs)], simulate=simulate)
     assert "pfl_fmnist.yaml --set seed=0 --set partition.scheme=pathological" in capsys.readouterr().out
-    for bad in (["--seeds", "0"], ["--method", "pfedme"]):
-        with pytest.raises(SystemExit):
+    for bad, message in ((["--seeds", "0"], "--seeds: must be at least 1"), (["--method", "pfedme"], "invalid choice: 'pfedme'")):
+        with pytest.raises(SystemExit) as exc:
             pfl_runs(bad, simulate=simulate)
-    assert "--seeds: must be at least 1" in capsys.readouterr().err
+        assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_pfl_ceiling_trains_outside_the_pool_and_scores_every_client(tmp_path, capsys):

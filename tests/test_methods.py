@@ -476,6 +476,7 @@ def test_head_fit_refits_only_the_head_on_every_token_features(tiny_cfg, when, k
     assert changed <= set(result.update_counts) | {"heads.digit.weight", "heads.digit.bias"}
     feats, labels = extract_features(model, data, "digit")
     train_acc = float((model.heads["digit"](feats).argmax(-1) == labels).float().mean())
+    assert train_acc > 0.5, "a head fitted to these features (before the epoch, too) is far above chance (0.1)"
     if when == "after":
         # a nearly unpenalised fit separates 40 points in 32 dimensions
         assert train_acc == 1.0

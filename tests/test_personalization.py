@@ -154,6 +154,18 @@ def test_each_personalization_reports_what_it_promises(mode):
     else:
         assert 0.0 <= ev.accuracy_personal <= 1.0
     assert (kept is not None) == (mode == "lda"), "the final lda head is kept for export"
+    if mode in ("local_head", "lda"):
+        # the personalized number is that personal head on the global model's features of the local test split
+        from fedtune.client_state import personal_head
+        from fedtune.heads import extract_features
+
+        head = personal_head((kept or state).personal, "digit")
+        assert head, "the personal head is in the client's state"
+        feats, labels = extract_features(rt.model, rt.test_set, "digit")
+        logits = feats @ torch.as_tensor(head["weight"]).T + torch.as_tensor(head["bias"])
+        assert ev.accuracy_personal == pytest.approx(float((logits.argmax(-1) == labels).float().mean()))
+        if mode == "local_head":
+            assert not any(k.startswith("personal_head.") for k in update), "the personal head never leaves the client"
     if mode in ("finetune", "fedbabu"):
         assert rt.evaluate(glob, state)[0].accuracy_personal is None, "fine-tuning runs in the final evaluation only"
         # the shared model is left holding the global parameters

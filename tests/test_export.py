@@ -387,3 +387,28 @@ def test_predict_runs_many_images_in_batches_and_checks_the_classes(tmp_path):
     (out / "config.yaml").write_text(yaml.safe_dump({**config, "classes": config["classes"][:3]}))
     with pytest.raises(CheckpointError, match="names 3 classes"):
         predict(out, paths[:1])
+
+
+@pytest.mark.parametrize(("size", "channels"), [(16, 3), (16, 1), (32, 3)])
+def test_predict_preprocesses_images_as_training_loaded_them(tmp_path, size, channels):
+    """predict's PIL/numpy path (resize, channels, normalisation) gives what the imagefolder
+    loader gave the model in training, within a step of 8-bit rounding (PIL's bilinear resize
+    against torch's)."""
+    from fedtune.data import load_data
+    from fedtune.data.core import DataConfig
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        for i in range(3):
+            paths.append(tmp_path / cls / f"{i}.png")
+            Image.fromarray((rng.random((20, 20, 3)) * 255).astype(np.uint8)).save(paths[-1])
+    split = load_data(DataConfig(name="imagefolder", root=str(tmp_path), img_size=size, channels=channels, test_fraction=0.5))
+    loaded = torch.cat([split.train.images, split.test.images])
+    config = {"timm_kwargs": {"img_size": size}, "channels": channels, "normalize": {"mean": 0.5, "std": 0.5}}
+    pre = torch.from_numpy(preprocess(paths, config))
+    assert pre.shape == (6, channels, size, size)
+    match = torch.cdist(pre.flatten(1), loaded.flatten(1)).argmin(1)
+    assert sorted(match.tolist()) == list(range(6)), "each file matches one loaded image"
+    assert float((pre - loaded[match]).abs().max()) < 0.02

@@ -412,3 +412,25 @@ def test_predict_preprocesses_images_as_training_loaded_them(tmp_path, size, cha
     match = torch.cdist(pre.flatten(1), loaded.flatten(1)).argmin(1)
     assert sorted(match.tolist()) == list(range(6)), "each file matches one loaded image"
     assert float((pre - loaded[match]).abs().max()) < 0.02
+
+
+def test_export_predict_and_profiles_from_the_command_line(tmp_path, capsys):
+    from fedtune.cli import main
+
+    run, *_ = make_run(tmp_path)
+    out = tmp_path / "exported"
+    assert main(["export", str(run), "--task", "digit", "--client", "0", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert '"kind": "dense"' in printed and '"client": 0' in printed and (out / "model.onnx").is_file()
+    assert main(["export", str(run), "--out", str(out)]) == 2, "a non-empty --out needs --force"
+    assert "is not empty; choose another --out or pass --force" in capsys.readouterr().err
+    img = tmp_path / "x.png"
+    Image.fromarray((np.random.default_rng(0).random((20, 20)) * 255).astype(np.uint8)).save(img)
+    assert main(["predict", str(out), str(img)]) == 0
+    image, label, probability = capsys.readouterr().out.strip().split("\t")
+    assert image == str(img) and label in load_exported(out)[1]["classes"] and 0.0 < float(probability) <= 1.0
+    assert main(["predict", str(tmp_path / "nowhere"), str(img)]) == 2
+    assert "not an exported model" in capsys.readouterr().err
+    assert main(["profiles"]) == 0
+    table = capsys.readouterr().out
+    assert table.startswith("name") and "rpi" in table and "workstation" in table and "auto" in table

@@ -97,6 +97,12 @@ def test_every_method_trains_an_moe_vit_across_domains(method):
         assert expert_keys and all(("lora_" in k) == bool(method.get("lora")) for k in expert_keys if k.endswith(("A.default.weight", "fc1.weight")))
     if method["name"] == "bsr":
         assert any("lora_B" in k for k in expert_keys)
+    if method["name"] == "sherl":
+        # the side path trains (its consolidator), the blocks before the consolidation point do not
+        at = rt.model.consolidate_at
+        assert any(k.startswith("consolidator.") for k in update)
+        assert not any(k.startswith(tuple(f"vit.blocks.{i}." for i in range(at))) for k in update)
+        assert any("lora_" in k for k in update) == bool(method.get("lora")), "LoRA adapters train in the late blocks only with lora"
 
 
 def test_independent_task_federations_keep_each_clients_data_and_profile():

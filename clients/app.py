@@ -115,16 +115,18 @@ def receive_global(msg: Message, context: Context, initial=None, default_dir: Pa
     config = msg.content.config_records.get(protocol.CONFIG, ConfigRecord())
     base, version = int(config.get(protocol.BASE_VERSION, -1)), int(config.get(protocol.MODEL_VERSION, -1))
     folder, run = _state_dir(context, default_dir), _run_token(config)
+    kept = False  # the copy already kept is this version: nothing to write again
     if base >= 0:
         held = read_global_copy(folder, run) if folder is not None else _context_copy(context)
+        kept = held is not None and held[1] == base == version and not arrays
         want = config.get(protocol.INITIAL_SHA256)
         if held is not None and held[1] == 0 and base == 0 and want and arrays_sha256(held[0]) != want:
             log(30, "node %s: its saved version 0 is not this run's starting model (a copy left by another run?): set aside", context.node_id)
-            held = None
+            held, kept = None, False
         if held is None and base == 0 and want and initial is not None:
             built = initial()
             if arrays_sha256(built) == want:
-                held = (built, 0)
+                held, kept = (built, 0), False  # built here, not kept yet
             else:
                 log(30, "node %s: the starting model it builds is not the server's (another pretrained file?)", context.node_id)
         if held is None or held[1] != base:
@@ -133,7 +135,7 @@ def receive_global(msg: Message, context: Context, initial=None, default_dir: Pa
             return None
         missing = [n for n in held[0] if n not in arrays]
         arrays = {**{n: held[0][n] for n in missing}, **arrays}
-    if version >= 0:
+    if version >= 0 and not kept:  # (an evaluation of the version a node trained on writes nothing: no flash wear)
         if folder is not None:
             write_global_copy(folder, arrays, version, run)
         else:

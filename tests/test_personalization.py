@@ -511,6 +511,14 @@ def test_client_completes_a_sparse_instruction_and_asks_for_all_when_it_cannot(t
         np.testing.assert_array_equal(got["a"], glob["a"])
         np.testing.assert_array_equal(got["b"], np.full(3, 2, np.float32))
         assert receive_global(instruction({"b": glob["b"]}, 0, 2), context) is None, "it holds version 1, not 0"
+    # the version it holds again (an evaluation after training): completed from the copy, which is not written again
+    copy = tmp_path / "client-0" / "global-model.npz"
+    written = copy.stat().st_ino  # a write replaces the file (a new inode)
+    got = receive_global(instruction({}, 1, 1), context)
+    np.testing.assert_array_equal(got["b"], np.full(3, 2, np.float32))
+    assert copy.stat().st_ino == written, "an unchanged version is not rewritten"
+    receive_global(instruction({"b": np.full(3, 3, np.float32)}, 1, 2), context)
+    assert copy.stat().st_ino != written, "a new version is"
     (tmp_path / "client-0" / "global-model.npz").write_bytes(b"damaged")
     with pytest.warns(UserWarning, match="damaged global model copy"):
         assert receive_global(instruction({"b": glob["b"]}, 1, 2), context) is None

@@ -45,7 +45,7 @@ class DataConfig:
     max_train: int | None = None  # cap on the train set (seeded subsample), for quick runs
     max_test: int | None = None  # cap on the test set
     num_samples: int = 2000  # size of the generated "shapes" set (train + test)
-    shapes_seed_offset: int = 0  # a different offset gives a disjoint "shapes" set
+    shapes_seed_offset: int = 0  # another "shapes" set: generated from seed + offset (so seed 1, offset 0 is seed 0, offset 1)
     hf_image_key: str = "image"  # hf: image column
     hf_label_keys: list[str] = field(default_factory=lambda: ["label"])  # hf: one task per column
     hf_train_split: str = "train"

@@ -324,7 +324,7 @@ class ClientRuntime:
                     if task in sets:
                         out.per_task_personal[task] = _accuracy(global_feats[task][0] @ weight.T + bias, global_feats[task][1])
                     new_heads.update({f"{PERSONAL_HEAD}{task}.weight": weight.numpy(), f"{PERSONAL_HEAD}{task}.bias": bias.numpy()})
-        if mode in ("fedrod", "local_head", "fedper", "fedrep", "local"):
+        if mode in PERSONAL_PARAM_MODES:
             self._load(global_arrays, state)
             personal = bool(personal_params(state.personal))
             for task in sets:
@@ -387,6 +387,9 @@ def flipped_labels(data, task: str):
 
 def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return int((logits.argmax(-1) == labels).sum()) / max(len(labels), 1)
+
+
+PERSONAL_PARAM_MODES = ("fedrod", "local_head", "fedper", "fedrep", "local")  # the personalized model: the global one with the client's personal parameters (and head)
 
 
 def personal_lda_head(own: dict[str, np.ndarray], fed: dict[str, np.ndarray] | None, shrink: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,6 +35,7 @@ import torch
 import yaml
 from torch import nn
 
+from .client import PERSONAL_PARAM_MODES
 from .client_state import (
     personal_head,
     personal_head_tasks,
@@ -143,10 +144,6 @@ def _run_model(run_dir: Path) -> tuple[FedViT, dict[str, Any]]:
     return model, {"cfg": cfg, "meta": meta}
 
 
-# the personalization modes whose evaluation loads a client's personal parameters (fedtune.client.evaluate)
-PERSONAL_PARAM_MODES = ("fedrod", "local_head", "fedper", "fedrep", "local", "none")
-
-
 def _next_round(meta: dict[str, Any]) -> int | None:
     rnd = meta.get("round")
     return rnd + 1 if isinstance(rnd, int) else None
@@ -188,6 +185,8 @@ def export_run(run_dir: str | Path, task: str | None, out: str | Path, client: i
         if mode in ("finetune", "fedbabu"):
             raise ConfigError(f"client {client}: personalization {mode} fine-tunes the global model in the final evaluation and keeps "
                               "no personal model; export the global model (without --client)")
+        if mode == "none":
+            raise ConfigError(f"client {client}: personalization none: a client's model is the global one; export it without --client")
         # the client's state as of the checkpoint's round (a run stopped after it may have saved later ones)
         personal = _client_state(run_dir, client, (info["meta"].get("strategy") or {}).get("run_token"), before_round=_next_round(info["meta"]))
         # what the client's evaluation used: its personal parameters in the modes that load them
@@ -263,13 +262,20 @@ def export_run(run_dir: str | Path, task: str | None, out: str | Path, client: i
     # every file is written and checked in a staging folder first and moved in at the end,
     # config.yaml (which predict reads first) last: a failed export leaves `out` as it was
     out.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
+    for stale in out.glob(f"{STAGE_PREFIX}*"):  # left by an export that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    stage = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=out))
     try:
         summary = _write_export(stage, out, task_model, model, state, config, example, test_images, labels, head, cfg)
         _publish(stage, out)
+    except CheckpointError as exc:  # name the file as the user knows it, not the staging folder removed below
+        raise CheckpointError(str(exc).replace(str(stage), str(out))) from exc
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return summary
+
+
+STAGE_PREFIX = ".export-"  # the staging folder inside --out
 
 
 EXPORT_FILES = ("model.safetensors", "model.onnx", "export.json", "config.yaml")  # the order they are moved in

@@ -196,7 +196,7 @@ def run_identity(cfg: Any) -> dict[str, Any]:
     from .typedconfig import to_dict
 
     data = to_dict(cfg.data)
-    return {"seed": cfg.seed, "partition": to_dict(cfg.partition), "num_clients": cfg.federation.num_clients, "new_clients": cfg.federation.new_clients,
+    return {"seed": cfg.seed, "partition": to_dict(cfg.partition), "num_clients": cfg.federation.num_clients, "num_new_clients": cfg.federation.new_clients,
             "data": {k: data[k] for k in ("name", "seed", "max_train", "max_test", "img_size")}}
 
 

@@ -434,7 +434,6 @@ class ServerRunner:
             "method": self.cfg.method.name + ("+lora" if self.cfg.method.lora.enabled else ""),
             "send": self.cfg.federation.send,
             "rounds": len(rounds),
-            "num_clients": self.cfg.federation.num_clients,
             "clients_per_round": self.cfg.federation.clients_per_round or self.cfg.federation.num_clients,
             "profiles": self.cfg.federation.profiles,
             "task": self.task,

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from server.runner import RESUME_MAY_CHANGE
 from simulations.pfl_tables import METHODS, build
 
 ROOT = Path(__file__).resolve().parent
@@ -52,8 +53,8 @@ def plan(methods: list[str], splits: list[str], seeds: list[int], summaries: Pat
             for m in methods for sp in splits for s in seeds]
 
 
-# config keys that do not change what a run computes
-SAME_RUN = ("name", "backend", "federation.round_timeout_s", "federation.connect_timeout_s", "federation.checkpoint_every")
+# config keys that do not change what a run computes: those a resume may change, but the rounds and the final evaluation
+SAME_RUN = tuple(k for k in RESUME_MAY_CHANGE if k not in ("federation.rounds", "federation.final_evaluation"))
 
 
 def config_changes(folder: Path, cmd: list[str]) -> list[str]:
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None, simulate: Callable[[list[str]], int] = _
             continue
         summaries.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(out, summaries / f"{name}.json")
-        for table in build(summaries, summaries.parent):
+        for table in build(summaries, summaries.parent, mixed_seeds=True):  # rows part-way through their seeds
             print(f"       {table}")
     if failed:
         print("failed: " + "; ".join(failed), file=sys.stderr)

@@ -155,6 +155,9 @@ def test_export_bad_input(tmp_path):
     babu, *_ = make_run(tmp_path / "babu", federation={"num_clients": 4, "rounds": 2, "personalization": "fedbabu"})
     with pytest.raises(ConfigError, match="client 0: personalization fedbabu .* keeps no personal model; export the global model"):
         export_run(babu, None, tmp_path / "o4", client=0)
+    plain, *_ = make_run(tmp_path / "plain", federation={"num_clients": 4, "rounds": 2, "personalization": "none"})
+    with pytest.raises(ConfigError, match="client 0: personalization none: a client's model is the global one"):
+        export_run(plain, None, tmp_path / "o7", client=0)
     good = export_run(run, None, tmp_path / "o5")
     (tmp_path / "o5" / "model.onnx").write_bytes(b"not an onnx model")
     with pytest.raises(CheckpointError, match="model.onnx: checksum mismatch"):
@@ -306,12 +309,13 @@ def test_a_failed_export_leaves_the_previous_one_as_it_was(tmp_path, monkeypatch
     export_run(run, None, out)
     before = {f.name: f.read_bytes() for f in out.iterdir()}
 
-    def broken(*args, **kwargs):
-        raise CheckpointError("the ONNX model's logits differ")
+    def broken(module, example, check, path):
+        raise CheckpointError(f"{path}: the ONNX model's logits differ")
 
     monkeypatch.setattr(export, "write_onnx", broken)
-    with pytest.raises(CheckpointError, match="differ"):
+    with pytest.raises(CheckpointError, match="differ") as err:
         export_run(run, None, out, client=0)
+    assert str(err.value).startswith(f"{out / 'model.onnx'}:"), "the file named as the user knows it, not the staging folder"
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before, "no staging folder left, no file changed"
     monkeypatch.undo()
     load_exported(out)  # still the complete export it was
@@ -324,6 +328,11 @@ def test_a_failed_export_leaves_the_previous_one_as_it_was(tmp_path, monkeypatch
     (tmp_path / "afile").write_text("x")
     with pytest.raises(ConfigError, match="is a file"):
         export_run(run, None, tmp_path / "afile")
+    # a staging folder a killed export left behind is removed by the next export
+    (out / ".export-killed").mkdir()
+    (out / ".export-killed" / "model.onnx").write_bytes(b"half")
+    export_run(run, None, out)
+    assert not (out / ".export-killed").exists() and sorted(f.name for f in out.iterdir()) == sorted(before)
 
 
 def test_an_lda_clients_export_is_its_head_on_the_global_models_features(tmp_path):
@@ -429,6 +438,8 @@ def test_export_predict_and_profiles_from_the_command_line(tmp_path, capsys):
     assert main(["predict", str(out), str(img)]) == 0
     image, label, probability = capsys.readouterr().out.strip().split("\t")
     assert image == str(img) and label in load_exported(out)[1]["classes"] and 0.0 < float(probability) <= 1.0
+    assert main(["export", str(run), "--out", str(img)]) == 2
+    assert "is a file; give a folder" in capsys.readouterr().err
     assert main(["predict", str(tmp_path / "nowhere"), str(img)]) == 2
     assert "not an exported model" in capsys.readouterr().err
     assert main(["profiles"]) == 0

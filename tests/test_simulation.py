@@ -53,6 +53,9 @@ def test_simulation_writes_outputs_and_survives_a_failing_client(tmp_path):
     for key in ("accuracy_global", "accuracy_personalized", "bytes_up_total", "bytes_down_total", "bytes_up_full_fedavg", "rounds", "wall_time_s", "peak_rss_bytes"):
         assert key in summary, key
     assert summary["rounds"] == 2
+    # what makes runs comparable, recorded beside the results (fedtune.report.run_identity)
+    assert summary["seed"] == 0 and summary["num_clients"] == 3 and summary["num_new_clients"] == 0
+    assert summary["partition"]["scheme"] == "iid" and summary["data"]["name"] == "digits"
     assert 0 < summary["bytes_up_total"] < summary["bytes_up_full_fedavg"]
     assert 0 < summary["bytes_up_client_max"] < summary["model_bytes"]
     assert summary["bytes_up_client_max_vs_model"] == summary["bytes_up_client_max"] / summary["model_bytes"]

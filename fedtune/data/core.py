@@ -255,12 +255,15 @@ def concat_sets(*sets: ImageSet) -> ImageSet:
 
 
 def _pixel_scale(array: np.ndarray) -> float:
-    """The value of a white pixel: 255 for uint8, 1 for floats in 0..1."""
+    """The value of a white pixel: 255 for uint8, 65535 for uint16 (16-bit images); otherwise
+    from the brightest pixel: 1 for floats in 0..1, 255 up to 255, else 65535."""
     if array.dtype == np.uint8:
         return 255.0
+    if array.dtype == np.uint16:
+        return 65535.0
     peak = float(array.max()) if array.size else 1.0
-    if np.issubdtype(array.dtype, np.floating):
-        return 1.0 if peak <= 1.0 else 255.0
+    if np.issubdtype(array.dtype, np.floating) and peak <= 1.0:
+        return 1.0
     return 255.0 if peak <= 255 else 65535.0
 
 
@@ -289,18 +292,12 @@ _WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}  # 16/32-bit integer
 
 
 def _pil_to_array(image: Any, channels: int) -> np.ndarray:
-    """A PIL image as an [H, W] (grey) or [H, W, 3] uint8 array; a 16-bit, 32-bit or float grey
-    image as float32 in 0..1 (PIL's convert("L") would clip it, not rescale it)."""
+    """A PIL image as an [H, W] (grey) or [H, W, 3] uint8 array; a 16-bit grey image as
+    uint16, a 32-bit integer or float one as its values (PIL's convert("L") would clip them, not
+    rescale them): _stack_images scales them, once for the whole set."""
     if image.mode in _WIDE_MODES:
-        array = np.asarray(image).astype(np.float32)
-        peak = float(array.max()) if array.size else 0.0
-        if image.mode.startswith("I;16"):
-            scale = 65535.0
-        elif image.mode == "F" and peak <= 1.0:
-            scale = 1.0
-        else:
-            scale = 255.0 if peak <= 255 else 65535.0
-        return np.clip(array / scale, 0.0, 1.0)
+        array = np.asarray(image)
+        return array.astype(np.uint16) if image.mode.startswith("I;16") else array
     grey = channels == 1 or image.mode in _GREY_MODES
     return np.asarray(image.convert("L" if grey else "RGB"))
 
@@ -334,11 +331,11 @@ def _stack_images(arrays: Sequence[np.ndarray], channels: int, size: int) -> tor
     for i, array in enumerate(arrays):
         groups.setdefault((array.shape, array.dtype.str), []).append(i)
         if array.size:
-            peaks[array.dtype.kind] = max(peaks.get(array.dtype.kind, 0.0), float(array.max()))
+            peaks[array.dtype.str] = max(peaks.get(array.dtype.str, 0.0), float(array.max()))
     for index in groups.values():
         batch = np.stack([arrays[i] for i in index])
         batch = batch[:, None] if batch.ndim == 3 else batch.transpose(0, 3, 1, 2)
-        scale = _pixel_scale(np.array([peaks.get(batch.dtype.kind, 0.0)], dtype=batch.dtype)) if batch.dtype != np.uint8 else 255.0
+        scale = _pixel_scale(np.array([peaks.get(batch.dtype.str, 0.0)], dtype=batch.dtype))
         out[torch.tensor(index)] = _to_model_images(batch, channels, size, scale)
     return out
 

@@ -45,25 +45,25 @@ def source_groups(task_data: dict[str, DataConfig], base: DataConfig) -> list[So
     return list(groups.values())
 
 
-_CAPS = ("max_train", "max_test")  # subsets of one split: they may differ between tasks of a source
+_SOURCE = ("name", "root", "num_samples", "shapes_seed_offset", "hf_image_key")  # which images a source is
+_SPLIT = ("seed", "test_fraction", "hf_train_split", "hf_test_split")  # how its images are split into train and test
 
 
 def _same_source_same_split(groups: list[SourceGroup]) -> None:
-    """Tasks that read one source (its name and root) must split it alike: with another seed or
-    test fraction one task's test images would be among another's training images, and the
-    shared backbone would be scored on what it trained on."""
+    """Tasks that read the same images must split them alike: with another seed or test
+    fraction one task's test images would be among another's training images, and the shared
+    backbone would be scored on what it trained on. (Caps, label columns and the like may differ.)"""
     seen: dict[tuple, SourceGroup] = {}
     for group in groups:
-        key = (group.data.name, group.data.root)
+        key = tuple(getattr(group.data, k) for k in _SOURCE)
         other = seen.setdefault(key, group)
         if other is group:
             continue
-        a, b = to_dict(other.data), to_dict(group.data)
-        differ = sorted(k for k in a if a[k] != b.get(k) and k not in _CAPS)
+        differ = [k for k in _SPLIT if getattr(other.data, k) != getattr(group.data, k)]
         if differ:
             raise ConfigError(f"task_data: tasks {', '.join(map(repr, other.tasks))} and {', '.join(map(repr, group.tasks))} read {group.data.name!r} "
                               f"with different {', '.join(differ)}; tasks of one source must split it alike (their test images could be in "
-                              "each other's training data): give them the same settings (max_train and max_test may differ)")
+                              "each other's training data): give them the same settings")
 
 
 def load_task_sources(task_data: dict[str, DataConfig], base: DataConfig) -> tuple[DataSplit, np.ndarray]:

@@ -337,6 +337,9 @@ class SparseFedAvg(FedAvg):
             if protocol.METRICS not in msg.content.metric_records:
                 self._leave_out(msg.metadata.src_node_id, f"no {protocol.METRICS!r} metric record")
                 continue
+            if _needs_full_model(msg):
+                self._leave_out(msg.metadata.src_node_id, "it still holds no usable model copy after the whole model was resent")
+                continue
             metrics = {k: v for k, v in msg.content.metric_records[protocol.METRICS].items()}
             try:
                 typed = protocol.EvalMetrics.from_dict(metrics)
@@ -500,6 +503,8 @@ class SparseFedAvg(FedAvg):
         node_id = msg.metadata.src_node_id
         content = msg.content
 
+        if _needs_full_model(msg):  # it asked again after the whole model was resent to it
+            raise _Rejected("it still holds no usable model copy after the whole model was resent")
         record = content.get(protocol.ARRAYS)
         if not isinstance(record, ArrayRecord):
             raise _Rejected(f"missing ArrayRecord {protocol.ARRAYS!r}")

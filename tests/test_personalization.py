@@ -434,6 +434,11 @@ def test_strategy_resends_the_whole_model_to_a_node_that_lost_its_copy(monkeypat
     assert resent[0].content[protocol.CONFIG][protocol.BASE_VERSION] == FULL and set(resent[0].content[protocol.ARRAYS].keys()) == {"a", "b"}
     assert metrics[protocol.REPLIES_ACCEPTED] == 2
     assert any("lost their model copy" in str(c.args[1]) for c in logged.call_args_list), "the recovery is logged"
+    # a node that still has no usable copy after the resend is left out with that reason
+    list(strategy.configure_train(3, g1, ConfigRecord(), grid))
+    grid.send_and_receive.side_effect = lambda msgs, timeout: [train_reply(m.metadata.dst_node_id, need_full=True) for m in msgs]
+    strategy.aggregate_train(3, [train_reply(1), train_reply(2, need_full=True)])
+    assert [(n, r) for n, r in strategy.last_rejections] == [(2, "it still holds no usable model copy after the whole model was resent")]
 
 
 def test_a_round_without_replies_receives_no_bytes():

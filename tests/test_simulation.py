@@ -15,6 +15,12 @@ from .test_federated import TINY_RUN
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(autouse=True)
+def _own_ray(monkeypatch):
+    """Each simulation starts its own Ray: never join a cluster a RAY_ADDRESS in the environment names."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+
 def run_cfg(top: dict | None = None, **federation):
     from fedtune.runconfig import RunConfig
 

@@ -47,18 +47,25 @@ def run_model_and_exported(cfg, glob, out, batch=4):
     return model, x, logits, config
 
 
+def client_features(cfg, glob, state, x):
+    """A client's runtime holding the global model with its personal state (eval mode), and its features of `x`."""
+    rt = ClientRuntime(cfg, 0)
+    rt._load(glob, state)
+    rt.model.eval()
+    with torch.no_grad():
+        feats, _ = rt.model.forward_features(x, task="digit")
+    return rt, feats
+
+
 def test_dense_export_round_trip(tmp_path):
     run, cfg, glob, state = make_run(tmp_path)
     out = tmp_path / "export"
     summary = export_run(run, None, out, client=0)
     assert summary["kind"] == "dense"
     module, config = load_exported(out)
-    rt = ClientRuntime(cfg, 0)
-    rt._load(glob, state)
     x = torch.randn(4, 3, 16, 16)
-    rt.model.eval()
+    rt, feats = client_features(cfg, glob, state, x)
     with torch.no_grad():
-        feats, _ = rt.model.forward_features(x, task="digit")
         expected = rt.personal_heads["digit"](feats)
         torch.testing.assert_close(torch.from_numpy(module(x)), expected, atol=1e-5, rtol=0)  # onnxruntime vs the framework
         torch.testing.assert_close(load_timm(out)(x), expected, atol=1e-5, rtol=1e-5)
@@ -77,12 +84,9 @@ def test_a_fedrod_clients_export_adds_its_head_to_the_generic_one(tmp_path):
     run, cfg, glob, state = make_run(tmp_path, federation={"num_clients": 4, "rounds": 2, "personalization": "fedrod"})
     export_run(run, None, tmp_path / "export", client=0)
     module, _ = load_exported(tmp_path / "export")
-    rt = ClientRuntime(cfg, 0)
-    rt._load(glob, state)
-    rt.model.eval()
     x = torch.randn(4, 3, 16, 16)
+    rt, feats = client_features(cfg, glob, state, x)
     with torch.no_grad():
-        feats, _ = rt.model.forward_features(x, task="digit")
         expected = rt.model.forward_head(feats, "digit") + rt.personal_heads["digit"](feats)
         assert not torch.allclose(expected, rt.personal_heads["digit"](feats), atol=1e-3)
         torch.testing.assert_close(torch.from_numpy(module(x)), expected, atol=1e-5, rtol=0)
@@ -365,12 +369,9 @@ def test_a_clients_export_takes_its_state_as_of_the_checkpoints_round(tmp_path):
     write_client_state(run / "client_state" / "client-0", later, 2)  # the checkpoint is round 1's
     export_run(run, None, tmp_path / "export", client=0)
     module, _ = load_exported(tmp_path / "export")
-    rt = ClientRuntime(cfg, 0)
-    rt._load(glob, state)
-    rt.model.eval()
     x = torch.randn(4, 3, 16, 16)
+    rt, feats = client_features(cfg, glob, state, x)
     with torch.no_grad():
-        feats, _ = rt.model.forward_features(x, task="digit")
         torch.testing.assert_close(torch.from_numpy(module(x)), rt.personal_heads["digit"](feats), atol=1e-5, rtol=0)
 
 

@@ -215,7 +215,10 @@ def discriminant(means: np.ndarray, cov: np.ndarray, priors: np.ndarray, present
     """The linear head of Gaussian classes with one covariance (shrunk by `shrink` toward its
     mean variance): W = means cov^-1, b = -means cov^-1 means / 2 + log priors; classes not
     `present` get a bias no logit reaches."""
-    scale = max(np.trace(cov) / len(cov), 1e-12)  # the mean variance; a floor for features that never vary
+    # the mean variance, floored relative to the class means' size: a covariance of zero (one
+    # example per class, or features that never vary) would give logits of 1e15 and more, as
+    # low as an absent class's bias
+    scale = max(np.trace(cov) / len(cov), 1e-6 * float((means**2).sum(1).mean()) / len(cov), 1e-12)
     cov = (1 - shrink) * cov + max(shrink, 1e-12) * scale * np.eye(len(cov))
     prec_means = np.linalg.solve(cov, means.T).T  # [C, d]
     bias = -0.5 * (means * prec_means).sum(1) + np.log(np.where(present, priors, 1.0))

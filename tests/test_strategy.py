@@ -497,6 +497,19 @@ def test_discriminant_head_keeps_its_decisions_in_float32() -> None:
         assert (got == want).mean() >= 0.995, (offset, decay, float((got != want).mean()))  # a point on the boundary may round either way
 
 
+def test_discriminant_head_of_one_example_per_class_stays_finite_and_above_absent_classes() -> None:
+    """No within-class scatter at all (one example per class): the head is the nearest class
+    mean's, with logits far from an absent class's bias."""
+    from fedtune.heads import ABSENT_CLASS_BIAS, class_stats, lda_head
+
+    x = torch.tensor(np.random.default_rng(0).normal(0, 3, (3, 16)), dtype=torch.float32)
+    y = torch.tensor([0, 4, 7])
+    w, b = lda_head(class_stats(x, y, 10))
+    logits = x @ w.T + b
+    assert logits.argmax(1).tolist() == [0, 4, 7]
+    assert float(logits[:, [0, 4, 7]].abs().max()) < 1e-3 * abs(ABSENT_CLASS_BIAS)
+
+
 def test_discriminant_head_equals_scikit_learn_lda() -> None:
     from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 

@@ -100,11 +100,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .export import STAGE_PREFIX, export_run
 
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        print(f"fedtune: error: --out {out} is a file; give a folder for the export", file=sys.stderr)
-        return 2
-    # a staging folder a killed export left behind does not count (the next export removes it)
-    if out.exists() and any(not p.name.startswith(STAGE_PREFIX) for p in out.iterdir()) and not args.force:
+    # a staging folder a killed export left behind does not count (the next export removes it);
+    # an --out that is a file, export_run refuses
+    if out.is_dir() and any(not p.name.startswith(STAGE_PREFIX) for p in out.iterdir()) and not args.force:
         print(f"fedtune: error: {out} is not empty; choose another --out or pass --force", file=sys.stderr)
         return 2
     summary = export_run(args.run_dir, args.task, out, args.client, args.experts_per_block)

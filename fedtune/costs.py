@@ -140,22 +140,21 @@ class CostModel:
         device = model.vit.patch_embed.proj.weight.device
         x = torch.zeros(1, model.vit.patch_embed.proj.in_channels, *model.vit.patch_embed.img_size, device=device)
         n = self.num_patches + self.prefix
-        for mode in ("train", "grad"):
-            trained = frozenset(range(depth)) if mode == "train" else frozenset()
-            plan = Plan(depth=depth, trained=trained, lora=lora, train_embed=True)
+
+        def saved(plan: Plan) -> dict[str, int]:  # bytes saved for backward, by scope (block<i>, head)
             set_trainable(model, plan, self.task)
             meter = SavedBytesMeter(model)
             with meter:
                 forward_plan(model, x, plan, self.task, scope=meter.scope)
-            self._per_token[(mode, lora)] = [meter.by_scope.get(f"block{i}", 0) / n for i in range(depth)]
-            self._head_bytes[True] = float(meter.by_scope.get("head", 0))  # the final norm keeps its input
+            return meter.by_scope
+
+        for mode in ("train", "grad"):
+            trained = frozenset(range(depth)) if mode == "train" else frozenset()
+            by_scope = saved(Plan(depth=depth, trained=trained, lora=lora, train_embed=True))
+            self._per_token[(mode, lora)] = [by_scope.get(f"block{i}", 0) / n for i in range(depth)]
+            self._head_bytes[True] = float(by_scope.get("head", 0))  # the final norm keeps its input
         # the head alone (a linear probe): the final norm frozen keeps nothing, the head its input
-        plan = Plan(depth=depth, trained=frozenset(), lora=lora, train_norm=False)
-        set_trainable(model, plan, self.task)
-        meter = SavedBytesMeter(model)
-        with meter:
-            forward_plan(model, x, plan, self.task, scope=meter.scope)
-        self._head_bytes[False] = float(meter.by_scope.get("head", 0))
+        self._head_bytes[False] = float(saved(Plan(depth=depth, trained=frozenset(), lora=lora, train_norm=False)).get("head", 0))
 
     def per_token_bytes(self, mode: str, lora: bool) -> list[float]:
         if (mode, lora) not in self._per_token:

@@ -120,7 +120,7 @@ class FederationConfig:
                               f"copy) and would leave the client's own parameters {self.personal} out of it; use personal with fedrod, local_head, fedper, fedrep or none")
         if self.new_clients and self.personalization in ("fedrod", "local_head", "fedper", "fedrep", "ditto", "local"):
             raise ConfigError(f"{prefix}new_clients: a new client never trains, so it has no {self.personalization} personal model; use personalization lda, finetune, fedbabu or none")
-        if self.balanced_loss and any("heads.".startswith(p) or p.startswith("heads.") for p in self.personal_prefixes()):
+        if self.balanced_loss and self.heads_personal():
             raise ConfigError(f"{prefix}balanced_loss: the task head is personal here (personalization {self.personalization}, personal {self.personal}) and fits the client's own labels; balanced_loss is for a shared head (fedrod, local_head, fedbabu, lda, finetune, none)")
         if self.clients_per_round is not None and not 1 <= self.clients_per_round <= self.num_clients:
             raise ConfigError(f"{prefix}clients_per_round: must be in 1..num_clients ({self.num_clients}), got {self.clients_per_round}")
@@ -182,6 +182,10 @@ class FederationConfig:
         """Partitions and SuperNodes: the training clients and the new ones."""
         return self.num_clients + self.new_clients
 
+    def heads_personal(self) -> bool:
+        """Whether a task head (or part of one) stays on the client: a personal prefix covers `heads.`."""
+        return any("heads.".startswith(p) or p.startswith("heads.") for p in self.personal_prefixes())
+
     def personal_prefixes(self) -> list[str]:
         """Parameter-name prefixes that never leave a client: `personal`, the task heads under
         fedper, everything under local (no federation)."""
@@ -226,8 +230,7 @@ class RunConfig:
         if self.federation.personalization == "fedrep" and self.train.head_fit != "none":
             raise ConfigError(f"{prefix}federation.personalization: fedrep trains the personal head first and then the body with the head fixed; train.head_fit {self.train.head_fit!r} "
                               "would refit the head inside the body's phase, set train.head_fit: none")
-        heads_shared = not any(p == "" or "heads.".startswith(p) or p.startswith("heads.") for p in self.federation.personal_prefixes())
-        if heads_shared and self.train.head_fit != "none" and self.train.head_fit_kind == "lda":
+        if not self.federation.heads_personal() and self.train.head_fit != "none" and self.train.head_fit_kind == "lda":
             raise ConfigError(f"{prefix}train.head_fit_kind: lda on a client gives the classes it has no example of a bias of {ABSENT_CLASS_BIAS:g}, which averaging the shared "
                               "head spreads to the whole federation; use head_fit_kind: logistic, federation.head_fit: lda (the server's fit from every client's statistics), "
                               "or keep the heads personal (federation.personal: [heads.])")

@@ -338,7 +338,7 @@ class SparseFedAvg(FedAvg):
                 self._leave_out(msg.metadata.src_node_id, f"no {protocol.METRICS!r} metric record")
                 continue
             if _needs_full_model(msg):
-                self._leave_out(msg.metadata.src_node_id, "it still holds no usable model copy after the whole model was resent")
+                self._leave_out(msg.metadata.src_node_id, _STILL_NO_COPY)
                 continue
             metrics = {k: v for k, v in msg.content.metric_records[protocol.METRICS].items()}
             try:
@@ -504,7 +504,7 @@ class SparseFedAvg(FedAvg):
         content = msg.content
 
         if _needs_full_model(msg):  # it asked again after the whole model was resent to it
-            raise _Rejected("it still holds no usable model copy after the whole model was resent")
+            raise _Rejected(_STILL_NO_COPY)
         record = content.get(protocol.ARRAYS)
         if not isinstance(record, ArrayRecord):
             raise _Rejected(f"missing ArrayRecord {protocol.ARRAYS!r}")
@@ -890,6 +890,9 @@ class _Sampled:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
+
+
+_STILL_NO_COPY = "it still holds no usable model copy after the whole model was resent"
 
 
 def _needs_full_model(msg: Message) -> bool:

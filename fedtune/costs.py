@@ -35,6 +35,19 @@ class Cost:
         return self.activation_bytes + self.trainable_state_bytes
 
 
+def mlp_hidden(blocks, dim: int) -> int:
+    """The MLP's hidden width: a dense block's fc1, or an MoE block's first expert's (4 * dim
+    where neither is found)."""
+    for b in blocks:
+        mlp = b.mlp
+        fc1 = getattr(mlp, "fc1", None)
+        if fc1 is None and len(getattr(mlp, "experts", ())):
+            fc1 = getattr(mlp.experts[0], "fc1", None)
+        if fc1 is not None:
+            return fc1.out_features
+    return 4 * dim
+
+
 class CostModel:
     """Per-model cost estimates, calibrated by measurement on a batch of one."""
 
@@ -45,7 +58,7 @@ class CostModel:
         self.dim = vit.embed_dim
         blk = vit.blocks[0]
         self.attn_dim = blk.attn.attn_dim
-        self.hidden = getattr(blk.mlp, "fc1", None).out_features if hasattr(blk.mlp, "fc1") else 4 * self.dim
+        self.hidden = mlp_hidden(vit.blocks, self.dim)
         # An MoE MLP sends each token through top_k routed experts and its shared experts,
         # and scores it with a router.
         self._mlp_mult = [float(getattr(b.mlp, "top_k", 1) + getattr(b.mlp, "num_shared", 0)) for b in vit.blocks]

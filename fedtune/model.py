@@ -66,6 +66,21 @@ class ModelConfig:
             raise ConfigError(f"{prefix}drop_path_rate: must be in [0, 1), got {self.drop_path_rate}")
 
 
+def check_task_names(tasks) -> None:
+    """Task names key the heads and the MoE routers (`heads.<task>.…`, `routers.<task>.…`):
+    each must be a Python identifier that is not one of a ModuleDict's or ParameterDict's own
+    attributes (`update`, `keys`, `train`, ...), or the model cannot be built or its parameters
+    named; a ConfigError names the task."""
+    reserved = set(dir(nn.ModuleDict)) | set(dir(nn.ParameterDict))
+    for t in tasks:
+        if not isinstance(t, str) or not t.isidentifier() or t in reserved:
+            raise ConfigError(
+                f"task name {t!r}: a task name keys the model's heads and routers, so it must be an identifier "
+                "(letters, digits, _; not starting with a digit) and not a reserved module attribute"
+                + (" (it is one)" if t in reserved else "")
+            )
+
+
 class FedViT(nn.Module):
     """A timm ViT backbone plus one linear head per task (ModuleDict keyed by task)."""
 
@@ -73,6 +88,7 @@ class FedViT(nn.Module):
         super().__init__()
         if not num_classes:
             raise ConfigError("the model needs at least one task with its number of classes")
+        check_task_names(num_classes)
         vit.reset_classifier(0)
         self.vit = vit
         self.heads = nn.ModuleDict({t: nn.Linear(vit.embed_dim, n) for t, n in num_classes.items()})

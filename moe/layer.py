@@ -36,6 +36,7 @@ from timm.layers import Mlp
 from torch import nn
 
 from fedtune.errors import ConfigError
+from fedtune.model import check_task_names
 from fedtune.typedconfig import check_choices
 
 Router = Literal["per_task", "shared"]
@@ -118,6 +119,18 @@ class MoEConfig:
                 raise ConfigError(f"{prefix}{key}: must be a finite number or null (no limit), got {f}")
         if self.task_prior > 0 and self.router != "per_task":
             raise ConfigError(f"{prefix}task_prior: needs router: per_task (got router: {self.router})")
+        if self.task_prior > 0 and self.capacity_factor is not None and self.capacity_factor > 0:
+            raise ConfigError(
+                f"{prefix}capacity_factor: {self.capacity_factor} with task_prior {self.task_prior}: the capacity assumes tokens "
+                "spread over all experts, but the prior sends each task's tokens to its own group, which would overflow and "
+                "drop most of them; set capacity_factor: null (no limit) with a task prior"
+            )
+        if self.top_k == 1 and self.task_prior == 0 and self.aux_loss_weight == 0:
+            raise ConfigError(
+                f"{prefix}aux_loss_weight: 0 with top_k 1 and no task_prior leaves the routers untrainable: with one expert "
+                "per token the gate is exactly 1 (so an upcycled layer equals its dense MLP), and only the load-balancing "
+                "loss trains a router; give aux_loss_weight > 0, top_k >= 2, or a task_prior (task-level routing)"
+            )
         if self.blocks is not None and any(b < 0 for b in self.blocks):
             raise ConfigError(f"{prefix}blocks: block indices must be >= 0, got {self.blocks}")
         if self.backend not in BACKEND_NAMES:
@@ -255,6 +268,7 @@ class MoEMlp(nn.Module):
         cfg.validate("moe.")
         if not tasks:
             raise ConfigError("an MoE layer needs at least one task")
+        check_task_names(tasks)
         if not 1 <= cfg.top_k <= num_experts:  # a pruned layer has fewer experts than cfg.num_experts
             raise ConfigError(f"moe.top_k: must be in 1..num_experts ({num_experts}), got {cfg.top_k}")
         self.experts = nn.ModuleList(experts)

@@ -249,13 +249,14 @@ def test_top1_routers_get_no_gradient_from_the_task_loss_alone():
     """With top-1 the gate is 1: without the load-balancing loss the router gets no gradient
     at all (None, so it is not counted as updated nor sent), with it a real one."""
     x = torch.randn(2, 6, 8)
-    for weight, trained in ((0.0, False), (0.01, True)):
-        moe = layer(MoEConfig(num_experts=4, top_k=1, capacity_factor=None, aux_loss_weight=weight)).train()
+    for weight, prior, trained in ((0.0, 3.0, False), (0.01, 0.0, True)):
+        moe = layer(MoEConfig(num_experts=4, top_k=1, capacity_factor=None, aux_loss_weight=weight, task_prior=prior)).train()
         out, stats = moe(x, "a")
         aux = total_aux_loss([stats], weight)
         (out.square().sum() + (aux if aux is not None else 0)).backward()
         grad = moe.routers["a"].weight.grad
         assert (grad is not None and grad.abs().sum() > 0) if trained else grad is None
+        assert trained or moe.routers["a"].bias.grad is None
 
 
 def test_bad_moe_settings_are_named():
@@ -425,7 +426,7 @@ def test_pruned_model_predicts_like_the_full_one(images, eval_capacity_factor, s
 
 
 def test_task_prior_starts_each_task_on_its_own_experts(images):
-    model = moe_model(num_experts=6, top_k=2, perturb=0.05, task_prior=50.0).eval()
+    model = moe_model(num_experts=6, top_k=2, perturb=0.05, task_prior=50.0, capacity_factor=None).eval()
     layer = model.moe_layers[1]
     assert layer.routers["a"].bias.tolist() == [50.0] * 3 + [0.0] * 3
     assert layer.routers["b"].bias.tolist() == [0.0] * 3 + [50.0] * 3
@@ -473,10 +474,29 @@ def test_config_errors_name_the_problem():
         ({"task_prior": -1.0}, "moe.task_prior: must be a finite number >= 0"),
         ({"task_prior": 2.0, "router": "shared"}, "moe.task_prior: needs router: per_task"),
         ({"shared_experts": -1}, "moe.shared_experts: must be >= 0"),
+        # the capacity assumes tokens spread over all experts; a task prior sends them to a few
+        ({"task_prior": 8.0}, "moe.capacity_factor: 1.25 with task_prior 8.0"),
+        ({"task_prior": 8.0, "capacity_factor": 2.0}, "set capacity_factor: null"),
+        # top-1 gates are 1: with no balancing loss and no prior nothing would train the routers
+        ({"top_k": 1, "aux_loss_weight": 0.0}, "moe.aux_loss_weight: 0 with top_k 1 and no task_prior"),
     ]
     for data, message in cases:
         with pytest.raises(ConfigError, match=message):
             from_dict(MoEConfig, data, prefix="moe.")
+    # the same settings that are refused above, made usable
+    from_dict(MoEConfig, {"task_prior": 8.0, "capacity_factor": None})
+    from_dict(MoEConfig, {"task_prior": 8.0, "capacity_factor": 0})
+    from_dict(MoEConfig, {"top_k": 1, "aux_loss_weight": 0.0, "task_prior": 8.0, "capacity_factor": None})
+    from_dict(MoEConfig, {"top_k": 2, "aux_loss_weight": 0.0})
+
+
+def test_task_names_that_cannot_key_heads_or_routers_are_named():
+    for bad in ("a.b", "update", "keys", "train", "2d", ""):
+        with pytest.raises(ConfigError, match=f"task name {bad!r}"):
+            dense_model({"a": 3, bad: 2})
+        with pytest.raises(ConfigError, match=f"task name {bad!r}"):
+            MoEMlp.fresh(8, 16, ["a", bad], MoEConfig(num_experts=2, top_k=1))
+    assert moe_model(tasks={"digit": 3, "garment_2": 5}, num_experts=2, top_k=1).tasks == ["digit", "garment_2"]
 
 
 def test_model_errors_name_the_problem(images):
@@ -543,3 +563,15 @@ def test_train_experts_trains_only_the_most_used_experts(images):
     assert sent_experts == {(b, chosen[b][0]) for b in (1, 3)}
     with pytest.raises(ConfigError, match="train_experts"):
         MoEConfig(num_experts=4, train_experts=5).validate("moe.")
+
+
+def test_cost_model_reads_the_mlp_width_from_an_moe_first_block():
+    from fedtune.costs import CostModel
+
+    torch.manual_seed(0)
+    dense = build_model(ModelConfig(**{**TINY, "mlp_ratio": 2.0}), TASKS)
+    width = dense.vit.blocks[0].mlp.fc1.out_features
+    assert width == 2 * dense.vit.embed_dim
+    for blocks in ([1, 3], [0, 1]):
+        model = build_moe_vit(None, MoEConfig(num_experts=2, top_k=1, blocks=blocks), TASKS, dense=dense)
+        assert CostModel(model, "a").hidden == width

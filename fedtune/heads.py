@@ -153,10 +153,18 @@ class StatsSum:
         self.tasks: dict[str, dict[str, np.ndarray]] = {}
         self.nbytes = 0  # of the statistics taken in
 
-    def add(self, stats: dict[str, dict[str, np.ndarray]]) -> list[str]:
+    def add(self, stats: dict[str, dict[str, np.ndarray]], head_shapes: dict[str, tuple[int, int]] | None = None) -> list[str]:
+        """Add one client's statistics; the problems of the tasks left out. `head_shapes`: the
+        model's (classes, features) per task, which the statistics must match (None: only
+        consistency with the earlier contributions is checked)."""
         problems = []
         for task, parts in stats.items():
             problem = self._problem(task, parts)
+            if problem is None and head_shapes is not None:
+                if task not in head_shapes:
+                    problem = f"task {task!r} is not one of the model's ({', '.join(sorted(head_shapes))})"
+                elif parts["sum"].shape != head_shapes[task]:
+                    problem = f"task {task!r} statistics are for {parts['sum'].shape} (classes, features), the model's head is {head_shapes[task]}"
             if problem:
                 problems.append(problem)
                 continue

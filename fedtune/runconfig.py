@@ -238,6 +238,10 @@ class RunConfig:
             raise ConfigError(f"{prefix}federation.balanced_loss: train.head_fit {self.train.head_fit!r} would refit the shared head on the client's skewed labels, undoing the balanced loss; set train.head_fit: none")
         if self.method.name == "alast" and self.method.alast.shared_blocks and not self.federation.feed_importance:
             raise ConfigError(f"{prefix}method.alast.shared_blocks: the shared blocks are the federation's top-K by importance, which clients get only with federation.feed_importance: true")
+        if self.method.name == "alast" and self.federation.feed_importance and self.federation.dp_noise_multiplier is not None:
+            raise ConfigError(f"{prefix}federation.feed_importance: under differential privacy the federation's block importance (the clients' class-token "
+                              "changes, averaged without noise) would go back to every client unprivatized; set federation.feed_importance: false "
+                              "(and method.alast.shared_blocks: false)")
         if self.seed < 0:
             raise ConfigError(f"{prefix}seed: must be >= 0, got {self.seed}")
         if self.model.img_size != self.data.img_size:

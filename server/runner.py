@@ -161,6 +161,7 @@ class ServerRunner:
             trim_fraction=f.trim_fraction,
             robust_absent=f.robust_absent,
             nnm=f.nnm,
+            importance_len=self.model.depth,
             clip_update_norm=f.clip_update_norm,
             dp_noise_multiplier=f.dp_noise_multiplier,
             dp_sample_rate=per_round / f.num_clients if f.dp_noise_multiplier else None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import secrets
 import uuid
 from collections.abc import Iterable, Sequence
@@ -111,6 +112,7 @@ class SparseFedAvg(FedAvg):
         dp_stats_bounds: tuple[float, int] | None = None,
         robust_absent: str = "skip",
         nnm: bool = False,
+        importance_len: int | None = None,
         **fedavg_kwargs: Any,
     ) -> None:
         if aggregation not in AGGREGATIONS:
@@ -127,6 +129,9 @@ class SparseFedAvg(FedAvg):
             raise ConfigError("nnm: nearest-neighbour mixing comes before a robust rule: it needs aggregation "
                               "median, trimmed_mean or mean_around_median (got 'mean')")
         self.aggregation, self.trim_fraction, self.clip_update_norm = aggregation, trim_fraction, clip_update_norm
+        # the model's depth: an importance vector of another length is rejected (None: the
+        # first accepted vector's length, or the restored global importance's)
+        self.importance_len = importance_len
         self.robust_absent, self.nnm = robust_absent, nnm
         self.dp_noise_multiplier = dp_noise_multiplier
         self.dp_rng = np.random.default_rng()
@@ -203,6 +208,7 @@ class SparseFedAvg(FedAvg):
 
         # The global arrays of the round being trained (set by configure_train).
         self.current_arrays: ArrayRecord | None = None
+        self.head_shapes: dict[str, tuple[int, int]] | None = None  # the global heads' (classes, features), per task
         # Running, exponentially averaged global block importance.
         self.global_importance: list[float] | None = None
         # Facts about the latest aggregate_train call.
@@ -248,6 +254,7 @@ class SparseFedAvg(FedAvg):
             config[protocol.WANT_HEAD_STATS] = True
         self._grid = grid
         self.downlink.observe(arrays)
+        self.head_shapes = head_shapes(arrays)
         if self.dp_eval_sample_rate is not None:
             return self._poisson_instructions(server_round, arrays, config, grid, self.dp_eval_sample_rate, MessageType.EVALUATE)
         return super().configure_evaluate(server_round, arrays, config, _Sampled(grid, self.exclude_nodes))
@@ -379,7 +386,7 @@ class SparseFedAvg(FedAvg):
                 stats[task], scaled = project_contribution(parts, *self.dp_stats_bounds)
                 if scaled:
                     log(WARNING, "head statistics from node %s, task %r, exceed the DP bounds; scaled onto them: %s", node_id, task, ", ".join(scaled))
-        for problem in self._stats.add(stats):
+        for problem in self._stats.add(stats, self.head_shapes):
             log(WARNING, "head statistics from node %s left out: %s", node_id, problem)
 
     @property
@@ -445,7 +452,7 @@ class SparseFedAvg(FedAvg):
             )
 
         accepted: list[_Reply] = []
-        importance_len = len(self.global_importance) if self.global_importance is not None else None
+        importance_len = self.importance_len or (len(self.global_importance) if self.global_importance is not None else None)
         for msg in content_replies:
             node_id = msg.metadata.src_node_id
             try:
@@ -519,6 +526,8 @@ class SparseFedAvg(FedAvg):
             raise _Rejected(f"{protocol.NUM_EXAMPLES!r} is not a finite number: {num_examples!r}")
         if num_examples <= 0:
             raise _Rejected(f"non-positive {protocol.NUM_EXAMPLES!r}: {num_examples!r}")
+        if num_examples > MAX_WEIGHT:
+            raise _Rejected(f"{protocol.NUM_EXAMPLES!r} {num_examples!r} is over {MAX_WEIGHT:.0f}: no client holds that many")
 
         try:
             protocol.TrainMetrics.from_dict(metrics)
@@ -584,9 +593,9 @@ class SparseFedAvg(FedAvg):
             raise _Rejected(f"{protocol.UPDATE_COUNTS!r} is not a MetricRecord")
         counts: dict[str, float] = {}
         for name, count in record.items():
-            if isinstance(count, list) or not math.isfinite(count) or count < 0:
+            if isinstance(count, list) or not math.isfinite(count) or not 0 <= count <= MAX_WEIGHT:
                 raise _Rejected(
-                    f"{protocol.UPDATE_COUNTS!r} for {name!r} is not a count >= 0: {count!r}"
+                    f"{protocol.UPDATE_COUNTS!r} for {name!r} is not a count in [0, {MAX_WEIGHT:.0f}]: {count!r}"
                 )
             counts[name] = float(count)
         if self.weighting == "updates":
@@ -660,7 +669,8 @@ class SparseFedAvg(FedAvg):
                 weight = self._weight(reply, name)
                 if weight == 0:
                     continue
-                term = value.astype(np.promote_types(value.dtype, np.float64)) * weight
+                with np.errstate(over="ignore", invalid="ignore"):  # an overflow is caught below, per parameter
+                    term = value.astype(np.promote_types(value.dtype, np.float64)) * weight
                 if name in sums:
                     sums[name] += term
                     weights[name] += weight
@@ -678,11 +688,16 @@ class SparseFedAvg(FedAvg):
                     data=reference.data,
                 )
                 continue
-            mean = sums[name] / weights[name]
+            with np.errstate(over="ignore", invalid="ignore"):
+                mean = sums[name] / weights[name]
             dtype = np.dtype(reference.dtype)
             if not np.issubdtype(dtype, np.inexact):
                 mean = np.rint(mean)
-            aggregated[name] = Array(np.asarray(mean.astype(dtype)))
+            mean = mean.astype(dtype)
+            if not np.isfinite(mean).all():  # finite replies whose weighted sum overflowed: nothing poisons the model
+                log(WARNING, "aggregate_train: the mean of %r is not finite (values too large): its global value is kept", name)
+                mean = reference.numpy()
+            aggregated[name] = Array(np.asarray(mean))
         return ArrayRecord(aggregated)
 
     def _private_arrays(self, global_arrays: ArrayRecord, replies: list[_Reply]) -> ArrayRecord:
@@ -909,6 +924,17 @@ def _scalar_metrics(metrics: MetricRecord) -> RecordDict:
     """
     scalars = {k: v for k, v in metrics.items() if not isinstance(v, list)}
     return RecordDict({protocol.METRICS: MetricRecord(scalars)})
+
+
+_HEAD_WEIGHT = re.compile(r"^heads\.([^.]+)\.weight$")
+
+
+def head_shapes(arrays: ArrayRecord) -> dict[str, tuple[int, int]] | None:
+    """Each task's head shape (classes, features) in the global arrays, which a client's head
+    statistics must match (None: the model has no `heads.<task>.weight`)."""
+    shapes = {m.group(1): (int(a.shape[0]), int(a.shape[1])) for name, a in arrays.items() if (m := _HEAD_WEIGHT.match(name)) and len(a.shape) == 2}
+    return shapes or None
+MAX_WEIGHT = float(2**53)  # the largest num-examples or update count taken: far beyond any client, and no weighted sum overflows
 
 
 def _validate_importance(metrics: MetricRecord, expected_len: int | None) -> list[float] | None:

@@ -755,16 +755,20 @@ def test_privacy_spent_comes_from_the_accountant() -> None:
     from fedtune.typedconfig import from_dict
     from server.runner import dp_epsilon
 
-    cfg = from_dict(RunConfig, {"federation": {"num_clients": 8, "clients_per_round": 4, "clip_update_norm": 1.0, "dp_noise_multiplier": 1.0}})
+    cfg = from_dict(RunConfig, {"federation": {"num_clients": 8, "clients_per_round": 4, "clip_update_norm": 1.0, "feed_importance": False, "dp_noise_multiplier": 1.0}})
     eps = [dp_epsilon(cfg, r) for r in (0, 1, 5, 20)]
     assert eps[0] == 0.0 and eps[1] < eps[2] < eps[3]
-    more_noise = from_dict(RunConfig, {"federation": {"num_clients": 8, "clients_per_round": 4, "clip_update_norm": 1.0, "dp_noise_multiplier": 4.0}})
+    more_noise = from_dict(RunConfig, {"federation": {"num_clients": 8, "clients_per_round": 4, "clip_update_norm": 1.0, "feed_importance": False, "dp_noise_multiplier": 4.0}})
     assert dp_epsilon(more_noise, 5) < eps[2]
     with pytest.raises(ConfigError, match="dp_stats_feature_clip"):
-        from_dict(RunConfig, {"federation": {"clip_update_norm": 1.0, "dp_noise_multiplier": 1.0, "head_fit": "lda"}})
+        from_dict(RunConfig, {"federation": {"clip_update_norm": 1.0, "feed_importance": False, "dp_noise_multiplier": 1.0, "head_fit": "lda"}})
+    with pytest.raises(ConfigError, match="federation.feed_importance: under differential privacy"):
+        from_dict(RunConfig, {"method": {"name": "alast"}, "federation": {"clip_update_norm": 1.0, "dp_noise_multiplier": 1.0, "feed_importance": True}})
+    from_dict(RunConfig, {"method": {"name": "alast"}, "federation": {"clip_update_norm": 1.0, "dp_noise_multiplier": 1.0, "feed_importance": False}})
+    from_dict(RunConfig, {"method": {"name": "alast"}, "federation": {"feed_importance": True}})
     with pytest.raises(ConfigError, match="not privatized"):
-        from_dict(RunConfig, {"federation": {"clip_update_norm": 1.0, "dp_noise_multiplier": 1.0, "personalization": "lda"}})
-    with_stats = from_dict(RunConfig, {"federation": {"num_clients": 8, "clients_per_round": 4, "clip_update_norm": 1.0, "dp_noise_multiplier": 1.0,
+        from_dict(RunConfig, {"federation": {"clip_update_norm": 1.0, "feed_importance": False, "dp_noise_multiplier": 1.0, "personalization": "lda"}})
+    with_stats = from_dict(RunConfig, {"federation": {"num_clients": 8, "clients_per_round": 4, "clip_update_norm": 1.0, "feed_importance": False, "dp_noise_multiplier": 1.0,
                                                       "head_fit": "lda", "dp_stats_feature_clip": 5.0}})
     assert dp_epsilon(with_stats, 5, head_stats=True) > dp_epsilon(with_stats, 5) == eps[2]  # the statistics' release is paid for
     # the three releases share one sample: one sampled Gaussian of z / sqrt(3), which costs more
@@ -778,7 +782,7 @@ def test_privacy_spent_comes_from_the_accountant() -> None:
     assert dp_epsilon(with_stats, 5, head_stats=True) > acc.get_epsilon(1e-5)
     # a client holding two tasks releases statistics twice
     two = from_dict(RunConfig, {"tasks": ["a", "b"], "federation": {"num_clients": 8, "clients_per_round": 4, "clip_update_norm": 1.0,
-                                "dp_noise_multiplier": 1.0, "head_fit": "lda", "dp_stats_feature_clip": 5.0}})
+                                "feed_importance": False, "dp_noise_multiplier": 1.0, "head_fit": "lda", "dp_stats_feature_clip": 5.0}})
     assert dp_epsilon(two, 5, head_stats=True) > dp_epsilon(with_stats, 5, head_stats=True)
 
 
@@ -820,3 +824,63 @@ def test_federated_evaluation_every_n_rounds_and_always_in_the_last() -> None:
     grid.get_node_ids.return_value = [1, 2]
     asked = [bool(list(strategy.configure_evaluate(r, global_arrays(), ConfigRecord(), grid))) for r in range(1, 6)]
     assert asked == [False, False, True, False, True]
+
+
+def test_head_statistics_must_match_the_models_heads_even_when_they_come_first(caplog) -> None:
+    from fedtune.heads import class_stats
+
+    strategy = SparseFedAvg(head_stats_round=1)
+    grid = Mock()
+    grid.get_node_ids.return_value = [1, 2, 3]
+    model = ArrayRecord({**dict(global_arrays().items()), "heads.digit.weight": Array(np.zeros((3, 4), dtype=F32))})
+    list(strategy.configure_evaluate(1, model, ConfigRecord(), grid))
+    g = torch.Generator().manual_seed(0)
+    feats, labels = torch.randn(30, 4, generator=g), torch.arange(30) % 3
+    wide, five = torch.randn(30, 6, generator=g), torch.arange(30) % 5
+
+    def stats_reply(node_id: int, task: str, parts: dict) -> Message:
+        msg = reply(node_id, None, 10, **{"accuracy-global": 0.5})
+        msg.content[protocol.HEAD_STATS] = ArrayRecord({f"{task}.{k}": Array(v) for k, v in parts.items()})
+        return msg
+
+    with caplog.at_level("WARNING"):
+        strategy.aggregate_evaluate(1, [
+            stats_reply(1, "digit", class_stats(feats, five, 5)),  # first, self-consistent, 5 classes
+            stats_reply(2, "digit", class_stats(wide, labels, 3)),  # 6 features
+            stats_reply(3, "garment", class_stats(feats, labels, 3)),  # a task the model has no head for
+            stats_reply(4, "digit", class_stats(feats, labels, 3)),  # the honest one
+        ])
+    assert set(strategy.head_stats) == {"digit"}
+    for k, v in class_stats(feats, labels, 3).items():
+        np.testing.assert_allclose(strategy.head_stats["digit"][k], v, rtol=1e-12, err_msg=k)
+    assert "node 1 left out: task 'digit' statistics are for (5, 4)" in caplog.text
+    assert "node 2 left out: task 'digit' statistics are for (3, 6)" in caplog.text
+    assert "node 3 left out: task 'garment' is not one of the model's (digit)" in caplog.text
+
+
+def test_weights_too_large_to_sum_are_rejected_and_no_mean_overflows(caplog) -> None:
+    strategy = SparseFedAvg()
+    g = global_arrays()
+    configured(strategy, g)
+    _, metrics = strategy.aggregate_train(1, [reply(1, arrays(a=[2.0, 2.0]), num_examples=1e308), reply(2, arrays(a=[3.0, 3.0]), num_examples=10)])
+    assert [n for n, _ in strategy.last_rejections] == [1] and "is over" in strategy.last_rejections[0][1]
+    assert metrics[protocol.NUM_EXAMPLES] == 10
+    got, _ = strategy.aggregate_train(1, [reply(1, arrays(a=[2.0, 2.0]), counts={"a": 1e300}), reply(2, arrays(a=[3.0, 3.0]))])
+    assert "not a count in [0," in strategy.last_rejections[0][1]
+    np.testing.assert_array_equal(as_numpy(got)["a"], [3.0, 3.0])
+    # float64 parameters can still overflow a weighted sum: the global value is kept
+    g64 = ArrayRecord({"x": Array(np.array([1.0, 2.0]))})
+    configured(strategy, g64)
+    with caplog.at_level("WARNING"):
+        got, _ = strategy.aggregate_train(1, [reply(1, ArrayRecord({"x": Array(np.array([1e300, 1e300]))}), num_examples=2**52),
+                                              reply(2, ArrayRecord({"x": Array(np.array([1e300, 1e300]))}), num_examples=2**52)])
+    np.testing.assert_array_equal(as_numpy(got)["x"], [1.0, 2.0])
+    assert "the mean of 'x' is not finite" in caplog.text
+
+
+def test_importance_length_is_the_models_depth_not_the_first_replys() -> None:
+    strategy = SparseFedAvg(feed_importance=True, importance_len=2)
+    configured(strategy, global_arrays())
+    strategy.aggregate_train(1, [reply(1, arrays(a=[3, 5]), importance=[9.0, 9.0, 9.0]), reply(2, arrays(a=[7, 1]), importance=[1.0, 0.0])])
+    assert strategy.last_rejections == [(1, "'importance' has 3 blocks, expected 2")]
+    assert strategy.global_importance == pytest.approx([1.0, 0.0])

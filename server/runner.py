@@ -44,6 +44,7 @@ from fedtune.report import (
     plot_run,
     protocol_numbers,
     read_jsonl,
+    replace_durably,
     rss_bytes,
     run_identity,
     write_json,
@@ -56,6 +57,7 @@ from .strategy import SparseFedAvg
 CHECKPOINT = "checkpoint.safetensors"
 DP_LEDGER = "dp_ledger.json"  # under DP: rounds a --resume repeated (their first models went out), written before metrics.jsonl is cut
 FED_STATS = "fed_stats.safetensors"  # the federation's latest summed statistics (personalization: lda), beside the checkpoint
+FED_STATS_STAGED = "fed_stats.next.safetensors"  # a round's statistics until its checkpoint is written
 # Config keys a resumed run may change: they do not change what the rounds compute.
 RESUME_MAY_CHANGE = ("name", "federation.rounds", "federation.round_timeout_s", "federation.connect_timeout_s",
                      "federation.checkpoint_every", "federation.final_evaluation", "backend")
@@ -101,15 +103,29 @@ class ServerRunner:
         state = {k: torch.from_numpy(np.array(v.numpy())) for k, v in arrays.items()}
         meta = model_meta(self.cfg.model, {t: int(self.model.heads[t].out_features) for t in self.tasks},
                           run=to_dict(self.cfg), round=server_round, strategy=strategy.state_dict(), method=self.cfg.method.name)
-        if strategy.fed_stats:  # written first: a crash between the two leaves it newer, and a resume sets it aside
-            save_checkpoint(self.out / FED_STATS, {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in join_stats(strategy.fed_stats).items()},
+        staged = self.out / FED_STATS_STAGED
+        if strategy.fed_stats:  # staged beside the previous round's, which stays until the checkpoint is written
+            save_checkpoint(staged, {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in join_stats(strategy.fed_stats).items()},
                             {"round": server_round})
         save_checkpoint(self._checkpoint_path(), state, meta)
+        if staged.is_file():
+            replace_durably(staged, self.out / FED_STATS)
 
     def load_fed_stats(self) -> dict[str, dict[str, np.ndarray]]:
         """The federation's statistics as the checkpoint's round left them (the next evaluate
         instruction carries them); none when there are none, or, with a warning, when the
-        file is damaged or newer than the checkpoint (the next evaluation collects them again)."""
+        file is damaged or newer than the checkpoint (the next evaluation collects them again).
+        A crash after the checkpoint but before the staged statistics replaced the previous
+        round's leaves them staged: they are the checkpoint's then, and taken."""
+        staged = self.out / FED_STATS_STAGED
+        if staged.is_file():
+            try:
+                state, raw = read_state(staged)
+                if int(checkpoint_meta(raw).get("round", -1)) == self.done_rounds:
+                    replace_durably(staged, self.out / FED_STATS)
+            except (CheckpointError, TypeError, ValueError):
+                pass
+            staged.unlink(missing_ok=True)  # another round's (the checkpoint was not written) or damaged
         path = self.out / FED_STATS
         if not path.is_file():
             return {}
@@ -197,7 +213,9 @@ class ServerRunner:
             strategy.dp_rounds_repeated = max(strategy.dp_rounds_repeated, int(before)) + repeated
             if f.dp_noise_multiplier:
                 write_json(ledger, {"rounds_repeated": strategy.dp_rounds_repeated})
-            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in self.rounds))
+            cut = metrics_path.with_name(metrics_path.name + ".tmp")  # a crash while cutting leaves the old file whole
+            cut.write_text("".join(json.dumps(r) + "\n" for r in self.rounds))
+            replace_durably(cut, metrics_path)
             strategy.fed_stats = self.load_fed_stats()
             log(30, "resuming %s from round %d of %d", self.out, self.done_rounds, f.rounds)
         else:

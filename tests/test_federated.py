@@ -565,3 +565,41 @@ def test_more_bad_input_is_a_clear_error(tmp_path):
         tiny_run(federation={"num_clients": 4, "rounds": 10**12})
     with pytest.raises(ConfigError, match="bench.task: 'color' is not a task of the data set digits"):
         run_bench(from_dict(BenchConfig, {"task": "color", "methods": ["full"], "seeds": [0], "data": {"max_train": 20, "max_test": 10}}), tmp_path / "bench")
+
+
+def test_the_federations_statistics_follow_the_checkpoint_through_a_crash(tmp_path):
+    """The statistics of round r are staged until round r's checkpoint is written: a crash
+    before it keeps the previous round's (those of the checkpoint a resume starts from), a crash
+    just after it leaves round r's staged, and the resume takes them."""
+    from flwr.app import Array, ArrayRecord
+
+    from server.runner import FED_STATS, FED_STATS_STAGED, ServerRunner
+    from server.strategy import SparseFedAvg
+
+    runner = ServerRunner(tiny_run(), tmp_path / "run")
+    runner.out.mkdir()
+    arrays = ArrayRecord({k: Array(v.detach().numpy().copy()) for k, v in runner.model.state_dict().items()})
+    strategy = SparseFedAvg()
+
+    def stats(value: float) -> dict:
+        return {"digit": {"count": np.full(3, value), "sum": np.full((3, 4), value), "outer": np.full((4, 4), value)}}
+
+    strategy.fed_stats = stats(1.0)
+    runner.save_checkpoint(arrays, strategy, 1)
+    assert not (runner.out / FED_STATS_STAGED).exists()
+    runner.done_rounds = 1
+    assert runner.load_fed_stats()["digit"]["count"].tolist() == [1.0] * 3
+    # round 2's statistics staged, the crash before its checkpoint: round 1's stay whole
+    strategy.fed_stats = stats(2.0)
+    staged = runner.out / FED_STATS_STAGED
+    from fedtune.heads import join_stats
+    from fedtune.model import save_checkpoint
+
+    save_checkpoint(staged, {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in join_stats(stats(2.0)).items()}, {"round": 2})
+    assert runner.load_fed_stats()["digit"]["count"].tolist() == [1.0] * 3
+    assert not staged.exists(), "another round's staged statistics are removed"
+    # the crash just after round 2's checkpoint: the staged statistics are the checkpoint's
+    save_checkpoint(staged, {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in join_stats(stats(2.0)).items()}, {"round": 2})
+    runner.done_rounds = 2
+    assert runner.load_fed_stats()["digit"]["count"].tolist() == [2.0] * 3
+    assert not staged.exists() and (runner.out / FED_STATS).is_file()

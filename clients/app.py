@@ -68,7 +68,8 @@ def _state_dir(context: Context, default_dir: Path | None = None) -> Path | None
     state_dir = context.node_config.get("state-dir") or default_dir or context.run_config.get("state-dir")
     if not state_dir:
         return None
-    return Path(str(state_dir)).expanduser() / f"client-{context.node_config.get('partition-id', context.node_id)}"
+    pid = _partition_id(context) if "partition-id" in context.node_config else context.node_id
+    return Path(str(state_dir)).expanduser() / f"client-{pid}"
 
 
 def load_state(context: Context, default_dir: Path | None = None, before_round: int | None = None, run: str | None = None) -> ClientState:
@@ -181,18 +182,41 @@ def node_profile(context: Context, simulated: bool) -> str | None:
     return None if simulated else AUTO
 
 
+def check_config_key(msg: Message, cfg: RunConfig, context: Context) -> None:
+    """A node that read another run config than the server's (an edited YAML on one side,
+    another checkout's copy, other overrides) would train another setting under the same run:
+    it refuses the instruction, naming both keys."""
+    config = msg.content.config_records.get(protocol.CONFIG, ConfigRecord())
+    want = config.get(protocol.CONFIG_KEY)
+    if want is not None and str(want) != cfg.key():
+        source = context.run_config.get("config") or "the embedded default"
+        raise ConfigError(f"this node's run config ({source}, overrides {context.run_config.get('overrides', '')!r}; key {cfg.key()}) is not the "
+                          f"server's (key {want}): give the SuperLink and every SuperNode the same config file and overrides")
+
+
 def _partition_id(context: Context, cfg: RunConfig | None = None) -> int:
     """The node's partition id; with `cfg`, a `num-partitions` the node config gives must be the
     run's (a device set up for another federation's size would train on another split)."""
     if "partition-id" not in context.node_config:
         raise ConfigError("node config has no partition-id (start the SuperNode with --node-config \"partition-id=0 num-partitions=N\")")
     given = context.node_config.get("num-partitions")
-    if given is not None and not str(given).strip().isdigit():
+    if given is not None and not _whole(given):
         raise ConfigError(f"node config num-partitions={given!r}: must be a whole number")
     if cfg is not None and given is not None and int(given) != cfg.federation.total_clients():
         raise ConfigError(f"node config num-partitions={given}, but the run has {cfg.federation.total_clients()} clients "
                           "(federation.num_clients plus new_clients): restart the SuperNode with the run's count")
-    return int(context.node_config["partition-id"])
+    pid = context.node_config["partition-id"]
+    if not _whole(pid):
+        raise ConfigError(f"node config partition-id={pid!r}: must be a whole number (0, 1, ...)")
+    if given is not None and not int(pid) < int(given):
+        raise ConfigError(f"node config partition-id={pid}: must be below num-partitions={given}")
+    return int(pid)
+
+
+def _whole(value) -> bool:
+    """A whole number >= 0 as a node config gives it (an int, or its digits as a string; not a
+    bool, a float or 2.5)."""
+    return (isinstance(value, int) and not isinstance(value, bool) and value >= 0) or (isinstance(value, str) and value.strip().isdigit())
 
 
 def make_client_app(cfg: RunConfig | None = None, state_dir: Path | None = None) -> ClientApp:
@@ -209,15 +233,22 @@ def make_client_app(cfg: RunConfig | None = None, state_dir: Path | None = None)
 
         return lambda: state_to_numpy(global_model(cfg if cfg is not None else run_config_from_context(context)))
 
-    def runtime(context: Context) -> ClientRuntime:
+    def runtime(context: Context, msg: Message) -> ClientRuntime:
         run_cfg = cfg if cfg is not None else run_config_from_context(context)
-        torch.set_num_threads(max(1, run_cfg.backend.torch_threads))
+        check_config_key(msg, run_cfg, context)
         simulated = cfg is not None or run_config_flag(context, "simulated", False)
+        threads = context.node_config.get("threads")
+        if threads is not None:  # the node's own setting (`deploy local` shares the machine's cores among its nodes)
+            if not _whole(threads) or int(threads) < 1:
+                raise ConfigError(f"node config threads={threads!r}: must be a whole number >= 1")
+            torch.set_num_threads(int(threads))
+        elif simulated:  # virtual clients share the machine's cores; a device keeps torch's default (all of its cores)
+            torch.set_num_threads(max(1, run_cfg.backend.torch_threads))
         return ClientRuntime(run_cfg, _partition_id(context, run_cfg), node_profile(context, simulated=simulated))
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        rt = runtime(context)  # a misconfigured node fails here, before it keeps anything
+        rt = runtime(context, msg)  # a misconfigured node fails here, before it keeps anything
         global_arrays = receive_global(msg, context, starting_model(context), state_dir)
         if global_arrays is None:
             return need_full_model(msg)
@@ -245,7 +276,7 @@ def make_client_app(cfg: RunConfig | None = None, state_dir: Path | None = None)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        rt = runtime(context)
+        rt = runtime(context, msg)
         global_arrays = receive_global(msg, context, starting_model(context), state_dir)
         if global_arrays is None:
             return need_full_model(msg)

@@ -37,6 +37,7 @@ BASE_VERSION = "base-version"  # int: the global model version the sent arrays c
 MODEL_VERSION = "model-version"  # int: the version the client holds once it applied them (-1: no sparse downlink, keep no copy)
 INITIAL_SHA256 = "initial-sha256"  # str: checksum of version 0 when clients may build it themselves (BASE_VERSION 0, no copy held)
 FINAL = "final"  # in an evaluate instruction: the run's final evaluation (every client personalizes fully)
+CONFIG_KEY = "config-key"  # str: the server's RunConfig.key(); a client whose own config has another key refuses the instruction
 RUN_TOKEN = "run-token"  # str: the run's identity (kept across --resume); a client keeps state only from files of its run
 
 

@@ -197,7 +197,7 @@ class FederationConfig:
 @dataclass
 class BackendConfig:
     cpus_per_client: float = 1.0  # Ray resources per virtual client
-    torch_threads: int = 1  # torch threads inside each client
+    torch_threads: int = 1  # torch threads inside each simulated client (a deployed client uses all of its device's cores)
     launcher: Literal["run_simulation", "flwr-run"] = "flwr-run"  # flwr-run: a private SuperLink with Flower's simulation runtime and `flwr run` (the path Flower supports) | run_simulation: Flower's in-process launcher (deprecated in flwr 1.42)
 
     def validate(self, prefix: str = "") -> None:

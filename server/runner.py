@@ -224,6 +224,7 @@ class ServerRunner:
             arrays_np = state_to_numpy(self.model)
             strategy = self.make_strategy(0)
         remaining = f.rounds - self.done_rounds
+        strategy.config_key = self.cfg.key()
         self.strategy = strategy
         final_path = self.out / "final_evaluation.json"
         # a run stopped after its last checkpoint but before its final evaluation does it on --resume

@@ -154,6 +154,7 @@ class SparseFedAvg(FedAvg):
         self.dp_stats_bounds = dp_stats_bounds
         self.dp_rounds_repeated = 0  # rounds a --resume made the server run again: their noisy models were released once already
         self.run_token: str | None = uuid.uuid4().hex  # the run's identity in every instruction (state_dict keeps it across --resume)
+        self.config_key: str | None = None  # the server's RunConfig.key(), in every instruction: a node that read another config refuses it
         if weighting not in protocol.WEIGHTINGS:
             raise ConfigError(f"weighting: expected one of {protocol.WEIGHTINGS}, got {weighting!r}")
         if isinstance(personal_keys, str):
@@ -291,6 +292,8 @@ class SparseFedAvg(FedAvg):
             config = ConfigRecord(dict(record[protocol.CONFIG]))
             if self.run_token is not None:
                 config[protocol.RUN_TOKEN] = self.run_token
+            if self.config_key is not None:
+                config[protocol.CONFIG_KEY] = self.config_key
             config[protocol.BASE_VERSION] = base
             config[protocol.MODEL_VERSION] = self.downlink.version if self.downlink.sparse else FULL
             if base == 0 and self.downlink.initial_sha256 is not None:

@@ -36,12 +36,24 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedtune.errors import FedtuneError
+
 PROJECT = Path(__file__).resolve().parent.parent
 CONNECTION = "fedtune-local"
 
 
-class DeployError(RuntimeError):
+class DeployError(FedtuneError, RuntimeError):
     """A deployment step failed; the message names the step and where its log is."""
+
+
+def app_dir() -> Path:
+    """The Flower app `flwr run` submits: the project's source folder, with its pyproject.toml
+    (an install into site-packages has none)."""
+    if not (PROJECT / "pyproject.toml").is_file():
+        raise DeployError(f"`flwr run` submits the Flower app from a source checkout (pyproject.toml beside fedtune/), and {PROJECT} is not one "
+                          "(a non-editable install?): install with `pip install -e .` from a checkout, or, for a simulation, set "
+                          "backend.launcher: run_simulation")
+    return PROJECT
 
 
 # --- certificates -----------------------------------------------------------------------------
@@ -143,7 +155,12 @@ def _tail(path: Path, lines: int = 20) -> str:
 def _bin(name: str) -> str:
     """A Flower command from this Python's environment (else from PATH)."""
     local = Path(sys.executable).parent / name
-    return str(local) if local.exists() else (shutil.which(name) or name)
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    if found is None:
+        raise DeployError(f"{name}: not found beside {sys.executable} nor on PATH; install Flower into this environment (pip install -e .)")
+    return found
 
 
 @dataclass
@@ -355,12 +372,19 @@ def _toml_value(value: object) -> str:
 
 
 def node_configs(nodes: int, profiles: list[str], state_dir: Path) -> list[dict[str, object]]:
-    """One node config per SuperNode: its partition, device profile and state folder."""
+    """One node config per SuperNode: its partition, device profile, state folder and torch
+    threads (the machine's cores shared among the nodes it runs)."""
     from fedtune.profiles import get_profile
 
     for name in profiles:
         get_profile(name)  # an unknown name fails here, before any process starts
-    return [{"partition-id": i, "num-partitions": nodes, "profile": profiles[i % len(profiles)], "state-dir": str(state_dir)} for i in range(nodes)]
+    return [{"partition-id": i, "num-partitions": nodes, "profile": profiles[i % len(profiles)], "state-dir": str(state_dir),
+             "threads": local_threads(nodes)} for i in range(nodes)]
+
+
+def local_threads(nodes: int) -> int:
+    """Torch threads for each of `nodes` SuperNodes on this machine: its cores shared among them."""
+    return max(1, (os.cpu_count() or 1) // max(1, nodes))
 
 
 def run_local(
@@ -404,11 +428,11 @@ def run_local(
         dep.start_superlink()
         dep.write_connection()
         for node in nodes:
-            dep.start_supernode(node)
+            dep.start_supernode({"threads": local_threads(len(nodes) + intruders), **node})
         for i in range(intruders):
             dep.start_supernode({"partition-id": i, "num-partitions": len(nodes)}, register=False)
         run_config = {"config": str(Path(config).resolve()), "overrides": ";".join(overrides), "out": str(out), "resume": resume}
-        cmd = [_bin("flwr"), "run", str(PROJECT), CONNECTION, "--stream",
+        cmd = [_bin("flwr"), "run", str(app_dir()), CONNECTION, "--stream",
                "--run-config", " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())]
         log = dep.workdir / "flwr-run.log"
         (dep.workdir / "flwr-run.cmd").write_text(shlex.join(cmd) + "\n")
@@ -461,8 +485,6 @@ def main(argv: list[str] | None = None) -> int:
     loc.add_argument("--out", default="runs/deploy")
     loc.add_argument("--timeout", type=float, default=1800.0)
     args = parser.parse_args(argv)
-    from fedtune.errors import FedtuneError
-
     try:
         if args.cmd == "certs":
             for name, path in make_certs(Path(args.folder), args.host).items():
@@ -470,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         profiles = args.profiles.split(",") if args.profiles else None
         summary = run_local(Path(args.out), args.nodes, args.config, args.set, profiles, args.tls, args.resume, args.timeout, auth=args.auth)
-    except (DeployError, FedtuneError) as exc:
+    except FedtuneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     keys = ("rounds", "accuracy_global", "accuracy_personalized", "bytes_up_total", "wall_time_s")

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from fedtune.errors import ConfigError
+from fedtune.errors import ConfigError, FedtuneError
 from fedtune.model import read_state
 from fedtune.report import write_json
 from fedtune.runconfig import RunConfig
@@ -52,6 +52,7 @@ def simulate_flwr_run(cfg: RunConfig, out: Path, resume: bool = False, progress:
         _bin,
         _tail,
         _toml_value,
+        app_dir,
     )
 
     if cfg.backend.cpus_per_client != int(cfg.backend.cpus_per_client):
@@ -72,7 +73,7 @@ def simulate_flwr_run(cfg: RunConfig, out: Path, resume: bool = False, progress:
     with Deployment(out / "flwr", simulation=True) as dep:
         dep.start_superlink()
         dep.write_connection(options)
-        cmd = [_bin("flwr"), "run", str(PROJECT), CONNECTION, "--stream", "--run-config", " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())]
+        cmd = [_bin("flwr"), "run", str(app_dir()), CONNECTION, "--stream", "--run-config", " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())]
         log = dep.workdir / "flwr-run.log"
         with open(log, "wb") as handle:
             run = subprocess.Popen(cmd, stdout=None if verbose else handle, stderr=subprocess.STDOUT, env={**dep.env, "RAY_DEDUP_LOGS": "1"}, cwd=PROJECT)
@@ -237,5 +238,5 @@ def simulate(cfg: RunConfig, out: Path, resume: bool = False, progress: bool = T
     )
     summary_path = out / "summary.json"
     if not summary_path.is_file():
-        raise RuntimeError(f"the simulation ended without writing {summary_path}; see the log above")
+        raise FedtuneError(f"the simulation ended without writing {summary_path}; see the log above")
     return json.loads(summary_path.read_text())

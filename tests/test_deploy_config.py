@@ -33,6 +33,14 @@ def test_a_node_set_up_for_another_federation_size_is_named():
         _partition_id(context(**{"partition-id": 2, "num-partitions": 8}), cfg)
     with pytest.raises(ConfigError, match="node config has no partition-id"):
         _partition_id(context(), cfg)
+    assert _partition_id(context(**{"partition-id": "3", "num-partitions": "4"}), cfg) == 3, "digits as a string"
+    for bad in (2.5, "2.5", True, "abc", -1):
+        with pytest.raises(ConfigError, match=f"node config partition-id={bad!r}: must be a whole number"):
+            _partition_id(context(**{"partition-id": bad}), cfg)
+    with pytest.raises(ConfigError, match="partition-id=4: must be below num-partitions=4"):
+        _partition_id(context(**{"partition-id": 4, "num-partitions": 4}), cfg)
+    with pytest.raises(ConfigError, match="partition-id='2.5'"):  # the state folder is not client-2.5
+        _state_dir(context(**{"partition-id": "2.5", "state-dir": "/tmp/x"}))
 
 
 def test_a_state_dir_under_home_is_expanded(monkeypatch, tmp_path):

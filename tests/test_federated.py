@@ -603,3 +603,61 @@ def test_the_federations_statistics_follow_the_checkpoint_through_a_crash(tmp_pa
     runner.done_rounds = 2
     assert runner.load_fed_stats()["digit"]["count"].tolist() == [2.0] * 3
     assert not staged.exists() and (runner.out / FED_STATS).is_file()
+
+
+def test_a_node_whose_config_is_not_the_servers_refuses_the_instruction(task_identity):
+    from clients.app import make_client_app
+
+    cfg = tiny_run()
+    app = make_client_app(cfg)
+    glob = state_to_numpy(global_model(cfg))
+
+    def instruction(key: str, kind: str) -> Message:
+        record = RecordDict({protocol.ARRAYS: ArrayRecord(array_dict={k: Array(v) for k, v in glob.items()}),
+                             protocol.CONFIG: ConfigRecord({protocol.SERVER_ROUND: 1, protocol.CONFIG_KEY: key})})
+        return Message(record, dst_node_id=5, message_type=kind)
+
+    other = tiny_run(train={**TINY_RUN["train"], "epochs": 2}).key()
+    assert other != cfg.key()
+    for kind in (MessageType.TRAIN, MessageType.EVALUATE):
+        context = Context(run_id=1, node_id=5, node_config={"partition-id": 3, "num-partitions": 4}, state=RecordDict(), run_config={})
+        with pytest.raises(ConfigError, match=f"is not the server's \\(key {other}\\)"):  # Flower's runtime makes it an error reply
+            app(instruction(other, kind), context)
+        assert not context.state.array_records, "nothing kept"
+    context = Context(run_id=1, node_id=5, node_config={"partition-id": 3, "num-partitions": 4}, state=RecordDict(), run_config={})
+    assert not app(instruction(cfg.key(), MessageType.TRAIN), context).has_error()
+
+
+def test_launcher_failures_are_fedtune_errors(tmp_path, monkeypatch):
+    """`fedtune simulate` and `deploy local` print a fedtune error, not a traceback, when Flower's
+    commands are missing or the installed package is not a source checkout."""
+    import simulations.deploy as deploy
+    from fedtune.errors import FedtuneError
+
+    assert issubclass(deploy.DeployError, FedtuneError)
+    assert deploy.app_dir() == deploy.PROJECT
+    monkeypatch.setattr(deploy, "PROJECT", tmp_path)
+    with pytest.raises(deploy.DeployError, match="from a source checkout"):
+        deploy.app_dir()
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(deploy.DeployError, match="flwr-nonexistent: not found"):
+        deploy._bin("flwr-nonexistent")
+
+
+def test_a_nodes_threads_come_from_its_node_config(task_identity):
+    from clients.app import make_client_app
+
+    cfg = tiny_run()
+    app = make_client_app(cfg)
+    glob = state_to_numpy(global_model(cfg))
+    record = RecordDict({protocol.ARRAYS: ArrayRecord(array_dict={k: Array(v) for k, v in glob.items()}), protocol.CONFIG: ConfigRecord({protocol.SERVER_ROUND: 1})})
+    before = torch.get_num_threads()
+    try:
+        context = Context(run_id=1, node_id=5, node_config={"partition-id": 3, "threads": 2}, state=RecordDict(), run_config={})
+        app(Message(record, dst_node_id=5, message_type=MessageType.EVALUATE), context)
+        assert torch.get_num_threads() == 2
+        context = Context(run_id=1, node_id=5, node_config={"partition-id": 3, "threads": "many"}, state=RecordDict(), run_config={})
+        with pytest.raises(ConfigError, match="node config threads='many'"):
+            app(Message(record, dst_node_id=5, message_type=MessageType.EVALUATE), context)
+    finally:
+        torch.set_num_threads(before)

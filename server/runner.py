@@ -70,6 +70,31 @@ def _weighted_mean(evals: list[dict[str, Any]], key: str) -> float | None:
     return sum(e[key] * e["num_examples"] for e in have) / n if n else None
 
 
+def check_model_config(cfg: RunConfig, model) -> None:
+    """What only the built model can tell, refused before any round: a `federation.personal`
+    prefix that names no parameter (nothing would stay on the clients), and a device profile
+    of `federation.profiles` the method cannot plan for (each such client's every reply would
+    be an error)."""
+    from fedtune.errors import PlanError
+    from fedtune.methods import make_method
+    from fedtune.profiles import AUTO
+
+    names = [n for n, _ in model.named_parameters()]
+    for i, prefix in enumerate(cfg.federation.personal):
+        if not any(n.startswith(prefix) for n in names):
+            heads = sorted({n.split(".")[0] + "." for n in names})
+            raise ConfigError(f"federation.personal[{i}]: {prefix!r} is the start of no parameter name, so nothing would stay on the clients "
+                              f"(names start with {', '.join(heads)}; the task heads are heads.<task>.)")
+    with torch.random.fork_rng(devices=[]):  # planning measures the model: the run's random stream stays as it was
+        for i, name in enumerate(cfg.federation.profiles):
+            if name == AUTO or name in cfg.federation.profiles[:i]:
+                continue
+            try:
+                make_method(cfg.method, model, name, cfg.train.batch_size, model.tasks[0], seed=cfg.seed)
+            except PlanError as err:
+                raise ConfigError(f"federation.profiles[{i}]: method {cfg.method.name!r} cannot plan for device profile {name!r}: {err}") from err
+
+
 class ServerRunner:
     def __init__(self, cfg: RunConfig, out: Path, resume: bool = False, progress: bool = True):
         self.cfg = cfg
@@ -79,6 +104,7 @@ class ServerRunner:
         self.model = global_model(cfg)
         self.task = self.model.tasks[0]
         self.tasks = self.model.tasks
+        check_model_config(cfg, self.model)
         self.split, _ = federated_data(cfg)
         self.rounds: list[dict[str, Any]] = []
         self.done_rounds = 0

@@ -661,3 +661,13 @@ def test_a_nodes_threads_come_from_its_node_config(task_identity):
             app(Message(record, dst_node_id=5, message_type=MessageType.EVALUATE), context)
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_personal_prefix_naming_nothing_and_a_profile_the_method_cannot_fit_are_refused_before_any_round(tmp_path):
+    from server.runner import ServerRunner
+
+    with pytest.raises(ConfigError, match=r"federation.personal\[0\]: 'head.' is the start of no parameter name"):
+        ServerRunner(tiny_run(federation={"personal": ["head."]}), tmp_path / "a")
+    with pytest.raises(ConfigError, match=r"federation.profiles\[1\]: method 'full' cannot plan for device profile 'mcu'"):
+        ServerRunner(tiny_run(method={"name": "full"}, federation={"profiles": ["workstation", "mcu"]}), tmp_path / "b")
+    ServerRunner(tiny_run(federation={"personal": ["heads."]}), tmp_path / "c")

@@ -211,9 +211,11 @@ class ServerRunner:
             dp_population=f.num_clients,
             dp_stats_bounds=(f.dp_stats_feature_clip, f.dp_stats_max_examples) if f.dp_noise_multiplier and f.head_fit == "lda" else None,
             resend_timeout=f.round_timeout_s,
-            fraction_train=per_round / f.num_clients,
+            # Flower samples int(nodes * fraction): half a client more than per_round / N keeps float
+            # rounding (15 / 22 * 22 = 14.99...) from sampling one client fewer
+            fraction_train=min(1.0, (per_round + 0.5) / f.num_clients),
             min_train_nodes=min(per_round, need),
-            fraction_evaluate=per_eval / f.num_clients,
+            fraction_evaluate=min(1.0, (per_eval + 0.5) / f.num_clients),
             min_evaluate_nodes=min(per_eval, need),
             min_available_nodes=need,
         )

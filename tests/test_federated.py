@@ -671,3 +671,19 @@ def test_a_personal_prefix_naming_nothing_and_a_profile_the_method_cannot_fit_ar
     with pytest.raises(ConfigError, match=r"federation.profiles\[1\]: method 'full' cannot plan for device profile 'mcu'"):
         ServerRunner(tiny_run(method={"name": "full"}, federation={"profiles": ["workstation", "mcu"]}), tmp_path / "b")
     ServerRunner(tiny_run(federation={"personal": ["heads."]}), tmp_path / "c")
+
+
+def test_a_round_samples_clients_per_round_whatever_the_float_rounding(tmp_path, task_identity):
+    """15 of 22: Flower samples int(22 * fraction), and 15 / 22 * 22 is 14.99..."""
+    from unittest.mock import Mock
+
+    from server.runner import ServerRunner
+
+    runner = ServerRunner(tiny_run(federation={"num_clients": 22, "clients_per_round": 15, "min_clients": 10}), tmp_path / "run")
+    strategy = runner.make_strategy(0)
+    strategy.run_token = None
+    grid = Mock()
+    grid.get_node_ids.return_value = list(range(1, 23))
+    arrays = ArrayRecord({"a": Array(np.zeros(2, dtype=np.float32))})
+    assert len(list(strategy.configure_train(1, arrays, ConfigRecord(), grid))) == 15
+    assert len(list(strategy.configure_evaluate(1, arrays, ConfigRecord(), grid))) == 15

@@ -159,6 +159,9 @@ class FederationConfig:
             if self.head_fit == "lda" and not (self.dp_stats_feature_clip or 0) > 0:
                 raise ConfigError(f"{prefix}dp_stats_feature_clip: head_fit: lda under differential privacy needs a positive bound on each feature vector's norm "
                                   "(the statistics' sensitivity), or use head_fit: none")
+            if not self.dp_delta < 1 / self.num_clients:
+                raise ConfigError(f"{prefix}dp_delta: {self.dp_delta} is not below 1/num_clients ({1 / self.num_clients:.3g}): a (epsilon, delta) "
+                                  "guarantee with delta that large allows releasing a client's data outright; use a delta far below 1/num_clients (the default is 1e-5)")
             if self.dp_stats_max_examples < 1:
                 raise ConfigError(f"{prefix}dp_stats_max_examples: must be at least 1, got {self.dp_stats_max_examples}")
         if not 0 < self.dp_delta < 1:

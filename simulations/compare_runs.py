@@ -162,17 +162,25 @@ def plot_privacy(runs: list[tuple[str, Path]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points, plain = [], []
+    by_label: dict[str, list[tuple[float | None, float]]] = {}
     for label, run in runs:
         s = _read(run)
         # before the server's head fit where the run made one (what DP's noise does to the
         # trained model); a run without one has a single accuracy
         acc = s["accuracy_global_before_head_fit"] if s.get("accuracy_global_before_head_fit") is not None else s.get("accuracy_global")
-        eps = _get(s, "dp.epsilon")
-        if eps is None:
-            plain.append((100 * acc, label))
+        if acc is None:
+            raise SystemExit(f"--plot-privacy: {run} has no global accuracy in its summary")
+        by_label.setdefault(label, []).append((_get(s, "dp.epsilon"), acc))
+    points, plain = [], []
+    for label, rows in by_label.items():  # the runs of one label (its seeds): one point, their means, as the table
+        acc = 100 * sum(a for _, a in rows) / len(rows)
+        eps = [e for e, _ in rows if e is not None]
+        if len(eps) not in (0, len(rows)):
+            raise SystemExit(f"--plot-privacy: label {label!r} mixes runs with and without DP")
+        if not eps:
+            plain.append((acc, label))
         else:
-            points.append((eps, 100 * acc, label))
+            points.append((sum(eps) / len(eps), acc, label))
     if not points:
         raise SystemExit("--plot-privacy: no run has dp.epsilon in its summary.json")
     points.sort()

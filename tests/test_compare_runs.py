@@ -319,3 +319,36 @@ def test_compare_runs_refuses_failed_runs_and_files_of_another_kind(tmp_path):
     (a / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "rounds"}))
     with pytest.raises(SystemExit, match="no 'rounds'.*--table tasks"):
         main([f"x={a}"])
+
+
+def test_plot_privacy_averages_a_labels_seeds_and_names_a_run_without_accuracy(tmp_path, capsys):
+    from simulations.compare_runs import plot_privacy
+
+    runs = []
+    for name, acc, eps in (("s0", 0.4, 4.0), ("s1", 0.6, 4.0), ("none", 0.9, None)):
+        run = fake_run(tmp_path / name, acc, [[0, 3], [0, 3]])
+        summary = json.loads((run / "summary.json").read_text())
+        if eps is not None:
+            summary["dp"] = {"epsilon": eps, "delta": 1e-5}
+        (run / "summary.json").write_text(json.dumps(summary))
+        runs.append(run)
+    drawn = {}
+    import matplotlib.axes
+
+    original = matplotlib.axes.Axes.plot
+
+    def spy(self, x, y, *args, **kwargs):
+        drawn["points"] = (list(x), list(y))
+        return original(self, x, y, *args, **kwargs)
+
+    matplotlib.axes.Axes.plot = spy
+    try:
+        plot_privacy([("eps 4", runs[0]), ("eps 4", runs[1]), ("plain", runs[2])], tmp_path / "p.png")
+    finally:
+        matplotlib.axes.Axes.plot = original
+    assert drawn["points"][0] == [4.0] and drawn["points"][1] == pytest.approx([40.0])  # one point: (before the fit 0.3 + 0.5) / 2
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "summary.json").write_text(json.dumps({"rounds": 1, "dp": {"epsilon": 1.0}}))
+    with pytest.raises(SystemExit, match="has no global accuracy"):
+        plot_privacy([("x", bare)], tmp_path / "q.png")

@@ -762,6 +762,8 @@ def test_privacy_spent_comes_from_the_accountant() -> None:
     assert dp_epsilon(more_noise, 5) < eps[2]
     with pytest.raises(ConfigError, match="dp_stats_feature_clip"):
         from_dict(RunConfig, {"federation": {"clip_update_norm": 1.0, "feed_importance": False, "dp_noise_multiplier": 1.0, "head_fit": "lda"}})
+    with pytest.raises(ConfigError, match=r"dp_delta: 0.5 is not below 1/num_clients \(0.25\)"):
+        from_dict(RunConfig, {"federation": {"num_clients": 4, "clip_update_norm": 1.0, "dp_noise_multiplier": 1.0, "feed_importance": False, "dp_delta": 0.5}})
     with pytest.raises(ConfigError, match="federation.feed_importance: under differential privacy"):
         from_dict(RunConfig, {"method": {"name": "alast"}, "federation": {"clip_update_norm": 1.0, "dp_noise_multiplier": 1.0, "feed_importance": True}})
     from_dict(RunConfig, {"method": {"name": "alast"}, "federation": {"clip_update_norm": 1.0, "dp_noise_multiplier": 1.0, "feed_importance": False}})

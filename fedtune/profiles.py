@@ -85,15 +85,37 @@ def proc_kib_field(path: str, key: str) -> int | None:
     return None
 
 
+def cgroup_available_bytes(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """What the memory limit of this process's container (a Linux cgroup, v2 or v1) leaves it:
+    the limit less the usage; None where no limit is set or none can be read."""
+    for limit_file, usage_file in (("memory.max", "memory.current"), ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        try:
+            limit = (root / limit_file).read_text().strip()
+            usage = int((root / usage_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit == "max" or not limit.isdigit() or int(limit) >= 1 << 60:  # v1 writes "no limit" as a number near 2^63
+            return None
+        return max(int(limit) - usage, 0)
+    return None
+
+
 def available_memory_bytes() -> int:
-    """Memory this device has available now (Linux MemAvailable; else free physical pages)."""
+    """Memory this device has available now: Linux MemAvailable (else free physical pages, else
+    psutil's figure, as on macOS and Windows), and no more than its container's memory limit leaves."""
     available = proc_kib_field("/proc/meminfo", "MemAvailable")
-    if available is not None:
-        return available
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        raise ConfigError("profile 'auto': cannot measure this device's available memory; name a profile instead") from None
+    if available is None:
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            try:
+                import psutil
+
+                available = int(psutil.virtual_memory().available)
+            except (ImportError, OSError, AttributeError):
+                raise ConfigError("profile 'auto': cannot measure this device's available memory; name a profile instead") from None
+    limited = cgroup_available_bytes()
+    return available if limited is None else min(available, limited)
 
 
 def measured_profile(share: float = 0.25) -> DeviceProfile:

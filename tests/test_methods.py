@@ -558,3 +558,28 @@ def test_proc_fields_are_read_in_bytes(tmp_path):
     assert proc_kib_field(str(meminfo), "MemAvailable") == 12288000 * 1024
     assert proc_kib_field(str(meminfo), "MemFree") is None and proc_kib_field(str(meminfo), "Broken") is None
     assert proc_kib_field(str(tmp_path / "missing"), "MemAvailable") is None
+
+
+def test_a_containers_memory_limit_bounds_the_measured_profile(tmp_path, monkeypatch):
+    from fedtune import profiles
+
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "memory.max").write_text("2147483648\n")
+    (v2 / "memory.current").write_text("536870912\n")
+    assert profiles.cgroup_available_bytes(v2) == 1536 << 20
+    (v2 / "memory.max").write_text("max\n")
+    assert profiles.cgroup_available_bytes(v2) is None
+    v1 = tmp_path / "v1" / "memory"
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1's "no limit"
+    (v1 / "memory.usage_in_bytes").write_text("100\n")
+    assert profiles.cgroup_available_bytes(tmp_path / "v1") is None
+    (v1 / "memory.limit_in_bytes").write_text("1073741824\n")
+    assert profiles.cgroup_available_bytes(tmp_path / "v1") == (1 << 30) - 100
+    assert profiles.cgroup_available_bytes(tmp_path / "none") is None
+    # a 2 GiB container on a host with 64 GiB available: the container's figure
+    monkeypatch.setattr(profiles, "proc_kib_field", lambda path, key: 64 << 30)
+    monkeypatch.setattr(profiles, "cgroup_available_bytes", lambda: 2 << 30)
+    assert profiles.available_memory_bytes() == 2 << 30
+    assert profiles.measured_profile().memory_bytes == 512 << 20

@@ -193,7 +193,8 @@ class ClientRuntime:
             if cfg.federation.personalization == "fedrep":
                 # FedRep: the (personal) head first, on the received body; then the body, head fixed
                 head_only = make_method(MethodConfig(name="head"), self.model, self.profile, cfg.train.batch_size, task, seed=seed + i)
-                Trainer(self.model, head_only, replace(tcfg, epochs=cfg.federation.rep_head_epochs), task).train(self.train_set.for_task(task))
+                head_phase = Trainer(self.model, head_only, replace(tcfg, epochs=cfg.federation.rep_head_epochs), task).train(self.train_set.for_task(task))
+                steps += head_phase.steps  # its compute counts with the body's (FLOPs, activation bytes, steps)
             if cfg.federation.personalization in ("fedrep", "fedbabu"):
                 method = HeadFixed(method)
             trainer = PersonalHeadTrainer(self.model, method, tcfg, task, personal_head=self.personal_heads.get(task),

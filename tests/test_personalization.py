@@ -121,7 +121,10 @@ def test_each_personalization_reports_what_it_promises(mode):
     cfg = tiny_run(federation={"num_clients": 4, "rounds": 2, "personalization": mode})
     rt = ClientRuntime(cfg, partition_id=1)
     glob = state_to_numpy(global_model(cfg))
-    update, _, _, state = rt.fit(glob, ClientState())
+    update, _, metrics, state = rt.fit(glob, ClientState())
+    if mode in ("fedrep", "none"):  # FedRep's head phase counts in the steps it reports: the head's epochs on top of the body's
+        body = -(-len(rt.train_set) // cfg.train.batch_size) * cfg.train.epochs
+        assert metrics.steps == body + (-(-len(rt.train_set) // cfg.train.batch_size) * cfg.federation.rep_head_epochs if mode == "fedrep" else 0)
     if mode == "local":
         assert update == {} and "vit.cls_token" in state.personal
     if mode == "ditto":

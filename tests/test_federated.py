@@ -133,6 +133,8 @@ def test_client_app_message_round_trip_keeps_state(task_identity):
     sent = reply.content.array_records[protocol.ARRAYS]
     assert set(sent.keys()) < set(glob)
     assert reply.content.metric_records[protocol.METRICS][protocol.NUM_EXAMPLES] > 0
+    # what it received, in the server's unit: tensor bytes (no serialization headers, no names)
+    assert reply.content.metric_records[protocol.METRICS]["bytes-received"] == sum(v.nbytes for v in glob.values())
     assert "fedtune.personal" in context.state.array_records
     ev = app(Message(record, dst_node_id=5, message_type=MessageType.EVALUATE), context)
     from clients.app import load_state

@@ -59,13 +59,18 @@ def app_dir() -> Path:
 # --- certificates -----------------------------------------------------------------------------
 
 
-def make_certs(folder: Path, hosts: list[str] | tuple[str, ...] = ()) -> dict[str, Path]:
-    """A self-signed CA and a server certificate for `hosts` (+ localhost, 127.0.0.1)."""
+def make_certs(folder: Path, hosts: list[str] | tuple[str, ...] = (), overwrite: bool = True) -> dict[str, Path]:
+    """A self-signed CA and a server certificate for `hosts` (+ localhost, 127.0.0.1). Without
+    `overwrite`, a folder that holds a CA already is refused: the devices given its ca.crt
+    would no longer trust the SuperLink."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+    if not overwrite and (folder / "ca.crt").exists():
+        raise DeployError(f"{folder / 'ca.crt'} exists: a new CA would make every device holding that ca.crt refuse the SuperLink; "
+                          "choose another folder, or pass --force to replace it")
     folder.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -101,12 +106,18 @@ def make_certs(folder: Path, hosts: list[str] | tuple[str, ...] = ()) -> dict[st
     plain = dict(encoding=pem, format=serialization.PrivateFormat.PKCS8, encryption_algorithm=serialization.NoEncryption())
     files = {"ca_cert": folder / "ca.crt", "ca_key": folder / "ca.key", "cert": folder / "server.pem", "key": folder / "server.key"}
     files["ca_cert"].write_bytes(ca.public_bytes(pem))
-    files["ca_key"].write_bytes(ca_key.private_bytes(**plain))
+    write_private(files["ca_key"], ca_key.private_bytes(**plain))
     files["cert"].write_bytes(cert.public_bytes(pem))
-    files["key"].write_bytes(key.private_bytes(**plain))
-    for name in ("ca_key", "key"):
-        files[name].chmod(0o600)
+    write_private(files["key"], key.private_bytes(**plain))
     return files
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """A private key's file, readable by its owner only from the moment it exists."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
 
 
 def make_node_key(folder: Path, name: str) -> tuple[Path, Path]:
@@ -118,8 +129,7 @@ def make_node_key(folder: Path, name: str) -> tuple[Path, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP384R1())
     private, public = folder / name, folder / f"{name}.pub"
-    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
-    private.chmod(0o600)
+    write_private(private, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
     public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n")
     return private, public
 
@@ -474,6 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("certs", help="write a test CA and a SuperLink certificate")
     c.add_argument("folder")
     c.add_argument("--host", action="append", default=[], help="extra host name or IP the SuperLink is reached at")
+    c.add_argument("--force", action="store_true", help="replace a CA the folder holds already")
     loc = sub.add_parser("local", help="SuperLink + SuperNodes on this machine, then `flwr run`")
     loc.add_argument("--nodes", type=int, default=2)
     loc.add_argument("--config", default="simulations/quickstart.yaml")
@@ -487,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.cmd == "certs":
-            for name, path in make_certs(Path(args.folder), args.host).items():
+            for name, path in make_certs(Path(args.folder), args.host, overwrite=args.force).items():
                 print(f"{name}: {path}")
             return 0
         profiles = args.profiles.split(",") if args.profiles else None

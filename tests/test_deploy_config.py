@@ -60,3 +60,19 @@ def test_deploy_local_refuses_before_starting_anything(tmp_path):
     with pytest.raises(ConfigError, match="stopped before its first checkpoint"):
         run_local(out, 2, config)
     assert not (out / "deploy").exists(), "no process was started"
+
+
+def test_deploy_certs_keeps_an_existing_ca_and_private_keys_are_owner_only(tmp_path, capsys):
+    import stat
+
+    from simulations.deploy import main
+
+    folder = tmp_path / "certs"
+    assert main(["certs", str(folder)]) == 0
+    ca = (folder / "ca.crt").read_bytes()
+    for key in ("ca.key", "server.key"):
+        assert stat.S_IMODE((folder / key).stat().st_mode) == 0o600
+    assert main(["certs", str(folder), "--host", "myserver.lan"]) == 1
+    assert "ca.crt exists" in capsys.readouterr().err and (folder / "ca.crt").read_bytes() == ca
+    assert main(["certs", str(folder), "--host", "myserver.lan", "--force"]) == 0
+    assert (folder / "ca.crt").read_bytes() != ca

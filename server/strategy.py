@@ -70,8 +70,8 @@ class SparseFedAvg(FedAvg):
     ----------
     weighting
         ``"examples"``: weight a reply by its num-examples. ``"updates"``: weight a
-        parameter by the sender's UPDATE_COUNTS for it (replies without
-        UPDATE_COUNTS fall back to num-examples).
+        parameter by the sender's UPDATE_COUNTS for it (a reply without them is
+        rejected: its example count is not in the same unit as the others' steps).
     personal_keys
         Parameter-name prefixes (e.g. ``"head."``) never aggregated; a client that
         sends them has them dropped, with a warning.
@@ -590,6 +590,8 @@ class SparseFedAvg(FedAvg):
     ) -> dict[str, float] | None:
         """The reply's per-parameter update counts, or None if it has none."""
         if protocol.UPDATE_COUNTS not in content:
+            if self.weighting == "updates":
+                raise _Rejected(f"weighting 'updates' needs {protocol.UPDATE_COUNTS!r}, which the reply lacks (its example count is not a step count)")
             return None
         record = content[protocol.UPDATE_COUNTS]
         if not isinstance(record, MetricRecord):

@@ -171,20 +171,19 @@ def test_weighting_by_update_counts() -> None:
     np.testing.assert_allclose(out["b"], [[3.25, 6.5], [0.75, 1.75]], rtol=1e-6)
 
 
-def test_weighting_by_updates_falls_back_to_examples() -> None:
-    # Prepare: node 2 sends no update counts, so its weight is its num-examples.
+def test_weighting_by_updates_rejects_a_reply_without_counts() -> None:
+    # node 2 sends no update counts: its example count is not a step count, so it is left out
     replies = [
         reply(1, arrays(a=[3, 5]), num_examples=100, counts={"a": 2}),
         reply(2, arrays(a=[7, 1]), num_examples=6),
+        reply(3, arrays(a=[7, 1]), num_examples=6, counts={"a": 6}),
     ]
     strategy = SparseFedAvg(weighting="updates")
     configured(strategy, global_arrays())
-
-    # Execute
     result, _ = strategy.aggregate_train(1, replies)
-
-    # Assert: (2*[3,5] + 6*[7,1]) / 8 = [48, 16] / 8
+    # (2*[3,5] + 6*[7,1]) / 8 = [48, 16] / 8
     np.testing.assert_allclose(result["a"].numpy(), [6.0, 2.0], rtol=1e-6)
+    assert [n for n, _ in strategy.last_rejections] == [2] and "needs 'update-counts'" in strategy.last_rejections[0][1]
 
 
 @pytest.mark.parametrize(

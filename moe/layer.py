@@ -40,6 +40,7 @@ from fedtune.model import check_task_names
 from fedtune.typedconfig import check_choices
 
 Router = Literal["per_task", "shared"]
+Priority = Literal["token", "gate"]
 ROUTERS: tuple[str, ...] = get_args(Router)
 BACKEND_NAMES = ("native", "tutel", "auto")
 
@@ -95,6 +96,7 @@ class MoEConfig:
     backend: str = "native"  # native | tutel | auto (tutel when importable, else native)
     train_experts: int | None = None  # per trained MoE block, train only the N experts the task routes most tokens to (None: every routed expert)
     shared_experts: int = 0  # experts every token also goes through, trained by every task (DeepSeekMoE's shared experts, PLE's shared tower); output = (shared + routed mixture) / (shared_experts + 1), so an upcycled layer still equals the dense MLP
+    priority: Priority = "token"  # which assignments get an expert's slots first when it is over capacity: token: token order (GShard; the batch's last images lose theirs) | gate: the tokens the router is surest of first (V-MoE's batch-prioritized routing)
     task_prior: float = 0.0  # per_task routers: > 0 gives each router a bias, starting at this logit bonus on the task's own group of experts (the experts split evenly over the tasks, in order) and 0 elsewhere, so tasks begin on different experts (use capacity_factor None with it: the capacity assumes tokens spread over all experts); 0: bias-free routers
 
     def validate(self, prefix: str = "") -> None:
@@ -169,24 +171,33 @@ def capacity(factor: float | None, tokens: int, top_k: int, num_experts: int) ->
     return max(1, math.ceil(factor * tokens * top_k / num_experts))
 
 
-def route(logits: torch.Tensor, top_k: int, cap: int | None) -> tuple[Routing, MoEStats]:
+def route(logits: torch.Tensor, top_k: int, cap: int | None, priority: str = "token") -> tuple[Routing, MoEStats]:
     """Top-k routing of [T, E] router logits with a per-expert capacity, and its statistics.
 
-    Slots are given in a fixed order: every token's first choice (in token
-    order) before any token's second choice, and so on (GShard, tutel), so the
-    assignments over capacity are the low-priority ones and the result is
-    deterministic.
+    Slots are given in a fixed order: every token's first choice before any
+    token's second choice, and so on (GShard, tutel), so the assignments over
+    capacity are the low-priority ones and the result is deterministic. Within a
+    choice, tokens go in token order (`priority` "token") or, "gate", by their
+    highest router probability, the surest first (V-MoE's batch-prioritized
+    routing: a full expert drops the tokens it matters least to, wherever they
+    are in the batch).
     """
     logits = logits.float()
     T, E = logits.shape
     top_logits, indices = logits.topk(top_k, dim=-1)
+    order = None
+    if priority == "gate" and cap is not None:
+        order = torch.argsort(logits.detach().softmax(dim=-1).amax(dim=-1), descending=True, stable=True)
     # top-1: the gate is exactly 1 and carries no gradient; leaving the logits out of it keeps
     # the router's grad None (not a zero tensor), so a router only the task loss would
     # train is neither counted as updated, nor sent, nor decayed by AdamW
     gates = top_logits.softmax(dim=-1) if top_k > 1 else torch.ones_like(top_logits)
-    onehot = F.one_hot(indices.t().reshape(-1), E)  # [k*T, E], rank-major
+    ranked = indices if order is None else indices[order]
+    onehot = F.one_hot(ranked.t().reshape(-1), E)  # [k*T, E], rank-major
     slot = onehot.cumsum(dim=0) - 1
     locations = (slot * onehot).sum(dim=-1).view(top_k, T).t()
+    if order is not None:  # back to token order
+        locations = torch.empty_like(locations).index_copy_(0, order, locations)
     kept = locations < cap if cap is not None else torch.ones_like(locations, dtype=torch.bool)
 
     counts = onehot.sum(dim=0)
@@ -278,6 +289,7 @@ class MoEMlp(nn.Module):
         self.top_k = cfg.top_k
         self.capacity_factor = cfg.capacity_factor
         self.eval_capacity_factor = cfg.eval_capacity_factor
+        self.priority = cfg.priority
         # The expert count the capacity formula divides by: a pruned layer keeps its
         # parent's, so it drops exactly the same assignments.
         self.capacity_experts = capacity_experts or num_experts
@@ -340,7 +352,7 @@ class MoEMlp(nn.Module):
         flat = x.reshape(-1, x.shape[-1])
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
         cap = capacity(factor, flat.shape[0], self.top_k, self.capacity_experts)
-        routing, stats = route(self.router_logits(flat, task), self.top_k, cap)
+        routing, stats = route(self.router_logits(flat, task), self.top_k, cap, getattr(self, "priority", "token"))
         out = BACKENDS[self.backend](flat, self.experts, routing)
         if self.num_shared:
             out = (out + sum(expert(flat) for expert in self.shared_experts)) / (self.num_shared + 1)

@@ -80,6 +80,31 @@ def test_route_top1_capacity_drops_later_tokens():
     torch.testing.assert_close(stats.aux_loss, torch.tensor(1.0))
 
 
+def test_route_gate_priority_keeps_the_surest_tokens_wherever_they_are():
+    """V-MoE's batch-prioritized routing: with the same logits as above, the later, surer token of
+    each expert keeps the slot; the slots still fill from 0, and every token's first choice comes
+    before any second choice."""
+    logits = torch.tensor([[2.0, 0.0], [3.0, 0.0], [0.0, 1.0], [0.0, 5.0]])
+    r, stats = route(logits, top_k=1, cap=1, priority="gate")
+    assert r.locations[:, 0].tolist() == [1, 0, 1, 0]
+    assert r.kept[:, 0].tolist() == [False, True, False, True]
+    assert stats.dropped.tolist() == [1, 1]
+    # no capacity, or token priority: as before
+    assert route(logits, top_k=1, cap=None, priority="gate")[0].kept.all()
+    assert route(logits, top_k=1, cap=1)[0].kept[:, 0].tolist() == [True, False, True, False]
+    r2, _ = route(torch.tensor([[1.0, 0.5, 0.0], [5.0, 0.0, 4.0]]), top_k=2, cap=1, priority="gate")
+    assert r2.locations.tolist() == [[1, 0], [0, 0]] and r2.kept.tolist() == [[False, True], [True, True]]
+    # the layer's setting reaches its routing, and a typo is named
+    x = torch.randn(2, 9, 8)
+    token = layer(MoEConfig(num_experts=4, top_k=1, capacity_factor=0.5)).train()
+    gate = layer(MoEConfig(num_experts=4, top_k=1, capacity_factor=0.5, priority="gate")).train()
+    _, st_token = token(x, "a")
+    _, st_gate = gate(x, "a")
+    assert torch.equal(st_token.expert_counts, st_gate.expert_counts) and torch.equal(st_token.dropped, st_gate.dropped)
+    with pytest.raises(ConfigError, match="moe.priority: must be one of 'token', 'gate'"):
+        from_dict(MoEConfig, {"priority": "first"}, prefix="moe.")
+
+
 def test_route_top2_first_choices_get_slots_first():
     logits = torch.tensor([[3.0, 2.0, 1.0], [3.0, 1.0, 2.0]])
     r, stats = route(logits, top_k=2, cap=1)

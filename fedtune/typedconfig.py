@@ -207,6 +207,27 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        _refuse_yaml11_number(self.construct_scalar(node), node)
+        return super().construct_yaml_int(node)
+
+    def construct_yaml_float(self, node: yaml.ScalarNode) -> float:
+        _refuse_yaml11_number(self.construct_scalar(node), node)
+        return super().construct_yaml_float(node)
+
+
+def _refuse_yaml11_number(text: str, node: yaml.ScalarNode) -> None:
+    """YAML 1.1 (PyYAML) reads 010 as 8 (octal) and 1:30 as 90 (base 60), which YAML 1.2 and a
+    reader do not: such a number is refused instead of changed silently."""
+    digits = text.lstrip("+-").replace("_", "")
+    if ":" in text or (len(digits) > 1 and digits[0] == "0" and digits[1:2].isdigit()):
+        raise yaml.constructor.ConstructorError(None, None, f"{text!r} is ambiguous (YAML 1.1 reads a leading 0 as octal and a ':' as base 60): "
+                                                "write the number without them, or quote it for a string", node.start_mark)
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _UniqueKeyLoader.construct_yaml_int)
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:float", _UniqueKeyLoader.construct_yaml_float)
+
 
 def _read_mapping(path: Path) -> dict[str, Any]:
     if not path.is_file():
@@ -254,7 +275,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key:
         raise ConfigError(f"override {text!r} has an empty key")
     try:
-        return key.split("."), yaml.safe_load(raw)
+        return key.split("."), yaml.load(raw, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {text!r}: the value is not valid YAML ({getattr(exc, 'problem', exc)}); quote it or close its brackets") from exc
 

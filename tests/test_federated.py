@@ -196,6 +196,16 @@ def test_bad_run_configs(tmp_path):
     bad.write_text("federation: &f {num_clients: 4}\ntrain: {epochs: 1}\nmodel: {name: vit_tiny_patch16_224}\n"
                    "partition: {<<: {alpha: 0.3}}\n")  # YAML merge keys read as YAML says
     assert load_run_config(bad).partition.alpha == 0.3
+    # YAML 1.1 would read these as 8 and 90: refused, in a file and in an override
+    bad.write_text("train:\n  batch_size: 010\n")
+    with pytest.raises(ConfigError, match="'010' is ambiguous"):
+        load_run_config(bad)
+    bad.write_text("federation:\n  round_timeout_s: 1:30\n")
+    with pytest.raises(ConfigError, match="'1:30' is ambiguous"):
+        load_run_config(bad)
+    with pytest.raises(ConfigError, match="'010' is ambiguous"):
+        load_run_config(None, ["train.batch_size=010"])
+    assert load_run_config(None, ["train.batch_size=10", "train.lr=1e-4", "seed=0"]).train.batch_size == 10
     bad.write_text("federation:\n  profiles: [rpi, toaster]\n")
     with pytest.raises(ConfigError, match="unknown device profile 'toaster'"):
         load_run_config(bad)

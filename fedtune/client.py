@@ -236,6 +236,8 @@ class ClientRuntime:
             steps=len(steps),
             flops_per_step=float(np.mean(flops)) if flops else 0.0,
             activation_bytes=int(max((s.activation_bytes for s in steps), default=0)),
+            memory_bytes=int(max((s.activation_bytes + s.trainable_state_bytes for s in steps), default=0)),
+            steps_over_memory_budget=sum(s.activation_bytes + s.trainable_state_bytes > self.profile.memory_bytes for s in steps),
             trainable_params=int(max((s.trainable_params for s in steps), default=0)),
             step_time_s=float(np.median([s.step_time_s for s in steps])) if steps else 0.0,
             time_s=time.perf_counter() - start,

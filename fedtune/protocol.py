@@ -91,6 +91,8 @@ class TrainMetrics:
     steps: int = 0  # optimizer steps this round
     flops_per_step: float = 0.0  # measured training FLOPs per step (mean of the counted steps)
     activation_bytes: int = 0  # largest activation bytes saved for backward in a step
+    memory_bytes: int = 0  # largest measured training memory of a step: activations plus trainable state (what a device profile budgets)
+    steps_over_memory_budget: int = 0  # steps whose measured memory passed the device profile's budget (the planner's estimate ran low)
     trainable_params: int = 0  # largest number of trainable parameters in a step
     step_time_s: float = 0.0  # median step time
     time_s: float = 0.0  # the whole round on the client

@@ -409,6 +409,7 @@ class ServerRunner:
             "partition_id": m.partition_id, "profile": self.cfg.profile_of(max(m.partition_id, 0)),
             "num_examples": m.num_examples, "loss": m.train_loss, "train_accuracy": m.train_accuracy,
             "steps": m.steps, "flops_per_step": m.flops_per_step, "activation_bytes": m.activation_bytes,
+            "memory_bytes": m.memory_bytes, "steps_over_memory_budget": m.steps_over_memory_budget,
             "trainable_params": m.trainable_params, "time_s": m.time_s, "bytes_sent": m.bytes_sent,
             "bytes_received": m.bytes_received, "block_updates": m.block_updates, "importance": m.importance,
             "tasks": [self.tasks[i] if 0 <= i < len(self.tasks) else f"unknown task id {i}" for i in m.task_ids],
@@ -509,6 +510,8 @@ class ServerRunner:
             # the largest reply one client sent in one round (accepted replies)
             "bytes_up_client_max": int(max((c.get("bytes_sent") or 0 for r in rounds for c in r.get("clients", []) if c.get("accepted")), default=0)),
             "rejected_replies": int(sum(len(r.get("rejected", [])) for r in rounds)),
+            # client rounds whose measured training memory passed their device profile's budget on some step
+            "client_rounds_over_memory_budget": int(sum(1 for r in rounds for c in r.get("clients", []) if c.get("accepted") and (c.get("steps_over_memory_budget") or 0) > 0)),
             "wall_time_s": round(self.time_before + time.time() - self.started, 1),  # over every process of a resumed run
             "peak_rss_bytes": int(peak),
             "rss_bytes_per_round": [r.get("rss_bytes_with_workers") for r in rounds],

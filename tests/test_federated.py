@@ -699,3 +699,25 @@ def test_a_round_samples_clients_per_round_whatever_the_float_rounding(tmp_path,
     arrays = ArrayRecord({"a": Array(np.zeros(2, dtype=np.float32))})
     assert len(list(strategy.configure_train(1, arrays, ConfigRecord(), grid))) == 15
     assert len(list(strategy.configure_evaluate(1, arrays, ConfigRecord(), grid))) == 15
+
+
+def test_a_client_reports_its_measured_memory_against_its_profile(monkeypatch):
+    """The planner plans on estimates; the client reports what its steps measured and how many
+    passed its profile's budget."""
+    import fedtune.client as client_module
+    from fedtune.profiles import PROFILES, DeviceProfile
+
+    cfg = tiny_run()
+    glob = state_to_numpy(global_model(cfg))
+    roomy = ClientRuntime(cfg, partition_id=0, profile="workstation")
+    _, _, m, _ = roomy.fit(glob, ClientState())
+    assert m.memory_bytes > m.activation_bytes > 0 and m.steps_over_memory_budget == 0
+    # a budget just under what the plan measured, the plan made as before (as when the
+    # planner's estimate runs low): every step is over it
+    planner = client_module.make_method
+    monkeypatch.setattr(client_module, "make_method", lambda method, model, profile, *a, **k: planner(method, model, "workstation", *a, **k))
+    tight = ClientRuntime(cfg, partition_id=0, profile="workstation")
+    tight.profile = DeviceProfile("tight", memory_bytes=m.memory_bytes - 1, flops_per_sample=PROFILES["workstation"].flops_per_sample)
+    _, _, m2, _ = tight.fit(glob, ClientState())
+    assert m2.memory_bytes == m.memory_bytes and m2.steps_over_memory_budget == m2.steps > 0
+    assert protocol.TrainMetrics.from_dict(m2.to_dict()).steps_over_memory_budget == m2.steps

@@ -151,3 +151,24 @@ def test_the_fmnist_benches_differ_as_their_headers_say():
     assert main.variants["alast_tight"]["alast"]["mean_budget"] == 0.2
     assert (contours.data, contours.train, contours.method, contours.seeds) == (shipped.data, shipped.train, shipped.method, shipped.seeds)
     assert (main.data, main.train, main.seeds, main.budgets) == (shipped.data, shipped.train, shipped.seeds, shipped.budgets)
+
+
+def test_every_shipped_asset_is_verified_against_a_checksum(tmp_path):
+    """Each asset carries its tensors' checksum or is listed with it; a damaged copy is refused."""
+    from safetensors.torch import load_file, save_file
+
+    from fedtune.errors import CheckpointError
+    from fedtune.model import UNSTAMPED_ASSETS, read_state
+    from fedtune.weights import ASSETS
+
+    for path in sorted(ASSETS.glob("*.safetensors")):
+        _, raw = read_state(path)  # verified
+        assert "sha256" in raw or path.name in UNSTAMPED_ASSETS, path.name
+    damaged = tmp_path / "assets" / "vit_tiny_p4_32_pretrained.safetensors"
+    damaged.parent.mkdir()
+    state = load_file(str(ASSETS / damaged.name))
+    first = sorted(state)[0]
+    state[first] = state[first] + 1e-3
+    save_file(state, str(damaged), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        read_state(damaged)

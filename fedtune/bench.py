@@ -35,6 +35,7 @@ from .errors import ConfigError, FedtuneError
 from .heads import class_stats, extract_features, lda_head
 from .methods import METHOD_NAMES, Method, MethodConfig, make_method, prepare_model
 from .model import FedViT, ModelConfig, build_model
+from .profiles import UNLIMITED, DeviceProfile, get_profile
 from .trainer import TrainConfig, Trainer
 from .typedconfig import check_choices, deep_merge, from_dict, to_dict
 from .weights import resolve_pretrained
@@ -71,6 +72,7 @@ class BenchConfig:
     eval_autocast: bool = False  # evaluate (features for the head fit and the test) in bfloat16 autocast
     cost_steps: int = 6  # --cost-only: steps per method (the first counts FLOPs and warms up; the median of the rest is the step time)
     device: Literal["cpu", "cuda"] = "cpu"  # where the accuracy runs train and evaluate (--cost-only uses CUDA when present)
+    profile: str | None = None  # a device profile every method plans within (None: no limit: the bench compares methods, not devices)
 
     def __post_init__(self) -> None:
         # a config's own variants add to the named ones (a name given again replaces that one)
@@ -103,8 +105,17 @@ class BenchConfig:
             raise ConfigError(f"{prefix}head_fit_samples: must be >= 2 or null, got {self.head_fit_samples}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"{prefix}device: 'cuda' but torch sees no CUDA device here; use 'cpu'")
+        if self.profile is not None:
+            get_profile(self.profile)  # an unknown name is a ConfigError naming the known ones
         if self.cost_steps < 3:
             raise ConfigError(f"{prefix}cost_steps: must be >= 3 (the first counts FLOPs and warms up, the rest are timed), got {self.cost_steps}")
+
+
+def bench_profile(cfg: BenchConfig) -> DeviceProfile:
+    """The profile the bench's methods plan within: `cfg.profile`, or none that binds (a plan
+    for ViT-B at 224 and a large batch passes the workstation profile's 16 GiB, and BSR would
+    drop blocks to fit it: the row would no longer be BSR's plan)."""
+    return get_profile(cfg.profile) if cfg.profile else UNLIMITED
 
 
 def quick(cfg: BenchConfig) -> BenchConfig:
@@ -179,7 +190,7 @@ def _run_one(cfg: BenchConfig, model_cfg: ModelConfig, data, task: str, spec: st
     mcfg = method_config(cfg.method, spec, cfg.variants)
     prepare_model(model, mcfg)
     model.to(cfg.device)
-    method = make_method(mcfg, model, None, cfg.train.batch_size, task, seed=seed)
+    method = make_method(mcfg, model, bench_profile(cfg), cfg.train.batch_size, task, seed=seed)
     tcfg = replace(cfg.train, seed=seed)
     if max_steps is not None:
         per_epoch = math.ceil(len(data.train) / tcfg.batch_size)
@@ -496,7 +507,7 @@ def _cost_worker(args: tuple) -> dict:
     mcfg = method_config(cfg.method, spec, cfg.variants)
     prepare_model(model, mcfg)
     model.to(device)
-    method = make_method(mcfg, model, None, cfg.train.batch_size, "task")
+    method = make_method(mcfg, model, bench_profile(cfg), cfg.train.batch_size, "task")
     trainer = Trainer(model, method, replace(cfg.train, max_steps=cfg.cost_steps, warmup_steps=0), "task")
     g = torch.Generator().manual_seed(0)
     size, chans = cfg.model.img_size, cfg.model.in_chans

@@ -72,6 +72,7 @@ PROFILES: dict[str, DeviceProfile] = {
 
 
 AUTO = "auto"  # measure this device instead of naming a profile
+UNLIMITED = DeviceProfile("unlimited", memory_bytes=1 << 62, flops_per_sample=1e30, description="no limit (the bench's methods, compared as planned)")
 
 
 def proc_kib_field(path: str, key: str) -> int | None:

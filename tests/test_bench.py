@@ -191,3 +191,24 @@ def test_sweep_grid_accepts_the_bench_configs_own_variants():
     check_grid(grid, "g.yaml", ["full", "alast", "alast_tight", "mine"])  # "mine": a variant of the bench config
     with pytest.raises(ConfigError, match="unknown method 'mine'"):
         check_grid(grid, "g.yaml", ["full", "alast", "alast_tight"])
+
+
+def test_the_bench_plans_without_a_device_limit_unless_given_one():
+    """A bench row is the method's own plan: no profile shrinks it (BSR dropped blocks to fit the
+    workstation's 16 GiB at large batches); a named profile binds, and an unknown one is named."""
+    from fedtune.bench import BenchConfig, bench_profile
+    from fedtune.errors import ConfigError, PlanError
+    from fedtune.methods import MethodConfig, make_method
+    from fedtune.model import ModelConfig, build_model
+    from fedtune.typedconfig import from_dict
+
+    from .conftest import TINY
+
+    model = build_model(ModelConfig(**TINY), {"task": 3})
+    bsr = from_dict(MethodConfig, {"name": "bsr", "bsr": {"train_blocks": [1, 2, 3], "drop_blocks": [], "keep_ratio": 1.0}})
+    huge = 1 << 22  # images a step: far over 16 GiB of activations
+    assert sorted(make_method(bsr, model, bench_profile(BenchConfig()), huge, "task").plan().trained) == [1, 2, 3]
+    with pytest.raises(PlanError):
+        make_method(bsr, model, bench_profile(from_dict(BenchConfig, {"profile": "workstation"})), huge, "task")
+    with pytest.raises(ConfigError, match="unknown device profile 'h200'"):
+        from_dict(BenchConfig, {"profile": "h200"})

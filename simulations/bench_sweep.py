@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from fedtune.bench import BenchConfig, _run_one, on_device
+from fedtune.bench import BenchConfig, _run_one, method_config, on_device
 from fedtune.cli import _load
 from fedtune.data import DataConfig, load_data
 from fedtune.data.core import DataSplit, _cap
@@ -58,15 +58,31 @@ def check_grid(grid, path: str, methods: list[str]) -> None:
         if names.count(name) > 1:
             raise ConfigError(f"{path}: point {name!r} is listed twice")
         method = point.get("method", name)
-        if method not in methods and "variant" not in point:
+        if method.removesuffix("+lora") not in methods and "variant" not in point:
             raise ConfigError(f"{path}: point {name!r}: unknown method {method!r}; give 'method' (one of {', '.join(methods)}) or a 'variant'")
+
+
+def point_config(base: BenchConfig, point: dict, path: str) -> tuple[BenchConfig, str]:
+    """The bench config and method of one grid point: its train overrides and variant applied,
+    and checked (a bad point is named before any point runs, not when its turn comes)."""
+    try:
+        train = from_dict(type(base.train), deep_merge(to_dict(base.train), point.get("train", {})), prefix="train.")
+        variants = dict(base.variants)
+        method = point.get("method", point["name"])
+        if "variant" in point:
+            variants[point["name"]] = deep_merge(dict(variants.get(method.removesuffix("+lora"), {"name": method.removesuffix("+lora")})), point["variant"])
+            method = point["name"] + ("+lora" if method.endswith("+lora") else "")
+        method_config(base.method, method, variants)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: point {point['name']!r}: {exc}") from exc
+    return replace(base, train=train, variants=variants), method
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--grid", required=True)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--deadline-s", type=float, default=None, help="start no new point after this many seconds")
     args = ap.parse_args(argv)
     grid = yaml.safe_load(Path(args.grid).read_text())
@@ -74,6 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     base: BenchConfig = _load(BenchConfig, spec.get("bench", "simulations/bench_fmnist.yaml"), spec.get("set", []))
     check_grid(grid, args.grid, [*METHOD_NAMES, *base.variants])  # base.variants: the defaults and the config's own
     base = replace(base, device=args.device)
+    base.validate()  # the device too
+    points = [(point, *point_config(base, point, args.grid)) for point in grid["points"]]
     seeds = grid.get("seeds", base.seeds)
     data = on_device(split_train_val(base.data, grid.get("val_size", 10_000)), args.device)
     task = base.task or data.train.tasks[0]
@@ -82,17 +100,10 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     rows = []
-    for point in grid["points"]:
+    for point, cfg, method in points:
         if args.deadline_s is not None and time.time() - started > args.deadline_s:
             print(f"deadline: skipping {point['name']}", file=sys.stderr, flush=True)
             continue
-        train = from_dict(type(base.train), deep_merge(to_dict(base.train), point.get("train", {})))
-        variants = dict(base.variants)
-        method = point.get("method", point["name"])
-        if "variant" in point:
-            variants[point["name"]] = deep_merge(dict(variants.get(method, {"name": method})), point["variant"])
-            method = point["name"]
-        cfg = replace(base, train=train, variants=variants)
         runs = []
         for seed in seeds:
             t0 = time.time()

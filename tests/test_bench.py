@@ -172,6 +172,9 @@ def test_sweep_trains_on_the_bench_subset_and_scores_on_other_training_images(tm
     ("points:\n  - {method: full}\n", r"points\[0\] needs a 'name'"),
     ("points:\n  - {name: a, method: full}\n  - {name: a, method: alast}\n", "'a' is listed twice"),
     ("points:\n  - {name: fulll}\n", "point 'fulll': unknown method 'fulll'"),
+    # each point's settings are checked before the first point runs, not when its turn comes
+    ("points:\n  - {name: full}\n  - {name: a, method: alast, variant: {alast: {kk: 1}}}\n", "point 'a': .*unknown key"),
+    ("points:\n  - {name: full}\n  - {name: b, method: full, train: {batch_size: 0}}\n", "point 'b': train.batch_size"),
 ])
 def test_sweep_grid_errors_name_the_problem(tmp_path, text, message):
     from fedtune.errors import ConfigError
@@ -189,6 +192,7 @@ def test_sweep_grid_accepts_the_bench_configs_own_variants():
 
     grid = {"points": [{"name": "mine"}, {"name": "alast_tight"}]}
     check_grid(grid, "g.yaml", ["full", "alast", "alast_tight", "mine"])  # "mine": a variant of the bench config
+    check_grid({"points": [{"name": "lora", "method": "alast+lora"}]}, "g.yaml", ["full", "alast"])  # as the bench takes it
     with pytest.raises(ConfigError, match="unknown method 'mine'"):
         check_grid(grid, "g.yaml", ["full", "alast", "alast_tight"])
 

@@ -183,6 +183,7 @@ class ClientRuntime:
         block_updates = [0] * self.model.depth
         expert_counts: dict[str, dict[int, list[int]]] = {}
         examples, loss_sum, correct = 0, 0.0, 0.0
+        survey_flops = 0.0
         for i, task in enumerate(self.tasks):
             method = make_method(cfg.method, self.model, self.profile, cfg.train.batch_size, task, seed=seed + i)
             method.load_state_dict(kept)
@@ -205,6 +206,7 @@ class ClientRuntime:
             if cfg.federation.balanced_loss:
                 trainer.log_prior = balanced_softmax_adjustment(data.labels[task], data.num_classes[task])
             result = trainer.train(data)
+            survey_flops += result.survey_flops
             counts_all.update(result.update_counts)
             block_updates = [a + b for a, b in zip(block_updates, result.block_updates, strict=True)]
             steps += result.steps
@@ -235,6 +237,7 @@ class ClientRuntime:
             train_accuracy=correct / max(examples, 1),
             steps=len(steps),
             flops_per_step=float(np.mean(flops)) if flops else 0.0,
+            survey_flops=survey_flops,
             activation_bytes=int(max((s.activation_bytes for s in steps), default=0)),
             memory_bytes=int(max((s.activation_bytes + s.trainable_state_bytes for s in steps), default=0)),
             steps_over_memory_budget=sum(s.activation_bytes + s.trainable_state_bytes > self.profile.memory_bytes for s in steps),

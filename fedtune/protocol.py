@@ -90,6 +90,7 @@ class TrainMetrics:
     train_accuracy: float | None = None  # on the training batches, as seen during training
     steps: int = 0  # optimizer steps this round
     flops_per_step: float = 0.0  # measured training FLOPs per step (mean of the counted steps)
+    survey_flops: float = 0.0  # FLOPs of the forward passes before training that choose blocks or experts (not in flops_per_step)
     activation_bytes: int = 0  # largest activation bytes saved for backward in a step
     memory_bytes: int = 0  # largest measured training memory of a step: activations plus trainable state (what a device profile budgets)
     steps_over_memory_budget: int = 0  # steps whose measured memory passed the device profile's budget (the planner's estimate ran low)

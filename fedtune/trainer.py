@@ -109,6 +109,7 @@ class TrainResult:
     expert_counts: dict[int, list[int]] = field(default_factory=dict)  # MoE: block -> tokens routed to each expert
     head_fit_s: float = 0.0  # wall time of the head fits (feature extraction included)
     head_fit_flops: float = 0.0  # FLOPs of the head fits' feature extraction (no autograd, every token)
+    survey_flops: float = 0.0  # FLOPs of the survey's forward passes before training (ALaST's survey_batches, MoE's train_experts)
 
     def summary(self) -> dict:
         timed = [s.step_time_s for s in self.steps if s.train_flops is None] or [s.step_time_s for s in self.steps]
@@ -125,6 +126,7 @@ class TrainResult:
             "num_examples": self.num_examples,
             "head_fit_s": round(self.head_fit_s, 2),
             "head_fit_flops": self.head_fit_flops,
+            "survey_flops": self.survey_flops,
             "plan_time_s": float(np.median([s.plan_time_s for s in self.steps])) if self.steps else 0.0,
             "blocks_trained_mean": float(np.mean([s.blocks_trained for s in self.steps])) if self.steps else 0.0,
             "blocks_trained_per_step": [s.blocks_trained for s in self.steps],
@@ -176,13 +178,16 @@ class Trainer:
         self._base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.global_step = 0
         self.total_steps = 0
+        self.last_survey_flops = 0.0  # FLOPs of the last survey's forward passes
         self.experts: tuple[tuple[int, tuple[int, ...]], ...] = ()  # MoE: the experts that train (the model's experts_to_train)
         self.log_prior: torch.Tensor | None = None  # [classes] the client's log class priors: the loss is balanced softmax (balanced_softmax_adjustment)
 
     @torch.no_grad()
     def survey(self, data: ImageSet, max_batches: int) -> list[Trace]:
         """What forward passes without autograd observe on up to `max_batches` batches of
-        `data` under the method's current plan (class-token deltas, MoE routing)."""
+        `data` under the method's current plan (class-token deltas, MoE routing); their FLOPs
+        go to `last_survey_flops`."""
+        self.last_survey_flops = 0.0
         if max_batches < 1 or len(data) == 0:
             return []
         was_training = self.model.training
@@ -193,9 +198,12 @@ class Trainer:
         plan = self.method.plan()
         traces = []
         loader = data.loader(self.cfg.batch_size, shuffle=True, seed=self.cfg.seed, task=self.task)
-        for images, _ in itertools.islice(loader, max_batches):
-            traces.append(Trace())
-            self.model.forward_features(images, plan, self.task, trace=traces[-1])
+        counter = flop_counter_mode()
+        with counter:
+            for images, _ in itertools.islice(loader, max_batches):
+                traces.append(Trace())
+                self.model.forward_features(images, plan, self.task, trace=traces[-1])
+        self.last_survey_flops = float(counter.get_total_flops())
         self.model.train(was_training)
         return traces
 
@@ -280,7 +288,7 @@ class Trainer:
         traces = self.survey(data, max(self.method.survey_batches, self.model.survey_batches))
         self.method.survey(traces[: self.method.survey_batches])
         self.experts = self.model.experts_to_train(traces[: self.model.survey_batches])
-        result = TrainResult(block_updates=[0] * self.model.depth)
+        result = TrainResult(block_updates=[0] * self.model.depth, survey_flops=self.last_survey_flops)
         if self.cfg.head_fit in ("before", "both"):
             self.fit_heads(data, result)
         loader = data.loader(self.cfg.batch_size, shuffle=True, seed=self.cfg.seed, task=self.task)

@@ -408,7 +408,7 @@ class ServerRunner:
             "node_id": c.get("node_id"), "accepted": c.get("accepted"), "reason": c.get("reason"),
             "partition_id": m.partition_id, "profile": self.cfg.profile_of(max(m.partition_id, 0)),
             "num_examples": m.num_examples, "loss": m.train_loss, "train_accuracy": m.train_accuracy,
-            "steps": m.steps, "flops_per_step": m.flops_per_step, "activation_bytes": m.activation_bytes,
+            "steps": m.steps, "flops_per_step": m.flops_per_step, "survey_flops": m.survey_flops, "activation_bytes": m.activation_bytes,
             "memory_bytes": m.memory_bytes, "steps_over_memory_budget": m.steps_over_memory_budget,
             "trainable_params": m.trainable_params, "time_s": m.time_s, "bytes_sent": m.bytes_sent,
             "bytes_received": m.bytes_received, "block_updates": m.block_updates, "importance": m.importance,

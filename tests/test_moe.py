@@ -586,6 +586,10 @@ def test_train_experts_trains_only_the_most_used_experts(images):
             assert result.expert_counts[b][e] > 0  # every expert got tokens; only the chosen one trained
     sent_experts = {(int(n.split(".")[2]), int(n.split(".")[5])) for n in result.update_counts if ".mlp.experts." in n}
     assert sent_experts == {(b, chosen[b][0]) for b in (1, 3)}
+    # the survey that chose them ran forward passes: their FLOPs are reported apart from the steps'
+    assert result.survey_flops > 0 and result.summary()["survey_flops"] == result.survey_flops
+    plain = Trainer(moe_model(num_experts=4, top_k=2, capacity_factor=None, blocks=[1, 3]), method, TrainConfig(epochs=1, batch_size=8), "a")
+    assert plain.survey(data, 0) == [] and plain.last_survey_flops == 0.0
     with pytest.raises(ConfigError, match="train_experts"):
         MoEConfig(num_experts=4, train_experts=5).validate("moe.")
 

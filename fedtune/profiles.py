@@ -88,8 +88,11 @@ def proc_kib_field(path: str, key: str) -> int | None:
 
 def cgroup_available_bytes(root: Path = Path("/sys/fs/cgroup")) -> int | None:
     """What the memory limit of this process's container (a Linux cgroup, v2 or v1) leaves it:
-    the limit less the usage; None where no limit is set or none can be read."""
-    for limit_file, usage_file in (("memory.max", "memory.current"), ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+    the limit less the usage, the usage without the inactive file cache the kernel reclaims
+    before it kills anything (as docker and the kubelet count it); None where no limit is set
+    or none can be read."""
+    for limit_file, usage_file, stat_file, cache_key in (("memory.max", "memory.current", "memory.stat", "inactive_file"),
+                                                          ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat", "total_inactive_file")):
         try:
             limit = (root / limit_file).read_text().strip()
             usage = int((root / usage_file).read_text().strip())
@@ -97,7 +100,15 @@ def cgroup_available_bytes(root: Path = Path("/sys/fs/cgroup")) -> int | None:
             continue
         if limit == "max" or not limit.isdigit() or int(limit) >= 1 << 60:  # v1 writes "no limit" as a number near 2^63
             return None
-        return max(int(limit) - usage, 0)
+        cache = 0
+        try:
+            for line in (root / stat_file).read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == cache_key:
+                    cache = int(value)
+        except (OSError, ValueError):
+            pass
+        return max(int(limit) - max(usage - cache, 0), 0)
     return None
 
 

@@ -161,7 +161,7 @@ class FederationConfig:
                                   "(the statistics' sensitivity), or use head_fit: none")
             if not self.dp_delta < 1 / self.num_clients:
                 raise ConfigError(f"{prefix}dp_delta: {self.dp_delta} is not below 1/num_clients ({1 / self.num_clients:.3g}): a (epsilon, delta) "
-                                  "guarantee with delta that large allows releasing a client's data outright; use a delta far below 1/num_clients (the default is 1e-5)")
+                                  "guarantee with delta that large allows releasing a client's data outright; set a delta far below 1/num_clients (e.g. 0.1/num_clients)")
             if self.dp_stats_max_examples < 1:
                 raise ConfigError(f"{prefix}dp_stats_max_examples: must be at least 1, got {self.dp_stats_max_examples}")
         if not 0 < self.dp_delta < 1:

@@ -71,10 +71,12 @@ def _weighted_mean(evals: list[dict[str, Any]], key: str) -> float | None:
 
 
 def check_model_config(cfg: RunConfig, model) -> None:
-    """What only the built model can tell, refused before any round: a `federation.personal`
-    prefix that names no parameter (nothing would stay on the clients), and a device profile
-    of `federation.profiles` the method cannot plan for (each such client's every reply would
-    be an error)."""
+    """What only the built model can tell, before any round: a `federation.personal` prefix
+    that names no parameter (nothing would stay on the clients) is refused; a device profile
+    of `federation.profiles` the method cannot plan for is a warning (each simulated client
+    given it will reply with an error every round, which an experiment may want: the
+    robustness runs give two clients the mcu profile on purpose; deployed devices plan for
+    their own node's profile)."""
     from fedtune.errors import PlanError
     from fedtune.methods import make_method
     from fedtune.profiles import AUTO
@@ -92,7 +94,8 @@ def check_model_config(cfg: RunConfig, model) -> None:
             try:
                 make_method(cfg.method, model, name, cfg.train.batch_size, model.tasks[0], seed=cfg.seed)
             except PlanError as err:
-                raise ConfigError(f"federation.profiles[{i}]: method {cfg.method.name!r} cannot plan for device profile {name!r}: {err}") from err
+                log(30, "federation.profiles[%d]: method %r cannot plan for device profile %r, so every simulated client given it will reply "
+                    "with an error and be left out of every round: %s", i, cfg.method.name, name, err)
 
 
 class ServerRunner:

@@ -382,14 +382,13 @@ def _toml_value(value: object) -> str:
 
 
 def node_configs(nodes: int, profiles: list[str], state_dir: Path) -> list[dict[str, object]]:
-    """One node config per SuperNode: its partition, device profile, state folder and torch
-    threads (the machine's cores shared among the nodes it runs)."""
+    """One node config per SuperNode: its partition, device profile and state folder
+    (`run_local` adds its torch threads)."""
     from fedtune.profiles import get_profile
 
     for name in profiles:
         get_profile(name)  # an unknown name fails here, before any process starts
-    return [{"partition-id": i, "num-partitions": nodes, "profile": profiles[i % len(profiles)], "state-dir": str(state_dir),
-             "threads": local_threads(nodes)} for i in range(nodes)]
+    return [{"partition-id": i, "num-partitions": nodes, "profile": profiles[i % len(profiles)], "state-dir": str(state_dir)} for i in range(nodes)]
 
 
 def local_threads(nodes: int) -> int:

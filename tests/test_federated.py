@@ -675,14 +675,19 @@ def test_a_nodes_threads_come_from_its_node_config(task_identity):
         torch.set_num_threads(before)
 
 
-def test_a_personal_prefix_naming_nothing_and_a_profile_the_method_cannot_fit_are_refused_before_any_round(tmp_path):
+def test_a_personal_prefix_naming_nothing_is_refused_and_a_profile_the_method_cannot_fit_is_named_before_any_round(tmp_path, monkeypatch):
+    import server.runner as runner_module
     from server.runner import ServerRunner
 
     with pytest.raises(ConfigError, match=r"federation.personal\[0\]: 'head.' is the start of no parameter name"):
         ServerRunner(tiny_run(federation={"personal": ["head."]}), tmp_path / "a")
-    with pytest.raises(ConfigError, match=r"federation.profiles\[1\]: method 'full' cannot plan for device profile 'mcu'"):
-        ServerRunner(tiny_run(method={"name": "full"}, federation={"profiles": ["workstation", "mcu"]}), tmp_path / "b")
+    logged = []
+    monkeypatch.setattr(runner_module, "log", lambda level, msg, *args: logged.append(msg % args))
+    ServerRunner(tiny_run(method={"name": "full"}, federation={"profiles": ["workstation", "mcu"]}), tmp_path / "b")
+    assert len(logged) == 1 and "federation.profiles[1]: method 'full' cannot plan for device profile 'mcu'" in logged[0]
+    logged.clear()
     ServerRunner(tiny_run(federation={"personal": ["heads."]}), tmp_path / "c")
+    assert logged == []
 
 
 def test_a_round_samples_clients_per_round_whatever_the_float_rounding(tmp_path, task_identity):

@@ -568,6 +568,9 @@ def test_a_containers_memory_limit_bounds_the_measured_profile(tmp_path, monkeyp
     (v2 / "memory.max").write_text("2147483648\n")
     (v2 / "memory.current").write_text("536870912\n")
     assert profiles.cgroup_available_bytes(v2) == 1536 << 20
+    # the inactive file cache (a data set just read) is reclaimable: it does not count as used
+    (v2 / "memory.stat").write_text("anon 100\nfile 400\ninactive_file 268435456\nactive_file 5\n")
+    assert profiles.cgroup_available_bytes(v2) == 1792 << 20
     (v2 / "memory.max").write_text("max\n")
     assert profiles.cgroup_available_bytes(v2) is None
     v1 = tmp_path / "v1" / "memory"
@@ -577,6 +580,8 @@ def test_a_containers_memory_limit_bounds_the_measured_profile(tmp_path, monkeyp
     assert profiles.cgroup_available_bytes(tmp_path / "v1") is None
     (v1 / "memory.limit_in_bytes").write_text("1073741824\n")
     assert profiles.cgroup_available_bytes(tmp_path / "v1") == (1 << 30) - 100
+    (v1 / "memory.stat").write_text("cache 80\ntotal_inactive_file 60\n")
+    assert profiles.cgroup_available_bytes(tmp_path / "v1") == (1 << 30) - 40
     assert profiles.cgroup_available_bytes(tmp_path / "none") is None
     # a 2 GiB container on a host with 64 GiB available: the container's figure
     monkeypatch.setattr(profiles, "proc_kib_field", lambda path, key: 64 << 30)

@@ -94,13 +94,21 @@ def test_route_gate_priority_keeps_the_surest_tokens_wherever_they_are():
     assert route(logits, top_k=1, cap=1)[0].kept[:, 0].tolist() == [True, False, True, False]
     r2, _ = route(torch.tensor([[1.0, 0.5, 0.0], [5.0, 0.0, 4.0]]), top_k=2, cap=1, priority="gate")
     assert r2.locations.tolist() == [[1, 0], [0, 0]] and r2.kept.tolist() == [[False, True], [True, True]]
-    # the layer's setting reaches its routing, and a typo is named
-    x = torch.randn(2, 9, 8)
-    token = layer(MoEConfig(num_experts=4, top_k=1, capacity_factor=0.5)).train()
-    gate = layer(MoEConfig(num_experts=4, top_k=1, capacity_factor=0.5, priority="gate")).train()
-    _, st_token = token(x, "a")
-    _, st_gate = gate(x, "a")
-    assert torch.equal(st_token.expert_counts, st_gate.expert_counts) and torch.equal(st_token.dropped, st_gate.dropped)
+    # the layer's setting reaches its routing: a batch whose later tokens the router is surer of
+    # keeps those under gate priority, the first ones under token priority
+    token = layer(MoEConfig(num_experts=2, top_k=1, capacity_factor=1.0)).train()  # 2 slots an expert
+    gate = layer(MoEConfig(num_experts=2, top_k=1, capacity_factor=1.0, priority="gate")).train()
+    with torch.no_grad():
+        for m in (token, gate):
+            m.routers["a"].weight.zero_()
+            m.routers["a"].weight[0, 0] = 1.0  # expert 0's logit is the first feature; expert 1's is 0
+    x = torch.zeros(1, 4, 8)
+    x[0, :, 0] = torch.tensor([1.0, 2.0, 3.0, 4.0])  # every token to expert 0, the last surest
+    out_token, _ = token(x, "a")
+    out_gate, _ = gate(x, "a")
+    processed = lambda out: out[0].abs().sum(-1) > 0  # noqa: E731 - a dropped token's routed output is 0
+    assert processed(out_token).tolist() == [True, True, False, False]
+    assert processed(out_gate).tolist() == [False, False, True, True]
     with pytest.raises(ConfigError, match="moe.priority: must be one of 'token', 'gate'"):
         from_dict(MoEConfig, {"priority": "first"}, prefix="moe.")
 

@@ -117,6 +117,7 @@ class ServerRunner:
         self.time_before = 0.0  # a resumed run: the seconds its earlier processes ran (their last kept round's elapsed_s)
         self.final: dict[str, Any] | None = None
         self.strategy: SparseFedAvg | None = None  # made by run()
+        self.released_through = 0  # under DP: the newest round whose model went out (the ledger's)
         # what full-model FedAvg sends per model: every tensor but LoRA adapters (it trains the weights they adapt)
         self.full_bytes = int(sum(v.numel() * v.element_size() for k, v in self.model.state_dict().items() if not is_lora_name(k)))
 
@@ -124,6 +125,27 @@ class ServerRunner:
     def _repeated(self) -> int:
         """Rounds a --resume repeated (DP: their first noisy models count in the privacy spent)."""
         return self.strategy.dp_rounds_repeated if self.strategy is not None else 0
+
+    def count_repeated(self, strategy: SparseFedAvg, records: list[dict[str, Any]]) -> None:
+        """On --resume: the rounds after the checkpoint, which this run repeats, had their noisy
+        models go out (DP counts each release): those with a record in metrics.jsonl, and those
+        the ledger saw released before a crash cut their record. Written to the ledger before the
+        records are cut, so a second crash before the next checkpoint still knows them."""
+        ledger = self.out / DP_LEDGER
+        kept = json.loads(ledger.read_text()) if ledger.is_file() else {}
+        recorded = {r["round"] for r in records if isinstance(r.get("round"), int) and r["round"] > self.done_rounds}
+        repeated = max(len(recorded), int(kept.get("released_through", 0)) - self.done_rounds)
+        strategy.dp_rounds_repeated = max(strategy.dp_rounds_repeated, int(kept.get("rounds_repeated", 0))) + repeated
+        if self.cfg.federation.dp_noise_multiplier:
+            write_json(ledger, {"rounds_repeated": strategy.dp_rounds_repeated, "released_through": self.done_rounds})
+
+    def released(self, server_round: int) -> None:
+        """Under DP: round `server_round`'s model is about to go out; the ledger keeps the newest
+        such round, so a crash before its record is written still counts it on --resume."""
+        if server_round <= self.released_through or self.strategy is None:
+            return
+        self.released_through = server_round
+        write_json(self.out / DP_LEDGER, {"rounds_repeated": self.strategy.dp_rounds_repeated, "released_through": server_round})
 
     def _checkpoint_path(self) -> Path:
         return self.out / CHECKPOINT
@@ -232,18 +254,10 @@ class ServerRunner:
             self.done_rounds = int(meta["round"])
             records = read_jsonl(metrics_path)
             self.rounds = [r for r in records if r.get("round", 0) <= self.done_rounds]
-            # rounds run after the checkpoint, which this run repeats: their models went out
-            repeated = len({r["round"] for r in records if isinstance(r.get("round"), int) and r["round"] > self.done_rounds})
             self.time_before = max([float(r.get("elapsed_s", 0.0)) for r in self.rounds] + [0.0])
             strategy = self.make_strategy(self.done_rounds)
             strategy.load_state_dict(meta["strategy"])
-            # the count is written before the records it comes from are cut: a second crash
-            # before the next checkpoint still knows it
-            ledger = self.out / DP_LEDGER
-            before = json.loads(ledger.read_text()).get("rounds_repeated", 0) if ledger.is_file() else 0
-            strategy.dp_rounds_repeated = max(strategy.dp_rounds_repeated, int(before)) + repeated
-            if f.dp_noise_multiplier:
-                write_json(ledger, {"rounds_repeated": strategy.dp_rounds_repeated})
+            self.count_repeated(strategy, records)
             cut = metrics_path.with_name(metrics_path.name + ".tmp")  # a crash while cutting leaves the old file whole
             cut.write_text("".join(json.dumps(r) + "\n" for r in self.rounds))
             replace_durably(cut, metrics_path)
@@ -256,6 +270,9 @@ class ServerRunner:
             strategy = self.make_strategy(0)
         remaining = f.rounds - self.done_rounds
         strategy.config_key = self.cfg.key()
+        self.released_through = self.done_rounds
+        if f.dp_noise_multiplier:
+            strategy.on_release = self.released
         self.strategy = strategy
         final_path = self.out / "final_evaluation.json"
         # a run stopped after its last checkpoint but before its final evaluation does it on --resume

@@ -155,6 +155,7 @@ class SparseFedAvg(FedAvg):
         self.dp_rounds_repeated = 0  # rounds a --resume made the server run again: their noisy models were released once already
         self.run_token: str | None = uuid.uuid4().hex  # the run's identity in every instruction (state_dict keeps it across --resume)
         self.config_key: str | None = None  # the server's RunConfig.key(), in every instruction: a node that read another config refuses it
+        self.on_release: Any = None  # under DP: called with the run's round whose model an instruction is about to carry out (the runner's ledger)
         if weighting not in protocol.WEIGHTINGS:
             raise ConfigError(f"weighting: expected one of {protocol.WEIGHTINGS}, got {weighting!r}")
         if isinstance(personal_keys, str):
@@ -250,6 +251,8 @@ class SparseFedAvg(FedAvg):
         if self.evaluate_every > 1 and server_round % self.evaluate_every and server_round != self.final_round:
             return []
         self._seed_sampling(server_round, 1)
+        if self.on_release is not None:
+            self.on_release(server_round)
         config = ConfigRecord(dict(config))
         if self.head_stats_every_round or (self.head_stats_round is not None and server_round == self.head_stats_round):
             config[protocol.WANT_HEAD_STATS] = True
@@ -415,6 +418,8 @@ class SparseFedAvg(FedAvg):
         self.bytes_up_round = 0  # a round without replies receives nothing (aggregate_train returns early then)
         server_round += self.round_offset
         self._seed_sampling(server_round, 0)
+        if self.on_release is not None:
+            self.on_release(server_round - 1)  # round r trains from round r-1's model
         # A copy: FedAvg writes into the config it gets, and the caller reuses its own.
         config = ConfigRecord(dict(config))
         if self.feed_importance and self.global_importance is not None:

@@ -726,3 +726,37 @@ def test_a_client_reports_its_measured_memory_against_its_profile(monkeypatch):
     _, _, m2, _ = tight.fit(glob, ClientState())
     assert m2.memory_bytes == m.memory_bytes and m2.steps_over_memory_budget == m2.steps > 0
     assert protocol.TrainMetrics.from_dict(m2.to_dict()).steps_over_memory_budget == m2.steps
+
+
+def test_a_dp_resume_counts_the_models_that_went_out_before_their_records(tmp_path, task_identity):
+    """Round r's model goes out (evaluate r, train r+1) before round r's record is written: the
+    ledger keeps the newest round released, so a crash between the two still counts it."""
+    from unittest.mock import Mock
+
+    from server.runner import DP_LEDGER, ServerRunner
+
+    cfg = tiny_run(federation={"num_clients": 4, "rounds": 6, "clip_update_norm": 1.0, "dp_noise_multiplier": 1.1})
+    runner = ServerRunner(cfg, tmp_path / "run")
+    runner.out.mkdir()
+    strategy = runner.make_strategy(0)
+    runner.strategy, strategy.on_release = strategy, runner.released
+    grid = Mock()
+    grid.get_node_ids.return_value = [1, 2, 3, 4]
+    arrays = ArrayRecord({"a": Array(np.zeros(2, dtype=np.float32))})
+    list(strategy.configure_train(3, arrays, ConfigRecord(), grid))  # trains from round 2's model
+    assert json.loads((runner.out / DP_LEDGER).read_text())["released_through"] == 2
+    list(strategy.configure_evaluate(3, arrays, ConfigRecord(), grid))  # round 3's model goes out
+    assert json.loads((runner.out / DP_LEDGER).read_text()) == {"rounds_repeated": 0, "released_through": 3}
+    # the crash: checkpoint of round 1, records of rounds 1 and 2 only; rounds 2 and 3 went out
+    runner.done_rounds = 1
+    records = [{"round": r} for r in (0, 1, 2)]
+    resumed = runner.make_strategy(1)
+    runner.count_repeated(resumed, records)
+    assert resumed.dp_rounds_repeated == 2
+    assert json.loads((runner.out / DP_LEDGER).read_text()) == {"rounds_repeated": 2, "released_through": 1}
+    # a second crash after round 2 went out again, before its record: one more
+    runner.strategy, runner.released_through = resumed, 1
+    runner.released(2)
+    again = runner.make_strategy(1)
+    runner.count_repeated(again, [{"round": 0}, {"round": 1}])
+    assert again.dp_rounds_repeated == 3

@@ -16,7 +16,6 @@ process per method so each peak RSS is its own): the papers' scale, e.g. ViT-B/1
 
 from __future__ import annotations
 
-import json
 import math
 import platform
 import shlex
@@ -36,6 +35,7 @@ from .heads import class_stats, extract_features, lda_head
 from .methods import METHOD_NAMES, Method, MethodConfig, make_method, prepare_model
 from .model import FedViT, ModelConfig, build_model
 from .profiles import UNLIMITED, DeviceProfile, get_profile
+from .report import write_json
 from .trainer import TrainConfig, Trainer
 from .typedconfig import check_choices, deep_merge, from_dict, to_dict
 from .weights import resolve_pretrained
@@ -274,7 +274,7 @@ def run_bench(cfg: BenchConfig, out: Path, progress: bool = True, command: str |
         "methods": results,
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(report, indent=2))
+    write_json(out / "bench.json", report)
     (out / "bench.md").write_text(markdown_table(report))
     plot_bench(report, out / "plots")
     return report
@@ -585,7 +585,7 @@ def run_cost(cfg: BenchConfig, out: Path, progress: bool = True, command: str | 
         "methods": results,
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(report, indent=2))
+    write_json(out / "bench.json", report)
     (out / "bench.md").write_text(cost_table(report))
     return report
 

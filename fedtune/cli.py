@@ -17,6 +17,22 @@ def _load(cls, path: str | None, overrides: list[str]):
     return from_dict(cls, apply_overrides(data, overrides or []))
 
 
+def output_folder(out: Path, holds: str | None = None, force: bool = True) -> None:
+    """Make the output folder `out` before any work, so a bad one fails at once (not after hours
+    of training): a file there, an uncreatable folder, or, without `force`, a folder that
+    already holds `holds` (earlier results) are ConfigErrors."""
+    from .errors import ConfigError
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder")
+    if holds and not force and (out / holds).exists():
+        raise ConfigError(f"--out {out} already holds {holds} (earlier results): choose another --out, or pass --force to replace them")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--out {out}: cannot create the folder ({exc.strerror or exc})") from exc
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import BenchConfig, quick, run_bench, run_cost
 
@@ -29,6 +45,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cfg = _load(BenchConfig, args.config, [*(args.set or []), *flags])
     if args.quick:
         cfg = quick(cfg)
+    output_folder(Path(args.out), holds="bench.json", force=args.force)
     run = run_cost if args.cost_only else run_bench
     report = run(cfg, Path(args.out), progress=not args.no_progress, command=shlex.join(["fedtune", *args.argv]))
     print((Path(args.out) / "bench.md").read_text())
@@ -87,9 +104,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from .runconfig import load_run_config
 
     cfg = load_run_config(args.config or DEFAULT_CONFIG, args.set)
-    result = head_fit_reference(cfg, progress=lambda line: print(line, file=sys.stderr, flush=True))
     out = Path(args.out or f"runs/{cfg.name}-probe")
-    out.mkdir(parents=True, exist_ok=True)
+    output_folder(out)
+    result = head_fit_reference(cfg, progress=lambda line: print(line, file=sys.stderr, flush=True))
     write_json(out / "probe.json", result)
     print(json.dumps(result, indent=2))
     print(f"wrote {out / 'probe.json'}")
@@ -136,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML bench config (default: the embedded default)")
     p.add_argument("--out", default="runs/bench", help="output folder")
     p.add_argument("--quick", action="store_true", help="a few steps per method (under a minute)")
+    p.add_argument("--force", action="store_true", help="replace the results an --out folder already holds")
     p.add_argument("--cost-only", action="store_true", help="measure costs alone (random weights and images, cost_steps (a bench config key) steps per method, one process each): FLOPs, activations, state, step time, peak memory")
     p.add_argument("--methods", help="comma-separated methods, e.g. full,bsr,alast,alast+lora")
     p.add_argument("--seeds", type=int, help="number of seeds (0..N-1)")
@@ -195,6 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     except FedtuneError as exc:
         print(f"fedtune: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        hint = f": continue it with `fedtune simulate ... --resume --out {args.out or 'runs/<name>'}`" if args.command == "simulate" else ""
+        print(f"fedtune: interrupted{hint}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

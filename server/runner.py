@@ -77,7 +77,7 @@ def check_model_config(cfg: RunConfig, model) -> None:
     given it will reply with an error every round, which an experiment may want: the
     robustness runs give two clients the mcu profile on purpose; deployed devices plan for
     their own node's profile)."""
-    from fedtune.errors import PlanError
+    from fedtune.errors import FedtuneError
     from fedtune.methods import make_method
     from fedtune.profiles import AUTO
 
@@ -93,7 +93,7 @@ def check_model_config(cfg: RunConfig, model) -> None:
                 continue
             try:
                 make_method(cfg.method, model, name, cfg.train.batch_size, model.tasks[0], seed=cfg.seed)
-            except PlanError as err:
+            except FedtuneError as err:  # a PlanError, or a method setting the model cannot take
                 log(30, "federation.profiles[%d]: method %r cannot plan for device profile %r, so every simulated client given it will reply "
                     "with an error and be left out of every round: %s", i, cfg.method.name, name, err)
 

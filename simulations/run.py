@@ -35,6 +35,17 @@ def check_out(out: Path, resume: bool, cfg: RunConfig | None = None) -> None:
             resume_conflicts(out / CHECKPOINT, meta, cfg)
     elif (out / CHECKPOINT).exists():
         raise ConfigError(f"{out} already holds a run (metrics.jsonl/checkpoint); use --resume to continue it or choose another --out")
+    elif (out / "summary.json").exists() or _independent(out):
+        raise ConfigError(f"{out} holds the results of another run (summary.json, or independent task federations in {out}/<task>/); "
+                          "choose another --out")
+
+
+def _independent(out: Path) -> bool:
+    """Whether `out` holds (the start of) an independent-task-federations run: its config.json says so."""
+    try:
+        return bool(json.loads((out / "config.json").read_text()).get("federation", {}).get("independent_tasks"))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def simulate_flwr_run(cfg: RunConfig, out: Path, resume: bool = False, progress: bool = True, verbose: bool = False) -> dict:

@@ -216,3 +216,30 @@ def test_the_bench_plans_without_a_device_limit_unless_given_one():
         make_method(bsr, model, bench_profile(from_dict(BenchConfig, {"profile": "workstation"})), huge, "task")
     with pytest.raises(ConfigError, match="unknown device profile 'h200'"):
         from_dict(BenchConfig, {"profile": "h200"})
+
+
+def test_a_bad_out_fails_before_any_work_and_earlier_results_are_kept(tmp_path, capsys, monkeypatch):
+    import fedtune.cli as cli
+
+    cfg = tmp_path / "bench.yaml"
+    cfg.write_text(TINY_BENCH + "methods: [full, head]\n")
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("mine")
+    started = []
+    monkeypatch.setattr("fedtune.bench.run_bench", lambda *a, **k: started.append(1))
+    assert main(["bench", "--config", str(cfg), "--out", str(blocker)]) == 2
+    assert "is a file; give a folder" in capsys.readouterr().err and blocker.read_text() == "mine"
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "bench.json").write_text("{}")
+    assert main(["bench", "--config", str(cfg), "--out", str(earlier)]) == 2
+    assert "already holds bench.json" in capsys.readouterr().err and (earlier / "bench.json").read_text() == "{}"
+    assert main(["probe", "--out", str(blocker)]) == 2
+    assert "is a file; give a folder" in capsys.readouterr().err
+    assert started == [], "nothing ran"
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_profiles", interrupted)
+    assert main(["profiles"]) == 130 and "fedtune: interrupted" in capsys.readouterr().err

@@ -760,3 +760,20 @@ def test_a_dp_resume_counts_the_models_that_went_out_before_their_records(tmp_pa
     again = runner.make_strategy(1)
     runner.count_repeated(again, [{"round": 0}, {"round": 1}])
     assert again.dp_rounds_repeated == 3
+
+
+def test_a_single_run_is_refused_an_out_that_holds_another_runs_results(tmp_path):
+    """An independent-task run keeps its federations in <out>/<task>/, with only config.json and
+    summary.json at the top: a single run there would overwrite them."""
+    from simulations.run import check_out
+
+    out = tmp_path / "md"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"federation": {"independent_tasks": True}}))
+    with pytest.raises(ConfigError, match="holds the results of another run"):
+        check_out(out, resume=False)
+    (out / "config.json").write_text(json.dumps({"federation": {"independent_tasks": False}}))
+    check_out(out, resume=False)  # a single run that stopped before writing anything else: run it again
+    (out / "summary.json").write_text("{}")
+    with pytest.raises(ConfigError, match="holds the results of another run"):
+        check_out(out, resume=False)

@@ -16,14 +16,25 @@ def numpy_to_arrays(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
+def _number(x: Any) -> int | float | None:
+    """A plain Python number for a metric: bools as ints, NumPy scalars as their Python value
+    (None for anything else)."""
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, bool):
+        return int(x)
+    return x if isinstance(x, (int, float)) else None
+
+
 def metric_record(metrics: dict[str, Any]) -> MetricRecord:
-    """The numbers and number lists of `metrics` as a MetricRecord (bools as ints; other values left out)."""
+    """The numbers and number lists of `metrics` as a MetricRecord (bools as ints, NumPy
+    scalars as Python numbers; other values, None or text, left out)."""
     clean: dict[str, Any] = {}
     for k, v in metrics.items():
-        if isinstance(v, bool):
-            clean[k] = int(v)
-        elif isinstance(v, (int, float)):
-            clean[k] = v
-        elif isinstance(v, list) and all(isinstance(x, (int, float)) for x in v):
-            clean[k] = [float(x) for x in v] if any(isinstance(x, float) for x in v) else v
+        if isinstance(v, (list, tuple, np.ndarray)):
+            items = [_number(x) for x in (v.tolist() if isinstance(v, np.ndarray) else v)]
+            if all(x is not None for x in items):
+                clean[k] = [float(x) for x in items] if any(isinstance(x, float) for x in items) else items
+        elif (number := _number(v)) is not None:
+            clean[k] = number
     return MetricRecord(clean)

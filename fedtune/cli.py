@@ -89,7 +89,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     summary = simulate(cfg, out, resume=args.resume, progress=not args.no_progress, verbose=args.verbose)
     keys = ("accuracy_global", "accuracy_global_local", "accuracy_personalized", "bytes_up_total", "bytes_down_total", "bytes_up_ratio_vs_full_fedavg", "traffic_ratio_vs_full_fedavg", "rounds", "wall_time_s", "peak_rss_bytes")
     print(json.dumps({k: summary.get(k) for k in keys}, indent=2))
-    print(f"wrote {out / 'summary.json'}, {out / 'metrics.jsonl'}, {out / 'plots'} and {out / 'checkpoint.safetensors'}")
+    if summary.get("independent_tasks"):  # one federation per task, each in its own folder
+        print(f"wrote {out / 'summary.json'} and one run folder per task: {', '.join(str(out / t) for t in summary.get('runs', {}))}")
+    else:
+        print(f"wrote {out / 'summary.json'}, {out / 'metrics.jsonl'}, {out / 'plots'} and {out / 'checkpoint.safetensors'}")
     if summary.get("error"):
         print(f"fedtune: error: {summary['error']}", file=sys.stderr)
         return 3

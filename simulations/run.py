@@ -40,6 +40,24 @@ def check_out(out: Path, resume: bool, cfg: RunConfig | None = None) -> None:
                           "choose another --out")
 
 
+def rounds_recorded(path: Path, rounds: int) -> int:
+    """The rounds metrics.jsonl holds a whole record of (round 0, the start, and a line a crash
+    cut short do not count)."""
+    done = set()
+    try:
+        with open(path) as handle:
+            for line in handle:
+                try:
+                    r = json.loads(line).get("round")
+                except (ValueError, AttributeError):
+                    continue
+                if isinstance(r, int) and 1 <= r <= rounds:
+                    done.add(r)
+    except OSError:
+        return 0
+    return len(done)
+
+
 def _independent(out: Path) -> bool:
     """Whether `out` holds (the start of) an independent-task-federations run: its config.json says so."""
     try:
@@ -96,9 +114,10 @@ def simulate_flwr_run(cfg: RunConfig, out: Path, resume: bool = False, progress:
                 while run.poll() is None:
                     dep.check_alive()
                     if bar is not None and (out / "metrics.jsonl").is_file():
-                        done = max(0, sum(1 for _ in open(out / "metrics.jsonl")) - 1)
-                        if done > bar.n:
-                            bar.update(done - bar.n)
+                        done = rounds_recorded(out / "metrics.jsonl", cfg.federation.rounds)
+                        if done != bar.n:  # (a resume cuts the records back to its checkpoint: the bar follows)
+                            bar.n = done
+                            bar.refresh()
                         elif sys.stderr.isatty():  # the elapsed time ticks on a terminal; a log file gets a line per round
                             bar.refresh()
                     time.sleep(1.0)

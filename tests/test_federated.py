@@ -777,3 +777,34 @@ def test_a_single_run_is_refused_an_out_that_holds_another_runs_results(tmp_path
     (out / "summary.json").write_text("{}")
     with pytest.raises(ConfigError, match="holds the results of another run"):
         check_out(out, resume=False)
+
+
+def test_metric_records_keep_numpy_numbers_and_bool_lists():
+    from clients.records import metric_record
+
+    rec = metric_record({"a": np.int64(3), "b": np.float32(1.5), "c": [True, 2], "d": np.array([1, 2]), "e": None, "f": "text",
+                         "g": True, "h": [1, 2.5], "i": [[1], [2]]})
+    assert dict(rec) == {"a": 3, "b": 1.5, "c": [1, 2], "d": [1, 2], "g": 1, "h": [1.0, 2.5]}
+
+
+def test_the_progress_bar_counts_whole_round_records(tmp_path):
+    from simulations.run import rounds_recorded
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"round": 0}\n{"round": 1}\n{"round": 2}\n{"round": 3, "acc')  # the last line cut by a crash
+    assert rounds_recorded(path, 5) == 2
+    assert rounds_recorded(tmp_path / "none.jsonl", 5) == 0
+
+
+def test_the_blocks_plot_stays_a_page_for_long_runs_of_many_clients(tmp_path):
+    from PIL import Image
+
+    from fedtune.report import plot_run
+
+    client = {"accepted": True, "steps": 4, "block_updates": [1, 0, 3, 0]}
+    rounds = [{"round": 0, "accuracy_global": 0.1}] + [
+        {"round": r, "accuracy_global": 0.5, "bytes_up": 1, "bytes_up_full_fedavg": 2, "clients": [{**client, "partition_id": c} for c in range(20)]}
+        for r in range(1, 301)
+    ]
+    plot_run(rounds, tmp_path, 4)
+    assert Image.open(tmp_path / "blocks.png").size[1] <= 24 * 120  # 6,000 rows: 24 inches at 120 dpi, not 1,080

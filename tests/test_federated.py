@@ -197,12 +197,10 @@ def test_bad_run_configs(tmp_path):
                    "partition: {<<: {alpha: 0.3}}\n")  # YAML merge keys read as YAML says
     assert load_run_config(bad).partition.alpha == 0.3
     # YAML 1.1 would read these as 8 and 90: refused, in a file and in an override
-    bad.write_text("train:\n  batch_size: 010\n")
-    with pytest.raises(ConfigError, match="'010' is ambiguous"):
-        load_run_config(bad)
-    bad.write_text("federation:\n  round_timeout_s: 1:30\n")
-    with pytest.raises(ConfigError, match="'1:30' is ambiguous"):
-        load_run_config(bad)
+    for text, number in (("train:\n  batch_size: 010\n", "010"), ("federation:\n  round_timeout_s: 1:30\n", "1:30")):
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=f"'{number}' is ambiguous"):
+            load_run_config(bad)
     with pytest.raises(ConfigError, match="'010' is ambiguous"):
         load_run_config(None, ["train.batch_size=010"])
     assert load_run_config(None, ["train.batch_size=10", "train.lr=1e-4", "seed=0"]).train.batch_size == 10

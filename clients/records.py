@@ -31,6 +31,8 @@ def metric_record(metrics: dict[str, Any]) -> MetricRecord:
     scalars as Python numbers; other values, None or text, left out)."""
     clean: dict[str, Any] = {}
     for k, v in metrics.items():
+        if isinstance(v, np.ndarray) and v.ndim == 0:
+            v = v.item()
         if isinstance(v, (list, tuple, np.ndarray)):
             items = [_number(x) for x in (v.tolist() if isinstance(v, np.ndarray) else v)]
             if all(x is not None for x in items):

@@ -17,16 +17,13 @@ def _load(cls, path: str | None, overrides: list[str]):
     return from_dict(cls, apply_overrides(data, overrides or []))
 
 
-def output_folder(out: Path, holds: str | None = None, force: bool = True) -> None:
+def output_folder(out: Path) -> None:
     """Make the output folder `out` before any work, so a bad one fails at once (not after hours
-    of training): a file there, an uncreatable folder, or, without `force`, a folder that
-    already holds `holds` (earlier results) are ConfigErrors."""
+    of training): a file there or an uncreatable folder is a ConfigError."""
     from .errors import ConfigError
 
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder")
-    if holds and not force and (out / holds).exists():
-        raise ConfigError(f"--out {out} already holds {holds} (earlier results): choose another --out, or pass --force to replace them")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -45,7 +42,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cfg = _load(BenchConfig, args.config, [*(args.set or []), *flags])
     if args.quick:
         cfg = quick(cfg)
-    output_folder(Path(args.out), holds="bench.json", force=args.force)
+    output_folder(Path(args.out))  # (earlier results there are replaced: harnesses rerun into one folder)
     run = run_cost if args.cost_only else run_bench
     report = run(cfg, Path(args.out), progress=not args.no_progress, command=shlex.join(["fedtune", *args.argv]))
     print((Path(args.out) / "bench.md").read_text())
@@ -156,7 +153,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML bench config (default: the embedded default)")
     p.add_argument("--out", default="runs/bench", help="output folder")
     p.add_argument("--quick", action="store_true", help="a few steps per method (under a minute)")
-    p.add_argument("--force", action="store_true", help="replace the results an --out folder already holds")
     p.add_argument("--cost-only", action="store_true", help="measure costs alone (random weights and images, cost_steps (a bench config key) steps per method, one process each): FLOPs, activations, state, step time, peak memory")
     p.add_argument("--methods", help="comma-separated methods, e.g. full,bsr,alast,alast+lora")
     p.add_argument("--seeds", type=int, help="number of seeds (0..N-1)")
@@ -217,9 +213,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedtune: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        hint = f": continue it with `fedtune simulate ... --resume --out {args.out or 'runs/<name>'}`" if args.command == "simulate" else ""
-        print(f"fedtune: interrupted{hint}", file=sys.stderr)
+        print(f"fedtune: interrupted{_resume_hint(args)}", file=sys.stderr)
         return 130
+
+
+def _resume_hint(args: argparse.Namespace) -> str:
+    """For an interrupted simulate whose --out holds a checkpoint (its own or a task
+    federation's): the command that continues it."""
+    out = Path(args.out) if args.command == "simulate" and args.out else None
+    if out is None or not ((out / "checkpoint.safetensors").exists() or any(out.glob("*/checkpoint.safetensors"))):
+        return ""
+    return f": continue it with the same command and --resume (--out {out})"
 
 
 if __name__ == "__main__":

@@ -72,14 +72,15 @@ def _weighted_mean(evals: list[dict[str, Any]], key: str) -> float | None:
 
 def check_model_config(cfg: RunConfig, model) -> None:
     """What only the built model can tell, before any round: a `federation.personal` prefix
-    that names no parameter (nothing would stay on the clients) is refused; a device profile
+    that names no parameter (nothing would stay on the clients) and a method setting the model
+    cannot take (a block it does not have) are refused; a device profile
     of `federation.profiles` the method cannot plan for is a warning (each simulated client
     given it will reply with an error every round, which an experiment may want: the
     robustness runs give two clients the mcu profile on purpose; deployed devices plan for
     their own node's profile)."""
-    from fedtune.errors import FedtuneError
+    from fedtune.errors import PlanError
     from fedtune.methods import make_method
-    from fedtune.profiles import AUTO
+    from fedtune.profiles import AUTO, UNLIMITED
 
     names = [n for n, _ in model.named_parameters()]
     for i, prefix in enumerate(cfg.federation.personal):
@@ -88,12 +89,14 @@ def check_model_config(cfg: RunConfig, model) -> None:
             raise ConfigError(f"federation.personal[{i}]: {prefix!r} is the start of no parameter name, so nothing would stay on the clients "
                               f"(names start with {', '.join(heads)}; the task heads are heads.<task>.)")
     with torch.random.fork_rng(devices=[]):  # planning measures the model: the run's random stream stays as it was
+        # a method setting the model cannot take (a block it does not have) is refused: no client could train
+        make_method(cfg.method, model, UNLIMITED, cfg.train.batch_size, model.tasks[0], seed=cfg.seed)
         for i, name in enumerate(cfg.federation.profiles):
             if name == AUTO or name in cfg.federation.profiles[:i]:
                 continue
             try:
                 make_method(cfg.method, model, name, cfg.train.batch_size, model.tasks[0], seed=cfg.seed)
-            except FedtuneError as err:  # a PlanError, or a method setting the model cannot take
+            except PlanError as err:
                 log(30, "federation.profiles[%d]: method %r cannot plan for device profile %r, so every simulated client given it will reply "
                     "with an error and be left out of every round: %s", i, cfg.method.name, name, err)
 

@@ -218,7 +218,7 @@ def test_the_bench_plans_without_a_device_limit_unless_given_one():
         from_dict(BenchConfig, {"profile": "h200"})
 
 
-def test_a_bad_out_fails_before_any_work_and_earlier_results_are_kept(tmp_path, capsys, monkeypatch):
+def test_a_bad_out_fails_before_any_work(tmp_path, capsys, monkeypatch):
     import fedtune.cli as cli
 
     cfg = tmp_path / "bench.yaml"
@@ -229,11 +229,6 @@ def test_a_bad_out_fails_before_any_work_and_earlier_results_are_kept(tmp_path, 
     monkeypatch.setattr("fedtune.bench.run_bench", lambda *a, **k: started.append(1))
     assert main(["bench", "--config", str(cfg), "--out", str(blocker)]) == 2
     assert "is a file; give a folder" in capsys.readouterr().err and blocker.read_text() == "mine"
-    earlier = tmp_path / "earlier"
-    earlier.mkdir()
-    (earlier / "bench.json").write_text("{}")
-    assert main(["bench", "--config", str(cfg), "--out", str(earlier)]) == 2
-    assert "already holds bench.json" in capsys.readouterr().err and (earlier / "bench.json").read_text() == "{}"
     assert main(["probe", "--out", str(blocker)]) == 2
     assert "is a file; give a folder" in capsys.readouterr().err
     assert started == [], "nothing ran"
@@ -242,4 +237,16 @@ def test_a_bad_out_fails_before_any_work_and_earlier_results_are_kept(tmp_path, 
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli, "cmd_profiles", interrupted)
-    assert main(["profiles"]) == 130 and "fedtune: interrupted" in capsys.readouterr().err
+    assert main(["profiles"]) == 130 and capsys.readouterr().err == "fedtune: interrupted\n"
+    monkeypatch.setattr(cli, "cmd_simulate", interrupted)
+    run = tmp_path / "run"
+    assert main(["simulate", "--out", str(run)]) == 130 and capsys.readouterr().err == "fedtune: interrupted\n"  # nothing to resume
+    run.mkdir()
+    (run / "checkpoint.safetensors").write_bytes(b"")
+    assert main(["simulate", "--out", str(run)]) == 130 and f"--resume (--out {run})" in capsys.readouterr().err
+    # a folder with earlier results: they are replaced (the contract harnesses rerun into one folder by)
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "bench.md").write_text("old")
+    monkeypatch.setattr("fedtune.bench.run_bench", lambda cfg, out, **k: (out / "bench.md").write_text("new") and {"wall_time_s": 0})
+    assert main(["bench", "--config", str(cfg), "--out", str(earlier)]) == 0 and (earlier / "bench.md").read_text() == "new"

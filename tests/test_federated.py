@@ -686,6 +686,8 @@ def test_a_personal_prefix_naming_nothing_is_refused_and_a_profile_the_method_ca
     logged.clear()
     ServerRunner(tiny_run(federation={"personal": ["heads."]}), tmp_path / "c")
     assert logged == []
+    with pytest.raises(ConfigError, match="11"):  # a block the 4-block model does not have: no client could train
+        ServerRunner(tiny_run(method={"name": "bsr", "bsr": {"train_blocks": [1, 11]}}), tmp_path / "d")
 
 
 def test_a_round_samples_clients_per_round_whatever_the_float_rounding(tmp_path, task_identity):
@@ -781,8 +783,8 @@ def test_metric_records_keep_numpy_numbers_and_bool_lists():
     from clients.records import metric_record
 
     rec = metric_record({"a": np.int64(3), "b": np.float32(1.5), "c": [True, 2], "d": np.array([1, 2]), "e": None, "f": "text",
-                         "g": True, "h": [1, 2.5], "i": [[1], [2]]})
-    assert dict(rec) == {"a": 3, "b": 1.5, "c": [1, 2], "d": [1, 2], "g": 1, "h": [1.0, 2.5]}
+                         "g": True, "h": [1, 2.5], "i": [[1], [2]], "j": np.array(0.5)})
+    assert dict(rec) == {"a": 3, "b": 1.5, "c": [1, 2], "d": [1, 2], "g": 1, "h": [1.0, 2.5], "j": 0.5}
 
 
 def test_the_progress_bar_counts_whole_round_records(tmp_path):
@@ -806,3 +808,21 @@ def test_the_blocks_plot_stays_a_page_for_long_runs_of_many_clients(tmp_path):
     ]
     plot_run(rounds, tmp_path, 4)
     assert Image.open(tmp_path / "blocks.png").size[1] <= 24 * 120  # 6,000 rows: 24 inches at 120 dpi, not 1,080
+
+
+def test_without_dp_no_ledger_is_written(tmp_path, task_identity):
+    from unittest.mock import Mock
+
+    from server.runner import DP_LEDGER, ServerRunner
+
+    runner = ServerRunner(tiny_run(federation={"num_clients": 4, "rounds": 3}), tmp_path / "run")
+    runner.out.mkdir()
+    strategy = runner.make_strategy(0)
+    runner.strategy = strategy
+    assert strategy.on_release is None
+    grid = Mock()
+    grid.get_node_ids.return_value = [1, 2, 3, 4]
+    list(strategy.configure_train(2, ArrayRecord({"a": Array(np.zeros(2, dtype=np.float32))}), ConfigRecord(), grid))
+    runner.done_rounds = 1
+    runner.count_repeated(runner.make_strategy(1), [{"round": 0}, {"round": 1}, {"round": 2}])
+    assert not (runner.out / DP_LEDGER).exists()

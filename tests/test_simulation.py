@@ -93,13 +93,13 @@ def _simulate_cmd(config, out, *extra):
 
 
 def test_a_run_in_which_no_client_can_train_exits_non_zero(tmp_path):
-    """Every client fails (BSR asked to train block 40 of a 4-block model): `fedtune simulate`
-    exits 3 with the clients' reason in summary.json, not 0 with the untrained model's accuracy."""
+    """Every client fails (full fine-tuning on the 1 MiB mcu profile): `fedtune simulate` exits 3
+    with the clients' reason in summary.json, not 0 with the untrained model's accuracy."""
     import subprocess
 
     import yaml
 
-    data = {**TINY_RUN, "federation": {"num_clients": 2, "rounds": 1}, "method": {"name": "bsr", "bsr": {"train_blocks": [40]}}}
+    data = {**TINY_RUN, "federation": {"num_clients": 2, "rounds": 1, "profiles": ["mcu"]}, "method": {"name": "full"}}
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(data))
     out = tmp_path / "run"
@@ -107,7 +107,7 @@ def test_a_run_in_which_no_client_can_train_exits_non_zero(tmp_path):
     assert done.returncode == 3, done.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["empty_rounds"] == [1]
-    assert "round(s) [1] had no accepted client reply" in summary["error"] and "40" in summary["error"]
+    assert "round(s) [1] had no accepted client reply" in summary["error"] and "no full plan fits device profile 'mcu'" in summary["error"]
     assert "no accepted client reply" in done.stderr
 
 

@@ -121,6 +121,7 @@ class ServerRunner:
         self.final: dict[str, Any] | None = None
         self.strategy: SparseFedAvg | None = None  # made by run()
         self.released_through = 0  # under DP: the newest round whose model went out (the ledger's)
+        self.cut_at: int | None = None  # under DP: the checkpoint round a resume counted and cut metrics.jsonl back to
         # what full-model FedAvg sends per model: every tensor but LoRA adapters (it trains the weights they adapt)
         self.full_bytes = int(sum(v.numel() * v.element_size() for k, v in self.model.state_dict().items() if not is_lora_name(k)))
 
@@ -137,10 +138,12 @@ class ServerRunner:
         ledger = self.out / DP_LEDGER
         kept = json.loads(ledger.read_text()) if ledger.is_file() else {}
         recorded = {r["round"] for r in records if isinstance(r.get("round"), int) and r["round"] > self.done_rounds}
+        if kept.get("cut_at") == self.done_rounds:  # an earlier resume from this checkpoint counted the records it was to cut
+            recorded = set()
         repeated = max(len(recorded), int(kept.get("released_through", 0)) - self.done_rounds)
         strategy.dp_rounds_repeated = max(strategy.dp_rounds_repeated, int(kept.get("rounds_repeated", 0))) + repeated
         if self.cfg.federation.dp_noise_multiplier:
-            write_json(ledger, {"rounds_repeated": strategy.dp_rounds_repeated, "released_through": self.done_rounds})
+            write_json(ledger, {"rounds_repeated": strategy.dp_rounds_repeated, "released_through": self.done_rounds, "cut_at": self.done_rounds})
 
     def released(self, server_round: int) -> None:
         """Under DP: round `server_round`'s model is about to go out; the ledger keeps the newest
@@ -148,7 +151,9 @@ class ServerRunner:
         if server_round <= self.released_through or self.strategy is None:
             return
         self.released_through = server_round
-        write_json(self.out / DP_LEDGER, {"rounds_repeated": self.strategy.dp_rounds_repeated, "released_through": server_round})
+        # (cut_at: the checkpoint whose later records this run's resume counted and cut; a new
+        # checkpoint makes it stale, and the count moves into the checkpoint's strategy state)
+        write_json(self.out / DP_LEDGER, {"rounds_repeated": self.strategy.dp_rounds_repeated, "released_through": server_round, "cut_at": self.cut_at})
 
     def _checkpoint_path(self) -> Path:
         return self.out / CHECKPOINT
@@ -261,6 +266,7 @@ class ServerRunner:
             strategy = self.make_strategy(self.done_rounds)
             strategy.load_state_dict(meta["strategy"])
             self.count_repeated(strategy, records)
+            self.cut_at = self.done_rounds
             cut = metrics_path.with_name(metrics_path.name + ".tmp")  # a crash while cutting leaves the old file whole
             cut.write_text("".join(json.dumps(r) + "\n" for r in self.rounds))
             replace_durably(cut, metrics_path)

@@ -746,16 +746,20 @@ def test_a_dp_resume_counts_the_models_that_went_out_before_their_records(tmp_pa
     list(strategy.configure_train(3, arrays, ConfigRecord(), grid))  # trains from round 2's model
     assert json.loads((runner.out / DP_LEDGER).read_text())["released_through"] == 2
     list(strategy.configure_evaluate(3, arrays, ConfigRecord(), grid))  # round 3's model goes out
-    assert json.loads((runner.out / DP_LEDGER).read_text()) == {"rounds_repeated": 0, "released_through": 3}
+    assert json.loads((runner.out / DP_LEDGER).read_text()) == {"rounds_repeated": 0, "released_through": 3, "cut_at": None}
     # the crash: checkpoint of round 1, records of rounds 1 and 2 only; rounds 2 and 3 went out
     runner.done_rounds = 1
     records = [{"round": r} for r in (0, 1, 2)]
     resumed = runner.make_strategy(1)
     runner.count_repeated(resumed, records)
     assert resumed.dp_rounds_repeated == 2
-    assert json.loads((runner.out / DP_LEDGER).read_text()) == {"rounds_repeated": 2, "released_through": 1}
+    assert json.loads((runner.out / DP_LEDGER).read_text()) == {"rounds_repeated": 2, "released_through": 1, "cut_at": 1}
+    # a crash between that ledger and the cut of metrics.jsonl: the next resume does not count the records again
+    twice = runner.make_strategy(1)
+    runner.count_repeated(twice, records)
+    assert twice.dp_rounds_repeated == 2
     # a second crash after round 2 went out again, before its record: one more
-    runner.strategy, runner.released_through = resumed, 1
+    runner.strategy, runner.released_through, runner.cut_at = resumed, 1, 1
     runner.released(2)
     again = runner.make_strategy(1)
     runner.count_repeated(again, [{"round": 0}, {"round": 1}])

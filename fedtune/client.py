@@ -309,7 +309,8 @@ class ClientRuntime:
         # a task without a local test example is not measured (its head is still built, and its
         # statistics still sent); a client with none reports num-examples 0 and no accuracy
         sets = {t: self.test_set.for_task(t) for t in self.tasks if self.test_set.count(t)}
-        out = EvalMetrics(num_examples=sum(len(d) for d in sets.values()), partition_id=self.partition_id)
+        out = EvalMetrics(num_examples=sum(len(d) for d in sets.values()), partition_id=self.partition_id,
+                          per_task_examples={t: len(d) for t, d in sets.items()})
         load_numpy_state(self.model, global_arrays)
         plan = dense_plan(self.model)
         stats: dict[str, np.ndarray] = {}

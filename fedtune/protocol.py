@@ -140,9 +140,11 @@ class EvalMetrics:
     accuracy_personal: float | None = None  # None: the client has no personalized model to report
     per_task_global: dict[str, float] = field(default_factory=dict)
     per_task_personal: dict[str, float] = field(default_factory=dict)
+    per_task_examples: dict[str, int] = field(default_factory=dict)  # `num-examples-<task>`: the local test examples of each task (what its accuracies are weighted by)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {NUM_EXAMPLES: self.num_examples, "partition-id": self.partition_id}
+        out.update({f"{NUM_EXAMPLES}-{t}": n for t, n in self.per_task_examples.items()})
         if self.accuracy_global is not None:
             out["accuracy-global"] = self.accuracy_global
         if self.accuracy_personal is not None:
@@ -170,4 +172,5 @@ class EvalMetrics:
             accuracy_personal=None if personal is None else float(personal),
             per_task_global={k.removeprefix("accuracy-global-"): float(v) for k, v in m.items() if k.startswith("accuracy-global-")},
             per_task_personal={k.removeprefix("accuracy-personal-"): float(v) for k, v in m.items() if k.startswith("accuracy-personal-")},
+            per_task_examples={k.removeprefix(f"{NUM_EXAMPLES}-"): _whole(v, k) for k, v in m.items() if k.startswith(f"{NUM_EXAMPLES}-")},
         )

@@ -366,10 +366,15 @@ class SparseFedAvg(FedAvg):
             if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
                 continue
             for key, value in metrics.items():
-                if key in _NOT_AVERAGED or not isinstance(value, (int, float)) or not math.isfinite(value):
+                if key in _NOT_AVERAGED or key.startswith(f"{protocol.NUM_EXAMPLES}-") or not isinstance(value, (int, float)) or not math.isfinite(value):
                     continue
-                sums[key] = sums.get(key, 0.0) + float(value) * weight
-                weights[key] = weights.get(key, 0.0) + weight
+                # a task's accuracy weighs by that task's test examples (a client that reports them)
+                task = key.removeprefix("accuracy-global-").removeprefix("accuracy-personal-") if key.startswith(("accuracy-global-", "accuracy-personal-")) else None
+                w = typed.per_task_examples.get(task, weight) if task is not None else weight
+                if w <= 0:
+                    continue
+                sums[key] = sums.get(key, 0.0) + float(value) * w
+                weights[key] = weights.get(key, 0.0) + w
         if self._stats.tasks and self.head_stats_every_round:  # only clients that personalize from them are sent them
             self.fed_stats = {t: {k: v.copy() for k, v in parts.items()} for t, parts in self._stats.tasks.items()}
         if not sums:

@@ -404,6 +404,12 @@ def test_evaluate_averages_each_metric_over_the_clients_that_report_it() -> None
     assert "partition-id" not in agg and protocol.NUM_EXAMPLES not in agg
     assert [e["node_id"] for e in strategy.last_eval_metrics] == [1, 2, 3]
     assert strategy.aggregate_evaluate(1, [error_reply(5)]) is None
+    # a two-task client's task accuracies weigh by that task's test examples, not its total
+    two = [reply(1, None, 100, **{"accuracy-global": 0.5, "accuracy-global-a": 0.0, "accuracy-global-b": 1.0, "num-examples-a": 2, "num-examples-b": 98}),
+           reply(2, None, 10, **{"accuracy-global": 1.0, "accuracy-global-a": 1.0, "num-examples-a": 10})]
+    agg = strategy.aggregate_evaluate(1, two)
+    assert agg["accuracy-global-a"] == pytest.approx(10 / 12) and agg["accuracy-global-b"] == pytest.approx(1.0)
+    assert agg["accuracy-global"] == pytest.approx((50 + 10) / 110) and not any(k.startswith("num-examples") for k in agg)
 
 
 def test_head_statistics_are_requested_in_the_last_round_and_summed() -> None:

@@ -37,6 +37,7 @@ Parameters named in `federation.personal` also stay on the client.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from dataclasses import replace
@@ -74,7 +75,7 @@ from .heads import (
     own_covariance_shrink,
 )
 from .methods import Method, MethodConfig, make_method
-from .profiles import get_profile
+from .profiles import AUTO, get_profile, measured_profile
 from .protocol import EvalMetrics, TrainMetrics
 from .runconfig import RunConfig
 from .trainer import Trainer, balanced_softmax_adjustment
@@ -144,7 +145,13 @@ class ClientRuntime:
     def __init__(self, cfg: RunConfig, partition_id: int, profile: str | None = None):
         self.cfg = cfg
         self.partition_id = partition_id
-        self.profile = get_profile(profile or cfg.profile_of(partition_id))
+        if profile is None and cfg.profile_of(partition_id) == AUTO:
+            # simulated clients given "auto" share this machine: each measures its share of a
+            # quarter of the memory, over the clients Ray runs at once
+            together = max(1, int((os.cpu_count() or 1) // max(cfg.backend.cpus_per_client, 1e-9)))
+            self.profile = measured_profile(0.25 / together)
+        else:
+            self.profile = get_profile(profile or cfg.profile_of(partition_id))
         self.train_set, self.test_set = client_data(cfg, partition_id)
         if len(self.train_set) == 0:
             raise ConfigError(f"client {partition_id} has no training data")

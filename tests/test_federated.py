@@ -312,6 +312,11 @@ def test_node_profile_auto_and_unknown(monkeypatch):
     assert auto.memory_bytes == 2 << 30 and auto.name == "auto"
     rt = ClientRuntime(tiny_run(), partition_id=0, profile="auto")  # plans against the measured budget
     assert rt.profile.memory_bytes == 2 << 30
+    # simulated clients given "auto" by federation.profiles share the machine: a quarter of its
+    # memory over the clients Ray runs at once (cores / cpus_per_client)
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    shared = ClientRuntime(tiny_run(federation={"profiles": ["auto"]}, backend={"cpus_per_client": 2.0}), partition_id=0)
+    assert shared.profile.memory_bytes == (2 << 30) // 4 and shared.profile.name == "auto"
     with pytest.raises(ConfigError, match="unknown device profile 'pi5'; known profiles: mcu, rpi"):
         ClientRuntime(tiny_run(), partition_id=0, profile="pi5")
 

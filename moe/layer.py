@@ -240,8 +240,13 @@ def tutel_combine(x: torch.Tensor, experts: nn.ModuleList, r: Routing) -> torch.
     """
     from tutel import moe as tutel_moe
 
-    k = r.indices.shape[1]
+    T, k = r.indices.shape
     cap = r.capacity if r.capacity is not None else int(r.locations.max()) + 1
+    if r.capacity is None and r.num_experts * cap > 2 * T * k:
+        # no capacity and skewed routing: tutel's buffer holds E times the busiest expert's load
+        # (kept for the backward pass), over twice the T * k rows the native backend moves; the
+        # native backend gives the same output
+        return native_combine(x, experts, r)
     dispatcher = tutel_moe.fast_dispatcher(r.num_experts, cap, x.shape[-1], x.dtype)
     dispatcher.update(
         [r.indices[:, j].to(torch.int32).contiguous() for j in range(k)],

@@ -234,6 +234,27 @@ def test_tutel_adapter_against_its_contract(monkeypatch, capacity_factor):
     _compare_backends(moe, torch.randn(2, 6, 8))
 
 
+def test_tutel_without_a_capacity_and_skewed_routing_uses_the_native_path(monkeypatch):
+    """Every token to one expert and no capacity: tutel's buffer would be E times the tokens;
+    the same output comes from the native path, and tutel's dispatcher is not built."""
+    fake = _fake_tutel()
+    built = []
+    real = fake.moe.fast_dispatcher
+    fake.moe.fast_dispatcher = lambda *a, **k: built.append(a) or real(*a, **k)
+    monkeypatch.setitem(sys.modules, "tutel", fake)
+    monkeypatch.setitem(sys.modules, "tutel.moe", fake.moe)
+    moe = layer(MoEConfig(num_experts=4, top_k=1, capacity_factor=None)).train()
+    with torch.no_grad():
+        moe.routers["a"].weight.zero_()
+        moe.routers["a"].weight[0, 0] = 1.0
+    x = torch.randn(2, 6, 8)
+    x[..., 0] = 5.0  # expert 0 for every token
+    _compare_backends(moe, x)
+    assert built == []
+    _compare_backends(layer(MoEConfig(num_experts=4, top_k=2, capacity_factor=None)).train(), torch.randn(2, 6, 8))
+    assert built, "balanced routing still goes through tutel"
+
+
 @pytest.mark.parametrize("capacity_factor", [None, 0.5])
 @pytest.mark.skipif(not tutel_available(), reason=f"tutel not usable here: {tutel_problem()}")
 def test_native_and_tutel_give_the_same_output(capacity_factor):

@@ -147,8 +147,10 @@ class ClientRuntime:
         self.partition_id = partition_id
         if profile is None and cfg.profile_of(partition_id) == AUTO:
             # simulated clients given "auto" share this machine: each measures its share of a
-            # quarter of the memory, over the clients Ray runs at once
-            together = max(1, int((os.cpu_count() or 1) // max(cfg.backend.cpus_per_client, 1e-9)))
+            # quarter of the memory, over the clients Ray runs at once (the CPUs this process may
+            # use over each client's, and no more than the clients there are)
+            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            together = max(1, min(int(cpus // max(cfg.backend.cpus_per_client, 1e-9)), cfg.federation.total_clients()))
             self.profile = measured_profile(0.25 / together)
         else:
             self.profile = get_profile(profile or cfg.profile_of(partition_id))

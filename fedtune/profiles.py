@@ -136,7 +136,7 @@ def measured_profile(share: float = 0.25) -> DeviceProfile:
     since time per round, not FLOPs per sample, is what a measured device can promise."""
     available = available_memory_bytes()
     return DeviceProfile(AUTO, memory_bytes=max(int(available * share), 1), flops_per_sample=1e15,
-                         description=f"measured: {share:.0%} of {available / MiB:.0f} MiB available")
+                         description=f"measured: {share:.2%} of {available / MiB:.0f} MiB available")
 
 
 def get_profile(name: str | DeviceProfile | None) -> DeviceProfile:

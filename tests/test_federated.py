@@ -314,9 +314,12 @@ def test_node_profile_auto_and_unknown(monkeypatch):
     assert rt.profile.memory_bytes == 2 << 30
     # simulated clients given "auto" by federation.profiles share the machine: a quarter of its
     # memory over the clients Ray runs at once (cores / cpus_per_client)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)), raising=False)
     monkeypatch.setattr("os.cpu_count", lambda: 8)
     shared = ClientRuntime(tiny_run(federation={"profiles": ["auto"]}, backend={"cpus_per_client": 2.0}), partition_id=0)
     assert shared.profile.memory_bytes == (2 << 30) // 4 and shared.profile.name == "auto"
+    few = ClientRuntime(tiny_run(federation={"num_clients": 2, "profiles": ["auto"]}), partition_id=0)  # 8 CPUs, 2 clients
+    assert few.profile.memory_bytes == (2 << 30) // 2
     with pytest.raises(ConfigError, match="unknown device profile 'pi5'; known profiles: mcu, rpi"):
         ClientRuntime(tiny_run(), partition_id=0, profile="pi5")
 
@@ -769,6 +772,12 @@ def test_a_dp_resume_counts_the_models_that_went_out_before_their_records(tmp_pa
     again = runner.make_strategy(1)
     runner.count_repeated(again, [{"round": 0}, {"round": 1}])
     assert again.dp_rounds_repeated == 3
+    # a later checkpoint (round 2, which holds the count 3): records past it count again
+    runner.done_rounds = 2
+    later = runner.make_strategy(2)
+    later.dp_rounds_repeated = 3
+    runner.count_repeated(later, [{"round": r} for r in range(4)])
+    assert later.dp_rounds_repeated == 4
 
 
 def test_a_single_run_is_refused_an_out_that_holds_another_runs_results(tmp_path):

@@ -251,8 +251,8 @@ def test_tutel_without_a_capacity_and_skewed_routing_uses_the_native_path(monkey
     x[..., 0] = 5.0  # expert 0 for every token
     _compare_backends(moe, x)
     assert built == []
-    _compare_backends(layer(MoEConfig(num_experts=4, top_k=2, capacity_factor=None)).train(), torch.randn(2, 6, 8))
-    assert built, "balanced routing still goes through tutel"
+    _compare_backends(layer(MoEConfig(num_experts=8, top_k=1, capacity_factor=None), seed=1).train(), torch.randn(4, 16, 8))
+    assert built, "routing spread over the experts still goes through tutel"
 
 
 @pytest.mark.parametrize("capacity_factor", [None, 0.5])

@@ -37,7 +37,6 @@ Parameters named in `federation.personal` also stay on the client.
 
 from __future__ import annotations
 
-import os
 import time
 from collections import Counter
 from dataclasses import replace
@@ -75,7 +74,7 @@ from .heads import (
     own_covariance_shrink,
 )
 from .methods import Method, MethodConfig, make_method
-from .profiles import AUTO, get_profile, measured_profile
+from .profiles import AUTO, get_profile, simulated_auto_profile
 from .protocol import EvalMetrics, TrainMetrics
 from .runconfig import RunConfig
 from .trainer import Trainer, balanced_softmax_adjustment
@@ -145,13 +144,8 @@ class ClientRuntime:
     def __init__(self, cfg: RunConfig, partition_id: int, profile: str | None = None):
         self.cfg = cfg
         self.partition_id = partition_id
-        if profile is None and cfg.profile_of(partition_id) == AUTO:
-            # simulated clients given "auto" share this machine: each measures its share of a
-            # quarter of the memory, over the clients Ray runs at once (the CPUs this process may
-            # use over each client's, and no more than the clients there are)
-            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-            together = max(1, min(int(cpus // max(cfg.backend.cpus_per_client, 1e-9)), cfg.federation.total_clients()))
-            self.profile = measured_profile(0.25 / together)
+        if profile is None and cfg.profile_of(partition_id) == AUTO:  # a simulated client: it shares this machine
+            self.profile = simulated_auto_profile(cfg.backend.cpus_per_client, cfg.federation.total_clients())
         else:
             self.profile = get_profile(profile or cfg.profile_of(partition_id))
         self.train_set, self.test_set = client_data(cfg, partition_id)
@@ -238,6 +232,7 @@ class ClientRuntime:
         heads = {f"{PERSONAL_HEAD}{t}.{k}": v.detach().numpy().copy() for t, h in self.personal_heads.items() for k, v in h.state_dict().items()}
         new_state = ClientState(personal={**state_to_numpy(self.model, [n for n in self.model.state_dict() if is_personal(n, personal)]), **heads, **own_model}, method=kept)
         flops = [s.train_flops for s in steps if s.train_flops is not None]
+        memory = [s.activation_bytes + s.trainable_state_bytes for s in steps]  # what a device profile budgets, per step
         metrics = TrainMetrics(
             num_examples=examples,
             partition_id=self.partition_id,
@@ -248,8 +243,8 @@ class ClientRuntime:
             flops_per_step=float(np.mean(flops)) if flops else 0.0,
             survey_flops=survey_flops,
             activation_bytes=int(max((s.activation_bytes for s in steps), default=0)),
-            memory_bytes=int(max((s.activation_bytes + s.trainable_state_bytes for s in steps), default=0)),
-            steps_over_memory_budget=sum(s.activation_bytes + s.trainable_state_bytes > self.profile.memory_bytes for s in steps),
+            memory_bytes=int(max(memory, default=0)),
+            steps_over_memory_budget=sum(m > self.profile.memory_bytes for m in memory),
             trainable_params=int(max((s.trainable_params for s in steps), default=0)),
             step_time_s=float(np.median([s.step_time_s for s in steps])) if steps else 0.0,
             time_s=time.perf_counter() - start,

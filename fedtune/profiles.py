@@ -139,6 +139,15 @@ def measured_profile(share: float = 0.25) -> DeviceProfile:
                          description=f"measured: {share:.2%} of {available / MiB:.0f} MiB available")
 
 
+def simulated_auto_profile(cpus_per_client: float, clients: int) -> DeviceProfile:
+    """"auto" for a simulated client, which shares this machine: its share of a quarter of the
+    memory, over the clients Ray runs at once (the CPUs this process may use over each
+    client's, and no more than the clients there are)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    together = max(1, min(int(cpus // max(cpus_per_client, 1e-9)), clients))
+    return measured_profile(0.25 / together)
+
+
 def get_profile(name: str | DeviceProfile | None) -> DeviceProfile:
     """A named profile (or the profile itself); None means the unconstrained workstation,
     "auto" a profile measured on this device (`measured_profile`)."""

@@ -357,7 +357,7 @@ class MoEMlp(nn.Module):
         flat = x.reshape(-1, x.shape[-1])
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
         cap = capacity(factor, flat.shape[0], self.top_k, self.capacity_experts)
-        routing, stats = route(self.router_logits(flat, task), self.top_k, cap, getattr(self, "priority", "token"))
+        routing, stats = route(self.router_logits(flat, task), self.top_k, cap, self.priority)
         out = BACKENDS[self.backend](flat, self.experts, routing)
         if self.num_shared:
             out = (out + sum(expert(flat) for expert in self.shared_experts)) / (self.num_shared + 1)

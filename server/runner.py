@@ -143,7 +143,7 @@ class ServerRunner:
         repeated = max(len(recorded), int(kept.get("released_through", 0)) - self.done_rounds)
         strategy.dp_rounds_repeated = max(strategy.dp_rounds_repeated, int(kept.get("rounds_repeated", 0))) + repeated
         if self.cfg.federation.dp_noise_multiplier:
-            write_json(ledger, {"rounds_repeated": strategy.dp_rounds_repeated, "released_through": self.done_rounds, "cut_at": self.done_rounds})
+            self._write_ledger(strategy.dp_rounds_repeated, self.done_rounds, self.done_rounds)
 
     def released(self, server_round: int) -> None:
         """Under DP: round `server_round`'s model is about to go out; the ledger keeps the newest
@@ -151,9 +151,13 @@ class ServerRunner:
         if server_round <= self.released_through or self.strategy is None:
             return
         self.released_through = server_round
-        # (cut_at: the checkpoint whose later records this run's resume counted and cut; a new
-        # checkpoint makes it stale, and the count moves into the checkpoint's strategy state)
-        write_json(self.out / DP_LEDGER, {"rounds_repeated": self.strategy.dp_rounds_repeated, "released_through": server_round, "cut_at": self.cut_at})
+        self._write_ledger(self.strategy.dp_rounds_repeated, server_round, self.cut_at)
+
+    def _write_ledger(self, rounds_repeated: int, released_through: int, cut_at: int | None) -> None:
+        """dp_ledger.json: the rounds resumes repeated, the newest round whose model went out, and
+        the checkpoint whose later records a resume counted and cut (a newer checkpoint makes it
+        stale: its strategy state holds the count then)."""
+        write_json(self.out / DP_LEDGER, {"rounds_repeated": rounds_repeated, "released_through": released_through, "cut_at": cut_at})
 
     def _checkpoint_path(self) -> Path:
         return self.out / CHECKPOINT

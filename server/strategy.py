@@ -14,7 +14,7 @@ import random
 import re
 import secrets
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import Any
@@ -44,6 +44,7 @@ AGGREGATIONS = ("mean", "median", "trimmed_mean", "mean_around_median")  # how e
 IMPORTANCE_EMA_RATE = 0.5  # weight of the new round's mean in the running importance
 _STATE_VERSION = 1
 _NOT_AVERAGED = (protocol.NUM_EXAMPLES, "partition-id")  # evaluation metrics that are not means
+MAX_WEIGHT = float(2**53)  # the largest num-examples or update count taken: far beyond any client, and no weighted sum overflows
 
 
 class _Rejected(Exception):
@@ -155,7 +156,7 @@ class SparseFedAvg(FedAvg):
         self.dp_rounds_repeated = 0  # rounds a --resume made the server run again: their noisy models were released once already
         self.run_token: str | None = uuid.uuid4().hex  # the run's identity in every instruction (state_dict keeps it across --resume)
         self.config_key: str | None = None  # the server's RunConfig.key(), in every instruction: a node that read another config refuses it
-        self.on_release: Any = None  # under DP: called with the run's round whose model an instruction is about to carry out (the runner's ledger)
+        self.on_release: Callable[[int], None] | None = None  # under DP: called with the run's round whose model an instruction is about to carry out (the runner's ledger)
         if weighting not in protocol.WEIGHTINGS:
             raise ConfigError(f"weighting: expected one of {protocol.WEIGHTINGS}, got {weighting!r}")
         if isinstance(personal_keys, str):
@@ -640,9 +641,8 @@ class SparseFedAvg(FedAvg):
     # ------------------------------------------------------------ aggregation
 
     def _weight(self, reply: _Reply, name: str) -> float:
-        if self.weighting == "updates" and reply.update_counts is not None:
-            return reply.update_counts[name]
-        return reply.num_examples
+        # under "updates" every accepted reply carries counts for what it sent (_validate_update_counts)
+        return reply.update_counts[name] if self.weighting == "updates" else reply.num_examples
 
     def _bounded(self, global_arrays: ArrayRecord, replies: list[_Reply]) -> list[_Reply]:
         """Norm bounding: each reply's update (its values minus the global ones, over the
@@ -949,7 +949,6 @@ def head_shapes(arrays: ArrayRecord) -> dict[str, tuple[int, int]] | None:
     statistics must match (None: the model has no `heads.<task>.weight`)."""
     shapes = {m.group(1): (int(a.shape[0]), int(a.shape[1])) for name, a in arrays.items() if (m := _HEAD_WEIGHT.match(name)) and len(a.shape) == 2}
     return shapes or None
-MAX_WEIGHT = float(2**53)  # the largest num-examples or update count taken: far beyond any client, and no weighted sum overflows
 
 
 def _validate_importance(metrics: MetricRecord, expected_len: int | None) -> list[float] | None:

@@ -53,7 +53,7 @@ def federated_data(cfg: RunConfig) -> tuple[DataSplit, list[np.ndarray]]:
             parts = partition_indices(
                 pooled.labels[task].numpy(), cfg.federation.total_clients(), p.scheme, alpha=p.alpha,
                 classes_per_partition=p.classes_per_partition, seed=cfg.seed, min_partition_size=p.min_partition_size,
-                class_assignment=p.class_assignment,
+                class_assignment=p.class_assignment, self_balancing=p.self_balancing,
             )
             if p.scheme == "pathological" and cfg.federation.new_clients:  # the new clients never train: their classes must be others' too
                 unused = classes_left_out(pooled.labels[task].numpy(), parts[: cfg.federation.num_clients])
@@ -93,7 +93,7 @@ def _partition_per_source(cfg: RunConfig, train: ImageSet, origin: np.ndarray) -
         shares = partition_indices(
             train.labels[tasks[0]][index].numpy(), len(holders), p.scheme, alpha=p.alpha,
             classes_per_partition=p.classes_per_partition, seed=cfg.seed + _source_seed(train, index), min_partition_size=p.min_partition_size,
-            class_assignment=p.class_assignment,
+            class_assignment=p.class_assignment, self_balancing=p.self_balancing,
         )
         for pid, share in zip(holders, shares, strict=True):
             parts[pid].append(index[share])

@@ -28,6 +28,7 @@ class PartitionConfig:
     classes_per_partition: int = 2  # pathological: classes per client
     class_assignment: Literal["deterministic", "random", "first-deterministic"] = "deterministic"  # pathological: how classes go to clients (flwr-datasets' modes)
     min_partition_size: int = 10  # Dirichlet: resample until every client has this many
+    self_balancing: bool = False  # Dirichlet: a client already over the average share gets none of the later classes (PFLlib's and NIID-Bench's generators; fewer classes per client)
     local_test_fraction: float = 0.2  # share of each client's data kept for its local test
     pool: bool = False  # partition the data set's train and test images together (the personalized-FL protocol); the central test set is then the union of the clients' local test splits
 
@@ -41,6 +42,8 @@ class PartitionConfig:
             raise ConfigError(f"{prefix}classes_per_partition: must be >= 1, got {self.classes_per_partition}")
         if self.min_partition_size < 0:
             raise ConfigError(f"{prefix}min_partition_size: must be >= 0, got {self.min_partition_size}")
+        if self.self_balancing and self.scheme != "dirichlet":
+            raise ConfigError(f"{prefix}self_balancing: applies to the dirichlet scheme only, not {self.scheme!r}")
 
 
 MAX_ROUNDS = 100_000  # more is a typo, not a run

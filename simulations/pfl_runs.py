@@ -6,8 +6,9 @@ one command per table row.
     python -m simulations.pfl_runs --run                             # every row still to do
 
 METHOD is a row of the tables (the overlays in simulations/pfl/, and `alast`, the default
-simulations/pfl_fmnist.yaml); SPLIT is a0.1 (Dirichlet 0.1), a0.5 (Dirichlet 0.5) or path
-(2 classes per client). A run writes runs/pfl/METHOD_SPLIT_sSEED (`--runs`); its summary.json
+simulations/pfl_fmnist.yaml); SPLIT is a0.1 (Dirichlet 0.1), a0.5 (Dirichlet 0.5), path
+(2 classes per client) or a0.1sb (Dirichlet 0.1 drawn with PFLlib's self-balancing rule; by
+default only the rows measured there: local, ditto and the default). A run writes runs/pfl/METHOD_SPLIT_sSEED (`--runs`); its summary.json
 is copied into the summaries folder as METHOD_SPLIT_sSEED.json, what `simulations.pfl_tables`
 reads, and the tables are rebuilt after each run. A run whose summary is already there is
 skipped unless `--force`; a run folder that already holds a finished run only has its
@@ -33,7 +34,10 @@ from server.runner import RESUME_MAY_CHANGE
 from simulations.pfl_tables import METHODS, build
 
 ROOT = Path(__file__).resolve().parent
-SPLITS = {"a0.1": [], "a0.5": ["partition.alpha=0.5"], "path": ["partition.scheme=pathological"]}
+SPLITS = {"a0.1": [], "a0.5": ["partition.alpha=0.5"], "path": ["partition.scheme=pathological"],
+          "a0.1sb": ["partition.self_balancing=true"]}
+# the rows measured on a split when no --method is given (default: every row)
+SPLIT_METHODS = {"a0.1sb": ("local", "ditto", "alast")}
 
 
 def config_of(method: str) -> Path:
@@ -47,10 +51,12 @@ def command(method: str, split: str, seed: int, runs: Path) -> list[str]:
     return ["fedtune", "simulate", os.path.relpath(config_of(method)), *[a for s in sets for a in ("--set", s)], "--out", str(runs / f"{method}_{split}_s{seed}")]
 
 
-def plan(methods: list[str], splits: list[str], seeds: list[int], summaries: Path, runs: Path) -> list[tuple[str, list[str], bool]]:
-    """(name, command, done) for every run asked for, rows in the tables' order."""
+def plan(methods: list[str] | None, splits: list[str], seeds: list[int], summaries: Path, runs: Path) -> list[tuple[str, list[str], bool]]:
+    """(name, command, done) for every run asked for, rows in the tables' order; `methods` None:
+    each split's rows (SPLIT_METHODS, else every row)."""
+    keys = [k for k, _ in METHODS]
     return [(f"{m}_{sp}_s{s}", command(m, sp, s, runs), (summaries / f"{m}_{sp}_s{s}.json").is_file())
-            for m in methods for sp in splits for s in seeds]
+            for m in methods or keys for sp in splits if methods or m in SPLIT_METHODS.get(sp, keys) for s in seeds]
 
 
 # config keys that do not change what a run computes: those a resume may change, but the rounds and the final evaluation
@@ -86,7 +92,7 @@ def main(argv: list[str] | None = None, simulate: Callable[[list[str]], int] = _
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     keys = [k for k, _ in METHODS]
     parser.add_argument("--method", action="append", choices=keys, help="a table row (repeatable; default: every row)")
-    parser.add_argument("--split", action="append", choices=list(SPLITS), help="a split (repeatable; default: all three)")
+    parser.add_argument("--split", action="append", choices=list(SPLITS), help="a split (repeatable; default: all)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
     parser.add_argument("--run", action="store_true", help="run what is not done yet (without it: only list)")
     parser.add_argument("--force", action="store_true", help="with --run: run again what is done")
@@ -97,7 +103,7 @@ def main(argv: list[str] | None = None, simulate: Callable[[list[str]], int] = _
     if args.seeds < 1:
         parser.error("--seeds: must be at least 1")
     summaries, runs = Path(args.summaries), Path(args.runs)
-    todo = plan(args.method or keys, args.split or list(SPLITS), list(range(args.seeds)), summaries, runs)
+    todo = plan(args.method, args.split or list(SPLITS), list(range(args.seeds)), summaries, runs)
     failed = []
     for name, cmd, done in todo:
         if not args.run or (done and not args.force):

@@ -9,8 +9,9 @@ simulations/pfl/fedrep.yaml --set seed=1 --out runs/pfl/fedrep_a0.1_s1`. A row a
 method's seeds; a method without a summary for a split is left out of that split's table.
 The starting model's probe (`probe_SPLIT_sSEED.json`, a copy of `fedtune probe`'s probe.json)
 comes first, as the reference of no training.
-Writes table_alpha0.1.md, table_alpha0.5.md and table_pathological.md into DIR (default:
-the folder above SUMMARIES).
+Writes table_alpha0.1.md, table_alpha0.5.md, table_pathological.md and
+table_alpha0.1_self_balancing.md (split key a0.1sb: Dirichlet 0.1 drawn with PFLlib's
+self-balancing rule) into DIR (default: the folder above SUMMARIES).
 """
 
 from __future__ import annotations
@@ -43,7 +44,11 @@ METHODS = (  # file-name key, row label (the configs in simulations/pfl/, then t
 # simulations/pfl_fmnist.yaml --set seed=SEED [split settings]` (its probe.json), the starting
 # model with each client's closed-form head and no training; first in each table.
 REFERENCES = (("probe", "starting model + closed-form head, no training (fedtune probe)"),)
-SPLITS = (("a0.1", "table_alpha0.1.md"), ("a0.5", "table_alpha0.5.md"), ("path", "table_pathological.md"))
+# a0.1sb: Dirichlet 0.1 drawn with PFLlib's (and NIID-Bench's) self-balancing rule, a client over
+# the average share getting none of the later classes (`partition.self_balancing`): the split
+# behind PFLlib's leaderboard, with fewer classes per client than flwr-datasets' default draw
+SPLITS = (("a0.1", "table_alpha0.1.md"), ("a0.5", "table_alpha0.5.md"), ("path", "table_pathological.md"),
+          ("a0.1sb", "table_alpha0.1_self_balancing.md"))
 
 
 def runs_of(summaries: Path, method: str, split: str) -> list[Path]:
@@ -54,8 +59,10 @@ def runs_of(summaries: Path, method: str, split: str) -> list[Path]:
 
 
 def _split_key(partition: dict) -> str:
-    """A summary's partition as the file names' split key (a0.1, a0.5, path)."""
-    return "path" if partition.get("scheme") == "pathological" else f"a{partition.get('alpha')}"
+    """A summary's partition as the file names' split key (a0.1, a0.5, path, a0.1sb)."""
+    if partition.get("scheme") == "pathological":
+        return "path"
+    return f"a{partition.get('alpha')}" + ("sb" if partition.get("self_balancing") else "")
 
 
 def check_runs(runs: list[tuple[str, Path]], split: str, mixed_seeds: bool = False) -> None:

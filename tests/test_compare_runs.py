@@ -136,6 +136,15 @@ def test_pfl_tables_from_summary_files(tmp_path, capsys):
     (summaries / "fedrep_a0.1_s1.json").write_text(json.dumps({"accuracy_personalized": 0.7, "partition": {"scheme": "dirichlet", "alpha": 0.5}}))
     with pytest.raises(SystemExit, match="named split a0.1, but its run's partition is a0.5"):
         tables([str(summaries), "--mixed-seeds"])
+    (summaries / "fedrep_a0.1_s1.json").write_text(json.dumps({"accuracy_personalized": 0.7, "partition": {"scheme": "dirichlet", "alpha": 0.1, "self_balancing": True}}))
+    with pytest.raises(SystemExit, match="named split a0.1, but its run's partition is a0.1sb"):
+        tables([str(summaries), "--mixed-seeds"])
+    (summaries / "fedrep_a0.1sb_s1.json").write_text(json.dumps({"accuracy_personalized": 0.75, "partition": {"scheme": "dirichlet", "alpha": 0.1, "self_balancing": True}}))
+    (summaries / "fedrep_a0.1_s1.json").unlink()
+    assert tables([str(summaries), "--mixed-seeds"]) == 0  # PFLlib's self-balancing draw has a table of its own
+    assert (tmp_path / "table_alpha0.1_self_balancing.md").read_text().splitlines()[2].startswith("| FedRep | 1 | - | - | - | 75.0 |")
+    (summaries / "fedrep_a0.1sb_s1.json").unlink()
+    (summaries / "fedrep_a0.1_s1.json").write_text(json.dumps({"accuracy_personalized": 0.7}))
     (summaries / "fedrep_a0.1_s1.json").unlink()
     (summaries / "fedrep_a0.1_s0.json").write_text(json.dumps({"accuracy_personalized": 0.7, "clients": [{"partition_id": 0, "num_examples": 9}]}))
     (summaries / "alast_a0.1_s0.json").write_text(json.dumps({"accuracy_personalized": 0.9, "clients": [{"partition_id": 0, "num_examples": 10},
@@ -226,6 +235,12 @@ def test_pfl_runs_gives_one_command_per_table_row_and_runs_only_what_is_missing(
     assert [p.name.split(".old-")[0] for p in runs.iterdir() if ".old-" in p.name] == ["fedrep_a0.5_s0"]
     pfl_runs(["--method", "alast", "--split", "path", "--seeds", "1", "--summaries", str(summaries), "--runs", str(runs)], simulate=simulate)
     assert "pfl_fmnist.yaml --set seed=0 --set partition.scheme=pathological" in capsys.readouterr().out
+    # the self-balancing split lists only the rows measured there, unless a row is asked for
+    pfl_runs(["--split", "a0.1sb", "--seeds", "1", "--summaries", str(summaries), "--runs", str(runs)], simulate=simulate)
+    listed = [line.split("--out ")[1] for line in capsys.readouterr().out.splitlines()]
+    assert [Path(x).name for x in listed] == ["local_a0.1sb_s0", "ditto_a0.1sb_s0", "alast_a0.1sb_s0"]
+    pfl_runs(["--method", "fedrep", "--split", "a0.1sb", "--seeds", "1", "--summaries", str(summaries), "--runs", str(runs)], simulate=simulate)
+    assert "fedrep.yaml --set seed=0 --set partition.self_balancing=true --out" in capsys.readouterr().out
     # two rows run one after the other: the tables rebuilt in between (one row's seeds done, the
     # other's not yet) do not stop the command
     fresh = tmp_path / "fresh"

@@ -494,6 +494,25 @@ def test_dirichlet_partitions_are_non_iid_and_seeded() -> None:
     )
 
 
+def test_self_balancing_dirichlet_leaves_clients_fewer_classes() -> None:
+    """PFLlib's and NIID-Bench's rule: a client over the average share gets none of the later
+    classes, so at the same alpha its data is more skewed than flwr-datasets' default split."""
+    labels = np.repeat(np.arange(10), 500)
+
+    def majority_share(balanced: bool) -> float:
+        shares = []
+        for seed in range(5):
+            parts = partition_indices(labels, 20, "dirichlet", alpha=0.1, seed=seed, min_partition_size=20, self_balancing=balanced)
+            _check_disjoint_cover(parts, len(labels))
+            assert min(map(len, parts)) >= 20
+            shares.append(sum(np.bincount(labels[p], minlength=10).max() for p in parts) / len(labels))
+        return float(np.mean(shares))
+
+    assert majority_share(True) > majority_share(False) + 0.05
+    with pytest.raises(ConfigError, match="self_balancing applies to the dirichlet scheme only"):
+        partition_indices(LABELS, 3, "iid", self_balancing=True)
+
+
 @pytest.mark.filterwarnings("ignore:Classes.*will NOT be used")
 def test_pathological_classes_per_partition() -> None:
     parts = partition_indices(LABELS, 10, "pathological", classes_per_partition=2, seed=0)

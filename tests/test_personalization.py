@@ -114,6 +114,8 @@ def test_personal_lda_head_own_means_and_priors_the_federations_covariance():
 def test_a_protocol_without_local_tests_is_refused():
     with pytest.raises(ConfigError, match="local_test_fraction: must be in"):
         tiny_run(partition={"scheme": "dirichlet", "alpha": 0.3, "local_test_fraction": 0.0, "pool": True})
+    with pytest.raises(ConfigError, match="partition.self_balancing: applies to the dirichlet scheme only, not 'pathological'"):
+        tiny_run(partition={"scheme": "pathological", "self_balancing": True})
 
 
 @pytest.mark.parametrize("mode", ["lda", "fedrod", "local_head", "fedper", "fedrep", "fedbabu", "ditto", "local", "finetune", "none"])

@@ -26,12 +26,15 @@ def partition_indices(
     seed: int = 0,
     min_partition_size: int = 2,
     class_assignment: str = "deterministic",
+    self_balancing: bool = False,
 ) -> list[np.ndarray]:
     """Split sample indices 0..N-1 into `num_partitions` client shards with flwr-datasets.
 
     Schemes: "iid" (equal random shards), "dirichlet" (per-class shares drawn from
     Dirichlet(alpha); smaller alpha is more skewed; every partition gets at least
-    `min_partition_size` samples), "pathological" (`classes_per_partition` classes per
+    `min_partition_size` samples; with `self_balancing`, a partition already holding more
+    than the average share gets none of the classes drawn after it, the rule of PFLlib's and
+    NIID-Bench's generators, which leaves clients with fewer classes), "pathological" (`classes_per_partition` classes per
     partition, assigned by `class_assignment`: deterministic, random or first-deterministic).
     Rows are shuffled with `seed` first, so every scheme depends on the seed.
     """
@@ -54,6 +57,8 @@ def partition_indices(
         raise ConfigError(
             f"num_partitions must be between 1 and the number of samples ({n}), got {num_partitions}"
         )
+    if self_balancing and scheme != "dirichlet":
+        raise ConfigError(f"self_balancing applies to the dirichlet scheme only, not {scheme!r}")
     partitioner: Any
     if scheme == "iid":
         partitioner = IidPartitioner(num_partitions=num_partitions)
@@ -72,7 +77,7 @@ def partition_indices(
             partition_by="label",
             alpha=float(alpha),
             min_partition_size=min_partition_size,
-            self_balancing=False,
+            self_balancing=bool(self_balancing),
             shuffle=True,
             seed=seed,
         )

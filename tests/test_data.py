@@ -513,6 +513,17 @@ def test_self_balancing_dirichlet_leaves_clients_fewer_classes() -> None:
         partition_indices(LABELS, 3, "iid", self_balancing=True)
 
 
+def test_partition_skew_summary() -> None:
+    """simulations.partition_skew's per-client summary, examples-weighted: one client of a
+    single class, one of two classes 3:1."""
+    from simulations.partition_skew import skew
+
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 2])
+    got = skew(labels, [np.array([0, 1, 2, 3]), np.array([4, 5, 6, 7])])
+    two = float(np.exp(-(0.75 * np.log(0.75) + 0.25 * np.log(0.25))))
+    assert got == pytest.approx({"largest_class_share": (4 * 1.0 + 4 * 0.75) / 8, "effective_classes": (4 * 1.0 + 4 * two) / 8, "classes_over_5pct": 1.5})
+
+
 @pytest.mark.filterwarnings("ignore:Classes.*will NOT be used")
 def test_pathological_classes_per_partition() -> None:
     parts = partition_indices(LABELS, 10, "pathological", classes_per_partition=2, seed=0)

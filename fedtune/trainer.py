@@ -32,7 +32,14 @@ from .accounting import (
 from .data import ImageSet
 from .engine import Plan, Trace, param_groups, set_trainable
 from .errors import ConfigError
-from .heads import class_stats, evaluate, extract_features, fit_linear_head, lda_head, set_head
+from .heads import (
+    class_stats,
+    evaluate,
+    extract_features,
+    fit_linear_head,
+    personal_lda_head,
+    set_head,
+)
 from .methods import Method
 from .model import FedViT
 from .typedconfig import check_choices
@@ -347,8 +354,8 @@ class Trainer:
         with counter:
             feats, labels = extract_features(self.model, subset, self.task, self.cfg.eval_batch_size)
         for head in self.heads_to_fit():
-            if self.cfg.head_fit_kind == "lda":
-                set_head(head, *lda_head(class_stats(feats, labels, head.out_features)))
+            if self.cfg.head_fit_kind == "lda":  # a client's own data (a personal head): few examples, maybe one class
+                set_head(head, *personal_lda_head(class_stats(feats, labels, head.out_features), None, 0.0))
             else:
                 fit_linear_head(head, feats, labels, self.cfg.head_fit_reg)
         if result is not None:

@@ -155,16 +155,24 @@ def write_client_state(folder: Path, state: ClientState, server_round: int, keep
     for stray in folder.glob("tmp-*.npz"):  # left by a write a crash cut short (one writer per folder)
         if stray.name != f"tmp-{GLOBAL_COPY}":
             stray.unlink(missing_ok=True)
-    for old in state_files(folder, run=run)[: -max(KEEP_FILES, keep)]:
-        old.unlink(missing_ok=True)
+    files = state_files(folder, run=run)
+    good = [f for f in files if file_run(f) is not None]  # a damaged file never counts as one of the `keep`
+    if len(good) > max(KEEP_FILES, keep):
+        oldest_kept = good[-max(KEEP_FILES, keep)].name  # zero-padded round numbers: names sort as rounds
+        for old in files:
+            if old.name < oldest_kept:
+                old.unlink(missing_ok=True)
     return path
 
 
-def read_client_state(folder: Path, before_round: int | None = None, run: str | None = None, claim: bool = False) -> ClientState | None:
+def read_client_state(folder: Path, before_round: int | None = None, run: str | None = None, claim: bool = False,
+                      strict: bool = False) -> ClientState | None:
     """The newest readable state saved in `folder` (before `before_round`; with `run`, of that
     run only; with `claim`, the client's own reading, after claim_folder: a reader such as
     export leaves the folder as it is), or None when there is none. A damaged newest file
-    is skipped, with a warning, for the one kept before it."""
+    is skipped, with a warning, for the one kept before it (a client repeating a round);
+    with `strict` it is an error (export: an older round's state would not be the model the
+    run evaluated)."""
     if run is not None and claim:
         claim_folder(folder, run)
     files = state_files(folder, before_round, run)
@@ -178,11 +186,16 @@ def read_client_state(folder: Path, before_round: int | None = None, run: str | 
                 personal = {k: z[k] for k in z.files if k not in ("__meta__", "__sha256__")}
                 if "__sha256__" in z.files and str(z["__sha256__"]) != arrays_sha256(personal):
                     raise ValueError("checksum mismatch (the file is damaged)")
+            if not isinstance(meta, dict) or not isinstance(meta.get("method") or {}, dict):  # the checksum covers the arrays, not this
+                raise ValueError("its metadata is not a state's")
+            state = state_from(personal, meta)
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            if strict:
+                raise CheckpointError(f"corrupt client state {path}: {exc}") from exc
             errors.append(f"{path}: {exc}")
             warnings.warn(f"corrupt client state {path} ({exc}); trying the one before it", stacklevel=2)
             continue
-        return state_from(personal, meta)
+        return state
     raise CheckpointError(f"corrupt client state, every file unreadable: {'; '.join(errors)}")
 
 

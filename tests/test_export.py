@@ -1,5 +1,7 @@
 """Export round trip (dense and MoE) on a run folder made without Flower."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -162,7 +164,10 @@ def test_export_bad_input(tmp_path):
     plain, *_ = make_run(tmp_path / "plain", federation={"num_clients": 4, "rounds": 2, "personalization": "none"})
     with pytest.raises(ConfigError, match="client 0: personalization none: a client's model is the global one"):
         export_run(plain, None, tmp_path / "o7", client=0)
+    with pytest.raises(ConfigError, match="--experts-per-block: the run .* has no MoE blocks"):
+        export_run(run, None, tmp_path / "o8", experts_per_block=1)
     good = export_run(run, None, tmp_path / "o5")
+    assert good["kind"] == "dense" and json.loads((tmp_path / "o5" / "export.json").read_text())["client_state_round"] is None
     (tmp_path / "o5" / "model.onnx").write_bytes(b"not an onnx model")
     with pytest.raises(CheckpointError, match="model.onnx: checksum mismatch"):
         predict(tmp_path / "o5", [])
@@ -367,7 +372,7 @@ def test_a_clients_export_takes_its_state_as_of_the_checkpoints_round(tmp_path):
     run, cfg, glob, state = make_run(tmp_path)
     later = ClientState(personal={k: v + 1.0 if k.startswith("personal_head.") else v for k, v in state.personal.items()}, method=state.method)
     write_client_state(run / "client_state" / "client-0", later, 2)  # the checkpoint is round 1's
-    export_run(run, None, tmp_path / "export", client=0)
+    assert export_run(run, None, tmp_path / "export", client=0) and json.loads((tmp_path / "export" / "export.json").read_text())["client_state_round"] == 1
     module, _ = load_exported(tmp_path / "export")
     x = torch.randn(4, 3, 16, 16)
     rt, feats = client_features(cfg, glob, state, x)
@@ -446,3 +451,20 @@ def test_export_predict_and_profiles_from_the_command_line(tmp_path, capsys):
     assert main(["profiles"]) == 0
     table = capsys.readouterr().out
     assert table.startswith("name") and "rpi" in table and "workstation" in table and "auto" in table
+
+
+def test_a_clients_export_is_of_a_task_it_trains_and_of_its_newest_state(tmp_path):
+    """A client's model for a task it never trains would carry the global head, which FedPer's
+    clients never train: refused, naming its tasks. A damaged state file of the checkpoint's
+    round is an error naming it, not a quiet export of an older round."""
+    from .test_multidomain import TASK_DATA
+
+    run, *_ = make_run(tmp_path, task_data=TASK_DATA, federation={"num_clients": 3, "rounds": 2, "personalization": "fedper",
+                                                                    "client_tasks": [["digit"], ["shape", "colour"], ["digit", "colour"]]})
+    with pytest.raises(ConfigError, match="client 0 does not train task 'shape' \\(its tasks: digit\\)"):
+        export_run(run, "shape", tmp_path / "o1", client=0)
+    assert export_run(run, None, tmp_path / "o2", client=0)["task"] == "digit"
+    state = run / "client_state" / "client-0" / "round-000001.npz"
+    state.write_bytes(state.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="corrupt client state .*round-000001.npz"):
+        export_run(run, None, tmp_path / "o3", client=0)

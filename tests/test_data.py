@@ -375,6 +375,14 @@ def test_hf_errors(tmp_path: Path) -> None:
     datasets.DatasetDict({"train": _hf_set(4), "test": _hf_set(3).map(lambda r: {"label": -1})}).save_to_disk(str(hidden))
     with pytest.raises(ConfigError, match="the test split has 3 label\\(s\\) of -1"):
         load_data(DataConfig(name=f"hf:{hidden}", hf_image_key="img"))
+    # a plain integer or string column: -1 and None are unlabelled examples, not classes
+    for value, shown in ((-1, "-1"), (None, "None")):
+        plain = tmp_path / f"hfplain{shown}"
+        rows = _hf_set(6).to_dict()
+        rows["num"] = [value if i == 2 else i % 3 for i in range(6)]
+        datasets.Dataset.from_dict(rows, features=datasets.Features({**_hf_set(1).features, "num": datasets.Value("int64")})).save_to_disk(str(plain))
+        with pytest.raises(ConfigError, match=f"column 'num' has 1 label\\(s\\) missing or negative \\(e.g. {shown}\\)"):
+            load_data(DataConfig(name=f"hf:{plain}", hf_image_key="img", hf_label_keys=["num"]))
 
 
 # --- torchvision ------------------------------------------------------------------------------

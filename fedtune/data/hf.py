@@ -39,6 +39,16 @@ def _open_hf(cfg: DataConfig) -> tuple[dict[str, Any], bool]:
     return dict(loaded), False
 
 
+def _refuse_unlabelled(key: str, values: np.ndarray) -> None:
+    """A label column's missing or negative values (None, -1, NaN) mark unlabelled examples,
+    which would otherwise become a class of their own (a ClassLabel's -1 is refused later,
+    as a hidden label)."""
+    missing = [v for v in values.tolist() if v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and (v < 0 or v != v))]
+    if missing:
+        raise ConfigError(f"data.hf_label_keys: column {key!r} has {len(missing)} label(s) missing or negative (e.g. {missing[0]!r}): "
+                          "unlabelled examples; filter them out of the data set first")
+
+
 def _encode_labels(
     feature: Any, train: np.ndarray, test: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, int, list[str]]:
@@ -74,6 +84,8 @@ def _encode_labels(
 
 
 def _load_hf(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
+    import datasets
+
     splits, single = _open_hf(cfg)
     if cfg.hf_train_split not in splits:
         raise ConfigError(
@@ -106,6 +118,11 @@ def _load_hf(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
         return np.asarray(list(ds[key]))
 
     raw_train = {k: column(train_ds, k) for k in cfg.hf_label_keys}
+    for k in cfg.hf_label_keys:
+        if not isinstance(train_ds.features.get(k), datasets.ClassLabel):
+            _refuse_unlabelled(k, raw_train[k])
+            if test_ds is not None:
+                _refuse_unlabelled(k, column(test_ds, k))
     if test_ds is None:
         train, test = _split(raw_train[cfg.hf_label_keys[0]], cfg.test_fraction, cfg.seed)
         test_ds, raw_test = train_ds, raw_train

@@ -171,7 +171,7 @@ def export_run(run_dir: str | Path, task: str | None, out: str | Path, client: i
     agree with the run's full model on the task's test images."""
     if experts_per_block is not None and experts_per_block < 1:
         raise ConfigError(f"--experts-per-block: must be >= 1, got {experts_per_block}")
-    from .federated import federated_data, load_numpy_state
+    from .federated import client_tasks, federated_data, load_numpy_state, training_images
 
     run_dir, out = Path(run_dir), Path(out)
     if out.exists() and not out.is_dir():
@@ -185,8 +185,6 @@ def export_run(run_dir: str | Path, task: str | None, out: str | Path, client: i
     if task is not None and task not in model.tasks:
         raise ConfigError(f"task {task!r}: the run has tasks {', '.join(model.tasks)}")
     if client is not None:
-        from .federated import client_tasks
-
         own = [t for t in client_tasks(cfg, client) if t in model.tasks]
         task = task or (own or model.tasks)[0]
         if task not in own:  # its head there is the global model's, which these modes may never have trained
@@ -238,7 +236,7 @@ def export_run(run_dir: str | Path, task: str | None, out: str | Path, client: i
             warnings.warn(f"the run evaluates its MoE blocks with moe.eval_capacity_factor {cfg.moe.eval_capacity_factor}: tokens over an expert's "
                           "capacity are dropped, depending on the rest of the batch; the export routes every token to its top-k experts, "
                           "so its predictions can differ (export.json: agreement_with_run_model)", stacklevel=2)
-        used = experts_used(model, split.train.for_task(task).images, task, most=experts_per_block)
+        used = experts_used(model, training_images(cfg).for_task(task).images, task, most=experts_per_block)  # never the test images
         pruned = prune_for_task(model, task, used, reduce_top_k=experts_per_block is not None)
         experts = {b: list(pruned.moe_layers[b].expert_ids) for b in pruned.moe_blocks}
         vit = copy.deepcopy(pruned.vit)

@@ -59,6 +59,11 @@ def test_pooled_partition_tests_every_client_on_images_no_client_trains_on():
     local = {tuple(x.flatten()[:40].tolist()) for t in tests for x in t.images}
     train = {tuple(x.flatten()[:40].tolist()) for t in trains for x in t.images}
     assert central == local and not central & train
+    # what the run trained on (export's MoE survey reads it): the local train splits, no test image
+    from fedtune.federated import training_images
+
+    trained = {tuple(x.flatten()[:40].tolist()) for x in training_images(cfg).images}
+    assert trained == train and len(training_images(cfg)) == sum(map(len, trains))
     # new clients (pFL-Bench's unseen clients) are not in the training clients' central test set
     cfg = tiny_run(partition={"scheme": "dirichlet", "alpha": 0.3, "min_partition_size": 5, "local_test_fraction": 0.25, "pool": True},
                    federation={"num_clients": 3, "new_clients": 1, "personalization": "lda"})

@@ -263,6 +263,22 @@ def test_pixel_scale_is_decided_once_per_set_not_per_image_size() -> None:
     assert torch.allclose(out[0], torch.tensor(200 / 65535 * 2 - 1)) and torch.allclose(out[1], torch.tensor(1000 / 65535 * 2 - 1))
 
 
+def test_train_and_test_images_are_scaled_alike(tmp_path: Path) -> None:
+    """Float images whose train set peaks at 3.0 (a 0..255 scale) and whose few test images
+    peak at 0.9: the test images take the train set's scale, not one of their own (which
+    would make them up to 255 times brighter than what the model trained on)."""
+    rng = np.random.default_rng(0)
+    for part, peak in (("train", 3.0), ("test", 0.9)):
+        for cls in ("a", "b"):
+            (tmp_path / part / cls).mkdir(parents=True)
+            pixels = (rng.random((8, 8)) * peak).astype(np.float32)
+            pixels[0, 0] = peak
+            Image.fromarray(pixels, mode="F").save(tmp_path / part / cls / "0.tiff")
+    split = load_data(DataConfig(name="imagefolder", root=str(tmp_path), img_size=8, channels=1))
+    assert float(split.train.images.max()) == pytest.approx(3.0 / 255 * 2 - 1, abs=1e-4)
+    assert float(split.test.images.max()) == pytest.approx(0.9 / 255 * 2 - 1, abs=1e-4)
+
+
 def test_imagefolder_truncated_image_is_an_error_naming_the_file(tmp_path: Path) -> None:
     _write_folder(tmp_path, 3)
     bad = tmp_path / "red" / "1.png"

@@ -14,6 +14,7 @@ from .core import (
     _caps,
     _item_to_array,
     _labels_to_tensors,
+    _pixel_peaks,
     _split,
     _stack_images,
 )
@@ -141,16 +142,20 @@ def _load_hf(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
         )
         labels[key] = (y_train, y_test)
 
-    def build(ds: Any, index: np.ndarray, part: int) -> ImageSet:
-        items = ds.select(index.tolist())[cfg.hf_image_key]
-        arrays = [_item_to_array(item, cfg.channels) for item in items]
+    def images(ds: Any, index: np.ndarray) -> list[np.ndarray]:
+        return [_item_to_array(item, cfg.channels) for item in ds.select(index.tolist())[cfg.hf_image_key]]
+
+    arrays = (images(train_ds, train), images(test_ds, test))
+    peaks = _pixel_peaks(*arrays)  # train and test scaled alike
+
+    def build(part: int) -> ImageSet:
         return ImageSet(
-            _stack_images(arrays, cfg.channels, cfg.img_size),
+            _stack_images(arrays[part], cfg.channels, cfg.img_size, peaks),
             _labels_to_tensors({k: pair[part] for k, pair in labels.items()}),
             dict(num_classes),
             {k: list(v) for k, v in names.items()},
         )
 
-    return build(train_ds, train, 0), build(test_ds, test, 1)
+    return build(0), build(1)
 
 

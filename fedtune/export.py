@@ -185,6 +185,8 @@ def export_run(run_dir: str | Path, task: str | None, out: str | Path, client: i
     if task is not None and task not in model.tasks:
         raise ConfigError(f"task {task!r}: the run has tasks {', '.join(model.tasks)}")
     if client is not None:
+        if not 0 <= client < cfg.federation.total_clients():
+            raise ConfigError(f"client {client}: the run has clients 0..{cfg.federation.total_clients() - 1}")
         own = [t for t in client_tasks(cfg, client) if t in model.tasks]
         task = task or (own or model.tasks)[0]
         if task not in own:  # its head there is the global model's, which these modes may never have trained

@@ -37,6 +37,7 @@ from .heads import (
     evaluate,
     extract_features,
     fit_linear_head,
+    lda_head,
     personal_lda_head,
     set_head,
 )
@@ -354,8 +355,10 @@ class Trainer:
         with counter:
             feats, labels = extract_features(self.model, subset, self.task, self.cfg.eval_batch_size)
         for head in self.heads_to_fit():
-            if self.cfg.head_fit_kind == "lda":  # a client's own data (a personal head): few examples, maybe one class
-                set_head(head, *personal_lda_head(class_stats(feats, labels, head.out_features), None, 0.0))
+            if self.cfg.head_fit_kind == "lda":
+                stats = class_stats(feats, labels, head.out_features)
+                # a client's personal head on data of one class: that class is the prediction (a discriminant needs two)
+                set_head(head, *(lda_head(stats) if int((stats["count"] > 0).sum()) >= 2 else personal_lda_head(stats, None, 0.0)))
             else:
                 fit_linear_head(head, feats, labels, self.cfg.head_fit_reg)
         if result is not None:

@@ -165,6 +165,13 @@ def test_a_damaged_file_does_not_count_among_the_kept_rounds(tmp_path):
         assert read_client_state(tmp_path, before_round=3).method == {"budgets": [1.0]}
     write_client_state(tmp_path, ClientState(method={"budgets": [4.0]}), 4)  # rounds 3 and 4 kept; what is older goes
     assert sorted(p.name for p in tmp_path.glob("round-*.npz")) == ["round-000003.npz", "round-000004.npz"]
+    # a file whose metadata reads but whose arrays changed (its checksum fails) does not count either
+    write_client_state(tmp_path, ClientState(personal={"w": np.zeros(3, np.float32)}), 5)
+    with np.load(tmp_path / "round-000005.npz") as z:
+        parts = {k: z[k] for k in z.files}
+    np.savez(tmp_path / "round-000005.npz", **{**parts, "w": np.ones(3, np.float32)})
+    write_client_state(tmp_path, ClientState(method={"budgets": [6.0]}), 6)
+    assert sorted(p.name for p in tmp_path.glob("round-*.npz")) == ["round-000004.npz", "round-000005.npz", "round-000006.npz"]
 
 
 def test_strict_reading_and_hand_edited_metadata(tmp_path):
@@ -179,6 +186,7 @@ def test_strict_reading_and_hand_edited_metadata(tmp_path):
         read_client_state(tmp_path, strict=True)
     with pytest.warns(UserWarning, match="round-000002.npz"):
         assert read_client_state(tmp_path).method == {"budgets": [1.0]}
-    np.savez(newest, **{**parts, "__meta__": np.array(json.dumps({"method": [1, 2], "round": 2}))})
-    with pytest.raises(CheckpointError, match="its metadata is not a state's"):
-        read_client_state(tmp_path, strict=True)
+    for method in ([1, 2], 0, False):
+        np.savez(newest, **{**parts, "__meta__": np.array(json.dumps({"method": method, "round": 2}))})
+        with pytest.raises(CheckpointError, match="its metadata is not a state's"):
+            read_client_state(tmp_path, strict=True)

@@ -351,6 +351,17 @@ def test_hf_single_dataset_is_split(tmp_path: Path) -> None:
     assert split.train.tasks == ["label"]
 
 
+def test_hf_held_out_split_is_the_same_whatever_the_label_keys(tmp_path: Path) -> None:
+    """Two tasks reading one train-only set with other label columns must get the same test
+    images (one task's test images would otherwise be the other's training images)."""
+    path = tmp_path / "one"
+    _hf_set(20).save_to_disk(str(path))
+    by_label = load_data(DataConfig(name=f"hf:{path}", hf_image_key="img", hf_label_keys=["label"], hf_test_split=None))
+    by_kind = load_data(DataConfig(name=f"hf:{path}", hf_image_key="img", hf_label_keys=["kind", "label"], hf_test_split=None))
+    assert torch.equal(by_label.test.images, by_kind.test.images)
+    assert torch.equal(by_label.test.labels["label"], by_kind.test.labels["label"])
+
+
 def test_hf_parquet_folder_through_load_dataset(tmp_path: Path, monkeypatch) -> None:
     import datasets
 
@@ -397,7 +408,7 @@ def test_hf_errors(tmp_path: Path) -> None:
         rows = _hf_set(6).to_dict()
         rows["num"] = [value if i == 2 else i % 3 for i in range(6)]
         datasets.Dataset.from_dict(rows, features=datasets.Features({**_hf_set(1).features, "num": datasets.Value("int64")})).save_to_disk(str(plain))
-        with pytest.raises(ConfigError, match=f"column 'num' has 1 label\\(s\\) missing or negative \\(e.g. {shown}\\)"):
+        with pytest.raises(ConfigError, match=f"column 'num' of split 'train' has 1 label\\(s\\) missing or negative \\(e.g. {shown}\\)"):
             load_data(DataConfig(name=f"hf:{plain}", hf_image_key="img", hf_label_keys=["num"]))
 
 

@@ -154,7 +154,9 @@ def test_export_bad_input(tmp_path):
     assert {f: f.read_bytes() for f in run.rglob("*") if f.is_file()} == saved
     with pytest.raises(ConfigError, match="task 'colour': the run has tasks digit"):
         export_run(run, "colour", tmp_path / "o1")
-    with pytest.raises(ConfigError, match="client 7: the run .* has no state"):
+    with pytest.raises(ConfigError, match="client 2: the run .* has no state"):
+        export_run(run, None, tmp_path / "o2", client=2)
+    with pytest.raises(ConfigError, match="client 7: the run has clients 0..3"):
         export_run(run, None, tmp_path / "o2", client=7)
     with pytest.raises(CheckpointError, match="no checkpoint.safetensors"):
         export_run(tmp_path, None, tmp_path / "o3")
@@ -446,6 +448,11 @@ def test_export_predict_and_profiles_from_the_command_line(tmp_path, capsys):
     assert image == str(img) and label in load_exported(out)[1]["classes"] and 0.0 < float(probability) <= 1.0
     assert main(["export", str(run), "--out", str(img)]) == 2
     assert "is a file; give a folder" in capsys.readouterr().err
+    assert main(["export", str(run), "--task", "colour", "--out", str(tmp_path / "refused")]) == 2
+    assert "task 'colour': the run has tasks digit" in capsys.readouterr().err and not (tmp_path / "refused").exists(), "no empty folder left"
+    (tmp_path / "blocker").write_text("")
+    assert main(["export", str(run), "--out", str(tmp_path / "blocker" / "sub")]) == 2
+    assert "cannot create the folder" in capsys.readouterr().err
     assert main(["predict", str(tmp_path / "nowhere"), str(img)]) == 2
     assert "not an exported model" in capsys.readouterr().err
     assert main(["profiles"]) == 0

@@ -72,16 +72,6 @@ def test_multidomain_bad_input_names_the_task(tmp_path):
     with pytest.raises(ConfigError, match="read 'shapes' with different seed"):
         federated_data(multidomain(task_data={**TASK_DATA, "shape": {"name": "shapes", "num_samples": 200, "tasks": ["shape"], "shapes_seed_offset": 1},
                                               "colour": {"name": "shapes", "num_samples": 200, "tasks": ["colour"], "seed": 1}}))
-    # an hf set held out of its train split is stratified by its first label column: the same
-    # images, stratified by another column, split otherwise
-    from fedtune.data.core import DataConfig
-    from fedtune.data.multidomain import SourceGroup, _same_source_same_split
-
-    def hf(keys):
-        return SourceGroup(DataConfig(name="hf:some/set", hf_test_split=None, hf_label_keys=keys), {keys[0]: keys[0]})
-    with pytest.raises(ConfigError, match="with different hf_label_keys"):
-        _same_source_same_split([hf(["fine_label"]), hf(["coarse_label"])])
-    _same_source_same_split([hf(["fine_label"]), hf(["fine_label", "coarse_label"])])
     with pytest.raises(ConfigError, match="client_tasks: task 'garment' is not one of the run's tasks"):
         multidomain(federation={"num_clients": 4, "client_tasks": [["digit"], ["garment"]]})
     (tmp_path / "twice.yaml").write_text("task_data:\n  digit: {name: digits}\n  digit: {name: shapes}\n")

@@ -56,17 +56,14 @@ def _images_of(data: DataConfig) -> tuple:
 
 
 def _split_of(data: DataConfig) -> dict[str, object]:
-    """How a source's images are split into train and test (caps aside)."""
-    split: dict[str, object] = {"seed": data.seed, "test_fraction": data.test_fraction,
-                                "hf_train_split": data.hf_train_split, "hf_test_split": data.hf_test_split}
-    if data.kind == "hf" and data.hf_test_split is None:  # held out from the train split, stratified by the first label column
-        split["hf_label_keys (its first column stratifies the held-out split)"] = data.hf_label_keys[0] if data.hf_label_keys else None
-    return split
+    """How a source's images are split into train and test (caps aside; an hf set's held-out
+    test split is stratified by the set's own first class-label column, whatever the label keys)."""
+    return {"seed": data.seed, "test_fraction": data.test_fraction, "hf_train_split": data.hf_train_split, "hf_test_split": data.hf_test_split}
 
 
 def _same_source_same_split(groups: list[SourceGroup]) -> None:
-    """Tasks that read the same images must split them alike: with another seed, test
-    fraction or stratifying column one task's test images would be among another's training
+    """Tasks that read the same images must split them alike: with another seed or test
+    fraction one task's test images would be among another's training
     images, and the shared backbone would be scored on what it trained on. (Caps, label
     columns and the like may differ.)"""
     seen: dict[tuple, SourceGroup] = {}

@@ -144,8 +144,6 @@ def test_pfl_tables_from_summary_files(tmp_path, capsys):
     assert tables([str(summaries), "--mixed-seeds"]) == 0  # PFLlib's self-balancing draw has a table of its own
     assert (tmp_path / "table_alpha0.1_self_balancing.md").read_text().splitlines()[2].startswith("| FedRep | 1 | - | - | - | 75.0 |")
     (summaries / "fedrep_a0.1sb_s1.json").unlink()
-    (summaries / "fedrep_a0.1_s1.json").write_text(json.dumps({"accuracy_personalized": 0.7}))
-    (summaries / "fedrep_a0.1_s1.json").unlink()
     (summaries / "fedrep_a0.1_s0.json").write_text(json.dumps({"accuracy_personalized": 0.7, "clients": [{"partition_id": 0, "num_examples": 9}]}))
     (summaries / "alast_a0.1_s0.json").write_text(json.dumps({"accuracy_personalized": 0.9, "clients": [{"partition_id": 0, "num_examples": 10},
                                                                                                     {"partition_id": 1, "num_examples": 4}]}))

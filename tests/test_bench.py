@@ -151,6 +151,10 @@ def test_sweep_trains_on_the_bench_subset_and_scores_on_other_training_images(tm
     assert torch.equal(split.train.images, bench_train.images) and len(split.test) == 25
     flat_train, flat_val = split.train.images.flatten(1), split.test.images.flatten(1)
     assert not (flat_val[:, None] == flat_train[None]).all(-1).any()  # no validation image is a training one
+    full = load_data(DataConfig(name="fashion_mnist", root=str(tmp_path / "fm"), img_size=16))
+    in_full_train = (flat_val[:, None] == full.train.images.flatten(1)[None]).all(-1).any(1)
+    in_test = (flat_val[:, None] == full.test.images.flatten(1)[None]).all(-1).any(1)
+    assert in_full_train.all() and not in_test.any(), "validation images come from the train set, never the test set"
 
     bench = tmp_path / "bench.yaml"
     bench.write_text(TINY_BENCH.replace("data: {name: digits, img_size: 16, max_train: 64, max_test: 32}",

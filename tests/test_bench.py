@@ -140,6 +140,7 @@ def test_sweep_trains_on_the_bench_subset_and_scores_on_other_training_images(tm
     import torch
 
     from fedtune.data import DataConfig, load_data
+    from fedtune.errors import ConfigError
     from simulations.bench_sweep import main as sweep
     from simulations.bench_sweep import split_train_val
     from tests.test_data import _write_fashion
@@ -169,6 +170,8 @@ def test_sweep_trains_on_the_bench_subset_and_scores_on_other_training_images(tm
     assert rows["full"]["runs"][0]["steps"] == 2 and rows["full_1step"]["runs"][0]["steps"] == 1  # the point's train override
     assert rows["alast_k1"]["runs"][0]["blocks"] == 1.0  # the variant's k, not the bench's 2
     assert "| alast_k1 |" in (tmp_path / "out" / "sweep.md").read_text()
+    with pytest.raises(ConfigError, match="already holds a sweep"):  # another grid's rows never join this one's
+        sweep(["--grid", str(grid), "--out", str(tmp_path / "out")])
 
 
 @pytest.mark.parametrize("text, message", [
@@ -179,6 +182,9 @@ def test_sweep_trains_on_the_bench_subset_and_scores_on_other_training_images(tm
     # each point's settings are checked before the first point runs, not when its turn comes
     ("points:\n  - {name: full}\n  - {name: a, method: alast, variant: {alast: {kk: 1}}}\n", "point 'a': .*unknown key"),
     ("points:\n  - {name: full}\n  - {name: b, method: full, train: {batch_size: 0}}\n", "point 'b': train.batch_size"),
+    ("seed: [0]\npoints:\n  - {name: full}\n", "unknown grid key\\(s\\) 'seed'"),
+    ("seeds: 3\npoints:\n  - {name: full}\n", "seeds: a non-empty list of whole numbers, got 3"),
+    ("val_size: 0\npoints:\n  - {name: full}\n", "val_size: a whole number >= 1, got 0"),
 ])
 def test_sweep_grid_errors_name_the_problem(tmp_path, text, message):
     from fedtune.errors import ConfigError

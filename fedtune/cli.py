@@ -122,7 +122,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     if out.is_dir() and any(not p.name.startswith(STAGE_PREFIX) for p in out.iterdir()) and not args.force:
         print(f"fedtune: error: {out} is not empty; choose another --out or pass --force", file=sys.stderr)
         return 2
-    summary = export_run(args.run_dir, args.task, out, args.client, args.experts_per_block)
+    created = not out.exists()
+    if out.is_dir() or created:
+        output_folder(out)  # an uncreatable folder fails now, not after the model and data are loaded
+    try:
+        summary = export_run(args.run_dir, args.task, out, args.client, args.experts_per_block)
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):  # a refused export leaves no empty folder behind
+            out.rmdir()
+        raise
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -65,13 +65,10 @@ from .federated import (
     state_to_numpy,
 )
 from .heads import (
-    ABSENT_CLASS_BIAS,
     bound_contribution,
-    class_moments,
     class_stats,
-    discriminant,
     extract_features,
-    own_covariance_shrink,
+    personal_lda_head,
 )
 from .methods import Method, MethodConfig, make_method
 from .profiles import AUTO, get_profile, simulated_auto_profile
@@ -401,36 +398,3 @@ def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 PERSONAL_PARAM_MODES = ("fedrod", "local_head", "fedper", "fedrep", "local")  # the personalized model: the global one with the client's personal parameters (and head)
-
-
-def personal_lda_head(own: dict[str, np.ndarray], fed: dict[str, np.ndarray] | None, shrink: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """A client's discriminant head in closed form, from its class statistics on the global
-    model's features and the federation's (`fed`, summed over clients):
-
-    - the covariance is the federation's pooled within-class covariance (estimated from every
-      client's data; a client's own few hundred examples estimate a d x d matrix poorly), the
-      client's own, shrunk by d / (n + d) towards its mean variance, when no federation
-      statistics have arrived yet (a run's first evaluation);
-    - each class mean is the client's own, pulled towards the federation's by `shrink`
-      pseudo-examples (so a class the client has one or two examples of leans on the
-      federation);
-    - the priors are the client's own class shares; a class the client has no example of is
-      left out (its prior is 0), as its local data say it does not occur there. A client that
-      meets new classes should use the global model.
-    """
-    count, means, cov = class_moments(own)
-    present = count > 0
-    cov_shrink = 1e-4
-    if fed is not None and float(np.sum(fed["count"])) > 0:
-        fed_count, fed_means, fed_cov = class_moments(fed)
-        cov = fed_cov
-        pull = np.where(fed_count > 0, shrink, 0.0)[:, None]  # a class the federation's statistics lack has no mean to pull towards
-        means = (count[:, None] * means + pull * fed_means) / np.maximum(count[:, None] + pull, 1e-12)
-    else:
-        # the client's own covariance: n examples estimate d x d poorly (n < d is common), so it
-        # is shrunk towards its mean variance by d / (n + d) (on the starting model's features,
-        # Fashion-MNIST, 20 clients: +1.0 to +7.0 points over a token shrinkage)
-        cov_shrink = own_covariance_shrink(float(count.sum()), cov.shape[0])
-    if present.sum() < 2:  # one class known: it is the prediction
-        return torch.zeros(means.shape, dtype=torch.float32), torch.from_numpy(np.where(present, 0.0, ABSENT_CLASS_BIAS)).float()
-    return discriminant(means, cov, count / count.sum(), present, cov_shrink)

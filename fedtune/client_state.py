@@ -155,16 +155,50 @@ def write_client_state(folder: Path, state: ClientState, server_round: int, keep
     for stray in folder.glob("tmp-*.npz"):  # left by a write a crash cut short (one writer per folder)
         if stray.name != f"tmp-{GLOBAL_COPY}":
             stray.unlink(missing_ok=True)
-    for old in state_files(folder, run=run)[: -max(KEEP_FILES, keep)]:
-        old.unlink(missing_ok=True)
+    # keep the newest `keep` files that read whole (a damaged file never counts as one of them,
+    # or a round repeated after a crash could find no state to start from); drop what is older
+    files, kept = state_files(folder, run=run), 0
+    for i in range(len(files) - 1, -1, -1):
+        kept += _intact(files[i])
+        if kept == max(KEEP_FILES, keep):
+            for old in files[:i]:
+                old.unlink(missing_ok=True)
+            break
     return path
 
 
-def read_client_state(folder: Path, before_round: int | None = None, run: str | None = None, claim: bool = False) -> ClientState | None:
+_DAMAGED = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)  # what reading a damaged state file raises
+
+
+def _read_state_file(path: Path) -> ClientState:
+    """One state file, checked against its checksum; a damaged one raises one of _DAMAGED."""
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(str(z["__meta__"]))
+        personal = {k: z[k] for k in z.files if k not in ("__meta__", "__sha256__")}
+        if "__sha256__" in z.files and str(z["__sha256__"]) != arrays_sha256(personal):
+            raise ValueError("checksum mismatch (the file is damaged)")
+    method = meta.get("method") if isinstance(meta, dict) else None
+    if not isinstance(meta, dict) or (method is not None and not isinstance(method, dict)):  # the checksum covers the arrays, not this
+        raise ValueError("its metadata is not a state's")
+    return state_from(personal, meta)
+
+
+def _intact(path: Path) -> bool:
+    try:
+        _read_state_file(path)
+    except _DAMAGED:
+        return False
+    return True
+
+
+def read_client_state(folder: Path, before_round: int | None = None, run: str | None = None, claim: bool = False,
+                      strict: bool = False) -> ClientState | None:
     """The newest readable state saved in `folder` (before `before_round`; with `run`, of that
     run only; with `claim`, the client's own reading, after claim_folder: a reader such as
     export leaves the folder as it is), or None when there is none. A damaged newest file
-    is skipped, with a warning, for the one kept before it."""
+    is skipped, with a warning, for the one kept before it (a client repeating a round);
+    with `strict` it is an error (export: an older round's state would not be the model the
+    run evaluated)."""
     if run is not None and claim:
         claim_folder(folder, run)
     files = state_files(folder, before_round, run)
@@ -173,16 +207,14 @@ def read_client_state(folder: Path, before_round: int | None = None, run: str | 
     errors = []
     for path in reversed(files):
         try:
-            with np.load(path, allow_pickle=False) as z:
-                meta = json.loads(str(z["__meta__"]))
-                personal = {k: z[k] for k in z.files if k not in ("__meta__", "__sha256__")}
-                if "__sha256__" in z.files and str(z["__sha256__"]) != arrays_sha256(personal):
-                    raise ValueError("checksum mismatch (the file is damaged)")
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            state = _read_state_file(path)
+        except _DAMAGED as exc:
+            if strict:
+                raise CheckpointError(f"corrupt client state {path}: {exc}") from exc
             errors.append(f"{path}: {exc}")
             warnings.warn(f"corrupt client state {path} ({exc}); trying the one before it", stacklevel=2)
             continue
-        return state_from(personal, meta)
+        return state
     raise CheckpointError(f"corrupt client state, every file unreadable: {'; '.join(errors)}")
 
 

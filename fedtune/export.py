@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 import tempfile
 import warnings
@@ -42,6 +41,7 @@ from .client_state import (
     personal_model,
     personal_params,
     read_client_state,
+    state_files,
 )
 from .data import PIXEL_MEAN, PIXEL_STD
 from .engine import dense_plan
@@ -49,6 +49,7 @@ from .errors import CheckpointError, ConfigError
 from .heads import ABSENT_CLASS_BIAS
 from .lora import has_lora, merge_lora
 from .model import FedViT, checkpoint_meta, read_state, save_checkpoint
+from .report import replace_durably
 
 
 class DenseMoE(nn.Module):
@@ -149,12 +150,15 @@ def _next_round(meta: dict[str, Any]) -> int | None:
     return rnd + 1 if isinstance(rnd, int) else None
 
 
-def _client_state(run_dir: Path, client: int, run: str | None = None, before_round: int | None = None) -> dict[str, np.ndarray]:
-    state = read_client_state(run_dir / "client_state" / f"client-{client}", before_round=before_round, run=run)
+def _client_state(run_dir: Path, client: int, run: str | None = None, before_round: int | None = None) -> tuple[dict[str, np.ndarray], int]:
+    """The client's personal state as of the checkpoint (a damaged file is an error: an older
+    round's state is not what the run evaluated) and the round it was saved in."""
+    folder = run_dir / "client_state" / f"client-{client}"
+    state = read_client_state(folder, before_round=before_round, run=run, strict=True)
     if state is None:
         known = sorted(p.name.removeprefix("client-") for p in (run_dir / "client_state").glob("client-*")) if (run_dir / "client_state").is_dir() else []
         raise ConfigError(f"client {client}: the run {run_dir} has no state for it" + (f"; clients with state: {', '.join(known[:20])}" if known else ""))
-    return state.personal
+    return state.personal, int(state_files(folder, before_round, run)[-1].stem.split("-")[1])
 
 
 def export_run(run_dir: str | Path, task: str | None, out: str | Path, client: int | None = None, experts_per_block: int | None = None) -> dict[str, Any]:
@@ -167,7 +171,7 @@ def export_run(run_dir: str | Path, task: str | None, out: str | Path, client: i
     agree with the run's full model on the task's test images."""
     if experts_per_block is not None and experts_per_block < 1:
         raise ConfigError(f"--experts-per-block: must be >= 1, got {experts_per_block}")
-    from .federated import federated_data, load_numpy_state
+    from .federated import client_tasks, federated_data, load_numpy_state, training_images
 
     run_dir, out = Path(run_dir), Path(out)
     if out.exists() and not out.is_dir():
@@ -176,11 +180,22 @@ def export_run(run_dir: str | Path, task: str | None, out: str | Path, client: i
         raise ConfigError(f"--out {out} holds a run (checkpoint/metrics); export into a folder of its own so nothing of the run is overwritten")
     model, info = _run_model(run_dir)
     cfg = info["cfg"]
-    task = task or model.tasks[0]
-    if task not in model.tasks:
+    if experts_per_block is not None and not hasattr(model, "moe_blocks"):
+        raise ConfigError(f"--experts-per-block: the run {run_dir} has no MoE blocks (a dense model has no experts to keep)")
+    if task is not None and task not in model.tasks:
         raise ConfigError(f"task {task!r}: the run has tasks {', '.join(model.tasks)}")
+    if client is not None:
+        if not 0 <= client < cfg.federation.total_clients():
+            raise ConfigError(f"client {client}: the run has clients 0..{cfg.federation.total_clients() - 1}")
+        own = [t for t in client_tasks(cfg, client) if t in model.tasks]
+        task = task or (own or model.tasks)[0]
+        if task not in own:  # its head there is the global model's, which these modes may never have trained
+            raise ConfigError(f"client {client} does not train task {task!r} (its tasks: {', '.join(own) or 'none'}); "
+                              "export that task's model from a client that trains it, or the global model (without --client)")
+    task = task or model.tasks[0]
     head = copy.deepcopy(model.heads[task])
     mode = cfg.federation.personalization
+    state_round: int | None = None
     if client is not None:
         if mode in ("finetune", "fedbabu"):
             raise ConfigError(f"client {client}: personalization {mode} fine-tunes the global model in the final evaluation and keeps "
@@ -188,7 +203,7 @@ def export_run(run_dir: str | Path, task: str | None, out: str | Path, client: i
         if mode == "none":
             raise ConfigError(f"client {client}: personalization none: a client's model is the global one; export it without --client")
         # the client's state as of the checkpoint's round (a run stopped after it may have saved later ones)
-        personal = _client_state(run_dir, client, (info["meta"].get("strategy") or {}).get("run_token"), before_round=_next_round(info["meta"]))
+        personal, state_round = _client_state(run_dir, client, (info["meta"].get("strategy") or {}).get("run_token"), before_round=_next_round(info["meta"]))
         # what the client's evaluation used: its personal parameters in the modes that load them
         # (an lda head is built on, and applied to, the global model's features), a Ditto client's own whole model
         params = {**(personal_params(personal) if mode in PERSONAL_PARAM_MODES else {}), **personal_model(personal)}
@@ -223,7 +238,7 @@ def export_run(run_dir: str | Path, task: str | None, out: str | Path, client: i
             warnings.warn(f"the run evaluates its MoE blocks with moe.eval_capacity_factor {cfg.moe.eval_capacity_factor}: tokens over an expert's "
                           "capacity are dropped, depending on the rest of the batch; the export routes every token to its top-k experts, "
                           "so its predictions can differ (export.json: agreement_with_run_model)", stacklevel=2)
-        used = experts_used(model, split.train.for_task(task).images, task, most=experts_per_block)
+        used = experts_used(model, training_images(cfg).for_task(task).images, task, most=experts_per_block)  # never the test images
         pruned = prune_for_task(model, task, used, reduce_top_k=experts_per_block is not None)
         experts = {b: list(pruned.moe_layers[b].expert_ids) for b in pruned.moe_blocks}
         vit = copy.deepcopy(pruned.vit)
@@ -258,6 +273,7 @@ def export_run(run_dir: str | Path, task: str | None, out: str | Path, client: i
         "consolidate_at": model.consolidate_at,  # SHERL: the block that takes the consolidator's output (None: none)
         "source_run": str(run_dir),
         "round": info["meta"].get("round"),
+        "client_state_round": state_round,  # the round the client's personal state was saved in
     }
     # every file is written and checked in a staging folder first and moved in at the end,
     # config.yaml (which predict reads first) last: a failed export leaves `out` as it was
@@ -285,8 +301,8 @@ def _publish(stage: Path, out: Path) -> None:
     """Move the staged export's files into `out`: the old config.yaml goes first (so the
     folder is no export while the files change) and the new one comes last."""
     (out / "config.yaml").unlink(missing_ok=True)
-    for name in EXPORT_FILES:
-        os.replace(stage / name, out / name)
+    for name in EXPORT_FILES:  # each file on the disk before its rename: a power loss leaves no empty config.yaml
+        replace_durably(stage / name, out / name)
 
 
 def _write_export(stage: Path, out: Path, task_model: nn.Module, model: FedViT, state: dict[str, torch.Tensor], config: dict[str, Any],
@@ -298,7 +314,7 @@ def _write_export(stage: Path, out: Path, task_model: nn.Module, model: FedViT, 
     config["onnx_sha256"] = file_sha256(stage / "model.onnx")  # load_exported (predict) verifies it
     full_bytes = sum(v.numel() * v.element_size() for v in model.state_dict().values())
     exported = sum(v.numel() * v.element_size() for v in state.values())
-    summary = {"out": str(out), "kind": kind, "task": task, "client": client, "bytes": exported, "run_model_bytes": full_bytes,
+    summary = {"out": str(out), "kind": kind, "task": task, "client": client, "round": config["round"], "client_state_round": config["client_state_round"], "bytes": exported, "run_model_bytes": full_bytes,
                "inference_flops_per_image": inference_flops(task_model, example[:1]), "onnx_max_abs_diff": onnx_diff, "experts": config["experts"]}
     if kind == "moe":
         summary["run_eval_capacity_factor"] = cfg.moe.eval_capacity_factor  # None: the run routed every token too

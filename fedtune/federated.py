@@ -106,6 +106,14 @@ def _source_seed(train: ImageSet, index: np.ndarray) -> int:
     return zlib.crc32(train.images[index[:8]].numpy().tobytes()) % 100_003
 
 
+def training_images(cfg: RunConfig) -> ImageSet:
+    """The images the run's training clients train on: their local train splits (in the
+    personalized-FL protocol the pooled set also holds every client's local test images)."""
+    split, parts = federated_data(cfg)
+    train = [_local_split(cfg, pid, idx)[0] for pid, idx in enumerate(parts[: cfg.federation.num_clients])]
+    return split.train.subset(np.concatenate(train) if train else np.zeros(0, dtype=np.int64))
+
+
 def _local_split(cfg: RunConfig, partition_id: int, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """A client's partition split into its local train and test indices (seeded per client; in
     a multidomain run per source, seeded by the source and the client's place among its holders,

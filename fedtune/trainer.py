@@ -32,7 +32,15 @@ from .accounting import (
 from .data import ImageSet
 from .engine import Plan, Trace, param_groups, set_trainable
 from .errors import ConfigError
-from .heads import class_stats, evaluate, extract_features, fit_linear_head, lda_head, set_head
+from .heads import (
+    class_stats,
+    evaluate,
+    extract_features,
+    fit_linear_head,
+    lda_head,
+    personal_lda_head,
+    set_head,
+)
 from .methods import Method
 from .model import FedViT
 from .typedconfig import check_choices
@@ -348,7 +356,9 @@ class Trainer:
             feats, labels = extract_features(self.model, subset, self.task, self.cfg.eval_batch_size)
         for head in self.heads_to_fit():
             if self.cfg.head_fit_kind == "lda":
-                set_head(head, *lda_head(class_stats(feats, labels, head.out_features)))
+                stats = class_stats(feats, labels, head.out_features)
+                # a client's personal head on data of one class: that class is the prediction (a discriminant needs two)
+                set_head(head, *(lda_head(stats) if int((stats["count"] > 0).sum()) >= 2 else personal_lda_head(stats, None, 0.0)))
             else:
                 fit_linear_head(head, feats, labels, self.cfg.head_fit_reg)
         if result is not None:

@@ -9,8 +9,9 @@ the same model, method, trainer and evaluation as `fedtune bench`), over the giv
 
 GRID.yaml: `bench` (a bench config path, default simulations/bench_fmnist.yaml), `seeds`,
 `val_size`, `points`: a list of {name, method (a bench method or variant), variant
-(method overrides, optional), train (TrainConfig overrides, optional)}. Results are
-appended to OUT/sweep.jsonl as they come, and OUT/sweep.md tabulates them.
+(method overrides, optional), train (TrainConfig overrides, optional)}, and `set` (bench
+config overrides). Results are appended to OUT/sweep.jsonl as they come (an OUT that already
+holds one is refused: its rows could be another grid's), and OUT/sweep.md tabulates them.
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ def check_grid(grid, path: str, methods: list[str]) -> None:
     the variants of its config) or a 'variant' of its own."""
     if not isinstance(grid, dict) or not isinstance(grid.get("points"), list) or not grid["points"]:
         raise ConfigError(f"{path}: a grid is a mapping with a non-empty list 'points'")
+    unknown = sorted(set(grid) - {"bench", "set", "seeds", "val_size", "points"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown grid key(s) {', '.join(map(repr, unknown))}; a grid has bench, set, seeds, val_size and points")
     names = [p.get("name") if isinstance(p, dict) else None for p in grid["points"]]
     for i, (point, name) in enumerate(zip(grid["points"], names, strict=True)):
         if not name:
@@ -85,18 +89,27 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--deadline-s", type=float, default=None, help="start no new point after this many seconds")
     args = ap.parse_args(argv)
-    grid = yaml.safe_load(Path(args.grid).read_text())
+    try:
+        grid = yaml.safe_load(Path(args.grid).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"--grid {args.grid}: cannot read it ({exc})") from exc
     spec = grid if isinstance(grid, dict) else {}
     base: BenchConfig = _load(BenchConfig, spec.get("bench", "simulations/bench_fmnist.yaml"), spec.get("set", []))
     check_grid(grid, args.grid, [*METHOD_NAMES, *base.variants])  # base.variants: the defaults and the config's own
     base = replace(base, device=args.device)
     base.validate()  # the device too
     points = [(point, *point_config(base, point, args.grid)) for point in grid["points"]]
-    seeds = grid.get("seeds", base.seeds)
-    data = on_device(split_train_val(base.data, grid.get("val_size", 10_000)), args.device)
+    seeds, val_size = grid.get("seeds", base.seeds), grid.get("val_size", 10_000)
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds):
+        raise ConfigError(f"{args.grid}: seeds: a non-empty list of whole numbers, got {seeds!r}")
+    if not isinstance(val_size, int) or isinstance(val_size, bool) or val_size < 1:
+        raise ConfigError(f"{args.grid}: val_size: a whole number >= 1, got {val_size!r}")
+    out = Path(args.out)
+    if (out / "sweep.jsonl").exists():  # rows of another grid or bench config would be read as this sweep's
+        raise ConfigError(f"--out {out} already holds a sweep (sweep.jsonl); give another folder or move it")
+    data = on_device(split_train_val(base.data, val_size), args.device)
     task = base.task or data.train.tasks[0]
     model_cfg = resolve_pretrained(base.model)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     rows = []
@@ -108,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         for seed in seeds:
             t0 = time.time()
             r = _run_one(cfg, model_cfg, data, task, method, seed, None, False)
-            runs.append({"seed": seed, "val_lda": r["test_accuracy"], "val_no_fit": r["evaluations"]["all_tokens"]["no_head_fit"],
+            runs.append({"seed": seed, "val_lda": r["evaluations"]["all_tokens"]["lda_head_fit"], "val_no_fit": r["evaluations"]["all_tokens"]["no_head_fit"],
                          "flops_per_step": r["train_flops_per_step"], "activation_bytes": r["activation_bytes"],
                          "blocks": r.get("blocks_trained_mean"), "steps": r["steps"], "s": round(time.time() - t0, 1)})
         row = {"name": point["name"], "method": method, "point": point, "runs": runs,

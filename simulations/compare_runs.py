@@ -77,11 +77,23 @@ def task_keys(runs: list[tuple[str, Path]]) -> tuple:
     return tuple(keys)
 
 
+def read_summary(path: Path) -> dict:
+    """A result file's JSON object; one that is missing, cut short or not an object ends the
+    command with a message naming it, not a traceback."""
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"{path}: cannot read it as a result file ({exc})") from exc
+    if not isinstance(summary, dict):
+        raise SystemExit(f"{path}: not a result file (its JSON is a {type(summary).__name__}, not an object)")
+    return summary
+
+
 def _read(run: Path) -> dict:
     """A run's summary.json, a probe folder's probe.json or an export folder's export.json;
     `run` may also be such a file itself (a summary kept apart from its run folder)."""
     path = run if run.is_file() else next((run / f for f in RESULT_FILES if (run / f).is_file()), run / "summary.json")
-    summary = json.loads(path.read_text())
+    summary = read_summary(path)
     before = summary.get("accuracy_per_task_before_head_fit")
     if summary.get("accuracy_global_before_head_fit") is None and before and None not in before.values():
         # independent per-task federations summarised before they reported the mean themselves

@@ -300,11 +300,12 @@ class Deployment:
             except psutil.NoSuchProcess:
                 pass
         for proc, _ in reversed(self.procs):
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+            # the whole group, also when its leader has exited: what a SuperNode that died
+            # started (its ClientApp processes) is still in the group it led
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                pass
         end = time.time() + 15
         for proc, _ in self.procs:
             try:
@@ -381,6 +382,25 @@ def _toml_value(value: object) -> str:
     return json.dumps(str(value))
 
 
+def run_overrides(config: str | Path, overrides: list[str], count: int, profiles: list[str] | None) -> list[str]:
+    """The deployed run's overrides: the user's, the training clients (the last
+    `federation.new_clients` of the `count` nodes join for the final evaluation only) and the
+    nodes' `profiles` when given (the server labels each client's results with its profile in
+    the config, so it must be the one its node runs)."""
+    from fedtune.runconfig import load_run_config
+
+    for o in overrides:  # they travel in one TOML string, split at ';' by the apps
+        if '"' in o or ";" in o:
+            raise DeployError(f"override {o!r}: a deployed run's overrides cannot hold '\"' or ';' (write the value into the config file instead)")
+    new = load_run_config(config, overrides).federation.new_clients  # fails here, before any process starts, on a bad config
+    if count <= new:
+        raise DeployError(f"{count} node(s) but federation.new_clients={new}: the nodes past the training clients are the new clients, so start more than {new}")
+    overrides = [*overrides, f"federation.num_clients={count - new}"]
+    if profiles:
+        overrides.append(f"federation.profiles=[{', '.join(profiles)}]")
+    return overrides
+
+
 def node_configs(nodes: int, profiles: list[str], state_dir: Path) -> list[dict[str, object]]:
     """One node config per SuperNode: its partition, device profile and state folder
     (`run_local` adds its torch threads)."""
@@ -422,13 +442,7 @@ def run_local(
 
     out = out.resolve()
     count = nodes if isinstance(nodes, int) else len(nodes)
-    for o in overrides:  # they travel in one TOML string, split at ';' by the apps
-        if '"' in o or ";" in o:
-            raise DeployError(f"override {o!r}: a deployed run's overrides cannot hold '\"' or ';' (write the value into the config file instead)")
-    new = load_run_config(config, overrides).federation.new_clients  # fails here, before any process starts, on a bad config
-    if count <= new:
-        raise DeployError(f"{count} node(s) but federation.new_clients={new}: the nodes past the training clients are the new clients, so start more than {new}")
-    overrides = [*overrides, f"federation.num_clients={count - new}"]  # the last `new` nodes join for the final evaluation only
+    overrides = run_overrides(config, overrides, count, profiles if isinstance(nodes, int) else None)
     cfg = load_run_config(config, overrides)
     check_out(out, resume, cfg)  # a folder holding another run is refused before any process starts
     if isinstance(nodes, int):
@@ -447,6 +461,7 @@ def run_local(
         (dep.workdir / "flwr-run.cmd").write_text(shlex.join(cmd) + "\n")
         with open(log, "wb") as handle:
             run = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=dep.env, cwd=PROJECT, start_new_session=True)
+            dep._watch(run.pid)  # taken down by the reaper too if the launcher is killed
             summary_path = out / "summary.json"
             start, end = time.time(), time.time() + timeout
             try:

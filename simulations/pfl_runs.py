@@ -30,7 +30,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from fedtune.report import replace_durably
 from server.runner import RESUME_MAY_CHANGE
+from simulations.compare_runs import read_summary
 from simulations.pfl_tables import METHODS, build
 
 ROOT = Path(__file__).resolve().parent
@@ -72,8 +74,13 @@ def config_changes(folder: Path, cmd: list[str]) -> list[str]:
     path = next((p for p in (folder / "run-config.json", folder / "config.json") if p.is_file()), None)
     if path is None:
         return ["config.json (missing)"]
+    from fedtune.errors import ConfigError
+
     sets = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--set"]
-    want = to_dict(load_run_config(cmd[2], sets))
+    try:
+        want = to_dict(load_run_config(cmd[2], sets))
+    except ConfigError as exc:
+        return [f"the row's own config ({exc})"]
     try:
         have = to_dict(from_dict(RunConfig, json.loads(path.read_text())))  # keys added since take their defaults
     except (ValueError, TypeError, KeyError) as exc:
@@ -134,12 +141,14 @@ def main(argv: list[str] | None = None, simulate: Callable[[list[str]], int] = _
         if rc != 0 or not out.is_file():
             failed.append(f"{name} (exit {rc}; see {folder})")
             continue
-        error = json.loads(out.read_text()).get("error")
+        error = read_summary(out).get("error")
         if error:  # a run that failed (rounds without an accepted reply) still writes its summary: never a table row
             failed.append(f"{name} ({error}; see {folder}; --force runs it again)")
             continue
         summaries.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(out, summaries / f"{name}.json")
+        tmp = summaries / f".{name}.json.tmp"  # a copy cut short never looks like a finished run's summary
+        shutil.copyfile(out, tmp)
+        replace_durably(tmp, summaries / f"{name}.json")
         for table in build(summaries, summaries.parent, mixed_seeds=True):  # rows part-way through their seeds
             print(f"       {table}")
     if failed:

@@ -17,12 +17,11 @@ self-balancing rule) into DIR (default: the folder above SUMMARIES).
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from pathlib import Path
 
-from simulations.compare_runs import PFL_KEYS, compare
+from simulations.compare_runs import PFL_KEYS, compare, read_summary
 
 METHODS = (  # file-name key, row label (the configs in simulations/pfl/, then the default)
     ("local", "local only (full FT, no federation)"),
@@ -72,8 +71,14 @@ def check_runs(runs: list[tuple[str, Path]], split: str, mixed_seeds: bool = Fal
     every file of one seed must agree, as one partition gives them)."""
     seeds: dict[str, list[int]] = {}
     clients: dict[int, tuple[Path, dict]] = {}
+    shape: dict[str, tuple[Path, object]] = {}  # the run shape every row of a table shares (what run_identity records)
     for label, p in runs:
-        summary = json.loads(p.read_text())
+        summary = read_summary(p)
+        for key in ("num_clients", "num_new_clients", "data"):
+            if summary.get(key) is not None:
+                first = shape.setdefault(key, (p, summary[key]))
+                if first[1] != summary[key]:
+                    raise SystemExit(f"{p}: its {key} ({summary[key]}) differs from {first[0].name}'s ({first[1]}) in the same table")
         if "error" in summary:
             raise SystemExit(f"{p}: a failed run (its summary has 'error'); remove it or run it again")
         seed = int(p.stem.rsplit("_s", 1)[1])
@@ -81,10 +86,10 @@ def check_runs(runs: list[tuple[str, Path]], split: str, mixed_seeds: bool = Fal
             raise SystemExit(f"{p}: named seed {seed}, but its run had seed {summary['seed']}")
         if "partition" in summary and _split_key(summary["partition"]) != split:
             raise SystemExit(f"{p}: named split {split}, but its run's partition is {_split_key(summary['partition'])}")
-        shape = {c["partition_id"]: c["num_examples"] for c in summary.get("clients", [])}
-        first = clients.setdefault(seed, (p, shape))
-        if any(first[1][pid] != n for pid, n in shape.items() if pid in first[1]):  # a client a run did not evaluate is no mismatch
-            raise SystemExit(f"{p}: its clients' local test sizes differ from {first[0].name}'s, of the same split and seed: "
+        sizes = {c["partition_id"]: c["num_examples"] for c in summary.get("clients", [])}
+        first_sizes = clients.setdefault(seed, (p, sizes))
+        if any(first_sizes[1][pid] != n for pid, n in sizes.items() if pid in first_sizes[1]):  # a client a run did not evaluate is no mismatch
+            raise SystemExit(f"{p}: its clients' local test sizes differ from {first_sizes[0].name}'s, of the same split and seed: "
                              "not the same partition (a file under the wrong name?)")
         seeds.setdefault(label, []).append(seed)
     sets = {tuple(v) for v in seeds.values()}

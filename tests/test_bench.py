@@ -140,6 +140,7 @@ def test_sweep_trains_on_the_bench_subset_and_scores_on_other_training_images(tm
     import torch
 
     from fedtune.data import DataConfig, load_data
+    from fedtune.errors import ConfigError
     from simulations.bench_sweep import main as sweep
     from simulations.bench_sweep import split_train_val
     from tests.test_data import _write_fashion
@@ -151,6 +152,10 @@ def test_sweep_trains_on_the_bench_subset_and_scores_on_other_training_images(tm
     assert torch.equal(split.train.images, bench_train.images) and len(split.test) == 25
     flat_train, flat_val = split.train.images.flatten(1), split.test.images.flatten(1)
     assert not (flat_val[:, None] == flat_train[None]).all(-1).any()  # no validation image is a training one
+    full = load_data(DataConfig(name="fashion_mnist", root=str(tmp_path / "fm"), img_size=16))
+    in_full_train = (flat_val[:, None] == full.train.images.flatten(1)[None]).all(-1).any(1)
+    in_test = (flat_val[:, None] == full.test.images.flatten(1)[None]).all(-1).any(1)
+    assert in_full_train.all() and not in_test.any(), "validation images come from the train set, never the test set"
 
     bench = tmp_path / "bench.yaml"
     bench.write_text(TINY_BENCH.replace("data: {name: digits, img_size: 16, max_train: 64, max_test: 32}",
@@ -165,6 +170,8 @@ def test_sweep_trains_on_the_bench_subset_and_scores_on_other_training_images(tm
     assert rows["full"]["runs"][0]["steps"] == 2 and rows["full_1step"]["runs"][0]["steps"] == 1  # the point's train override
     assert rows["alast_k1"]["runs"][0]["blocks"] == 1.0  # the variant's k, not the bench's 2
     assert "| alast_k1 |" in (tmp_path / "out" / "sweep.md").read_text()
+    with pytest.raises(ConfigError, match="already holds a sweep"):  # another grid's rows never join this one's
+        sweep(["--grid", str(grid), "--out", str(tmp_path / "out")])
 
 
 @pytest.mark.parametrize("text, message", [
@@ -175,6 +182,9 @@ def test_sweep_trains_on_the_bench_subset_and_scores_on_other_training_images(tm
     # each point's settings are checked before the first point runs, not when its turn comes
     ("points:\n  - {name: full}\n  - {name: a, method: alast, variant: {alast: {kk: 1}}}\n", "point 'a': .*unknown key"),
     ("points:\n  - {name: full}\n  - {name: b, method: full, train: {batch_size: 0}}\n", "point 'b': train.batch_size"),
+    ("seed: [0]\npoints:\n  - {name: full}\n", "unknown grid key\\(s\\) 'seed'"),
+    ("seeds: 3\npoints:\n  - {name: full}\n", "seeds: a non-empty list of whole numbers, got 3"),
+    ("val_size: 0\npoints:\n  - {name: full}\n", "val_size: a whole number >= 1, got 0"),
 ])
 def test_sweep_grid_errors_name_the_problem(tmp_path, text, message):
     from fedtune.errors import ConfigError
@@ -212,7 +222,7 @@ def test_the_bench_plans_without_a_device_limit_unless_given_one():
     bsr = from_dict(MethodConfig, {"name": "bsr", "bsr": {"train_blocks": [1, 2, 3], "drop_blocks": [], "keep_ratio": 1.0}})
     huge = 1 << 22  # images a step: far over 16 GiB of activations
     assert sorted(make_method(bsr, model, bench_profile(BenchConfig()), huge, "task").plan().trained) == [1, 2, 3]
-    with pytest.raises(PlanError):
+    with pytest.raises(PlanError, match="no bsr plan fits device profile 'workstation'"):
         make_method(bsr, model, bench_profile(from_dict(BenchConfig, {"profile": "workstation"})), huge, "task")
     with pytest.raises(ConfigError, match="unknown device profile 'h200'"):
         from_dict(BenchConfig, {"profile": "h200"})
@@ -244,9 +254,11 @@ def test_a_bad_out_fails_before_any_work(tmp_path, capsys, monkeypatch):
     run.mkdir()
     (run / "checkpoint.safetensors").write_bytes(b"")
     assert main(["simulate", "--out", str(run)]) == 130 and f"--resume (--out {run})" in capsys.readouterr().err
-    # a folder with earlier results: they are replaced (the contract harnesses rerun into one folder by)
+    # a folder with earlier results is not refused: the bench runs into it and replaces them
+    # (the contract harnesses rerun into one folder by)
     earlier = tmp_path / "earlier"
     earlier.mkdir()
     (earlier / "bench.md").write_text("old")
-    monkeypatch.setattr("fedtune.bench.run_bench", lambda cfg, out, **k: (out / "bench.md").write_text("new") and {"wall_time_s": 0})
-    assert main(["bench", "--config", str(cfg), "--out", str(earlier)]) == 0 and (earlier / "bench.md").read_text() == "new"
+    ran = []
+    monkeypatch.setattr("fedtune.bench.run_bench", lambda cfg, out, **k: ran.append(out) or {"wall_time_s": 0})
+    assert main(["bench", "--config", str(cfg), "--out", str(earlier)]) == 0 and ran == [earlier]

@@ -152,3 +152,41 @@ def test_a_run_resumed_after_another_used_the_folder_gets_its_state_back(tmp_pat
     assert sorted(p.name for p in tmp_path.glob("round-*.npz")) == ["round-000001.npz", "round-000002.npz"]
     assert [p.name for p in (tmp_path / OTHER_RUNS / "B").glob("*.npz")] == ["round-000001.npz"]
     assert not list((tmp_path / OTHER_RUNS / "A").glob("*.npz"))
+
+
+def test_a_damaged_file_does_not_count_among_the_kept_rounds(tmp_path):
+    """Pruning keeps the newest `keep` readable rounds: a damaged round-2 does not push out
+    round 1, the state a repeated round 2 would read."""
+    write_client_state(tmp_path, ClientState(method={"budgets": [1.0]}), 1)
+    (tmp_path / "round-000002.npz").write_bytes(b"damaged")
+    write_client_state(tmp_path, ClientState(method={"budgets": [3.0]}), 3)
+    assert sorted(p.name for p in tmp_path.glob("round-*.npz")) == ["round-000001.npz", "round-000002.npz", "round-000003.npz"]
+    with pytest.warns(UserWarning, match="round-000002.npz"):
+        assert read_client_state(tmp_path, before_round=3).method == {"budgets": [1.0]}
+    write_client_state(tmp_path, ClientState(method={"budgets": [4.0]}), 4)  # rounds 3 and 4 kept; what is older goes
+    assert sorted(p.name for p in tmp_path.glob("round-*.npz")) == ["round-000003.npz", "round-000004.npz"]
+    # a file whose metadata reads but whose arrays changed (its checksum fails) does not count either
+    write_client_state(tmp_path, ClientState(personal={"w": np.zeros(3, np.float32)}), 5)
+    with np.load(tmp_path / "round-000005.npz") as z:
+        parts = {k: z[k] for k in z.files}
+    np.savez(tmp_path / "round-000005.npz", **{**parts, "w": np.ones(3, np.float32)})
+    write_client_state(tmp_path, ClientState(method={"budgets": [6.0]}), 6)
+    assert sorted(p.name for p in tmp_path.glob("round-*.npz")) == ["round-000004.npz", "round-000005.npz", "round-000006.npz"]
+
+
+def test_strict_reading_and_hand_edited_metadata(tmp_path):
+    """Export reads strictly: a damaged newest file is an error naming it, not an older round.
+    Metadata that is JSON but not a state's is a damaged file, not a traceback."""
+    write_client_state(tmp_path, ClientState(method={"budgets": [1.0]}), 1)
+    newest = write_client_state(tmp_path, ClientState(method={"budgets": [2.0]}), 2)
+    with np.load(newest) as z:
+        parts = {k: z[k] for k in z.files}
+    np.savez(newest, **{**parts, "__meta__": np.array(json.dumps(["not", "a", "dict"]))})
+    with pytest.raises(CheckpointError, match="corrupt client state .*round-000002.npz: its metadata is not a state's"):
+        read_client_state(tmp_path, strict=True)
+    with pytest.warns(UserWarning, match="round-000002.npz"):
+        assert read_client_state(tmp_path).method == {"budgets": [1.0]}
+    for method in ([1, 2], 0, False):
+        np.savez(newest, **{**parts, "__meta__": np.array(json.dumps({"method": method, "round": 2}))})
+        with pytest.raises(CheckpointError, match="its metadata is not a state's"):
+            read_client_state(tmp_path, strict=True)

@@ -144,8 +144,16 @@ def test_pfl_tables_from_summary_files(tmp_path, capsys):
     assert tables([str(summaries), "--mixed-seeds"]) == 0  # PFLlib's self-balancing draw has a table of its own
     assert (tmp_path / "table_alpha0.1_self_balancing.md").read_text().splitlines()[2].startswith("| FedRep | 1 | - | - | - | 75.0 |")
     (summaries / "fedrep_a0.1sb_s1.json").unlink()
-    (summaries / "fedrep_a0.1_s1.json").write_text(json.dumps({"accuracy_personalized": 0.7}))
-    (summaries / "fedrep_a0.1_s1.json").unlink()
+    # rows of one table share the run shape: other clients or data are refused; a summary cut short is named
+    (summaries / "fedrep_a0.5_s0.json").write_text(json.dumps({"accuracy_personalized": 0.7, "num_clients": 20}))
+    (summaries / "alast_a0.5_s0.json").write_text(json.dumps({"accuracy_personalized": 0.7, "num_clients": 10}))
+    with pytest.raises(SystemExit, match="alast_a0.5_s0.json: its num_clients \\(10\\) differs from fedrep_a0.5_s0.json's \\(20\\)"):
+        tables([str(summaries), "--mixed-seeds"])
+    (summaries / "alast_a0.5_s0.json").write_text('{"accuracy_personalized": 0.')
+    with pytest.raises(SystemExit, match="alast_a0.5_s0.json: cannot read it as a result file"):
+        tables([str(summaries), "--mixed-seeds"])
+    (summaries / "alast_a0.5_s0.json").unlink()
+    (summaries / "fedrep_a0.5_s0.json").unlink()
     (summaries / "fedrep_a0.1_s0.json").write_text(json.dumps({"accuracy_personalized": 0.7, "clients": [{"partition_id": 0, "num_examples": 9}]}))
     (summaries / "alast_a0.1_s0.json").write_text(json.dumps({"accuracy_personalized": 0.9, "clients": [{"partition_id": 0, "num_examples": 10},
                                                                                                     {"partition_id": 1, "num_examples": 4}]}))
@@ -282,12 +290,15 @@ def test_pfl_ceiling_trains_outside_the_pool_and_scores_every_client(tmp_path, c
 
     out = tmp_path / "ceiling"
     pfl_ceiling.main(["--backbone", "cnn", "--epochs", "1", "--seeds", "2", "--out", str(out), *[a for s in sets for a in ("--set", s)]])
-    result = json.loads((out / "ceiling_cnn_e1.json").read_text())
+    written = sorted(p.name for p in out.iterdir())  # fewer seeds and other settings: not the stored results' name
+    assert len(written) == 2 and written[0].startswith("ceiling_cnn_e1_seeds2_") and written[0].endswith(".json")
+    name = written[0].removesuffix(".json")
+    result = json.loads((out / f"{name}.json").read_text())
     assert (result["backbone_train_images"], result["backbone_test_images"]) == (120, 20) and set(result["seeds"]) == {"0", "1"}
     for seed in result["seeds"].values():
         assert set(seed) == {"pixels", "start", "trained"} and set(seed["pixels"]) == {"knn5"}
         assert 0.0 <= seed["trained"]["accuracy_personalized"] <= 1.0 and seed["trained"]["accuracy_global_local"] is not None
-    rows = (out / "ceiling_cnn_e1.md").read_text().splitlines()
+    rows = (out / f"{name}.md").read_text().splitlines()
     assert rows[-1].startswith("| cnn trained on the 120 images outside the pool |") and len(rows) == 9
     with pytest.raises(SystemExit, match="outside the pool"):  # caps that take every image leave nothing to train on
         pfl_ceiling.outside_pool(pfl_ceiling.load_run_config("simulations/pfl_fmnist.yaml", [*sets, "data.max_train=500"]))

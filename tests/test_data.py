@@ -263,6 +263,22 @@ def test_pixel_scale_is_decided_once_per_set_not_per_image_size() -> None:
     assert torch.allclose(out[0], torch.tensor(200 / 65535 * 2 - 1)) and torch.allclose(out[1], torch.tensor(1000 / 65535 * 2 - 1))
 
 
+def test_train_and_test_images_are_scaled_alike(tmp_path: Path) -> None:
+    """Float images whose train set peaks at 3.0 (a 0..255 scale) and whose few test images
+    peak at 0.9: the test images take the train set's scale, not one of their own (which
+    would make them up to 255 times brighter than what the model trained on)."""
+    rng = np.random.default_rng(0)
+    for part, peak in (("train", 3.0), ("test", 0.9)):
+        for cls in ("a", "b"):
+            (tmp_path / part / cls).mkdir(parents=True)
+            pixels = (rng.random((8, 8)) * peak).astype(np.float32)
+            pixels[0, 0] = peak
+            Image.fromarray(pixels, mode="F").save(tmp_path / part / cls / "0.tiff")
+    split = load_data(DataConfig(name="imagefolder", root=str(tmp_path), img_size=8, channels=1))
+    assert float(split.train.images.max()) == pytest.approx(3.0 / 255 * 2 - 1, abs=1e-4)
+    assert float(split.test.images.max()) == pytest.approx(0.9 / 255 * 2 - 1, abs=1e-4)
+
+
 def test_imagefolder_truncated_image_is_an_error_naming_the_file(tmp_path: Path) -> None:
     _write_folder(tmp_path, 3)
     bad = tmp_path / "red" / "1.png"
@@ -335,6 +351,17 @@ def test_hf_single_dataset_is_split(tmp_path: Path) -> None:
     assert split.train.tasks == ["label"]
 
 
+def test_hf_held_out_split_is_the_same_whatever_the_label_keys(tmp_path: Path) -> None:
+    """Two tasks reading one train-only set with other label columns must get the same test
+    images (one task's test images would otherwise be the other's training images)."""
+    path = tmp_path / "one"
+    _hf_set(20).save_to_disk(str(path))
+    by_label = load_data(DataConfig(name=f"hf:{path}", hf_image_key="img", hf_label_keys=["label"], hf_test_split=None))
+    by_kind = load_data(DataConfig(name=f"hf:{path}", hf_image_key="img", hf_label_keys=["kind", "label"], hf_test_split=None))
+    assert torch.equal(by_label.test.images, by_kind.test.images)
+    assert torch.equal(by_label.test.labels["label"], by_kind.test.labels["label"])
+
+
 def test_hf_parquet_folder_through_load_dataset(tmp_path: Path, monkeypatch) -> None:
     import datasets
 
@@ -375,6 +402,14 @@ def test_hf_errors(tmp_path: Path) -> None:
     datasets.DatasetDict({"train": _hf_set(4), "test": _hf_set(3).map(lambda r: {"label": -1})}).save_to_disk(str(hidden))
     with pytest.raises(ConfigError, match="the test split has 3 label\\(s\\) of -1"):
         load_data(DataConfig(name=f"hf:{hidden}", hf_image_key="img"))
+    # a plain integer or string column: -1 and None are unlabelled examples, not classes
+    for value, shown in ((-1, "-1"), (None, "None")):
+        plain = tmp_path / f"hfplain{shown}"
+        rows = _hf_set(6).to_dict()
+        rows["num"] = [value if i == 2 else i % 3 for i in range(6)]
+        datasets.Dataset.from_dict(rows, features=datasets.Features({**_hf_set(1).features, "num": datasets.Value("int64")})).save_to_disk(str(plain))
+        with pytest.raises(ConfigError, match=f"column 'num' of split 'train' has 1 label\\(s\\) missing or negative \\(e.g. {shown}\\)"):
+            load_data(DataConfig(name=f"hf:{plain}", hf_image_key="img", hf_label_keys=["num"]))
 
 
 # --- torchvision ------------------------------------------------------------------------------

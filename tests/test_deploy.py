@@ -117,18 +117,15 @@ def test_a_server_that_fails_at_start_fails_the_deployment_within_seconds(tmp_pa
     """The ServerApp cannot build its model (a pretrained file that does not exist, which only
     the running server reads): the launcher reports the failure with the log's tail soon after
     `flwr run` ends, not after the whole --timeout, and leaves nothing running."""
-    import time
-
     import psutil
 
     from simulations.deploy import DeployError, run_local
 
     before = {p.pid for p in psutil.Process().children(recursive=True)}
-    started = time.time()
     with pytest.raises(DeployError, match="ServerApp failed|`flwr run` failed") as err:
         run_local(tmp_path / "run", 2, tiny_config(tmp_path, rounds=1), ["model.pretrained=/nonexistent/backbone.safetensors"], timeout=900)
     assert "/nonexistent/backbone.safetensors" in str(err.value), "the error shows why the run failed, not only that it did"
-    assert time.time() - started < 300, "failed fast, not at the 900 s timeout"
+    assert "did not finish within" not in str(err.value), "failed at once, not at the 900 s timeout"
     left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
     assert not left, f"every Flower process was stopped: {[p.cmdline() for p in left]}"
 

@@ -60,6 +60,13 @@ def test_deploy_local_refuses_before_starting_anything(tmp_path):
     with pytest.raises(ConfigError, match="stopped before its first checkpoint"):
         run_local(out, 2, config)
     assert not (out / "deploy").exists(), "no process was started"
+    # --profiles go into the run's config too: the server labels each client's results with it
+    from fedtune.runconfig import load_run_config
+    from simulations.deploy import run_overrides
+
+    sets = run_overrides(config, [], 3, ["rpi", "phone"])
+    assert load_run_config(config, sets).federation.profiles == ["rpi", "phone"] and load_run_config(config, sets).federation.num_clients == 3
+    assert load_run_config(config, run_overrides(config, [], 2, None)).federation.profiles == ["workstation"], "the config's own"
 
 
 def test_deploy_certs_keeps_an_existing_ca_and_private_keys_are_owner_only(tmp_path, capsys):

@@ -1,5 +1,7 @@
 """Export round trip (dense and MoE) on a run folder made without Flower."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -152,7 +154,9 @@ def test_export_bad_input(tmp_path):
     assert {f: f.read_bytes() for f in run.rglob("*") if f.is_file()} == saved
     with pytest.raises(ConfigError, match="task 'colour': the run has tasks digit"):
         export_run(run, "colour", tmp_path / "o1")
-    with pytest.raises(ConfigError, match="client 7: the run .* has no state"):
+    with pytest.raises(ConfigError, match="client 2: the run .* has no state"):
+        export_run(run, None, tmp_path / "o2", client=2)
+    with pytest.raises(ConfigError, match="client 7: the run has clients 0..3"):
         export_run(run, None, tmp_path / "o2", client=7)
     with pytest.raises(CheckpointError, match="no checkpoint.safetensors"):
         export_run(tmp_path, None, tmp_path / "o3")
@@ -162,7 +166,10 @@ def test_export_bad_input(tmp_path):
     plain, *_ = make_run(tmp_path / "plain", federation={"num_clients": 4, "rounds": 2, "personalization": "none"})
     with pytest.raises(ConfigError, match="client 0: personalization none: a client's model is the global one"):
         export_run(plain, None, tmp_path / "o7", client=0)
+    with pytest.raises(ConfigError, match="--experts-per-block: the run .* has no MoE blocks"):
+        export_run(run, None, tmp_path / "o8", experts_per_block=1)
     good = export_run(run, None, tmp_path / "o5")
+    assert good["kind"] == "dense" and json.loads((tmp_path / "o5" / "export.json").read_text())["client_state_round"] is None
     (tmp_path / "o5" / "model.onnx").write_bytes(b"not an onnx model")
     with pytest.raises(CheckpointError, match="model.onnx: checksum mismatch"):
         predict(tmp_path / "o5", [])
@@ -237,7 +244,7 @@ def test_moe_task_export_with_one_expert_per_block_is_the_dense_models_size_and_
         export_run(run, "digit", tmp_path / "zero", experts_per_block=0)
 
 
-def test_damaged_files_and_hand_edited_exports_are_clear_errors(tmp_path):
+def test_damaged_files_and_hand_edited_exports_are_clear_errors(tmp_path, monkeypatch):
     import yaml
 
     run, *_ = make_run(tmp_path)
@@ -251,7 +258,8 @@ def test_damaged_files_and_hand_edited_exports_are_clear_errors(tmp_path):
     cfg_path.write_text(yaml.safe_dump(config))
     # an image too large to decode safely
     big = tmp_path / "big.png"
-    Image.new("L", (20000, 20000)).save(big)
+    Image.new("L", (20, 20)).save(big)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # PIL refuses over twice this: a 20x20 image stands in for a 20000x20000 one
     with pytest.raises(ConfigError, match="too large"):
         predict(tmp_path / "good", [big])
     # flipped bytes in the checkpoint's tensor data (the header still parses)
@@ -367,7 +375,7 @@ def test_a_clients_export_takes_its_state_as_of_the_checkpoints_round(tmp_path):
     run, cfg, glob, state = make_run(tmp_path)
     later = ClientState(personal={k: v + 1.0 if k.startswith("personal_head.") else v for k, v in state.personal.items()}, method=state.method)
     write_client_state(run / "client_state" / "client-0", later, 2)  # the checkpoint is round 1's
-    export_run(run, None, tmp_path / "export", client=0)
+    assert export_run(run, None, tmp_path / "export", client=0) and json.loads((tmp_path / "export" / "export.json").read_text())["client_state_round"] == 1
     module, _ = load_exported(tmp_path / "export")
     x = torch.randn(4, 3, 16, 16)
     rt, feats = client_features(cfg, glob, state, x)
@@ -441,8 +449,30 @@ def test_export_predict_and_profiles_from_the_command_line(tmp_path, capsys):
     assert image == str(img) and label in load_exported(out)[1]["classes"] and 0.0 < float(probability) <= 1.0
     assert main(["export", str(run), "--out", str(img)]) == 2
     assert "is a file; give a folder" in capsys.readouterr().err
+    assert main(["export", str(run), "--task", "colour", "--out", str(tmp_path / "refused")]) == 2
+    assert "task 'colour': the run has tasks digit" in capsys.readouterr().err and not (tmp_path / "refused").exists(), "no empty folder left"
+    (tmp_path / "blocker").write_text("")
+    assert main(["export", str(run), "--out", str(tmp_path / "blocker" / "sub")]) == 2
+    assert "cannot create the folder" in capsys.readouterr().err
     assert main(["predict", str(tmp_path / "nowhere"), str(img)]) == 2
     assert "not an exported model" in capsys.readouterr().err
     assert main(["profiles"]) == 0
     table = capsys.readouterr().out
     assert table.startswith("name") and "rpi" in table and "workstation" in table and "auto" in table
+
+
+def test_a_clients_export_is_of_a_task_it_trains_and_of_its_newest_state(tmp_path):
+    """A client's model for a task it never trains would carry the global head, which FedPer's
+    clients never train: refused, naming its tasks. A damaged state file of the checkpoint's
+    round is an error naming it, not a quiet export of an older round."""
+    from .test_multidomain import TASK_DATA
+
+    run, *_ = make_run(tmp_path, task_data=TASK_DATA, federation={"num_clients": 3, "rounds": 2, "personalization": "fedper",
+                                                                    "client_tasks": [["digit"], ["shape", "colour"], ["digit", "colour"]]})
+    with pytest.raises(ConfigError, match="client 0 does not train task 'shape' \\(its tasks: digit\\)"):
+        export_run(run, "shape", tmp_path / "o1", client=0)
+    assert export_run(run, None, tmp_path / "o2", client=0)["task"] == "digit"
+    state = run / "client_state" / "client-0" / "round-000001.npz"
+    state.write_bytes(state.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="corrupt client state .*round-000001.npz"):
+        export_run(run, None, tmp_path / "o3", client=0)

@@ -588,3 +588,16 @@ def test_a_containers_memory_limit_bounds_the_measured_profile(tmp_path, monkeyp
     monkeypatch.setattr(profiles, "cgroup_available_bytes", lambda: 2 << 30)
     assert profiles.available_memory_bytes() == 2 << 30
     assert profiles.measured_profile().memory_bytes == 512 << 20
+
+
+def test_lda_head_fit_on_a_client_with_one_class(tiny_model):
+    """train.head_fit_kind lda fits a personal head on the client's own data: with one class it
+    predicts that class (a discriminant needs two), with a few it refits without failing."""
+    method = make_method(from_dict(MethodConfig, {"name": "full"}), tiny_model, None, 8)
+    trainer = Trainer(tiny_model, method, TrainConfig(epochs=1, batch_size=8, head_fit="before", head_fit_kind="lda"))
+    data = tiny_data()
+    one = ImageSet(images=data.images, labels={"digit": torch.full((len(data),), 3)}, num_classes={"digit": 10})
+    trainer.fit_heads(one)
+    assert trainer.evaluate(one)["accuracy"] == 1.0
+    trainer.fit_heads(data)  # 24 examples of 10 classes in 192 dimensions
+    assert trainer.evaluate(data)["accuracy"] > 0.5

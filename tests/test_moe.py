@@ -429,7 +429,8 @@ def test_plan_training_blocks_2_and_3_leaves_other_experts_untouched(images):
 def test_lora_reaches_the_experts_and_the_task_router_trains(images):
     from fedtune.lora import apply_lora
 
-    model = apply_lora(moe_model(num_experts=4, top_k=1, perturb=0.05, shared_experts=1), rank=2, alpha=4.0)
+    # task a's prior keeps its tokens on its own experts (0 and 1), so experts 2 and 3 go unused
+    model = apply_lora(moe_model(num_experts=4, top_k=1, perturb=0.05, shared_experts=1, task_prior=50.0, capacity_factor=None), rank=2, alpha=4.0)
     names = {n for n, _ in model.named_parameters()}
     for e in range(4):  # every expert of an MoE block got adapters, not only dense MLPs
         assert f"vit.blocks.3.mlp.experts.{e}.fc1.lora_A.default.weight" in names
@@ -444,6 +445,7 @@ def test_lora_reaches_the_experts_and_the_task_router_trains(images):
     params = dict(model.named_parameters())
     used = (stats[-1].processed > 0).nonzero().flatten().tolist()
     unused = sorted(set(range(4)) - set(used))
+    assert unused == [2, 3], "the check below must see unused experts"
     assert used and all(params[f"vit.blocks.3.mlp.experts.{e}.fc2.lora_B.default.weight"].grad is not None for e in used)
     assert all(params[f"vit.blocks.3.mlp.experts.{e}.fc2.lora_B.default.weight"].grad is None for e in unused)
     assert params["vit.blocks.3.mlp.routers.a.weight"].grad.abs().sum() > 0  # from the load-balancing loss (top-1)

@@ -68,6 +68,10 @@ def test_multidomain_bad_input_names_the_task(tmp_path):
     with pytest.raises(ConfigError, match="tasks 'shape' and 'colour' read 'shapes' with different test_fraction; tasks of one source must split it alike"):
         federated_data(multidomain(task_data={**TASK_DATA, "colour": {"name": "shapes", "num_samples": 200, "tasks": ["colour"], "test_fraction": 0.3}}))
     federated_data(multidomain(task_data={**TASK_DATA, "colour": {"name": "shapes", "num_samples": 200, "tasks": ["colour"], "max_train": 50}}))  # caps may differ
+    # the same generated images under another seed and offset, split with another seed
+    with pytest.raises(ConfigError, match="read 'shapes' with different seed"):
+        federated_data(multidomain(task_data={**TASK_DATA, "shape": {"name": "shapes", "num_samples": 200, "tasks": ["shape"], "shapes_seed_offset": 1},
+                                              "colour": {"name": "shapes", "num_samples": 200, "tasks": ["colour"], "seed": 1}}))
     with pytest.raises(ConfigError, match="client_tasks: task 'garment' is not one of the run's tasks"):
         multidomain(federation={"num_clients": 4, "client_tasks": [["digit"], ["garment"]]})
     (tmp_path / "twice.yaml").write_text("task_data:\n  digit: {name: digits}\n  digit: {name: shapes}\n")

@@ -59,6 +59,11 @@ def test_pooled_partition_tests_every_client_on_images_no_client_trains_on():
     local = {tuple(x.flatten()[:40].tolist()) for t in tests for x in t.images}
     train = {tuple(x.flatten()[:40].tolist()) for t in trains for x in t.images}
     assert central == local and not central & train
+    # what the run trained on (export's MoE survey reads it): the local train splits, no test image
+    from fedtune.federated import training_images
+
+    trained = {tuple(x.flatten()[:40].tolist()) for x in training_images(cfg).images}
+    assert trained == train and len(training_images(cfg)) == sum(map(len, trains))
     # new clients (pFL-Bench's unseen clients) are not in the training clients' central test set
     cfg = tiny_run(partition={"scheme": "dirichlet", "alpha": 0.3, "min_partition_size": 5, "local_test_fraction": 0.25, "pool": True},
                    federation={"num_clients": 3, "new_clients": 1, "personalization": "lda"})
@@ -120,6 +125,10 @@ def test_a_protocol_without_local_tests_is_refused():
 
 @pytest.mark.parametrize("mode", ["lda", "fedrod", "local_head", "fedper", "fedrep", "fedbabu", "ditto", "local", "finetune", "none"])
 def test_each_personalization_reports_what_it_promises(mode):
+    """Each mode's personalized number is the model it promises, recomputed here from the
+    client's state where it can be (lda and local_head: the personal head on the global
+    features; local, FedPer, FedRep: the global model with the client's own parameters;
+    Ditto: the client's own model); fine-tuning modes measure in the final evaluation only."""
     cfg = tiny_run(federation={"num_clients": 4, "rounds": 2, "personalization": mode})
     rt = ClientRuntime(cfg, partition_id=1)
     glob = state_to_numpy(global_model(cfg))
@@ -171,6 +180,16 @@ def test_each_personalization_reports_what_it_promises(mode):
         assert ev.accuracy_personal == pytest.approx(float((logits.argmax(-1) == labels).float().mean()))
         if mode == "local_head":
             assert not any(k.startswith("personal_head.") for k in update), "the personal head never leaves the client"
+    if mode in ("local", "fedper", "fedrep", "ditto"):
+        # the personalized number is the global model with the client's own parameters (Ditto: its own whole model)
+        from fedtune.federated import load_numpy_state
+        from fedtune.heads import evaluate
+
+        mine = global_model(cfg)
+        load_numpy_state(mine, glob)
+        load_numpy_state(mine, personal_model(state.personal) if mode == "ditto" else personal_params(state.personal))
+        assert personal_params(state.personal) or mode == "ditto", "the state holds the client's own parameters"
+        assert ev.accuracy_personal == pytest.approx(evaluate(mine, rt.test_set, "digit")["accuracy"])
     if mode in ("finetune", "fedbabu"):
         assert rt.evaluate(glob, state)[0].accuracy_personal is None, "fine-tuning runs in the final evaluation only"
         # the shared model is left holding the global parameters

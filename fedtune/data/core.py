@@ -321,17 +321,28 @@ def _item_to_array(item: Any, channels: int) -> np.ndarray:
     return array
 
 
-def _stack_images(arrays: Sequence[np.ndarray], channels: int, size: int) -> torch.Tensor:
+def _pixel_peaks(*sets: Sequence[np.ndarray]) -> dict[str, float]:
+    """The brightest pixel of every image in `sets`, per dtype: what decides a white pixel's
+    value (_pixel_scale) for all of them."""
+    peaks: dict[str, float] = {}
+    for arrays in sets:
+        for array in arrays:
+            if array.size:
+                peaks[array.dtype.str] = max(peaks.get(array.dtype.str, 0.0), float(array.max()))
+    return peaks
+
+
+def _stack_images(arrays: Sequence[np.ndarray], channels: int, size: int, peaks: dict[str, float] | None = None) -> torch.Tensor:
     """Images of any sizes ([H, W] or [H, W, C]) -> float32 [N, channels, size, size]. A white
-    pixel's value is decided once for the whole set per kind of dtype (uint8, integer, float),
-    not per group of equal shapes, so every image of a set is scaled alike."""
+    pixel's value is decided once per kind of dtype (uint8, integer, float) for the whole set,
+    or from `peaks` (_pixel_peaks of the train and test sets together, so a small test set
+    whose brightest float pixel is 0.9 is not scaled otherwise than its train set), not per
+    group of equal shapes, so every image is scaled alike."""
     out = torch.empty((len(arrays), channels, size, size), dtype=torch.float32)
     groups: dict[tuple[Any, ...], list[int]] = {}
-    peaks: dict[str, float] = {}
     for i, array in enumerate(arrays):
         groups.setdefault((array.shape, array.dtype.str), []).append(i)
-        if array.size:
-            peaks[array.dtype.str] = max(peaks.get(array.dtype.str, 0.0), float(array.max()))
+    peaks = _pixel_peaks(arrays) if peaks is None else peaks
     for index in groups.values():
         batch = np.stack([arrays[i] for i in index])
         batch = batch[:, None] if batch.ndim == 3 else batch.transpose(0, 3, 1, 2)

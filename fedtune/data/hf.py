@@ -14,6 +14,7 @@ from .core import (
     _caps,
     _item_to_array,
     _labels_to_tensors,
+    _pixel_peaks,
     _split,
     _stack_images,
 )
@@ -37,6 +38,17 @@ def _open_hf(cfg: DataConfig) -> tuple[dict[str, Any], bool]:
     if isinstance(loaded, datasets.Dataset):
         return {cfg.hf_train_split: loaded}, True
     return dict(loaded), False
+
+
+def _refuse_unlabelled(key: str, values: np.ndarray, split: str) -> None:
+    """A label column's missing or negative values (None, -1, NaN) mark unlabelled examples,
+    which would otherwise become a class of their own (a ClassLabel's -1 is refused later,
+    as a hidden label)."""
+    missing = [v for v in values.tolist() if v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and (v < 0 or v != v))]
+    if missing:
+        raise ConfigError(f"data.hf_label_keys: column {key!r} of split {split!r} has {len(missing)} label(s) missing or negative (e.g. {missing[0]!r}): "
+                          "unlabelled examples (a benchmark's hidden test labels?); filter them out, or hold out part of train "
+                          "(data.hf_test_split: null)")
 
 
 def _encode_labels(
@@ -74,6 +86,8 @@ def _encode_labels(
 
 
 def _load_hf(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
+    import datasets
+
     splits, single = _open_hf(cfg)
     if cfg.hf_train_split not in splits:
         raise ConfigError(
@@ -106,8 +120,16 @@ def _load_hf(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
         return np.asarray(list(ds[key]))
 
     raw_train = {k: column(train_ds, k) for k in cfg.hf_label_keys}
+    for k in cfg.hf_label_keys:
+        if not isinstance(train_ds.features.get(k), datasets.ClassLabel):
+            _refuse_unlabelled(k, raw_train[k], cfg.hf_train_split)
+            if test_ds is not None:
+                _refuse_unlabelled(k, column(test_ds, k), str(cfg.hf_test_split))
     if test_ds is None:
-        train, test = _split(raw_train[cfg.hf_label_keys[0]], cfg.test_fraction, cfg.seed)
+        # held out of the train split, stratified by the data set's first class-label column
+        # (not the config's first label key: every task reading this set must split it alike)
+        strata = next((k for k, f in train_ds.features.items() if isinstance(f, datasets.ClassLabel)), None)
+        train, test = _split(column(train_ds, strata) if strata else np.zeros(len(train_ds), dtype=np.int64), cfg.test_fraction, cfg.seed)
         test_ds, raw_test = train_ds, raw_train
     else:
         raw_test = {k: column(test_ds, k) for k in cfg.hf_label_keys}
@@ -124,16 +146,20 @@ def _load_hf(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
         )
         labels[key] = (y_train, y_test)
 
-    def build(ds: Any, index: np.ndarray, part: int) -> ImageSet:
-        items = ds.select(index.tolist())[cfg.hf_image_key]
-        arrays = [_item_to_array(item, cfg.channels) for item in items]
+    def images(ds: Any, index: np.ndarray) -> list[np.ndarray]:
+        return [_item_to_array(item, cfg.channels) for item in ds.select(index.tolist())[cfg.hf_image_key]]
+
+    arrays = (images(train_ds, train), images(test_ds, test))
+    peaks = _pixel_peaks(*arrays)  # train and test scaled alike
+
+    def build(part: int) -> ImageSet:
         return ImageSet(
-            _stack_images(arrays, cfg.channels, cfg.img_size),
+            _stack_images(arrays[part], cfg.channels, cfg.img_size, peaks),
             _labels_to_tensors({k: pair[part] for k, pair in labels.items()}),
             dict(num_classes),
             {k: list(v) for k, v in names.items()},
         )
 
-    return build(train_ds, train, 0), build(test_ds, test, 1)
+    return build(0), build(1)
 
 

@@ -13,6 +13,7 @@ from .core import (
     _caps,
     _labels_to_tensors,
     _pil_to_array,
+    _pixel_peaks,
     _split,
     _stack_images,
 )
@@ -57,7 +58,7 @@ def _load_imagefolder(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
         train, test = np.arange(len(paths)), np.arange(len(test_paths))
     train, test = _caps(cfg, train, test)
 
-    def build(all_paths: list[str], all_labels: np.ndarray, index: np.ndarray) -> ImageSet:
+    def read(all_paths: list[str], index: np.ndarray) -> list[np.ndarray]:
         arrays = []
         for i in index:
             try:
@@ -65,13 +66,19 @@ def _load_imagefolder(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
                     arrays.append(_pil_to_array(image, cfg.channels))
             except (OSError, ValueError) as exc:  # truncated, undecodable or not an image
                 raise ConfigError(f"data.root: cannot read image {all_paths[i]}: {exc}") from exc
+        return arrays
+
+    train_arrays, test_arrays = read(paths, train), read(test_paths, test)
+    peaks = _pixel_peaks(train_arrays, test_arrays)  # train and test scaled alike
+
+    def build(arrays: list[np.ndarray], y: np.ndarray) -> ImageSet:
         return ImageSet(
-            _stack_images(arrays, cfg.channels, cfg.img_size),
-            _labels_to_tensors({"label": all_labels[index]}),
+            _stack_images(arrays, cfg.channels, cfg.img_size, peaks),
+            _labels_to_tensors({"label": y}),
             {"label": len(classes)},
             {"label": list(classes)},
         )
 
-    return build(paths, labels, train), build(test_paths, test_labels, test)
+    return build(train_arrays, labels[train]), build(test_arrays, test_labels[test])
 
 

@@ -11,6 +11,7 @@ head fits) only see the images labelled for the task asked for.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -45,21 +46,33 @@ def source_groups(task_data: dict[str, DataConfig], base: DataConfig) -> list[So
     return list(groups.values())
 
 
-_SOURCE = ("name", "root", "num_samples", "shapes_seed_offset", "hf_image_key")  # which images a source is
-_SPLIT = ("seed", "test_fraction", "hf_train_split", "hf_test_split")  # how its images are split into train and test
+def _images_of(data: DataConfig) -> tuple:
+    """What decides a source's images: two configs with the same key read the same images
+    (generated shapes by their generator's seed; a folder by its real path)."""
+    if data.kind == "shapes":
+        return (data.name, data.num_samples, data.seed + data.shapes_seed_offset)
+    root = os.path.realpath(os.path.expanduser(data.root)) if data.root else None
+    return (data.name, root, data.hf_image_key if data.kind == "hf" else None)
+
+
+def _split_of(data: DataConfig) -> dict[str, object]:
+    """How a source's images are split into train and test (caps aside; an hf set's held-out
+    test split is stratified by the set's own first class-label column, whatever the label keys)."""
+    return {"seed": data.seed, "test_fraction": data.test_fraction, "hf_train_split": data.hf_train_split, "hf_test_split": data.hf_test_split}
 
 
 def _same_source_same_split(groups: list[SourceGroup]) -> None:
     """Tasks that read the same images must split them alike: with another seed or test
-    fraction one task's test images would be among another's training images, and the shared
-    backbone would be scored on what it trained on. (Caps, label columns and the like may differ.)"""
+    fraction one task's test images would be among another's training
+    images, and the shared backbone would be scored on what it trained on. (Caps, label
+    columns and the like may differ.)"""
     seen: dict[tuple, SourceGroup] = {}
     for group in groups:
-        key = tuple(getattr(group.data, k) for k in _SOURCE)
-        other = seen.setdefault(key, group)
+        other = seen.setdefault(_images_of(group.data), group)
         if other is group:
             continue
-        differ = [k for k in _SPLIT if getattr(other.data, k) != getattr(group.data, k)]
+        mine, theirs = _split_of(group.data), _split_of(other.data)
+        differ = [k for k in mine if mine[k] != theirs.get(k)]
         if differ:
             raise ConfigError(f"task_data: tasks {', '.join(map(repr, other.tasks))} and {', '.join(map(repr, group.tasks))} read {group.data.name!r} "
                               f"with different {', '.join(differ)}; tasks of one source must split it alike (their test images could be in "

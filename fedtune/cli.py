@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export a run's personalized model for one task (and client)")
     p.add_argument("run_dir", help="a run folder (with checkpoint.safetensors)")
-    p.add_argument("--task", help="the task (default: the run's first)")
+    p.add_argument("--task", help="the task (default: the run's first; with --client, the client's first)")
     p.add_argument("--client", type=int, help="a client's partition id: include its personal parameters and head")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--force", action="store_true", help="write into a non-empty folder")

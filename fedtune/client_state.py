@@ -159,7 +159,7 @@ def write_client_state(folder: Path, state: ClientState, server_round: int, keep
     # or a round repeated after a crash could find no state to start from); drop what is older
     files, kept = state_files(folder, run=run), 0
     for i in range(len(files) - 1, -1, -1):
-        kept += _intact(files[i])
+        kept += files[i] == path or _intact(files[i])  # the file just written is whole
         if kept == max(KEEP_FILES, keep):
             for old in files[:i]:
                 old.unlink(missing_ok=True)

@@ -357,7 +357,7 @@ class Trainer:
         for head in self.heads_to_fit():
             if self.cfg.head_fit_kind == "lda":
                 stats = class_stats(feats, labels, head.out_features)
-                # a client's personal head on data of one class: that class is the prediction (a discriminant needs two)
+                # data of one class (a client's own, for its personal head): that class is the prediction (a discriminant needs two)
                 set_head(head, *(lda_head(stats) if int((stats["count"] > 0).sum()) >= 2 else personal_lda_head(stats, None, 0.0)))
             else:
                 fit_linear_head(head, feats, labels, self.cfg.head_fit_reg)

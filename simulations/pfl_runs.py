@@ -98,7 +98,7 @@ def _simulate(cmd: list[str]) -> int:
 def main(argv: list[str] | None = None, simulate: Callable[[list[str]], int] = _simulate) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     keys = [k for k, _ in METHODS]
-    parser.add_argument("--method", action="append", choices=keys, help="a table row (repeatable; default: every row)")
+    parser.add_argument("--method", action="append", choices=keys, help="a table row (repeatable; default: each split's rows, every row but on a0.1sb)")
     parser.add_argument("--split", action="append", choices=list(SPLITS), help="a split (repeatable; default: all)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
     parser.add_argument("--run", action="store_true", help="run what is not done yet (without it: only list)")

@@ -126,9 +126,12 @@ def _load_hf(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
             if test_ds is not None:
                 _refuse_unlabelled(k, column(test_ds, k), str(cfg.hf_test_split))
     if test_ds is None:
-        # held out of the train split, stratified by the data set's first class-label column
-        # (not the config's first label key: every task reading this set must split it alike)
-        strata = next((k for k, f in train_ds.features.items() if isinstance(f, datasets.ClassLabel)), None)
+        # held out of the train split, stratified by the data set's own first class-label column,
+        # else its first integer or string column but the image (not the config's first label
+        # key: every task reading this set must split it alike)
+        strata = next((k for k, f in train_ds.features.items() if isinstance(f, datasets.ClassLabel)), None) or next(
+            (k for k, f in train_ds.features.items() if k != cfg.hf_image_key and isinstance(f, datasets.Value)
+             and (f.dtype.startswith(("int", "uint")) or f.dtype in ("string", "large_string"))), None)
         train, test = _split(column(train_ds, strata) if strata else np.zeros(len(train_ds), dtype=np.int64), cfg.test_fraction, cfg.seed)
         test_ds, raw_test = train_ds, raw_train
     else:

@@ -57,7 +57,8 @@ def _images_of(data: DataConfig) -> tuple:
 
 def _split_of(data: DataConfig) -> dict[str, object]:
     """How a source's images are split into train and test (caps aside; an hf set's held-out
-    test split is stratified by the set's own first class-label column, whatever the label keys)."""
+    test split is stratified by a column the set decides, its first class-label column, else its
+    first integer or string column, whatever the label keys)."""
     return {"seed": data.seed, "test_fraction": data.test_fraction, "hf_train_split": data.hf_train_split, "hf_test_split": data.hf_test_split}
 
 

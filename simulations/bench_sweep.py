@@ -31,7 +31,7 @@ from fedtune.bench import BenchConfig, _run_one, method_config, on_device
 from fedtune.cli import _load
 from fedtune.data import DataConfig, load_data
 from fedtune.data.core import DataSplit, _cap
-from fedtune.errors import ConfigError
+from fedtune.errors import ConfigError, FedtuneError
 from fedtune.methods import METHOD_NAMES
 from fedtune.typedconfig import deep_merge, from_dict, to_dict
 from fedtune.weights import resolve_pretrained
@@ -147,4 +147,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except FedtuneError as exc:  # a bad grid, config or --out: the problem named, not a traceback
+        sys.exit(f"bench_sweep: error: {exc}")

@@ -8,7 +8,7 @@ one command per table row.
 METHOD is a row of the tables (the overlays in simulations/pfl/, and `alast`, the default
 simulations/pfl_fmnist.yaml); SPLIT is a0.1 (Dirichlet 0.1), a0.5 (Dirichlet 0.5), path
 (2 classes per client) or a0.1sb (Dirichlet 0.1 drawn with PFLlib's self-balancing rule; by
-default only the rows measured there: local, ditto and the default). A run writes runs/pfl/METHOD_SPLIT_sSEED (`--runs`); its summary.json
+default only the rows measured there: local, fedrep, ditto and the default). A run writes runs/pfl/METHOD_SPLIT_sSEED (`--runs`); its summary.json
 is copied into the summaries folder as METHOD_SPLIT_sSEED.json, what `simulations.pfl_tables`
 reads, and the tables are rebuilt after each run. A run whose summary is already there is
 skipped unless `--force`; a run folder that already holds a finished run only has its
@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent
 SPLITS = {"a0.1": [], "a0.5": ["partition.alpha=0.5"], "path": ["partition.scheme=pathological"],
           "a0.1sb": ["partition.self_balancing=true"]}
 # the rows measured on a split when no --method is given (default: every row)
-SPLIT_METHODS = {"a0.1sb": ("local", "ditto", "alast")}
+SPLIT_METHODS = {"a0.1sb": ("local", "fedrep", "ditto", "alast")}
 
 
 def config_of(method: str) -> Path:

@@ -246,9 +246,9 @@ def test_pfl_runs_gives_one_command_per_table_row_and_runs_only_what_is_missing(
     # the self-balancing split lists only the rows measured there, unless a row is asked for
     pfl_runs(["--split", "a0.1sb", "--seeds", "1", "--summaries", str(summaries), "--runs", str(runs)], simulate=simulate)
     listed = [line.split("--out ")[1] for line in capsys.readouterr().out.splitlines()]
-    assert [Path(x).name for x in listed] == ["local_a0.1sb_s0", "ditto_a0.1sb_s0", "alast_a0.1sb_s0"]
-    pfl_runs(["--method", "fedrep", "--split", "a0.1sb", "--seeds", "1", "--summaries", str(summaries), "--runs", str(runs)], simulate=simulate)
-    assert "fedrep.yaml --set seed=0 --set partition.self_balancing=true --out" in capsys.readouterr().out
+    assert [Path(x).name for x in listed] == ["local_a0.1sb_s0", "fedrep_a0.1sb_s0", "ditto_a0.1sb_s0", "alast_a0.1sb_s0"]
+    pfl_runs(["--method", "fedper", "--split", "a0.1sb", "--seeds", "1", "--summaries", str(summaries), "--runs", str(runs)], simulate=simulate)
+    assert "fedper.yaml --set seed=0 --set partition.self_balancing=true --out" in capsys.readouterr().out
     # two rows run one after the other: the tables rebuilt in between (one row's seeds done, the
     # other's not yet) do not stop the command
     fresh = tmp_path / "fresh"

@@ -38,8 +38,8 @@ from .heads import (
     extract_features,
     fit_linear_head,
     lda_head,
-    personal_lda_head,
     set_head,
+    single_class_head,
 )
 from .methods import Method
 from .model import FedViT
@@ -357,8 +357,8 @@ class Trainer:
         for head in self.heads_to_fit():
             if self.cfg.head_fit_kind == "lda":
                 stats = class_stats(feats, labels, head.out_features)
-                # data of one class (a client's own, for its personal head): that class is the prediction (a discriminant needs two)
-                set_head(head, *(lda_head(stats) if int((stats["count"] > 0).sum()) >= 2 else personal_lda_head(stats, None, 0.0)))
+                present = stats["count"] > 0  # data of one class (a client's own, for its personal head): that class is the prediction
+                set_head(head, *(lda_head(stats) if present.sum() >= 2 else single_class_head(present, feats.shape[1])))
             else:
                 fit_linear_head(head, feats, labels, self.cfg.head_fit_reg)
         if result is not None:

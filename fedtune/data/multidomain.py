@@ -55,25 +55,21 @@ def _images_of(data: DataConfig) -> tuple:
     return (data.name, root, data.hf_image_key if data.kind == "hf" else None)
 
 
-def _split_of(data: DataConfig) -> dict[str, object]:
-    """How a source's images are split into train and test (caps aside; an hf set's held-out
-    test split is stratified by a column the set decides, its first class-label column, else its
-    first integer or string column, whatever the label keys)."""
-    return {"seed": data.seed, "test_fraction": data.test_fraction, "hf_train_split": data.hf_train_split, "hf_test_split": data.hf_test_split}
+# how a source's images are split into train and test (caps aside; an hf set's held-out test
+# split is stratified by a column the set decides, whatever the label keys)
+_SPLIT = ("seed", "test_fraction", "hf_train_split", "hf_test_split")
 
 
 def _same_source_same_split(groups: list[SourceGroup]) -> None:
     """Tasks that read the same images must split them alike: with another seed or test
-    fraction one task's test images would be among another's training
-    images, and the shared backbone would be scored on what it trained on. (Caps, label
-    columns and the like may differ.)"""
+    fraction one task's test images would be among another's training images, and the shared
+    backbone would be scored on what it trained on. (Caps, label columns and the like may differ.)"""
     seen: dict[tuple, SourceGroup] = {}
     for group in groups:
         other = seen.setdefault(_images_of(group.data), group)
         if other is group:
             continue
-        mine, theirs = _split_of(group.data), _split_of(other.data)
-        differ = [k for k in mine if mine[k] != theirs.get(k)]
+        differ = [k for k in _SPLIT if getattr(other.data, k) != getattr(group.data, k)]
         if differ:
             raise ConfigError(f"task_data: tasks {', '.join(map(repr, other.tasks))} and {', '.join(map(repr, group.tasks))} read {group.data.name!r} "
                               f"with different {', '.join(differ)}; tasks of one source must split it alike (their test images could be in "

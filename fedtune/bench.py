@@ -30,7 +30,7 @@ import torch
 
 from .accounting import flop_counter_mode
 from .data import DataConfig, DataSplit, ImageSet, load_data
-from .errors import ConfigError, FedtuneError
+from .errors import ConfigError, FedtuneError, PlanError
 from .heads import class_stats, extract_features, lda_head
 from .methods import METHOD_NAMES, Method, MethodConfig, make_method, prepare_model
 from .model import FedViT, ModelConfig, build_model
@@ -111,11 +111,37 @@ class BenchConfig:
             raise ConfigError(f"{prefix}cost_steps: must be >= 3 (the first counts FLOPs and warms up, the rest are timed), got {self.cost_steps}")
 
 
+BUDGET_TOLERANCE = 1.5  # a budget point within this factor of a method's equal-epoch run reuses that run
+
+
 def bench_profile(cfg: BenchConfig) -> DeviceProfile:
-    """The profile the bench's methods plan within: `cfg.profile`, or none that binds (a plan
-    for ViT-B at 224 and a large batch passes the workstation profile's 16 GiB, and BSR would
-    drop blocks to fit it: the row would no longer be BSR's plan)."""
+    """The profile the bench's methods plan within, resolved once per bench (`auto` measures
+    this machine's free memory, which changes as the bench runs): `cfg.profile`, or none that
+    binds (a plan for ViT-B at 224 and a large batch passes the workstation profile's 16 GiB,
+    and BSR would drop blocks to fit it: the row would no longer be BSR's plan)."""
     return get_profile(cfg.profile) if cfg.profile else UNLIMITED
+
+
+def method_profile(spec: str, profile: DeviceProfile) -> DeviceProfile:
+    """What `spec` plans within: `full`, the reference every ratio is against, without a limit
+    (its plan never shrinks, and what fits a small device is what the other methods are for);
+    every other method within the bench's `profile`."""
+    return UNLIMITED if spec == "full" else profile
+
+
+def check_plans(cfg: BenchConfig, model_cfg: ModelConfig, num_classes: int, profile: DeviceProfile) -> None:
+    """Build every method's plan before the first one trains, so that a method whose plan
+    cannot fit `profile` is named now, not after hours of training the others."""
+    if profile is UNLIMITED:
+        return
+    for spec in cfg.methods:
+        model = build_model(replace(model_cfg, pretrained=None), {"task": num_classes})
+        mcfg = method_config(cfg.method, spec, cfg.variants)
+        prepare_model(model, mcfg)
+        try:
+            make_method(mcfg, model, method_profile(spec, profile), cfg.train.batch_size, "task")
+        except PlanError as exc:
+            raise ConfigError(f"bench.profile: {profile.name!r}: method {spec}: {exc} (every method but full plans within the profile)") from exc
 
 
 def quick(cfg: BenchConfig) -> BenchConfig:
@@ -184,13 +210,13 @@ def headline_accuracy(evals: dict, headline: str) -> float:
 # --------------------------------------------------------------------------- runs
 
 
-def _run_one(cfg: BenchConfig, model_cfg: ModelConfig, data, task: str, spec: str, seed: int, max_steps: int | None, progress: bool) -> dict:
+def _run_one(cfg: BenchConfig, model_cfg: ModelConfig, data, task: str, spec: str, seed: int, max_steps: int | None, progress: bool, profile: DeviceProfile) -> dict:
     torch.manual_seed(seed)
     model = build_model(model_cfg, {task: data.train.num_classes[task]})
     mcfg = method_config(cfg.method, spec, cfg.variants)
     prepare_model(model, mcfg)
     model.to(cfg.device)
-    method = make_method(mcfg, model, bench_profile(cfg), cfg.train.batch_size, task, seed=seed)
+    method = make_method(mcfg, model, method_profile(spec, profile), cfg.train.batch_size, task, seed=seed)
     tcfg = replace(cfg.train, seed=seed)
     if max_steps is not None:
         per_epoch = math.ceil(len(data.train) / tcfg.batch_size)
@@ -202,9 +228,10 @@ def _run_one(cfg: BenchConfig, model_cfg: ModelConfig, data, task: str, spec: st
         bar.close()
     summary = res.summary()
     evals = evaluate_method(model, method, data.train, data.test, task, cfg)
-    # the run's training compute: its steps plus any head fit training itself did (train.head_fit: before, LP-FT)
+    # the run's training compute: its steps, any head fit training itself did (train.head_fit: before, LP-FT)
+    # and the forward passes that chose blocks or experts before it (ALaST's survey_batches, an MoE's train_experts)
     summary["train_head_fit_flops"] = summary["head_fit_flops"]
-    summary["train_flops_total"] = summary["train_flops_per_step"] * summary["steps"] + summary["train_head_fit_flops"]
+    summary["train_flops_total"] = summary["train_flops_per_step"] * summary["steps"] + summary["train_head_fit_flops"] + summary["survey_flops"]
     summary["head_fit_flops"] = evals["all_tokens"]["head_fit_flops"]  # the evaluation's LDA fit: one feature pass (every token)
     return {**summary, "test_accuracy": headline_accuracy(evals, cfg.headline), "evaluations": evals, "seed": seed, "plan": method.describe()}
 
@@ -221,6 +248,8 @@ def run_bench(cfg: BenchConfig, out: Path, progress: bool = True, command: str |
     task = cfg.task or data.train.tasks[0]
     if task not in data.train.tasks:
         raise ConfigError(f"bench.task: {task!r} is not a task of the data set {cfg.data.name}; it has {', '.join(data.train.tasks)}")
+    profile = bench_profile(cfg)
+    check_plans(cfg, model_cfg, data.train.num_classes[task], profile)
     results: dict[str, dict] = {}
     started = time.time()
     total = len(cfg.methods) * len(cfg.seeds)
@@ -229,7 +258,7 @@ def run_bench(cfg: BenchConfig, out: Path, progress: bool = True, command: str |
         runs = []
         for seed in cfg.seeds:
             t0 = time.time()
-            runs.append(_run_one(cfg, model_cfg, data, task, spec, seed, None, progress))
+            runs.append(_run_one(cfg, model_cfg, data, task, spec, seed, None, progress, profile))
             done += 1
             _log(progress, f"[{done}/{total}] {spec} seed {seed}: {100 * runs[-1]['test_accuracy']:.2f}% ({time.time() - t0:.0f} s)")
         results[spec] = _combine(runs)
@@ -241,13 +270,13 @@ def run_bench(cfg: BenchConfig, out: Path, progress: bool = True, command: str |
         target = fraction * full["train_flops_total"]
         for spec, r in results.items():
             own = r["train_flops_total"]
-            if max(target / own, own / target) < 1.5:  # the equal-epoch run is this point already
+            if max(target / own, own / target) < BUDGET_TOLERANCE:  # the equal-epoch run is this point already (bench.md says so)
                 continue
-            steps = max(1, round((target - r["train_head_fit_flops"]) / max(r["train_flops_per_step"], 1.0)))
+            steps = max(1, round((target - r["train_head_fit_flops"] - r.get("survey_flops", 0.0)) / max(r["train_flops_per_step"], 1.0)))
             runs = []
             for seed in cfg.budget_seeds or cfg.seeds:
                 t0 = time.time()
-                runs.append(_run_one(cfg, model_cfg, data, task, spec, seed, steps, progress))
+                runs.append(_run_one(cfg, model_cfg, data, task, spec, seed, steps, progress, profile))
                 _log(progress, f"[budget {fraction:g}x full] {spec} seed {seed}, {steps} steps: {100 * runs[-1]['test_accuracy']:.2f}% ({time.time() - t0:.0f} s)")
             point = _combine(runs)
             point.pop("runs")
@@ -308,7 +337,7 @@ def _log(enabled: bool, line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
-_MEDIAN_KEYS = ("step_time_s", "train_flops_per_step", "activation_bytes", "trainable_params", "trainable_state_bytes", "train_flops_total", "head_fit_s", "head_fit_flops", "train_head_fit_flops", "plan_time_s", "blocks_trained_mean")
+_MEDIAN_KEYS = ("step_time_s", "train_flops_per_step", "activation_bytes", "trainable_params", "trainable_state_bytes", "train_flops_total", "head_fit_s", "head_fit_flops", "train_head_fit_flops", "survey_flops", "plan_time_s", "blocks_trained_mean")
 
 
 def _combine(runs: list[dict]) -> dict:
@@ -359,8 +388,8 @@ def markdown_table(report: dict) -> str:
     lines = [
         f"Model {report['model']} ({Path(str(report['pretrained'])).name if report['pretrained'] else 'random init'}), data {report['data']} "
         f"(task {report['task']}: {report['train_size']} train / {report['test_size']} test images), batch {report['batch_size']}, "
-        f"{report['epochs']} epochs, seeds {report['seeds']}, {report['device']}, {report['torch_threads']} CPU threads, {report['wall_time_s']:.0f} s in all. "
-        "Ratios against full fine-tuning measured in the same run. Test accuracy (mean ± sd over the seeds) with every token "
+        f"{report['epochs']} epochs, seeds {report['seeds']}, {report.get('device', 'cpu')}, {report['torch_threads']} CPU threads, {report['wall_time_s']:.0f} s in all. "
+        "Ratios against full fine-tuning measured in the same run. Test accuracy (mean ± sd over the seeds, the population sd: n in the denominator) with every token "
         "and with the method's own tokens dropped at test time ('=': the method drops none), each with the head as trained "
         f"and with a discriminant head fitted on the training features; Δ is the headline (every token, {headline}) against full.",
         "",
@@ -376,22 +405,36 @@ def markdown_table(report: dict) -> str:
             f"{_acc(r, 'all_tokens', 'no_head_fit')} | {_acc(r, 'all_tokens', 'lda_head_fit')} | "
             f"{_acc(r, 'dropped_tokens', 'no_head_fit')} | {_acc(r, 'dropped_tokens', 'lda_head_fit')} | {q['accuracy_delta_points']:+.2f} |"
         )
-    points = [(name, p) for name, r in report["methods"].items() for p in r.get("budgets", [])]
+    points = budget_rows(report)
     if points:
         lines += [
             "",
             "Accuracy against compute: each method also trained at these fractions of full fine-tuning's total training FLOPs "
-            "(steps scaled; the same schedule, data and seeds), headline accuracy.",
+            "(steps scaled; the same schedule, data and seeds), headline accuracy. A method whose equal-epoch run already lies "
+            f"within {BUDGET_TOLERANCE:g}x of a fraction is not trained again for it: its row there is the equal-epoch run, "
+            "at the fraction it measured (after the arrow), over the bench's seeds.",
             "",
             "| method | fraction of full's FLOPs | steps | seeds | total TFLOP | test acc. | all tokens, no fit | dropped, LDA fit |",
             "|---|---|---|---|---|---|---|---|",
         ]
-        for name, p in points:
+        for name, fraction, p in points:
+            where = f"{fraction:g}" if "fraction_of_full" in p else f"{fraction:g} → {p['train_flops_total'] / report['methods']['full']['train_flops_total']:.3f}"
             lines.append(
-                f"| {name} | {p['fraction_of_full']:g} | {p['steps']} | {p['seeds']} | {p['train_flops_total'] / 1e12:.1f} | "
+                f"| {name} | {where} | {p.get('steps', report['epochs'])}{'' if 'steps' in p else ' epochs'} | {p.get('seeds', report['seeds'])} | {p['train_flops_total'] / 1e12:.1f} | "
                 f"{100 * p['test_accuracy']:.2f} ± {100 * p['test_accuracy_std']:.2f} | {_acc(p, 'all_tokens', 'no_head_fit')} | {_acc(p, 'dropped_tokens', 'lda_head_fit')} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def budget_rows(report: dict) -> list[tuple[str, float, dict]]:
+    """(method, fraction, result) for each method and each of the bench's budget fractions:
+    the run trained for it, or the equal-epoch run that stood in for it (`BUDGET_TOLERANCE`)."""
+    rows = []
+    for name, r in report["methods"].items():
+        trained = {p["fraction_of_full"]: p for p in r.get("budgets", [])}
+        for fraction in report["config"].get("budgets") or []:
+            rows.append((name, fraction, trained.get(fraction, r)))
+    return rows
 
 
 def plot_bench(report: dict, folder: Path) -> list[Path]:
@@ -499,7 +542,7 @@ def _peak_rss_bytes() -> int:
 
 
 def _cost_worker(args: tuple) -> dict:
-    cfg_dict, spec, device = args
+    cfg_dict, spec, device, profile = args
     cfg = from_dict(BenchConfig, cfg_dict)
     torch.manual_seed(0)
     num_classes = 10
@@ -507,7 +550,7 @@ def _cost_worker(args: tuple) -> dict:
     mcfg = method_config(cfg.method, spec, cfg.variants)
     prepare_model(model, mcfg)
     model.to(device)
-    method = make_method(mcfg, model, bench_profile(cfg), cfg.train.batch_size, "task")
+    method = make_method(mcfg, model, method_profile(spec, profile), cfg.train.batch_size, "task")
     trainer = Trainer(model, method, replace(cfg.train, max_steps=cfg.cost_steps, warmup_steps=0), "task")
     g = torch.Generator().manual_seed(0)
     size, chans = cfg.model.img_size, cfg.model.in_chans
@@ -545,6 +588,8 @@ def run_cost(cfg: BenchConfig, out: Path, progress: bool = True, command: str | 
 
     cfg.validate("bench.")
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    profile = bench_profile(cfg)
+    check_plans(cfg, cfg.model, 10, profile)
     started = time.time()
     results: dict[str, dict] = {}
     ctx = mp.get_context("spawn")
@@ -553,10 +598,13 @@ def run_cost(cfg: BenchConfig, out: Path, progress: bool = True, command: str | 
         _log(progress, f"[{i + 1}/{len(cfg.methods)}] {spec}: {cfg.cost_steps} steps ...")
         with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
             try:
-                results[spec] = pool.submit(_cost_worker, (to_dict(cfg), spec, device)).result()
+                results[spec] = pool.submit(_cost_worker, (to_dict(cfg), spec, device, profile)).result()
             except BrokenProcessPool as exc:  # killed (the OOM killer at a paper's scale), not an exception it raised
                 raise FedtuneError(f"bench --cost-only: the process measuring {spec!r} died ({exc}); out of memory? "
                                    f"try a smaller train.batch_size (now {cfg.train.batch_size}); methods done: {', '.join(results) or 'none'}") from exc
+            except torch.OutOfMemoryError as exc:  # the GPU's memory, which the process survives
+                raise FedtuneError(f"bench --cost-only: {spec!r} ran out of {device} memory at batch {cfg.train.batch_size}; "
+                                   f"try a smaller train.batch_size; methods done: {', '.join(results) or 'none'}") from exc
         _log(progress, f"{spec}: {results[spec]['step_time_s']:.3f} s/step ({time.time() - t0:.0f} s)")
     full = results["full"]
     for r in results.values():
@@ -594,7 +642,7 @@ def cost_table(report: dict) -> str:
     gpu = report["device"] != "cpu"
     lines = [
         f"Costs only: {report['model']} at {report['img_size']}x{report['img_size']} ({report['tokens']} tokens), random weights, "
-        f"batch {report['batch_size']}, {report['device']}, {report['torch_threads']} CPU threads; one process per method; ratios against full in the same run. "
+        f"batch {report['batch_size']}, {report.get('device', 'cpu')}, {report['torch_threads']} CPU threads; one process per method; ratios against full in the same run. "
         f"Step time: the median of the steps after the first (their range in bench.json); peak RSS: "
         f"{next(iter(report['methods'].values())).get('peak_rss_scope', 'whole process (set-up included)')}.",
         "",

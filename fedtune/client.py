@@ -213,8 +213,9 @@ class ClientRuntime:
             if result.expert_counts:
                 expert_counts[task] = result.expert_counts
             examples += result.num_examples
-            loss_sum += result.loss * result.num_examples
-            correct += result.accuracy * result.num_examples
+            if result.num_examples:  # a task that took no step has NaN loss and accuracy
+                loss_sum += result.loss * result.num_examples
+                correct += result.accuracy * result.num_examples
             kept = method.state_dict() or kept
         personal = self.personal_prefixes
         if cfg.federation.send == "all":

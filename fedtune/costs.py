@@ -135,14 +135,14 @@ class CostModel:
         return total + self.consolidator_flops(plan)
 
     def consolidator_flops(self, plan: Plan) -> float:
-        """SHERL's merge: a projection per early output, the score, the cosine matrix, fc_out (x3: it trains)."""
+        """SHERL's merge: a projection per early output, the score, the cosine matrix, fc_out (x3 when it trains)."""
         cons = self.model.consolidator
         if plan.consolidate_at is None or cons is None:
             return 0.0
         n, m = self.num_patches + self.prefix, plan.consolidate_at + 1
         hidden = cons.score.in_features
         fwd = n * (2 * m * self.dim * hidden + 2 * (m - 1) * hidden + 2 * (m - 1) ** 2 * hidden + 2 * hidden * self.dim)
-        return 3.0 * fwd
+        return (3.0 if plan.train_consolidator else 1.0) * fwd
 
     # -- activation bytes
     def _calibrate(self, lora: bool) -> None:
@@ -184,7 +184,7 @@ class CostModel:
             per_token = self.per_token_bytes(mode, plan.lora)[i]
             n_in, n_out = tokens[i]
             total += per_token * (n_in + n_out) / 2
-        if plan.consolidate_at is not None:  # what the merge saves: per token and early output, its projection (and norm)
+        if plan.trains_consolidator:  # what the merge saves: per token and early output, its projection (and norm)
             hidden = self.model.consolidator.score.in_features if self.model.consolidator is not None else self.dim // 2
             total += (plan.consolidate_at + 1) * (self.num_patches + self.prefix) * (self.dim + 4 * hidden) * 4
         if plan.train_head and not self._per_token:  # the head's bytes come from the calibration, whatever the blocks' modes
@@ -195,7 +195,7 @@ class CostModel:
 
     def state_bytes(self, plan: Plan) -> int:
         """Gradients + AdamW state of what `plan` trains (the same rule as set_trainable, without setting anything)."""
-        key = (plan.trained, plan.lora, plan.train_head, plan.train_norm, plan.train_embed, plan.consolidate_at, plan.experts)
+        key = (plan.trained, plan.lora, plan.train_head, plan.train_norm, plan.train_embed, plan.trains_consolidator, plan.experts)
         if key not in self._state_cache:
             lora = has_lora(self.model)
             self._state_cache[key] = sum(p.numel() * p.element_size() * (1 + OPTIMIZER_SLOTS) for _, group, p in param_groups(self.model) if wants_grad(group, plan, self.task, lora))

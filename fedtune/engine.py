@@ -10,7 +10,8 @@ fused (scaled_dot_product_attention) kernel, and dropped after the block's
 attention (before its MLP), as EViT and BSR do.
 
 `set_trainable` is the single owner of `requires_grad`; the update a client
-sends is derived from it (`trainable_names`).
+sends is derived from it (the parameters that trained and received a gradient in a step,
+`TrainResult.update_counts`).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class Plan:
     train_norm: bool = True  # the final norm trains
     train_embed: bool = False  # patch/position embeddings and class token train
     consolidate_at: int | None = None  # SHERL: blocks < this run without autograd and are consolidated
+    train_consolidator: bool = True  # SHERL: the consolidator trains (False: the model's path, frozen, e.g. a head-only plan)
     rank_tokens: bool = False  # compute class-token attention at every block (for statistics)
     experts: tuple[tuple[int, tuple[int, ...]], ...] = ()  # MoE: (block, experts that train); blocks not listed train every expert
 
@@ -77,9 +79,14 @@ class Plan:
         if self.train_embed:
             return -1
         starts = list(self.trained)
-        if self.consolidate_at is not None:
+        if self.trains_consolidator:
             starts.append(self.consolidate_at)
         return min(starts) if starts else self.depth
+
+    @property
+    def trains_consolidator(self) -> bool:
+        """Whether SHERL's consolidator is on the path and trains."""
+        return self.consolidate_at is not None and self.train_consolidator
 
     def trains_expert(self, block: int, expert: int) -> bool:
         """Whether expert `expert` of trained MoE block `block` may train under this plan."""
@@ -99,7 +106,7 @@ class Plan:
     def needs_input_grad(self, block: int) -> bool:
         """Whether the backward pass computes the gradient of block `block`'s input: something
         before it trains (an earlier block, the embeddings, SHERL's consolidator)."""
-        return block > self.first_grad or (self.consolidate_at is not None and block == self.consolidate_at)
+        return block > self.first_grad or (self.trains_consolidator and block == self.consolidate_at)
 
     def tokens(self, num_patches: int) -> list[int]:
         """Non-class tokens each block's MLP processes (a fused token included).
@@ -288,7 +295,7 @@ def forward_features(
     deltas = []
     for i, blk in enumerate(vit.blocks):
         if plan.consolidate_at is not None and i == plan.consolidate_at:
-            with torch.set_grad_enabled(grad_on), scope("consolidate"):
+            with torch.set_grad_enabled(grad_on and plan.trains_consolidator), scope("consolidate"):
                 x = model.consolidator(early)
             early = []
         if trace is not None:
@@ -413,7 +420,7 @@ def wants_grad(group: ParamGroup, plan: Plan, task: str, has_lora: bool) -> bool
     if group.kind == "embed":
         return plan.train_embed
     if group.kind == "consolidator":
-        return plan.consolidate_at is not None
+        return plan.trains_consolidator
     return plan.train_head  # other: router/extra modules of subclasses train with the head
 
 

@@ -42,6 +42,10 @@ class LoRAConfig:
         bad = [t for t in self.targets if t not in LORA_TARGETS]
         if bad:
             raise ConfigError(f"{prefix}targets: unknown target {bad[0]!r}; choose from {', '.join(LORA_TARGETS)}")
+        if not self.targets:
+            raise ConfigError(f"{prefix}targets: empty; name at least one of {', '.join(LORA_TARGETS)}")
+        if not self.alpha > 0:
+            raise ConfigError(f"{prefix}alpha: must be > 0 (the adapters' output is scaled by alpha / rank; 0 trains nothing), got {self.alpha}")
 
 
 @dataclass
@@ -108,6 +112,8 @@ class MethodConfig:
             raise ConfigError(f"{prefix}alast.federation_weight: must be in [0, 1], got {a.federation_weight}")
         if a.memory_fraction is not None and not 0.0 < a.memory_fraction <= 1.0:
             raise ConfigError(f"{prefix}alast.memory_fraction: must be in (0, 1], got {a.memory_fraction}")
+        if self.name == "sherl" and self.lora.enabled and self.sherl.train_late:
+            raise ConfigError(f"{prefix}sherl.train_late: with lora.enabled the late blocks train LoRA adapters, not their weights; set one of the two")
         if self.sherl.tuned_blocks < 1:
             raise ConfigError(f"{prefix}sherl.tuned_blocks: must be >= 1, got {self.sherl.tuned_blocks}")
         if self.sherl.hidden is not None and self.sherl.hidden < 1:
@@ -162,6 +168,10 @@ class Method:
     def memory_limit(self) -> float:
         return float(self.profile.memory_bytes)
 
+    def memory_limit_source(self) -> str:
+        """What sets `memory_limit()`, as an error message names it."""
+        return f"the {self.profile.name} profile"
+
     def flops_limit(self) -> float:
         return float(self.profile.flops_per_sample)
 
@@ -178,11 +188,21 @@ class Method:
         if c.memory_bytes > self.memory_limit():
             parts.append(
                 f"needs {_mb(c.memory_bytes)} (activations {_mb(c.activation_bytes)} + trainable state "
-                f"{_mb(c.trainable_state_bytes)}) at batch {self.batch_size}, the {self.profile.name} profile allows {_mb(self.memory_limit())}"
+                f"{_mb(c.trainable_state_bytes)}) at batch {self.batch_size}, {self.memory_limit_source()} allows {_mb(self.memory_limit())}"
             )
         if c.train_flops_per_sample > self.flops_limit():
             parts.append(f"needs {c.train_flops_per_sample / 1e9:.2f} GFLOP per sample, the {self.profile.name} profile allows {self.flops_limit() / 1e9:.2f}")
         return "; ".join(parts)
+
+    def _advice(self, plan: Plan) -> str:
+        """What may make `plan` fit: a smaller batch shrinks activations but not FLOPs per sample."""
+        c = self.estimate(plan)
+        over_memory = c.memory_bytes > self.memory_limit()
+        over_flops = c.train_flops_per_sample > self.flops_limit()
+        ways = (["a smaller batch"] if over_memory else []) + ["a stronger profile"]
+        if self.name != "alast":
+            ways.append("the alast method" + (" (fewer trained blocks and dropped tokens cost fewer FLOPs)" if over_flops else ""))
+        return "use " + ", ".join(ways[:-1]) + (" or " if len(ways) > 1 else "") + ways[-1]
 
     def base_plan(self) -> Plan:
         raise NotImplementedError
@@ -194,7 +214,7 @@ class Method:
             if not self.cfg.fit_to_profile or self.name in ("full", "head") or not plan.trained:
                 raise PlanError(f"no {self.name} plan fits device profile {self.profile.name!r}: {self.why_not(plan)}"
                                 + ("" if plan is original else f" (even after reducing trained blocks to {sorted(plan.trained)})")
-                                + "; use a smaller batch, a stronger profile, or the alast method")
+                                + "; " + self._advice(plan))
             trained = sorted(plan.trained)[1:]
             plan = replace(plan, trained=frozenset(trained))
         return plan
@@ -258,7 +278,8 @@ class Head(Method):
     name = "head"
 
     def base_plan(self) -> Plan:
-        return Plan(depth=self.depth, trained=frozenset(), train_norm=False)
+        # on a SHERL model the head sees the features the model is evaluated with: its consolidated path, frozen
+        return Plan(depth=self.depth, trained=frozenset(), train_norm=False, consolidate_at=self.model.consolidate_at, train_consolidator=False)
 
 
 class BSR(Method):
@@ -321,6 +342,12 @@ class ALaST(Method):
                 self._mem_cap = frac * self.costs.estimate(full, self.batch_size).memory_bytes
             limit = min(limit, self._mem_cap)
         return limit
+
+    def memory_limit_source(self) -> str:
+        frac = self.cfg.alast.memory_fraction
+        if frac is not None and self.memory_limit() < self.profile.memory_bytes:
+            return f"method.alast.memory_fraction {frac:g} (of full fine-tuning's estimate; the {self.profile.name} profile allows {_mb(self.profile.memory_bytes)})"
+        return super().memory_limit_source()
 
     def _keep(self, budgets: np.ndarray) -> tuple[int, ...]:
         return tuple(keep_count(float(b), self.num_patches) for b in budgets)
@@ -421,7 +448,10 @@ class ALaST(Method):
 
     def _start(self, own: np.ndarray | None) -> None:
         """Budgets proportional to the importance (mean `mean_budget`): the client's own (`own`)
-        and the federation's, weighted by `federation_weight`; blocks are chosen afresh."""
+        and the federation's, weighted by `federation_weight`; blocks are chosen afresh. With
+        `adapt: false` the budgets stay at `mean_budget` (the importance is still kept and sent)."""
+        if not self.cfg.alast.adapt:
+            return
         parts = [(1.0 - self.cfg.alast.federation_weight, own), (self.cfg.alast.federation_weight, self._prior)]
         parts = [(w, v / v.mean()) for w, v in parts if v is not None]
         if not parts:

@@ -20,8 +20,10 @@ from .runconfig import RunConfig
 
 def head_fit_reference(cfg: RunConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """What the run's starting model scores with no training: each task's head fitted (LDA)
-    from the summed feature statistics of that task's clients, exactly as `federation.head_fit:
-    lda` fits it after the last round, then evaluated on the central test set.
+    from the summed feature statistics of that task's clients, as `federation.head_fit: lda`
+    fits it after the last round, then evaluated on the central test set. The probe sums every
+    client's statistics; a run with `federation.eval_clients_per_round` below the number of
+    clients sums those of the clients that evaluated in the round it fits.
 
     A run with the head fit that ends near this number learnt its accuracy from the head fit,
     not from fine-tuning. One process plays every client (a simulation-side tool); every

@@ -324,8 +324,9 @@ class Trainer:
                 if progress is not None:
                     progress(done, planned, stats)
         result.num_examples = seen
-        result.loss = loss_sum / max(seen, 1)
-        result.accuracy = correct / max(seen, 1)
+        if seen:  # no step taken (epochs 0): loss and accuracy stay NaN, not a perfect 0.0 loss
+            result.loss = loss_sum / seen
+            result.accuracy = correct / seen
         if self.cfg.head_fit in ("after", "both"):
             self.fit_heads(data, result)
         return result

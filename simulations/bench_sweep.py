@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from fedtune.bench import BenchConfig, _run_one, method_config, on_device
+from fedtune.bench import BenchConfig, _run_one, bench_profile, method_config, on_device
 from fedtune.cli import _load
 from fedtune.data import DataConfig, load_data
 from fedtune.data.core import DataSplit, _cap
@@ -117,10 +117,10 @@ def main(argv: list[str] | None = None) -> None:
         if args.deadline_s is not None and time.time() - started > args.deadline_s:
             print(f"deadline: skipping {point['name']}", file=sys.stderr, flush=True)
             continue
-        runs = []
+        runs, profile = [], bench_profile(cfg)
         for seed in seeds:
             t0 = time.time()
-            r = _run_one(cfg, model_cfg, data, task, method, seed, None, False)
+            r = _run_one(cfg, model_cfg, data, task, method, seed, None, False, profile)
             runs.append({"seed": seed, "val_lda": r["evaluations"]["all_tokens"]["lda_head_fit"], "val_no_fit": r["evaluations"]["all_tokens"]["no_head_fit"],
                          "flops_per_step": r["train_flops_per_step"], "activation_bytes": r["activation_bytes"],
                          "blocks": r.get("blocks_trained_mean"), "steps": r["steps"], "s": round(time.time() - t0, 1)})

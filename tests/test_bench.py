@@ -228,6 +228,50 @@ def test_the_bench_plans_without_a_device_limit_unless_given_one():
         from_dict(BenchConfig, {"profile": "h200"})
 
 
+def test_a_bench_profile_binds_every_method_but_full_and_is_checked_before_any_training(tmp_path, capsys, monkeypatch):
+    """Under `profile:` full, the reference, keeps its whole plan (no edge device holds it) and
+    the others plan within the profile; a method that cannot fit is named before anything trains."""
+    import fedtune.bench as bench
+    from fedtune.profiles import UNLIMITED, DeviceProfile
+
+    small = DeviceProfile("small", memory_bytes=1, flops_per_sample=1e30)
+    assert bench.method_profile("full", small) is UNLIMITED and bench.method_profile("bsr", small) is small
+
+    def trained(*args, **kwargs):
+        raise AssertionError("a method trained before every plan was checked")
+
+    monkeypatch.setattr(bench, "_run_one", trained)
+    cfg = tmp_path / "bench.yaml"
+    cfg.write_text(TINY_BENCH + "methods: [full, bsr]\n")
+    out = tmp_path / "out"
+    assert main(["bench", "--config", str(cfg), "--out", str(out), "--no-progress", "--set", "profile=mcu", "--set", "train.batch_size=4096"]) == 2
+    err = capsys.readouterr().err
+    assert "bench.profile: 'mcu': method bsr: no bsr plan fits device profile 'mcu'" in err, err
+    assert "a smaller batch" in err  # memory binds here, so a smaller batch is advice
+    assert not (out / "bench.json").exists()
+
+
+def test_budget_rows_show_the_equal_epoch_run_that_stood_in_for_a_point():
+    from fedtune.bench import budget_rows, markdown_table
+
+    def result(acc, flops, budgets=()):
+        ev = {"all_tokens": {k: {"mean": acc, "std": 0.0} for k in ("no_head_fit", "lda_head_fit")}}
+        return {"test_accuracy": acc, "test_accuracy_std": 0.01, "train_flops_total": flops, "evaluations": ev, "budgets": list(budgets),
+                "ratios_vs_full": {"speedup": 1.0, "train_flops": flops / 100.0, "activation_bytes": 1.0, "accuracy_delta_points": 0.0},
+                "step_time_s": 1.0, "train_flops_per_step": 1.0, "activation_bytes": 1, "trainable_params": 1, "plan_time_s": 0.0, "blocks_trained_mean": 1.0}
+
+    point = {"fraction_of_full": 0.3, "steps": 7, "seeds": [0], "test_accuracy": 0.5, "test_accuracy_std": 0.0, "train_flops_total": 30.0,
+             "evaluations": {"all_tokens": {"no_head_fit": {"mean": 0.4, "std": 0.0}}}}
+    report = {"config": {"budgets": [0.3]}, "methods": {"full": result(0.9, 100.0, [point]), "alast": result(0.8, 25.0)},
+              "model": "m", "pretrained": None, "data": "d", "task": "t", "train_size": 1, "test_size": 1, "batch_size": 1, "epochs": 2,
+              "seeds": [0, 1], "torch_threads": 1, "wall_time_s": 1.0}
+    rows = budget_rows(report)
+    assert [(n, f) for n, f, _ in rows] == [("full", 0.3), ("alast", 0.3)]
+    assert rows[0][2] is point and rows[1][2] is report["methods"]["alast"]
+    text = markdown_table(report)
+    assert "| alast | 0.3 → 0.250 | 2 epochs | [0, 1] |" in text and "| full | 0.3 | 7 | [0] |" in text
+
+
 def test_a_bad_out_fails_before_any_work(tmp_path, capsys, monkeypatch):
     import fedtune.cli as cli
 

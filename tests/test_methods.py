@@ -293,6 +293,20 @@ def test_impossible_budget_is_a_clear_error(tiny_model):
         make_method(MethodConfig(name="head"), tiny_model, tiny, 8)
 
 
+def test_plan_errors_name_what_binds(tiny_model):
+    """A smaller batch is advised only where memory binds (FLOPs per sample do not depend on it);
+    ALaST's memory cap is named as the limit when it, not the profile, binds."""
+    flops_bound = DeviceProfile("slow", memory_bytes=1 << 40, flops_per_sample=1.0)
+    with pytest.raises(PlanError, match="stronger profile") as err:
+        make_method(MethodConfig(name="bsr"), tiny_model, flops_bound, 8)
+    assert "GFLOP per sample" in str(err.value) and "smaller batch" not in str(err.value)
+    with pytest.raises(PlanError, match="use a smaller batch, a stronger profile or the alast method"):
+        make_method(MethodConfig(name="full"), tiny_model, "mcu", batch_size=4096)
+    capped = from_dict(MethodConfig, {"name": "alast", "alast": {"memory_fraction": 1e-9}})
+    with pytest.raises(PlanError, match=r"method\.alast\.memory_fraction 1e-09 \(of full fine-tuning's estimate; the workstation profile allows"):
+        make_method(capped, tiny_model, "workstation", 8)
+
+
 def test_unknown_profile():
     with pytest.raises(ConfigError, match="unknown device profile 'toaster'"):
         get_profile("toaster")
@@ -309,6 +323,9 @@ def test_unknown_profile():
         ({"bogus": 1}, "unknown key bogus"),
         ({"lora": {"rank": "big"}}, "lora.rank: expected an integer"),
         ({"name": "full", "lora": {"enabled": True}}, "LoRA combines with"),
+        ({"lora": {"targets": []}}, "lora.targets: empty"),
+        ({"lora": {"alpha": 0}}, "lora.alpha: must be > 0"),
+        ({"name": "sherl", "lora": {"enabled": True}, "sherl": {"train_late": True}}, "sherl.train_late: with lora.enabled"),
     ],
 )
 def test_bad_method_config(data, match):
@@ -413,6 +430,45 @@ def test_sherl_late_blocks_train_only_when_asked(tiny_model):
         plan = make_method(cfg, model, None, 4).plan()
         assert plan.trained == frozenset(trained) and plan.lora == lora
         assert model.consolidator.num_inputs == plan.consolidate_at + 1
+
+
+def test_a_head_only_plan_on_a_sherl_model_trains_on_the_features_it_is_evaluated_with(tiny_model, images):
+    """FedRep's head phase on a SHERL model: the head trains on the model's own (consolidated)
+    path, with the consolidator and every block frozen, not on the plain backbone's."""
+    prepare_model(tiny_model, method_cfg("sherl"))
+    with torch.no_grad():
+        tiny_model.consolidator.gate.fill_(0.3)
+    head = make_method(MethodConfig(name="head"), tiny_model, None, 8, "digit")
+    plan = head.plan()
+    assert plan.consolidate_at == tiny_model.consolidate_at and not plan.trains_consolidator
+    assert plan.first_grad == tiny_model.depth, "nothing before the head needs autograd"
+    assert sorted(set_trainable(tiny_model, plan, "digit")) == ["heads.digit.bias", "heads.digit.weight"]
+    tiny_model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(tiny_model.forward_features(images, plan, "digit")[0], tiny_model.forward_features(images, None, "digit")[0])
+    before = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
+    Trainer(tiny_model, head, TrainConfig(epochs=1, batch_size=8, max_steps=2), "digit").train(tiny_data())
+    changed = sorted(n for n, p in tiny_model.named_parameters() if not torch.equal(p, before[n]))
+    assert changed == ["heads.digit.bias", "heads.digit.weight"]
+    sherl = make_method(method_cfg("sherl"), tiny_model, None, 8)
+    assert head.estimate(plan).trainable_state_bytes < sherl.estimate(sherl.plan()).trainable_state_bytes, "the consolidator's state is not counted"
+
+
+def test_alast_without_adapt_keeps_its_budgets_at_the_mean(tiny_model):
+    """adapt: false (the fixed ablation) keeps every budget at mean_budget, also when a survey or
+    the federation's importance would start them elsewhere; the importance is still kept."""
+    cfg = from_dict(MethodConfig, {"name": "alast", "alast": {"adapt": False, "memory_fraction": None, "survey_batches": 2}})
+    method = make_method(cfg, tiny_model, None, 8)
+    method.set_importance([1.0, 5.0, 1.0, 1.0])
+    method.survey(Trainer(tiny_model, method, TrainConfig(epochs=1, batch_size=8)).survey(tiny_data(), 2))
+    np.testing.assert_allclose(method.budgets, cfg.alast.mean_budget)
+    assert method.importance is not None
+
+
+def test_a_training_without_steps_reports_no_loss():
+    model = build_model(ModelConfig(**TINY), {"digit": 10})
+    result = Trainer(model, make_method(MethodConfig(name="head"), model, None, 8), TrainConfig(epochs=0, batch_size=8)).train(tiny_data())
+    assert result.num_examples == 0 and math.isnan(result.loss) and math.isnan(result.accuracy)
 
 
 def test_sherl_models_are_evaluated_and_head_fit_through_their_consolidator(tiny_model, images):

@@ -86,30 +86,64 @@ def proc_kib_field(path: str, key: str) -> int | None:
     return None
 
 
-def cgroup_available_bytes(root: Path = Path("/sys/fs/cgroup")) -> int | None:
-    """What the memory limit of this process's container (a Linux cgroup, v2 or v1) leaves it:
-    the limit less the usage, the usage without the inactive file cache the kernel reclaims
-    before it kills anything (as docker and the kubelet count it); None where no limit is set
-    or none can be read."""
-    for limit_file, usage_file, stat_file, cache_key in (("memory.max", "memory.current", "memory.stat", "inactive_file"),
-                                                          ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat", "total_inactive_file")):
-        try:
-            limit = (root / limit_file).read_text().strip()
-            usage = int((root / usage_file).read_text().strip())
-        except (OSError, ValueError):
+def _cgroup_left(folder: Path, files: tuple[str, str, str, str]) -> int | None:
+    """What one cgroup folder's memory limit leaves (None: no limit set, or none readable)."""
+    limit_file, usage_file, stat_file, cache_key = files
+    try:
+        limit = (folder / limit_file).read_text().strip()
+        usage = int((folder / usage_file).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    if limit == "max" or not limit.isdigit() or int(limit) >= 1 << 60:  # v1 writes "no limit" as a number near 2^63
+        return None
+    cache = 0
+    try:
+        for line in (folder / stat_file).read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == cache_key:
+                cache = int(value)
+    except (OSError, ValueError):
+        pass
+    return max(int(limit) - max(usage - cache, 0), 0)
+
+
+_V2 = ("memory.max", "memory.current", "memory.stat", "inactive_file")
+_V1 = ("memory.limit_in_bytes", "memory.usage_in_bytes", "memory.stat", "total_inactive_file")
+
+
+def _own_cgroups(root: Path, proc_cgroup: Path) -> list[tuple[Path, tuple[str, str, str, str]]]:
+    """The folders of this process's cgroup and of each parent up to the hierarchy's root, v2's
+    unified one and v1's memory controller's (/proc/self/cgroup names them; without a cgroup
+    namespace the process's own folder lies below the root, not at it)."""
+    found = []
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
             continue
-        if limit == "max" or not limit.isdigit() or int(limit) >= 1 << 60:  # v1 writes "no limit" as a number near 2^63
-            return None
-        cache = 0
-        try:
-            for line in (root / stat_file).read_text().splitlines():
-                key, _, value = line.partition(" ")
-                if key == cache_key:
-                    cache = int(value)
-        except (OSError, ValueError):
-            pass
-        return max(int(limit) - max(usage - cache, 0), 0)
-    return None
+        _, controllers, path = parts
+        if controllers == "":
+            base, files = root, _V2
+        elif "memory" in controllers.split(","):
+            base, files = root / "memory", _V1
+        else:
+            continue
+        rel = Path(path.lstrip("/"))
+        for ancestor in [rel, *rel.parents]:
+            found.append((base / ancestor, files))
+    return found + [(root, _V2), (root / "memory", _V1)]
+
+
+def cgroup_available_bytes(root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")) -> int | None:
+    """What the memory limits of this process's container (Linux cgroups, v2 or v1) leave it:
+    for its own cgroup and each parent, the limit less the usage, the usage without the
+    inactive file cache the kernel reclaims before it kills anything (as docker and the
+    kubelet count it); the smallest of them, or None where no limit is set or none can be read."""
+    left = [v for folder, files in _own_cgroups(root, proc_cgroup) if (v := _cgroup_left(folder, files)) is not None]
+    return min(left) if left else None
 
 
 def available_memory_bytes() -> int:

@@ -639,6 +639,25 @@ def test_a_containers_memory_limit_bounds_the_measured_profile(tmp_path, monkeyp
     (v1 / "memory.stat").write_text("cache 80\ntotal_inactive_file 60\n")
     assert profiles.cgroup_available_bytes(tmp_path / "v1") == (1 << 30) - 40
     assert profiles.cgroup_available_bytes(tmp_path / "none") is None
+    # no cgroup namespace: /proc/self/cgroup names the process's own folder below the root;
+    # its limit and its parents' count, the smallest left wins
+    host = tmp_path / "host"
+    own = host / "system.slice" / "job.scope"
+    own.mkdir(parents=True)
+    (host / "memory.max").write_text("max\n")
+    (own / "memory.max").write_text("1073741824\n")
+    (own / "memory.current").write_text("100\n")
+    proc = tmp_path / "cgroup"
+    proc.write_text("0::/system.slice/job.scope\n")
+    assert profiles.cgroup_available_bytes(host, proc) == (1 << 30) - 100
+    (host / "system.slice" / "memory.max").write_text("536870912\n")
+    (host / "system.slice" / "memory.current").write_text("0\n")
+    assert profiles.cgroup_available_bytes(host, proc) == 1 << 29
+    proc.write_text("4:memory:/docker/abc\n1:cpu:/\n")  # v1: the memory controller's line
+    (host / "memory" / "docker" / "abc").mkdir(parents=True)
+    (host / "memory" / "docker" / "abc" / "memory.limit_in_bytes").write_text("2097152\n")
+    (host / "memory" / "docker" / "abc" / "memory.usage_in_bytes").write_text("1048576\n")
+    assert profiles.cgroup_available_bytes(host, proc) == 1 << 20
     # a 2 GiB container on a host with 64 GiB available: the container's figure
     monkeypatch.setattr(profiles, "proc_kib_field", lambda path, key: 64 << 30)
     monkeypatch.setattr(profiles, "cgroup_available_bytes", lambda: 2 << 30)

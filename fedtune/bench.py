@@ -91,6 +91,10 @@ class BenchConfig:
                 method_config(self.method, m, self.variants)
             except ConfigError as exc:
                 raise ConfigError(f"{prefix}methods: {m}: {exc}") from exc
+        if self.model.img_size != self.data.img_size:
+            raise ConfigError(f"{prefix}model.img_size ({self.model.img_size}) and data.img_size ({self.data.img_size}) differ: the model takes the images the data gives; set both")
+        if self.model.in_chans != self.data.channels:
+            raise ConfigError(f"{prefix}model.in_chans ({self.model.in_chans}) and data.channels ({self.data.channels}) differ: the model takes the images the data gives; set both")
         if self.train.epochs < 1:
             raise ConfigError(f"{prefix}train.epochs: must be >= 1 (the bench trains every method for them), got {self.train.epochs}")
         if "full" not in self.methods:

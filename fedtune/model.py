@@ -62,6 +62,8 @@ class ModelConfig:
                 raise ConfigError(f"{prefix}{key}: must be >= 1, got {value}")
         if self.embed_dim and self.num_heads and self.embed_dim % self.num_heads:
             raise ConfigError(f"{prefix}num_heads: {self.num_heads} does not divide embed_dim {self.embed_dim}")
+        if self.mlp_ratio is not None and not (math.isfinite(self.mlp_ratio) and self.mlp_ratio > 0):
+            raise ConfigError(f"{prefix}mlp_ratio: must be a number > 0 or null (the model's own), got {self.mlp_ratio}")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ConfigError(f"{prefix}drop_path_rate: must be in [0, 1), got {self.drop_path_rate}")
 
@@ -71,7 +73,7 @@ def check_task_names(tasks) -> None:
     each must be a Python identifier that is not one of a ModuleDict's or ParameterDict's own
     attributes (`update`, `keys`, `train`, ...), or the model cannot be built or its parameters
     named; a ConfigError names the task."""
-    reserved = set(dir(nn.ModuleDict)) | set(dir(nn.ParameterDict))
+    reserved = set(dir(nn.ModuleDict)) | set(dir(nn.ParameterDict)) | set(dir(nn.ModuleDict())) | set(dir(nn.ParameterDict()))  # instances add `training`
     for t in tasks:
         if not isinstance(t, str) or not t.isidentifier() or t in reserved:
             raise ConfigError(

@@ -252,6 +252,8 @@ class RunConfig:
             raise ConfigError(f"{prefix}seed: must be >= 0, got {self.seed}")
         if self.model.img_size != self.data.img_size:
             raise ConfigError(f"{prefix}model.img_size ({self.model.img_size}) and data.img_size ({self.data.img_size}) differ: the model takes the images the data gives; set both")
+        if self.model.in_chans != self.data.channels:
+            raise ConfigError(f"{prefix}model.in_chans ({self.model.in_chans}) and data.channels ({self.data.channels}) differ: the model takes the images the data gives; set both")
         if self.task is not None and self.tasks is not None:
             raise ConfigError(f"{prefix}task/tasks: give one of them (task for one task, tasks for several)")
         if self.tasks is not None and not self.tasks:
@@ -261,7 +263,11 @@ class RunConfig:
                 raise ConfigError(f"{prefix}task_data: give at least one task and its data source")
             if self.task is not None or (self.tasks is not None and list(self.tasks) != list(self.task_data)):
                 raise ConfigError(f"{prefix}task_data: names the run's tasks ({', '.join(self.task_data)}); leave task/tasks out")
-        for group in self.federation.client_tasks or []:
+        for i, group in enumerate(self.federation.client_tasks or []):
+            if not group:
+                raise ConfigError(f"{prefix}federation.client_tasks[{i}]: empty; each group names the tasks its clients train (at least one)")
+            if len(set(group)) != len(group):
+                raise ConfigError(f"{prefix}federation.client_tasks[{i}]: task {next(t for t in group if group.count(t) > 1)!r} is named twice")
             for t in group:
                 if t not in self.run_tasks():
                     raise ConfigError(f"{prefix}federation.client_tasks: task {t!r} is not one of the run's tasks {self.run_tasks()}")

@@ -87,7 +87,7 @@ def resolve_backend(name: str, key: str = "backend") -> str:
 class MoEConfig:
     num_experts: int = 8  # experts per MoE block
     top_k: int = 2  # experts each token is sent to
-    capacity_factor: float | None = 1.25  # training: capacity = ceil(f * tokens * top_k / E) per expert; None or <= 0: no limit
+    capacity_factor: float | None = 1.25  # training: capacity = ceil(f * tokens * top_k / E) per expert; None: no limit
     eval_capacity_factor: float | None = None  # the same at inference (None: no limit, so no prediction depends on the rest of the batch)
     blocks: list[int] | None = None  # MoE blocks (None: every other block from 1: 1, 3, 5, ...)
     router: Router = "per_task"  # per_task: one router per task | shared: one router over [token, task embedding]
@@ -117,16 +117,18 @@ class MoEConfig:
             raise ConfigError(f"{prefix}task_prior: must be a finite number >= 0, got {self.task_prior}")
         for key in ("capacity_factor", "eval_capacity_factor"):
             f = getattr(self, key)
-            if f is not None and not math.isfinite(f):
-                raise ConfigError(f"{prefix}{key}: must be a finite number or null (no limit), got {f}")
+            if f is not None and not (math.isfinite(f) and f > 0):
+                raise ConfigError(f"{prefix}{key}: must be a finite number > 0 or null (no limit), got {f}")
         if self.task_prior > 0 and self.router != "per_task":
             raise ConfigError(f"{prefix}task_prior: needs router: per_task (got router: {self.router})")
-        if self.task_prior > 0 and self.capacity_factor is not None and self.capacity_factor > 0:
-            raise ConfigError(
-                f"{prefix}capacity_factor: {self.capacity_factor} with task_prior {self.task_prior}: the capacity assumes tokens "
-                "spread over all experts, but the prior sends each task's tokens to its own group, which would overflow and "
-                "drop most of them; set capacity_factor: null (no limit) with a task prior"
-            )
+        for key in ("capacity_factor", "eval_capacity_factor"):
+            f = getattr(self, key)
+            if self.task_prior > 0 and f is not None:
+                raise ConfigError(
+                    f"{prefix}{key}: {f} with task_prior {self.task_prior}: the capacity assumes tokens "
+                    "spread over all experts, but the prior sends each task's tokens to its own group, which would overflow and "
+                    f"drop most of them; set {key}: null (no limit) with a task prior"
+                )
         if self.top_k == 1 and self.task_prior == 0 and self.aux_loss_weight == 0:
             raise ConfigError(
                 f"{prefix}aux_loss_weight: 0 with top_k 1 and no task_prior leaves the routers untrainable: with one expert "

@@ -318,6 +318,11 @@ def test_bad_moe_settings_are_named():
         for bad in (float("inf"), float("nan")):
             with pytest.raises(ConfigError, match=f"moe.{key}: expected a finite number"):
                 from_dict(MoEConfig, {key: bad}, prefix="moe.")
+        for bad in (0.0, -1.25):  # null is how to say no limit; a sign typo must not turn the limit off
+            with pytest.raises(ConfigError, match=f"moe.{key}: must be a finite number > 0 or null"):
+                from_dict(MoEConfig, {key: bad}, prefix="moe.")
+        with pytest.raises(ConfigError, match=f"moe.{key}: 1.25 with task_prior 3.0"):
+            from_dict(MoEConfig, {"router": "per_task", "task_prior": 3.0, "capacity_factor": None, "eval_capacity_factor": None, key: 1.25}, prefix="moe.")
     with pytest.raises(ConfigError, match="3 tasks but 2 experts"):
         MoEMlp.fresh(8, 16, ["a", "b", "c"], MoEConfig(num_experts=2, top_k=1, task_prior=5.0, capacity_factor=None))
 
@@ -541,7 +546,6 @@ def test_config_errors_name_the_problem():
             from_dict(MoEConfig, data, prefix="moe.")
     # the same settings that are refused above, made usable
     from_dict(MoEConfig, {"task_prior": 8.0, "capacity_factor": None})
-    from_dict(MoEConfig, {"task_prior": 8.0, "capacity_factor": 0})
     from_dict(MoEConfig, {"top_k": 1, "aux_loss_weight": 0.0, "task_prior": 8.0, "capacity_factor": None})
     from_dict(MoEConfig, {"top_k": 2, "aux_loss_weight": 0.0})
 

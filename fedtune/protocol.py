@@ -14,6 +14,7 @@ This module imports no Flower.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, get_args
@@ -72,6 +73,21 @@ def _whole(value: Any, key: str) -> int:
     return int(value)
 
 
+def _number(value: Any, key: str) -> float:
+    """`value` as a float, when it is a number (not a bool, a string or a list)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{key!r} is not a number: {value!r}")
+    return float(value)
+
+
+def _finite(value: Any, key: str) -> float:
+    """`value` as a float, when it is a finite number."""
+    number = _number(value, key)
+    if not math.isfinite(number):
+        raise ValueError(f"{key!r} is not finite: {value!r}")
+    return number
+
+
 def _wholes(values: Any, key: str) -> list[int]:
     if not isinstance(values, list):
         raise TypeError(f"{key!r} is not a list: {values!r}")
@@ -120,6 +136,21 @@ class TrainMetrics:
         known = {f.name: m[_key(f.name)] for f in fields(cls) if f.name != "experts" and _key(f.name) in m}
         if "partition_id" in known:
             known["partition_id"] = _whole(known["partition_id"], "partition-id")
+        for name in ("steps", "activation_bytes", "memory_bytes", "steps_over_memory_budget", "trainable_params", "bytes_sent", "bytes_received"):
+            if name in known:  # counts: the run's totals and the summary add and compare them
+                known[name] = _whole(known[name], _key(name))
+                if known[name] < 0:
+                    raise ValueError(f"{_key(name)!r} is negative: {known[name]}")
+        for name in ("num_examples", "flops_per_step", "survey_flops", "step_time_s", "time_s"):
+            if name in known:
+                known[name] = _finite(known[name], _key(name))
+        for name in ("train_loss", "train_accuracy"):  # NaN allowed: a client that took no step has none
+            if known.get(name) is not None:
+                known[name] = _number(known[name], _key(name))
+        if known.get("importance") is not None:
+            if not isinstance(known["importance"], list):
+                raise TypeError(f"'importance' is not a list: {known['importance']!r}")
+            known["importance"] = [_number(v, "importance") for v in known["importance"]]
         for name in ("task_ids", "block_updates"):
             if name in known:
                 known[name] = _wholes(known[name], _key(name))

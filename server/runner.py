@@ -298,8 +298,11 @@ class ServerRunner:
                 final_due = True
         if remaining > 0 or final_due:
             wait_for_nodes(grid, f.total_clients(), f.connect_timeout_s)
+            if f.new_clients or f.clients_per_round is not None:
+                # the seeded samples are drawn over partitions, not over node ids (random per launch)
+                self.strategy.node_partition = self.node_partitions(grid)
             if f.new_clients:
-                self.strategy.exclude_nodes = self.new_client_nodes(grid)
+                self.strategy.exclude_nodes = self.new_client_nodes(self.strategy.node_partition)
         if remaining > 0:
             if self.progress:
                 from tqdm.auto import tqdm
@@ -320,17 +323,25 @@ class ServerRunner:
             self.final_evaluation(grid)
         return self.finish()
 
-    def new_client_nodes(self, grid: Grid) -> set[int]:
-        """Ask every node its partition; those from num_clients on are new clients, left out of
-        every round (they join in the final evaluation)."""
+    def node_partitions(self, grid: Grid) -> dict[int, int]:
+        """Ask every node which partition it holds (node ids are drawn afresh at each launch;
+        partitions are the run's own)."""
         nodes = sorted(grid.get_node_ids())
         replies = grid.send_and_receive([Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes], timeout=self.cfg.federation.connect_timeout_s or 60.0)
-        new = set()
+        parts = {}
         for reply in replies:
             if reply.has_error() or protocol.METRICS not in reply.content.metric_records:
                 raise ConfigError(f"node {reply.metadata.src_node_id} did not say which partition it holds: {reply.error.reason if reply.has_error() else 'no metrics'}")
-            if int(reply.content.metric_records[protocol.METRICS]["partition-id"]) >= self.cfg.federation.num_clients:
-                new.add(reply.metadata.src_node_id)
+            parts[reply.metadata.src_node_id] = int(reply.content.metric_records[protocol.METRICS]["partition-id"])
+        missing = sorted(set(nodes) - set(parts))
+        if missing:
+            raise ConfigError(f"node {missing[0]} did not say which partition it holds: no reply within the connect timeout")
+        return parts
+
+    def new_client_nodes(self, parts: dict[int, int]) -> set[int]:
+        """The nodes holding partitions from num_clients on: new clients, left out of every
+        round (they join in the final evaluation)."""
+        new = {node for node, part in parts.items() if part >= self.cfg.federation.num_clients}
         if len(new) != self.cfg.federation.new_clients:
             raise ConfigError(f"federation.new_clients is {self.cfg.federation.new_clients} but {len(new)} node(s) hold partitions from {self.cfg.federation.num_clients} on")
         log(20, "new clients (final evaluation only): nodes %s", sorted(new))
@@ -342,7 +353,7 @@ class ServerRunner:
         its local test split; kept as the record `final` of metrics.jsonl."""
         f, s = self.cfg.federation, self.strategy
         new = sorted(s.exclude_nodes)
-        nodes = sorted(set(grid.get_node_ids()) - s.exclude_nodes)
+        nodes = s.by_partition(set(grid.get_node_ids()) - s.exclude_nodes)
         if f.clients_per_round is not None:
             nodes = random.Random(self.cfg.seed).sample(nodes, min(len(nodes), f.eval_clients_per_round or f.clients_per_round))
         nodes += new

@@ -208,6 +208,7 @@ class SparseFedAvg(FedAvg):
         self._records: dict[str, RecordDict] = {}
         # Nodes never sampled for a round (new clients, who join in the final evaluation).
         self.exclude_nodes: set[int] = set()
+        self.node_partition: dict[int, int] = {}  # node id -> the partition it holds, where the runner asked (seeded sampling)
 
         # The global arrays of the round being trained (set by configure_train).
         self.current_arrays: ArrayRecord | None = None
@@ -239,8 +240,14 @@ class SparseFedAvg(FedAvg):
         """Whether a parameter name is personal (never aggregated)."""
         return name.startswith(self.personal_keys) if self.personal_keys else False
 
+    def by_partition(self, nodes) -> list[int]:
+        """`nodes` in the order of the partitions they hold (those not known after, by id): a seeded
+        sample over this list picks the same partitions at every launch, whatever ids the nodes got."""
+        return sorted(nodes, key=lambda n: (n not in self.node_partition, self.node_partition.get(n, 0), n))
+
     def _seed_sampling(self, server_round: int, phase: int) -> None:
-        # FedAvg samples nodes with the global `random`; seed it per round so runs repeat.
+        # FedAvg samples nodes with the global `random` over _Sampled's partition-ordered list;
+        # seed it per round so runs repeat.
         if self.sample_seed is not None:
             random.seed(self.sample_seed * 1_000_003 + server_round * 2 + phase)
 
@@ -262,13 +269,13 @@ class SparseFedAvg(FedAvg):
         self.head_shapes = head_shapes(arrays)
         if self.dp_eval_sample_rate is not None:
             return self._poisson_instructions(server_round, arrays, config, grid, self.dp_eval_sample_rate, MessageType.EVALUATE)
-        return super().configure_evaluate(server_round, arrays, config, _Sampled(grid, self.exclude_nodes))
+        return super().configure_evaluate(server_round, arrays, config, _Sampled(grid, self))
 
     def _poisson_instructions(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid, rate: float,
                               message_type: str) -> list[Message]:
         """FedAvg's instructions, to a Poisson sample instead of its fixed-size one: each node (but
         the excluded ones) in with probability `rate`, from the OS's entropy."""
-        nodes = [n for n in _Sampled(grid, self.exclude_nodes).get_node_ids() if self.dp_sampler.random() < rate]
+        nodes = [n for n in _Sampled(grid, self).get_node_ids() if self.dp_sampler.random() < rate]
         log(INFO, "Poisson-sampled %s nodes (rate %.3f, DP)", len(nodes), rate)
         config["server-round"] = server_round
         return list(self._construct_messages(RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config}), nodes, message_type))
@@ -305,7 +312,7 @@ class SparseFedAvg(FedAvg):
             content = RecordDict({protocol.ARRAYS: arrays, protocol.CONFIG: config})
             if extra:
                 content[protocol.FED_STATS] = ArrayRecord(dict(extra))
-            self.bytes_down_round += sum(int(a.numpy().nbytes) for rec in content.array_records.values() for a in rec.values())
+            self.bytes_down_round += _tensor_bytes(content)
             if not resend:
                 self.messages_round += 1
                 self.start_messages_round += from_start
@@ -433,7 +440,7 @@ class SparseFedAvg(FedAvg):
         if self.dp_sample_rate is not None:
             messages = self._poisson_instructions(server_round, arrays, config, grid, self.dp_sample_rate, MessageType.TRAIN)
         else:
-            messages = list(super().configure_train(server_round, arrays, config, _Sampled(grid, self.exclude_nodes)))
+            messages = list(super().configure_train(server_round, arrays, config, _Sampled(grid, self)))
         self.sampled_round = len(messages)
         return messages
 
@@ -466,6 +473,7 @@ class SparseFedAvg(FedAvg):
             )
 
         accepted: list[_Reply] = []
+        rejected_bytes = 0  # what rejected replies carried: it crossed the link all the same
         importance_len = self.importance_len or (len(self.global_importance) if self.global_importance is not None else None)
         for msg in content_replies:
             node_id = msg.metadata.src_node_id
@@ -474,13 +482,14 @@ class SparseFedAvg(FedAvg):
             except _Rejected as err:
                 self._reject(node_id, str(err))
                 self._record_client_metrics(server_round, msg, accepted=False, reason=str(err))
+                rejected_bytes += _tensor_bytes(msg.content)
                 continue
             if reply.importance is not None and importance_len is None:
                 importance_len = len(reply.importance)
             accepted.append(reply)
             self._record_client_metrics(server_round, msg, accepted=True, reason=None)
 
-        bytes_up = sum(r.nbytes for r in accepted)
+        bytes_up = sum(r.nbytes for r in accepted) + rejected_bytes
         self.bytes_up_round = bytes_up
         self.last_round = server_round
         self.total_accepted += len(accepted)
@@ -909,14 +918,28 @@ def _decoded(array: Array) -> np.ndarray:
     return value
 
 
-class _Sampled:
-    """The grid as FedAvg's node sampling sees it: without the excluded nodes."""
+def _tensor_bytes(content: RecordDict) -> int:
+    """The tensor bytes of a message's arrays (each array's .numpy().nbytes, without decoding it;
+    an array whose dtype numpy does not know counts its serialized bytes)."""
+    total = 0
+    for rec in content.array_records.values():
+        for a in rec.values():
+            try:
+                total += math.prod(a.shape) * np.dtype(a.dtype).itemsize
+            except (TypeError, ValueError):
+                total += len(a.data)
+    return int(total)
 
-    def __init__(self, grid: Grid, exclude: set[int]) -> None:
-        self._grid, self._exclude = grid, exclude
+
+class _Sampled:
+    """The grid as FedAvg's node sampling sees it: without the excluded nodes, in the order of
+    the partitions they hold (so that a seeded sample repeats across launches)."""
+
+    def __init__(self, grid: Grid, strategy: SparseFedAvg) -> None:
+        self._grid, self._strategy = grid, strategy
 
     def get_node_ids(self) -> list[int]:
-        return [n for n in self._grid.get_node_ids() if n not in self._exclude]
+        return self._strategy.by_partition(n for n in self._grid.get_node_ids() if n not in self._strategy.exclude_nodes)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)

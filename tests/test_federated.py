@@ -6,7 +6,16 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedtune import protocol
@@ -712,6 +721,35 @@ def test_a_round_samples_clients_per_round_whatever_the_float_rounding(tmp_path,
     arrays = ArrayRecord({"a": Array(np.zeros(2, dtype=np.float32))})
     assert len(list(strategy.configure_train(1, arrays, ConfigRecord(), grid))) == 15
     assert len(list(strategy.configure_evaluate(1, arrays, ConfigRecord(), grid))) == 15
+
+
+def test_a_seeded_sample_picks_the_same_partitions_whatever_ids_the_nodes_got(tmp_path, task_identity):
+    """Flower draws node ids afresh at each launch: the seeded sample is over the partitions the
+    nodes hold (asked once), so two launches, or a resumed run, train the same clients."""
+    from unittest.mock import Mock
+
+    from server.runner import ServerRunner
+
+    def sampled(ids: list[int]) -> tuple[list[int], list[int]]:
+        runner = ServerRunner(tiny_run(federation={"num_clients": 12, "clients_per_round": 4, "min_clients": 4}), tmp_path / "run")
+        strategy = runner.make_strategy(0)
+        strategy.run_token = None
+        node_of = dict(enumerate(ids))  # partition -> node id
+        grid = Mock()
+        grid.get_node_ids.return_value = list(reversed(ids))
+        grid.send_and_receive.side_effect = lambda msgs, timeout=None: [
+            Message(RecordDict({protocol.METRICS: MetricRecord({"partition-id": next(p for p, n in node_of.items() if n == m.metadata.dst_node_id)})}),
+                    reply_to=m) for m in msgs]
+        strategy.node_partition = runner.node_partitions(grid)
+        part_of = {n: p for p, n in node_of.items()}
+        arrays = ArrayRecord({"a": Array(np.zeros(2, dtype=np.float32))})
+        train = sorted(part_of[m.metadata.dst_node_id] for m in strategy.configure_train(3, arrays, ConfigRecord(), grid))
+        evaluate = sorted(part_of[m.metadata.dst_node_id] for m in strategy.configure_evaluate(3, arrays, ConfigRecord(), grid))
+        return train, evaluate
+
+    first = sampled([101, 57, 9, 4000, 12, 77, 5, 63, 890, 2, 44, 31])
+    again = sampled([7, 8001, 3, 19, 642, 55, 1000, 23, 71, 6, 480, 88])
+    assert first == again and len(first[0]) == 4
 
 
 def test_a_client_reports_its_measured_memory_against_its_profile(monkeypatch):

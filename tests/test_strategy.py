@@ -2,6 +2,7 @@
 
 import json
 import logging
+import math
 from unittest.mock import Mock
 
 import numpy as np
@@ -204,6 +205,10 @@ def test_weighting_by_updates_rejects_a_reply_without_counts() -> None:
         (lambda: reply(9, ArrayRecord({"a": Array(dtype="float32", shape=(2,), stype="numpy.ndarray", data=b"")})), "cannot decode parameter 'a'"),
         (lambda: reply(9, arrays(a=[1.0, 1.0]), **{"task-ids": 0}), "'task-ids' is not a list"),
         (lambda: reply(9, arrays(a=[1.0, 1.0]), **{"partition-id": 2.5}), "'partition-id' is not a whole number"),
+        (lambda: reply(9, arrays(a=[1.0, 1.0]), **{"bytes-sent": [1, 2]}), "'bytes-sent' is not a whole number"),
+        (lambda: reply(9, arrays(a=[1.0, 1.0]), **{"memory-bytes": -4}), "'memory-bytes' is negative"),
+        (lambda: reply(9, arrays(a=[1.0, 1.0]), **{"time-s": float("nan")}), "'time-s' is not finite"),
+        (lambda: reply(9, arrays(a=[1.0, 1.0]), **{"importance": 0.5}), "'importance' is not a list"),
     ],
     ids=[
         "nan",
@@ -218,6 +223,10 @@ def test_weighting_by_updates_rejects_a_reply_without_counts() -> None:
         "undecodable-bytes",
         "task-ids-not-a-list",
         "fractional-partition-id",
+        "bytes-sent-a-list",
+        "negative-memory",
+        "nan-time",
+        "importance-not-a-list",
     ],
 )
 def test_bad_reply_is_rejected_and_the_rest_aggregated(make_bad, reason: str) -> None:
@@ -238,6 +247,9 @@ def test_bad_reply_is_rejected_and_the_rest_aggregated(make_bad, reason: str) ->
     assert metrics[protocol.REPLIES_ACCEPTED] == 1
     assert metrics[protocol.REPLIES_REJECTED] == 1
     assert metrics[protocol.NUM_EXAMPLES] == 10
+    bad = make_bad()
+    declared = 0 if bad.has_error() else sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for rec in bad.content.array_records.values() for a in rec.values())
+    assert strategy.bytes_up_round == 8 + declared, "a rejected reply's tensors crossed the link too"
 
 
 def test_rejection_is_logged_as_warning(caplog: pytest.LogCaptureFixture) -> None:

@@ -184,6 +184,7 @@ class ClientRuntime:
         expert_counts: dict[str, dict[int, list[int]]] = {}
         examples, loss_sum, correct = 0, 0.0, 0.0
         survey_flops = 0.0
+        task_examples: dict[str, int] = {}
         for i, task in enumerate(self.tasks):
             method = make_method(cfg.method, self.model, self.profile, cfg.train.batch_size, task, seed=seed + i)
             method.load_state_dict(kept)
@@ -213,6 +214,7 @@ class ClientRuntime:
             if result.expert_counts:
                 expert_counts[task] = result.expert_counts
             examples += result.num_examples
+            task_examples[task] = result.num_examples
             if result.num_examples:  # a task that took no step has NaN loss and accuracy
                 loss_sum += result.loss * result.num_examples
                 correct += result.accuracy * result.num_examples
@@ -235,6 +237,7 @@ class ClientRuntime:
             num_examples=examples,
             partition_id=self.partition_id,
             task_ids=[self.model.tasks.index(t) for t in self.tasks],
+            task_examples=task_examples if len(self.tasks) > 1 else {},
             train_loss=loss_sum / max(examples, 1),
             train_accuracy=correct / max(examples, 1),
             steps=len(steps),

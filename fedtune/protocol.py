@@ -118,6 +118,7 @@ class TrainMetrics:
     block_updates: list[int] = field(default_factory=list)  # per block: steps that trained it
     importance: list[float] | None = None  # IMPORTANCE: the client's per-block importance estimate
     experts: dict[str, list[int]] = field(default_factory=dict)  # task -> tokens per expert, [MoE blocks x experts] flattened
+    task_examples: dict[str, int] = field(default_factory=dict)  # `num-examples-<task>`: each task's training examples (what its head and routers are weighted by)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -125,6 +126,8 @@ class TrainMetrics:
             value = getattr(self, f.name)
             if f.name == "experts":
                 out.update({f"experts-{task}": counts for task, counts in value.items()})
+            elif f.name == "task_examples":
+                out.update({f"{NUM_EXAMPLES}-{task}": n for task, n in value.items()})
             elif value is not None:
                 out[_key(f.name)] = value
         return out
@@ -133,7 +136,7 @@ class TrainMetrics:
     def from_dict(cls, m: Mapping[str, Any]) -> TrainMetrics:
         """From a reply's metrics; keys it lacks keep their defaults (a rejected reply may lack any).
         Raises ValueError or TypeError naming the key whose value is not what the field holds."""
-        known = {f.name: m[_key(f.name)] for f in fields(cls) if f.name != "experts" and _key(f.name) in m}
+        known = {f.name: m[_key(f.name)] for f in fields(cls) if f.name not in ("experts", "task_examples") and _key(f.name) in m}
         if "partition_id" in known:
             known["partition_id"] = _whole(known["partition_id"], "partition-id")
         for name in ("steps", "activation_bytes", "memory_bytes", "steps_over_memory_budget", "trainable_params", "bytes_sent", "bytes_received"):
@@ -155,7 +158,10 @@ class TrainMetrics:
             if name in known:
                 known[name] = _wholes(known[name], _key(name))
         experts = {k.removeprefix("experts-"): _wholes(c, k) for k, c in m.items() if k.startswith("experts-")}
-        return cls(**known, experts=experts)
+        task_examples = {k.removeprefix(f"{NUM_EXAMPLES}-"): _whole(n, k) for k, n in m.items() if k.startswith(f"{NUM_EXAMPLES}-")}
+        if any(n < 0 for n in task_examples.values()):
+            raise ValueError(f"a {NUM_EXAMPLES}-<task> count is negative: {task_examples}")
+        return cls(**known, experts=experts, task_examples=task_examples)
 
 
 @dataclass

@@ -15,7 +15,7 @@ import re
 import secrets
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
 
@@ -62,6 +62,7 @@ class _Reply:
     importance: list[float] | None
     metrics: MetricRecord
     nbytes: int  # raw tensor bytes of every array received
+    task_examples: dict[str, float] = field(default_factory=dict)  # a multitask client's examples per task (its heads' and routers' weights)
 
 
 class SparseFedAvg(FedAvg):
@@ -603,6 +604,7 @@ class SparseFedAvg(FedAvg):
             importance=_validate_importance(metrics, importance_len),
             metrics=metrics,
             nbytes=nbytes,
+            task_examples={t: float(n) for t, n in protocol.TrainMetrics.from_dict(metrics).task_examples.items()},
         )
 
     def _validate_update_counts(
@@ -651,7 +653,11 @@ class SparseFedAvg(FedAvg):
 
     def _weight(self, reply: _Reply, name: str) -> float:
         # under "updates" every accepted reply carries counts for what it sent (_validate_update_counts)
-        return reply.update_counts[name] if self.weighting == "updates" else reply.num_examples
+        if self.weighting == "updates":
+            return reply.update_counts[name]
+        task = _task_of(name) if reply.task_examples else None
+        # a task's head and routers by that task's examples, not by the client's examples over all its tasks
+        return reply.task_examples.get(task, reply.num_examples) if task is not None else reply.num_examples
 
     def _bounded(self, global_arrays: ArrayRecord, replies: list[_Reply]) -> list[_Reply]:
         """Norm bounding: each reply's update (its values minus the global ones, over the
@@ -671,7 +677,7 @@ class SparseFedAvg(FedAvg):
                 arrays = dict(reply.arrays)
                 for n, d in deltas.items():
                     arrays[n] = (global_arrays[n].numpy().astype(np.float64) + scale * d).astype(reply.arrays[n].dtype)
-                reply = _Reply(reply.node_id, arrays, reply.num_examples, reply.update_counts, reply.importance, reply.metrics, reply.nbytes)
+                reply = _Reply(reply.node_id, arrays, reply.num_examples, reply.update_counts, reply.importance, reply.metrics, reply.nbytes, reply.task_examples)
             out.append(reply)
         return out
 
@@ -916,6 +922,17 @@ def _decoded(array: Array) -> np.ndarray:
     if not isinstance(value, np.ndarray):
         raise ValueError(f"decodes to {type(value).__name__}, not an array")
     return value
+
+
+def _task_of(name: str) -> str | None:
+    """The task a parameter belongs to: a head (`heads.<task>.…`) or a per-task router
+    (`….routers.<task>.…`); None for what every task shares."""
+    parts = name.split(".")
+    if parts[0] == "heads" and len(parts) > 2:
+        return parts[1]
+    if "routers" in parts[:-2]:
+        return parts[parts.index("routers") + 1]
+    return None
 
 
 def _tensor_bytes(content: RecordDict) -> int:

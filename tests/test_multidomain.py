@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from fedtune import protocol
 from fedtune.client import ClientRuntime
 from fedtune.client_state import ClientState
 from fedtune.errors import ConfigError
@@ -52,6 +53,9 @@ def test_a_client_trains_and_evaluates_each_of_its_tasks_on_its_own_images():
     glob = state_to_numpy(global_model(cfg))
     update, _, metrics, state = rt.fit(glob, ClientState())
     assert metrics.num_examples == rt.train_set.count("digit") + rt.train_set.count("colour")
+    # each task's count travels too: the server weighs a task's head and routers by it
+    assert metrics.task_examples == {"digit": rt.train_set.count("digit"), "colour": rt.train_set.count("colour")}
+    assert protocol.TrainMetrics.from_dict(metrics.to_dict()).task_examples == metrics.task_examples
     assert "heads.digit.weight" in update and "heads.colour.weight" in update and "heads.shape.weight" not in update
     ev, stats, _ = rt.evaluate(glob, state, want_stats=True)
     assert set(ev.per_task_global) == {"digit", "colour"}

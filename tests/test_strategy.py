@@ -151,6 +151,20 @@ def test_partial_replies_weighted_by_examples() -> None:
     assert [m["node_id"] for m in strategy.last_client_metrics] == [1, 2, 3]
 
 
+def test_a_tasks_head_and_routers_are_weighted_by_that_tasks_examples() -> None:
+    """A client training two tasks weighs its shared parameters by all its examples, but a
+    task's head and routers by that task's examples alone (not by the other task's)."""
+    strategy = SparseFedAvg()
+    names = {"blocks.0.w": [0.0, 0.0], "heads.a.weight": [0.0, 0.0], "vit.blocks.1.mlp.routers.a.weight": [0.0, 0.0]}
+    configured(strategy, ArrayRecord({n: Array(np.asarray(v, dtype=np.float32)) for n, v in names.items()}))
+    two = reply(1, ArrayRecord({n: Array(np.asarray([4.0, 4.0], dtype=np.float32)) for n in names}), num_examples=40,
+                **{"num-examples-a": 10, "num-examples-b": 30, "task-ids": [0, 1]})
+    one = reply(2, ArrayRecord({n: Array(np.asarray([0.0, 0.0], dtype=np.float32)) for n in names}), num_examples=10)
+    result, _ = strategy.aggregate_train(1, [two, one])
+    got = {n: float(result[n].numpy()[0]) for n in names}
+    assert got == pytest.approx({"blocks.0.w": 4.0 * 40 / 50, "heads.a.weight": 4.0 * 10 / 20, "vit.blocks.1.mlp.routers.a.weight": 4.0 * 10 / 20})
+
+
 def test_weighting_by_update_counts() -> None:
     # Prepare
     replies = [

@@ -185,6 +185,7 @@ class ClientRuntime:
         examples, loss_sum, correct = 0, 0.0, 0.0
         survey_flops = 0.0
         task_examples: dict[str, int] = {}
+        expert_dropped = 0
         for i, task in enumerate(self.tasks):
             method = make_method(cfg.method, self.model, self.profile, cfg.train.batch_size, task, seed=seed + i)
             method.load_state_dict(kept)
@@ -213,6 +214,7 @@ class ClientRuntime:
             steps += result.steps
             if result.expert_counts:
                 expert_counts[task] = result.expert_counts
+            expert_dropped += result.expert_dropped
             examples += result.num_examples
             task_examples[task] = result.num_examples
             if result.num_examples:  # a task that took no step has NaN loss and accuracy
@@ -255,6 +257,7 @@ class ClientRuntime:
             importance=None if kept.get("importance") is None else [float(v) for v in kept["importance"]],
             # per task: tokens per expert, [MoE blocks x experts] flattened, blocks in order
             experts={task: [c for b in sorted(per_block) for c in per_block[b]] for task, per_block in expert_counts.items()},
+            expert_dropped=expert_dropped,
         )
         return update, counts, metrics, new_state
 

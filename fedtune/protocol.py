@@ -117,7 +117,8 @@ class TrainMetrics:
     bytes_received: int = 0  # tensor bytes of the instruction's arrays
     block_updates: list[int] = field(default_factory=list)  # per block: steps that trained it
     importance: list[float] | None = None  # IMPORTANCE: the client's per-block importance estimate
-    experts: dict[str, list[int]] = field(default_factory=dict)  # task -> tokens per expert, [MoE blocks x experts] flattened
+    experts: dict[str, list[int]] = field(default_factory=dict)  # task -> tokens per expert before capacity, [MoE blocks x experts] flattened
+    expert_dropped: int = 0  # MoE: token-to-expert assignments over an expert's capacity (not processed), all blocks and tasks
     task_examples: dict[str, int] = field(default_factory=dict)  # `num-examples-<task>`: each task's training examples (what its head and routers are weighted by)
 
     def to_dict(self) -> dict[str, Any]:
@@ -139,7 +140,7 @@ class TrainMetrics:
         known = {f.name: m[_key(f.name)] for f in fields(cls) if f.name not in ("experts", "task_examples") and _key(f.name) in m}
         if "partition_id" in known:
             known["partition_id"] = _whole(known["partition_id"], "partition-id")
-        for name in ("steps", "activation_bytes", "memory_bytes", "steps_over_memory_budget", "trainable_params", "bytes_sent", "bytes_received"):
+        for name in ("expert_dropped", "steps", "activation_bytes", "memory_bytes", "steps_over_memory_budget", "trainable_params", "bytes_sent", "bytes_received"):
             if name in known:  # counts: the run's totals and the summary add and compare them
                 known[name] = _whole(known[name], _key(name))
                 if known[name] < 0:

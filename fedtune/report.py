@@ -184,7 +184,7 @@ def _plot_experts(rounds: list[dict[str, Any]], out: Path, moe_blocks: list[int]
             if annotate:
                 for (y, x), v in np.ndenumerate(shares[b]):
                     ax.text(x, y, f"{100 * v:.0f}", ha="center", va="center", fontsize=6, color="white" if v > 0.6 * top else "black")
-        fig.colorbar(im, ax=list(axes[0]), label="% of the routed tokens", fraction=0.03)
+        fig.colorbar(im, ax=list(axes[0]), label="% of the routed tokens (before capacity)", fraction=0.03)
         fig.suptitle("share of each " + name.split("_")[-1] + "'s routed tokens per expert, over the run (uniform: " + f"{100 / experts:.3g}%)", y=1.04)
         paths.append(out / f"{name}.png")
         fig.savefig(paths[-1], dpi=120, bbox_inches="tight")

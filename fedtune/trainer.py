@@ -114,7 +114,8 @@ class TrainResult:
     num_examples: int = 0
     loss: float = float("nan")
     accuracy: float = float("nan")  # on the training batches, as seen during training
-    expert_counts: dict[int, list[int]] = field(default_factory=dict)  # MoE: block -> tokens routed to each expert
+    expert_counts: dict[int, list[int]] = field(default_factory=dict)  # MoE: block -> tokens routed to each expert (before capacity)
+    expert_dropped: int = 0  # MoE: of those assignments, the ones over an expert's capacity (not processed), all blocks
     head_fit_s: float = 0.0  # wall time of the head fits (feature extraction included)
     head_fit_flops: float = 0.0  # FLOPs of the head fits' feature extraction (no autograd, every token)
     survey_flops: float = 0.0  # FLOPs of the survey's forward passes before training (ALaST's survey_batches, MoE's train_experts)
@@ -316,6 +317,7 @@ class Trainer:
                 for b, counts in self.last_trace.extra.get("expert_counts", {}).items():
                     prev = result.expert_counts.get(b, [0] * len(counts))
                     result.expert_counts[b] = [p + int(c) for p, c in zip(prev, counts.tolist(), strict=True)]
+                result.expert_dropped += sum(int(d.sum()) for d in self.last_trace.extra.get("expert_dropped", {}).values())
                 result.steps.append(stats)
                 correct += int((logits.argmax(-1) == labels).sum())
                 seen += len(labels)

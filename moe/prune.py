@@ -5,7 +5,9 @@ block, every expert that appears in some token's top-k. `prune_for_task`
 copies the model with only that task's router (its rows sliced to the kept
 experts), those experts and that task's head. Because the gates depend only on
 the top-k logits and the pruned layers keep the original capacity, the pruned
-model predicts exactly as the full one on those inputs.
+model predicts exactly as the full one on those inputs, unless an evaluation capacity binds
+under `priority: gate`: that order is by each token's top probability over all experts,
+which the pruned router's softmax over fewer experts does not reproduce.
 """
 
 from __future__ import annotations

@@ -82,11 +82,13 @@ class MoEViT(FedViT):
     def forward_features(self, images: torch.Tensor, plan: Plan | None = None, task: str | None = None, trace: Trace | None = None) -> tuple[torch.Tensor, Trace]:
         """Pre-logit features under `plan` (None: every block, every token) with `task`'s routers,
         and what the forward observed: besides the engine's observations, each MoE block's
-        expert counts (`extra["expert_counts"]`) and the weighted load-balancing loss of the
+        expert counts before capacity (`extra["expert_counts"]`), the assignments over an expert's
+        capacity (`extra["expert_dropped"]`) and the weighted load-balancing loss of the
         MoE blocks that train (`aux_loss`)."""
         trace = Trace() if trace is None else trace
         feats, stats = moe_features(self, images, dense_plan(self) if plan is None else plan, task, trace=trace)
         trace.extra["expert_counts"] = {b: s.expert_counts for b, s in zip(self.moe_blocks, stats, strict=True)}
+        trace.extra["expert_dropped"] = {b: s.dropped for b, s in zip(self.moe_blocks, stats, strict=True)}
         trace.aux_loss = moe_aux_loss(self, stats, plan)
         return feats, trace
 

@@ -457,7 +457,7 @@ class ServerRunner:
             "trainable_params": m.trainable_params, "time_s": m.time_s, "bytes_sent": m.bytes_sent,
             "bytes_received": m.bytes_received, "block_updates": m.block_updates, "importance": m.importance,
             "tasks": [self.tasks[i] if 0 <= i < len(self.tasks) else f"unknown task id {i}" for i in m.task_ids],
-            "experts": m.experts,
+            "experts": m.experts, "expert_dropped": m.expert_dropped,
         }
 
     def evaluate_global(self) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
@@ -564,6 +564,13 @@ class ServerRunner:
             "checkpoint": str(self._checkpoint_path()),
         }
         summary.update(self.client_summary(rounds))
+        trained = [c for r in rounds for c in r.get("clients", []) if c.get("accepted")]
+        routed = sum(int(sum(flat)) for c in trained for flat in (c.get("experts") or {}).values())
+        if routed:  # MoE: how much of the training's routing the experts' capacity turned away
+            dropped = sum(int(c.get("expert_dropped") or 0) for c in trained)
+            summary["moe_training_assignments"] = routed
+            summary["moe_training_dropped"] = dropped
+            summary["moe_training_dropped_fraction"] = dropped / routed
         if self.cfg.federation.dp_noise_multiplier:
             released = any(r.get("head_fit") for r in rounds)
             summary["dp"] = {"noise_multiplier": self.cfg.federation.dp_noise_multiplier, "clip_update_norm": self.cfg.federation.clip_update_norm,

@@ -629,6 +629,27 @@ def test_train_experts_trains_only_the_most_used_experts(images):
         MoEConfig(num_experts=4, train_experts=5).validate("moe.")
 
 
+def test_training_counts_the_assignments_the_capacity_turned_away():
+    """Over capacity, tokens lose (part of) their MoE output: the training result counts them
+    (what the client reports as expert-dropped), zero where the capacity is unlimited."""
+    from fedtune.data import ImageSet
+    from fedtune.methods import BSRConfig, MethodConfig, make_method
+    from fedtune.trainer import TrainConfig, Trainer
+
+    g = torch.Generator().manual_seed(3)
+    data = ImageSet(torch.randn(16, 3, 16, 16, generator=g), {"a": torch.randint(0, 3, (16,), generator=g)}, {"a": 3})
+    spec = MethodConfig(name="bsr", bsr=BSRConfig(train_blocks=[1, 3], drop_blocks=[]))
+    dropped = {}
+    for factor in (None, 0.25):
+        model = moe_model(num_experts=4, top_k=2, capacity_factor=factor, blocks=[1, 3], perturb=0.05)
+        result = Trainer(model, make_method(spec, model, None, 8, "a"), TrainConfig(epochs=1, batch_size=8, max_steps=2), "a").train(data)
+        routed = sum(sum(c) for c in result.expert_counts.values())
+        assert routed == 2 * 2 * 2 * 8 * 17  # steps x blocks x top-k x images x tokens
+        dropped[factor] = result.expert_dropped
+    # a quarter of the even share: at least three quarters of the assignments turned away
+    assert dropped[None] == 0 and dropped[0.25] >= 0.75 * 2 * 2 * 2 * 8 * 17 - 2 * 2 * 4
+
+
 def test_cost_model_reads_the_mlp_width_from_an_moe_first_block():
     from fedtune.costs import CostModel
 

@@ -35,7 +35,7 @@ from .heads import class_stats, extract_features, lda_head
 from .methods import METHOD_NAMES, Method, MethodConfig, make_method, prepare_model
 from .model import FedViT, ModelConfig, build_model
 from .profiles import UNLIMITED, DeviceProfile, get_profile
-from .report import write_json
+from .report import save_figure, write_json, write_text
 from .trainer import TrainConfig, Trainer
 from .typedconfig import check_choices, deep_merge, from_dict, to_dict
 from .weights import resolve_pretrained
@@ -308,7 +308,7 @@ def run_bench(cfg: BenchConfig, out: Path, progress: bool = True, command: str |
     }
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "bench.json", report)
-    (out / "bench.md").write_text(markdown_table(report))
+    write_text(out / "bench.md", markdown_table(report))
     plot_bench(report, out / "plots")
     return report
 
@@ -467,7 +467,7 @@ def plot_bench(report: dict, folder: Path) -> list[Path]:
     fig.suptitle(f"{report['data']}: accuracy against training compute and memory (mean over seeds {report['seeds']})")
     fig.tight_layout()
     path = folder / "accuracy_vs_compute.png"
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     written.append(path)
     adaptive = {n: r for n, r in report["methods"].items() if r["runs"][0]["plan"].get("method") == "alast"}
@@ -488,7 +488,7 @@ def plot_bench(report: dict, folder: Path) -> list[Path]:
             ax.grid(alpha=0.3, axis="y")
         fig.tight_layout()
         path = folder / "alast_blocks.png"
-        fig.savefig(path, dpi=110)
+        save_figure(fig, path, dpi=110)
         plt.close(fig)
         written.append(path)
     return written
@@ -638,7 +638,7 @@ def run_cost(cfg: BenchConfig, out: Path, progress: bool = True, command: str | 
     }
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "bench.json", report)
-    (out / "bench.md").write_text(cost_table(report))
+    write_text(out / "bench.md", cost_table(report))
     return report
 
 

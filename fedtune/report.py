@@ -68,8 +68,21 @@ def replace_durably(tmp: Path, path: Path) -> None:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
+    write_text(path, json.dumps(data, indent=2))
+
+
+def write_text(path: Path, text: str) -> None:
+    """`text` into `path` through a temporary file: a crash leaves the earlier file whole."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
+    tmp.write_text(text)
+    replace_durably(tmp, path)
+
+
+def save_figure(fig: Any, path: Path, **kwargs: Any) -> None:
+    """A matplotlib figure into `path` (its format from the suffix) through a temporary file,
+    so that a crash mid-write leaves the earlier plot, not a truncated one."""
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", **kwargs)
     replace_durably(tmp, path)
 
 
@@ -97,7 +110,7 @@ def plot_run(rounds: list[dict[str, Any]], out: Path, depth: int, moe_blocks: li
     ax.legend()
     fig.tight_layout()
     paths.append(out / "accuracy.png")
-    fig.savefig(paths[-1], dpi=120)
+    save_figure(fig, paths[-1], dpi=120)
     plt.close(fig)
 
     rr = [x for x in rounds if x["round"] > 0]
@@ -114,7 +127,7 @@ def plot_run(rounds: list[dict[str, Any]], out: Path, depth: int, moe_blocks: li
     ax.legend(fontsize=8)
     fig.tight_layout()
     paths.append(out / "bytes.png")
-    fig.savefig(paths[-1], dpi=120)
+    save_figure(fig, paths[-1], dpi=120)
     plt.close(fig)
 
     rows, labels = [], []
@@ -140,7 +153,7 @@ def plot_run(rounds: list[dict[str, Any]], out: Path, depth: int, moe_blocks: li
         fig.colorbar(im, ax=ax)
         fig.tight_layout()
         paths.append(out / "blocks.png")
-        fig.savefig(paths[-1], dpi=120)
+        save_figure(fig, paths[-1], dpi=120)
         plt.close(fig)
     if moe_blocks:
         paths += _plot_experts(rounds, out, moe_blocks, plt)
@@ -187,7 +200,7 @@ def _plot_experts(rounds: list[dict[str, Any]], out: Path, moe_blocks: list[int]
         fig.colorbar(im, ax=list(axes[0]), label="% of the routed tokens (before capacity)", fraction=0.03)
         fig.suptitle("share of each " + name.split("_")[-1] + "'s routed tokens per expert, over the run (uniform: " + f"{100 / experts:.3g}%)", y=1.04)
         paths.append(out / f"{name}.png")
-        fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
+        save_figure(fig, paths[-1], dpi=120, bbox_inches="tight")
         plt.close(fig)
     return paths
 

@@ -225,7 +225,7 @@ def read_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str
             if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
                 raise CheckpointError(f"{path}: not a state dict of tensors")
             state = obj
-        want = meta.get("sha256") or (UNSTAMPED_ASSETS.get(path.name) if path.parent.name == "assets" else None)
+        want = meta.get("sha256") or (UNSTAMPED_ASSETS.get(path.name) if _shipped_location(path) else None)
         if want is not None and tensors_sha256(state) != want:
             raise CheckpointError(f"{path}: checksum mismatch: its tensors are not the ones written (the file is damaged); restore it from a copy")
     except CheckpointError:
@@ -233,6 +233,18 @@ def read_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     except Exception as exc:  # safetensors/pickle raise many types on corrupt files
         raise CheckpointError(f"corrupt or unreadable checkpoint {path}: {type(exc).__name__}: {exc}") from exc
     return state, meta
+
+
+def _shipped_location(path: Path) -> bool:
+    """Whether `path` lies where a shipped asset is looked for: an `assets` folder (the package's,
+    wherever installed) or the cache's `pretrained` folder (an app bundle's fallback)."""
+    from .weights import cache_dir
+
+    try:
+        cached = path.parent.resolve() == (cache_dir() / "pretrained").resolve()
+    except OSError:
+        cached = False
+    return path.parent.name == "assets" or cached
 
 
 def tensors_sha256(state: dict[str, torch.Tensor]) -> str:

@@ -153,7 +153,7 @@ def test_the_fmnist_benches_differ_as_their_headers_say():
     assert (main.data, main.train, main.seeds, main.budgets) == (shipped.data, shipped.train, shipped.seeds, shipped.budgets)
 
 
-def test_every_shipped_asset_is_verified_against_a_checksum(tmp_path):
+def test_every_shipped_asset_is_verified_against_a_checksum(tmp_path, monkeypatch):
     """Each asset carries its tensors' checksum or is listed with it; a damaged copy is refused."""
     from safetensors.torch import load_file, save_file
 
@@ -172,3 +172,10 @@ def test_every_shipped_asset_is_verified_against_a_checksum(tmp_path):
     save_file(state, str(damaged), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="checksum mismatch"):
         read_state(damaged)
+    # the cache's copy, where an app bundle without binary files finds the backbone, is checked too
+    cached = tmp_path / "cache" / "pretrained" / damaged.name
+    cached.parent.mkdir(parents=True)
+    save_file(state, str(cached), metadata={"format": "pt"})
+    monkeypatch.setenv("FEDTUNE_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        read_state(cached)

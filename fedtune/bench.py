@@ -78,6 +78,13 @@ class BenchConfig:
         # a config's own variants add to the named ones (a name given again replaces that one)
         self.variants = {**{k: dict(v) for k, v in DEFAULT_VARIANTS.items()}, **self.variants}
 
+    def check_data(self, prefix: str = "") -> None:
+        """The model takes the images the data gives (a training bench; --cost-only makes its own)."""
+        if self.model.img_size != self.data.img_size:
+            raise ConfigError(f"{prefix}model.img_size ({self.model.img_size}) and data.img_size ({self.data.img_size}) differ: the model takes the images the data gives; set both")
+        if self.model.in_chans != self.data.channels:
+            raise ConfigError(f"{prefix}model.in_chans ({self.model.in_chans}) and data.channels ({self.data.channels}) differ: the model takes the images the data gives; set both")
+
     def validate(self, prefix: str = "") -> None:
         for m in self.methods:
             base = m.removesuffix("+lora")
@@ -91,10 +98,6 @@ class BenchConfig:
                 method_config(self.method, m, self.variants)
             except ConfigError as exc:
                 raise ConfigError(f"{prefix}methods: {m}: {exc}") from exc
-        if self.model.img_size != self.data.img_size:
-            raise ConfigError(f"{prefix}model.img_size ({self.model.img_size}) and data.img_size ({self.data.img_size}) differ: the model takes the images the data gives; set both")
-        if self.model.in_chans != self.data.channels:
-            raise ConfigError(f"{prefix}model.in_chans ({self.model.in_chans}) and data.channels ({self.data.channels}) differ: the model takes the images the data gives; set both")
         if self.train.epochs < 1:
             raise ConfigError(f"{prefix}train.epochs: must be >= 1 (the bench trains every method for them), got {self.train.epochs}")
         if "full" not in self.methods:
@@ -247,6 +250,7 @@ def on_device(data: DataSplit, device: str) -> DataSplit:
 
 def run_bench(cfg: BenchConfig, out: Path, progress: bool = True, command: str | None = None) -> dict:
     cfg.validate("bench.")
+    cfg.check_data("bench.")
     model_cfg = resolve_pretrained(cfg.model)
     data = on_device(load_data(cfg.data), cfg.device)
     task = cfg.task or data.train.tasks[0]

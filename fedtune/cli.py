@@ -42,6 +42,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cfg = _load(BenchConfig, args.config, [*(args.set or []), *flags])
     if args.quick:
         cfg = quick(cfg)
+    if not args.cost_only:  # --cost-only makes its own images at the model's size
+        cfg.check_data("bench.")
     output_folder(Path(args.out))  # (earlier results there are replaced: harnesses rerun into one folder)
     run = run_cost if args.cost_only else run_bench
     report = run(cfg, Path(args.out), progress=not args.no_progress, command=shlex.join(["fedtune", *args.argv]))

@@ -148,6 +148,8 @@ class TrainMetrics:
         for name in ("num_examples", "flops_per_step", "survey_flops", "step_time_s", "time_s"):
             if name in known:
                 known[name] = _finite(known[name], _key(name))
+        if "num_examples" in known and known["num_examples"].is_integer():
+            known["num_examples"] = int(known["num_examples"])  # a count, as the client sent it
         for name in ("train_loss", "train_accuracy"):  # NaN allowed: a client that took no step has none
             if known.get(name) is not None:
                 known[name] = _number(known[name], _key(name))

@@ -298,9 +298,9 @@ class ServerRunner:
                 final_due = True
         if remaining > 0 or final_due:
             wait_for_nodes(grid, f.total_clients(), f.connect_timeout_s)
-            if f.new_clients or f.clients_per_round is not None:
+            if f.new_clients or f.clients_per_round is not None or f.eval_clients_per_round is not None:
                 # the seeded samples are drawn over partitions, not over node ids (random per launch)
-                self.strategy.node_partition = self.node_partitions(grid)
+                self.strategy.node_partition = self.node_partitions(grid, strict=bool(f.new_clients))
             if f.new_clients:
                 self.strategy.exclude_nodes = self.new_client_nodes(self.strategy.node_partition)
         if remaining > 0:
@@ -323,19 +323,24 @@ class ServerRunner:
             self.final_evaluation(grid)
         return self.finish()
 
-    def node_partitions(self, grid: Grid) -> dict[int, int]:
+    def node_partitions(self, grid: Grid, strict: bool = True) -> dict[int, int]:
         """Ask every node which partition it holds (node ids are drawn afresh at each launch;
-        partitions are the run's own)."""
+        partitions are the run's own). A node that does not say is an error when `strict` (new
+        clients must be told apart), else logged: it is sampled after the others, by id."""
         nodes = sorted(grid.get_node_ids())
-        replies = grid.send_and_receive([Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes], timeout=self.cfg.federation.connect_timeout_s or 60.0)
-        parts = {}
+        timeout = (self.cfg.federation.connect_timeout_s or 60.0) + 0.5 * len(nodes)  # a simulation answers one node at a time
+        replies = grid.send_and_receive([Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes], timeout=timeout)
+        parts, problems = {}, []
         for reply in replies:
             if reply.has_error() or protocol.METRICS not in reply.content.metric_records:
-                raise ConfigError(f"node {reply.metadata.src_node_id} did not say which partition it holds: {reply.error.reason if reply.has_error() else 'no metrics'}")
+                problems.append(f"node {reply.metadata.src_node_id} did not say which partition it holds: {reply.error.reason if reply.has_error() else 'no metrics'}")
+                continue
             parts[reply.metadata.src_node_id] = int(reply.content.metric_records[protocol.METRICS]["partition-id"])
-        missing = sorted(set(nodes) - set(parts))
-        if missing:
-            raise ConfigError(f"node {missing[0]} did not say which partition it holds: no reply within the connect timeout")
+        problems += [f"node {n} did not say which partition it holds: no reply within {timeout:.0f} s" for n in sorted(set(nodes) - set(parts) - {r.metadata.src_node_id for r in replies})]
+        if problems and strict:
+            raise ConfigError(problems[0])
+        for problem in problems:
+            log(30, "%s; it is sampled after the nodes that did, by its id", problem)
         return parts
 
     def new_client_nodes(self, parts: dict[int, int]) -> set[int]:
@@ -423,6 +428,7 @@ class ServerRunner:
             "accuracy_personalized": _weighted_mean(evals, "accuracy_personal"),
             "accuracy_global_on_client_tests": _weighted_mean(evals, "accuracy_global"),
             "bytes_up": int(s.bytes_up_round),  # as the server received them, not as clients report
+            "bytes_up_rejected": int(s.bytes_up_rejected_round),  # what rejected replies carried (not in bytes_up)
             "bytes_down": int(s.bytes_down_round),
             "bytes_up_full_fedavg": int(self.full_bytes * len(accepted)),
             "bytes_down_full_fedavg": int(self.full_bytes * s.messages_round),
@@ -554,6 +560,7 @@ class ServerRunner:
             # the largest reply one client sent in one round (accepted replies)
             "bytes_up_client_max": int(max((c.get("bytes_sent") or 0 for r in rounds for c in r.get("clients", []) if c.get("accepted")), default=0)),
             "rejected_replies": int(sum(len(r.get("rejected", [])) for r in rounds)),
+            "bytes_up_rejected_total": int(sum(r.get("bytes_up_rejected", 0) for r in rounds)),
             # client rounds whose measured training memory passed their device profile's budget on some step
             "client_rounds_over_memory_budget": int(sum(1 for r in rounds for c in r.get("clients", []) if c.get("accepted") and (c.get("steps_over_memory_budget") or 0) > 0)),
             "wall_time_s": round(self.time_before + time.time() - self.started, 1),  # over every process of a resumed run

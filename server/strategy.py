@@ -2,9 +2,10 @@
 
 Each client sends the parameters it trained this round (see ``fedtune.protocol``).
 The server averages every parameter over the clients that sent it, weighted by
-their number of examples or by how many local steps updated that parameter;
-parameters nobody sent keep their global value. When every client sends every
-parameter (and ``weighting="examples"``), the result equals Flower's FedAvg.
+their number of examples (a task's head and routers by the client's examples of that
+task) or by how many local steps updated that parameter; parameters nobody sent keep
+their global value. When every client sends every parameter and trains one task (and
+``weighting="examples"``), the result equals Flower's FedAvg.
 """
 
 from __future__ import annotations
@@ -201,6 +202,7 @@ class SparseFedAvg(FedAvg):
         self.resend_timeout = resend_timeout
         self.bytes_down_round = 0
         self.bytes_up_round = 0  # tensor bytes of the accepted train replies, as received
+        self.bytes_up_rejected_round = 0  # serialized array bytes of the rejected train replies
         self.messages_round = 0  # instructions sent this round (for full FedAvg's downlink bytes)
         # of them, instructions of the starting model to nodes that built it themselves: a full
         # FedAvg whose clients also start from that model would send those nothing
@@ -430,6 +432,7 @@ class SparseFedAvg(FedAvg):
         self.bytes_down_round, self.messages_round, self.start_messages_round = 0, 0, 0
         self.sampled_round = 0
         self.bytes_up_round = 0  # a round without replies receives nothing (aggregate_train returns early then)
+        self.bytes_up_rejected_round = 0
         server_round += self.round_offset
         self._seed_sampling(server_round, 0)
         if self.on_release is not None:
@@ -474,7 +477,7 @@ class SparseFedAvg(FedAvg):
             )
 
         accepted: list[_Reply] = []
-        rejected_bytes = 0  # what rejected replies carried: it crossed the link all the same
+        rejected_bytes = 0  # what rejected replies carried: it crossed the link all the same (reported apart)
         importance_len = self.importance_len or (len(self.global_importance) if self.global_importance is not None else None)
         for msg in content_replies:
             node_id = msg.metadata.src_node_id
@@ -483,14 +486,15 @@ class SparseFedAvg(FedAvg):
             except _Rejected as err:
                 self._reject(node_id, str(err))
                 self._record_client_metrics(server_round, msg, accepted=False, reason=str(err))
-                rejected_bytes += _tensor_bytes(msg.content)
+                rejected_bytes += sum(len(a.data) for rec in msg.content.array_records.values() for a in rec.values())  # as they came
                 continue
             if reply.importance is not None and importance_len is None:
                 importance_len = len(reply.importance)
             accepted.append(reply)
             self._record_client_metrics(server_round, msg, accepted=True, reason=None)
 
-        bytes_up = sum(r.nbytes for r in accepted) + rejected_bytes
+        bytes_up = sum(r.nbytes for r in accepted)
+        self.bytes_up_rejected_round = rejected_bytes
         self.bytes_up_round = bytes_up
         self.last_round = server_round
         self.total_accepted += len(accepted)
@@ -604,7 +608,7 @@ class SparseFedAvg(FedAvg):
             importance=_validate_importance(metrics, importance_len),
             metrics=metrics,
             nbytes=nbytes,
-            task_examples={t: float(n) for t, n in protocol.TrainMetrics.from_dict(metrics).task_examples.items()},
+            task_examples=_task_examples(metrics, float(num_examples)),
         )
 
     def _validate_update_counts(
@@ -924,14 +928,25 @@ def _decoded(array: Array) -> np.ndarray:
     return value
 
 
+def _task_examples(metrics: MetricRecord, num_examples: float) -> dict[str, float]:
+    """A multitask reply's examples per task (`num-examples-<task>`): they weigh that task's head
+    and routers, so they must add up to the reply's `num-examples` (_Rejected otherwise)."""
+    counts = {t: float(n) for t, n in protocol.TrainMetrics.from_dict(metrics).task_examples.items()}
+    if counts and not math.isclose(sum(counts.values()), num_examples, rel_tol=1e-9, abs_tol=1e-6):
+        raise _Rejected(f"its {protocol.NUM_EXAMPLES}-<task> counts add up to {sum(counts.values()):g}, not its {protocol.NUM_EXAMPLES} {num_examples:g}")
+    return counts
+
+
 def _task_of(name: str) -> str | None:
-    """The task a parameter belongs to: a head (`heads.<task>.…`) or a per-task router
-    (`….routers.<task>.…`); None for what every task shares."""
+    """The task a parameter belongs to: a head (`heads.<task>.…`), a per-task router
+    (`….routers.<task>.…`) or a shared router's task embedding (`….task_embed.<task>`); None
+    for what every task shares."""
     parts = name.split(".")
     if parts[0] == "heads" and len(parts) > 2:
         return parts[1]
-    if "routers" in parts[:-2]:
-        return parts[parts.index("routers") + 1]
+    for per_task in ("routers", "task_embed"):  # per-task routers; the shared router's task embeddings
+        if per_task in parts[:-1] and parts.index(per_task) + 1 < len(parts):
+            return parts[parts.index(per_task) + 1]
     return None
 
 

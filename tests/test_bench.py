@@ -98,7 +98,14 @@ def test_bench_rejects_unknown_method(tmp_path, capsys):
     assert "methods: x:" in err and "kk" in err
     assert main(["bench", "--cost-only", "--set", "cost_steps=2", "--out", str(tmp_path)]) == 2
     assert "cost_steps: must be >= 3" in capsys.readouterr().err
+    assert main(["bench", "--set", "model.img_size=64", "--out", str(tmp_path)]) == 2
+    assert "model.img_size (64) and data.img_size (32) differ" in capsys.readouterr().err
     assert not list(tmp_path.iterdir()), "nothing written for a refused config"
+    # --cost-only makes its own images at the model's size: README's ViT-B/16 224 command stands
+    from fedtune.bench import BenchConfig
+    from fedtune.cli import _load
+
+    _load(BenchConfig, None, ["model.name=vit_base_patch16_224", "model.img_size=224", "model.patch_size=16", "model.pretrained=null"]).validate("bench.")
 
 
 def test_bench_config_variants_add_to_the_named_ones():

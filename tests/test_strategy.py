@@ -2,7 +2,6 @@
 
 import json
 import logging
-import math
 from unittest.mock import Mock
 
 import numpy as np
@@ -163,6 +162,14 @@ def test_a_tasks_head_and_routers_are_weighted_by_that_tasks_examples() -> None:
     result, _ = strategy.aggregate_train(1, [two, one])
     got = {n: float(result[n].numpy()[0]) for n in names}
     assert got == pytest.approx({"blocks.0.w": 4.0 * 40 / 50, "heads.a.weight": 4.0 * 10 / 20, "vit.blocks.1.mlp.routers.a.weight": 4.0 * 10 / 20})
+    # per-task counts that do not add up to the reply's examples would let one task's weight grow unchecked
+    configured(strategy, ArrayRecord({n: Array(np.asarray(v, dtype=np.float32)) for n, v in names.items()}))
+    inflated = reply(3, ArrayRecord({n: Array(np.asarray([4.0, 4.0], dtype=np.float32)) for n in names}), num_examples=40, **{"num-examples-a": 10**9, "num-examples-b": 30})
+    strategy.aggregate_train(1, [inflated, one])
+    assert [n for n, _ in strategy.last_rejections] == [3] and "add up to" in strategy.last_rejections[0][1]
+    from server.strategy import _task_of
+
+    assert [_task_of(n) for n in ("heads.a.bias", "vit.blocks.3.mlp.routers.b.bias", "vit.blocks.3.mlp.task_embed.c", "vit.blocks.3.mlp.router.weight", "vit.blocks.3.mlp.experts.0.fc1.weight")] == ["a", "b", "c", None, None]
 
 
 def test_weighting_by_update_counts() -> None:
@@ -262,8 +269,8 @@ def test_bad_reply_is_rejected_and_the_rest_aggregated(make_bad, reason: str) ->
     assert metrics[protocol.REPLIES_REJECTED] == 1
     assert metrics[protocol.NUM_EXAMPLES] == 10
     bad = make_bad()
-    declared = 0 if bad.has_error() else sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for rec in bad.content.array_records.values() for a in rec.values())
-    assert strategy.bytes_up_round == 8 + declared, "a rejected reply's tensors crossed the link too"
+    carried = 0 if bad.has_error() else sum(len(a.data) for rec in bad.content.array_records.values() for a in rec.values())
+    assert strategy.bytes_up_round == 8 and strategy.bytes_up_rejected_round == carried, "a rejected reply's arrays are counted apart"
 
 
 def test_rejection_is_logged_as_warning(caplog: pytest.LogCaptureFixture) -> None:

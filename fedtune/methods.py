@@ -314,7 +314,9 @@ class SHERL(Method):
     def fit(self, plan: Plan) -> Plan:
         if self.fits(plan):
             return plan
-        raise PlanError(f"no sherl plan fits device profile {self.profile.name!r}: {self.why_not(plan)}; tune fewer late blocks (method.sherl.tuned_blocks) or use a smaller batch")
+        over_memory = self.estimate(plan).memory_bytes > self.memory_limit()  # a smaller batch shrinks activations, not FLOPs per sample
+        raise PlanError(f"no sherl plan fits device profile {self.profile.name!r}: {self.why_not(plan)}; tune fewer late blocks (method.sherl.tuned_blocks)"
+                        + (" or use a smaller batch" if over_memory else " or use a stronger profile"))
 
 
 class ALaST(Method):

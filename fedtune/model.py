@@ -209,13 +209,15 @@ def read_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     meta: dict[str, str] = {}
     try:
         if path.suffix == ".safetensors":
-            from safetensors import safe_open
+            from safetensors.torch import load as load_safetensors
 
-            state = {}
-            with safe_open(str(path), framework="pt") as f:
-                meta = dict(f.metadata() or {})
-                for key in f.keys():
-                    state[key] = f.get_tensor(key)
+            # one read of one file: safetensors' lazy reader reopens the path per tensor, so a
+            # checkpoint replaced while it was read (a run writing its next round) mixed two files
+            with open(path, "rb") as fh:
+                data = fh.read()
+            state = load_safetensors(data)
+            size = int.from_bytes(data[:8], "little")
+            meta = dict(json.loads(data[8 : 8 + size]).get("__metadata__") or {})
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
             if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):

@@ -387,6 +387,41 @@ def test_checkpoint_round_trip_and_errors(tmp_path, tiny_cfg, tiny_model):
         load_backbone(deeper, path, strict=True)
 
 
+def _rewrite_checkpoints(path: str, seconds: float) -> None:  # a run writing its rounds (in another process)
+    import time
+
+    from fedtune.model import save_checkpoint
+
+    end, i = time.time() + seconds, 0
+    while time.time() < end:
+        save_checkpoint(path, {f"w{j}": torch.full((64, 64), float(i + j)) for j in range(16)}, {"round": i})
+        i += 1
+
+
+def test_a_checkpoint_read_while_it_is_replaced_is_one_whole_file(tmp_path):
+    """Checkpoints are replaced atomically; a reader (export, a test watching a run) must get
+    one of them whole, never the tensors of one file under the header of another (safetensors'
+    lazy reader reopened the path per tensor: a few reads in a thousand failed their checksum)."""
+    import multiprocessing as mp
+    import time
+
+    from fedtune.model import read_state, save_checkpoint
+
+    path = tmp_path / "checkpoint.safetensors"
+    save_checkpoint(path, {f"w{j}": torch.full((64, 64), float(j - 1)) for j in range(16)}, {"round": -1})
+    writer = mp.get_context("spawn").Process(target=_rewrite_checkpoints, args=(str(path), 4.0))
+    writer.start()
+    reads, end = 0, time.time() + 4.0
+    try:
+        while time.time() < end:
+            state, meta = read_state(path)  # a mixed file fails its checksum: CheckpointError
+            assert len({float(t[0, 0]) - j for j, t in enumerate(state[f"w{j}"] for j in range(16))}) == 1
+            reads += 1
+    finally:
+        writer.join()
+    assert reads > 100
+
+
 def test_backbone_loads_from_torch_file_and_resamples_pos_embed(tmp_path, tiny_model):
     torch.save({k.removeprefix("vit."): v for k, v in tiny_model.state_dict().items()}, tmp_path / "w.pth")
     bigger = build_model(ModelConfig(**{**TINY, "img_size": 32, "pretrained": str(tmp_path / "w.pth")}), {"digit": 10})

@@ -10,7 +10,6 @@ device, so it survives a restart).
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +36,7 @@ from fedtune.heads import split_stats
 from fedtune.profiles import AUTO
 from fedtune.runconfig import RunConfig, load_run_config
 
-from .records import arrays_to_numpy, metric_record, numpy_to_arrays
+from .records import arrays_to_numpy, metric_record, numpy_to_arrays, tensor_bytes
 
 STATE_ARRAYS = "fedtune.personal"
 STATE_CONFIG = "fedtune.client"
@@ -183,12 +182,6 @@ def node_profile(context: Context, simulated: bool) -> str | None:
     return None if simulated else AUTO
 
 
-def instruction_tensor_bytes(msg: Message) -> int:
-    """The tensor bytes of an instruction's arrays, as the server counts what it sends
-    (Flower's count_bytes adds each array's serialization header and its name)."""
-    return int(sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for r in msg.content.array_records.values() for a in r.values()))
-
-
 def check_config_key(msg: Message, cfg: RunConfig, context: Context) -> None:
     """A node that read another run config than the server's (an edited YAML on one side,
     another checkout's copy, other overrides) would train another setting under the same run:
@@ -266,7 +259,7 @@ def make_client_app(cfg: RunConfig | None = None, state_dir: Path | None = None)
         update, counts, metrics, state = rt.fit(global_arrays, load_state(context, state_dir, server_round, run), list(importance) if importance else None, server_round)
         # every round since the server's last checkpoint may be repeated after a crash
         save_state(context, state, state_dir, server_round, keep=rt.cfg.federation.checkpoint_every + 1, run=run)
-        metrics.bytes_received = instruction_tensor_bytes(msg)
+        metrics.bytes_received = tensor_bytes(msg.content)
         reply = RecordDict(
             {
                 protocol.ARRAYS: numpy_to_arrays(update),

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, MetricRecord
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+
+
+def tensor_bytes(content: RecordDict) -> int:
+    """The tensor bytes of a message's arrays (each array's .numpy().nbytes, without decoding it),
+    as the server counts what it sends and a client what it receives (Flower's count_bytes adds
+    each array's serialization header and its name)."""
+    return int(sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for rec in content.array_records.values() for a in rec.values()))
 
 
 def arrays_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:

@@ -33,7 +33,7 @@ from .data import DataConfig, DataSplit, ImageSet, load_data
 from .errors import ConfigError, FedtuneError, PlanError
 from .heads import class_stats, extract_features, lda_head
 from .methods import METHOD_NAMES, Method, MethodConfig, make_method, prepare_model
-from .model import FedViT, ModelConfig, build_model
+from .model import FedViT, ModelConfig, build_model, check_takes_images
 from .profiles import UNLIMITED, DeviceProfile, get_profile
 from .report import save_figure, write_json, write_text
 from .trainer import TrainConfig, Trainer
@@ -80,10 +80,7 @@ class BenchConfig:
 
     def check_data(self, prefix: str = "") -> None:
         """The model takes the images the data gives (a training bench; --cost-only makes its own)."""
-        if self.model.img_size != self.data.img_size:
-            raise ConfigError(f"{prefix}model.img_size ({self.model.img_size}) and data.img_size ({self.data.img_size}) differ: the model takes the images the data gives; set both")
-        if self.model.in_chans != self.data.channels:
-            raise ConfigError(f"{prefix}model.in_chans ({self.model.in_chans}) and data.channels ({self.data.channels}) differ: the model takes the images the data gives; set both")
+        check_takes_images(self.model, self.data.img_size, self.data.channels, prefix)
 
     def validate(self, prefix: str = "") -> None:
         for m in self.methods:

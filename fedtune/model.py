@@ -68,6 +68,14 @@ class ModelConfig:
             raise ConfigError(f"{prefix}drop_path_rate: must be in [0, 1), got {self.drop_path_rate}")
 
 
+def check_takes_images(model: ModelConfig, img_size: int, channels: int, prefix: str = "") -> None:
+    """The model takes the images the data gives: its img_size and in_chans are the data's."""
+    if model.img_size != img_size:
+        raise ConfigError(f"{prefix}model.img_size ({model.img_size}) and data.img_size ({img_size}) differ: the model takes the images the data gives; set both")
+    if model.in_chans != channels:
+        raise ConfigError(f"{prefix}model.in_chans ({model.in_chans}) and data.channels ({channels}) differ: the model takes the images the data gives; set both")
+
+
 def check_task_names(tasks) -> None:
     """Task names key the heads and the MoE routers (`heads.<task>.…`, `routers.<task>.…`):
     each must be a Python identifier that is not one of a ModuleDict's or ParameterDict's own

@@ -15,7 +15,7 @@ from .data import DataConfig
 from .errors import ConfigError
 from .heads import ABSENT_CLASS_BIAS
 from .methods import MethodConfig
-from .model import ModelConfig
+from .model import ModelConfig, check_takes_images
 from .profiles import AUTO, PROFILES
 from .trainer import TrainConfig
 from .typedconfig import apply_overrides, check_choices, from_dict, read_yaml, to_dict
@@ -250,10 +250,7 @@ class RunConfig:
                               "(and method.alast.shared_blocks: false)")
         if self.seed < 0:
             raise ConfigError(f"{prefix}seed: must be >= 0, got {self.seed}")
-        if self.model.img_size != self.data.img_size:
-            raise ConfigError(f"{prefix}model.img_size ({self.model.img_size}) and data.img_size ({self.data.img_size}) differ: the model takes the images the data gives; set both")
-        if self.model.in_chans != self.data.channels:
-            raise ConfigError(f"{prefix}model.in_chans ({self.model.in_chans}) and data.channels ({self.data.channels}) differ: the model takes the images the data gives; set both")
+        check_takes_images(self.model, self.data.img_size, self.data.channels, prefix)
         if self.task is not None and self.tasks is not None:
             raise ConfigError(f"{prefix}task/tasks: give one of them (task for one task, tasks for several)")
         if self.tasks is not None and not self.tasks:

@@ -34,6 +34,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
+from clients.records import tensor_bytes
 from fedtune import protocol
 from fedtune.errors import CheckpointError, ConfigError
 from fedtune.heads import StatsSum, join_stats, project_contribution
@@ -315,7 +316,7 @@ class SparseFedAvg(FedAvg):
             content = RecordDict({protocol.ARRAYS: arrays, protocol.CONFIG: config})
             if extra:
                 content[protocol.FED_STATS] = ArrayRecord(dict(extra))
-            self.bytes_down_round += _tensor_bytes(content)
+            self.bytes_down_round += tensor_bytes(content)
             if not resend:
                 self.messages_round += 1
                 self.start_messages_round += from_start
@@ -558,7 +559,7 @@ class SparseFedAvg(FedAvg):
             raise _Rejected(f"{protocol.NUM_EXAMPLES!r} {num_examples!r} is over {MAX_WEIGHT:.0f}: no client holds that many")
 
         try:
-            protocol.TrainMetrics.from_dict(metrics)
+            typed = protocol.TrainMetrics.from_dict(metrics)
         except (TypeError, ValueError) as err:
             raise _Rejected(f"malformed {protocol.METRICS!r}: {err}") from err
 
@@ -608,7 +609,7 @@ class SparseFedAvg(FedAvg):
             importance=_validate_importance(metrics, importance_len),
             metrics=metrics,
             nbytes=nbytes,
-            task_examples=_task_examples(metrics, float(num_examples)),
+            task_examples=_task_examples(typed.task_examples, float(num_examples)),
         )
 
     def _validate_update_counts(
@@ -928,10 +929,10 @@ def _decoded(array: Array) -> np.ndarray:
     return value
 
 
-def _task_examples(metrics: MetricRecord, num_examples: float) -> dict[str, float]:
+def _task_examples(per_task: dict[str, int], num_examples: float) -> dict[str, float]:
     """A multitask reply's examples per task (`num-examples-<task>`): they weigh that task's head
     and routers, so they must add up to the reply's `num-examples` (_Rejected otherwise)."""
-    counts = {t: float(n) for t, n in protocol.TrainMetrics.from_dict(metrics).task_examples.items()}
+    counts = {t: float(n) for t, n in per_task.items()}
     if counts and not math.isclose(sum(counts.values()), num_examples, rel_tol=1e-9, abs_tol=1e-6):
         raise _Rejected(f"its {protocol.NUM_EXAMPLES}-<task> counts add up to {sum(counts.values()):g}, not its {protocol.NUM_EXAMPLES} {num_examples:g}")
     return counts
@@ -948,19 +949,6 @@ def _task_of(name: str) -> str | None:
         if per_task in parts[:-1] and parts.index(per_task) + 1 < len(parts):
             return parts[parts.index(per_task) + 1]
     return None
-
-
-def _tensor_bytes(content: RecordDict) -> int:
-    """The tensor bytes of a message's arrays (each array's .numpy().nbytes, without decoding it;
-    an array whose dtype numpy does not know counts its serialized bytes)."""
-    total = 0
-    for rec in content.array_records.values():
-        for a in rec.values():
-            try:
-                total += math.prod(a.shape) * np.dtype(a.dtype).itemsize
-            except (TypeError, ValueError):
-                total += len(a.data)
-    return int(total)
 
 
 class _Sampled:

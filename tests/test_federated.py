@@ -392,6 +392,15 @@ def test_head_fit_reference_is_the_pooled_lda_of_each_tasks_clients(tmp_path):
     assert json.loads((tmp_path / "p" / "probe.json").read_text())["accuracy_per_task"] == pytest.approx(got["accuracy_per_task"])
 
 
+def test_client_task_groups_and_image_shapes_that_cannot_work_are_config_errors():
+    with pytest.raises(ConfigError, match=r"federation.client_tasks\[1\]: empty"):
+        tiny_run(tasks=["digit", "parity"], federation={"num_clients": 4, "rounds": 1, "client_tasks": [["digit", "parity"], []]})
+    with pytest.raises(ConfigError, match=r"federation.client_tasks\[0\]: task 'digit' is named twice"):
+        tiny_run(tasks=["digit", "parity"], federation={"num_clients": 4, "rounds": 1, "client_tasks": [["digit", "digit"], ["parity"]]})
+    with pytest.raises(ConfigError, match=r"model.in_chans \(1\) and data.channels \(3\) differ"):
+        tiny_run(model={**TINY_RUN["model"], "in_chans": 1})
+
+
 def test_a_task_no_client_holds_is_a_config_error():
     with pytest.raises(ConfigError, match="federation.client_tasks: no client holds task 'parity'"):
         tiny_run(tasks=["digit", "parity"], federation={"num_clients": 4, "rounds": 1, "client_tasks": [["digit"]]})

@@ -345,6 +345,8 @@ def test_trained_block_out_of_range(tiny_model):
         ({"name": "vit_nonexistent_patch16_224"}, "unknown timm model 'vit_nonexistent_patch16_224'"),
         ({"name": "resnet50"}, "not a ViT/DeiT model name"),
         ({"img_size": 32, "patch_size": 5}, "patch_size: 5 does not divide img_size 32"),
+        ({"mlp_ratio": 0}, "mlp_ratio: must be a number > 0 or null"),
+        ({"mlp_ratio": -2.0}, "mlp_ratio: must be a number > 0 or null"),
     ],
 )
 def test_bad_model_config(data, match):

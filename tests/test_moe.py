@@ -551,7 +551,7 @@ def test_config_errors_name_the_problem():
 
 
 def test_task_names_that_cannot_key_heads_or_routers_are_named():
-    for bad in ("a.b", "update", "keys", "train", "2d", ""):
+    for bad in ("a.b", "update", "keys", "train", "training", "2d", ""):  # `training`: an instance attribute
         with pytest.raises(ConfigError, match=f"task name {bad!r}"):
             dense_model({"a": 3, bad: 2})
         with pytest.raises(ConfigError, match=f"task name {bad!r}"):
